@@ -1,0 +1,153 @@
+"""Engine configuration: plain dataclasses that flow from one place (EngineConfig)."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture is not one the engine implements."""
+
+
+@dataclass
+class ModelConfig:
+    """The subset of a Hugging Face config the Llama-family models need."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    sliding_window: int | None
+    eos_token_ids: list[int]
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> "ModelConfig":
+        arch = (getattr(hf, "architectures", None) or ["?"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        heads = hf.num_attention_heads
+        rope_scaling = _rope_scaling(hf)
+        eos = hf.eos_token_id if hf.eos_token_id is not None else []
+        return cls(
+            architecture=arch, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size, num_hidden_layers=hf.num_hidden_layers,
+            num_attention_heads=heads, num_key_value_heads=getattr(hf, "num_key_value_heads", None) or heads,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+            rms_norm_eps=hf.rms_norm_eps, rope_theta=_rope_theta(hf), rope_scaling=rope_scaling,
+            max_position_embeddings=hf.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            attention_bias=arch == "Qwen2ForCausalLM" or bool(getattr(hf, "attention_bias", False)),
+            sliding_window=getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None,
+            eos_token_ids=list(eos) if isinstance(eos, (list, tuple)) else [eos],
+        )
+
+
+def _rope_parameters(hf: Any) -> dict[str, Any]:
+    # transformers >= 5 keeps rope settings in `rope_parameters`; older versions in rope_theta/rope_scaling.
+    params = getattr(hf, "rope_parameters", None)
+    return dict(params) if isinstance(params, dict) else {}
+
+
+def _rope_theta(hf: Any) -> float:
+    return float(_rope_parameters(hf).get("rope_theta") or getattr(hf, "rope_theta", None) or 10000.0)
+
+
+def _rope_scaling(hf: Any) -> dict[str, Any] | None:
+    scaling = _rope_parameters(hf) or dict(getattr(hf, "rope_scaling", None) or {})
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return None
+    if kind not in ("llama3", "linear"):
+        raise UnsupportedModelError(f"rope_scaling type {kind!r} is not supported; supported: llama3, linear")
+    return {**scaling, "rope_type": kind}
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine is built from; `from_json` reads a model repository's engine.json."""
+
+    model: str | None = None
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int = 1 << 30
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    max_waiting_requests: int = 1024
+    max_queued_tokens: int = 1 << 20
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides: Any) -> "EngineConfig":
+        data = json.loads(Path(path).read_text())
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown engine settings {sorted(unknown)}")
+        model = data.get("model")
+        if model and not Path(model).is_absolute() and (Path(path).parent / model).exists():
+            data["model"] = str((Path(path).parent / model).resolve())
+        return cls(**{**data, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def num_blocks_for(config: EngineConfig, model: ModelConfig) -> int:
+    """KV blocks that fit in `kv_cache_memory` unless `num_kv_blocks` is given."""
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
+    per_block = 2 * model.num_hidden_layers * config.block_size * model.num_key_value_heads * model.head_dim * itemsize
+    return max(1, config.kv_cache_memory // per_block)
+
+
+def resolve_max_model_len(config: EngineConfig, model: ModelConfig, num_blocks: int) -> int:
+    """The longest sequence the engine accepts: no longer than the model, its window, or the whole KV pool."""
+    limit = config.max_model_len or model.max_position_embeddings
+    if model.sliding_window:
+        limit = min(limit, model.sliding_window)
+    pool = num_blocks * config.block_size
+    if pool < limit:
+        logger.warning("max_model_len lowered from %d to %d: the KV pool holds only %d blocks", limit, pool, num_blocks)
+    return min(limit, pool)

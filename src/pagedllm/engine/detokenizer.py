@@ -1,0 +1,58 @@
+"""Incremental detokenization: text deltas whose concatenation is the final text, never a partial
+UTF-8 character, and stop strings matched on text across token boundaries and cut from the output."""
+from __future__ import annotations
+
+from typing import Any
+
+# Tokens of context decoded before the new ones, so tokenizers that drop a leading space
+# at the start of a decode (SentencePiece) still place spaces right.
+_CONTEXT_TOKENS = 5
+_REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], stop: list[str],
+                 skip_special_tokens: bool = True, include_stop: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.stop, self.include_stop = stop, include_stop
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self.prefix_offset, self.read_offset = 0, len(self.ids)
+        self.text = ""  # decoded so far, including text held back for stop matching
+        self.emitted = 0  # characters of `text` already handed out
+        self.stopped = False
+
+    @property
+    def output_text(self) -> str:
+        return self.text[:self.emitted]
+
+    def add_token(self, token_id: int) -> bool:
+        """Decode one more token; returns True when a stop string has just matched."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        if len(full) <= len(prefix) or full.endswith(_REPLACEMENT):
+            return False  # nothing new, or an incomplete UTF-8 sequence: wait for more tokens
+        searched_from = max(0, len(self.text) - self.holdback)
+        self.text += full[len(prefix):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return self._match_stop(searched_from)
+
+    def take_delta(self, finished: bool) -> str:
+        """Text that is now safe to emit; on finish, everything that remains."""
+        end = len(self.text) if finished or self.stopped else max(self.emitted, len(self.text) - self.holdback)
+        delta, self.emitted = self.text[self.emitted:end], max(self.emitted, end)
+        return delta
+
+    def _match_stop(self, start: int) -> bool:
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        self.text = self.text[:index + (len(stop) if self.include_stop else 0)]
+        self.stopped = True
+        return True
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)

@@ -1,0 +1,184 @@
+"""LLMEngine: add_request / abort / step, the synchronous core used offline by LLM and online by EngineLoop."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.config import EngineConfig, ModelConfig, num_blocks_for, resolve_max_model_len
+from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.engine.model_runner import ModelRunner
+from pagedllm.engine.models import LlamaForCausalLM
+from pagedllm.engine.models.llama import RotaryEmbedding
+from pagedllm.engine.sampler import Sampler
+from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
+from pagedllm.engine.sequence import RequestDelta, Sequence, SequenceStatus
+from pagedllm.weights import iter_safetensors, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+
+class RequestRejectedError(ValueError):
+    """The request can never be served as given (the message names the field)."""
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_path = resolve_model_path(config.model)
+        hf_config = AutoConfig.from_pretrained(self.model_path)
+        self.model_config = ModelConfig.from_hf(hf_config)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.device = config.resolved_device()
+        self.num_blocks = num_blocks_for(config, self.model_config)
+        self.max_model_len = resolve_max_model_len(config, self.model_config, self.num_blocks)
+        self.eos_token_ids = _eos_ids(self.model_config, self.tokenizer)
+        model = _load_model(self.model_path, self.model_config, self.max_model_len, config.torch_dtype, self.device)
+        self.runner = ModelRunner(model, self.model_config, self.num_blocks, config.block_size,
+                                  config.torch_dtype, self.device)
+        self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler(config.seed)
+        self.requests: dict[str, Sequence] = {}
+        self.num_preemptions = 0
+        logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d",
+                    self.model_path.name, config.dtype, self.device, self.num_blocks, config.block_size,
+                    self.max_model_len)
+
+    # ---- requests -------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestRejectedError naming the field if the request can never run; touches no state."""
+        if not isinstance(params, SamplingParams):
+            raise RequestRejectedError("sampling_parameters: expected SamplingParams")
+        if not prompt_token_ids:
+            raise RequestRejectedError("prompt: is empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_token_ids):
+            raise RequestRejectedError(f"prompt_token_ids: every id must be an integer in [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise RequestRejectedError(
+                f"prompt: {len(prompt_token_ids)} tokens leave no room to generate within max_model_len "
+                f"{self.max_model_len}")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.requests:
+            raise RequestRejectedError(f"request_id: {request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop,
+                                       params.skip_special_tokens, params.include_stop_str_in_output)
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        seq = Sequence(request_id, list(prompt_token_ids), params, detok,
+                       arrival_time if arrival_time is not None else time.monotonic(), generator)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestDelta | None:
+        seq = self.requests.get(request_id)
+        if seq is None:
+            return None
+        self._finish(seq, "abort")
+        return self._delta(seq, [], None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # ---- the step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestDelta]:
+        out = self.scheduler.schedule()
+        self.num_preemptions += out.num_preempted
+        if out.empty:
+            return []
+        return self._run(out)
+
+    def _run(self, out: SchedulerOutput) -> list[RequestDelta]:
+        inp = self.runner.prepare(out.scheduled)
+        logits = self.runner.execute(inp)
+        for seq, n in out.scheduled:
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+        sampled = self.sampler(logits, inp.sampling_seqs, self.eos_token_ids)
+        now = time.monotonic()
+        return [self._append(seq, token, lp, now)
+                for seq, token, lp in zip(inp.sampling_seqs, sampled.token_ids, sampled.logprobs)]
+
+    def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, now: float) -> RequestDelta:
+        seq.token_ids.append(token)
+        seq.first_token_time = seq.first_token_time or now
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        stopped_on_text = seq.detokenizer.add_token(token)
+        reason = self._finish_reason(seq, token, stopped_on_text)
+        if reason is not None:
+            self._finish(seq, reason)
+        return self._delta(seq, [token], [logprobs] if logprobs is not None else None)
+
+    def _finish_reason(self, seq: Sequence, token: int, stopped_on_text: bool) -> str | None:
+        p = seq.params
+        if stopped_on_text:
+            return "stop"
+        if seq.num_output_tokens >= p.min_tokens and (
+                token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason, seq.finish_time = SequenceStatus.FINISHED, reason, time.monotonic()
+        self.scheduler.remove(seq)
+        del self.requests[seq.request_id]
+
+    def _delta(self, seq: Sequence, tokens: list[int], logprobs: list[dict[int, float]] | None) -> RequestDelta:
+        text = seq.detokenizer.take_delta(seq.finished)
+        return RequestDelta(seq.request_id, tokens, text, seq.finish_reason, seq.num_prompt_tokens,
+                            seq.num_output_tokens, logprobs)
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.usage, bm.num_free_blocks,
+                           bm.num_blocks, bm.prefix_queries, bm.prefix_hits, self.num_preemptions)
+
+
+def _eos_ids(config: ModelConfig, tokenizer: Any) -> list[int]:
+    ids = set(config.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def _load_model(path: Any, config: ModelConfig, max_positions: int, dtype: torch.dtype,
+                device: torch.device) -> LlamaForCausalLM:
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, max_positions)
+    model = model.to_empty(device=device)
+    model.tie_weights()
+    model.load_weights(iter_safetensors(path))
+    model = model.to(dtype=dtype)
+    model.rotary = RotaryEmbedding(config, max_positions).to(device)  # computed in float32, never loaded
+    return model.eval()

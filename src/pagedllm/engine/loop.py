@@ -1,0 +1,118 @@
+"""EngineLoop: runs LLMEngine.step on a background thread and delivers each request's deltas to its
+callback as they are produced. Thread-safe: submit and abort may be called from any thread."""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.engine.sequence import RequestDelta
+
+logger = logging.getLogger(__name__)
+
+DeltaCallback = Callable[[RequestDelta], None]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; the model is not ready."""
+
+
+@dataclass
+class _Submit:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    callback: DeltaCallback
+    arrival_time: float | None
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, on_step: Callable[[LLMEngine, list[RequestDelta]], None] | None = None) -> None:
+        self.engine = engine
+        self.on_step = on_step
+        self._callbacks: dict[str, DeltaCallback] = {}
+        self._inbox: list[_Submit | str] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+               callback: DeltaCallback, arrival_time: float | None = None) -> None:
+        """Validate now (raising in the caller's thread), then queue for the next step."""
+        self.engine.validate(prompt_token_ids, params)
+        with self._cond:
+            if not self.alive or self._stopping:
+                raise EngineDeadError("engine loop is not running")
+            self._inbox.append(_Submit(request_id, list(prompt_token_ids), params, callback, arrival_time))
+            self._cond.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            self._inbox.append(request_id)
+            self._cond.notify()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while self._wait_for_work():
+                self._drain_inbox()
+                self._deliver(self.engine.step())
+        except BaseException as e:  # the loop must never die silently: fail everything it holds
+            logger.exception("engine loop died")
+            self.error = e
+            self._fail_all(f"engine failed: {e}")
+
+    def _wait_for_work(self) -> bool:
+        with self._cond:
+            while not self._stopping and not self._inbox and not self.engine.has_unfinished_requests():
+                self._cond.wait()
+            return not self._stopping
+
+    def _drain_inbox(self) -> None:
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+        for item in inbox:
+            if isinstance(item, str):
+                delta = self.engine.abort(item)
+                if delta is not None:
+                    self._deliver([delta])
+                continue
+            try:
+                self.engine.add_request(item.request_id, item.prompt_token_ids, item.params, item.arrival_time)
+                self._callbacks[item.request_id] = item.callback
+            except ValueError as e:
+                item.callback(RequestDelta(item.request_id, [], "", "abort", len(item.prompt_token_ids), 0, error=str(e)))
+
+    def _deliver(self, deltas: list[RequestDelta]) -> None:
+        if self.on_step is not None:
+            self.on_step(self.engine, deltas)
+        for delta in deltas:
+            callback = self._callbacks.pop(delta.request_id) if delta.finished else self._callbacks.get(delta.request_id)
+            if callback is not None:
+                _safe_call(callback, delta)
+
+    def _fail_all(self, message: str) -> None:
+        for request_id, callback in list(self._callbacks.items()):
+            _safe_call(callback, RequestDelta(request_id, [], "", "abort", 0, 0, error=message))
+        self._callbacks.clear()
+
+
+def _safe_call(callback: DeltaCallback, delta: RequestDelta) -> None:
+    try:
+        callback(delta)
+    except Exception:  # a broken client callback must not take the engine down
+        logger.exception("delta callback for request %s failed", delta.request_id)

@@ -1,0 +1,72 @@
+"""Builds one flat, unpadded batch per step and runs the model on it.
+
+Order in the flat batch: every sequence computing one token (decodes) first, attended as one group;
+then each prefill chunk, attended as a group of its own. Logits are computed only for the rows that
+sample (sequences whose every token is computed after this step)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.engine.attention import AttentionMetadata, build_metadata, kv_cache_shape
+from pagedllm.engine.config import ModelConfig
+from pagedllm.engine.models import LlamaForCausalLM
+from pagedllm.engine.sequence import Sequence
+
+
+@dataclass
+class ModelInput:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_indices: torch.Tensor
+    sampling_seqs: list[Sequence]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.model, self.config = model, config
+        self.num_blocks, self.block_size, self.device = num_blocks, block_size, device
+        shape = kv_cache_shape(config.num_key_value_heads, num_blocks, block_size, config.head_dim)
+        # Zeroed, not empty: padded context rows are masked, but NaN garbage would still poison the sums.
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                          for _ in range(config.num_hidden_layers)]
+
+    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> ModelInput:
+        ordered = sorted(scheduled, key=lambda item: item[1] != 1)  # stable: decodes first
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_indices: list[int] = []
+        sampling: list[Sequence] = []
+        for seq, n in ordered:
+            start = seq.num_computed_tokens
+            ids += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            slots += [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
+                      for p in range(start, start + n)]
+            if start + n == len(seq.token_ids):
+                sample_indices.append(len(ids) - 1)
+                sampling.append(seq)
+        meta = build_metadata(slots, self._groups(ordered), self.config.num_key_value_heads,
+                              self.num_blocks, self.block_size, self.device)
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        return ModelInput(as_long(ids), as_long(positions), meta, as_long(sample_indices), sampling)
+
+    @staticmethod
+    def _groups(ordered: list[tuple[Sequence, int]]) -> list[tuple[int, int, int, list[list[int]], list[int]]]:
+        decodes = [seq for seq, n in ordered if n == 1]
+        groups = []
+        if decodes:
+            groups.append((0, len(decodes), 1, [s.block_table for s in decodes],
+                           [s.num_computed_tokens + 1 for s in decodes]))
+        start = len(decodes)
+        for seq, n in ordered[len(decodes):]:
+            groups.append((start, 1, n, [seq.block_table], [seq.num_computed_tokens + n]))
+            start += n
+        return groups
+
+    def execute(self, inp: ModelInput) -> torch.Tensor:
+        return self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, inp.sample_indices).cpu()

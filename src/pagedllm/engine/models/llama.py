@@ -1,0 +1,177 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2) in plain PyTorch, with fused qkv and gate/up projections."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.engine.attention import AttentionMetadata, TorchPagedAttention
+from pagedllm.engine.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    return _llama3_inv_freq(inv_freq, scaling)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * rope_inv_freq(config)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.qkv_proj = nn.Linear(c.hidden_size, self.q_size + 2 * self.kv_size, bias=c.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, c.hidden_size, bias=False)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.attn = TorchPagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(self.input_layernorm(x)).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(t, self.num_heads, self.head_dim), *rope)
+        k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), *rope)
+        attn = self.attn.forward(q, k, v.view(t, self.num_kv_heads, self.head_dim), kv[0], kv[1], meta)
+        x = x + self.o_proj(attn)
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.rotary = RotaryEmbedding(config, max_positions)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                meta: AttentionMetadata, sample_indices: torch.Tensor) -> torch.Tensor:
+        """Flat, unpadded batch in; float32 logits out for the `sample_indices` rows only."""
+        x = self.embed_tokens(input_ids)
+        rope = self.rotary(positions, x.dtype)
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, rope, kv, meta)
+        x = self.norm(x.index_select(0, sample_indices))
+        return self.lm_head(x).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            target = _target(name)
+            if target is None:
+                continue
+            pname, offset = target
+            if pname == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            _copy_into(params[pname], pname, tensor, offset, self.config, name)
+            loaded.add(pname if offset is None else f"{pname}#{offset}")
+        missing = _expected(self.config) - loaded
+        if missing:
+            raise ValueError(f"model: checkpoint lacks tensors {sorted(missing)[:5]}")
+
+
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def _target(name: str) -> tuple[str, int | None] | None:
+    """Map a Hugging Face tensor name to (our parameter, shard index within a fused one)."""
+    name = name.removeprefix("model.")
+    if "rotary_emb" in name:
+        return None
+    parts = name.replace(".self_attn.", ".").replace(".mlp.", ".").split(".")
+    for i, part in enumerate(parts):
+        if part in _FUSED:
+            fused, shard = _FUSED[part]
+            return ".".join(parts[:i] + [fused] + parts[i + 1:]), shard
+    return ".".join(parts), None
+
+
+def _copy_into(param: torch.Tensor, pname: str, tensor: torch.Tensor, shard: int | None, c: ModelConfig,
+               name: str) -> None:
+    with torch.no_grad():
+        if shard is None:
+            if param.shape != tensor.shape:
+                raise ValueError(f"model: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+            param.copy_(tensor)
+            return
+        if "qkv_proj" in pname:
+            sizes = [c.num_attention_heads * c.head_dim] + [c.num_key_value_heads * c.head_dim] * 2
+        else:
+            sizes = [c.intermediate_size] * 2
+        start = sum(sizes[:shard])
+        param[start:start + sizes[shard]].copy_(tensor)
+
+
+def _expected(c: ModelConfig) -> set[str]:
+    names = {"embed_tokens.weight", "norm.weight"} | (set() if c.tie_word_embeddings else {"lm_head.weight"})
+    for i in range(c.num_hidden_layers):
+        p = f"layers.{i}."
+        names |= {p + s for s in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                                  "o_proj.weight", "down_proj.weight")}
+        names |= {p + f"qkv_proj.weight#{s}" for s in range(3)} | {p + f"gate_up_proj.weight#{s}" for s in range(2)}
+        if c.attention_bias:
+            names |= {p + f"qkv_proj.bias#{s}" for s in range(3)}
+    return names

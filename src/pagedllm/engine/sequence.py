@@ -1,0 +1,100 @@
+"""A request's state inside the engine, and what the engine hands back: deltas and RequestOutput."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    arrival_time: float
+    generator: torch.Generator | None = None
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+
+@dataclass
+class RequestDelta:
+    """What one step produced for one request; the concatenated `new_text`s are the final text."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    new_logprobs: list[dict[int, float]] | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[dict[int, float]] | None
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float | None
+    num_cached_tokens: int = 0
+
+    @classmethod
+    def from_sequence(cls, seq: Sequence) -> "RequestOutput":
+        return cls(seq.request_id, list(seq.prompt_token_ids), seq.output_token_ids, seq.detokenizer.output_text,
+                   seq.finish_reason, seq.logprobs if seq.params.logprobs is not None else None,
+                   seq.arrival_time, seq.first_token_time, seq.finish_time, seq.num_cached_tokens)
