@@ -1,0 +1,66 @@
+"""Shared fixtures: the real SmolLM2 checkpoint and tiny seeded random models built with transformers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
+
+from pagedllm.weights import ensure_default_model
+
+_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2)
+
+TINY_CONFIGS = {
+    "llama3": lambda v: LlamaConfig(vocab_size=v, **_TINY, tie_word_embeddings=False, rope_theta=500000.0,
+                                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "llama-tied": lambda v: LlamaConfig(vocab_size=v, **_TINY, tie_word_embeddings=True),
+    "mistral": lambda v: MistralConfig(vocab_size=v, **_TINY, sliding_window=None),
+    "qwen2": lambda v: Qwen2Config(vocab_size=v, **_TINY, tie_word_embeddings=True),
+}
+
+
+@pytest.fixture(scope="session")
+def smollm_dir() -> Path:
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm_dir: Path):
+    return AutoTokenizer.from_pretrained(smollm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer):
+    """Builds (once per session) a seeded random model of the named architecture; returns its directory."""
+    built: dict[str, Path] = {}
+
+    def build(name: str) -> Path:
+        if name not in built:
+            torch.manual_seed(1234)
+            config = TINY_CONFIGS[name](len(tokenizer))
+            config.eos_token_id = None
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            path = tmp_path_factory.mktemp(name)
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            built[name] = path
+        return built[name]
+
+    return build
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """The oracle: transformers `generate`, one prompt at a time (no padding), float32, no EOS stop."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model.generation_config.eos_token_id = None
+    outs = []
+    with torch.inference_mode():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                               do_sample=False, pad_token_id=0)
+            outs.append(y[0, len(ids):].tolist())
+    return outs

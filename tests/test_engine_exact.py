@@ -1,0 +1,64 @@
+"""Greedy output is token-exact against transformers `generate` in float32."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from tests.conftest import TINY_CONFIGS, hf_greedy
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def _prompts(n: int, lengths: tuple[int, int], vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(*lengths))] for _ in range(n)]
+
+
+def _check(model_dir, prompts, max_tokens, **engine_args):
+    llm = LLM(str(model_dir), dtype="float32", **engine_args)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, **GREEDY), use_tqdm=False)
+    assert [o.token_ids for o in outs] == hf_greedy(model_dir, prompts, max_tokens)
+    return llm, outs
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_mixed_batch_matches_transformers(arch, tiny_model_dir):
+    prompts = _prompts(6, (1, 70), 49152)
+    _check(tiny_model_dir(arch), prompts, 24, block_size=4)
+
+
+def test_chunked_prefill_matches(tiny_model_dir):
+    prompts = _prompts(5, (20, 90), 49152, seed=1)
+    llm, _ = _check(tiny_model_dir("llama3"), prompts, 16, block_size=4, max_num_batched_tokens=7)
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.num_blocks
+
+
+def test_preemption_matches(tiny_model_dir):
+    prompts = _prompts(6, (10, 30), 49152, seed=2)
+    llm, _ = _check(tiny_model_dir("qwen2"), prompts, 40, block_size=4, num_kv_blocks=24)
+    assert llm.engine.num_preemptions > 0
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.num_blocks
+
+
+def test_prefix_cache_hits_match(tiny_model_dir):
+    shared = _prompts(1, (40, 40), 49152, seed=3)[0]
+    prompts = [shared + tail for tail in _prompts(4, (1, 9), 49152, seed=4)] + [shared]
+    model_dir = tiny_model_dir("mistral")
+    llm = LLM(str(model_dir), dtype="float32", block_size=4)
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    first = llm.generate(prompts[:1], params, use_tqdm=False)
+    rest = llm.generate(prompts[1:], params, use_tqdm=False)
+    assert all(o.num_cached_tokens >= 36 for o in rest)
+    assert [o.token_ids for o in first + rest] == hf_greedy(model_dir, prompts, 12)
+
+
+@pytest.mark.slow
+def test_real_smollm2_matches(smollm_dir, tokenizer):
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    llm, outs = _check(smollm_dir, prompts, 20, max_num_batched_tokens=16)
+    chat = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                    SamplingParams(temperature=0.0, max_tokens=30), use_tqdm=False)
+    assert "Paris" in chat[0].text

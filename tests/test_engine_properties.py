@@ -1,0 +1,82 @@
+"""Property tests over random add / abort / step sequences, and the threaded online loop."""
+from __future__ import annotations
+
+import queue
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from pagedllm import SamplingParams
+from pagedllm.engine.config import EngineConfig
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.engine.loop import EngineLoop
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    # A pool of 40 blocks of 4 tokens for prompts up to 40 tokens: preemption and prefix hits both happen.
+    return LLMEngine(EngineConfig(model=str(tiny_model_dir("llama3")), dtype="float32", block_size=4,
+                                  num_kv_blocks=40, max_num_batched_tokens=24, max_num_seqs=6))
+
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("add"), st.lists(st.integers(3, 60), min_size=1, max_size=40), st.integers(1, 12)),
+    st.tuples(st.just("abort"), st.integers(0, 30)),
+    st.tuples(st.just("step"), st.integers(1, 4)),
+), min_size=1, max_size=40)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops)
+def test_every_request_answered_once_and_every_block_freed(engine, program):
+    finished: dict[str, str] = {}
+    added: list[str] = []
+
+    def record(deltas):
+        for d in deltas:
+            assert d.request_id not in finished, f"{d.request_id} answered after it finished"
+            if d.finished:
+                finished[d.request_id] = d.finish_reason
+
+    for op in program:
+        if op[0] == "add":
+            rid = f"r{len(added)}-{id(program)}"
+            engine.add_request(rid, op[1], SamplingParams(temperature=0, max_tokens=op[2], ignore_eos=True))
+            added.append(rid)
+        elif op[0] == "abort" and added:
+            delta = engine.abort(added[op[1] % len(added)])
+            record([delta] if delta else [])
+        else:
+            for _ in range(op[1]):
+                record(engine.step())
+    while engine.has_unfinished_requests():
+        record(engine.step())
+    assert set(finished) == set(added)
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+    assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
+
+
+def test_loop_streams_deltas_from_many_threads(engine):
+    loop = EngineLoop(engine)
+    try:
+        results: dict[str, queue.Queue] = {}
+        for i in range(8):
+            results[str(i)] = q = queue.Queue()
+            loop.submit(str(i), [5 + i] * (3 + i), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), q.put)
+        loop.abort("3")
+        for rid, q in results.items():
+            deltas = []
+            while not (deltas and deltas[-1].finished):
+                deltas.append(q.get(timeout=30))
+            expected = "abort" if rid == "3" else "length"
+            assert deltas[-1].finish_reason == expected or (rid == "3" and deltas[-1].finish_reason == "length")
+            if deltas[-1].finish_reason == "length":
+                assert sum(len(d.new_token_ids) for d in deltas) == 6
+        with pytest.raises(ValueError, match="max_tokens"):
+            SamplingParams(max_tokens=0)
+        with pytest.raises(ValueError, match="prompt"):
+            loop.submit("bad", [], SamplingParams(), lambda d: None)
+        assert loop.alive
+    finally:
+        loop.shutdown()
+    assert engine.block_manager.num_free_blocks == engine.num_blocks

@@ -1,0 +1,88 @@
+"""Sampling: exactly the allowed tokens survive top-k / top-p / min-p; penalties; seeds."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.engine.sampler import _filter_row, apply_penalties
+
+LOGITS = torch.log(torch.tensor([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02]))
+
+
+def _kept(top_k=0, top_p=1.0, min_p=0.0) -> set[int]:
+    row = _filter_row(LOGITS.clone(), top_k, top_p, min_p)
+    return {i for i, v in enumerate(row.tolist()) if v != -math.inf}
+
+
+@pytest.mark.parametrize("k, expected", [(1, {0}), (3, {0, 1, 2}), (7, set(range(7)))])
+def test_top_k(k, expected):
+    assert _kept(top_k=k) == expected
+
+
+@pytest.mark.parametrize("p, expected", [(0.3, {0}), (0.39, {0}), (0.45, {0, 1}), (0.75, {0, 1, 2}), (0.85, {0, 1, 2, 3})])
+def test_top_p_keeps_smallest_set_reaching_p(p, expected):
+    assert _kept(top_p=p) == expected
+
+
+@pytest.mark.parametrize("m, expected", [(0.5, {0, 1}), (0.25, {0, 1, 2, 3}), (0.1, {0, 1, 2, 3, 4})])
+def test_min_p(m, expected):
+    assert _kept(min_p=m) == expected
+
+
+def test_filters_compose():
+    assert _kept(top_k=3, top_p=0.9, min_p=0.5) == {0, 1}
+
+
+class _Seq:
+    def __init__(self, tokens, n_prompt, params):
+        self.token_ids, self.params = tokens, params
+        self.output_token_ids = tokens[n_prompt:]
+
+
+def test_penalties_follow_vllm_semantics():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    seq = _Seq([0, 1, 2, 2], 2, SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25))
+    out = apply_penalties(logits, [seq])[0].tolist()
+    assert out == [1.0, -4.0, 0.5 - 2 * 0.5 - 0.25, 0.5]
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_model_dir):
+    return LLM(str(tiny_model_dir("llama-tied")), dtype="float32", block_size=4)
+
+
+def test_seeded_sampling_is_independent_of_batch(tiny_llm):
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=20, ignore_eos=True)
+    other = SamplingParams(temperature=1.2, max_tokens=20, ignore_eos=True)
+    prompt = [5, 6, 7, 8, 9]
+    alone = tiny_llm.generate([prompt], seeded, use_tqdm=False)[0].token_ids
+    batch = tiny_llm.generate([[11, 12], prompt, [13] * 30], [other, seeded, other], use_tqdm=False)
+    assert batch[1].token_ids == alone
+    assert tiny_llm.generate([prompt], seeded, use_tqdm=False)[0].token_ids == alone
+
+
+def test_top_k_one_is_greedy(tiny_llm):
+    greedy = tiny_llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+    top1 = tiny_llm.generate([[3, 4, 5]], SamplingParams(temperature=1.5, top_k=1, max_tokens=10, ignore_eos=True),
+                             use_tqdm=False)
+    assert greedy[0].token_ids == top1[0].token_ids
+
+
+def test_logprobs_are_top_n_of_model_distribution(tiny_llm):
+    out = tiny_llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True),
+                            use_tqdm=False)[0]
+    assert len(out.logprobs) == 4
+    for token, top in zip(out.token_ids, out.logprobs):
+        assert len(top) == 3 and max(top, key=top.get) == token and all(v <= 0 for v in top.values())
+
+
+def test_min_tokens_and_stop_token_ids(tiny_llm):
+    first = tiny_llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    stop_at = first[0].token_ids[2]
+    out = tiny_llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop_at],
+                                                        ignore_eos=True), use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == stop_at
+    assert len(out.token_ids) == first[0].token_ids.index(stop_at) + 1

@@ -1,0 +1,42 @@
+"""Bad parameters raise ValueError naming the field before anything is scheduled; the engine stays healthy."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+
+BAD = [
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -3}, "max_tokens"), ({"max_tokens": 1.5}, "max_tokens"),
+    ({"temperature": -0.1}, "temperature"), ({"temperature": math.nan}, "temperature"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.01}, "top_p"), ({"top_k": -2}, "top_k"), ({"min_p": 2.0}, "min_p"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"presence_penalty": 3}, "presence_penalty"),
+    ({"seed": -1}, "seed"), ({"seed": 2 ** 64}, "seed"), ({"stop": [""]}, "stop"), ({"stop": ["x"] * 99}, "stop"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"logprobs": 100}, "logprobs"),
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"), ({"bogus": 1}, "bogus"), ({"ignore_eos": "yes"}, "ignore_eos"),
+]
+
+
+@pytest.mark.parametrize("fields, name", BAD)
+def test_bad_sampling_parameters_name_the_field(fields, name):
+    with pytest.raises(ValueError, match=name):
+        SamplingParams.from_dict(fields)
+
+
+def test_bad_prompts_rejected_and_engine_keeps_serving(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir("llama-tied")), dtype="float32", block_size=4, max_model_len=64)
+    ok = SamplingParams(temperature=0, max_tokens=3)
+    for prompt, field in [([], "prompt"), ([1] * 64, "prompt"), ([10 ** 9], "prompt_token_ids")]:
+        with pytest.raises(ValueError, match=field):
+            llm.generate([[5, 6], prompt], ok, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.num_blocks
+    assert len(llm.generate([[5, 6, 7]], ok, use_tqdm=False)[0].token_ids) == 3
+
+
+def test_unsupported_architecture_names_supported_ones(tmp_path):
+    from transformers import GPT2Config
+    GPT2Config(n_layer=1, n_embd=8, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="LlamaForCausalLM"):
+        LLM(str(tmp_path))
