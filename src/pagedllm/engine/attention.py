@@ -1,7 +1,8 @@
 """Attention over the paged KV cache, in plain torch (the CPU path and the reference for GPU kernels).
 
-Cache layout per layer: [num_kv_heads, num_blocks, block_size, head_dim], head-major so one
-`index_select` over (head, block) rows gathers a batch's context straight into the shape `bmm` wants.
+Cache layout per layer: [2 (key, value), num_kv_heads, num_blocks, block_size, head_dim], head-major so
+one `index_select` over (key/value, head, block) rows gathers a batch's whole context straight into
+the shape `bmm` wants, and one `index_copy_` writes a step's new keys and values.
 """
 from __future__ import annotations
 
@@ -18,83 +19,87 @@ class AttentionGroup:
     query_start: int
     num_seqs: int
     query_len: int
-    gather_index: torch.Tensor  # [num_kv_heads * num_seqs * max_blocks] rows of the (head, block) view
-    bias: torch.Tensor  # [num_seqs, query_len, context_len_padded] float32, 0 or -inf
+    gather_index: torch.Tensor  # [2 * num_kv_heads * num_seqs * max_blocks] rows of the (kv, head, block) view
+    bias: torch.Tensor  # [num_kv_heads * num_seqs, query_len * group, context_len_padded]: 0 or -inf
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] flat cache slot of each new token
-    write_index: torch.Tensor  # [num_kv_heads * num_tokens] rows of the (head, slot) view
+    write_index: torch.Tensor  # [2 * num_kv_heads * num_tokens] rows of the (kv, head, slot) view
     groups: list[AttentionGroup]
 
 
-def kv_cache_shape(num_kv_heads: int, num_blocks: int, block_size: int, head_dim: int) -> tuple[int, ...]:
-    return (num_kv_heads, num_blocks, block_size, head_dim)
+@dataclass
+class CacheGeometry:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_blocks: int
+    block_size: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (2, self.num_kv_heads, self.num_blocks, self.block_size, self.head_dim)
 
 
 def build_metadata(
     slot_mapping: list[int],
     groups: list[tuple[int, int, int, list[list[int]], list[int]]],
-    num_kv_heads: int,
-    num_blocks: int,
-    block_size: int,
+    geo: CacheGeometry,
+    dtype: torch.dtype,
     device: torch.device,
 ) -> AttentionMetadata:
     """`groups`: (query_start, num_seqs, query_len, block_tables, context_lens) for each group."""
     slots = torch.tensor(slot_mapping, dtype=torch.long, device=device)
-    heads = torch.arange(num_kv_heads, device=device)[:, None]
-    write_index = (heads * (num_blocks * block_size) + slots[None, :]).reshape(-1)
-    built = [_group(*g, heads=heads, num_blocks=num_blocks, block_size=block_size, device=device) for g in groups]
+    rows = torch.arange(2 * geo.num_kv_heads, device=device)[:, None]
+    write_index = (rows * (geo.num_blocks * geo.block_size) + slots[None, :]).reshape(-1)
+    built = [_group(*g, rows=rows, geo=geo, dtype=dtype, device=device) for g in groups]
     return AttentionMetadata(slots, write_index, built)
 
 
 def _group(query_start: int, num_seqs: int, query_len: int, block_tables: list[list[int]],
-           context_lens: list[int], *, heads: torch.Tensor, num_blocks: int, block_size: int,
+           context_lens: list[int], *, rows: torch.Tensor, geo: CacheGeometry, dtype: torch.dtype,
            device: torch.device) -> AttentionGroup:
     max_blocks = max(len(t) for t in block_tables)
     padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.long, device=device)
-    gather_index = (heads * num_blocks + padded.reshape(1, -1)).reshape(-1)
-    key_pos = torch.arange(max_blocks * block_size, device=device)
+    gather_index = (rows * geo.num_blocks + padded.reshape(1, -1)).reshape(-1)
+    key_pos = torch.arange(max_blocks * geo.block_size, device=device)
     ctx = torch.tensor(context_lens, device=device)[:, None, None]
     query_pos = ctx - query_len + torch.arange(query_len, device=device)[None, :, None]
     allowed = key_pos[None, None, :] <= query_pos  # causal; also hides padding beyond the context
-    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill_(~allowed, float("-inf"))
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+    group = geo.num_heads // geo.num_kv_heads
+    bias = bias[None, :, :, None, :].expand(geo.num_kv_heads, -1, -1, group, -1)
+    bias = bias.reshape(geo.num_kv_heads * num_seqs, query_len * group, -1)
     return AttentionGroup(query_start, num_seqs, query_len, gather_index, bias)
 
 
 class TorchPagedAttention:
-    """The seam for GPU kernels: `write_kv` then `attend`, over a flat batch described by metadata."""
+    """The seam for GPU kernels: `write_kv` then attention per group, over a flat batch."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
 
-    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 meta: AttentionMetadata) -> None:
-        for new, cache in ((k, k_cache), (v, v_cache)):
-            flat = cache.view(-1, self.head_dim)
-            flat.index_copy_(0, meta.write_index, new.transpose(0, 1).reshape(-1, self.head_dim))
+    def write_kv(self, kv: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+        """kv: [T, 2 * KVH, D], keys then values."""
+        kv_cache.view(-1, self.head_dim).index_copy_(0, meta.write_index, kv.transpose(0, 1).reshape(-1, self.head_dim))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, H, D]; k, v: [T, KVH, D] for the new tokens. Returns [T, H * D]."""
-        self.write_kv(k, v, k_cache, v_cache, meta)
-        outs = [self._attend_group(q, k_cache, v_cache, g) for g in meta.groups]
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, H, D]; kv: [T, 2 * KVH, D] for the new tokens. Returns [T, H * D]."""
+        self.write_kv(kv, kv_cache, meta)
+        outs = [self._attend_group(q, kv_cache, g) for g in meta.groups]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
-    def _attend_group(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      g: AttentionGroup) -> torch.Tensor:
+    def _attend_group(self, q: torch.Tensor, kv_cache: torch.Tensor, g: AttentionGroup) -> torch.Tensor:
         kvh, d, b, n = self.num_kv_heads, self.head_dim, g.num_seqs, g.query_len
         group = self.num_heads // kvh
-        length = g.bias.shape[-1]
-        rows = k_cache.view(-1, k_cache.shape[2] * d)
-        keys = rows.index_select(0, g.gather_index).view(kvh * b, length, d)
-        values = v_cache.view(-1, k_cache.shape[2] * d).index_select(0, g.gather_index).view(kvh * b, length, d)
+        rows = kv_cache.view(-1, kv_cache.shape[3] * d).index_select(0, g.gather_index)
+        keys, values = rows.view(2, kvh * b, -1, d).unbind(0)
         qg = q[g.query_start:g.query_start + b * n].view(b, n, kvh, group, d)
         qg = qg.permute(2, 0, 1, 3, 4).reshape(kvh * b, n * group, d)
-        scores = torch.bmm(qg, keys.transpose(1, 2)).view(kvh, b, n, group, length).float()
-        scores = scores * self.scale + g.bias.view(1, b, n, 1, length)
-        probs = scores.softmax(dim=-1).to(q.dtype).view(kvh * b, n * group, length)
+        scores = torch.baddbmm(g.bias, qg, keys.transpose(1, 2), alpha=self.scale)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.bmm(probs, values).view(kvh, b, n, group, d)
         return out.permute(1, 2, 0, 3, 4).reshape(b * n, self.num_heads * d)

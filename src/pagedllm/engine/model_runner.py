@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedllm.engine.attention import AttentionMetadata, build_metadata, kv_cache_shape
+from pagedllm.engine.attention import AttentionMetadata, CacheGeometry, build_metadata
 from pagedllm.engine.config import ModelConfig
 from pagedllm.engine.models import LlamaForCausalLM
 from pagedllm.engine.sequence import Sequence
@@ -28,10 +28,11 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         self.model, self.config = model, config
-        self.num_blocks, self.block_size, self.device = num_blocks, block_size, device
-        shape = kv_cache_shape(config.num_key_value_heads, num_blocks, block_size, config.head_dim)
+        self.block_size, self.dtype, self.device = block_size, dtype, device
+        self.geometry = CacheGeometry(config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                                      num_blocks, block_size)
         # Zeroed, not empty: padded context rows are masked, but NaN garbage would still poison the sums.
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        self.kv_caches = [torch.zeros(self.geometry.shape, dtype=dtype, device=device)
                           for _ in range(config.num_hidden_layers)]
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> ModelInput:
@@ -50,8 +51,7 @@ class ModelRunner:
             if start + n == len(seq.token_ids):
                 sample_indices.append(len(ids) - 1)
                 sampling.append(seq)
-        meta = build_metadata(slots, self._groups(ordered), self.config.num_key_value_heads,
-                              self.num_blocks, self.block_size, self.device)
+        meta = build_metadata(slots, self._groups(ordered), self.geometry, self.dtype, self.device)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         return ModelInput(as_long(ids), as_long(positions), meta, as_long(sample_indices), sampling)
 

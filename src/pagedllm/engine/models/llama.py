@@ -19,9 +19,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # Normalised in float32, scaled in the model's dtype, as transformers does.
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -77,13 +76,13 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
         self.attn = TorchPagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(self.input_layernorm(x)).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(t, self.num_heads, self.head_dim), *rope)
-        k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), *rope)
-        attn = self.attn.forward(q, k, v.view(t, self.num_kv_heads, self.head_dim), kv[0], kv[1], meta)
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(self.input_layernorm(x)).view(x.shape[0], heads + 2 * kv_heads, self.head_dim)
+        qk = apply_rope(qkv[:, :heads + kv_heads], *rope)  # queries and keys rotated in one pass
+        kv = torch.cat((qk[:, heads:], qkv[:, heads + kv_heads:]), dim=1)
+        attn = self.attn.forward(qk[:, :heads], kv, kv_cache, meta)
         x = x + self.o_proj(attn)
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
@@ -105,7 +104,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata, sample_indices: torch.Tensor) -> torch.Tensor:
         """Flat, unpadded batch in; float32 logits out for the `sample_indices` rows only."""
         x = self.embed_tokens(input_ids)
