@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -62,7 +63,10 @@ def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target) if not target.exists() else None
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

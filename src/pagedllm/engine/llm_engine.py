@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.config import EngineConfig, ModelConfig, num_blocks_for, resolve_max_model_len
@@ -19,6 +19,7 @@ from pagedllm.engine.sampler import Sampler
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.engine.sequence import RequestDelta, Sequence, SequenceStatus
+from pagedllm.engine.tokenizer import encode_text, load_tokenizer, render_chat
 from pagedllm.weights import iter_safetensors, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class LLMEngine:
         self.model_path = resolve_model_path(config.model)
         hf_config = AutoConfig.from_pretrained(self.model_path)
         self.model_config = ModelConfig.from_hf(hf_config)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.tokenizer = load_tokenizer(self.model_path)
         self.device = config.resolved_device()
         self.num_blocks = num_blocks_for(config, self.model_config)
         self.max_model_len = resolve_max_model_len(config, self.model_config, self.num_blocks)
@@ -102,11 +103,10 @@ class LLMEngine:
         return self.scheduler.has_unfinished
 
     def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt)
+        return encode_text(self.tokenizer, prompt)
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return encode_text(self.tokenizer, render_chat(self.tokenizer, messages), add_special_tokens=False)
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
@@ -156,8 +156,11 @@ class LLMEngine:
 
     def _delta(self, seq: Sequence, tokens: list[int], logprobs: list[dict[int, float]] | None) -> RequestDelta:
         text = seq.detokenizer.take_delta(seq.finished)
+        queue_time = None
+        if seq.finished and seq.first_scheduled_time is not None:
+            queue_time = seq.first_scheduled_time - seq.arrival_time
         return RequestDelta(seq.request_id, tokens, text, seq.finish_reason, seq.num_prompt_tokens,
-                            seq.num_output_tokens, logprobs)
+                            seq.num_output_tokens, logprobs, queue_time=queue_time)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

@@ -74,6 +74,7 @@ class RequestDelta:
     num_output_tokens: int
     new_logprobs: list[dict[int, float]] | None = None
     error: str | None = None
+    queue_time: float | None = None  # on the final delta: arrival to first scheduled
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,1 @@
+"""Everything the Triton models call: request parsing, response shaping, metrics, the model classes."""

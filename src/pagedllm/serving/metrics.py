@@ -1,0 +1,91 @@
+"""Engine metrics on Triton's /metrics, through the Python backend's metrics API.
+
+`ServingMetrics` takes the backend's `MetricFamily` class, so the same code runs inside tritonserver
+(pb_utils.MetricFamily) and in unit tests (any class with the same shape)."""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from pagedllm.engine.llm_engine import EngineStats
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0]
+
+HISTOGRAMS = {
+    "pagedllm_time_to_first_token_seconds": "Time from arrival to the first output token",
+    "pagedllm_inter_token_latency_seconds": "Time between consecutive output tokens of a request",
+    "pagedllm_e2e_request_latency_seconds": "Time from arrival to the final response",
+    "pagedllm_request_queue_time_seconds": "Time from arrival to first scheduled",
+}
+COUNTERS = {
+    "pagedllm_prompt_tokens_total": "Prompt tokens of finished requests",
+    "pagedllm_generation_tokens_total": "Generated tokens",
+    "pagedllm_prefix_cache_queries_total": "Prompt tokens looked up in the prefix cache",
+    "pagedllm_prefix_cache_hits_total": "Prompt tokens found in the prefix cache",
+    "pagedllm_request_success_total": "Requests finished, by finish reason",
+    "pagedllm_preemptions_total": "Requests preempted for KV blocks",
+}
+GAUGES = {
+    "pagedllm_num_requests_running": "Requests in the running batch",
+    "pagedllm_num_requests_waiting": "Requests waiting to be scheduled",
+    "pagedllm_kv_cache_usage_ratio": "Fraction of KV-cache blocks in use",
+    "pagedllm_kv_cache_free_blocks": "KV-cache blocks free",
+}
+
+
+class ServingMetrics:
+    def __init__(self, metric_family: Any, model: str, version: str) -> None:
+        self.labels = {"model": model, "version": str(version)}
+        self._lock = threading.Lock()
+        self._families = []
+        self.hist = {n: self._family(metric_family, n, d, metric_family.HISTOGRAM) for n, d in HISTOGRAMS.items()}
+        self.hist = {n: f.Metric(labels=self.labels, buckets=LATENCY_BUCKETS) for n, f in self.hist.items()}
+        counters = {n: self._family(metric_family, n, d, metric_family.COUNTER) for n, d in COUNTERS.items()}
+        self.counters = {n: f.Metric(labels=self.labels) for n, f in counters.items()
+                         if n != "pagedllm_request_success_total"}
+        self._success_family = counters["pagedllm_request_success_total"]
+        self._success: dict[str, Any] = {}
+        gauges = {n: self._family(metric_family, n, d, metric_family.GAUGE) for n, d in GAUGES.items()}
+        self.gauges = {n: f.Metric(labels=self.labels) for n, f in gauges.items()}
+        self._last_stats: EngineStats | None = None
+
+    def _family(self, metric_family: Any, name: str, description: str, kind: Any) -> Any:
+        family = metric_family(name=name, description=description, kind=kind)
+        self._families.append(family)
+        return family
+
+    def on_stats(self, stats: EngineStats) -> None:
+        """After every step: gauges, and the engine's cumulative counters turned into increments."""
+        g = self.gauges
+        g["pagedllm_num_requests_running"].set(stats.num_running)
+        g["pagedllm_num_requests_waiting"].set(stats.num_waiting)
+        g["pagedllm_kv_cache_usage_ratio"].set(stats.kv_cache_usage)
+        g["pagedllm_kv_cache_free_blocks"].set(stats.num_free_blocks)
+        last = self._last_stats
+        for name, attr in (("pagedllm_prefix_cache_queries_total", "prefix_cache_queries"),
+                           ("pagedllm_prefix_cache_hits_total", "prefix_cache_hits"),
+                           ("pagedllm_preemptions_total", "num_preemptions")):
+            delta = getattr(stats, attr) - (getattr(last, attr) if last else 0)
+            if delta > 0:
+                self.counters[name].increment(delta)
+        self._last_stats = stats
+
+    def on_tokens(self, count: int, first_token_latency: float | None, inter_token_latency: float | None) -> None:
+        if count:
+            self.counters["pagedllm_generation_tokens_total"].increment(count)
+        if first_token_latency is not None:
+            self.hist["pagedllm_time_to_first_token_seconds"].observe(first_token_latency)
+        if inter_token_latency is not None:
+            self.hist["pagedllm_inter_token_latency_seconds"].observe(inter_token_latency)
+
+    def on_finish(self, reason: str, num_prompt_tokens: int, e2e: float, queue_time: float | None) -> None:
+        self.counters["pagedllm_prompt_tokens_total"].increment(num_prompt_tokens)
+        self.hist["pagedllm_e2e_request_latency_seconds"].observe(e2e)
+        if queue_time is not None:
+            self.hist["pagedllm_request_queue_time_seconds"].observe(queue_time)
+        with self._lock:
+            metric = self._success.get(reason)
+            if metric is None:
+                metric = self._success[reason] = self._success_family.Metric(
+                    labels={**self.labels, "finish_reason": reason})
+        metric.increment(1)

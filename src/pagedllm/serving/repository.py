@@ -1,0 +1,111 @@
+"""The model repository, generated from one spec: `python -m pagedllm.serving.repository [DIR]` writes
+preprocessing/, llm/, postprocessing/ and ensemble/. The committed model_repository/ is its output
+(a test checks they agree), and tests use it to build repositories with more models or versions."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# (name, Triton type, dims) for every client-facing input; all optional but one of the prompt fields.
+CLIENT_INPUTS = [
+    ("text_input", "TYPE_STRING", [1]), ("messages", "TYPE_STRING", [1]), ("stream", "TYPE_BOOL", [1]),
+    ("sampling_parameters", "TYPE_STRING", [1]), ("exclude_input_in_output", "TYPE_BOOL", [1]),
+    ("return_finish_reason", "TYPE_BOOL", [1]), ("return_num_input_tokens", "TYPE_BOOL", [1]),
+    ("return_num_output_tokens", "TYPE_BOOL", [1]), ("return_logprobs", "TYPE_BOOL", [1]),
+    ("max_tokens", "TYPE_INT32", [1]), ("min_tokens", "TYPE_INT32", [1]), ("temperature", "TYPE_FP32", [1]),
+    ("top_p", "TYPE_FP32", [1]), ("top_k", "TYPE_INT32", [1]), ("repetition_penalty", "TYPE_FP32", [1]),
+    ("presence_penalty", "TYPE_FP32", [1]), ("frequency_penalty", "TYPE_FP32", [1]),
+    ("random_seed", "TYPE_UINT64", [1]), ("stop_words", "TYPE_STRING", [-1]),
+]
+INTERNAL_INPUTS = [("input_ids", "TYPE_INT32", [-1]), ("request", "TYPE_STRING", [1])]
+OUTPUTS = [("text_output", "TYPE_STRING", [-1]), ("finish_reason", "TYPE_STRING", [-1]),
+           ("num_input_tokens", "TYPE_UINT32", [1]), ("num_output_tokens", "TYPE_UINT32", [1]),
+           ("logprobs", "TYPE_STRING", [-1])]
+REQUEST_ECHO = [("request", "TYPE_STRING", [1])]
+
+MODEL_PY = '"""Thin on purpose: the logic lives in pagedllm.serving, unit-tested without a server."""\n' \
+           "from pagedllm.serving.triton_models import {cls} as TritonPythonModel  # noqa: F401\n"
+DEFAULT_ENGINE = {"model": "default", "dtype": "bfloat16", "kv_cache_memory": 1073741824,
+                  "max_num_seqs": 64, "max_num_batched_tokens": 1024}
+
+
+def _tensors(kind: str, spec: list[tuple[str, str, list[int]]], optional: bool) -> str:
+    items = []
+    for name, dtype, dims in spec:
+        opt = "\n    optional: true" if optional else ""
+        items.append(f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: {json.dumps(dims)}{opt}\n  }}')
+    return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
+
+
+def _python_config(name: str, inputs: str, outputs: str, decoupled: bool = False, params: dict | None = None) -> str:
+    text = f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
+    if decoupled:
+        text += "model_transaction_policy {\n  decoupled: true\n}\n"
+    text += inputs + outputs + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
+    for key, value in (params or {}).items():
+        text += f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}\n'
+    return text
+
+
+def llm_config(name: str) -> str:
+    return _python_config(name, _tensors("input", CLIENT_INPUTS + INTERNAL_INPUTS, True),
+                          _tensors("output", OUTPUTS + REQUEST_ECHO, False), decoupled=True)
+
+
+def ensemble_config(name: str, llm: str, pre: str = "preprocessing", post: str = "postprocessing") -> str:
+    def maps(kind: str, pairs: list[tuple[str, str]]) -> str:
+        return "".join(f'      {kind} {{ key: "{k}" value: "{v}" }}\n' for k, v in pairs)
+    client = [n for n, _, _ in CLIENT_INPUTS]
+    raw = [n for n, _, _ in OUTPUTS]
+    steps = [
+        (pre, maps("input_map", [(n, n) for n in client])
+         + maps("output_map", [("input_ids", "_input_ids"), ("request", "_request")])),
+        (llm, maps("input_map", [("input_ids", "_input_ids"), ("request", "_request")])
+         + maps("output_map", [(n, f"_{n}") for n in raw] + [("request", "_request_echo")])),
+        (post, maps("input_map", [(n, f"_{n}") for n in raw] + [("request", "_request_echo")])
+         + maps("output_map", [(n, n) for n in raw])),
+    ]
+    body = ",\n".join(f'    {{\n      model_name: "{m}"\n      model_version: -1\n{b}    }}' for m, b in steps)
+    return (f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: 0\n'
+            + _tensors("input", CLIENT_INPUTS, True) + _tensors("output", OUTPUTS, False)
+            + "ensemble_scheduling {\n  step [\n" + body + "\n  ]\n}\n")
+
+
+def write_llm(root: Path, name: str, engine: dict, versions: tuple[int, ...] = (1,)) -> None:
+    (root / name).mkdir(parents=True, exist_ok=True)
+    (root / name / "config.pbtxt").write_text(llm_config(name))
+    for version in versions:
+        write_llm_version(root / name, version, engine)
+
+
+def write_llm_version(model_dir: Path, version: int, engine: dict) -> None:
+    vdir = model_dir / str(version)
+    vdir.mkdir(parents=True, exist_ok=True)
+    (vdir / "model.py").write_text(MODEL_PY.format(cls="LLMModel"))
+    (vdir / "engine.json").write_text(json.dumps(engine, indent=2) + "\n")
+
+
+def write_repository(root: Path, engine: dict | None = None, llm: str = "llm", ensemble: str = "ensemble",
+                     tokenizer_model: str = "default") -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    pre = root / "preprocessing"
+    (pre / "1").mkdir(parents=True, exist_ok=True)
+    pre_in = _tensors("input", CLIENT_INPUTS, True)
+    pre_out = _tensors("output", INTERNAL_INPUTS, False)
+    (pre / "config.pbtxt").write_text(_python_config("preprocessing", pre_in, pre_out,
+                                                     params={"model": tokenizer_model}))
+    (pre / "1" / "model.py").write_text(MODEL_PY.format(cls="PreprocessingModel"))
+    post = root / "postprocessing"
+    (post / "1").mkdir(parents=True, exist_ok=True)
+    (post / "config.pbtxt").write_text(_python_config(
+        "postprocessing", _tensors("input", OUTPUTS + REQUEST_ECHO, False), _tensors("output", OUTPUTS, False)))
+    (post / "1" / "model.py").write_text(MODEL_PY.format(cls="PostprocessingModel"))
+    write_llm(root, llm, engine or DEFAULT_ENGINE)
+    (root / ensemble / "1").mkdir(parents=True, exist_ok=True)
+    (root / ensemble / "1" / ".gitkeep").write_text("")
+    (root / ensemble / "config.pbtxt").write_text(ensemble_config(ensemble, llm))
+
+
+if __name__ == "__main__":
+    write_repository(Path(sys.argv[1] if len(sys.argv) > 1 else "model_repository"))

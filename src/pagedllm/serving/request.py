@@ -1,0 +1,200 @@
+"""Parsing a Triton request's tensors into a GenerateRequest, for clients of Triton's vLLM backend and
+of the TensorRT-LLM ensemble alike. Every error is an InvalidRequestError naming the field."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
+
+import numpy as np
+
+from pagedllm.engine.sampling_params import MAX_SEED, SamplingParams
+
+MAX_PROMPT_BYTES = 1 << 20
+MAX_MESSAGES = 256
+ROLES = ("system", "user", "assistant", "tool")
+
+# TensorRT-LLM ensemble inputs -> SamplingParams fields.
+TYPED_INPUTS = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+                "frequency_penalty": "frequency_penalty", "random_seed": "seed", "min_tokens": "min_tokens"}
+FLAGS = ("exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
+         "return_num_output_tokens", "return_logprobs")
+_FIELD_TYPES = {f.name: f.type for f in fields(SamplingParams)}
+
+
+class InvalidRequestError(ValueError):
+    """The request is malformed; the message names the field. Maps to INVALID_ARG / HTTP 400."""
+
+
+@dataclass
+class ResponseOptions:
+    stream: bool = False
+    exclude_input_in_output: bool = False
+    return_finish_reason: bool = False
+    return_num_input_tokens: bool = False
+    return_num_output_tokens: bool = False
+    return_logprobs: bool = False
+    prompt_text: str = ""
+
+
+@dataclass
+class GenerateRequest:
+    params: SamplingParams
+    options: ResponseOptions
+    text: str | None = None
+    messages: list[dict[str, str]] | None = None
+    input_ids: list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """The normalised request that preprocessing hands to the llm and postprocessing models."""
+        return json.dumps({"params": asdict(self.params), "options": asdict(self.options)})
+
+    @classmethod
+    def from_json(cls, data: str, input_ids: list[int]) -> "GenerateRequest":
+        try:
+            obj = json.loads(data)
+            params = SamplingParams.from_dict(obj["params"])
+            return cls(params, ResponseOptions(**obj["options"]), input_ids=input_ids)
+        except (ValueError, KeyError, TypeError) as e:
+            raise InvalidRequestError(f"request: malformed normalised request ({e})") from None
+
+
+def parse_request(inputs: Mapping[str, np.ndarray]) -> GenerateRequest:
+    """`inputs`: tensor name -> numpy array, as the client sent them (absent optional inputs left out)."""
+    text = _text(inputs, "text_input")
+    messages = _messages(inputs["messages"]) if "messages" in inputs else None
+    input_ids = _input_ids(inputs["input_ids"]) if "input_ids" in inputs else None
+    given = [name for name, v in (("text_input", text), ("messages", messages), ("input_ids", input_ids)) if v is not None]
+    if len(given) != 1:
+        raise InvalidRequestError("text_input: give exactly one of text_input, messages or input_ids"
+                                  + (f" (got {', '.join(given)})" if given else ""))
+    if text is not None and not text:
+        raise InvalidRequestError("text_input: is empty")
+    options = ResponseOptions(stream=_flag(inputs, "stream"), prompt_text=text or "",
+                              **{name: _flag(inputs, name) for name in FLAGS})
+    params = _sampling_params(inputs, options)
+    return GenerateRequest(params, options, text=text, messages=messages, input_ids=input_ids)
+
+
+def _scalar(inputs: Mapping[str, np.ndarray], name: str) -> Any:
+    arr = np.asarray(inputs[name])
+    if arr.size != 1:
+        raise InvalidRequestError(f"{name}: expected exactly one value (batch size 1), got shape {list(arr.shape)}")
+    return arr.reshape(-1)[0]
+
+
+def _decode(value: Any, name: str) -> str:
+    if isinstance(value, bytes):
+        if len(value) > MAX_PROMPT_BYTES:
+            raise InvalidRequestError(f"{name}: {len(value)} bytes is over the {MAX_PROMPT_BYTES}-byte limit")
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidRequestError(f"{name}: is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if isinstance(value, str):
+        return value
+    raise InvalidRequestError(f"{name}: expected a string")
+
+
+def _text(inputs: Mapping[str, np.ndarray], name: str) -> str | None:
+    return _decode(_scalar(inputs, name), name) if name in inputs else None
+
+
+def _flag(inputs: Mapping[str, np.ndarray], name: str) -> bool:
+    if name not in inputs:
+        return False
+    value = _scalar(inputs, name)
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise InvalidRequestError(f"{name}: expected a BOOL")
+
+
+def _messages(arr: np.ndarray) -> list[dict[str, str]]:
+    raw = _decode(_scalar({"messages": arr}, "messages"), "messages")
+    try:
+        messages = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"messages: is not valid JSON ({e.msg} at position {e.pos})") from None
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("messages: expected a non-empty JSON list of {role, content} objects")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidRequestError(f"messages: at most {MAX_MESSAGES} messages, got {len(messages)}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) - {"role", "content", "name"} or "role" not in m or "content" not in m:
+            raise InvalidRequestError(f"messages[{i}]: expected an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise InvalidRequestError(f"messages[{i}].role: {m['role']!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise InvalidRequestError(f"messages[{i}].content: expected a string")
+    return messages
+
+
+def _input_ids(arr: np.ndarray) -> list[int]:
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "iu":
+        raise InvalidRequestError("input_ids: expected an integer tensor")
+    return [int(x) for x in arr.reshape(-1)]
+
+
+def _sampling_params(inputs: Mapping[str, np.ndarray], options: ResponseOptions) -> SamplingParams:
+    data = _sampling_json(inputs)
+    for name, target in TYPED_INPUTS.items():
+        if name in inputs:
+            data[target] = _typed_number(inputs, name)
+    if "stop_words" in inputs:
+        data["stop"] = [_decode(w, "stop_words") for w in np.asarray(inputs["stop_words"]).reshape(-1)]
+    if options.return_logprobs and data.get("logprobs") is None:
+        data["logprobs"] = 0
+    try:
+        return SamplingParams.from_dict(data)
+    except ValueError as e:
+        message = str(e)
+        if not message.startswith("sampling_parameters"):
+            message = f"sampling_parameters.{message}" if "sampling_parameters" in inputs else message
+        raise InvalidRequestError(message) from None
+
+
+def _sampling_json(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    if "sampling_parameters" not in inputs:
+        return {}
+    raw = _decode(_scalar(inputs, "sampling_parameters"), "sampling_parameters")
+    try:
+        data = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"sampling_parameters: is not valid JSON ({e.msg} at position {e.pos})") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("sampling_parameters: expected a JSON object")
+    return {k: _coerce(k, v) for k, v in data.items()}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Triton's vLLM backend accepts numbers and booleans sent as strings ("0.7", "true"): so do we."""
+    kind = str(_FIELD_TYPES.get(key, ""))
+    if not isinstance(value, str) or kind.startswith("list") or kind == "":
+        return value
+    try:
+        if kind.startswith("bool"):
+            return {"true": True, "false": False}[value.strip().lower()]
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+    except (ValueError, KeyError):
+        raise InvalidRequestError(f"sampling_parameters.{key}: {value!r} is not a valid {kind.split(' ')[0]}") from None
+    return value
+
+
+def _typed_number(inputs: Mapping[str, np.ndarray], name: str) -> int | float:
+    value = _scalar(inputs, name)
+    if isinstance(value, (np.floating, float)):
+        if not math.isfinite(float(value)):
+            raise InvalidRequestError(f"{name}: must be a finite number")
+        return float(value)
+    if isinstance(value, (np.integer, int)) and not isinstance(value, (bool, np.bool_)):
+        if name == "random_seed" and not 0 <= int(value) <= MAX_SEED:
+            raise InvalidRequestError(f"{name}: out of range")
+        return int(value)
+    raise InvalidRequestError(f"{name}: expected a number")

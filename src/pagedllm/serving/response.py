@@ -1,0 +1,49 @@
+"""The response fields clients see, shaped once for the llm model and the postprocessing model alike."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from pagedllm.serving.request import ResponseOptions
+
+RAW_OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "logprobs")
+
+
+@dataclass
+class RawResponse:
+    """One streamed (or the one non-streamed) response of the engine, before shaping."""
+
+    text: str
+    finish_reason: str | None
+    num_input_tokens: int
+    num_output_tokens: int
+    logprobs: list[dict[int, float]] | None
+
+    def to_tensors(self) -> dict[str, np.ndarray]:
+        return {
+            "text_output": np.array([self.text.encode("utf-8")], dtype=np.object_),
+            "finish_reason": np.array([(self.finish_reason or "").encode()], dtype=np.object_),
+            "num_input_tokens": np.array([self.num_input_tokens], dtype=np.uint32),
+            "num_output_tokens": np.array([self.num_output_tokens], dtype=np.uint32),
+            "logprobs": np.array([json.dumps(_logprobs_json(self.logprobs)).encode()], dtype=np.object_),
+        }
+
+
+def _logprobs_json(logprobs: list[dict[int, float]] | None) -> list[dict[str, float]]:
+    return [{str(k): v for k, v in step.items()} for step in logprobs or []]
+
+
+def shape_response(raw: dict[str, np.ndarray], options: ResponseOptions) -> dict[str, np.ndarray]:
+    """Keep the fields the client asked for; prepend the prompt to a non-streamed answer unless excluded
+    (streamed responses carry only new text, as with Triton's vLLM backend)."""
+    out = {"text_output": raw["text_output"]}
+    if not options.stream and not options.exclude_input_in_output and options.prompt_text:
+        text = options.prompt_text.encode("utf-8") + bytes(raw["text_output"].reshape(-1)[0])
+        out["text_output"] = np.array([text], dtype=np.object_)
+    for flag, name in (("return_finish_reason", "finish_reason"), ("return_num_input_tokens", "num_input_tokens"),
+                       ("return_num_output_tokens", "num_output_tokens"), ("return_logprobs", "logprobs")):
+        if getattr(options, flag):
+            out[name] = raw[name]
+    return out

@@ -1,0 +1,241 @@
+"""The Triton Python-backend models. Each model.py in model_repository/ is one import of a class here.
+
+`triton_python_backend_utils` exists only inside tritonserver's Python stub, so it is imported in
+`initialize`; everything it touches beyond that lives in the unit-tested modules beside this one."""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pagedllm.engine.config import EngineConfig
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.engine.loop import EngineDeadError, EngineLoop
+from pagedllm.engine.sequence import RequestDelta
+from pagedllm.engine.tokenizer import load_tokenizer
+from pagedllm.serving.metrics import ServingMetrics
+from pagedllm.serving.prompts import tokenize_request
+from pagedllm.serving.request import GenerateRequest, InvalidRequestError, ResponseOptions, parse_request
+from pagedllm.serving.response import RAW_OUTPUTS, RawResponse, shape_response
+from pagedllm.weights import resolve_model_path
+
+logger = logging.getLogger("pagedllm.serving")
+_CANCEL_POLL_SECONDS = 0.05
+
+
+def _backend() -> Any:
+    import triton_python_backend_utils as pb_utils  # only inside tritonserver
+    return pb_utils
+
+
+def _inputs(pb: Any, request: Any, names: list[str]) -> dict[str, np.ndarray]:
+    found = {}
+    for name in names:
+        tensor = pb.get_input_tensor_by_name(request, name)
+        if tensor is not None:
+            found[name] = tensor.as_numpy()
+    return found
+
+
+def _response(pb: Any, tensors: dict[str, np.ndarray]) -> Any:
+    return pb.InferenceResponse(output_tensors=[pb.Tensor(name, value) for name, value in tensors.items()])
+
+
+def _error(pb: Any, message: str, code: str = "INVALID_ARG") -> Any:
+    return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message, getattr(pb.TritonError, code)))
+
+
+@dataclass
+class _Stream:
+    request_id: str
+    sender: Any
+    options: ResponseOptions
+    echo_request: str | None  # set in the ensemble: postprocessing shapes the response
+    arrival: float
+    text: list[str] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    last_token_time: float | None = None
+
+
+class LLMModel:
+    """The decoupled `llm` model: the engine's background loop, streaming each request's deltas."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        self.pb = _backend()
+        config = json.loads(args["model_config"])
+        self.input_names = [i["name"] for i in config["input"]]
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.engine = LLMEngine(EngineConfig.from_json(version_dir / "engine.json"))
+        self.metrics = ServingMetrics(self.pb.MetricFamily, args["model_name"], args["model_version"])
+        self.streams: dict[str, _Stream] = {}
+        self.lock = threading.Lock()
+        self.outbox: queue.SimpleQueue[RequestDelta] = queue.SimpleQueue()
+        self.loop = EngineLoop(self.engine, on_step=lambda engine, _: self.metrics.on_stats(engine.stats()))
+        self.stopping = False
+        self.responder = threading.Thread(target=self._respond, name="pagedllm-responder", daemon=True)
+        self.responder.start()
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            self._accept(request)
+        return None
+
+    def _accept(self, request: Any) -> None:
+        sender = request.get_response_sender()
+        final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        request_id = uuid.uuid4().hex
+        try:
+            inputs = _inputs(self.pb, request, self.input_names)
+            req, echo = self._parse(inputs)
+            prompt_ids = tokenize_request(self.engine.tokenizer, req)
+            stream = _Stream(request_id, sender, req.options, echo, time.monotonic())
+            with self.lock:
+                self.streams[request_id] = stream
+            self.loop.submit(request_id, prompt_ids, req.params, self.outbox.put, arrival_time=stream.arrival)
+        except ValueError as e:
+            self._forget(request_id)
+            sender.send(_error(self.pb, str(e)), flags=final)
+        except EngineDeadError as e:
+            self._forget(request_id)
+            sender.send(_error(self.pb, f"{e}; the model is not ready", "UNAVAILABLE"), flags=final)
+
+    @staticmethod
+    def _parse(inputs: dict[str, np.ndarray]) -> tuple[GenerateRequest, str | None]:
+        if "request" not in inputs:
+            return parse_request(inputs), None
+        echo = bytes(inputs["request"].reshape(-1)[0]).decode("utf-8")
+        ids = [int(x) for x in inputs.get("input_ids", np.zeros(0, np.int32)).reshape(-1)]
+        return GenerateRequest.from_json(echo, ids), echo
+
+    def _forget(self, request_id: str) -> _Stream | None:
+        with self.lock:
+            return self.streams.pop(request_id, None)
+
+    # ---- the responder thread: sends responses, notices cancellations ----------------------------
+    def _respond(self) -> None:
+        last_poll = time.monotonic()
+        while not (self.stopping and not self.streams):
+            try:
+                self._send(self.outbox.get(timeout=_CANCEL_POLL_SECONDS))
+            except queue.Empty:
+                pass
+            except Exception:
+                logger.exception("sending a response failed")
+            if time.monotonic() - last_poll >= _CANCEL_POLL_SECONDS:
+                self._abort_cancelled()
+                last_poll = time.monotonic()
+
+    def _abort_cancelled(self) -> None:
+        with self.lock:
+            cancelled = [s.request_id for s in self.streams.values() if s.sender.is_cancelled()]
+        for request_id in cancelled:
+            self.loop.abort(request_id)
+
+    def _send(self, delta: RequestDelta) -> None:
+        with self.lock:
+            stream = self.streams.get(delta.request_id)
+        if stream is None:
+            return
+        self._observe(stream, delta)
+        final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if delta.finished else 0
+        if delta.finished:
+            self._forget(delta.request_id)
+        if delta.error is not None:
+            stream.sender.send(_error(self.pb, delta.error, "INVALID_ARG" if delta.num_output_tokens == 0 and
+                                      "engine failed" not in delta.error else "INTERNAL"), flags=final)
+            return
+        response = self._response_for(stream, delta)
+        if response is not None and not (delta.finish_reason == "abort" and stream.sender.is_cancelled()):
+            stream.sender.send(response, flags=final)
+        elif final:
+            stream.sender.send(flags=final)
+
+    def _response_for(self, stream: _Stream, delta: RequestDelta) -> Any:
+        stream.logprobs += delta.new_logprobs or []
+        if not stream.options.stream:
+            stream.text.append(delta.new_text)
+            if not delta.finished:
+                return None
+        elif not delta.new_text and not delta.finished:
+            return None  # text held back (partial character or possible stop string): nothing to show yet
+        text = "".join(stream.text) if not stream.options.stream else delta.new_text
+        logprobs = stream.logprobs if not stream.options.stream else (delta.new_logprobs or [])
+        if stream.options.stream:
+            stream.logprobs = []
+        raw = RawResponse(text, delta.finish_reason, delta.num_prompt_tokens, delta.num_output_tokens, logprobs)
+        tensors = raw.to_tensors()
+        if stream.echo_request is not None:
+            tensors["request"] = np.array([stream.echo_request.encode()], dtype=np.object_)
+        else:
+            tensors = shape_response(tensors, stream.options)
+        return _response(self.pb, tensors)
+
+    def _observe(self, stream: _Stream, delta: RequestDelta) -> None:
+        now = time.monotonic()
+        if delta.new_token_ids:
+            first = now - stream.arrival if stream.last_token_time is None else None
+            itl = now - stream.last_token_time if stream.last_token_time is not None else None
+            stream.last_token_time = now
+            self.metrics.on_tokens(len(delta.new_token_ids), first, itl)
+        if delta.finished:
+            self.metrics.on_finish(delta.finish_reason or "abort", delta.num_prompt_tokens, now - stream.arrival,
+                                   delta.queue_time)
+
+    def finalize(self) -> None:
+        """Abort what is in flight (each stream gets its final response), then stop the threads."""
+        with self.lock:
+            pending = list(self.streams)
+        for request_id in pending:
+            self.loop.abort(request_id)
+        deadline = time.monotonic() + 5.0
+        while self.streams and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.stopping = True
+        self.loop.shutdown()
+        self.responder.join(timeout=5.0)
+
+
+class PreprocessingModel:
+    """Validation, chat template and tokenization in front of the `llm` model."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        self.pb = _backend()
+        config = json.loads(args["model_config"])
+        self.input_names = [i["name"] for i in config["input"]]
+        model = config.get("parameters", {}).get("model", {}).get("string_value") or None
+        self.tokenizer = load_tokenizer(resolve_model_path(model))
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return [self._one(r) for r in requests]
+
+    def _one(self, request: Any) -> Any:
+        try:
+            req = parse_request(_inputs(self.pb, request, self.input_names))
+            ids = tokenize_request(self.tokenizer, req)
+        except InvalidRequestError as e:
+            return _error(self.pb, str(e))
+        return _response(self.pb, {"input_ids": np.array(ids, dtype=np.int32),
+                                   "request": np.array([req.to_json().encode()], dtype=np.object_)})
+
+
+class PostprocessingModel:
+    """The response fields clients see, shaped from the `llm` model's raw outputs."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        self.pb = _backend()
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return [self._one(r) for r in requests]
+
+    def _one(self, request: Any) -> Any:
+        inputs = _inputs(self.pb, request, list(RAW_OUTPUTS) + ["request"])
+        options = ResponseOptions(**json.loads(bytes(inputs.pop("request").reshape(-1)[0]))["options"])
+        return _response(self.pb, shape_response(inputs, options))
