@@ -38,11 +38,12 @@ def _tensors(kind: str, spec: list[tuple[str, str, list[int]]], optional: bool) 
     return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
 
 
-def _python_config(name: str, inputs: str, outputs: str, decoupled: bool = False, params: dict | None = None) -> str:
+def _python_config(name: str, inputs: str, outputs: str, decoupled: bool = False, params: dict | None = None,
+                   instances: int = 1) -> str:
     text = f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
     if decoupled:
         text += "model_transaction_policy {\n  decoupled: true\n}\n"
-    text += inputs + outputs + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
+    text += inputs + outputs + f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]\n"
     for key, value in (params or {}).items():
         text += f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}\n'
     return text
@@ -105,6 +106,16 @@ def write_repository(root: Path, engine: dict | None = None, llm: str = "llm", e
     (root / ensemble / "1").mkdir(parents=True, exist_ok=True)
     (root / ensemble / "1" / ".gitkeep").write_text("")
     (root / ensemble / "config.pbtxt").write_text(ensemble_config(ensemble, llm))
+    write_unary(root, "generate", ensemble)
+
+
+def write_unary(root: Path, name: str, target: str, instances: int = 4) -> None:
+    """`name` answers gRPC unary calls (and any non-streaming client) by forwarding to `target`."""
+    (root / name / "1").mkdir(parents=True, exist_ok=True)
+    (root / name / "config.pbtxt").write_text(_python_config(
+        name, _tensors("input", CLIENT_INPUTS, True), _tensors("output", OUTPUTS, False),
+        params={"target": target}, instances=instances))
+    (root / name / "1" / "model.py").write_text(MODEL_PY.format(cls="UnaryModel"))
 
 
 if __name__ == "__main__":

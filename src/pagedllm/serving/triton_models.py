@@ -239,3 +239,33 @@ class PostprocessingModel:
         inputs = _inputs(self.pb, request, list(RAW_OUTPUTS) + ["request"])
         options = ResponseOptions(**json.loads(bytes(inputs.pop("request").reshape(-1)[0]))["options"])
         return _response(self.pb, shape_response(inputs, options))
+
+
+class UnaryModel:
+    """A non-decoupled front for clients that cannot stream (gRPC ModelInfer rejects decoupled models):
+    forwards the request to the target model through BLS and returns its single answer."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        self.pb = _backend()
+        config = json.loads(args["model_config"])
+        self.input_names = [i["name"] for i in config["input"]]
+        self.output_names = [o["name"] for o in config["output"]]
+        self.target = config.get("parameters", {}).get("target", {}).get("string_value") or "ensemble"
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return [self._one(r) for r in requests]
+
+    def _one(self, request: Any) -> Any:
+        inputs = _inputs(self.pb, request, self.input_names)
+        inputs["stream"] = np.array([False])
+        bls = self.pb.InferenceRequest(model_name=self.target, requested_output_names=self.output_names,
+                                       inputs=[self.pb.Tensor(n, v) for n, v in inputs.items()])
+        answer = None
+        for response in bls.exec(decoupled=True):
+            if response.has_error():
+                return self.pb.InferenceResponse(output_tensors=[], error=response.error())
+            if response.output_tensors():
+                answer = response
+        if answer is None:
+            return _error(self.pb, f"{self.target} returned no answer", "INTERNAL")
+        return self.pb.InferenceResponse(output_tensors=answer.output_tensors())

