@@ -50,8 +50,10 @@ def _python_config(name: str, inputs: str, outputs: str, decoupled: bool = False
 
 
 def llm_config(name: str) -> str:
-    return _python_config(name, _tensors("input", CLIENT_INPUTS + INTERNAL_INPUTS, True),
-                          _tensors("output", OUTPUTS + REQUEST_ECHO, False), decoupled=True)
+    # Two versions stay loaded: new traffic goes to the newest, clients pinned to the previous one keep it.
+    return (_python_config(name, _tensors("input", CLIENT_INPUTS + INTERNAL_INPUTS, True),
+                           _tensors("output", OUTPUTS + REQUEST_ECHO, False), decoupled=True)
+            + "version_policy: { latest: { num_versions: 2 } }\n")
 
 
 def ensemble_config(name: str, llm: str, pre: str = "preprocessing", post: str = "postprocessing") -> str:

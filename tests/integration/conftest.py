@@ -1,0 +1,120 @@
+"""A real tritonserver for the integration tests: the project's repository, generated into a temporary
+folder, plus a tiny random model served beside it as `llm_tiny`."""
+from __future__ import annotations
+
+import json
+import queue
+import re
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import np_to_triton_dtype
+
+from pagedllm.launcher import ServerOptions, TritonServer, free_port
+from pagedllm.serving.repository import DEFAULT_ENGINE, write_llm, write_repository
+
+pytestmark = pytest.mark.integration
+
+
+def tiny_engine(model_dir: Path) -> dict:
+    return {"model": str(model_dir), "dtype": "float32", "block_size": 4, "num_kv_blocks": 128,
+            "max_num_seqs": 16, "max_num_batched_tokens": 256}
+
+
+def start_server(repo: Path, log: Path, mode: str = "none") -> TritonServer:
+    opts = ServerOptions(repo, free_port(), free_port(), free_port(), mode, repository_poll_secs=1)
+    server = TritonServer(opts, log).start()
+    try:
+        server.wait_ready(400)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def server(request, tmp_path_factory, tiny_model_dir, smollm_dir):
+    repo = tmp_path_factory.mktemp("repo")
+    write_repository(repo, {**DEFAULT_ENGINE, "kv_cache_memory": 256 << 20, "max_num_seqs": 32})
+    write_llm(repo, "llm_tiny", tiny_engine(tiny_model_dir("llama-tied")))
+    log = repo.parent / "tritonserver.log"
+    srv = start_server(repo, log)
+    yield srv
+    srv.stop()
+    show_log_on_failure(request, srv)
+
+
+def show_log_on_failure(request: pytest.FixtureRequest, srv: TritonServer) -> None:
+    if request.session.testsfailed:
+        sys.__stderr__.write(f"\n--- tritonserver log {srv.log_path} (tail) ---\n{srv.log()[-8000:]}\n")
+
+
+def grpc_inputs(fields: dict) -> list[grpcclient.InferInput]:
+    inputs = []
+    for name, value in fields.items():
+        if isinstance(value, str):
+            arr = np.array([value.encode()], dtype=np.object_)
+        elif isinstance(value, bytes):
+            arr = np.array([value], dtype=np.object_)
+        elif isinstance(value, np.ndarray):
+            arr = value
+        elif isinstance(value, bool):
+            arr = np.array([value])
+        elif isinstance(value, dict):
+            arr = np.array([json.dumps(value).encode()], dtype=np.object_)
+        else:
+            raise TypeError(name)
+        t = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+        t.set_data_from_numpy(arr)
+        inputs.append(t)
+    return inputs
+
+
+def stream(url: str, model: str, fields: dict, version: str = "", stop_after: int | None = None) -> tuple[list, str | None]:
+    """Send one streaming request; returns (responses' outputs as dicts, error message or None)."""
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    out, error = [], None
+    try:
+        client.async_stream_infer(model, grpc_inputs({"stream": True, **fields}), model_version=version,
+                                  enable_empty_final_response=True)
+        while True:
+            result, err = results.get(timeout=120)
+            if err is not None:
+                error = str(err)
+                break
+            resp = result.get_response()
+            out.append({o.name: result.as_numpy(o.name) for o in resp.outputs} | {"_version": resp.model_version})
+            if resp.parameters["triton_final_response"].bool_param or (stop_after and len(out) >= stop_after):
+                break
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    return out, error
+
+
+def texts(responses: list) -> str:
+    return "".join(r["text_output"][0].decode() for r in responses if "text_output" in r)
+
+
+def metric(server: TritonServer, name: str, model: str = "llm", version: str = "1") -> float:
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
+        body = r.read().decode()
+    pattern = rf'^{re.escape(name)}{{(?=[^}}]*model="{model}")(?=[^}}]*version="{version}")[^}}]*}} (\S+)$'
+    found = re.findall(pattern, body, re.M)
+    return sum(float(v) for v in found) if found else float("nan")
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

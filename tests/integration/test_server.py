@@ -1,0 +1,108 @@
+"""The product, end to end: a real tritonserver on the generated repository, real tritonclient calls."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as grpcclient
+
+from tests.integration.conftest import grpc_inputs, metric, stream, texts, wait_for
+
+pytestmark = pytest.mark.integration
+GREEDY = {"temperature": 0, "max_tokens": 40}
+CHAT = json.dumps([{"role": "user", "content": "What is the capital of France?"}])
+
+
+def test_chat_answer_streams_through_ensemble(server):
+    responses, error = stream(server.grpc_url, "ensemble", {"messages": CHAT, "sampling_parameters": GREEDY,
+                                                            "return_finish_reason": True})
+    assert error is None
+    assert "Paris" in texts(responses)
+    assert len(responses) > 3  # streamed, not one blob
+    assert responses[-1]["finish_reason"][0] == b"stop"
+
+
+@pytest.mark.parametrize("model", ["ensemble", "llm"])
+def test_streamed_text_equals_unstreamed_text_byte_for_byte(server, model):
+    prompt = "Write the word 'hello' in Chinese, Japanese and Korean, then add three emoji:"
+    fields = {"text_input": prompt, "sampling_parameters": {"temperature": 0, "max_tokens": 48},
+              "exclude_input_in_output": True}
+    streamed, error = stream(server.grpc_url, model, fields)
+    assert error is None
+    body = {"text_input": prompt, "sampling_parameters": json.dumps({"temperature": 0, "max_tokens": 48}),
+            "exclude_input_in_output": True}
+    whole = requests.post(f"http://{server.http_url}/v2/models/{model}/generate", json=body, timeout=120)
+    assert whole.status_code == 200, whole.text
+    assert texts(streamed).encode() == whole.json()["text_output"].encode()
+    assert "\ufffd" not in texts(streamed)
+
+
+def test_same_request_over_every_path(server):
+    fields = {"text_input": "The capital of France is", "max_tokens": np.array([6], dtype=np.int32),
+              "temperature": np.array([0.0], dtype=np.float32), "exclude_input_in_output": True}
+    streamed, error = stream(server.grpc_url, "ensemble", fields)
+    assert error is None
+    unary = grpcclient.InferenceServerClient(server.grpc_url).infer("generate", grpc_inputs(fields))
+    body = {"text_input": "The capital of France is", "max_tokens": 6, "temperature": 0.0, "exclude_input_in_output": True}
+    http = requests.post(f"http://{server.http_url}/v2/models/ensemble/generate", json=body, timeout=60).json()
+    sse = requests.post(f"http://{server.http_url}/v2/models/ensemble/generate_stream", json={**body, "stream": True},
+                        timeout=60, stream=True)
+    sse_text = "".join(json.loads(line[5:])["text_output"] for line in sse.iter_lines(decode_unicode=True)
+                       if line.startswith("data:"))
+    answers = {texts(streamed), unary.as_numpy("text_output")[0].decode(), http["text_output"], sse_text}
+    assert len(answers) == 1 and "Paris" in answers.pop()
+
+
+def test_bad_requests_name_the_field_and_server_keeps_serving(server):
+    cases = [({"text_input": "hi", "max_tokens": 0}, "max_tokens"),
+             ({"text_input": "hi", "sampling_parameters": "{not json"}, "sampling_parameters"),
+             ({"text_input": "hi", "sampling_parameters": json.dumps({"top_p": 2})}, "top_p"),
+             ({"text_input": "hi", "sampling_parameters": json.dumps({"bogus": 1})}, "bogus"),
+             ({"messages": "[{\"role\": \"wizard\", \"content\": \"x\"}]"}, "role"),
+             ({"text_input": ""}, "text_input")]
+    for body, field in cases:
+        for model in ("ensemble", "llm"):
+            r = requests.post(f"http://{server.http_url}/v2/models/{model}/generate", json=body, timeout=30)
+            assert r.status_code == 400, (model, body, r.text)
+            assert field in r.json()["error"], (model, body, r.text)
+    r = requests.post(f"http://{server.http_url}/v2/models/ensemble/generate",
+                      json={"text_input": "The capital of France is", "max_tokens": 4}, timeout=30)
+    assert r.status_code == 200 and server.is_ready()
+
+
+def test_cancelled_stream_frees_its_blocks(server):
+    free_before = metric(server, "pagedllm_kv_cache_free_blocks")
+    fields = {"text_input": "Count from one to one thousand:",
+              "sampling_parameters": {"temperature": 0, "max_tokens": 1500, "ignore_eos": True}}
+    responses, error = stream(server.grpc_url, "llm", fields, stop_after=5)  # then the client cancels
+    assert error is None and len(responses) == 5
+    assert wait_for(lambda: metric(server, "pagedllm_num_requests_running") == 0, timeout=10)
+    assert wait_for(lambda: metric(server, "pagedllm_kv_cache_free_blocks") == free_before, timeout=10)
+    assert metric(server, "pagedllm_request_success_total") >= 1
+
+
+def test_metrics_present_and_moving(server):
+    names = ["pagedllm_time_to_first_token_seconds_count", "pagedllm_inter_token_latency_seconds_count",
+             "pagedllm_e2e_request_latency_seconds_count", "pagedllm_request_queue_time_seconds_count",
+             "pagedllm_prompt_tokens_total", "pagedllm_generation_tokens_total",
+             "pagedllm_prefix_cache_queries_total", "pagedllm_prefix_cache_hits_total",
+             "pagedllm_num_requests_running", "pagedllm_num_requests_waiting", "pagedllm_kv_cache_usage_ratio"]
+    before = {n: metric(server, n) for n in names}
+    assert not any(np.isnan(v) for v in before.values()), before
+    for _ in range(2):  # the second one hits the prefix cache
+        _, error = stream(server.grpc_url, "ensemble", {"messages": CHAT, "sampling_parameters": GREEDY})
+        assert error is None
+    after = {n: metric(server, n) for n in names}
+    for n in names[:8]:
+        assert after[n] > before[n], n
+
+
+def test_two_models_at_once(server):
+    big, e1 = stream(server.grpc_url, "llm", {"text_input": "Hello", "sampling_parameters": {"max_tokens": 5}})
+    tiny, e2 = stream(server.grpc_url, "llm_tiny", {"text_input": "Hello", "sampling_parameters": {
+        "max_tokens": 5, "ignore_eos": True}, "return_num_output_tokens": True})
+    assert e1 is None and e2 is None
+    assert tiny[-1]["num_output_tokens"][0] == 5
+    assert metric(server, "pagedllm_generation_tokens_total", model="llm_tiny") >= 5
