@@ -141,20 +141,22 @@ def _input_ids(arr: np.ndarray) -> list[int]:
 
 def _sampling_params(inputs: Mapping[str, np.ndarray], options: ResponseOptions) -> SamplingParams:
     data = _sampling_json(inputs)
+    source = {key: f"sampling_parameters.{key}" for key in data}  # field -> what the client called it
     for name, target in TYPED_INPUTS.items():
         if name in inputs:
-            data[target] = _typed_number(inputs, name)
-    if "stop_words" in inputs:
-        data["stop"] = [_decode(w, "stop_words") for w in np.asarray(inputs["stop_words"]).reshape(-1)]
+            data[target], source[target] = _typed_number(inputs, name), name
+    if "stop_words" in inputs:  # TensorRT-LLM clients send "" for "none"
+        words = [_decode(w, "stop_words") for w in np.asarray(inputs["stop_words"]).reshape(-1)]
+        data["stop"], source["stop"] = [w for w in words if w], "stop_words"
     if options.return_logprobs and data.get("logprobs") is None:
         data["logprobs"] = 0
     try:
         return SamplingParams.from_dict(data)
     except ValueError as e:
-        message = str(e)
-        if not message.startswith("sampling_parameters"):
-            message = f"sampling_parameters.{message}" if "sampling_parameters" in inputs else message
-        raise InvalidRequestError(message) from None
+        field_name, _, rest = str(e).partition(":")
+        if field_name in source:
+            raise InvalidRequestError(f"{source[field_name]}:{rest}") from None
+        raise InvalidRequestError(str(e)) from None
 
 
 def _sampling_json(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
