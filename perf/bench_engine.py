@@ -22,10 +22,19 @@ from pagedllm import LLM, SamplingParams  # noqa: E402
 from pagedllm.weights import ensure_default_model  # noqa: E402
 
 
+REPEATS = 2  # every engine is timed REPEATS times and keeps its best: this VM's timings are noisy
+
+
 def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
+    """(result, seconds) of the fastest of REPEATS runs."""
+    best = None
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        result = fn()
+        secs = time.perf_counter() - start
+        if best is None or secs < best[1]:
+            best = (result, secs)
+    return best
 
 
 def bench_pagedllm(llm: LLM, prompts: list[list[int]], max_tokens: int) -> float:
@@ -73,7 +82,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny run for CI; does not touch RESULTS.md")
     args = ap.parse_args()
     if args.quick:
-        args.num_prompts, args.max_tokens, args.system_tokens = 4, 8, 200
+        global REPEATS
+        args.num_prompts, args.max_tokens, args.system_tokens, REPEATS = 4, 8, 200, 1
     path = ensure_default_model()
     dtype = getattr(torch, args.dtype)
     llm = LLM(str(path), dtype=args.dtype)
@@ -95,7 +105,7 @@ def main() -> None:
 
 
 def report(args, ours, static, continuous, ours_b1, static_b1, ttft_cold, ttft_warm) -> str:
-    return f"""`python perf/bench_engine.py` — SmolLM2-135M-Instruct, {args.dtype}, greedy, {args.num_prompts} chat prompts x {args.max_tokens} new tokens, one process.
+    return f"""`python perf/bench_engine.py` — SmolLM2-135M-Instruct, {args.dtype}, greedy, {args.num_prompts} chat prompts x {args.max_tokens} new tokens, one process, best of {REPEATS} runs each.
 
 | engine | output tok/s | pagedllm is |
 |---|---:|---:|

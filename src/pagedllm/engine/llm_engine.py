@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig
 
 from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.cpu_linear import pack_linears
 from pagedllm.engine.config import EngineConfig, ModelConfig, num_blocks_for, resolve_max_model_len
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.model_runner import ModelRunner
@@ -184,4 +185,6 @@ def _load_model(path: Any, config: ModelConfig, max_positions: int, dtype: torch
     model.load_weights(iter_safetensors(path))
     model = model.to(dtype=dtype)
     model.rotary = RotaryEmbedding(config, max_positions).to(device)  # computed in float32, never loaded
+    if pack_linears(model, batch_hint=64):
+        logger.info("linear layers prepacked for oneDNN (CPU, bfloat16)")
     return model.eval()
