@@ -126,3 +126,11 @@ def test_committed_repository_matches_generator(tmp_path):
     def differences(c):
         return c.left_only + c.right_only + c.diff_files + [d for sub in c.subdirs.values() for d in differences(sub)]
     assert not differences(cmp), "run `make repository` and commit model_repository/"
+
+
+def test_coalesce_merges_each_requests_deltas_in_order():
+    from pagedllm.engine.sequence import RequestDelta, coalesce
+    d = lambda rid, tok, text, fin=None: RequestDelta(rid, [tok], text, fin, 3, tok)  # noqa: E731
+    out = coalesce([d("a", 1, "He"), d("b", 1, "X"), d("a", 2, "llo"), d("a", 3, "!", "stop")])
+    assert [(o.request_id, o.new_token_ids, o.new_text, o.finish_reason, o.num_output_tokens) for o in out] == [
+        ("a", [1, 2, 3], "Hello!", "stop", 3), ("b", [1], "X", None, 1)]

@@ -80,6 +80,24 @@ class RequestDelta:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def merged(self, later: "RequestDelta") -> "RequestDelta":
+        """This delta followed by a later one of the same request, as one."""
+        logprobs = None
+        if self.new_logprobs is not None or later.new_logprobs is not None:
+            logprobs = (self.new_logprobs or []) + (later.new_logprobs or [])
+        return RequestDelta(self.request_id, self.new_token_ids + later.new_token_ids, self.new_text + later.new_text,
+                            later.finish_reason, later.num_prompt_tokens, later.num_output_tokens, logprobs,
+                            later.error, later.queue_time)
+
+
+def coalesce(deltas: list[RequestDelta]) -> list[RequestDelta]:
+    """Merge the deltas of each request into one, in order of each request's first delta."""
+    merged: dict[str, RequestDelta] = {}
+    for delta in deltas:
+        earlier = merged.get(delta.request_id)
+        merged[delta.request_id] = delta if earlier is None or earlier.finished else earlier.merged(delta)
+    return list(merged.values())
+
 
 @dataclass
 class RequestOutput:

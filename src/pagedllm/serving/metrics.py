@@ -71,12 +71,14 @@ class ServingMetrics:
         self._last_stats = stats
 
     def on_tokens(self, count: int, first_token_latency: float | None, inter_token_latency: float | None) -> None:
+        """`count` tokens sent together; `inter_token_latency` is per token, observed once per token."""
         if count:
             self.counters["pagedllm_generation_tokens_total"].increment(count)
         if first_token_latency is not None:
             self.hist["pagedllm_time_to_first_token_seconds"].observe(first_token_latency)
         if inter_token_latency is not None:
-            self.hist["pagedllm_inter_token_latency_seconds"].observe(inter_token_latency)
+            for _ in range(count):
+                self.hist["pagedllm_inter_token_latency_seconds"].observe(inter_token_latency)
 
     def on_finish(self, reason: str, num_prompt_tokens: int, e2e: float, queue_time: float | None) -> None:
         self.counters["pagedllm_prompt_tokens_total"].increment(num_prompt_tokens)

@@ -30,10 +30,11 @@ DEFAULT_ENGINE = {"model": "default", "dtype": "bfloat16", "kv_cache_memory": 10
                   "max_num_seqs": 64, "max_num_batched_tokens": 1024}
 
 
-def _tensors(kind: str, spec: list[tuple[str, str, list[int]]], optional: bool) -> str:
+def _tensors(kind: str, spec: list[tuple[str, str, list[int]]], optional: bool | set[str]) -> str:
+    """`optional`: all of them (True), none (False), or the named ones."""
     items = []
     for name, dtype, dims in spec:
-        opt = "\n    optional: true" if optional else ""
+        opt = "\n    optional: true" if optional is True or (isinstance(optional, set) and name in optional) else ""
         items.append(f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: {json.dumps(dims)}{opt}\n  }}')
     return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
 
@@ -101,8 +102,10 @@ def write_repository(root: Path, engine: dict | None = None, llm: str = "llm", e
     (pre / "1" / "model.py").write_text(MODEL_PY.format(cls="PreprocessingModel"))
     post = root / "postprocessing"
     (post / "1").mkdir(parents=True, exist_ok=True)
+    # The llm sends only the fields the client asked for, so all but text and request are optional here.
+    post_in = _tensors("input", OUTPUTS + REQUEST_ECHO, {name for name, _, _ in OUTPUTS[1:]})
     (post / "config.pbtxt").write_text(_python_config(
-        "postprocessing", _tensors("input", OUTPUTS + REQUEST_ECHO, False), _tensors("output", OUTPUTS, False)))
+        "postprocessing", post_in, _tensors("output", OUTPUTS, False)))
     (post / "1" / "model.py").write_text(MODEL_PY.format(cls="PostprocessingModel"))
     write_llm(root, llm, engine or DEFAULT_ENGINE)
     (root / ensemble / "1").mkdir(parents=True, exist_ok=True)

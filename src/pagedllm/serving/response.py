@@ -21,18 +21,28 @@ class RawResponse:
     num_output_tokens: int
     logprobs: list[dict[int, float]] | None
 
-    def to_tensors(self) -> dict[str, np.ndarray]:
-        return {
-            "text_output": np.array([self.text.encode("utf-8")], dtype=np.object_),
-            "finish_reason": np.array([(self.finish_reason or "").encode()], dtype=np.object_),
-            "num_input_tokens": np.array([self.num_input_tokens], dtype=np.uint32),
-            "num_output_tokens": np.array([self.num_output_tokens], dtype=np.uint32),
-            "logprobs": np.array([json.dumps(_logprobs_json(self.logprobs)).encode()], dtype=np.object_),
+    def to_tensors(self, names: tuple[str, ...] = RAW_OUTPUTS) -> dict[str, np.ndarray]:
+        """The named outputs only: building tensors no client reads costs time on every token."""
+        build = {
+            "text_output": lambda: np.array([self.text.encode("utf-8")], dtype=np.object_),
+            "finish_reason": lambda: np.array([(self.finish_reason or "").encode()], dtype=np.object_),
+            "num_input_tokens": lambda: np.array([self.num_input_tokens], dtype=np.uint32),
+            "num_output_tokens": lambda: np.array([self.num_output_tokens], dtype=np.uint32),
+            "logprobs": lambda: np.array([json.dumps(_logprobs_json(self.logprobs)).encode()], dtype=np.object_),
         }
+        return {name: build[name]() for name in names}
 
 
 def _logprobs_json(logprobs: list[dict[int, float]] | None) -> list[dict[str, float]]:
     return [{str(k): v for k, v in step.items()} for step in logprobs or []]
+
+
+def requested_outputs(options: ResponseOptions) -> tuple[str, ...]:
+    return ("text_output",) + tuple(name for flag, name in _FLAGGED if getattr(options, flag))
+
+
+_FLAGGED = (("return_finish_reason", "finish_reason"), ("return_num_input_tokens", "num_input_tokens"),
+            ("return_num_output_tokens", "num_output_tokens"), ("return_logprobs", "logprobs"))
 
 
 def shape_response(raw: dict[str, np.ndarray], options: ResponseOptions) -> dict[str, np.ndarray]:
@@ -42,8 +52,6 @@ def shape_response(raw: dict[str, np.ndarray], options: ResponseOptions) -> dict
     if not options.stream and not options.exclude_input_in_output and options.prompt_text:
         text = options.prompt_text.encode("utf-8") + bytes(raw["text_output"].reshape(-1)[0])
         out["text_output"] = np.array([text], dtype=np.object_)
-    for flag, name in (("return_finish_reason", "finish_reason"), ("return_num_input_tokens", "num_input_tokens"),
-                       ("return_num_output_tokens", "num_output_tokens"), ("return_logprobs", "logprobs")):
-        if getattr(options, flag):
-            out[name] = raw[name]
+    for name in requested_outputs(options)[1:]:
+        out[name] = raw[name]
     return out

@@ -19,12 +19,12 @@ import numpy as np
 from pagedllm.engine.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.loop import EngineDeadError, EngineLoop
-from pagedllm.engine.sequence import RequestDelta
+from pagedllm.engine.sequence import RequestDelta, coalesce
 from pagedllm.engine.tokenizer import load_tokenizer
 from pagedllm.serving.metrics import ServingMetrics
 from pagedllm.serving.prompts import tokenize_request
 from pagedllm.serving.request import GenerateRequest, InvalidRequestError, ResponseOptions, parse_request
-from pagedllm.serving.response import RAW_OUTPUTS, RawResponse, shape_response
+from pagedllm.serving.response import RAW_OUTPUTS, RawResponse, requested_outputs, shape_response
 from pagedllm.weights import resolve_model_path
 
 logger = logging.getLogger("pagedllm.serving")
@@ -124,11 +124,17 @@ class LLMModel:
         last_poll = time.monotonic()
         while not (self.stopping and not self.streams):
             try:
-                self._send(self.outbox.get(timeout=_CANCEL_POLL_SECONDS))
+                batch = [self.outbox.get(timeout=_CANCEL_POLL_SECONDS)]
+                while not self.outbox.empty():
+                    batch.append(self.outbox.get_nowait())
             except queue.Empty:
-                pass
-            except Exception:
-                logger.exception("sending a response failed")
+                batch = []
+            # Under load several tokens of a request wait here: they go out as one response.
+            for delta in coalesce(batch):
+                try:
+                    self._send(delta)
+                except Exception:
+                    logger.exception("sending a response for request %s failed", delta.request_id)
             if time.monotonic() - last_poll >= _CANCEL_POLL_SECONDS:
                 self._abort_cancelled()
                 last_poll = time.monotonic()
@@ -171,7 +177,7 @@ class LLMModel:
         if stream.options.stream:
             stream.logprobs = []
         raw = RawResponse(text, delta.finish_reason, delta.num_prompt_tokens, delta.num_output_tokens, logprobs)
-        tensors = raw.to_tensors()
+        tensors = raw.to_tensors(requested_outputs(stream.options))
         if stream.echo_request is not None:
             tensors["request"] = np.array([stream.echo_request.encode()], dtype=np.object_)
         else:
@@ -180,11 +186,12 @@ class LLMModel:
 
     def _observe(self, stream: _Stream, delta: RequestDelta) -> None:
         now = time.monotonic()
-        if delta.new_token_ids:
+        count = len(delta.new_token_ids)
+        if count:
             first = now - stream.arrival if stream.last_token_time is None else None
-            itl = now - stream.last_token_time if stream.last_token_time is not None else None
+            gap = now - stream.last_token_time if stream.last_token_time is not None else None
             stream.last_token_time = now
-            self.metrics.on_tokens(len(delta.new_token_ids), first, itl)
+            self.metrics.on_tokens(count, first, gap / count if gap is not None else None)
         if delta.finished:
             self.metrics.on_finish(delta.finish_reason or "abort", delta.num_prompt_tokens, now - stream.arrival,
                                    delta.queue_time)
@@ -236,7 +243,7 @@ class PostprocessingModel:
         return [self._one(r) for r in requests]
 
     def _one(self, request: Any) -> Any:
-        inputs = _inputs(self.pb, request, list(RAW_OUTPUTS) + ["request"])
+        inputs = _inputs(self.pb, request, list(RAW_OUTPUTS) + ["request"])  # only what the client asked for
         options = ResponseOptions(**json.loads(bytes(inputs.pop("request").reshape(-1)[0]))["options"])
         return _response(self.pb, shape_response(inputs, options))
 

@@ -1,0 +1,135 @@
+"""Served throughput at fixed concurrency through each path vs the offline engine on the same workload.
+
+    python perf/bench_serving.py               # 32 concurrent streams, 64 requests x 128 tokens
+    python perf/bench_serving.py --quick       # a smoke run (CI)
+
+Every path serves the same requests (chat prompts, greedy, ignore_eos, max_tokens fixed) with the same
+number in flight; the offline engine is LLMEngine driven in-process with the same engine.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+import tritonclient.grpc as grpcclient
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prompts import chat_prompts  # noqa: E402
+from results import write_section  # noqa: E402
+
+from pagedllm import SamplingParams  # noqa: E402
+from pagedllm.engine.config import EngineConfig  # noqa: E402
+from pagedllm.engine.llm_engine import LLMEngine  # noqa: E402
+from pagedllm.launcher import ServerOptions, TritonServer, free_port  # noqa: E402
+from pagedllm_client.client import request_inputs  # noqa: E402
+
+
+def offline(engine_json: Path, chats: list, max_tokens: int, concurrency: int) -> float:
+    engine = LLMEngine(EngineConfig.from_json(engine_json))
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    prompts = [engine.apply_chat_template(c) for c in chats]
+    pending, produced, start = list(enumerate(prompts)), 0, time.perf_counter()
+    in_flight = 0
+    while pending or in_flight:
+        while pending and in_flight < concurrency:
+            i, p = pending.pop(0)
+            engine.add_request(str(i), p, params)
+            in_flight += 1
+        for delta in engine.step():
+            produced += len(delta.new_token_ids)
+            in_flight -= delta.finished
+    return produced / (time.perf_counter() - start)
+
+
+def grpc_worker(url: str, model: str, jobs: queue.Queue, sampling: dict, counts: list) -> None:
+    client = grpcclient.InferenceServerClient(url)
+    while True:
+        try:
+            chat = jobs.get_nowait()
+        except queue.Empty:
+            break
+        results: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        client.async_stream_infer(model, request_inputs(None, chat, True, sampling), enable_empty_final_response=True)
+        while True:
+            result, error = results.get(timeout=600)
+            if error is not None:
+                raise RuntimeError(error)
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                counts.append(int(result.as_numpy("num_output_tokens")[0]))
+                break
+        client.stop_stream()
+    client.close()
+
+
+def http_worker(url: str, model: str, jobs: queue.Queue, sampling: dict, counts: list) -> None:
+    session = requests.Session()
+    while True:
+        try:
+            chat = jobs.get_nowait()
+        except queue.Empty:
+            break
+        body = {"messages": json.dumps(chat), "stream": True, "sampling_parameters": json.dumps(sampling),
+                "return_num_output_tokens": True}
+        with session.post(f"http://{url}/v2/models/{model}/generate_stream", json=body, stream=True, timeout=600) as r:
+            last = [json.loads(line[5:]) for line in r.iter_lines(decode_unicode=True) if line.startswith("data:")][-1]
+        counts.append(int(last["num_output_tokens"]))
+
+
+def served(worker, url: str, model: str, chats: list, max_tokens: int, concurrency: int) -> float:
+    jobs: queue.Queue = queue.Queue()
+    for chat in chats:
+        jobs.put(chat)
+    sampling = {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True}
+    counts: list[int] = []
+    threads = [threading.Thread(target=worker, args=(url, model, jobs, sampling, counts)) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if len(counts) != len(chats):
+        raise RuntimeError(f"{len(chats) - len(counts)} requests failed")
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
+    ap.add_argument("--quick", action="store_true", help="tiny run for CI; does not touch RESULTS.md")
+    args = ap.parse_args()
+    if args.quick:
+        args.concurrency, args.num_requests, args.max_tokens = 2, 2, 4
+    chats = chat_prompts(args.num_requests)
+    engine_json = args.model_repository / "llm" / "1" / "engine.json"
+    work = (chats, args.max_tokens, args.concurrency)
+    rates = {"offline engine (LLMEngine in-process)": offline(engine_json, *work)}
+    opts = ServerOptions(args.model_repository.resolve(), free_port(), free_port(), free_port())
+    (ROOT / "perf" / "out").mkdir(exist_ok=True)
+    with TritonServer(opts, ROOT / "perf" / "out" / "bench_serving-tritonserver.log") as server:
+        served(grpc_worker, server.grpc_url, "ensemble", chats[:2], 4, 2)  # warm-up
+        rates["gRPC streaming, ensemble"] = served(grpc_worker, server.grpc_url, "ensemble", *work)
+        rates["gRPC streaming, llm"] = served(grpc_worker, server.grpc_url, "llm", *work)
+        rates["HTTP generate_stream, ensemble"] = served(http_worker, server.http_url, "ensemble", *work)
+    base = rates["offline engine (LLMEngine in-process)"]
+    rows = "\n".join(f"| {name} | {rate:.0f} | {rate / base:.2f} |" for name, rate in rates.items())
+    body = (f"`python perf/bench_serving.py` — SmolLM2-135M-Instruct (model_repository/llm/1/engine.json), "
+            f"{args.num_requests} chat requests x {args.max_tokens} tokens, greedy, {args.concurrency} in flight; "
+            f"the load generator shares the machine's 2 cores with the server.\n\n"
+            f"| path | output tok/s | vs offline |\n|---|---:|---:|\n{rows}\n")
+    print(body)
+    if not args.quick:
+        write_section("bench_serving", body)
+
+
+if __name__ == "__main__":
+    main()
