@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import queue
+import resource
 import sys
 import threading
 import time
@@ -82,21 +83,28 @@ def http_worker(url: str, model: str, jobs: queue.Queue, sampling: dict, counts:
         counts.append(int(last["num_output_tokens"]))
 
 
-def served(worker, url: str, model: str, chats: list, max_tokens: int, concurrency: int) -> float:
+def client_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def served(worker, url: str, model: str, chats: list, max_tokens: int, concurrency: int) -> tuple[float, float]:
+    """(output tokens/s, cores the load generator itself used)."""
     jobs: queue.Queue = queue.Queue()
     for chat in chats:
         jobs.put(chat)
     sampling = {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True}
     counts: list[int] = []
     threads = [threading.Thread(target=worker, args=(url, model, jobs, sampling, counts)) for _ in range(concurrency)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), client_cpu_seconds()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     if len(counts) != len(chats):
         raise RuntimeError(f"{len(chats) - len(counts)} requests failed")
-    return sum(counts) / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return sum(counts) / wall, (client_cpu_seconds() - cpu) / wall
 
 
 def main() -> None:
@@ -112,7 +120,7 @@ def main() -> None:
     chats = chat_prompts(args.num_requests)
     engine_json = args.model_repository / "llm" / "1" / "engine.json"
     work = (chats, args.max_tokens, args.concurrency)
-    rates = {"offline engine (LLMEngine in-process)": offline(engine_json, *work)}
+    rates = {"offline engine (LLMEngine in-process)": (offline(engine_json, *work), None)}
     opts = ServerOptions(args.model_repository.resolve(), free_port(), free_port(), free_port())
     (ROOT / "perf" / "out").mkdir(exist_ok=True)
     with TritonServer(opts, ROOT / "perf" / "out" / "bench_serving-tritonserver.log") as server:
@@ -120,12 +128,13 @@ def main() -> None:
         rates["gRPC streaming, ensemble"] = served(grpc_worker, server.grpc_url, "ensemble", *work)
         rates["gRPC streaming, llm"] = served(grpc_worker, server.grpc_url, "llm", *work)
         rates["HTTP generate_stream, ensemble"] = served(http_worker, server.http_url, "ensemble", *work)
-    base = rates["offline engine (LLMEngine in-process)"]
-    rows = "\n".join(f"| {name} | {rate:.0f} | {rate / base:.2f} |" for name, rate in rates.items())
+    base = rates["offline engine (LLMEngine in-process)"][0]
+    rows = "\n".join(f"| {name} | {rate:.0f} | {rate / base:.2f} | {'' if cores is None else f'{cores:.2f}'} |"
+                      for name, (rate, cores) in rates.items())
     body = (f"`python perf/bench_serving.py` — SmolLM2-135M-Instruct (model_repository/llm/1/engine.json), "
             f"{args.num_requests} chat requests x {args.max_tokens} tokens, greedy, {args.concurrency} in flight; "
             f"the load generator shares the machine's 2 cores with the server.\n\n"
-            f"| path | output tok/s | vs offline |\n|---|---:|---:|\n{rows}\n")
+            f"| path | output tok/s | vs offline | cores used by the load generator |\n|---|---:|---:|---:|\n{rows}\n")
     print(body)
     if not args.quick:
         write_section("bench_serving", body)
