@@ -19,7 +19,7 @@ def prepacked_linear_available() -> bool:
 class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, batch_hint: int) -> None:
         super().__init__()
-        self.out_features = linear.out_features
+        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 

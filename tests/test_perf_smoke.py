@@ -1,0 +1,19 @@
+"""The benchmarks run on their quick settings, so they cannot rot (timings are not asserted)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["bench_engine.py", "bench_serving.py"])
+def test_benchmark_runs_quick(script):
+    done = subprocess.run([sys.executable, str(ROOT / "perf" / script), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| pagedllm" in done.stdout or "| offline engine" in done.stdout
