@@ -80,3 +80,29 @@ def test_loop_streams_deltas_from_many_threads(engine):
     finally:
         loop.shutdown()
     assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_admission_refuses_past_the_bound_and_serves_what_it_took(tiny_model_dir):
+    from pagedllm.engine.loop import OverloadedError
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir("llama3")), dtype="float32", block_size=4,
+                                    num_kv_blocks=40, max_num_seqs=2, max_waiting_requests=3,
+                                    max_queued_tokens=10_000))
+    loop = EngineLoop(engine)
+    accepted, refused = {}, 0
+    try:
+        for i in range(20):
+            q = queue.Queue()
+            try:
+                loop.submit(str(i), [5, 6, 7], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), q.put)
+                accepted[str(i)] = q
+            except OverloadedError as e:
+                assert "retry later" in str(e)
+                refused += 1
+        assert refused > 0 and len(accepted) >= 3
+        for q in accepted.values():
+            deltas = [q.get(timeout=60)]
+            while not deltas[-1].finished:
+                deltas.append(q.get(timeout=60))
+            assert deltas[-1].finish_reason == "length"
+    finally:
+        loop.shutdown()

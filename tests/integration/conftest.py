@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 def tiny_engine(model_dir: Path) -> dict:
     return {"model": str(model_dir), "dtype": "float32", "block_size": 4, "num_kv_blocks": 128,
-            "max_num_seqs": 16, "max_num_batched_tokens": 256}
+            "max_num_seqs": 4, "max_num_batched_tokens": 256, "max_waiting_requests": 4}
 
 
 def start_server(repo: Path, log: Path, mode: str = "none") -> TritonServer:

@@ -20,6 +20,10 @@ class EngineDeadError(RuntimeError):
     """The engine loop has stopped; the model is not ready."""
 
 
+class OverloadedError(RuntimeError):
+    """Admission is full (waiting requests or queued prompt tokens): refused at once, retry later."""
+
+
 @dataclass
 class _Submit:
     request_id: str
@@ -37,6 +41,7 @@ class EngineLoop:
         self._inbox: list[_Submit | str] = []
         self._cond = threading.Condition()
         self._stopping = False
+        self._waiting, self._waiting_tokens = 0, 0  # the engine's queue as of its last step
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
         self._thread.start()
@@ -47,13 +52,23 @@ class EngineLoop:
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                callback: DeltaCallback, arrival_time: float | None = None) -> None:
-        """Validate now (raising in the caller's thread), then queue for the next step."""
+        """Validate and admit now (raising in the caller's thread), then queue for the next step."""
         self.engine.validate(prompt_token_ids, params)
         with self._cond:
             if not self.alive or self._stopping:
                 raise EngineDeadError("engine loop is not running")
+            self._admit(len(prompt_token_ids))
             self._inbox.append(_Submit(request_id, list(prompt_token_ids), params, callback, arrival_time))
             self._cond.notify()
+
+    def _admit(self, num_tokens: int) -> None:
+        queued = [item for item in self._inbox if isinstance(item, _Submit)]
+        waiting = self._waiting + len(queued)
+        tokens = self._waiting_tokens + sum(len(item.prompt_token_ids) for item in queued) + num_tokens
+        config = self.engine.config
+        if waiting >= config.max_waiting_requests or tokens > config.max_queued_tokens:
+            raise OverloadedError(f"overloaded: {waiting} requests and {tokens} prompt tokens waiting (limits "
+                                  f"{config.max_waiting_requests} and {config.max_queued_tokens}); retry later")
 
     def abort(self, request_id: str) -> None:
         with self._cond:
@@ -70,7 +85,11 @@ class EngineLoop:
         try:
             while self._wait_for_work():
                 self._drain_inbox()
-                self._deliver(self.engine.step())
+                deltas = self.engine.step()
+                with self._cond:
+                    self._waiting = len(self.engine.scheduler.waiting)
+                    self._waiting_tokens = self.engine.scheduler.num_waiting_tokens
+                self._deliver(deltas)
         except BaseException as e:  # the loop must never die silently: fail everything it holds
             logger.exception("engine loop died")
             self.error = e

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pagedllm.engine.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
-from pagedllm.engine.loop import EngineDeadError, EngineLoop
+from pagedllm.engine.loop import EngineDeadError, EngineLoop, OverloadedError
 from pagedllm.engine.sequence import RequestDelta, coalesce
 from pagedllm.engine.tokenizer import load_tokenizer
 from pagedllm.serving.metrics import ServingMetrics
@@ -74,6 +75,8 @@ class LLMModel:
         self.input_names = [i["name"] for i in config["input"]]
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.engine = LLMEngine(EngineConfig.from_json(version_dir / "engine.json"))
+        self.pb.Logger.log_info(f"pagedllm {args['model_name']}/{args['model_version']}: engine ready, "
+                                f"{self.engine.num_blocks} KV blocks, torch threads {torch.get_num_threads()}")
         self.metrics = ServingMetrics(self.pb.MetricFamily, args["model_name"], args["model_version"])
         self.streams: dict[str, _Stream] = {}
         self.lock = threading.Lock()
@@ -103,6 +106,9 @@ class LLMModel:
         except ValueError as e:
             self._forget(request_id)
             sender.send(_error(self.pb, str(e)), flags=final)
+        except OverloadedError as e:
+            self._forget(request_id)
+            sender.send(_error(self.pb, str(e), "UNAVAILABLE"), flags=final)
         except EngineDeadError as e:
             self._forget(request_id)
             sender.send(_error(self.pb, f"{e}; the model is not ready", "UNAVAILABLE"), flags=final)
