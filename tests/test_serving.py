@@ -111,12 +111,14 @@ def test_metrics_turn_engine_counters_into_increments():
     m.on_tokens(1, 0.2, None)
     m.on_tokens(1, None, 0.05)
     m.on_finish("stop", 12, 1.5, 0.01)
+    m.flush()
     labels = (("model", "llm"), ("version", "1"))
     get = lambda name, extra=(): _Family.created[(name, tuple(sorted(labels + extra)))]  # noqa: E731
     assert get("pagedllm_prefix_cache_hits_total").value == 70
     assert get("pagedllm_kv_cache_usage_ratio").value == 0.25
     assert get("pagedllm_time_to_first_token_seconds").observed == [0.2]
     assert get("pagedllm_request_success_total", (("finish_reason", "stop"),)).value == 1
+    assert get("pagedllm_generation_tokens_total").value == 2 and get("pagedllm_prompt_tokens_total").value == 12
 
 
 def test_committed_repository_matches_generator(tmp_path):

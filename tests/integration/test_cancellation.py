@@ -25,6 +25,7 @@ def _generated(server) -> float:
 
 def _settle(server) -> None:
     assert wait_for(lambda: metric(server, "pagedllm_num_requests_running") == 0, timeout=60)
+    time.sleep(0.2)  # metrics are flushed every 50 ms
 
 
 def _grpc_cancel(server, model: str) -> int:

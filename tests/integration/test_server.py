@@ -73,13 +73,13 @@ def test_bad_requests_name_the_field_and_server_keeps_serving(server):
 
 
 def test_cancelled_stream_frees_its_blocks(server):
-    free_before = metric(server, "pagedllm_kv_cache_free_blocks")
     fields = {"text_input": "Count from one to one thousand:",
               "sampling_parameters": {"temperature": 0, "max_tokens": 1500, "ignore_eos": True}}
     responses, error = stream(server.grpc_url, "llm", fields, stop_after=5)  # then the client cancels
     assert error is None and len(responses) == 5
     assert wait_for(lambda: metric(server, "pagedllm_num_requests_running") == 0, timeout=10)
-    assert wait_for(lambda: metric(server, "pagedllm_kv_cache_free_blocks") == free_before, timeout=10)
+    # Every block back in the pool (cached blocks count as free: they are evictable).
+    assert wait_for(lambda: metric(server, "pagedllm_kv_cache_usage_ratio") == 0, timeout=10)
     assert metric(server, "pagedllm_request_success_total") >= 1
 
 
@@ -91,12 +91,12 @@ def test_metrics_present_and_moving(server):
              "pagedllm_num_requests_running", "pagedllm_num_requests_waiting", "pagedllm_kv_cache_usage_ratio"]
     before = {n: metric(server, n) for n in names}
     assert not any(np.isnan(v) for v in before.values()), before
+    assert metric(server, "pagedllm_kv_cache_free_blocks") > 0
     for _ in range(2):  # the second one hits the prefix cache
         _, error = stream(server.grpc_url, "ensemble", {"messages": CHAT, "sampling_parameters": GREEDY})
         assert error is None
-    after = {n: metric(server, n) for n in names}
     for n in names[:8]:
-        assert after[n] > before[n], n
+        assert wait_for(lambda: metric(server, n) > before[n], timeout=5), n
 
 
 def test_two_models_at_once(server):
@@ -105,7 +105,7 @@ def test_two_models_at_once(server):
         "max_tokens": 5, "ignore_eos": True}, "return_num_output_tokens": True})
     assert e1 is None and e2 is None
     assert tiny[-1]["num_output_tokens"][0] == 5
-    assert metric(server, "pagedllm_generation_tokens_total", model="llm_tiny") >= 5
+    assert wait_for(lambda: metric(server, "pagedllm_generation_tokens_total", model="llm_tiny") >= 5, timeout=5)
 
 
 def test_overload_is_refused_at_once_and_accepted_requests_complete(server):

@@ -34,6 +34,10 @@ GAUGES = {
 
 
 class ServingMetrics:
+    """Every call into the backend's metrics API is a round trip to the Triton process, so the hot
+    paths only record: `on_stats` keeps the latest engine stats, `on_tokens` / `on_finish` queue
+    observations, and `flush` (called every few tens of milliseconds) reports them."""
+
     def __init__(self, metric_family: Any, model: str, version: str) -> None:
         self.labels = {"model": model, "version": str(version)}
         self._lock = threading.Lock()
@@ -47,7 +51,11 @@ class ServingMetrics:
         self._success: dict[str, Any] = {}
         gauges = {n: self._family(metric_family, n, d, metric_family.GAUGE) for n, d in GAUGES.items()}
         self.gauges = {n: f.Metric(labels=self.labels) for n, f in gauges.items()}
-        self._last_stats: EngineStats | None = None
+        self._last_stats: EngineStats | None = None  # as last reported
+        self._stats: EngineStats | None = None  # as last seen
+        self._generated = 0
+        self._observations: list[tuple[str, float]] = []
+        self._finished: list[tuple[str, int]] = []
 
     def _family(self, metric_family: Any, name: str, description: str, kind: Any) -> Any:
         family = metric_family(name=name, description=description, kind=kind)
@@ -55,13 +63,50 @@ class ServingMetrics:
         return family
 
     def on_stats(self, stats: EngineStats) -> None:
-        """After every step: gauges, and the engine's cumulative counters turned into increments."""
+        """After every step, from the engine thread: only remembered here."""
+        self._stats = stats
+
+    def on_tokens(self, count: int, first_token_latency: float | None, inter_token_latency: float | None) -> None:
+        """`count` tokens sent together; `inter_token_latency` is per token, observed once per token."""
+        with self._lock:
+            self._generated += count
+            if first_token_latency is not None:
+                self._observations.append(("pagedllm_time_to_first_token_seconds", first_token_latency))
+            if inter_token_latency is not None:
+                self._observations += [("pagedllm_inter_token_latency_seconds", inter_token_latency)] * count
+
+    def on_finish(self, reason: str, num_prompt_tokens: int, e2e: float, queue_time: float | None) -> None:
+        with self._lock:
+            self._finished.append((reason, num_prompt_tokens))
+            self._observations.append(("pagedllm_e2e_request_latency_seconds", e2e))
+            if queue_time is not None:
+                self._observations.append(("pagedllm_request_queue_time_seconds", queue_time))
+
+    def flush(self) -> None:
+        with self._lock:
+            generated, self._generated = self._generated, 0
+            observations, self._observations = self._observations, []
+            finished, self._finished = self._finished, []
+        if generated:
+            self.counters["pagedllm_generation_tokens_total"].increment(generated)
+        for name, value in observations:
+            self.hist[name].observe(value)
+        prompt_tokens = sum(n for _, n in finished)
+        if prompt_tokens:
+            self.counters["pagedllm_prompt_tokens_total"].increment(prompt_tokens)
+        for reason, _ in finished:
+            self._success_metric(reason).increment(1)
+        self._report_stats()
+
+    def _report_stats(self) -> None:
+        stats, last = self._stats, self._last_stats
+        if stats is None or stats is last:
+            return
         g = self.gauges
         g["pagedllm_num_requests_running"].set(stats.num_running)
         g["pagedllm_num_requests_waiting"].set(stats.num_waiting)
         g["pagedllm_kv_cache_usage_ratio"].set(stats.kv_cache_usage)
         g["pagedllm_kv_cache_free_blocks"].set(stats.num_free_blocks)
-        last = self._last_stats
         for name, attr in (("pagedllm_prefix_cache_queries_total", "prefix_cache_queries"),
                            ("pagedllm_prefix_cache_hits_total", "prefix_cache_hits"),
                            ("pagedllm_preemptions_total", "num_preemptions")):
@@ -70,24 +115,9 @@ class ServingMetrics:
                 self.counters[name].increment(delta)
         self._last_stats = stats
 
-    def on_tokens(self, count: int, first_token_latency: float | None, inter_token_latency: float | None) -> None:
-        """`count` tokens sent together; `inter_token_latency` is per token, observed once per token."""
-        if count:
-            self.counters["pagedllm_generation_tokens_total"].increment(count)
-        if first_token_latency is not None:
-            self.hist["pagedllm_time_to_first_token_seconds"].observe(first_token_latency)
-        if inter_token_latency is not None:
-            for _ in range(count):
-                self.hist["pagedllm_inter_token_latency_seconds"].observe(inter_token_latency)
-
-    def on_finish(self, reason: str, num_prompt_tokens: int, e2e: float, queue_time: float | None) -> None:
-        self.counters["pagedllm_prompt_tokens_total"].increment(num_prompt_tokens)
-        self.hist["pagedllm_e2e_request_latency_seconds"].observe(e2e)
-        if queue_time is not None:
-            self.hist["pagedllm_request_queue_time_seconds"].observe(queue_time)
-        with self._lock:
-            metric = self._success.get(reason)
-            if metric is None:
-                metric = self._success[reason] = self._success_family.Metric(
-                    labels={**self.labels, "finish_reason": reason})
-        metric.increment(1)
+    def _success_metric(self, reason: str) -> Any:
+        metric = self._success.get(reason)
+        if metric is None:
+            metric = self._success[reason] = self._success_family.Metric(
+                labels={**self.labels, "finish_reason": reason})
+        return metric

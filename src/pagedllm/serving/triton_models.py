@@ -78,6 +78,8 @@ class LLMModel:
         self.pb.Logger.log_info(f"pagedllm {args['model_name']}/{args['model_version']}: engine ready, "
                                 f"{self.engine.num_blocks} KV blocks, torch threads {torch.get_num_threads()}")
         self.metrics = ServingMetrics(self.pb.MetricFamily, args["model_name"], args["model_version"])
+        self.metrics.on_stats(self.engine.stats())  # gauges are right before the first request
+        self.metrics.flush()
         self.streams: dict[str, _Stream] = {}
         self.lock = threading.Lock()
         self.outbox: queue.SimpleQueue[RequestDelta] = queue.SimpleQueue()
@@ -143,6 +145,7 @@ class LLMModel:
                     logger.exception("sending a response for request %s failed", delta.request_id)
             if time.monotonic() - last_poll >= _CANCEL_POLL_SECONDS:
                 self._abort_cancelled()
+                self.metrics.flush()
                 last_poll = time.monotonic()
 
     def _abort_cancelled(self) -> None:
