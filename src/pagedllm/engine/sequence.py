@@ -75,6 +75,7 @@ class RequestDelta:
     new_logprobs: list[dict[int, float]] | None = None
     error: str | None = None
     queue_time: float | None = None  # on the final delta: arrival to first scheduled
+    error_is_internal: bool = False  # the engine failed, rather than the request being invalid
 
     @property
     def finished(self) -> bool:
@@ -87,7 +88,7 @@ class RequestDelta:
             logprobs = (self.new_logprobs or []) + (later.new_logprobs or [])
         return RequestDelta(self.request_id, self.new_token_ids + later.new_token_ids, self.new_text + later.new_text,
                             later.finish_reason, later.num_prompt_tokens, later.num_output_tokens, logprobs,
-                            later.error, later.queue_time)
+                            later.error, later.queue_time, later.error_is_internal)
 
 
 def coalesce(deltas: list[RequestDelta]) -> list[RequestDelta]:

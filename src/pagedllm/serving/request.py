@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 import numpy as np
@@ -46,7 +46,6 @@ class GenerateRequest:
     text: str | None = None
     messages: list[dict[str, str]] | None = None
     input_ids: list[int] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """The normalised request that preprocessing hands to the llm and postprocessing models."""

@@ -164,8 +164,8 @@ class LLMModel:
         if delta.finished:
             self._forget(delta.request_id)
         if delta.error is not None:
-            stream.sender.send(_error(self.pb, delta.error, "INVALID_ARG" if delta.num_output_tokens == 0 and
-                                      "engine failed" not in delta.error else "INTERNAL"), flags=final)
+            code = "INTERNAL" if delta.error_is_internal else "INVALID_ARG"
+            stream.sender.send(_error(self.pb, delta.error, code), flags=final)
             return
         response = self._response_for(stream, delta)
         if response is not None and not (delta.finish_reason == "abort" and stream.sender.is_cancelled()):
