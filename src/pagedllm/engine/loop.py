@@ -56,7 +56,7 @@ class EngineLoop:
         self.engine.validate(prompt_token_ids, params)
         with self._cond:
             if not self.alive or self._stopping:
-                raise EngineDeadError("engine loop is not running")
+                raise EngineDeadError("the engine loop is not running; the model is not ready")
             self._admit(len(prompt_token_ids))
             self._inbox.append(_Submit(request_id, list(prompt_token_ids), params, callback, arrival_time))
             self._cond.notify()

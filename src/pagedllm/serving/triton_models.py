@@ -105,15 +105,10 @@ class LLMModel:
             with self.lock:
                 self.streams[request_id] = stream
             self.loop.submit(request_id, prompt_ids, req.params, self.outbox.put, arrival_time=stream.arrival)
-        except ValueError as e:
+        except (ValueError, OverloadedError, EngineDeadError) as e:  # invalid, or retry later
             self._forget(request_id)
-            sender.send(_error(self.pb, str(e)), flags=final)
-        except OverloadedError as e:
-            self._forget(request_id)
-            sender.send(_error(self.pb, str(e), "UNAVAILABLE"), flags=final)
-        except EngineDeadError as e:
-            self._forget(request_id)
-            sender.send(_error(self.pb, f"{e}; the model is not ready", "UNAVAILABLE"), flags=final)
+            sender.send(_error(self.pb, str(e), "INVALID_ARG" if isinstance(e, ValueError) else "UNAVAILABLE"),
+                        flags=final)
 
     @staticmethod
     def _parse(inputs: dict[str, np.ndarray]) -> tuple[GenerateRequest, str | None]:
