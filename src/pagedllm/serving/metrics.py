@@ -41,9 +41,9 @@ class ServingMetrics:
     def __init__(self, metric_family: Any, model: str, version: str) -> None:
         self.labels = {"model": model, "version": str(version)}
         self._lock = threading.Lock()
-        self._families = []
-        self.hist = {n: self._family(metric_family, n, d, metric_family.HISTOGRAM) for n, d in HISTOGRAMS.items()}
-        self.hist = {n: f.Metric(labels=self.labels, buckets=LATENCY_BUCKETS) for n, f in self.hist.items()}
+        self._families = []  # held for the model's life: a family dropped is a family unregistered
+        histograms = {n: self._family(metric_family, n, d, metric_family.HISTOGRAM) for n, d in HISTOGRAMS.items()}
+        self.hist = {n: f.Metric(labels=self.labels, buckets=LATENCY_BUCKETS) for n, f in histograms.items()}
         counters = {n: self._family(metric_family, n, d, metric_family.COUNTER) for n, d in COUNTERS.items()}
         self.counters = {n: f.Metric(labels=self.labels) for n, f in counters.items()
                          if n != "pagedllm_request_success_total"}

@@ -38,11 +38,8 @@ def _logprobs_json(logprobs: list[dict[int, float]] | None) -> list[dict[str, fl
 
 
 def requested_outputs(options: ResponseOptions) -> tuple[str, ...]:
-    return ("text_output",) + tuple(name for flag, name in _FLAGGED if getattr(options, flag))
-
-
-_FLAGGED = (("return_finish_reason", "finish_reason"), ("return_num_input_tokens", "num_input_tokens"),
-            ("return_num_output_tokens", "num_output_tokens"), ("return_logprobs", "logprobs"))
+    """text_output always; each other output when its `return_<name>` flag is set."""
+    return ("text_output",) + tuple(name for name in RAW_OUTPUTS[1:] if getattr(options, f"return_{name}"))
 
 
 def shape_response(raw: dict[str, np.ndarray], options: ResponseOptions) -> dict[str, np.ndarray]:

@@ -50,6 +50,11 @@ def _response(pb: Any, tensors: dict[str, np.ndarray]) -> Any:
     return pb.InferenceResponse(output_tensors=[pb.Tensor(name, value) for name, value in tensors.items()])
 
 
+def _parameter(config: dict, key: str) -> str | None:
+    """A `parameters { key: ... value: { string_value: ... } }` entry of config.pbtxt, if set."""
+    return config.get("parameters", {}).get(key, {}).get("string_value") or None
+
+
 def _error(pb: Any, message: str, code: str = "INVALID_ARG") -> Any:
     return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message, getattr(pb.TritonError, code)))
 
@@ -169,17 +174,16 @@ class LLMModel:
             stream.sender.send(flags=final)
 
     def _response_for(self, stream: _Stream, delta: RequestDelta) -> Any:
-        stream.logprobs += delta.new_logprobs or []
-        if not stream.options.stream:
+        if not stream.options.stream:  # one answer at the end
             stream.text.append(delta.new_text)
+            stream.logprobs += delta.new_logprobs or []
             if not delta.finished:
                 return None
-        elif not delta.new_text and not delta.finished:
+            text, logprobs = "".join(stream.text), stream.logprobs
+        elif delta.new_text or delta.finished:
+            text, logprobs = delta.new_text, delta.new_logprobs or []
+        else:
             return None  # text held back (partial character or possible stop string): nothing to show yet
-        text = "".join(stream.text) if not stream.options.stream else delta.new_text
-        logprobs = stream.logprobs if not stream.options.stream else (delta.new_logprobs or [])
-        if stream.options.stream:
-            stream.logprobs = []
         raw = RawResponse(text, delta.finish_reason, delta.num_prompt_tokens, delta.num_output_tokens, logprobs)
         tensors = raw.to_tensors(requested_outputs(stream.options))
         if stream.echo_request is not None:
@@ -221,8 +225,7 @@ class PreprocessingModel:
         self.pb = _backend()
         config = json.loads(args["model_config"])
         self.input_names = [i["name"] for i in config["input"]]
-        model = config.get("parameters", {}).get("model", {}).get("string_value") or None
-        self.tokenizer = load_tokenizer(resolve_model_path(model))
+        self.tokenizer = load_tokenizer(resolve_model_path(_parameter(config, "model")))
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return [self._one(r) for r in requests]
@@ -261,7 +264,7 @@ class UnaryModel:
         config = json.loads(args["model_config"])
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
-        self.target = config.get("parameters", {}).get("target", {}).get("string_value") or "ensemble"
+        self.target = _parameter(config, "target") or "ensemble"
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return [self._one(r) for r in requests]
