@@ -28,7 +28,7 @@ from pagedllm import SamplingParams  # noqa: E402
 from pagedllm.engine.config import EngineConfig  # noqa: E402
 from pagedllm.engine.llm_engine import LLMEngine  # noqa: E402
 from pagedllm.launcher import ServerOptions, TritonServer, free_port  # noqa: E402
-from pagedllm_client.client import request_inputs  # noqa: E402
+from pagedllm_client.protocol import grpc_inputs, request_fields  # noqa: E402
 
 
 def offline(engine_json: Path, chats: list, max_tokens: int, concurrency: int) -> float:
@@ -57,7 +57,7 @@ def grpc_worker(url: str, model: str, jobs: queue.Queue, sampling: dict, counts:
             break
         results: queue.Queue = queue.Queue()
         client.start_stream(callback=lambda result, error: results.put((result, error)))
-        client.async_stream_infer(model, request_inputs(None, chat, True, sampling), enable_empty_final_response=True)
+        client.async_stream_infer(model, grpc_inputs(request_fields(None, chat, sampling)), enable_empty_final_response=True)
         while True:
             result, error = results.get(timeout=600)
             if error is not None:

@@ -1,5 +1,11 @@
-"""A torch-free client for pagedllm on Triton: `Client(url).stream(...)` yields text as it is generated."""
-from pagedllm_client.client import Client, Completion
-from pagedllm_client.errors import Cancelled, ClientError, InvalidRequest, Overloaded, ServerError, Timeout
+"""A torch-free client for pagedllm on Triton: `Client(url).stream(...)` yields text as it is generated;
+`AsyncClient` does the same for asyncio. Retries on overload, a circuit breaker, typed errors."""
+from pagedllm_client.aio import AsyncClient
+from pagedllm_client.client import Client
+from pagedllm_client.errors import (Cancelled, CircuitOpen, ClientError, InvalidRequest, Overloaded, ServerError,
+                                    Timeout)
+from pagedllm_client.protocol import Completion
+from pagedllm_client.resilience import NO_RETRY, CircuitBreaker, RetryPolicy
 
-__all__ = ["Client", "Completion", "ClientError", "InvalidRequest", "Overloaded", "Cancelled", "Timeout", "ServerError"]
+__all__ = ["Client", "AsyncClient", "Completion", "RetryPolicy", "NO_RETRY", "CircuitBreaker", "ClientError",
+           "InvalidRequest", "Overloaded", "CircuitOpen", "Cancelled", "Timeout", "ServerError"]

@@ -1,108 +1,165 @@
-"""The synchronous client over gRPC streaming (one connection reused for the client's life)."""
+"""The synchronous client: gRPC streaming or HTTP generate_stream, one connection per thread reused for
+the client's life, retries on overload, a circuit breaker, and cancellation when a stream is left early."""
 from __future__ import annotations
 
+import http.client
 import json
 import queue
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from contextlib import closing
 from typing import Any
 
-import numpy as np
-import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
-from pagedllm_client.errors import ClientError, Timeout, from_triton
-
-
-@dataclass
-class Completion:
-    text: str
-    finish_reason: str | None
-    num_input_tokens: int
-    num_output_tokens: int
-    latency: float
-    time_to_first_token: float | None = None
-    deltas: list[str] = field(default_factory=list)
-
-
-def request_inputs(prompt: str | None, messages: list[dict[str, str]] | None, stream: bool,
-                   sampling: dict[str, Any]) -> list[grpcclient.InferInput]:
-    if (prompt is None) == (messages is None):
-        raise ValueError("give exactly one of prompt or messages")
-    values: dict[str, np.ndarray] = {
-        "stream": np.array([stream]), "exclude_input_in_output": np.array([True]),
-        "return_finish_reason": np.array([True]), "return_num_input_tokens": np.array([True]),
-        "return_num_output_tokens": np.array([True]),
-    }
-    if prompt is not None:
-        values["text_input"] = np.array([prompt.encode()], dtype=np.object_)
-    else:
-        values["messages"] = np.array([json.dumps(messages).encode()], dtype=np.object_)
-    if sampling:
-        values["sampling_parameters"] = np.array([json.dumps(sampling).encode()], dtype=np.object_)
-    inputs = []
-    for name, value in values.items():
-        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
-    return inputs
+from pagedllm_client.errors import ClientError, Overloaded, Timeout, from_triton
+from pagedllm_client.protocol import (PROTOCOLS, Chunk, Completion, chunk_from_grpc, chunk_from_sse, grpc_inputs,
+                                      http_error, request_fields)
+from pagedllm_client.resilience import CircuitBreaker, RetryPolicy
 
 
 class Client:
-    def __init__(self, url: str = "localhost:8001", model: str = "ensemble", timeout: float = 120.0) -> None:
-        self.url, self.model, self.timeout = url, model, timeout
-        self._grpc = grpcclient.InferenceServerClient(url)
+    """`Client("localhost:8001")` over gRPC, `Client("localhost:8000", protocol="http")` over HTTP.
+    Thread-safe: each thread gets its own connection. `timeout` bounds the wait for each response."""
+
+    def __init__(self, url: str = "localhost:8001", model: str = "ensemble", protocol: str = "grpc",
+                 timeout: float = 120.0, retry: RetryPolicy | None = None,
+                 breaker: CircuitBreaker | None = None, model_version: str = "") -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        self.url, self.model, self.protocol, self.timeout = url, model, protocol, timeout
+        self.model_version = model_version
+        self.retry = retry or RetryPolicy()
+        self.breaker = breaker or CircuitBreaker()
+        self.attempts = 0  # every attempt sent, retries included (for tests and logs)
+        self._local = threading.local()
+        self._connections: list[Any] = []
+        self._lock = threading.Lock()
+
+    def _count_attempt(self) -> None:
+        with self._lock:
+            self.attempts += 1
+
+    def generate(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
+                 **sampling: Any) -> Completion:
+        completion = Completion()
+        for chunk in self._chunks(request_fields(prompt, messages, sampling)):
+            completion.add(chunk)
+        return completion
 
     def stream(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
                **sampling: Any) -> Iterator[str]:
         """Yield text deltas as they are generated; leaving early cancels the request on the server."""
-        for delta, _ in self._stream(prompt, messages, sampling):
-            if delta:
-                yield delta
+        for chunk in self._chunks(request_fields(prompt, messages, sampling)):
+            if chunk.text:
+                yield chunk.text
 
-    def generate(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
-                 **sampling: Any) -> Completion:
-        start = time.monotonic()
-        completion = Completion("", None, 0, 0, 0.0)
-        for delta, result in self._stream(prompt, messages, sampling):
-            if delta and completion.time_to_first_token is None:
-                completion.time_to_first_token = time.monotonic() - start
-            completion.deltas.append(delta)
-            reason = result.as_numpy("finish_reason")
-            if reason is not None and reason.reshape(-1)[0]:
-                completion.finish_reason = reason.reshape(-1)[0].decode()
-                completion.num_input_tokens = int(result.as_numpy("num_input_tokens").reshape(-1)[0])
-                completion.num_output_tokens = int(result.as_numpy("num_output_tokens").reshape(-1)[0])
-        completion.text = "".join(completion.deltas)
-        completion.latency = time.monotonic() - start
-        return completion
+    def _chunks(self, fields: dict[str, Any]) -> Iterator[Chunk]:
+        attempt = 0
+        while True:
+            attempt += 1
+            self.breaker.before_call()
+            self._count_attempt()
+            started = False
+            with closing(self._send(fields)) as chunks:
+                try:
+                    for chunk in chunks:
+                        started = True
+                        yield chunk
+                except ClientError as error:
+                    self.breaker.record(error)
+                    if started or not self.retry.should_retry(error, attempt):
+                        raise
+                    time.sleep(self.retry.backoff(attempt))
+                    continue
+                except GeneratorExit:  # the caller left early: the server was answering
+                    self.breaker.record(None)
+                    raise
+            self.breaker.record(None)
+            return
 
-    def _stream(self, prompt: str | None, messages: list[dict[str, str]] | None,
-                sampling: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-        results: queue.Queue = queue.Queue()
-        self._grpc.start_stream(callback=lambda result, error: results.put((result, error)))
+    def _send(self, fields: dict[str, Any]) -> Iterator[Chunk]:
+        if self.protocol == "grpc":
+            return self._send_grpc(fields)
+        return self._send_http(fields)
+
+    # ---- gRPC: one bidirectional stream per request on the thread's connection -----------------
+    def _grpc(self) -> Any:
+        if getattr(self._local, "grpc", None) is None:
+            import tritonclient.grpc as grpcclient
+            self._local.grpc = grpcclient.InferenceServerClient(self.url)
+            with self._lock:
+                self._connections.append(self._local.grpc)
+        return self._local.grpc
+
+    def _send_grpc(self, fields: dict[str, Any]) -> Iterator[Chunk]:
+        client, results = self._grpc(), queue.Queue()
         finished = False
         try:
-            self._grpc.async_stream_infer(self.model, request_inputs(prompt, messages, True, sampling),
-                                          enable_empty_final_response=True)
+            client.start_stream(callback=lambda result, error: results.put((result, error)))
+            client.async_stream_infer(self.model, grpc_inputs(fields), model_version=self.model_version,
+                                      enable_empty_final_response=True)
             while not finished:
                 try:
                     result, error = results.get(timeout=self.timeout)
                 except queue.Empty:
-                    raise Timeout(f"no response from {self.model} within {self.timeout}s") from None
+                    raise Timeout(f"{self.model}: no response within {self.timeout}s") from None
                 if error is not None:
+                    finished = True  # an error response is the request's last
                     raise from_triton(error)
-                finished = result.get_response().parameters["triton_final_response"].bool_param
-                text = result.as_numpy("text_output")
-                yield (text.reshape(-1)[0].decode() if text is not None and text.size else ""), result
+                chunk = chunk_from_grpc(result)
+                finished = chunk.final
+                yield chunk
         except InferenceServerException as e:
             raise from_triton(e) from None
         finally:
-            self._grpc.stop_stream(cancel_requests=not finished)
+            client.stop_stream(cancel_requests=not finished)
+
+    # ---- HTTP: POST generate_stream, server-sent events; closing the connection cancels ---------
+    def _http(self) -> http.client.HTTPConnection:
+        if getattr(self._local, "http", None) is None:
+            self._local.http = http.client.HTTPConnection(self.url, timeout=self.timeout)
+            with self._lock:
+                self._connections.append(self._local.http)
+        return self._local.http
+
+    def _send_http(self, fields: dict[str, Any]) -> Iterator[Chunk]:
+        conn, finished = self._http(), False
+        version = f"/versions/{self.model_version}" if self.model_version else ""
+        try:
+            try:
+                conn.request("POST", f"/v2/models/{self.model}{version}/generate_stream", body=json.dumps(fields),
+                             headers={"Content-Type": "application/json"})
+                response = conn.getresponse()
+            except TimeoutError:
+                raise Timeout(f"{self.model}: no response within {self.timeout}s") from None
+            except OSError as e:
+                raise Overloaded(f"{self.url}: {e}") from None
+            if response.status != 200:
+                finished = True
+                raise http_error(response.status, response.read())
+            yield from self._read_events(response)
+            finished = True
+        finally:
+            if not finished:  # left early or failed mid-stream: dropping the connection cancels the request
+                conn.close()
+
+    def _read_events(self, response: http.client.HTTPResponse) -> Iterator[Chunk]:
+        try:
+            for raw in response:
+                chunk = chunk_from_sse(raw.decode("utf-8").rstrip("\r\n"))
+                if chunk is not None:
+                    yield chunk
+        except TimeoutError:
+            raise Timeout(f"{self.model}: no response within {self.timeout}s") from None
+        yield Chunk("", True)  # the stream's end
 
     def close(self) -> None:
-        self._grpc.close()
+        for connection in self._connections:
+            connection.close()
+        self._connections.clear()
+        self._local = threading.local()
 
     def __enter__(self) -> "Client":
         return self
@@ -111,4 +168,4 @@ class Client:
         self.close()
 
 
-__all__ = ["Client", "Completion", "ClientError"]
+__all__ = ["Client", "Completion"]

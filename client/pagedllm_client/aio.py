@@ -1,0 +1,138 @@
+"""AsyncClient: the same contract as Client for asyncio services (gRPC via tritonclient's aio client,
+HTTP via aiohttp). Leaving a stream early, or cancelling the task, cancels the request on the server."""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tritonclient.utils import InferenceServerException
+
+from pagedllm_client.errors import ClientError, Overloaded, Timeout, from_triton
+from pagedllm_client.protocol import (PROTOCOLS, Chunk, Completion, chunk_from_grpc, chunk_from_sse, grpc_inputs,
+                                      http_error, request_fields)
+from pagedllm_client.resilience import CircuitBreaker, RetryPolicy
+
+
+class AsyncClient:
+    def __init__(self, url: str = "localhost:8001", model: str = "ensemble", protocol: str = "grpc",
+                 timeout: float = 120.0, retry: RetryPolicy | None = None,
+                 breaker: CircuitBreaker | None = None, model_version: str = "") -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        self.url, self.model, self.protocol, self.timeout = url, model, protocol, timeout
+        self.model_version = model_version
+        self.retry = retry or RetryPolicy()
+        self.breaker = breaker or CircuitBreaker()
+        self.attempts = 0
+        self._grpc: Any = None
+        self._session: Any = None
+
+    def _count_attempt(self) -> None:
+        self.attempts += 1  # one event loop: no lock needed
+
+    async def generate(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
+                       **sampling: Any) -> Completion:
+        completion = Completion()
+        async for chunk in self._chunks(request_fields(prompt, messages, sampling)):
+            completion.add(chunk)
+        return completion
+
+    async def stream(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
+                     **sampling: Any) -> AsyncIterator[str]:
+        async for chunk in self._chunks(request_fields(prompt, messages, sampling)):
+            if chunk.text:
+                yield chunk.text
+
+    async def _chunks(self, fields: dict[str, Any]) -> AsyncIterator[Chunk]:
+        attempt = 0
+        while True:
+            attempt += 1
+            self.breaker.before_call()
+            self._count_attempt()
+            started = False
+            chunks = self._send(fields)
+            try:
+                async for chunk in chunks:
+                    started = True
+                    yield chunk
+            except ClientError as error:
+                self.breaker.record(error)
+                if started or not self.retry.should_retry(error, attempt):
+                    raise
+                await asyncio.sleep(self.retry.backoff(attempt))
+                continue
+            except (GeneratorExit, asyncio.CancelledError):
+                self.breaker.record(None)
+                raise
+            finally:
+                await chunks.aclose()
+            self.breaker.record(None)
+            return
+
+    def _send(self, fields: dict[str, Any]) -> AsyncIterator[Chunk]:
+        return self._send_grpc(fields) if self.protocol == "grpc" else self._send_http(fields)
+
+    async def _send_grpc(self, fields: dict[str, Any]) -> AsyncIterator[Chunk]:
+        if self._grpc is None:
+            import tritonclient.grpc.aio as grpcaio
+            self._grpc = grpcaio.InferenceServerClient(self.url)
+
+        async def one_request() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": self.model, "inputs": grpc_inputs(fields), "model_version": self.model_version}
+
+        responses = self._grpc.stream_infer(one_request())
+        try:
+            while True:
+                try:
+                    result, error = await asyncio.wait_for(responses.__anext__(), self.timeout)
+                except asyncio.TimeoutError:
+                    raise Timeout(f"{self.model}: no response within {self.timeout}s") from None
+                except StopAsyncIteration:
+                    return
+                if error is not None:
+                    raise from_triton(error)
+                chunk = chunk_from_grpc(result)
+                chunk.final = chunk.final or chunk.finish_reason is not None
+                yield chunk
+                if chunk.final:
+                    return
+        except InferenceServerException as e:
+            raise from_triton(e) from None
+        finally:
+            responses.cancel()  # after the final response this only closes the stream
+
+    async def _send_http(self, fields: dict[str, Any]) -> AsyncIterator[Chunk]:
+        import aiohttp
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(sock_read=self.timeout))
+        version = f"/versions/{self.model_version}" if self.model_version else ""
+        url = f"http://{self.url}/v2/models/{self.model}{version}/generate_stream"
+        try:
+            async with self._session.post(url, data=json.dumps(fields),
+                                          headers={"Content-Type": "application/json"}) as response:
+                if response.status != 200:
+                    raise http_error(response.status, await response.read())
+                async for raw in response.content:  # closing early drops the connection: cancelled
+                    chunk = chunk_from_sse(raw.decode("utf-8").rstrip("\r\n"))
+                    if chunk is not None:
+                        yield chunk
+        except asyncio.TimeoutError:
+            raise Timeout(f"{self.model}: no response within {self.timeout}s") from None
+        except aiohttp.ClientConnectionError as e:
+            raise Overloaded(f"{self.url}: {e}") from None
+        yield Chunk("", True)
+
+    async def close(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.close()
+        if self._session is not None:
+            await self._session.close()
+        self._grpc = self._session = None
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,79 @@
+"""Retries with exponential backoff and full jitter, and a circuit breaker: pure logic, shared by the
+synchronous and the asynchronous client. Only Overloaded (overload or unavailability) is retried."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pagedllm_client.errors import CircuitOpen, ClientError, Overloaded, ServerError, Timeout
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 4  # 1 means no retries
+    initial_backoff: float = 0.2
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts: must be at least 1, got {self.max_attempts}")
+        if self.initial_backoff < 0 or self.max_backoff < 0:
+            raise ValueError("initial_backoff, max_backoff: must not be negative")
+
+    def should_retry(self, error: ClientError, attempt: int) -> bool:
+        """`attempt` counts from 1: the attempt that just failed."""
+        return attempt < self.max_attempts and isinstance(error, Overloaded) and not isinstance(error, CircuitOpen)
+
+    def backoff(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        """Full jitter: uniform in [0, min(max, initial * multiplier^(attempt-1))]."""
+        return rng() * min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+@dataclass
+class CircuitBreaker:
+    """Closed: calls go through. After `failure_threshold` failures in a row it opens: calls fail at once
+    with CircuitOpen for `reset_timeout` seconds. Then it is half-open: one trial call goes through; its
+    success closes the circuit, its failure opens it again. Invalid requests are not failures."""
+    failure_threshold: int = 5
+    reset_timeout: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+    failures: int = 0
+    opened_at: float | None = None
+    _trial_in_flight: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if self.clock() - self.opened_at >= self.reset_timeout else "open"
+
+    def before_call(self) -> None:
+        with self._lock:
+            state = self.state
+            if state == "closed":
+                return
+            if state == "open" or self._trial_in_flight:
+                wait = self.reset_timeout - (self.clock() - self.opened_at)
+                raise CircuitOpen(f"circuit open after {self.failures} failures in a row; "
+                                  f"not sent (retry in {max(wait, 0):.1f}s)")
+            self._trial_in_flight = True
+
+    def record(self, error: ClientError | None) -> None:
+        """The outcome of a call that before_call let through."""
+        failed = isinstance(error, (Overloaded, ServerError, Timeout)) and not isinstance(error, CircuitOpen)
+        with self._lock:
+            self._trial_in_flight = False
+            if not failed:
+                self.failures, self.opened_at = 0, None
+                return
+            self.failures += 1
+            if self.opened_at is not None or self.failures >= self.failure_threshold:
+                self.opened_at = self.clock()

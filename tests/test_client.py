@@ -1,0 +1,94 @@
+"""The client's pure logic: error classification, retry backoff, the circuit breaker, wire decoding."""
+from __future__ import annotations
+
+import pytest
+
+from pagedllm_client.errors import (CircuitOpen, InvalidRequest, Overloaded, ServerError, Timeout, classify)
+from pagedllm_client.protocol import Completion, chunk_from_sse, http_error, request_fields
+from pagedllm_client.resilience import CircuitBreaker, RetryPolicy
+
+
+@pytest.mark.parametrize("message,status,kind", [
+    ("overloaded: 4 requests waiting; retry later", None, Overloaded),
+    ("overloaded: 4 requests waiting; retry later", "400", Overloaded),  # HTTP generate maps all to 400
+    ("sampling_parameters.temperature: -1 is out of range", None, InvalidRequest),
+    ("in ensemble 'ensemble', max_tokens: 0 is out of range", "400", InvalidRequest),
+    ("the engine loop is not running; the model is not ready", None, Overloaded),
+    ("engine failed: boom", None, ServerError),
+    ("Request for unknown model: 'x' is not found", "StatusCode.NOT_FOUND", InvalidRequest),
+    ("failed to connect to all addresses", "StatusCode.UNAVAILABLE", Overloaded),
+    ("deadline", "StatusCode.DEADLINE_EXCEEDED", Timeout),
+    ("something", "StatusCode.INTERNAL", ServerError),
+])
+def test_classify(message, status, kind):
+    error = classify(message, status)
+    assert type(error) is kind and str(error) == message
+
+
+def test_only_overload_is_retried_and_backoff_is_jittered_and_capped():
+    policy = RetryPolicy(max_attempts=3, initial_backoff=0.5, max_backoff=1.5)
+    assert policy.should_retry(Overloaded("x"), 1) and policy.should_retry(Overloaded("x"), 2)
+    assert not policy.should_retry(Overloaded("x"), 3)  # attempts used up
+    for error in (InvalidRequest("x"), ServerError("x"), Timeout("x"), CircuitOpen("x")):
+        assert not policy.should_retry(error, 1)
+    assert [policy.backoff(a, rng=lambda: 1.0) for a in (1, 2, 3, 4)] == [0.5, 1.0, 1.5, 1.5]
+    assert policy.backoff(2, rng=lambda: 0.25) == 0.25
+    with pytest.raises(ValueError, match="max_attempts"):
+        RetryPolicy(max_attempts=0)
+
+
+def test_circuit_opens_after_failures_half_opens_and_closes():
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=2, reset_timeout=5.0, clock=lambda: now[0])
+    for _ in range(2):
+        breaker.before_call()
+        breaker.record(Overloaded("x"))
+    assert breaker.state == "open"
+    with pytest.raises(CircuitOpen, match="retry in 5.0s"):
+        breaker.before_call()
+    now[0] = 5.0
+    assert breaker.state == "half-open"
+    breaker.before_call()  # the one trial
+    with pytest.raises(CircuitOpen):
+        breaker.before_call()  # others wait while the trial is out
+    breaker.record(None)
+    assert breaker.state == "closed" and breaker.failures == 0
+
+
+def test_failed_trial_reopens_and_invalid_requests_are_not_failures():
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=1.0, clock=lambda: now[0])
+    breaker.before_call()
+    breaker.record(InvalidRequest("x"))
+    assert breaker.state == "closed"
+    breaker.before_call()
+    breaker.record(Timeout("x"))
+    now[0] = 1.0
+    breaker.before_call()
+    breaker.record(ServerError("x"))
+    assert breaker.state == "open" and breaker.opened_at == 1.0
+
+
+def test_wire_decoding():
+    chunk = chunk_from_sse('data: {"text_output":"Hi","finish_reason":["stop"],"num_output_tokens":3}')
+    assert (chunk.text, chunk.final, chunk.finish_reason, chunk.num_output_tokens) == ("Hi", True, "stop", 3)
+    assert chunk_from_sse(": keep-alive") is None
+    with pytest.raises(Overloaded):
+        chunk_from_sse('data: {"error":"overloaded: full; retry later"}')
+    error = http_error(400, b'data: {"error":"max_tokens: 0 is out of range"}\n\n')
+    assert isinstance(error, InvalidRequest) and str(error) == "max_tokens: 0 is out of range"
+    assert isinstance(http_error(503, b"not json"), Overloaded)
+    with pytest.raises(ValueError, match="exactly one"):
+        request_fields("a", [{"role": "user", "content": "b"}], {})
+
+
+def test_completion_accumulates():
+    from pagedllm_client.protocol import Chunk
+    completion = Completion()
+    completion.add(Chunk("", False))
+    assert completion.time_to_first_token is None
+    completion.add(Chunk("Hel", False))
+    completion.add(Chunk("lo", True, "length", 5, 2))
+    assert (completion.text, completion.finish_reason, completion.num_input_tokens, completion.num_output_tokens) \
+        == ("Hello", "length", 5, 2)
+    assert completion.time_to_first_token is not None and completion.latency >= completion.time_to_first_token
