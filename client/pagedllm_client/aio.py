@@ -28,6 +28,7 @@ class AsyncClient:
         self.attempts = 0
         self._grpc: Any = None
         self._session: Any = None
+        self._batched: bool | None = None  # the model has max_batch_size > 0: inputs get a batch dimension
 
     def _count_attempt(self) -> None:
         self.attempts += 1  # one event loop: no lock needed
@@ -79,8 +80,16 @@ class AsyncClient:
             import tritonclient.grpc.aio as grpcaio
             self._grpc = grpcaio.InferenceServerClient(self.url)
 
+        if self._batched is None:
+            try:
+                config = await self._grpc.get_model_config(self.model, self.model_version, as_json=True)
+            except InferenceServerException as e:
+                raise from_triton(e) from None
+            self._batched = int(config["config"].get("max_batch_size", 0)) > 0
+        inputs = grpc_inputs(fields, self._batched)
+
         async def one_request() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": self.model, "inputs": grpc_inputs(fields), "model_version": self.model_version}
+            yield {"model_name": self.model, "inputs": inputs, "model_version": self.model_version}
 
         responses = self._grpc.stream_infer(one_request())
         try:

@@ -34,12 +34,14 @@ class Completion:
     latency: float = 0.0
     time_to_first_token: float | None = None
     deltas: list[str] = field(default_factory=list)
+    chunk_times: list[float] = field(default_factory=list)  # seconds from the start, one per delta
     _start: float = field(default_factory=time.monotonic, repr=False)
 
     def add(self, chunk: Chunk) -> None:
         now = time.monotonic() - self._start
         if chunk.text:
             self.deltas.append(chunk.text)
+            self.chunk_times.append(now)
             if self.time_to_first_token is None:
                 self.time_to_first_token = now
         self.finish_reason = chunk.finish_reason or self.finish_reason

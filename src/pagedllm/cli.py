@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--http-port", type=int, default=8000)
         p.add_argument("--grpc-port", type=int, default=8001)
         p.add_argument("--metrics-port", type=int, default=8002)
-        p.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default="none")
+        # explicit: all models load at start; versions load and unload through the repository API (protected
+        # by $PAGEDLLM_ADMIN_KEY when set), and an llm model whose engine dies unloads itself (not ready).
+        p.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default="explicit")
     gen = sub.add_parser("generate", help="offline generation with the engine, no server")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="a local Hugging Face directory (default: embedded SmolLM2)")

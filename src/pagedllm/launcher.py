@@ -18,6 +18,8 @@ from pathlib import Path
 from pagedllm.weights import cache_dir
 
 CONTROL_MODES = ("none", "poll", "explicit")
+ADMIN_KEY_ENV = "PAGEDLLM_ADMIN_KEY"
+ADMIN_HEADER = "admin-key"
 
 
 class TritonNotFoundError(FileNotFoundError):
@@ -75,6 +77,8 @@ class ServerOptions:
     repository_poll_secs: int = 2
     exit_timeout_secs: int = 30
     log_verbose: int = 0
+    # Model-repository control (load / unload) needs the header `admin-key: <admin_key>` when set.
+    admin_key: str | None = field(default_factory=lambda: os.environ.get(ADMIN_KEY_ENV) or None, repr=False)
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -91,6 +95,9 @@ def server_command(install: TritonInstall, opts: ServerOptions) -> list[str]:
         cmd.append(f"--repository-poll-secs={opts.repository_poll_secs}")
     if opts.model_control_mode == "explicit":
         cmd.append("--load-model=*")
+    if opts.admin_key:
+        restricted = f"model-repository:{ADMIN_HEADER}={opts.admin_key}"
+        cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
     return cmd + opts.extra_args
 
 

@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
 from pagedllm.launcher import ServerOptions, TritonServer, free_port
-from pagedllm.serving.repository import DEFAULT_ENGINE, write_llm, write_repository
+from pagedllm.serving.repository import DEFAULT_ENGINE, write_baselines, write_llm, write_repository
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +42,7 @@ def server(request, tmp_path_factory, tiny_model_dir, smollm_dir):
     repo = tmp_path_factory.mktemp("repo")
     write_repository(repo, {**DEFAULT_ENGINE, "kv_cache_memory": 256 << 20, "max_num_seqs": 32})
     write_llm(repo, "llm_tiny", tiny_engine(tiny_model_dir("llama-tied")))
+    write_baselines(repo, str(tiny_model_dir("llama-tied")), max_batch_size=4, dtype="float32")  # perf/compare.py's
     log = repo.parent / "tritonserver.log"
     srv = start_server(repo, log)
     yield srv

@@ -24,10 +24,21 @@ class AttentionGroup:
 
 
 @dataclass
+class KernelMetadata:
+    """What the Triton kernels read: per query token, its sequence's block-table row and context length."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int32
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    token_seq: torch.Tensor  # [num_tokens] int32
+    context_lens: torch.Tensor  # [num_tokens] int32: positions the token sees, itself included
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] flat cache slot of each new token
     write_index: torch.Tensor  # [2 * num_kv_heads * num_tokens] rows of the (kv, head, slot) view
     groups: list[AttentionGroup]
+    kernel: KernelMetadata | None = None  # set, and groups left empty, for the triton backend
 
 
 @dataclass
@@ -49,13 +60,33 @@ def build_metadata(
     geo: CacheGeometry,
     dtype: torch.dtype,
     device: torch.device,
+    backend: str = "torch",
 ) -> AttentionMetadata:
     """`groups`: (query_start, num_seqs, query_len, block_tables, context_lens) for each group."""
+    if backend == "triton":
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return AttentionMetadata(empty, empty, [], kernel_metadata(slot_mapping, groups, device))
     slots = torch.tensor(slot_mapping, dtype=torch.long, device=device)
     rows = torch.arange(2 * geo.num_kv_heads, device=device)[:, None]
     write_index = (rows * (geo.num_blocks * geo.block_size) + slots[None, :]).reshape(-1)
     built = [_group(*g, rows=rows, geo=geo, dtype=dtype, device=device) for g in groups]
     return AttentionMetadata(slots, write_index, built)
+
+
+def kernel_metadata(slot_mapping: list[int], groups: list[tuple[int, int, int, list[list[int]], list[int]]],
+                    device: torch.device) -> KernelMetadata:
+    tables: list[list[int]] = []
+    token_seq: list[int] = []
+    context_lens: list[int] = []
+    for _, _, query_len, block_tables, ctx_lens in groups:  # tokens are laid out sequence by sequence
+        for table, ctx in zip(block_tables, ctx_lens):
+            token_seq += [len(tables)] * query_len
+            context_lens += range(ctx - query_len + 1, ctx + 1)
+            tables.append(table)
+    width = max(len(t) for t in tables)
+    as_int = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    return KernelMetadata(as_int(slot_mapping), as_int([t + [0] * (width - len(t)) for t in tables]),
+                          as_int(token_seq), as_int(context_lens))
 
 
 def _group(query_start: int, num_seqs: int, query_len: int, block_tables: list[list[int]],

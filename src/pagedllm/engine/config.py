@@ -90,6 +90,7 @@ class EngineConfig:
     model: str | None = None
     dtype: str = "bfloat16"
     device: str = "auto"
+    attention_backend: str = "auto"  # auto: the Triton kernels on CUDA (when triton is installed), else torch
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory: int = 1 << 30
@@ -100,10 +101,16 @@ class EngineConfig:
     max_waiting_requests: int = 1024
     max_queued_tokens: int = 1 << 20
     seed: int = 0
+    # Tests only: {"fail_step_seed": N} makes a step that runs a request with seed N raise inside the
+    # model (the step's requests fail, the engine goes on); {"kill_loop_seed": N} raises in the scheduler
+    # phase, which ends the engine loop.
+    fault_injection: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend: {self.attention_backend!r} is not one of auto, torch, triton")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
@@ -111,6 +118,14 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
+
+    def resolved_attention_backend(self) -> str:
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        if self.resolved_device().type != "cuda":
+            return "torch"
+        import importlib.util
+        return "triton" if importlib.util.find_spec("triton") is not None else "torch"
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

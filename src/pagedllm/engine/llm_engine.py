@@ -30,6 +30,10 @@ class RequestRejectedError(ValueError):
     """The request can never be served as given (the message names the field)."""
 
 
+class InjectedFault(RuntimeError):
+    """Raised by EngineConfig.fault_injection, to test that failures stay contained."""
+
+
 @dataclass
 class EngineStats:
     num_running: int
@@ -55,7 +59,7 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(self.model_config, self.tokenizer)
         model = _load_model(self.model_path, self.model_config, self.max_model_len, config.torch_dtype, self.device)
         self.runner = ModelRunner(model, self.model_config, self.num_blocks, config.block_size,
-                                  config.torch_dtype, self.device)
+                                  config.torch_dtype, self.device, config.resolved_attention_backend())
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(config.seed)
@@ -79,6 +83,10 @@ class LLMEngine:
             raise RequestRejectedError(
                 f"prompt: {len(prompt_token_ids)} tokens leave no room to generate within max_model_len "
                 f"{self.max_model_len}")
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
+            raise RequestRejectedError(
+                f"max_tokens: {params.max_tokens} with a prompt of {len(prompt_token_ids)} tokens is over "
+                f"max_model_len {self.max_model_len}; ask for at most {self.max_model_len - len(prompt_token_ids)}")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:
@@ -115,9 +123,27 @@ class LLMEngine:
         self.num_preemptions += out.num_preempted
         if out.empty:
             return []
-        return self._run(out)
+        self._inject("kill_loop_seed", out)
+        try:
+            return self._run(out)
+        except Exception as e:  # a failed step fails the requests it ran, and only those
+            logger.exception("engine step failed; failing its %d requests", len(out.scheduled))
+            return [self._fail(seq, f"engine step failed: {type(e).__name__}: {e}") for seq, _ in out.scheduled]
+
+    def _fail(self, seq: Sequence, message: str) -> RequestDelta:
+        if not seq.finished:
+            self._finish(seq, "abort")
+        delta = self._delta(seq, [], None)
+        delta.error, delta.error_is_internal = message, True
+        return delta
+
+    def _inject(self, kind: str, out: SchedulerOutput) -> None:
+        seed = (self.config.fault_injection or {}).get(kind)
+        if seed is not None and any(seq.params.seed == seed for seq, _ in out.scheduled):
+            raise InjectedFault(f"{kind} {seed}")
 
     def _run(self, out: SchedulerOutput) -> list[RequestDelta]:
+        self._inject("fail_step_seed", out)
         inp = self.runner.prepare(out.scheduled)
         logits = self.runner.execute(inp)
         for seq, n in out.scheduled:

@@ -34,9 +34,11 @@ class _Submit:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, on_step: Callable[[LLMEngine, list[RequestDelta]], None] | None = None) -> None:
+    def __init__(self, engine: LLMEngine, on_step: Callable[[LLMEngine, list[RequestDelta]], None] | None = None,
+                 on_death: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
         self.on_step = on_step
+        self.on_death = on_death
         self._callbacks: dict[str, DeltaCallback] = {}
         self._inbox: list[_Submit | str] = []
         self._cond = threading.Condition()
@@ -94,6 +96,8 @@ class EngineLoop:
             logger.exception("engine loop died")
             self.error = e
             self._fail_all(f"engine failed: {e}")
+            if self.on_death is not None:
+                self.on_death(e)
 
     def _wait_for_work(self) -> bool:
         with self._cond:

@@ -26,8 +26,13 @@ class ModelInput:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, attention_backend: str = "torch") -> None:
         self.model, self.config = model, config
+        self.attention_backend = attention_backend
+        if attention_backend == "triton":
+            from pagedllm.engine.triton_attention import TritonPagedAttention
+            for layer in model.layers:
+                layer.attn = TritonPagedAttention(layer.num_heads, layer.num_kv_heads, layer.head_dim)
         self.block_size, self.dtype, self.device = block_size, dtype, device
         self.geometry = CacheGeometry(config.num_attention_heads, config.num_key_value_heads, config.head_dim,
                                       num_blocks, block_size)
@@ -51,7 +56,8 @@ class ModelRunner:
             if start + n == len(seq.token_ids):
                 sample_indices.append(len(ids) - 1)
                 sampling.append(seq)
-        meta = build_metadata(slots, self._groups(ordered), self.geometry, self.dtype, self.device)
+        meta = build_metadata(slots, self._groups(ordered), self.geometry, self.dtype, self.device,
+                              self.attention_backend)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         return ModelInput(as_long(ids), as_long(positions), meta, as_long(sample_indices), sampling)
 

@@ -40,8 +40,8 @@ def _tensors(kind: str, spec: list[tuple[str, str, list[int]]], optional: bool |
 
 
 def _python_config(name: str, inputs: str, outputs: str, decoupled: bool = False, params: dict | None = None,
-                   instances: int = 1) -> str:
-    text = f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
+                   instances: int = 1, max_batch_size: int = 0) -> str:
+    text = f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch_size}\n'
     if decoupled:
         text += "model_transaction_policy {\n  decoupled: true\n}\n"
     text += inputs + outputs + f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]\n"
@@ -121,6 +121,19 @@ def write_unary(root: Path, name: str, target: str, instances: int = 4) -> None:
         name, _tensors("input", CLIENT_INPUTS, True), _tensors("output", OUTPUTS, False),
         params={"target": target}, instances=instances))
     (root / name / "1" / "model.py").write_text(MODEL_PY.format(cls="UnaryModel"))
+
+
+def write_baselines(root: Path, model: str = "default", max_batch_size: int = 32, dtype: str = "bfloat16") -> None:
+    """perf/compare.py's baselines: `hf_naive` (one request at a time) and `hf_batched` (dynamic batcher)."""
+    for name, batch in (("hf_naive", 0), ("hf_batched", max_batch_size)):
+        (root / name / "1").mkdir(parents=True, exist_ok=True)
+        config = _python_config(name, _tensors("input", CLIENT_INPUTS, True), _tensors("output", OUTPUTS, False),
+                                params={"model": model, "dtype": dtype}, max_batch_size=batch)
+        if batch:
+            config += "dynamic_batching {\n  max_queue_delay_microseconds: 50000\n}\n"
+        (root / name / "config.pbtxt").write_text(config)
+        (root / name / "1" / "model.py").write_text(
+            MODEL_PY.replace("pagedllm.serving.triton_models", "pagedllm.serving.baselines").format(cls="HFBaselineModel"))
 
 
 if __name__ == "__main__":

@@ -88,7 +88,9 @@ class LLMModel:
         self.streams: dict[str, _Stream] = {}
         self.lock = threading.Lock()
         self.outbox: queue.SimpleQueue[RequestDelta] = queue.SimpleQueue()
-        self.loop = EngineLoop(self.engine, on_step=lambda engine, _: self.metrics.on_stats(engine.stats()))
+        self.name = args["model_name"]
+        self.loop = EngineLoop(self.engine, on_step=lambda engine, _: self.metrics.on_stats(engine.stats()),
+                               on_death=self._on_engine_death)
         self.stopping = False
         self.responder = threading.Thread(target=self._respond, name="pagedllm-responder", daemon=True)
         self.responder.start()
@@ -114,6 +116,15 @@ class LLMModel:
             self._forget(request_id)
             sender.send(_error(self.pb, str(e), "INVALID_ARG" if isinstance(e, ValueError) else "UNAVAILABLE"),
                         flags=final)
+
+    def _on_engine_death(self, error: BaseException) -> None:
+        """Not ready rather than hanging: with explicit model control the model unloads itself (Triton then
+        reports it not ready); otherwise every request is refused at once as UNAVAILABLE."""
+        self.pb.Logger.log_error(f"pagedllm {self.name}: the engine loop died ({error}); unloading the model")
+        try:
+            self.pb.unload_model(self.name)
+        except Exception as e:  # model control is not explicit
+            self.pb.Logger.log_error(f"pagedllm {self.name}: cannot unload ({e}); requests are refused until restart")
 
     @staticmethod
     def _parse(inputs: dict[str, np.ndarray]) -> tuple[GenerateRequest, str | None]:

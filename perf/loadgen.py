@@ -1,0 +1,208 @@
+"""An LLM load generator over gRPC streaming: time to first token, inter-token latency and end-to-end
+latency (p50/p95/p99), requests/s and output tokens/s, at fixed concurrency levels and at Poisson arrival
+rates, over a realistic prompt-length mix. Writes CSV, a markdown table and PNG plots.
+
+    python perf/loadgen.py --url localhost:8001 --models llm,ensemble --concurrency 1,8,32 --rates 2,4
+    python perf/loadgen.py --quick --url localhost:8001 --models llm     # a smoke run (CI)
+
+Every request is greedy with ignore_eos, so each system produces exactly the tokens asked for."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prompts import mixed_workload  # noqa: E402
+
+from pagedllm_client import NO_RETRY, AsyncClient, CircuitBreaker, ClientError  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+Work = list[tuple[list[dict[str, str]], int]]
+
+
+@dataclass
+class Record:
+    ttft: float | None = None
+    e2e: float | None = None
+    tokens: int = 0
+    itls: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+async def send(client: AsyncClient, chat: list[dict[str, str]], max_tokens: int) -> Record:
+    try:
+        c = await client.generate(messages=chat, max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    except ClientError as e:
+        return Record(error=f"{type(e).__name__}: {e}")
+    gaps = [b - a for a, b in zip(c.chunk_times, c.chunk_times[1:])]
+    return Record(c.time_to_first_token, c.latency, c.num_output_tokens, gaps)
+
+
+def new_client(url: str, model: str) -> AsyncClient:
+    # Measure the server as it is: no retries, no circuit breaker.
+    return AsyncClient(url, model, retry=NO_RETRY, breaker=CircuitBreaker(failure_threshold=1 << 30), timeout=3600)
+
+
+async def at_concurrency(url: str, model: str, work: Work, concurrency: int) -> tuple[list[Record], float]:
+    queue = list(reversed(work))
+    records: list[Record] = []
+    bar = tqdm(total=len(work), desc=f"{model} c={concurrency}", leave=False)
+    async with new_client(url, model) as client:
+        async def worker() -> None:
+            while queue:
+                chat, max_tokens = queue.pop()
+                records.append(await send(client, chat, max_tokens))
+                bar.update()
+        start = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        elapsed = time.perf_counter() - start
+    bar.close()
+    return records, elapsed
+
+
+async def at_rate(url: str, model: str, work: Work, rate: float, seed: int = 0) -> tuple[list[Record], float]:
+    """Poisson arrivals: exponential gaps with mean 1/rate, whatever is still in flight."""
+    rng = random.Random(seed)
+    bar = tqdm(total=len(work), desc=f"{model} rate={rate}/s", leave=False)
+    async with new_client(url, model) as client:
+        async def one(chat: list[dict[str, str]], max_tokens: int) -> Record:
+            record = await send(client, chat, max_tokens)
+            bar.update()
+            return record
+        start, tasks = time.perf_counter(), []
+        for chat, max_tokens in work:
+            tasks.append(asyncio.create_task(one(chat, max_tokens)))
+            await asyncio.sleep(rng.expovariate(rate))
+        records = await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    bar.close()
+    return list(records), elapsed
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    if len(values) == 1:
+        return {"p50": values[0], "p95": values[0], "p99": values[0]}
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return {"p50": cuts[49], "p95": cuts[94], "p99": cuts[98]}
+
+
+def summarize(model: str, mode: str, level: float, records: list[Record], elapsed: float) -> dict:
+    done = [r for r in records if r.error is None]
+    row: dict = {"model": model, "mode": mode, "level": level, "requests": len(records),
+                 "errors": len(records) - len(done), "seconds": round(elapsed, 2),
+                 "requests_per_s": round(len(done) / elapsed, 3),
+                 "output_tokens_per_s": round(sum(r.tokens for r in done) / elapsed, 1)}
+    for name, values in (("ttft", [r.ttft for r in done if r.ttft is not None]),
+                         ("itl", [g for r in done for g in r.itls]), ("e2e", [r.e2e for r in done])):
+        for p, v in percentiles(values).items():
+            row[f"{name}_{p}_ms"] = None if v is None else round(v * 1000, 1)
+    first_error = next((r.error for r in records if r.error), None)
+    if first_error:
+        print(f"  {model} {mode}={level}: {row['errors']} errors, first: {first_error}", file=sys.stderr)
+    return row
+
+
+def run(url: str, models: list[str], concurrency: list[int], rates: list[float], work: Work) -> list[dict]:
+    rows = []
+    for model in models:
+        for level in concurrency:
+            rows.append(summarize(model, "concurrency", level, *asyncio.run(at_concurrency(url, model, work, level))))
+            print(format_row(rows[-1]), flush=True)
+        for rate in rates:
+            rows.append(summarize(model, "rate", rate, *asyncio.run(at_rate(url, model, work, rate))))
+            print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    return (f"{row['model']:10s} {row['mode']:11s} {row['level']:>6}: {row['output_tokens_per_s']:7.1f} tok/s, "
+            f"{row['requests_per_s']:6.2f} req/s, TTFT p95 {row['ttft_p95_ms']} ms, ITL p95 {row['itl_p95_ms']} ms, "
+            f"errors {row['errors']}")
+
+
+COLUMNS = [("model", "model"), ("mode", "load"), ("level", "level"), ("output_tokens_per_s", "output tok/s"),
+           ("requests_per_s", "req/s"), ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p95_ms", "TTFT p95"),
+           ("ttft_p99_ms", "TTFT p99"), ("itl_p50_ms", "ITL p50 ms"), ("itl_p95_ms", "ITL p95"),
+           ("itl_p99_ms", "ITL p99"), ("e2e_p50_ms", "e2e p50 ms"), ("e2e_p95_ms", "e2e p95"),
+           ("e2e_p99_ms", "e2e p99"), ("errors", "errors")]
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| " + " | ".join(title for _, title in COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    cell = lambda v: "—" if v is None else str(v)  # noqa: E731
+    return head + "".join("| " + " | ".join(cell(r[k]) for k, _ in COLUMNS) + " |\n" for r in rows)
+
+
+def write_outputs(rows: list[dict], stem: Path, title: str) -> list[Path]:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    stem.with_suffix(".md").write_text(markdown(rows))
+    return [stem.with_suffix(".csv"), stem.with_suffix(".md")] + plot(rows, stem, title)
+
+
+def plot(rows: list[dict], stem: Path, title: str) -> list[Path]:
+    """Throughput and p95 latencies against concurrency, one line per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fixed = [r for r in rows if r["mode"] == "concurrency"]
+    if not fixed:
+        return []
+    panels = [("output_tokens_per_s", "output tokens/s"), ("ttft_p95_ms", "p95 time to first token (ms)"),
+              ("itl_p95_ms", "p95 inter-token latency (ms)"), ("e2e_p95_ms", "p95 end-to-end latency (ms)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, (key, label) in zip(axes, panels):
+        for model in dict.fromkeys(r["model"] for r in fixed):
+            points = [(r["level"], r[key]) for r in fixed if r["model"] == model and r[key] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = stem.with_suffix(".png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", default="localhost:8001", help="the server's gRPC address")
+    ap.add_argument("--models", default="llm")
+    ap.add_argument("--concurrency", default="1,4,16,32")
+    ap.add_argument("--rates", default="", help="Poisson arrival rates, requests/s (comma-separated)")
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--max-tokens", default="32,64,128", help="output lengths drawn uniformly per request")
+    ap.add_argument("--out", type=Path, default=OUT / "loadgen", help="output stem: .csv, .md, .png")
+    ap.add_argument("--quick", action="store_true", help="4 requests of 4 tokens at concurrency 1,2 and rate 4")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.rates, args.num_requests, args.max_tokens = "1,2", "4", 4, "4"
+    work = mixed_workload(args.num_requests, tuple(int(t) for t in args.max_tokens.split(",")))
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+    rates = [float(r) for r in args.rates.split(",") if r]
+    rows = run(args.url, args.models.split(","), levels, rates, work)
+    for path in write_outputs(rows, args.out, f"pagedllm load generator, {args.num_requests} requests per point"):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
