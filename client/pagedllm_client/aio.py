@@ -10,28 +10,18 @@ from typing import Any
 from tritonclient.utils import InferenceServerException
 
 from pagedllm_client.errors import ClientError, Overloaded, Timeout, from_triton
-from pagedllm_client.protocol import (PROTOCOLS, Chunk, Completion, chunk_from_grpc, chunk_from_sse, grpc_inputs,
+from pagedllm_client.protocol import (Chunk, Completion, chunk_from_grpc, chunk_from_sse, grpc_inputs,
                                       http_error, request_fields)
-from pagedllm_client.resilience import CircuitBreaker, RetryPolicy
+from pagedllm_client.resilience import ClientSettings
 
 
-class AsyncClient:
-    def __init__(self, url: str = "localhost:8001", model: str = "ensemble", protocol: str = "grpc",
-                 timeout: float = 120.0, retry: RetryPolicy | None = None,
-                 breaker: CircuitBreaker | None = None, model_version: str = "") -> None:
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
-        self.url, self.model, self.protocol, self.timeout = url, model, protocol, timeout
-        self.model_version = model_version
-        self.retry = retry or RetryPolicy()
-        self.breaker = breaker or CircuitBreaker()
-        self.attempts = 0
+class AsyncClient(ClientSettings):
+    """Client's constructor and contract, for asyncio."""
+
+    def _init_transport(self) -> None:
         self._grpc: Any = None
         self._session: Any = None
         self._batched: bool | None = None  # the model has max_batch_size > 0: inputs get a batch dimension
-
-    def _count_attempt(self) -> None:
-        self.attempts += 1  # one event loop: no lock needed
 
     async def generate(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
                        **sampling: Any) -> Completion:

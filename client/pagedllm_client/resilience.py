@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pagedllm_client.errors import CircuitOpen, ClientError, Overloaded, ServerError, Timeout
+from pagedllm_client.protocol import PROTOCOLS
 
 
 @dataclass(frozen=True)
@@ -77,3 +78,27 @@ class CircuitBreaker:
             self.failures += 1
             if self.opened_at is not None or self.failures >= self.failure_threshold:
                 self.opened_at = self.clock()
+
+
+class ClientSettings:
+    """What Client and AsyncClient share: where to send, how long to wait, and how to fail."""
+
+    def __init__(self, url: str = "localhost:8001", model: str = "ensemble", protocol: str = "grpc",
+                 timeout: float = 120.0, retry: RetryPolicy | None = None,
+                 breaker: CircuitBreaker | None = None, model_version: str = "") -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        self.url, self.model, self.protocol, self.timeout = url, model, protocol, timeout
+        self.model_version = model_version
+        self.retry = retry or RetryPolicy()
+        self.breaker = breaker or CircuitBreaker()
+        self.attempts = 0  # every attempt sent, retries included (for tests and logs)
+        self._lock = threading.Lock()
+        self._init_transport()
+
+    def _init_transport(self) -> None:
+        """Connections are made lazily; subclasses set up where they keep them."""
+
+    def _count_attempt(self) -> None:
+        with self._lock:
+            self.attempts += 1
