@@ -86,3 +86,10 @@ def test_min_tokens_and_stop_token_ids(tiny_llm):
                                                         ignore_eos=True), use_tqdm=False)[0]
     assert out.finish_reason == "stop" and out.token_ids[-1] == stop_at
     assert len(out.token_ids) == first[0].token_ids.index(stop_at) + 1
+
+
+def test_min_tokens_on_the_engine_path(tiny_model_dir):
+    """Found by the server fuzz test: masking stop tokens before min_tokens wrote into an inference tensor."""
+    llm = LLM(str(tiny_model_dir("llama-tied")), dtype="float32", block_size=4)
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=1, min_tokens=1), use_tqdm=False)[0]
+    assert len(out.token_ids) == 1 and out.finish_reason == "length"

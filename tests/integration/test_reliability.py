@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from pagedllm.launcher import ADMIN_HEADER, ServerOptions, TritonServer, free_port
 from pagedllm.serving.repository import write_llm
@@ -134,10 +134,12 @@ def send_bad(server, fields: dict, transport: str) -> tuple[int | None, str]:
 def test_bad_input_catalogue(server, report):
     failures, tried = [], 0
     for case, fields, names, transports in CASES:
+        # Triton routes an unknown model or version itself, before any model runs: HTTP 404, not 400.
+        expected = 404 if "_model" in fields or "_version" in fields else 400
         for transport in (("generate", "generate_stream", "grpc") if transports == "all" else ("grpc",)):
             status, message = send_bad(server, fields, transport)
             tried += 1
-            if status not in (None, 400) or names not in message:
+            if status not in (None, expected) or names not in message:
                 failures.append(f"{case} over {transport}: {status} {message[:200]}")
         assert server.is_ready(), f"server not ready after {case}"
     valid, error = stream(server.grpc_url, "ensemble", {"text_input": "The capital of France is",
@@ -146,7 +148,8 @@ def test_bad_input_catalogue(server, report):
     assert not failures, "\n".join(failures)
     assert len(CASES) >= 25
     report.add("bad input", f"cases (x transports: HTTP generate, HTTP generate_stream, gRPC stream)",
-               f"{len(CASES)} cases, {tried} requests; all 400 / invalid argument naming the field; server ready")
+               f"{len(CASES)} cases, {tried} requests; each 400 / invalid argument naming the field (an unknown model "
+               f"or version: Triton's own 404 naming it); server ready after each; the next valid request served")
 
 
 KNOWN = ["max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "ignore_eos",
@@ -155,22 +158,23 @@ values = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.
                    st.text(max_size=8), st.lists(st.text(max_size=4), max_size=3))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.dictionaries(st.sampled_from(KNOWN), values, max_size=4), st.text(max_size=40))
-def test_fuzzed_requests_get_an_answer_or_an_error_naming_a_field(tiny_server, sampling, prompt):
-    body = {"text_input": prompt, "sampling_parameters": json.dumps({**sampling, "max_tokens": 2}
-                                                                     if "max_tokens" not in sampling else sampling)}
-    r = requests.post(f"http://{tiny_server.http_url}/v2/models/llm_tiny/generate", json=body, timeout=60)
-    if r.status_code != 200:
-        assert r.status_code == 400, r.text
-        message = r.json()["error"]
-        assert any(name in message for name in KNOWN + ["text_input", "prompt", "sampling_parameters"]), message
-    assert tiny_server.is_ready()
-
-
-def test_fuzz_report(tiny_server, report):
+def test_fuzzed_requests_get_an_answer_or_an_error_naming_a_field(tiny_server, report):
+    @settings(max_examples=60, deadline=None)
+    @given(st.dictionaries(st.sampled_from(KNOWN), values, max_size=4), st.text(max_size=40))
+    def check(sampling, prompt):
+        fields = sampling if "max_tokens" in sampling else {**sampling, "max_tokens": 2}
+        body = {"text_input": prompt, "sampling_parameters": json.dumps(fields)}
+        r = requests.post(f"http://{tiny_server.http_url}/v2/models/llm_tiny/generate", json=body, timeout=60)
+        if r.status_code != 200:
+            assert r.status_code == 400, r.text
+            message = r.json()["error"]
+            assert any(name in message for name in KNOWN + ["text_input", "prompt", "sampling_parameters"]), message
+            assert "engine step failed" not in message, message
+        assert tiny_server.is_ready()
+    check()
     report.add("fuzz", "hypothesis over sampling_parameters and prompt (HTTP generate)",
-               "60 examples: each 200 or 400 naming a field; server ready")
+               "60 examples: each 200 or 400 naming a field; server ready (found and fixed: min_tokens 1 with "
+               "max_tokens 1 failed its step)")
 
 
 # ---- overload ----------------------------------------------------------------------------------
@@ -322,11 +326,13 @@ def test_unload_and_reload_right_after_streaming_do_not_hang(tiny_server, report
         unloaded = time.monotonic() - start
         for f in futures:
             f.result(timeout=60)  # every stream ended, one way or the other
+        ended = time.monotonic() - start
     assert repository_call(tiny_server, "load", "llm_tiny").status_code == 200
     out, error = stream(url, "llm_tiny", {"text_input": "Hello", "sampling_parameters": {"max_tokens": 3}})
     assert error is None and out
     report.add("faults", "unload with 6 streams in flight (3 cancelled), then reload",
-               f"unloaded in {unloaded:.1f} s, no hang; reload served")
+               f"not ready {unloaded:.1f} s after the unload call, every stream ended within {ended:.1f} s; "
+               "reload served")
 
 
 def test_model_control_needs_the_admin_key_and_prompts_are_not_logged(tiny_server, report):

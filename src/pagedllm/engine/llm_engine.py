@@ -149,7 +149,8 @@ class LLMEngine:
         for seq, n in out.scheduled:
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
-        sampled = self.sampler(logits, inp.sampling_seqs, self.eos_token_ids)
+        with torch.inference_mode():  # the logits are inference tensors: masking them in place needs this mode
+            sampled = self.sampler(logits, inp.sampling_seqs, self.eos_token_ids)
         now = time.monotonic()
         return [self._append(seq, token, lp, now)
                 for seq, token, lp in zip(inp.sampling_seqs, sampled.token_ids, sampled.logprobs)]
