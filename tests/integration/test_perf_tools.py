@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import shutil
 import sys
 from pathlib import Path
 

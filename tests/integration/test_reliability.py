@@ -147,7 +147,7 @@ def test_bad_input_catalogue(server, report):
     assert error is None and valid
     assert not failures, "\n".join(failures)
     assert len(CASES) >= 25
-    report.add("bad input", f"cases (x transports: HTTP generate, HTTP generate_stream, gRPC stream)",
+    report.add("bad input", "cases (x transports: HTTP generate, HTTP generate_stream, gRPC stream)",
                f"{len(CASES)} cases, {tried} requests; each 400 / invalid argument naming the field (an unknown model "
                f"or version: Triton's own 404 naming it); server ready after each; the next valid request served")
 
