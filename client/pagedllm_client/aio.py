@@ -40,8 +40,7 @@ class AsyncClient(ClientSettings):
         attempt = 0
         while True:
             attempt += 1
-            self.breaker.before_call()
-            self._count_attempt()
+            self._begin_attempt()
             started = False
             chunks = self._send(fields)
             try:
@@ -49,10 +48,7 @@ class AsyncClient(ClientSettings):
                     started = True
                     yield chunk
             except ClientError as error:
-                self.breaker.record(error)
-                if started or not self.retry.should_retry(error, attempt):
-                    raise
-                await asyncio.sleep(self.retry.backoff(attempt))
+                await asyncio.sleep(self._retry_delay(error, attempt, started))
                 continue
             except (GeneratorExit, asyncio.CancelledError):
                 self.breaker.record(None)

@@ -45,8 +45,7 @@ class Client(ClientSettings):
         attempt = 0
         while True:
             attempt += 1
-            self.breaker.before_call()
-            self._count_attempt()
+            self._begin_attempt()
             started = False
             with closing(self._send(fields)) as chunks:
                 try:
@@ -54,10 +53,7 @@ class Client(ClientSettings):
                         started = True
                         yield chunk
                 except ClientError as error:
-                    self.breaker.record(error)
-                    if started or not self.retry.should_retry(error, attempt):
-                        raise
-                    time.sleep(self.retry.backoff(attempt))
+                    time.sleep(self._retry_delay(error, attempt, started))
                     continue
                 except GeneratorExit:  # the caller left early: the server was answering
                     self.breaker.record(None)

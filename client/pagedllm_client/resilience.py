@@ -99,6 +99,15 @@ class ClientSettings:
     def _init_transport(self) -> None:
         """Connections are made lazily; subclasses set up where they keep them."""
 
-    def _count_attempt(self) -> None:
+    def _begin_attempt(self) -> None:
+        self.breaker.before_call()
         with self._lock:
             self.attempts += 1
+
+    def _retry_delay(self, error: ClientError, attempt: int, started: bool) -> float:
+        """After a failed attempt: the backoff before the next one, or raise `error` when it is not retried
+        (a stream that already yielded text is never restarted)."""
+        self.breaker.record(error)
+        if started or not self.retry.should_retry(error, attempt):
+            raise error
+        return self.retry.backoff(attempt)

@@ -174,14 +174,18 @@ class TritonServer:
         tail = self.log()[-6000:]
         return f"\n--- tritonserver log (tail) ---\n{tail}" if tail else ""
 
-    def __enter__(self) -> "TritonServer":
+    def start_ready(self, timeout: float = 300.0) -> "TritonServer":
+        """Start and wait until ready; a server that does not come up is stopped before the error rises."""
         self.start()
         try:
-            self.wait_ready()
+            self.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def __enter__(self) -> "TritonServer":
+        return self.start_ready()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

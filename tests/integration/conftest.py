@@ -28,13 +28,7 @@ def tiny_engine(model_dir: Path) -> dict:
 
 def start_server(repo: Path, log: Path, mode: str = "none") -> TritonServer:
     opts = ServerOptions(repo, free_port(), free_port(), free_port(), mode, repository_poll_secs=1)
-    server = TritonServer(opts, log).start()
-    try:
-        server.wait_ready(400)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return TritonServer(opts, log).start_ready(400)
 
 
 @pytest.fixture(scope="session")

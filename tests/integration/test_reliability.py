@@ -47,13 +47,7 @@ def start_tiny(tmp_path, tiny_dir) -> TritonServer:
     tiny_repository(repo, tiny_dir)
     opts = ServerOptions(repo, free_port(), free_port(), free_port(), "explicit", exit_timeout_secs=20,
                          admin_key=ADMIN_KEY)
-    server = TritonServer(opts, tmp_path / "tritonserver.log").start()
-    try:
-        server.wait_ready(300)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return TritonServer(opts, tmp_path / "tritonserver.log").start_ready(300)
 
 
 @pytest.fixture(scope="module")
