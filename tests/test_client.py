@@ -1,7 +1,13 @@
-"""The client's pure logic: error classification, retry backoff, the circuit breaker, wire decoding."""
+"""The client's pure logic: error classification, retry backoff, the circuit breaker, wire decoding,
+the async per-response timeout."""
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import pytest
+
+from pagedllm_client.aio import next_within
 
 from pagedllm_client.errors import (CircuitOpen, InvalidRequest, Overloaded, ServerError, Timeout, classify)
 from pagedllm_client.protocol import Completion, chunk_from_sse, http_error, request_fields
@@ -92,3 +98,42 @@ def test_completion_accumulates():
     assert (completion.text, completion.finish_reason, completion.num_input_tokens, completion.num_output_tokens) \
         == ("Hello", "length", 5, 2)
     assert completion.time_to_first_token is not None and completion.latency >= completion.time_to_first_token
+
+
+async def _ticks(n: int) -> AsyncIterator[int]:
+    for i in range(n):
+        await asyncio.sleep(0)
+        yield i
+
+
+async def _drain(items: AsyncIterator[int], timeout: float) -> str:
+    try:
+        while True:
+            await next_within(items, timeout)
+    except StopAsyncIteration:
+        return "ran to the end"
+
+
+def test_next_within_never_swallows_a_cancellation():
+    # asyncio.wait_for (before 3.12) drops a cancel that lands as an item arrives: most of these would run on.
+    async def trials() -> list[str]:
+        outcomes = []
+        for i in range(300):
+            task = asyncio.create_task(_drain(_ticks(50), timeout=5))
+            for _ in range(i % 7 + 1):
+                await asyncio.sleep(0)
+            task.cancel()
+            try:
+                outcomes.append(await task)
+            except asyncio.CancelledError:
+                outcomes.append("cancelled")
+        return outcomes
+    assert set(asyncio.run(trials())) == {"cancelled"}
+
+
+def test_next_within_times_out_on_a_silent_stream():
+    async def silent() -> AsyncIterator[int]:
+        await asyncio.sleep(60)
+        yield 0
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(next_within(silent(), timeout=0.05))

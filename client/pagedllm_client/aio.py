@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 from tritonclient.utils import InferenceServerException
 
@@ -13,6 +13,24 @@ from pagedllm_client.errors import ClientError, Overloaded, Timeout, from_triton
 from pagedllm_client.protocol import (Chunk, Completion, chunk_from_grpc, chunk_from_sse, grpc_inputs,
                                       http_error, request_fields)
 from pagedllm_client.resilience import ClientSettings
+
+T = TypeVar("T")
+
+
+async def next_within(iterator: AsyncIterator[T], timeout: float) -> T:
+    """The iterator's next item, or asyncio.TimeoutError after `timeout` seconds. Not asyncio.wait_for:
+    before Python 3.12 it returns the item, swallowing the cancellation, when a task is cancelled just
+    as the item arrives, and a cancelled stream then runs to its end."""
+    step = asyncio.ensure_future(iterator.__anext__())
+    try:
+        done, _ = await asyncio.wait({step}, timeout=timeout)
+    except asyncio.CancelledError:
+        step.cancel()
+        raise
+    if not done:
+        step.cancel()
+        raise asyncio.TimeoutError
+    return step.result()
 
 
 class AsyncClient(ClientSettings):
@@ -81,7 +99,7 @@ class AsyncClient(ClientSettings):
         try:
             while True:
                 try:
-                    result, error = await asyncio.wait_for(responses.__anext__(), self.timeout)
+                    result, error = await next_within(responses, self.timeout)
                 except asyncio.TimeoutError:
                     raise Timeout(f"{self.model}: no response within {self.timeout}s") from None
                 except StopAsyncIteration:
