@@ -1,20 +1,25 @@
 """Served throughput at fixed concurrency through each path vs the offline engine on the same workload.
 
-    python perf/bench_serving.py               # 32 concurrent streams, 64 requests x 128 tokens
+    python perf/bench_serving.py               # 32 concurrent streams, 64 requests x 128 tokens, 3 rounds
     python perf/bench_serving.py --quick       # a smoke run (CI)
 
 Every path serves the same requests (chat prompts, greedy, ignore_eos, max_tokens fixed) with the same
-number in flight; the offline engine is LLMEngine driven in-process with the same engine.json."""
+number in flight; the offline engine is LLMEngine driven in-process with the same engine.json. The paths
+take turns, round after round, and each reports its median: this machine's speed drifts by a quarter
+within minutes, so figures taken minutes apart are not comparable."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import resource
 import sys
 import threading
 import time
 from pathlib import Path
+
+import statistics
 
 import requests
 import tritonclient.grpc as grpcclient
@@ -31,8 +36,10 @@ from pagedllm.launcher import ServerOptions, TritonServer, free_port  # noqa: E4
 from pagedllm_client.protocol import grpc_inputs, request_fields  # noqa: E402
 
 
-def offline(engine_json: Path, chats: list, max_tokens: int, concurrency: int) -> float:
-    engine = LLMEngine(EngineConfig.from_json(engine_json))
+OFFLINE = "offline engine (LLMEngine in-process)"
+
+
+def offline(engine: LLMEngine, chats: list, max_tokens: int, concurrency: int) -> float:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     prompts = [engine.apply_chat_template(c) for c in chats]
     pending, produced, start = list(enumerate(prompts)), 0, time.perf_counter()
@@ -113,31 +120,50 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="tiny run for CI; does not touch RESULTS.md")
     args = ap.parse_args()
     if args.quick:
-        args.concurrency, args.num_requests, args.max_tokens = 2, 2, 4
+        args.concurrency, args.num_requests, args.max_tokens, args.rounds = 2, 2, 4, 1
     chats = chat_prompts(args.num_requests)
     engine_json = args.model_repository / "llm" / "1" / "engine.json"
     work = (chats, args.max_tokens, args.concurrency)
-    rates = {"offline engine (LLMEngine in-process)": (offline(engine_json, *work), None)}
+    engine = LLMEngine(EngineConfig.from_json(engine_json))
+    rates: dict[str, list[float]] = {OFFLINE: []}
+    cores: dict[str, list[float]] = {}
     opts = ServerOptions(args.model_repository.resolve(), free_port(), free_port(), free_port())
     (ROOT / "perf" / "out").mkdir(exist_ok=True)
     with TritonServer(opts, ROOT / "perf" / "out" / "bench_serving-tritonserver.log") as server:
         served(grpc_worker, server.grpc_url, "ensemble", chats[:2], 4, 2)  # warm-up
-        rates["gRPC streaming, ensemble"] = served(grpc_worker, server.grpc_url, "ensemble", *work)
-        rates["gRPC streaming, llm"] = served(grpc_worker, server.grpc_url, "llm", *work)
-        rates["HTTP generate_stream, ensemble"] = served(http_worker, server.http_url, "ensemble", *work)
-    base = rates["offline engine (LLMEngine in-process)"][0]
-    rows = "\n".join(f"| {name} | {rate:.0f} | {rate / base:.2f} | {'' if cores is None else f'{cores:.2f}'} |"
-                      for name, (rate, cores) in rates.items())
-    body = (f"`python perf/bench_serving.py` — SmolLM2-135M-Instruct (model_repository/llm/1/engine.json), "
-            f"{args.num_requests} chat requests x {args.max_tokens} tokens, greedy, {args.concurrency} in flight; "
-            f"the load generator shares the machine's 2 cores with the server.\n\n"
-            f"| path | output tok/s | vs offline | cores used by the load generator |\n|---|---:|---:|---:|\n{rows}\n")
+        paths = {"gRPC streaming, ensemble": (grpc_worker, server.grpc_url, "ensemble"),
+                 "gRPC streaming, llm": (grpc_worker, server.grpc_url, "llm"),
+                 "HTTP generate_stream, ensemble": (http_worker, server.http_url, "ensemble")}
+        for _ in range(args.rounds):
+            rates[OFFLINE].append(offline(engine, *work))
+            for name, (worker, url, model) in paths.items():
+                rate, used = served(worker, url, model, *work)
+                rates.setdefault(name, []).append(rate)
+                cores.setdefault(name, []).append(used)
+    body = report(rates, cores, args)
     print(body)
     if not args.quick:
         write_section("bench_serving", body)
+
+
+
+def report(rates: dict[str, list[float]], cores: dict[str, list[float]], args: argparse.Namespace) -> str:
+    base = statistics.median(rates[OFFLINE])
+    rows = []
+    for name, runs in rates.items():
+        used = f"{statistics.median(cores[name]):.2f}" if name in cores else ""
+        spread = f"{min(runs):.0f}-{max(runs):.0f}"
+        rows.append(f"| {name} | {statistics.median(runs):.0f} | {spread} | {statistics.median(runs) / base:.2f} | {used} |")
+    return (f"`python perf/bench_serving.py` — SmolLM2-135M-Instruct (model_repository/llm/1/engine.json), "
+            f"{args.num_requests} chat requests x {args.max_tokens} tokens, greedy, {args.concurrency} in flight, "
+            f"{args.rounds} rounds in which the paths take turns (medians); the load generator shares the "
+            f"machine's {os.cpu_count()} cores with the server.\n\n"
+            f"| path | output tok/s (median) | range | vs offline | cores used by the load generator |\n"
+            f"|---|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -57,7 +58,7 @@ def test_every_request_answered_once_and_every_block_freed(engine, program):
 
 
 def test_loop_streams_deltas_from_many_threads(engine):
-    loop = EngineLoop(engine)
+    loop = EngineLoop(lambda: engine)
     try:
         results: dict[str, queue.Queue] = {}
         for i in range(8):
@@ -82,12 +83,24 @@ def test_loop_streams_deltas_from_many_threads(engine):
     assert engine.block_manager.num_free_blocks == engine.num_blocks
 
 
+def test_the_loop_builds_its_engine_on_its_own_thread_and_reports_a_failed_build(engine):
+    # One thread does all torch work: libgomp throttles spin-waiting once two threads hold OpenMP pools.
+    built_on = []
+    loop = EngineLoop(lambda: built_on.append(threading.current_thread()) or engine)
+    try:
+        assert loop.engine is engine and built_on == [loop._thread] and built_on[0] is not threading.main_thread()
+    finally:
+        loop.shutdown()
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        EngineLoop(lambda: open("/nowhere/engine.json"))
+
+
 def test_admission_refuses_past_the_bound_and_serves_what_it_took(tiny_model_dir):
     from pagedllm.engine.loop import OverloadedError
     engine = LLMEngine(EngineConfig(model=str(tiny_model_dir("llama3")), dtype="float32", block_size=4,
                                     num_kv_blocks=40, max_num_seqs=2, max_waiting_requests=3,
                                     max_queued_tokens=10_000))
-    loop = EngineLoop(engine)
+    loop = EngineLoop(lambda: engine)
     accepted, refused = {}, 0
     try:
         for i in range(20):
@@ -131,7 +144,7 @@ def test_a_dead_loop_fails_what_it_holds_refuses_new_work_and_reports_death(tiny
     engine = LLMEngine(EngineConfig(model=str(tiny_model_dir("llama3")), dtype="float32", block_size=4,
                                     num_kv_blocks=40, fault_injection={"kill_loop_seed": 999}))
     died = queue.Queue()
-    loop = EngineLoop(engine, on_death=died.put)
+    loop = EngineLoop(lambda: engine, on_death=died.put)
     q = queue.Queue()
     loop.submit("long", [5, 6], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), q.put)
     loop.submit("killer", [7, 8], SamplingParams(temperature=0, max_tokens=2, seed=999), q.put)

@@ -79,18 +79,20 @@ class LLMModel:
         config = json.loads(args["model_config"])
         self.input_names = [i["name"] for i in config["input"]]
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.engine = LLMEngine(EngineConfig.from_json(version_dir / "engine.json"))
+        engine_config = EngineConfig.from_json(version_dir / "engine.json")
+        self.metrics = ServingMetrics(self.pb.MetricFamily, args["model_name"], args["model_version"])
+        self.name = args["model_name"]
+        self.loop = EngineLoop(lambda: LLMEngine(engine_config),
+                               on_step=lambda engine, _: self.metrics.on_stats(engine.stats()),
+                               on_death=self._on_engine_death)
+        self.engine = self.loop.engine
         self.pb.Logger.log_info(f"pagedllm {args['model_name']}/{args['model_version']}: engine ready, "
                                 f"{self.engine.num_blocks} KV blocks, torch threads {torch.get_num_threads()}")
-        self.metrics = ServingMetrics(self.pb.MetricFamily, args["model_name"], args["model_version"])
         self.metrics.on_stats(self.engine.stats())  # gauges are right before the first request
         self.metrics.flush()
         self.streams: dict[str, _Stream] = {}
         self.lock = threading.Lock()
         self.outbox: queue.SimpleQueue[RequestDelta] = queue.SimpleQueue()
-        self.name = args["model_name"]
-        self.loop = EngineLoop(self.engine, on_step=lambda engine, _: self.metrics.on_stats(engine.stats()),
-                               on_death=self._on_engine_death)
         self.stopping = False
         self.responder = threading.Thread(target=self._respond, name="pagedllm-responder", daemon=True)
         self.responder.start()
