@@ -14,12 +14,11 @@ import json
 import os
 import queue
 import resource
+import statistics
 import sys
 import threading
 import time
 from pathlib import Path
-
-import statistics
 
 import requests
 import tritonclient.grpc as grpcclient
@@ -148,7 +147,6 @@ def main() -> None:
     print(body)
     if not args.quick:
         write_section("bench_serving", body)
-
 
 
 def report(rates: dict[str, list[float]], cores: dict[str, list[float]], args: argparse.Namespace) -> str:
