@@ -5,8 +5,9 @@
 
 Every path serves the same requests (chat prompts, greedy, ignore_eos, max_tokens fixed) with the same
 number in flight; the offline engine is LLMEngine driven in-process with the same engine.json. The paths
-take turns, round after round, and each reports its median: this machine's speed drifts by a quarter
-within minutes, so figures taken minutes apart are not comparable."""
+take turns, round after round, and each is compared with the offline run of its own round (the median of
+those ratios is reported): this machine's speed drifts by a quarter within minutes, so only figures taken
+seconds apart are comparable. One more path serves the same engine.json with `stream_interval` raised."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ from pagedllm import SamplingParams  # noqa: E402
 from pagedllm.engine.config import EngineConfig  # noqa: E402
 from pagedllm.engine.llm_engine import LLMEngine  # noqa: E402
 from pagedllm.launcher import ServerOptions, TritonServer, free_port  # noqa: E402
+from pagedllm.serving.repository import write_llm  # noqa: E402
 from pagedllm_client.protocol import grpc_inputs, request_fields  # noqa: E402
 
 
@@ -120,6 +122,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--stream-interval", type=int, default=4, help="of the extra llm path (engine.json's otherwise)")
     ap.add_argument("--quick", action="store_true", help="tiny run for CI; does not touch RESULTS.md")
     args = ap.parse_args()
     if args.quick:
@@ -130,13 +133,17 @@ def main() -> None:
     engine = LLMEngine(EngineConfig.from_json(engine_json))
     rates: dict[str, list[float]] = {OFFLINE: []}
     cores: dict[str, list[float]] = {}
-    opts = ServerOptions(args.model_repository.resolve(), free_port(), free_port(), free_port())
-    (ROOT / "perf" / "out").mkdir(exist_ok=True)
+    chunked = f"llm_stream_interval_{args.stream_interval}"
+    extra = ROOT / "perf" / "out" / "bench_serving-models"
+    write_llm(extra, chunked, {**json.loads(engine_json.read_text()), "stream_interval": args.stream_interval})
+    opts = ServerOptions(args.model_repository.resolve(), free_port(), free_port(), free_port(),
+                         extra_args=[f"--model-repository={extra}"])
     with TritonServer(opts, ROOT / "perf" / "out" / "bench_serving-tritonserver.log") as server:
         served(grpc_worker, server.grpc_url, "ensemble", chats[:2], 4, 2)  # warm-up
         paths = {"gRPC streaming, ensemble": (grpc_worker, server.grpc_url, "ensemble"),
                  "gRPC streaming, llm": (grpc_worker, server.grpc_url, "llm"),
-                 "HTTP generate_stream, ensemble": (http_worker, server.http_url, "ensemble")}
+                 "HTTP generate_stream, ensemble": (http_worker, server.http_url, "ensemble"),
+                 f"gRPC streaming, llm, stream_interval {args.stream_interval}": (grpc_worker, server.grpc_url, chunked)}
         for _ in range(args.rounds):
             rates[OFFLINE].append(offline(engine, *work))
             for name, (worker, url, model) in paths.items():
@@ -150,17 +157,20 @@ def main() -> None:
 
 
 def report(rates: dict[str, list[float]], cores: dict[str, list[float]], args: argparse.Namespace) -> str:
-    base = statistics.median(rates[OFFLINE])
     rows = []
     for name, runs in rates.items():
         used = f"{statistics.median(cores[name]):.2f}" if name in cores else ""
-        spread = f"{min(runs):.0f}-{max(runs):.0f}"
-        rows.append(f"| {name} | {statistics.median(runs):.0f} | {spread} | {statistics.median(runs) / base:.2f} | {used} |")
+        ratios = [run / base for run, base in zip(runs, rates[OFFLINE])]
+        each = ", ".join(f"{r:.2f}" for r in ratios)
+        rows.append(f"| {name} | {statistics.median(runs):.0f} | {min(runs):.0f}-{max(runs):.0f} | "
+                    f"**{statistics.median(ratios):.2f}** ({each}) | {used} |")
     return (f"`python perf/bench_serving.py` — SmolLM2-135M-Instruct (model_repository/llm/1/engine.json), "
             f"{args.num_requests} chat requests x {args.max_tokens} tokens, greedy, {args.concurrency} in flight, "
-            f"{args.rounds} rounds in which the paths take turns (medians); the load generator shares the "
-            f"machine's {os.cpu_count()} cores with the server.\n\n"
-            f"| path | output tok/s (median) | range | vs offline | cores used by the load generator |\n"
+            f"{args.rounds} rounds in which the paths take turns; each run is divided by the offline run of its "
+            f"round, and the median of those ratios is shown (each round's in brackets). The load generator "
+            f"shares the machine's {os.cpu_count()} cores with the server. The last path is the same engine with "
+            f"`stream_interval` {args.stream_interval} (a response every {args.stream_interval} tokens).\n\n"
+            f"| path | output tok/s (median) | range | vs offline, same round | cores used by the load generator |\n"
             f"|---|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n")
 
 

@@ -57,6 +57,48 @@ def test_every_request_answered_once_and_every_block_freed(engine, program):
     assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
 
 
+def _stream(engine, prompts, params, abort_after_steps=None):
+    deltas: dict[str, list] = {}
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"s{i}", prompt, params)
+    steps = 0
+    while engine.has_unfinished_requests():
+        for d in engine.step():
+            deltas.setdefault(d.request_id, []).append(d)
+        steps += 1
+        if steps == abort_after_steps:
+            deltas.setdefault("s0", []).append(engine.abort("s0"))
+    return deltas
+
+
+def test_stream_interval_sends_the_first_token_alone_then_chunks_with_nothing_lost(tiny_model_dir):
+    prompts = [[5, 9, 13, 21], [7, 3, 40, 41, 42, 2], [11] * 9]
+    params = SamplingParams(temperature=0, max_tokens=11, ignore_eos=True, logprobs=1)
+    config = dict(model=str(tiny_model_dir("llama3")), dtype="float32", block_size=4, num_kv_blocks=40)
+    every = _stream(LLMEngine(EngineConfig(**config)), prompts, params)
+    chunked = _stream(LLMEngine(EngineConfig(**config, stream_interval=4)), prompts, params)
+    for rid, deltas in chunked.items():
+        assert [len(d.new_token_ids) for d in deltas] == [1, 4, 4, 2]
+        assert [len(d.new_logprobs) for d in deltas] == [1, 4, 4, 2]
+        assert sum((d.new_token_ids for d in deltas), []) == sum((d.new_token_ids for d in every[rid]), [])
+        assert "".join(d.new_text for d in deltas) == "".join(d.new_text for d in every[rid])
+        assert deltas[-1].finish_reason == "length" and not any(d.finished for d in deltas[:-1])
+
+
+def test_an_abort_hands_out_the_tokens_still_held_back(tiny_model_dir):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir("llama3")), dtype="float32", block_size=4,
+                                    num_kv_blocks=40, stream_interval=8))
+    deltas = _stream(engine, [[5, 9, 13, 21]], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True),
+                     abort_after_steps=4)["s0"]
+    assert [len(d.new_token_ids) for d in deltas] == [1, 3]  # the first token, then three held back
+    assert deltas[-1].finish_reason == "abort" and deltas[-1].num_output_tokens == 4
+
+
+def test_stream_interval_must_be_positive():
+    with pytest.raises(ValueError, match="stream_interval"):
+        EngineConfig(stream_interval=0)
+
+
 def test_loop_streams_deltas_from_many_threads(engine):
     loop = EngineLoop(lambda: engine)
     try:

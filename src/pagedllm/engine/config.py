@@ -101,6 +101,9 @@ class EngineConfig:
     max_waiting_requests: int = 1024
     max_queued_tokens: int = 1 << 20
     seed: int = 0
+    # A streamed request's tokens go out every `stream_interval` tokens (its first and last at once), as in
+    # vLLM: fewer, larger responses cost the server less per token under load, at the price of smoothness.
+    stream_interval: int = 1
     # Tests only: {"fail_step_seed": N} makes a step that runs a request with seed N raise inside the
     # model (the step's requests fail, the engine goes on); {"kill_loop_seed": N} raises in the scheduler
     # phase, which ends the engine loop.
@@ -111,7 +114,7 @@ class EngineConfig:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(_DTYPES)}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend: {self.attention_backend!r} is not one of auto, torch, triton")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "stream_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
 

@@ -106,7 +106,7 @@ class LLMEngine:
         if seq is None:
             return None
         self._finish(seq, "abort")
-        return self._delta(seq, [], None)
+        return self._delta(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
@@ -133,7 +133,7 @@ class LLMEngine:
     def _fail(self, seq: Sequence, message: str) -> RequestDelta:
         if not seq.finished:
             self._finish(seq, "abort")
-        delta = self._delta(seq, [], None)
+        delta = self._delta(seq)
         delta.error, delta.error_is_internal = message, True
         return delta
 
@@ -152,10 +152,16 @@ class LLMEngine:
         with torch.inference_mode():  # the logits are inference tensors: masking them in place needs this mode
             sampled = self.sampler(logits, inp.sampling_seqs, self.eos_token_ids)
         now = time.monotonic()
-        return [self._append(seq, token, lp, now)
-                for seq, token, lp in zip(inp.sampling_seqs, sampled.token_ids, sampled.logprobs)]
+        for seq, token, lp in zip(inp.sampling_seqs, sampled.token_ids, sampled.logprobs):
+            self._append(seq, token, lp, now)
+        return [self._delta(seq) for seq in inp.sampling_seqs if self._due(seq)]
 
-    def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, now: float) -> RequestDelta:
+    def _due(self, seq: Sequence) -> bool:
+        """Whether a sequence's new tokens go out now: the first at once, then every `stream_interval`."""
+        unsent = seq.num_output_tokens - seq.num_sent_tokens
+        return seq.finished or seq.num_sent_tokens == 0 or unsent >= self.config.stream_interval
+
+    def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, now: float) -> None:
         seq.token_ids.append(token)
         seq.first_token_time = seq.first_token_time or now
         if logprobs is not None:
@@ -164,7 +170,6 @@ class LLMEngine:
         reason = self._finish_reason(seq, token, stopped_on_text)
         if reason is not None:
             self._finish(seq, reason)
-        return self._delta(seq, [token], [logprobs] if logprobs is not None else None)
 
     def _finish_reason(self, seq: Sequence, token: int, stopped_on_text: bool) -> str | None:
         p = seq.params
@@ -182,7 +187,11 @@ class LLMEngine:
         self.scheduler.remove(seq)
         del self.requests[seq.request_id]
 
-    def _delta(self, seq: Sequence, tokens: list[int], logprobs: list[dict[int, float]] | None) -> RequestDelta:
+    def _delta(self, seq: Sequence) -> RequestDelta:
+        """Everything not yet handed out: the tokens since the last delta and the text they complete."""
+        sent, seq.num_sent_tokens = seq.num_sent_tokens, seq.num_output_tokens
+        tokens = seq.output_token_ids[sent:]
+        logprobs = seq.logprobs[sent:] if seq.params.logprobs is not None else None
         text = seq.detokenizer.take_delta(seq.finished)
         queue_time = None
         if seq.finished and seq.first_scheduled_time is not None:

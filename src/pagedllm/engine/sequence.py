@@ -36,6 +36,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    num_sent_tokens: int = 0  # output tokens already handed out in a RequestDelta
 
     def __post_init__(self) -> None:
         if not self.token_ids:
