@@ -23,7 +23,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prompts import mixed_workload  # noqa: E402
 
-from pagedllm_client import NO_RETRY, AsyncClient, CircuitBreaker, ClientError  # noqa: E402
+from pagedllm_client import NO_RETRY, AsyncClient, CircuitBreaker, ClientError, Completion  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 Work = list[tuple[list[dict[str, str]], int]]
@@ -43,8 +43,13 @@ async def send(client: AsyncClient, chat: list[dict[str, str]], max_tokens: int)
         c = await client.generate(messages=chat, max_tokens=max_tokens, temperature=0, ignore_eos=True)
     except ClientError as e:
         return Record(error=f"{type(e).__name__}: {e}")
-    gaps = [b - a for a, b in zip(c.chunk_times, c.chunk_times[1:])]
-    return Record(c.time_to_first_token, c.latency, c.num_output_tokens, gaps)
+    return Record(c.time_to_first_token, c.latency, c.num_output_tokens, inter_token_latencies(c))
+
+
+def inter_token_latencies(c: Completion) -> list[float]:
+    """Per token, as the server's histogram counts them: a response's gap shared among its tokens."""
+    gaps = zip(c.chunk_times, c.chunk_times[1:], c.chunk_tokens[1:])
+    return [gap for a, b, n in gaps for gap in [(b - a) / n] * n]
 
 
 def new_client(url: str, model: str) -> AsyncClient:

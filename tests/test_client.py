@@ -92,10 +92,11 @@ def test_completion_accumulates():
     completion = Completion()
     completion.add(Chunk("", False))
     assert completion.time_to_first_token is None
-    completion.add(Chunk("Hel", False))
-    completion.add(Chunk("lo", True, "length", 5, 2))
+    completion.add(Chunk("Hel", False, None, 5, 2))
+    completion.add(Chunk("lo", True, "length", 5, 1))
     assert (completion.text, completion.finish_reason, completion.num_input_tokens, completion.num_output_tokens) \
-        == ("Hello", "length", 5, 2)
+        == ("Hello", "length", 5, 3)
+    assert completion.chunk_tokens == [2, 1]
     assert completion.time_to_first_token is not None and completion.latency >= completion.time_to_first_token
 
 

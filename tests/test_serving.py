@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from pagedllm.serving.metrics import ServingMetrics
 from pagedllm.serving.repository import write_repository
-from pagedllm.serving.request import GenerateRequest, InvalidRequestError, parse_request
+from pagedllm.serving.request import GenerateRequest, InvalidRequestError, ResponseOptions, parse_request
 from pagedllm.serving.response import RawResponse, shape_response
 
 REPO = Path(__file__).resolve().parent.parent / "model_repository"
@@ -74,6 +74,16 @@ def test_shape_response_prepends_prompt_only_when_not_streaming_and_not_excluded
     assert json.loads(out["logprobs"][0]) == [{"5": -0.1}]
     req.options.stream = True
     assert shape_response(raw, req.options)["text_output"][0] == b" world"
+
+
+@pytest.mark.parametrize("stream, exclude", [(True, False), (False, True), (False, False)])
+def test_echoed_options_shape_responses_alike_and_carry_the_prompt_only_where_it_is_prepended(stream, exclude):
+    req = parse_request({"text_input": s("Hello " * 500), "stream": np.array([stream]),
+                         "exclude_input_in_output": np.array([exclude]), "return_finish_reason": np.array([True])})
+    echo = req.options.echo()
+    raw = RawResponse(" world", "stop", 3, 1, None).to_tensors()
+    assert shape_response(raw, ResponseOptions(**json.loads(echo))) == shape_response(raw, req.options)
+    assert ("Hello" in echo) == (not stream and not exclude)
 
 
 class _Family:

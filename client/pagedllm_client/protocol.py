@@ -35,6 +35,7 @@ class Completion:
     time_to_first_token: float | None = None
     deltas: list[str] = field(default_factory=list)
     chunk_times: list[float] = field(default_factory=list)  # seconds from the start, one per delta
+    chunk_tokens: list[int] = field(default_factory=list)  # tokens in each delta (1 where the server omits it)
     _start: float = field(default_factory=time.monotonic, repr=False)
 
     def add(self, chunk: Chunk) -> None:
@@ -42,11 +43,12 @@ class Completion:
         if chunk.text:
             self.deltas.append(chunk.text)
             self.chunk_times.append(now)
+            self.chunk_tokens.append(chunk.num_output_tokens or 1)
             if self.time_to_first_token is None:
                 self.time_to_first_token = now
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.num_input_tokens = chunk.num_input_tokens or self.num_input_tokens
-        self.num_output_tokens = chunk.num_output_tokens or self.num_output_tokens
+        self.num_output_tokens += chunk.num_output_tokens or 0  # each response counts its own tokens
         self.text = "".join(self.deltas)
         self.latency = now
 

@@ -98,6 +98,11 @@ def texts(responses: list) -> str:
     return "".join(r["text_output"][0].decode() for r in responses if "text_output" in r)
 
 
+def num_tokens(responses: list) -> int:
+    """Output tokens across a stream's responses (each counts its own, as in Triton's vLLM backend)."""
+    return sum(int(r["num_output_tokens"][0]) for r in responses if "num_output_tokens" in r)
+
+
 def metric(server: TritonServer, name: str, model: str = "llm", version: str = "1") -> float:
     with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
         body = r.read().decode()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.integration.conftest import metric, stream, wait_for
+from tests.integration.conftest import metric, num_tokens, stream, wait_for
 
 pytestmark = pytest.mark.integration
 MAX_TOKENS = 200
@@ -29,24 +29,27 @@ def _settle(server) -> None:
 
 
 def _grpc_cancel(server, model: str) -> int:
-    fields = {"text_input": "List every prime number you know:",
+    """Tokens received before cancelling the stream after its 5th response."""
+    fields = {"text_input": "List every prime number you know:", "return_num_output_tokens": True,
               "sampling_parameters": {"temperature": 0, "max_tokens": MAX_TOKENS, "ignore_eos": True}}
     responses, error = stream(server.grpc_url, model, fields, stop_after=5)
     assert error is None
-    return len(responses)
+    return num_tokens(responses)
 
 
 def _http_close(server, model: str) -> int:
-    body = {"text_input": "List every prime number you know:", "stream": True,
+    """Tokens received before closing the connection after the 5th event."""
+    body = {"text_input": "List every prime number you know:", "stream": True, "return_num_output_tokens": True,
             "sampling_parameters": json.dumps({"temperature": 0, "max_tokens": MAX_TOKENS, "ignore_eos": True})}
-    seen = 0
+    events = []
     with requests.post(f"http://{server.http_url}/v2/models/{model}/generate_stream", json=body, stream=True,
                        timeout=60) as r:
         for line in r.iter_lines():
-            seen += line.startswith(b"data:")
-            if seen >= 5:
+            if line.startswith(b"data:"):
+                events.append(json.loads(line[5:]))
+            if len(events) >= 5:
                 break  # closing the connection here
-    return seen
+    return sum(int(e["num_output_tokens"]) for e in events)
 
 
 @pytest.mark.parametrize("path", ["grpc/llm", "grpc/ensemble", "http/llm", "http/ensemble"])
@@ -58,7 +61,7 @@ def test_tokens_wasted_after_cancel(server, path):
     cancelled_at = time.monotonic()
     _settle(server)
     wasted = _generated(server) - before - received
-    record = {"path": path, "received": received, "wasted_tokens": wasted, "max_tokens": MAX_TOKENS,
+    record = {"path": path, "received_tokens": received, "wasted_tokens": wasted, "max_tokens": MAX_TOKENS,
               "seconds_to_free": round(time.monotonic() - cancelled_at, 2)}
     OUT.mkdir(exist_ok=True)
     with open(OUT / "cancellation.json", "a") as f:

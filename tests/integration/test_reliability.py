@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 from pagedllm.launcher import ADMIN_HEADER, ServerOptions, TritonServer, free_port
 from pagedllm.serving.repository import write_llm
 from pagedllm_client import NO_RETRY, AsyncClient, CircuitBreaker, ClientError
-from tests.integration.conftest import metric, show_log_on_failure, stream, tiny_engine, wait_for
+from tests.integration.conftest import metric, num_tokens, show_log_on_failure, stream, tiny_engine, wait_for
 from tests.integration.reliability import Report, tree_rss_bytes
 
 pytestmark = pytest.mark.integration
@@ -363,7 +363,7 @@ def test_sigterm_drains_in_flight_streams(tmp_path, tiny_model_dir, report):
         server.stop()
     for out, error in results:
         assert error is None and out[-1]["finish_reason"][0] == b"length"
-        assert int(out[-1]["num_output_tokens"][0]) == 150
+        assert num_tokens(out) == 150
     assert code == 0
     report.add("shutdown", "SIGTERM with 3 streams of 150 tokens in flight",
                f"all 3 completed in full; exit code 0 after {took:.1f} s (exit timeout {server.opts.exit_timeout_secs} s)")

@@ -8,7 +8,7 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 
-from tests.integration.conftest import grpc_inputs, metric, stream, texts, wait_for
+from tests.integration.conftest import grpc_inputs, metric, num_tokens, stream, texts, wait_for
 
 pytestmark = pytest.mark.integration
 GREEDY = {"temperature": 0, "max_tokens": 40}
@@ -20,7 +20,7 @@ def test_chat_answer_streams_through_ensemble(server):
                                                             "return_finish_reason": True})
     assert error is None
     assert "Paris" in texts(responses)
-    assert len(responses) > 3  # streamed, not one blob
+    assert len(responses) > 1  # streamed, not one blob
     assert responses[-1]["finish_reason"][0] == b"stop"
 
 
@@ -104,7 +104,7 @@ def test_two_models_at_once(server):
     tiny, e2 = stream(server.grpc_url, "llm_tiny", {"text_input": "Hello", "sampling_parameters": {
         "max_tokens": 5, "ignore_eos": True}, "return_num_output_tokens": True})
     assert e1 is None and e2 is None
-    assert tiny[-1]["num_output_tokens"][0] == 5
+    assert num_tokens(tiny) == 5
     assert wait_for(lambda: metric(server, "pagedllm_generation_tokens_total", model="llm_tiny") >= 5, timeout=5)
 
 

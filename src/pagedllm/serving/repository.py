@@ -27,7 +27,7 @@ REQUEST_ECHO = [("request", "TYPE_STRING", [1])]
 MODEL_PY = '"""Thin on purpose: the logic lives in pagedllm.serving, unit-tested without a server."""\n' \
            "from pagedllm.serving.triton_models import {cls} as TritonPythonModel  # noqa: F401\n"
 DEFAULT_ENGINE = {"model": "default", "dtype": "bfloat16", "kv_cache_memory": 1073741824,
-                  "max_num_seqs": 64, "max_num_batched_tokens": 1024}
+                  "max_num_seqs": 64, "max_num_batched_tokens": 1024, "stream_interval": 4}
 
 
 def _tensors(kind: str, spec: list[tuple[str, str, list[int]]], optional: bool | set[str]) -> str:

@@ -64,10 +64,12 @@ class _Stream:
     request_id: str
     sender: Any
     options: ResponseOptions
-    echo_request: str | None  # set in the ensemble: postprocessing shapes the response
+    echo: np.ndarray | None  # set in the ensemble: the options postprocessing shapes each response by
     arrival: float
+    # what the engine handed out since the last response: a response reports only its own tokens
     text: list[str] = field(default_factory=list)
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    num_tokens: int = 0
     last_token_time: float | None = None
 
 
@@ -108,8 +110,9 @@ class LLMModel:
         request_id = uuid.uuid4().hex
         try:
             inputs = _inputs(self.pb, request, self.input_names)
-            req, echo = self._parse(inputs)
+            req, in_ensemble = self._parse(inputs)
             prompt_ids = tokenize_request(self.engine.tokenizer, req)
+            echo = np.array([req.options.echo().encode()], dtype=np.object_) if in_ensemble else None
             stream = _Stream(request_id, sender, req.options, echo, time.monotonic())
             with self.lock:
                 self.streams[request_id] = stream
@@ -129,12 +132,13 @@ class LLMModel:
             self.pb.Logger.log_error(f"pagedllm {self.name}: cannot unload ({e}); requests are refused until restart")
 
     @staticmethod
-    def _parse(inputs: dict[str, np.ndarray]) -> tuple[GenerateRequest, str | None]:
+    def _parse(inputs: dict[str, np.ndarray]) -> tuple[GenerateRequest, bool]:
+        """The request, and whether it came from preprocessing (in the ensemble) rather than a client."""
         if "request" not in inputs:
-            return parse_request(inputs), None
-        echo = bytes(inputs["request"].reshape(-1)[0]).decode("utf-8")
+            return parse_request(inputs), False
+        normalised = bytes(inputs["request"].reshape(-1)[0]).decode("utf-8")
         ids = [int(x) for x in inputs.get("input_ids", np.zeros(0, np.int32)).reshape(-1)]
-        return GenerateRequest.from_json(echo, ids), echo
+        return GenerateRequest.from_json(normalised, ids), True
 
     def _forget(self, request_id: str) -> _Stream | None:
         with self.lock:
@@ -187,20 +191,20 @@ class LLMModel:
             stream.sender.send(flags=final)
 
     def _response_for(self, stream: _Stream, delta: RequestDelta) -> Any:
-        if not stream.options.stream:  # one answer at the end
-            stream.text.append(delta.new_text)
-            stream.logprobs += delta.new_logprobs or []
-            if not delta.finished:
-                return None
-            text, logprobs = "".join(stream.text), stream.logprobs
-        elif delta.new_text or delta.finished:
-            text, logprobs = delta.new_text, delta.new_logprobs or []
-        else:
-            return None  # text held back (partial character or possible stop string): nothing to show yet
-        raw = RawResponse(text, delta.finish_reason, delta.num_prompt_tokens, delta.num_output_tokens, logprobs)
+        """Streamed: a response whenever there is new text (the detokenizer holds back partial characters
+        and possible stop strings); otherwise one answer at the end. `num_output_tokens` counts the tokens
+        of this response, as in Triton's vLLM backend."""
+        stream.text.append(delta.new_text)
+        stream.logprobs += delta.new_logprobs or []
+        stream.num_tokens += len(delta.new_token_ids)
+        if not (delta.finished or (stream.options.stream and delta.new_text)):
+            return None
+        raw = RawResponse("".join(stream.text), delta.finish_reason, delta.num_prompt_tokens, stream.num_tokens,
+                          stream.logprobs)
+        stream.text, stream.logprobs, stream.num_tokens = [], [], 0
         tensors = raw.to_tensors(requested_outputs(stream.options))
-        if stream.echo_request is not None:
-            tensors["request"] = np.array([stream.echo_request.encode()], dtype=np.object_)
+        if stream.echo is not None:
+            tensors["request"] = stream.echo
         else:
             tensors = shape_response(tensors, stream.options)
         return _response(self.pb, tensors)
@@ -264,7 +268,7 @@ class PostprocessingModel:
 
     def _one(self, request: Any) -> Any:
         inputs = _inputs(self.pb, request, list(RAW_OUTPUTS) + ["request"])  # only what the client asked for
-        options = ResponseOptions(**json.loads(bytes(inputs.pop("request").reshape(-1)[0]))["options"])
+        options = ResponseOptions(**json.loads(bytes(inputs.pop("request").reshape(-1)[0])))
         return _response(self.pb, shape_response(inputs, options))
 
 
