@@ -5,9 +5,9 @@
 
 Every path serves the same requests (chat prompts, greedy, ignore_eos, max_tokens fixed) with the same
 number in flight; the offline engine is LLMEngine driven in-process with the same engine.json. The paths
-take turns, round after round, and each is compared with the offline run of its own round (the median of
-those ratios is reported): this machine's speed drifts by a quarter within minutes, so only figures taken
-seconds apart are comparable. One more path serves the same engine.json with another `stream_interval`
+take turns, round after round, with an offline run between any two served runs; each served run is divided
+by the mean of the offline runs just before and after it, and the median of those ratios is reported: this
+machine's speed drifts by a quarter within minutes, so only figures taken seconds apart are comparable. One more path serves the same engine.json with another `stream_interval`
 (every token, by default)."""
 from __future__ import annotations
 
@@ -136,6 +136,7 @@ def main() -> None:
     work = (chats, args.max_tokens, args.concurrency)
     engine = LLMEngine(EngineConfig.from_json(engine_json))
     rates: dict[str, list[float]] = {OFFLINE: []}
+    ratios: dict[str, list[float]] = {}
     cores: dict[str, list[float]] = {}
     shipped = json.loads(engine_json.read_text()).get("stream_interval", 1)
     chunked = f"llm_stream_interval_{args.stream_interval}"
@@ -149,35 +150,41 @@ def main() -> None:
                  "gRPC streaming, llm": (grpc_worker, server.grpc_url, "llm"),
                  "HTTP generate_stream, ensemble": (http_worker, server.http_url, "ensemble"),
                  f"gRPC streaming, llm, stream_interval {args.stream_interval}": (grpc_worker, server.grpc_url, chunked)}
+        before = offline(engine, *work)
+        rates[OFFLINE].append(before)
         for _ in range(args.rounds):
-            rates[OFFLINE].append(offline(engine, *work))
             for name, (worker, url, model) in paths.items():
                 rate, used = served(worker, url, model, *work)
+                after = offline(engine, *work)
+                rates[OFFLINE].append(after)
                 rates.setdefault(name, []).append(rate)
+                ratios.setdefault(name, []).append(rate / ((before + after) / 2))
                 cores.setdefault(name, []).append(used)
-    body = report(rates, cores, args, shipped)
+                before = after
+    body = report(rates, ratios, cores, args, shipped)
     print(body)
     if not args.quick:
         write_section("bench_serving", body)
 
 
-def report(rates: dict[str, list[float]], cores: dict[str, list[float]], args: argparse.Namespace,
-           shipped: int) -> str:
+def report(rates: dict[str, list[float]], ratios: dict[str, list[float]], cores: dict[str, list[float]],
+           args: argparse.Namespace, shipped: int) -> str:
     rows = []
     for name, runs in rates.items():
         used = f"{statistics.median(cores[name]):.2f}" if name in cores else ""
-        ratios = [run / base for run, base in zip(runs, rates[OFFLINE])]
-        each = ", ".join(f"{r:.2f}" for r in ratios)
-        rows.append(f"| {name} | {statistics.median(runs):.0f} | {min(runs):.0f}-{max(runs):.0f} | "
-                    f"**{statistics.median(ratios):.2f}** ({each}) | {used} |")
+        shown = "**1.00**"  # the offline runs themselves
+        if name in ratios:
+            shown = f"**{statistics.median(ratios[name]):.2f}** ({', '.join(f'{r:.2f}' for r in ratios[name])})"
+        rows.append(f"| {name} | {statistics.median(runs):.0f} | {min(runs):.0f}-{max(runs):.0f} | {shown} | {used} |")
     return (f"`python perf/bench_serving.py` — SmolLM2-135M-Instruct (model_repository/llm/1/engine.json), "
             f"{args.num_requests} chat requests x {args.max_tokens} tokens, greedy, {args.concurrency} in flight, "
-            f"{args.rounds} rounds in which the paths take turns; each run is divided by the offline run of its "
-            f"round, and the median of those ratios is shown (each round's in brackets). The load generator "
+            f"{args.rounds} rounds in which the paths take turns with an offline run between any two; each served run "
+            f"is divided by the mean of the offline runs just before and after it, and the median of those ratios "
+            f"is shown (each round's in brackets). The load generator "
             f"shares the machine's {os.cpu_count()} cores with the server. engine.json as shipped streams a response "
             f"every {shipped} tokens (`stream_interval` {shipped}); the last path is the same engine with "
             f"`stream_interval` {args.stream_interval}.\n\n"
-            f"| path | output tok/s (median) | range | vs offline, same round | cores used by the load generator |\n"
+            f"| path | output tok/s (median) | range | vs offline, adjacent runs | cores used by the load generator |\n"
             f"|---|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n")
 
 

@@ -28,15 +28,18 @@ def test_chat_answer_streams_through_ensemble(server):
 def test_streamed_text_equals_unstreamed_text_byte_for_byte(server, model):
     prompt = "Write the word 'hello' in Chinese, Japanese and Korean, then add three emoji:"
     fields = {"text_input": prompt, "sampling_parameters": {"temperature": 0, "max_tokens": 48},
-              "exclude_input_in_output": True}
+              "exclude_input_in_output": True, "return_num_output_tokens": True, "return_logprobs": True}
     streamed, error = stream(server.grpc_url, model, fields)
     assert error is None
-    body = {"text_input": prompt, "sampling_parameters": json.dumps({"temperature": 0, "max_tokens": 48}),
-            "exclude_input_in_output": True}
+    body = {**fields, "sampling_parameters": json.dumps(fields["sampling_parameters"])}
     whole = requests.post(f"http://{server.http_url}/v2/models/{model}/generate", json=body, timeout=120)
     assert whole.status_code == 200, whole.text
     assert texts(streamed).encode() == whole.json()["text_output"].encode()
     assert "\ufffd" not in texts(streamed)
+    # tokens whose text is held back (partial characters) still count, and keep their logprobs
+    logprobs = [step for r in streamed if "logprobs" in r for step in json.loads(r["logprobs"][0])]
+    assert num_tokens(streamed) == len(logprobs) == whole.json()["num_output_tokens"]
+    assert logprobs == json.loads(whole.json()["logprobs"])
 
 
 def test_same_request_over_every_path(server):
