@@ -3,6 +3,7 @@ HTTP via aiohttp). Leaving a stream early, or cancelling the task, cancels the r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -31,6 +32,16 @@ async def next_within(iterator: AsyncIterator[T], timeout: float) -> T:
         step.cancel()
         raise asyncio.TimeoutError
     return step.result()
+
+
+async def end_stream(responses: Any, finished: bool, grace: float = 5.0) -> None:
+    """Leaving a stream early cancels its request. A finished stream is read to its end instead: on Triton
+    2.51, cancelling a gRPC stream whose request has completed can leak the model version under load (it
+    never finishes unloading, and shutdown runs into --exit-timeout-secs). See docs/RELIABILITY.md."""
+    if finished:
+        with contextlib.suppress(Exception):  # StopAsyncIteration once the server has ended the call
+            await next_within(responses, grace)
+    responses.cancel()  # does nothing once the call has ended
 
 
 class AsyncClient(ClientSettings):
@@ -96,25 +107,26 @@ class AsyncClient(ClientSettings):
             yield {"model_name": self.model, "inputs": inputs, "model_version": self.model_version}
 
         responses = self._grpc.stream_infer(one_request())
+        finished = False
         try:
-            while True:
+            while not finished:
                 try:
                     result, error = await next_within(responses, self.timeout)
                 except asyncio.TimeoutError:
                     raise Timeout(f"{self.model}: no response within {self.timeout}s") from None
                 except StopAsyncIteration:
+                    finished = True
                     return
                 if error is not None:
+                    finished = True  # an error response is the request's last
                     raise from_triton(error)
                 chunk = chunk_from_grpc(result)
-                chunk.final = chunk.final or chunk.finish_reason is not None
+                chunk.final = finished = chunk.final or chunk.finish_reason is not None
                 yield chunk
-                if chunk.final:
-                    return
         except InferenceServerException as e:
             raise from_triton(e) from None
         finally:
-            responses.cancel()  # after the final response this only closes the stream
+            await end_stream(responses, finished)
 
     async def _send_http(self, fields: dict[str, Any]) -> AsyncIterator[Chunk]:
         import aiohttp

@@ -75,21 +75,24 @@ def stream(url: str, model: str, fields: dict, version: str = "", stop_after: in
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: results.put((result, error)))
-    out, error = [], None
+    out, error, finished = [], None, False
     try:
         client.async_stream_infer(model, grpc_inputs({"stream": True, **fields}), model_version=version,
                                   enable_empty_final_response=True)
-        while True:
+        while not finished:
             result, err = results.get(timeout=120)
             if err is not None:
-                error = str(err)
+                error, finished = str(err), True
                 break
             resp = result.get_response()
             out.append({o.name: result.as_numpy(o.name) for o in resp.outputs} | {"_version": resp.model_version})
-            if resp.parameters["triton_final_response"].bool_param or (stop_after and len(out) >= stop_after):
+            finished = resp.parameters["triton_final_response"].bool_param
+            if stop_after and len(out) >= stop_after:
                 break
     finally:
-        client.stop_stream(cancel_requests=True)
+        # Cancel only a request left early: cancelling a finished stream can leak the model version on
+        # Triton 2.51 (docs/RELIABILITY.md), as the client package avoids too.
+        client.stop_stream(cancel_requests=not finished)
         client.close()
     return out, error
 

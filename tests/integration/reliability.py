@@ -26,7 +26,19 @@ class Report:
             "# Reliability\n\nWritten by `tests/integration/test_reliability.py` (run by `make test`) against real "
             "tritonserver processes; each figure is what the last run measured, every row an assertion that passed "
             f"or a figure it recorded.\n\n_{datetime.date.today().isoformat()} · {os.cpu_count()} cores_\n\n"
-            "| area | what | figure |\n|---|---|---|\n" + table)
+            "| area | what | figure |\n|---|---|---|\n" + table + KNOWN_ISSUES)
+
+
+KNOWN_ISSUES = """
+## Known Triton issue
+
+Triton 2.51 has a bug that can leak a model version when a gRPC stream is cancelled after its final response.
+It shows under CPU load. The version never finishes unloading (finalize is never called), and SIGTERM then
+waits out the exit timeout and exits 1. `tests/integration/repro_triton_cancel_leak.py` reproduces it,
+intermittently, with a minimal decoupled model that contains no pagedllm code. HTTP streams, and gRPC streams
+closed without cancelling, are not affected. pagedllm's clients and tests cancel only a request that is left
+early. The unload row above asserts that the version is actually unloaded, not merely no longer ready.
+"""
 
 
 def tree_rss_bytes(pid: int) -> int:
