@@ -7,8 +7,8 @@ Every path serves the same requests (chat prompts, greedy, ignore_eos, max_token
 number in flight; the offline engine is LLMEngine driven in-process with the same engine.json. The paths
 take turns, round after round, with an offline run between any two served runs; each served run is divided
 by the mean of the offline runs just before and after it, and the median of those ratios is reported: this
-machine's speed drifts by a quarter within minutes, so only figures taken seconds apart are comparable. One more path serves the same engine.json with another `stream_interval`
-(every token, by default)."""
+machine's speed drifts by a quarter within minutes, so only figures taken seconds apart are comparable. One
+more path serves the same engine.json with another `stream_interval` (every token, by default)."""
 from __future__ import annotations
 
 import argparse
@@ -138,10 +138,11 @@ def main() -> None:
     rates: dict[str, list[float]] = {OFFLINE: []}
     ratios: dict[str, list[float]] = {}
     cores: dict[str, list[float]] = {}
-    shipped = json.loads(engine_json.read_text()).get("stream_interval", 1)
+    settings = json.loads(engine_json.read_text())
+    shipped = settings.get("stream_interval", 1)
     chunked = f"llm_stream_interval_{args.stream_interval}"
     extra = ROOT / "perf" / "out" / "bench_serving-models"
-    write_llm(extra, chunked, {**json.loads(engine_json.read_text()), "stream_interval": args.stream_interval})
+    write_llm(extra, chunked, {**settings, "stream_interval": args.stream_interval})
     opts = ServerOptions(args.model_repository.resolve(), free_port(), free_port(), free_port(),
                          extra_args=[f"--model-repository={extra}"])
     with TritonServer(opts, ROOT / "perf" / "out" / "bench_serving-tritonserver.log") as server:
