@@ -1,14 +1,15 @@
 """Served throughput at fixed concurrency through each path vs the offline engine on the same workload.
 
-    python perf/bench_serving.py               # 32 concurrent streams, 64 requests x 128 tokens, 3 rounds
+    python perf/bench_serving.py               # 32 requests x 128 tokens, all 32 in flight, 10 rounds
     python perf/bench_serving.py --quick       # a smoke run (CI)
 
 Every path serves the same requests (chat prompts, greedy, ignore_eos, max_tokens fixed) with the same
 number in flight; the offline engine is LLMEngine driven in-process with the same engine.json. The paths
 take turns, round after round, with an offline run between any two served runs; each served run is divided
 by the mean of the offline runs just before and after it, and the median of those ratios is reported: this
-machine's speed drifts by a quarter within minutes, so only figures taken seconds apart are comparable. One
-more path serves the same engine.json with another `stream_interval` (every token, by default)."""
+machine's speed drifts by a quarter within minutes, so only figures taken seconds apart are comparable, and
+many short runs give a steadier median than a few long ones. One more path serves the same engine.json with
+another `stream_interval` (every token, by default)."""
 from __future__ import annotations
 
 import argparse
@@ -122,10 +123,10 @@ def served(worker, url: str, model: str, chats: list, max_tokens: int, concurren
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--num-requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--stream-interval", type=int, default=1, help="of the extra llm path (engine.json's otherwise)")
     ap.add_argument("--quick", action="store_true", help="tiny run for CI; does not touch RESULTS.md")
     args = ap.parse_args()

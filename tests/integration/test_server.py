@@ -56,6 +56,10 @@ def test_same_request_over_every_path(server):
                        if line.startswith("data:"))
     answers = {texts(streamed), unary.as_numpy("text_output")[0].decode(), http["text_output"], sse_text}
     assert len(answers) == 1 and "Paris" in answers.pop()
+    for model in ("ensemble", "llm"):  # a non-streamed answer starts with the prompt unless it is excluded
+        whole = requests.post(f"http://{server.http_url}/v2/models/{model}/generate",
+                              json={**body, "exclude_input_in_output": False}, timeout=60).json()
+        assert whole["text_output"] == body["text_input"] + http["text_output"]
 
 
 def test_bad_requests_name_the_field_and_server_keeps_serving(server):

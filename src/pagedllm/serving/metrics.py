@@ -67,13 +67,15 @@ class ServingMetrics:
         self._stats = stats
 
     def on_tokens(self, count: int, first_token_latency: float | None, inter_token_latency: float | None) -> None:
-        """`count` tokens sent together; `inter_token_latency` is per token, observed once per token."""
+        """`count` tokens sent in one response; `inter_token_latency` is the gap since the previous response
+        divided among its tokens. It is observed once per response, not once per token: the same value
+        `count` times would cost `count` round trips. With `stream_interval` 1 that is per token, as vLLM."""
         with self._lock:
             self._generated += count
             if first_token_latency is not None:
                 self._observations.append(("pagedllm_time_to_first_token_seconds", first_token_latency))
             if inter_token_latency is not None:
-                self._observations += [("pagedllm_inter_token_latency_seconds", inter_token_latency)] * count
+                self._observations.append(("pagedllm_inter_token_latency_seconds", inter_token_latency))
 
     def on_finish(self, reason: str, num_prompt_tokens: int, e2e: float, queue_time: float | None) -> None:
         with self._lock:
@@ -102,11 +104,12 @@ class ServingMetrics:
         stats, last = self._stats, self._last_stats
         if stats is None or stats is last:
             return
-        g = self.gauges
-        g["pagedllm_num_requests_running"].set(stats.num_running)
-        g["pagedllm_num_requests_waiting"].set(stats.num_waiting)
-        g["pagedllm_kv_cache_usage_ratio"].set(stats.kv_cache_usage)
-        g["pagedllm_kv_cache_free_blocks"].set(stats.num_free_blocks)
+        for name, attr in (("pagedllm_num_requests_running", "num_running"),
+                           ("pagedllm_num_requests_waiting", "num_waiting"),
+                           ("pagedllm_kv_cache_usage_ratio", "kv_cache_usage"),
+                           ("pagedllm_kv_cache_free_blocks", "num_free_blocks")):
+            if last is None or getattr(stats, attr) != getattr(last, attr):  # each set is a round trip
+                self.gauges[name].set(getattr(stats, attr))
         for name, attr in (("pagedllm_prefix_cache_queries_total", "prefix_cache_queries"),
                            ("pagedllm_prefix_cache_hits_total", "prefix_cache_hits"),
                            ("pagedllm_preemptions_total", "num_preemptions")):

@@ -42,13 +42,16 @@ def requested_outputs(options: ResponseOptions) -> tuple[str, ...]:
     return ("text_output",) + tuple(name for name in RAW_OUTPUTS[1:] if getattr(options, f"return_{name}"))
 
 
+def prepends_prompt(options: ResponseOptions) -> bool:
+    """A non-streamed answer starts with the prompt unless excluded (streamed responses carry only new
+    text, as with Triton's vLLM backend)."""
+    return not options.stream and not options.exclude_input_in_output and bool(options.prompt_text)
+
+
 def shape_response(raw: dict[str, np.ndarray], options: ResponseOptions) -> dict[str, np.ndarray]:
-    """Keep the fields the client asked for; prepend the prompt to a non-streamed answer unless excluded
-    (streamed responses carry only new text, as with Triton's vLLM backend)."""
-    out = {"text_output": raw["text_output"]}
-    if not options.stream and not options.exclude_input_in_output and options.prompt_text:
+    """Keep the fields the client asked for, the prompt prepended where `prepends_prompt`."""
+    out = {name: raw[name] for name in requested_outputs(options)}
+    if prepends_prompt(options):
         text = options.prompt_text.encode("utf-8") + bytes(raw["text_output"].reshape(-1)[0])
         out["text_output"] = np.array([text], dtype=np.object_)
-    for name in requested_outputs(options)[1:]:
-        out[name] = raw[name]
     return out

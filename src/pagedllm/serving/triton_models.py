@@ -4,6 +4,7 @@
 `initialize`; everything it touches beyond that lives in the unit-tested modules beside this one."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -25,11 +26,12 @@ from pagedllm.engine.tokenizer import load_tokenizer
 from pagedllm.serving.metrics import ServingMetrics
 from pagedllm.serving.prompts import tokenize_request
 from pagedllm.serving.request import GenerateRequest, InvalidRequestError, ResponseOptions, parse_request
-from pagedllm.serving.response import RAW_OUTPUTS, RawResponse, requested_outputs, shape_response
+from pagedllm.serving.response import RawResponse, prepends_prompt, requested_outputs, shape_response
 from pagedllm.weights import resolve_model_path
 
 logger = logging.getLogger("pagedllm.serving")
 _CANCEL_POLL_SECONDS = 0.05
+_CANCEL_CHECKS_PER_POLL = 8
 
 
 def _backend() -> Any:
@@ -71,6 +73,7 @@ class _Stream:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     num_tokens: int = 0
     last_token_time: float | None = None
+    cancel_checked: float = 0.0
 
 
 class LLMModel:
@@ -166,8 +169,14 @@ class LLMModel:
                 last_poll = time.monotonic()
 
     def _abort_cancelled(self) -> None:
+        """A few streams per poll, the longest unchecked first: each check is a round trip to the Triton
+        process, and checking every stream every poll cost more than sending the responses did."""
+        now = time.monotonic()
         with self.lock:
-            cancelled = [s.request_id for s in self.streams.values() if s.sender.is_cancelled()]
+            due = sorted(self.streams.values(), key=lambda s: s.cancel_checked)[:_CANCEL_CHECKS_PER_POLL]
+            for stream in due:
+                stream.cancel_checked = now
+            cancelled = [s.request_id for s in due if s.sender.is_cancelled()]
         for request_id in cancelled:
             self.loop.abort(request_id)
 
@@ -267,9 +276,20 @@ class PostprocessingModel:
         return [self._one(r) for r in requests]
 
     def _one(self, request: Any) -> Any:
-        inputs = _inputs(self.pb, request, list(RAW_OUTPUTS) + ["request"])  # only what the client asked for
-        options = ResponseOptions(**json.loads(bytes(inputs.pop("request").reshape(-1)[0])))
-        return _response(self.pb, shape_response(inputs, options))
+        """The llm model sends only the outputs the client asked for, so a streamed response needs no change:
+        its tensors go back as they came (building new ones costs more than the rest of this step)."""
+        options = _options(self.pb.get_input_tensor_by_name(request, "request").as_numpy().reshape(-1)[0])
+        tensors = {name: tensor for name in requested_outputs(options)
+                   if (tensor := self.pb.get_input_tensor_by_name(request, name)) is not None}
+        if not prepends_prompt(options):
+            return self.pb.InferenceResponse(output_tensors=list(tensors.values()))
+        return _response(self.pb, shape_response({n: t.as_numpy() for n, t in tensors.items()}, options))
+
+
+@functools.lru_cache(maxsize=1024)
+def _options(echo: bytes) -> ResponseOptions:
+    """Parsed once per request, not per response: every response of a request carries the same echo."""
+    return ResponseOptions(**json.loads(echo))
 
 
 class UnaryModel:
