@@ -102,13 +102,13 @@ class _Family:
 
 class _Metric:
     def __init__(self):
-        self.value, self.observed = 0.0, []
+        self.value, self.observed, self.sets = 0.0, [], 0
 
     def increment(self, v):
         self.value += v
 
     def set(self, v):
-        self.value, self.sets = v, getattr(self, "sets", 0) + 1
+        self.value, self.sets = v, self.sets + 1
 
     def observe(self, v):
         self.observed.append(v)
