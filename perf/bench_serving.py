@@ -13,21 +13,18 @@ another `stream_interval` (every token, by default)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
-import queue
 import resource
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
-import requests
-import tritonclient.grpc as grpcclient
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import at_concurrency  # noqa: E402
 from prompts import chat_prompts  # noqa: E402
 from results import write_section  # noqa: E402
 
@@ -36,7 +33,6 @@ from pagedllm.engine.config import EngineConfig  # noqa: E402
 from pagedllm.engine.llm_engine import LLMEngine  # noqa: E402
 from pagedllm.launcher import ServerOptions, TritonServer, free_port  # noqa: E402
 from pagedllm.serving.repository import write_llm  # noqa: E402
-from pagedllm_client.protocol import grpc_inputs, request_fields  # noqa: E402
 
 
 OFFLINE = "offline engine (LLMEngine in-process)"
@@ -58,66 +54,19 @@ def offline(engine: LLMEngine, chats: list, max_tokens: int, concurrency: int) -
     return produced / (time.perf_counter() - start)
 
 
-def grpc_worker(url: str, model: str, jobs: queue.Queue, sampling: dict, counts: list) -> None:
-    client = grpcclient.InferenceServerClient(url)
-    while True:
-        try:
-            chat = jobs.get_nowait()
-        except queue.Empty:
-            break
-        results: queue.Queue = queue.Queue()
-        client.start_stream(callback=lambda result, error: results.put((result, error)))
-        client.async_stream_infer(model, grpc_inputs(request_fields(None, chat, sampling)), enable_empty_final_response=True)
-        tokens = 0
-        while True:
-            result, error = results.get(timeout=600)
-            if error is not None:
-                raise RuntimeError(error)
-            count = result.as_numpy("num_output_tokens")
-            tokens += int(count[0]) if count is not None else 0  # each response counts its own tokens
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                counts.append(tokens)
-                break
-        client.stop_stream()
-    client.close()
-
-
-def http_worker(url: str, model: str, jobs: queue.Queue, sampling: dict, counts: list) -> None:
-    session = requests.Session()
-    while True:
-        try:
-            chat = jobs.get_nowait()
-        except queue.Empty:
-            break
-        body = {"messages": json.dumps(chat), "stream": True, "sampling_parameters": json.dumps(sampling),
-                "return_num_output_tokens": True}
-        with session.post(f"http://{url}/v2/models/{model}/generate_stream", json=body, stream=True, timeout=600) as r:
-            events = [json.loads(line[5:]) for line in r.iter_lines(decode_unicode=True) if line.startswith("data:")]
-        counts.append(sum(int(e["num_output_tokens"]) for e in events))
-
-
 def client_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
-def served(worker, url: str, model: str, chats: list, max_tokens: int, concurrency: int) -> tuple[float, float]:
-    """(output tokens/s, cores the load generator itself used)."""
-    jobs: queue.Queue = queue.Queue()
-    for chat in chats:
-        jobs.put(chat)
-    sampling = {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True}
-    counts: list[int] = []
-    threads = [threading.Thread(target=worker, args=(url, model, jobs, sampling, counts)) for _ in range(concurrency)]
+def served(protocol: str, url: str, model: str, chats: list, max_tokens: int, concurrency: int) -> tuple[float, float]:
+    """(output tokens/s, cores the load generator itself used), through perf/loadgen.py's client."""
     start, cpu = time.perf_counter(), client_cpu_seconds()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if len(counts) != len(chats):
-        raise RuntimeError(f"{len(chats) - len(counts)} requests failed")
-    wall = time.perf_counter() - start
-    return sum(counts) / wall, (client_cpu_seconds() - cpu) / wall
+    records, elapsed = asyncio.run(at_concurrency(url, model, [(c, max_tokens) for c in chats], concurrency, protocol))
+    failed = [r.error for r in records if r.error]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed, first: {failed[0]}")
+    return sum(r.tokens for r in records) / elapsed, (client_cpu_seconds() - cpu) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -147,16 +96,16 @@ def main() -> None:
     opts = ServerOptions(args.model_repository.resolve(), free_port(), free_port(), free_port(),
                          extra_args=[f"--model-repository={extra}"])
     with TritonServer(opts, ROOT / "perf" / "out" / "bench_serving-tritonserver.log") as server:
-        served(grpc_worker, server.grpc_url, "ensemble", chats[:2], 4, 2)  # warm-up
-        paths = {"gRPC streaming, ensemble": (grpc_worker, server.grpc_url, "ensemble"),
-                 "gRPC streaming, llm": (grpc_worker, server.grpc_url, "llm"),
-                 "HTTP generate_stream, ensemble": (http_worker, server.http_url, "ensemble"),
-                 f"gRPC streaming, llm, stream_interval {args.stream_interval}": (grpc_worker, server.grpc_url, chunked)}
+        served("grpc", server.grpc_url, "ensemble", chats[:2], 4, 2)  # warm-up
+        paths = {"gRPC streaming, ensemble": ("grpc", server.grpc_url, "ensemble"),
+                 "gRPC streaming, llm": ("grpc", server.grpc_url, "llm"),
+                 "HTTP generate_stream, ensemble": ("http", server.http_url, "ensemble"),
+                 f"gRPC streaming, llm, stream_interval {args.stream_interval}": ("grpc", server.grpc_url, chunked)}
         before = offline(engine, *work)
         rates[OFFLINE].append(before)
         for _ in range(args.rounds):
-            for name, (worker, url, model) in paths.items():
-                rate, used = served(worker, url, model, *work)
+            for name, (protocol, url, model) in paths.items():
+                rate, used = served(protocol, url, model, *work)
                 after = offline(engine, *work)
                 rates[OFFLINE].append(after)
                 rates.setdefault(name, []).append(rate)

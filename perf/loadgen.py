@@ -52,16 +52,18 @@ def inter_token_latencies(c: Completion) -> list[float]:
     return [gap for a, b, n in gaps for gap in [(b - a) / n] * n]
 
 
-def new_client(url: str, model: str) -> AsyncClient:
+def new_client(url: str, model: str, protocol: str = "grpc") -> AsyncClient:
     # Measure the server as it is: no retries, no circuit breaker.
-    return AsyncClient(url, model, retry=NO_RETRY, breaker=CircuitBreaker(failure_threshold=1 << 30), timeout=3600)
+    return AsyncClient(url, model, protocol, retry=NO_RETRY, breaker=CircuitBreaker(failure_threshold=1 << 30),
+                       timeout=3600)
 
 
-async def at_concurrency(url: str, model: str, work: Work, concurrency: int) -> tuple[list[Record], float]:
+async def at_concurrency(url: str, model: str, work: Work, concurrency: int,
+                         protocol: str = "grpc") -> tuple[list[Record], float]:
     queue = list(reversed(work))
     records: list[Record] = []
     bar = tqdm(total=len(work), desc=f"{model} c={concurrency}", leave=False)
-    async with new_client(url, model) as client:
+    async with new_client(url, model, protocol) as client:
         async def worker() -> None:
             while queue:
                 chat, max_tokens = queue.pop()
