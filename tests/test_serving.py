@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from pagedllm.serving.metrics import ServingMetrics
 from pagedllm.serving.repository import write_repository
 from pagedllm.serving.request import GenerateRequest, InvalidRequestError, ResponseOptions, parse_request
-from pagedllm.serving.response import RawResponse, shape_response
+from pagedllm.serving.response import RawResponse, prepends_prompt, shape_response
 
 REPO = Path(__file__).resolve().parent.parent / "model_repository"
 
@@ -76,14 +76,11 @@ def test_shape_response_prepends_prompt_only_when_not_streaming_and_not_excluded
     assert shape_response(raw, req.options)["text_output"][0] == b" world"
 
 
-@pytest.mark.parametrize("stream, exclude", [(True, False), (False, True), (False, False)])
-def test_echoed_options_shape_responses_alike_and_carry_the_prompt_only_where_it_is_prepended(stream, exclude):
-    req = parse_request({"text_input": s("Hello " * 500), "stream": np.array([stream]),
-                         "exclude_input_in_output": np.array([exclude]), "return_finish_reason": np.array([True])})
-    echo = req.options.echo()
+def test_echoed_options_shape_a_non_streamed_answer_as_the_llm_model_would():
+    req = parse_request({"text_input": s("Hello " * 500), "return_finish_reason": np.array([True])})
     raw = RawResponse(" world", "stop", 3, 1, None).to_tensors()
-    assert shape_response(raw, ResponseOptions(**json.loads(echo))) == shape_response(raw, req.options)
-    assert ("Hello" in echo) == (not stream and not exclude)
+    assert prepends_prompt(req.options)  # the only case in which the llm model sends the echo
+    assert shape_response(raw, ResponseOptions(**json.loads(req.options.echo()))) == shape_response(raw, req.options)
 
 
 class _Family:

@@ -102,8 +102,9 @@ def write_repository(root: Path, engine: dict | None = None, llm: str = "llm", e
     (pre / "1" / "model.py").write_text(MODEL_PY.format(cls="PreprocessingModel"))
     post = root / "postprocessing"
     (post / "1").mkdir(parents=True, exist_ok=True)
-    # The llm sends only the fields the client asked for, so all but text and request are optional here.
-    post_in = _tensors("input", OUTPUTS + REQUEST_ECHO, {name for name, _, _ in OUTPUTS[1:]})
+    # The llm sends only the fields the client asked for, and `request` only with an answer that gets the
+    # prompt prepended, so all but text are optional here.
+    post_in = _tensors("input", OUTPUTS + REQUEST_ECHO, {name for name, _, _ in OUTPUTS[1:] + REQUEST_ECHO})
     (post / "config.pbtxt").write_text(_python_config(
         "postprocessing", post_in, _tensors("output", OUTPUTS, False)))
     (post / "1" / "model.py").write_text(MODEL_PY.format(cls="PostprocessingModel"))

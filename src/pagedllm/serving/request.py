@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 import numpy as np
@@ -39,10 +39,8 @@ class ResponseOptions:
     prompt_text: str = ""
 
     def echo(self) -> str:
-        """What postprocessing needs to shape each response, sent with every one in the ensemble: the flags,
-        and the prompt only where a non-streamed answer prepends it."""
-        prepends = not self.stream and not self.exclude_input_in_output
-        return json.dumps(asdict(replace(self, prompt_text=self.prompt_text if prepends else "")))
+        """What postprocessing needs to prepend the prompt to a non-streamed answer in the ensemble."""
+        return json.dumps(asdict(self))
 
 
 @dataclass

@@ -4,7 +4,6 @@
 `initialize`; everything it touches beyond that lives in the unit-tested modules beside this one."""
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import queue
@@ -66,7 +65,7 @@ class _Stream:
     request_id: str
     sender: Any
     options: ResponseOptions
-    echo: np.ndarray | None  # set in the ensemble: the options postprocessing shapes each response by
+    echo: np.ndarray | None  # in the ensemble, where postprocessing prepends the prompt: the options it needs
     arrival: float
     # what the engine handed out since the last response: a response reports only its own tokens
     text: list[str] = field(default_factory=list)
@@ -115,7 +114,8 @@ class LLMModel:
             inputs = _inputs(self.pb, request, self.input_names)
             req, in_ensemble = self._parse(inputs)
             prompt_ids = tokenize_request(self.engine.tokenizer, req)
-            echo = np.array([req.options.echo().encode()], dtype=np.object_) if in_ensemble else None
+            echo = (np.array([req.options.echo().encode()], dtype=np.object_)
+                    if in_ensemble and prepends_prompt(req.options) else None)
             stream = _Stream(request_id, sender, req.options, echo, time.monotonic())
             with self.lock:
                 self.streams[request_id] = stream
@@ -276,20 +276,15 @@ class PostprocessingModel:
         return [self._one(r) for r in requests]
 
     def _one(self, request: Any) -> Any:
-        """The llm model sends only the outputs the client asked for, so a streamed response needs no change:
-        its tensors go back as they came (building new ones costs more than the rest of this step)."""
-        options = _options(self.pb.get_input_tensor_by_name(request, "request").as_numpy().reshape(-1)[0])
-        tensors = {name: tensor for name in requested_outputs(options)
-                   if (tensor := self.pb.get_input_tensor_by_name(request, name)) is not None}
-        if not prepends_prompt(options):
-            return self.pb.InferenceResponse(output_tensors=list(tensors.values()))
-        return _response(self.pb, shape_response({n: t.as_numpy() for n, t in tensors.items()}, options))
-
-
-@functools.lru_cache(maxsize=1024)
-def _options(echo: bytes) -> ResponseOptions:
-    """Parsed once per request, not per response: every response of a request carries the same echo."""
-    return ResponseOptions(**json.loads(echo))
+        """The llm model sends only the outputs the client asked for, and the options (`request`) only where
+        the prompt is to be prepended: any other response goes back as it came, with no new tensors built
+        (building them costs more than the rest of this step)."""
+        echo = self.pb.get_input_tensor_by_name(request, "request")
+        if echo is None:
+            return self.pb.InferenceResponse(output_tensors=request.inputs())
+        raw = {t.name(): t.as_numpy() for t in request.inputs() if t.name() != "request"}
+        options = ResponseOptions(**json.loads(echo.as_numpy().reshape(-1)[0]))
+        return _response(self.pb, shape_response(raw, options))
 
 
 class UnaryModel:
