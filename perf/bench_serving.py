@@ -4,12 +4,12 @@
     python perf/bench_serving.py --quick       # a smoke run (CI)
 
 Every path serves the same requests (chat prompts, greedy, ignore_eos, max_tokens fixed) with the same
-number in flight; the offline engine is LLMEngine driven in-process with the same engine.json. The paths
-take turns, round after round, with an offline run between any two served runs; each served run is divided
-by the mean of the offline runs just before and after it, and the median of those ratios is reported: this
-machine's speed drifts by a quarter within minutes, so only figures taken seconds apart are comparable, and
-many short runs give a steadier median than a few long ones. One more path serves the same engine.json with
-another `stream_interval` (every token, by default)."""
+number in flight, sent by perf/loadgen.py's client; the offline engine is LLMEngine driven in-process with
+the same engine.json. The paths take turns, round after round, with an offline run between any two served
+runs; each served run is divided by the mean of the offline runs just before and after it, and the median
+of those ratios is reported: this machine's speed drifts by a quarter within minutes, so only figures taken
+seconds apart are comparable, and many short runs give a steadier median than a few long ones. One more
+path serves the same engine.json with another `stream_interval` (every token, by default)."""
 from __future__ import annotations
 
 import argparse
@@ -131,7 +131,7 @@ def report(rates: dict[str, list[float]], ratios: dict[str, list[float]], cores:
             f"{args.num_requests} chat requests x {args.max_tokens} tokens, greedy, {args.concurrency} in flight, "
             f"{args.rounds} rounds in which the paths take turns with an offline run between any two; each served run "
             f"is divided by the mean of the offline runs just before and after it, and the median of those ratios "
-            f"is shown (each round's in brackets). The load generator "
+            f"is shown (each round's in brackets). The load generator (perf/loadgen.py's asyncio client, one thread) "
             f"shares the machine's {os.cpu_count()} cores with the server. engine.json as shipped streams a response "
             f"every {shipped} tokens (`stream_interval` {shipped}); the last path is the same engine with "
             f"`stream_interval` {args.stream_interval}.\n\n"
