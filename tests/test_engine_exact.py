@@ -73,3 +73,23 @@ def test_triton_kernel_backend_matches(tiny_model_dir):
     llm, _ = _check(tiny_model_dir("llama3"), prompts, 8, block_size=4, max_num_batched_tokens=16,
                     attention_backend="triton")
     assert llm.engine.runner.attention_backend == "triton"
+
+
+def test_cpu_kernel_backend_matches(tiny_model_dir):
+    """The C++ CPU kernels (decode steps fused per layer, the linears at::linear in float32): chunked
+    prefill, decode, a prefix hit, preemption; greedy token-exact against transformers."""
+    from pagedllm.engine import cpu_kernels
+    if not cpu_kernels.available():
+        pytest.skip("CPU kernels need AVX-512 BF16 and a compiler")
+    prompts = _prompts(5, (5, 60), 49152, seed=5)
+    prompts.append(prompts[0][:12] + [7, 8, 9])
+    llm, _ = _check(tiny_model_dir("qwen2"), prompts, 24, block_size=4, max_num_batched_tokens=16,
+                    num_kv_blocks=40, attention_backend="cpu")
+    assert llm.engine.runner.attention_backend == "cpu" and llm.engine.runner.model.decode_layers
+
+
+def test_torch_backend_matches(tiny_model_dir):
+    """The plain-torch path, which machines without the CPU kernels run."""
+    prompts = _prompts(4, (5, 40), 49152, seed=6)
+    llm, _ = _check(tiny_model_dir("llama3"), prompts, 12, block_size=4, attention_backend="torch")
+    assert llm.engine.runner.model.decode_layers is None

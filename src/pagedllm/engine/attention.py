@@ -62,8 +62,9 @@ def build_metadata(
     device: torch.device,
     backend: str = "torch",
 ) -> AttentionMetadata:
-    """`groups`: (query_start, num_seqs, query_len, block_tables, context_lens) for each group."""
-    if backend == "triton":
+    """`groups`: (query_start, num_seqs, query_len, block_tables, context_lens) for each group. The "cpu"
+    backend's C++ decode layers read the kernel metadata too, on steps where every query is one token."""
+    if backend == "triton" or (backend == "cpu" and all(g[2] == 1 for g in groups)):
         empty = torch.empty(0, dtype=torch.long, device=device)
         return AttentionMetadata(empty, empty, [], kernel_metadata(slot_mapping, groups, device))
     slots = torch.tensor(slot_mapping, dtype=torch.long, device=device)

@@ -12,6 +12,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -90,7 +91,10 @@ class EngineConfig:
     model: str | None = None
     dtype: str = "bfloat16"
     device: str = "auto"
-    attention_backend: str = "auto"  # auto: the Triton kernels on CUDA (when triton is installed), else torch
+    # auto: the Triton kernels on CUDA (when triton is installed); on a CPU with AVX-512 BF16, "cpu":
+    # pagedllm's C++ kernels (packed linears, decode steps in one call per layer); else plain torch.
+    attention_backend: str = "auto"
+    quantization: str | None = None  # "int8": weight-only, per output channel, converted at load (needs "cpu")
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory: int = 1 << 30
@@ -112,8 +116,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(_DTYPES)}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"attention_backend: {self.attention_backend!r} is not one of auto, torch, triton")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend: {self.attention_backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization: {self.quantization!r} is not supported; supported: int8")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "stream_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
@@ -125,10 +131,11 @@ class EngineConfig:
     def resolved_attention_backend(self) -> str:
         if self.attention_backend != "auto":
             return self.attention_backend
-        if self.resolved_device().type != "cuda":
-            return "torch"
-        import importlib.util
-        return "triton" if importlib.util.find_spec("triton") is not None else "torch"
+        if self.resolved_device().type == "cuda":
+            import importlib.util
+            return "triton" if importlib.util.find_spec("triton") is not None else "torch"
+        from pagedllm.engine import cpu_kernels
+        return "cpu" if cpu_kernels.available() else "torch"
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

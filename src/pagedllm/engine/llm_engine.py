@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig
 
 from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.cpu_kernels import linear_kind
 from pagedllm.engine.cpu_linear import pack_linears
 from pagedllm.engine.config import EngineConfig, ModelConfig, num_blocks_for, resolve_max_model_len
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
@@ -57,9 +58,14 @@ class LLMEngine:
         self.num_blocks = num_blocks_for(config, self.model_config)
         self.max_model_len = resolve_max_model_len(config, self.model_config, self.num_blocks)
         self.eos_token_ids = _eos_ids(self.model_config, self.tokenizer)
+        backend = config.resolved_attention_backend()
+        if config.quantization and backend != "cpu":
+            raise ValueError(f"quantization: {config.quantization} runs on the CPU kernels only "
+                             f"(attention_backend cpu); this engine resolved to {backend}")
         model = _load_model(self.model_path, self.model_config, self.max_model_len, config.torch_dtype, self.device)
+        _accelerate(model, backend, config)
         self.runner = ModelRunner(model, self.model_config, self.num_blocks, config.block_size,
-                                  config.torch_dtype, self.device, config.resolved_attention_backend())
+                                  config.torch_dtype, self.device, backend)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(config.seed)
@@ -221,6 +227,14 @@ def _load_model(path: Any, config: ModelConfig, max_positions: int, dtype: torch
     model.load_weights(iter_safetensors(path))
     model = model.to(dtype=dtype)
     model.rotary = RotaryEmbedding(config, max_positions).to(device)  # computed in float32, never loaded
-    if pack_linears(model, batch_hint=64):
-        logger.info("linear layers prepacked for oneDNN (CPU, bfloat16)")
     return model.eval()
+
+
+def _accelerate(model: LlamaForCausalLM, backend: str, config: EngineConfig) -> None:
+    """The fastest path this machine has: pagedllm's CPU kernels, else oneDNN's prepacked bf16 linears."""
+    if backend == "cpu":
+        kind = linear_kind(config.torch_dtype, config.quantization)
+        model.use_cpu_kernels(kind)
+        logger.info("CPU kernels (AVX-512 BF16): %s linears, decode steps fused per layer", kind)
+    elif pack_linears(model, batch_hint=64):
+        logger.info("linear layers prepacked for oneDNN (CPU, bfloat16)")

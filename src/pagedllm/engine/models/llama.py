@@ -98,6 +98,22 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.rotary = RotaryEmbedding(config, max_positions)
+        self.decode_layers: list | None = None  # the C++ decoder layers, once use_cpu_kernels ran
+
+    def use_cpu_kernels(self, linear_kind: str) -> None:
+        """Run on pagedllm's CPU kernels: every linear on packed weights of `linear_kind` (cpu_kernels),
+        and decode-only steps as one C++ call per layer. The LM head gets its own packed copy."""
+        from pagedllm.engine import cpu_kernels
+        ops = cpu_kernels.load()
+        cpu_kernels.swap_linears(self, linear_kind)
+        c = self.config
+        self.decode_layers = [
+            ops.DecoderLayer(layer.qkv_proj.op, layer.o_proj.op, layer.gate_up_proj.op, layer.down_proj.op,
+                             layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+                             c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps,
+                             c.head_dim ** -0.5)
+            for layer in self.layers]
+        self._decode = ops.decode_layers
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -108,9 +124,14 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata, sample_indices: torch.Tensor) -> torch.Tensor:
         """Flat, unpadded batch in; float32 logits out for the `sample_indices` rows only."""
         x = self.embed_tokens(input_ids)
-        rope = self.rotary(positions, x.dtype)
-        for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv, meta)
+        if self.decode_layers is not None and meta.kernel is not None:  # a decode-only step, in C++
+            k = meta.kernel
+            self._decode(self.decode_layers, x, self.rotary.cos, self.rotary.sin, positions, k.slot_mapping,
+                         kv_caches, k.block_tables, k.context_lens)
+        else:
+            rope = self.rotary(positions, x.dtype)
+            for layer, kv in zip(self.layers, kv_caches):
+                x = layer(x, rope, kv, meta)
         x = self.norm(x.index_select(0, sample_indices))
         return self.lm_head(x).float()
 

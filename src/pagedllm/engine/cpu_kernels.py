@@ -1,0 +1,166 @@
+"""The CPU fast path: pagedllm's C++ kernels (csrc/cpu_kernels.cpp), built once per machine into the cache.
+
+On a CPU with AVX-512 BF16 the engine runs its linear layers on packed bfloat16 or int8 weights and a
+decode step as one C++ call per decoder layer (norms, rotary embedding, KV write, paged attention,
+activation): at batch 1 the step is bound by reading the weights, not by Python per op. Anywhere else
+(another CPU, a build failure, `cpu_kernels: "off"`), the plain-torch model runs as before."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import mmap
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+
+
+class KernelsUnavailable(RuntimeError):
+    """The CPU kernels cannot run here (the message says why)."""
+
+
+def missing_cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return list(REQUIRED_FLAGS)
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in REQUIRED_FLAGS if f not in flags]
+
+
+@functools.cache
+def load() -> ModuleType:
+    """The compiled kernels; built on first use (about a minute) and cached per source and torch version."""
+    missing = missing_cpu_flags()
+    if missing:
+        raise KernelsUnavailable(f"this CPU lacks {', '.join(missing)}")
+    from torch.utils.cpp_extension import load as build
+
+    from pagedllm.weights import cache_dir
+    tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    directory = cache_dir() / "kernels" / tag
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        return build("pagedllm_cpu_kernels", [str(SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+                     build_directory=str(directory))
+    except Exception as e:  # a missing compiler or ninja: say so once, and run plain torch
+        raise KernelsUnavailable(f"building {SOURCE.name} failed: {type(e).__name__}: {e}") from e
+
+
+def available() -> bool:
+    try:
+        load()
+        return True
+    except KernelsUnavailable as e:
+        logger.info("CPU kernels off: %s", e)
+        return False
+
+
+GROUP = 48  # output channels per packed group: three 16-lane registers, one sequential stream
+
+
+def _padded(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n, k = weight.shape
+    out = torch.zeros((n + GROUP - 1) // GROUP * GROUP, k, dtype=dtype)
+    out[:n] = weight
+    return out
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N/48), K/2, 48, 2] bfloat16: per input pair (k, k+1), a group's 48 channels."""
+    k = weight.shape[1]
+    if k % 2:
+        raise ValueError(f"pack_bf16: in_features {k} must be even")
+    return _padded(weight, torch.bfloat16).view(-1, GROUP, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (codes [N, K] int8, scale [N] float32), weight ~ codes * scale."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def pack_int8(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] int8 -> [ceil(N/48), K, 48]: per input feature, a group's 48 channels' codes."""
+    return _padded(codes, torch.int8).view(-1, GROUP, codes.shape[1]).transpose(1, 2).contiguous()
+
+
+def packed_nbytes(linear: nn.Linear, kind: str) -> int:
+    rows = (linear.out_features + GROUP - 1) // GROUP * GROUP
+    return rows * linear.in_features * (1 if kind == "int8" else 2) + 64
+
+
+class HugePageArena:
+    """One anonymous mapping advised for transparent huge pages, handed out in 64-byte aligned slices:
+    streaming packed weights from 2 MB pages measured 15% faster at batch 1 than from 4 KB pages."""
+
+    def __init__(self, nbytes: int) -> None:
+        self._map = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            self._map.madvise(mmap.MADV_HUGEPAGE)
+        self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._used = 0
+
+    def place(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of `tensor` inside the arena."""
+        n = tensor.numel() * tensor.element_size()
+        if self._used + n > self._bytes.numel():
+            raise ValueError(f"HugePageArena: {n} bytes do not fit in the {self._bytes.numel() - self._used} left")
+        slot = self._bytes[self._used:self._used + n].view(tensor.dtype).view(tensor.shape)
+        slot.copy_(tensor)
+        self._used += (n + 63) // 64 * 64
+        return slot
+
+
+class KernelLinear(nn.Module):
+    """nn.Linear's drop-in on the kernels: "bf16" (packed), "int8" (packed codes, per-channel scales) or
+    "plain" (other dtypes, through at::linear)."""
+
+    def __init__(self, linear: nn.Linear, kind: str, arena: HugePageArena | None = None) -> None:
+        super().__init__()
+        ops = load()
+        self.in_features, self.out_features, self.kind = linear.in_features, linear.out_features, kind
+        w = linear.weight.detach()
+        bias = None if linear.bias is None else linear.bias.detach()
+        scale = torch.empty(0)
+        if kind == "bf16":
+            w, bias = pack_bf16(w), None if bias is None else bias.float()
+        elif kind == "int8":
+            codes, scale = quantize_int8(w)
+            w, bias = pack_int8(codes), None if bias is None else bias.float()
+        elif kind != "plain":
+            raise ValueError(f"kind: {kind!r} is not one of bf16, int8, plain")
+        if arena is not None and kind != "plain":
+            w = arena.place(w)
+        self.arena = arena  # keeps the mapping alive as long as the weights in it
+        self.op = ops.Linear(w, scale, bias, self.out_features, kind)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x.contiguous())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
+
+
+def linear_kind(dtype: torch.dtype, quantization: str | None) -> str:
+    if quantization == "int8":
+        return "int8"
+    return "bf16" if dtype == torch.bfloat16 else "plain"
+
+
+def swap_linears(model: nn.Module, kind: str) -> None:
+    """Replace every nn.Linear of `model` by a KernelLinear of `kind`, the packed weights in one arena."""
+    targets = [(module, name, child) for module in model.modules() for name, child in module.named_children()
+               if isinstance(child, nn.Linear)]
+    arena = HugePageArena(sum(packed_nbytes(child, kind) for _, _, child in targets)) if kind != "plain" else None
+    for module, name, child in targets:
+        setattr(module, name, KernelLinear(child, kind, arena))

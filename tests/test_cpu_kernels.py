@@ -1,0 +1,133 @@
+"""Each C++ CPU kernel computes what the plain-torch path computes (csrc/cpu_kernels.cpp)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.engine import cpu_kernels
+from pagedllm.engine.attention import CacheGeometry, TorchPagedAttention, build_metadata
+from pagedllm.engine.models.llama import RMSNorm, apply_rope
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels need AVX-512 BF16 and a compiler")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    return cpu_kernels.load()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 70])
+@pytest.mark.parametrize("out_features,bias", [(96, False), (100, True), (300, False)])
+def test_bf16_linear_matches_f_linear(rows, out_features, bias):
+    torch.manual_seed(rows)
+    linear = nn.Linear(64, out_features, bias=bias).to(torch.bfloat16)
+    x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    expected = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
+    out = cpu_kernels.KernelLinear(linear, "bf16")(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 9])
+def test_int8_linear_matches_its_dequantized_weights(dtype, rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 200, bias=True).to(dtype)
+    codes, scale = cpu_kernels.quantize_int8(linear.weight)
+    x = torch.randn(rows, 96, dtype=dtype)
+    expected = F.linear(x.float(), codes.float() * scale[:, None], linear.bias.float())
+    arena = cpu_kernels.HugePageArena(cpu_kernels.packed_nbytes(linear, "int8"))
+    out = cpu_kernels.KernelLinear(linear, "int8", arena)(x)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_int8_codes_are_close_to_the_weights():
+    w = torch.randn(64, 128)
+    codes, scale = cpu_kernels.quantize_int8(w)
+    assert codes.dtype == torch.int8 and codes.abs().max() <= 127
+    assert ((codes.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6).all()
+
+
+def test_arena_refuses_what_does_not_fit():
+    arena = cpu_kernels.HugePageArena(128)
+    placed = arena.place(torch.arange(16, dtype=torch.int32))
+    assert placed.tolist() == list(range(16))
+    with pytest.raises(ValueError, match="do not fit"):
+        arena.place(torch.zeros(64, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_matches_module(ops, dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(72, 1e-5).to(dtype)
+    norm.weight.data = torch.randn(72).to(dtype)
+    x, residual = torch.randn(5, 72, dtype=dtype), torch.randn(5, 72, dtype=dtype)
+    torch.testing.assert_close(ops.rms_norm(x, None, norm.weight.detach(), 1e-5), norm(x))
+    expected_residual = residual + x
+    out = ops.rms_norm(x, residual, norm.weight.detach(), 1e-5)
+    torch.testing.assert_close(residual, expected_residual)  # updated in place
+    torch.testing.assert_close(out, norm(expected_residual))
+
+
+def _cache_and_meta(geo: CacheGeometry, context_lens: list[int], dtype: torch.dtype, seed: int = 0):
+    """A random cache, block tables spread over it, and the torch path's decode metadata."""
+    torch.manual_seed(seed)
+    cache = torch.randn(geo.shape, dtype=dtype)
+    perm = torch.randperm(geo.num_blocks).tolist()
+    tables, used = [], 0
+    for ctx in context_lens:
+        n = -(-ctx // geo.block_size)
+        tables.append(perm[used:used + n])
+        used += n
+    slots = [t[(c - 1) // geo.block_size] * geo.block_size + (c - 1) % geo.block_size for t, c in zip(tables, context_lens)]
+    groups = [(0, len(tables), 1, tables, context_lens)]
+    return cache, build_metadata(slots, groups, geo, dtype, torch.device("cpu")), \
+        build_metadata(slots, groups, geo, dtype, torch.device("cpu"), "cpu").kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (9, 3, 64)])
+def test_rope_and_kv_write_match_torch(ops, dtype, heads, kv_heads, head_dim):
+    geo = CacheGeometry(heads, kv_heads, head_dim, num_blocks=12, block_size=4)
+    context_lens = [3, 9, 17]
+    cache, meta, kernel = _cache_and_meta(geo, context_lens, dtype)
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    positions = torch.tensor([c - 1 for c in context_lens])
+    freqs = torch.arange(64, dtype=torch.float32)[:, None] * (1e4 ** (-torch.arange(0, head_dim, 2) / head_dim))
+    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+    view = qkv.view(3, heads + 2 * kv_heads, head_dim).float()
+    rotated = apply_rope(view[:, :heads + kv_heads], cos[positions][:, None], sin[positions][:, None])
+    expected_cache = cache.clone()
+    TorchPagedAttention(heads, kv_heads, head_dim).write_kv(
+        torch.cat((rotated[:, heads:], view[:, heads + kv_heads:]), 1).to(dtype), expected_cache, meta)
+    q = ops.rope_and_write_kv(qkv, cos, sin, positions, kernel.slot_mapping, cache, heads, kv_heads, head_dim)
+    tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(q.float(), rotated[:, :heads].reshape(3, -1), **tol)
+    torch.testing.assert_close(cache.float(), expected_cache.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("context_lens", [[1], [5, 16, 33], [700], [300, 1100]])
+def test_paged_attention_matches_torch(ops, dtype, context_lens):
+    """Short contexts, block boundaries, and long ones that the kernel splits and merges."""
+    heads, kv_heads, head_dim = 6, 2, 32
+    geo = CacheGeometry(heads, kv_heads, head_dim, num_blocks=200, block_size=8)
+    cache, meta, kernel = _cache_and_meta(geo, context_lens, dtype, seed=len(context_lens))
+    q = torch.randn(len(context_lens), heads * head_dim, dtype=dtype)
+    attention = TorchPagedAttention(heads, kv_heads, head_dim)
+    expected = torch.cat([attention._attend_group(q.view(-1, heads, head_dim), cache, g) for g in meta.groups])
+    out = ops.paged_attention(q, cache, kernel.block_tables, kernel.context_lens, heads, kv_heads, head_dim,
+                              head_dim ** -0.5)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(out.float(), expected.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_matches_torch(ops, dtype):
+    gate_up = torch.randn(3, 2 * 40, dtype=dtype) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(ops.silu_mul(gate_up), F.silu(gate) * up, **tol)
