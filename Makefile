@@ -42,6 +42,7 @@ test-integration: setup
 
 bench: setup
 	$(PY) perf/bench_engine.py
+	$(PY) perf/bench_llamacpp.py
 	$(PY) perf/bench_serving.py
 	$(PY) perf/compare.py
 

@@ -161,6 +161,9 @@ def write_outputs(rows: list[dict], stem: Path, title: str) -> list[Path]:
     return [stem.with_suffix(".csv"), stem.with_suffix(".md")] + plot(rows, stem, title)
 
 
+DISPLAY_NAMES = {"llm": "pagedllm", "ensemble": "pagedllm (ensemble)"}
+
+
 def plot(rows: list[dict], stem: Path, title: str) -> list[Path]:
     """Throughput and p95 latencies against concurrency, one line per model."""
     import matplotlib
@@ -171,17 +174,22 @@ def plot(rows: list[dict], stem: Path, title: str) -> list[Path]:
         return []
     panels = [("output_tokens_per_s", "output tokens/s"), ("ttft_p95_ms", "p95 time to first token (ms)"),
               ("itl_p95_ms", "p95 inter-token latency (ms)"), ("e2e_p95_ms", "p95 end-to-end latency (ms)")]
+    models = list(dict.fromkeys(r["model"] for r in fixed))
+    colours = {m: f"C{i}" for i, m in enumerate(models)}  # one colour per system in every panel
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (key, label) in zip(axes, panels):
-        for model in dict.fromkeys(r["model"] for r in fixed):
+        for model in models:
             points = [(r["level"], r[key]) for r in fixed if r["model"] == model and r[key] is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", label=model)
+                ax.plot(*zip(*points), marker="o", label=DISPLAY_NAMES.get(model, model), color=colours[model])
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")  # pagedllm's latencies sit decades below the baselines'
+        ax.set_ylabel(label, fontsize=8)
         ax.set_xlabel("concurrent streams")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = stem.with_suffix(".png")

@@ -93,3 +93,28 @@ def test_torch_backend_matches(tiny_model_dir):
     prompts = _prompts(4, (5, 40), 49152, seed=6)
     llm, _ = _check(tiny_model_dir("llama3"), prompts, 12, block_size=4, attention_backend="torch")
     assert llm.engine.runner.model.decode_layers is None
+
+
+def test_int8_matches_transformers_on_the_same_codes(tiny_model_dir, tmp_path):
+    """quantization int8 (weight-only, per output channel): greedy token-exact against transformers running
+    the same codes times scales as float32 weights."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pagedllm.engine import cpu_kernels
+    if not cpu_kernels.available():
+        pytest.skip("CPU kernels need AVX-512 BF16 and a compiler")
+    source = tiny_model_dir("llama3")  # untied: the LM head is quantized too, the embedding is not
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                codes, scale = cpu_kernels.quantize_int8(module.weight)
+                module.weight.copy_(codes.float() * scale[:, None])
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path)
+    prompts = _prompts(4, (5, 50), 49152, seed=7)
+    llm = LLM(str(source), dtype="float32", quantization="int8", block_size=4, max_num_batched_tokens=16)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=16, **GREEDY), use_tqdm=False)
+    assert [o.token_ids for o in outs] == hf_greedy(tmp_path, prompts, 16)

@@ -40,3 +40,13 @@ def test_unsupported_architecture_names_supported_ones(tmp_path):
     GPT2Config(n_layer=1, n_embd=8, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="LlamaForCausalLM"):
         LLM(str(tmp_path))
+
+
+def test_bad_engine_settings_name_the_field(tiny_model_dir):
+    from pagedllm.engine.config import EngineConfig
+    with pytest.raises(ValueError, match="quantization"):
+        EngineConfig(quantization="int4")
+    with pytest.raises(ValueError, match="attention_backend"):
+        EngineConfig(attention_backend="fast")
+    with pytest.raises(ValueError, match="quantization: int8 runs on the CPU kernels"):
+        LLM(str(tiny_model_dir("llama-tied")), quantization="int8", attention_backend="torch")

@@ -38,19 +38,21 @@ def missing_cpu_flags() -> list[str]:
 
 @functools.cache
 def load() -> ModuleType:
-    """The compiled kernels; built on first use (about a minute) and cached per source and torch version."""
+    """The compiled kernels; built on first use (about 30 s) and cached per source and torch version."""
     missing = missing_cpu_flags()
     if missing:
         raise KernelsUnavailable(f"this CPU lacks {', '.join(missing)}")
-    from torch.utils.cpp_extension import load as build
-
     from pagedllm.weights import cache_dir
     tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-    directory = cache_dir() / "kernels" / tag
+    return build(cache_dir() / "kernels" / tag)
+
+
+def build(directory: Path) -> ModuleType:
+    from torch.utils.cpp_extension import load as compile_and_load
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        return build("pagedllm_cpu_kernels", [str(SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
-                     build_directory=str(directory))
+        return compile_and_load("pagedllm_cpu_kernels", [str(SOURCE)], extra_cflags=_CFLAGS,
+                                extra_ldflags=["-fopenmp"], build_directory=str(directory))
     except Exception as e:  # a missing compiler or ninja: say so once, and run plain torch
         raise KernelsUnavailable(f"building {SOURCE.name} failed: {type(e).__name__}: {e}") from e
 

@@ -1,11 +1,12 @@
 // CPU kernels for x86-64 with AVX-512 (F, BW, VL, BF16): linear layers on packed bf16 or int8 weights,
 // and the ops of a decode step (RMSNorm, rotary embedding with the KV-cache write, paged attention,
-// SiLU-and-multiply), composed into one call per decoder layer so that a decode step costs no Python
-// per op. Loaded by pagedllm/engine/cpu_kernels.py, which checks the CPU first; every op is tested
+// SiLU-and-multiply), composed into one call for all decoder layers, so that a decode step costs no
+// Python per op and starts torch's threads once (one OpenMP region, a barrier between ops). Loaded by pagedllm/engine/cpu_kernels.py, which checks the CPU first; every op is tested
 // against the plain-torch path in tests/test_cpu_kernels.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <omp.h>
 
 #include <cmath>
 #include <vector>
@@ -147,12 +148,27 @@ void run_rows(const TileArgs& a, int64_t m0, int64_t rows, int64_t g) {
   }
 }
 
+// Where an op's items go: across torch's threads (a standalone op, `tid` < 0), or, inside decode_layers'
+// one parallel region, this thread's even share of them, followed by a barrier.
+struct Par {
+  int tid = -1, threads = 1;
+
+  template <typename F>
+  void operator()(int64_t n, int64_t grain, const F& f) const {
+    if (tid < 0) return at::parallel_for(0, n, grain, f);
+    const int64_t chunk = (n + threads - 1) / threads, begin = std::min(n, tid * chunk);
+    const int64_t end = std::min(n, begin + chunk);
+    if (begin < end) f(begin, end);
+#pragma omp barrier
+  }
+};
+
 // Threads split the channel groups, and for many rows the row tiles too, walking rows fastest so a
 // group's weights stay in cache while every row tile reads them.
 template <typename Out>
-void linear_tiles(const TileArgs& a, int64_t M) {
+void linear_tiles(const TileArgs& a, int64_t M, const Par& par) {
   const int64_t groups = (a.N + 16 * kGroup - 1) / (16 * kGroup), mtiles = (M + 7) / 8;
-  at::parallel_for(0, groups * mtiles, 1, [&](int64_t begin, int64_t end) {
+  par(groups * mtiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       int64_t g = t / mtiles, m0 = t % mtiles * 8;
       run_rows<Out>(a, m0, std::min<int64_t>(8, M - m0), g);
@@ -160,53 +176,11 @@ void linear_tiles(const TileArgs& a, int64_t M) {
   });
 }
 
-Tensor empty_out(const Tensor& x, int64_t N) {
-  auto sizes = x.sizes().vec();
-  sizes.back() = N;
-  return torch::empty(sizes, x.options());
-}
-
-void check_linear_input(const Tensor& x, int64_t K) {
-  TORCH_CHECK(x.is_contiguous() && x.size(-1) == K, "linear: input must be contiguous with ", K, " features");
-}
-
-}  // namespace
-
-// y = x @ W.T (+ bias) with W packed by pack_bf16; x bfloat16 [..., K], K even.
-Tensor linear_bf16(const Tensor& x, const Tensor& packed, const c10::optional<Tensor>& bias, int64_t N) {
-  const int64_t K = packed.size(1) * 2;
-  check_linear_input(x, K);
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear_bf16: input must be bfloat16");
-  Tensor y = empty_out(x, N);
-  const int64_t M = x.numel() / K;
-  TileArgs a{x.data_ptr(), K / 2, packed.data_ptr(), K / 2, nullptr,
-             bias ? bias->data_ptr<float>() : nullptr, y.data_ptr(), N, N};
-  linear_tiles<BFloat16>(a, M);
-  return y;
-}
-
-// y = (x @ Q.T) * scale (+ bias) with Q packed by pack_int8; x bfloat16 or float32, widened once.
-Tensor linear_int8(const Tensor& x, const Tensor& packed, const Tensor& scale, const c10::optional<Tensor>& bias,
-                   int64_t N) {
-  const int64_t K = packed.size(1);
-  check_linear_input(x, K);
-  Tensor xf = x.to(at::kFloat).contiguous();
-  Tensor y = empty_out(x, N);
-  const int64_t M = x.numel() / K;
-  TileArgs a{xf.data_ptr(), K, packed.data_ptr(), K, scale.data_ptr<float>(),
-             bias ? bias->data_ptr<float>() : nullptr, y.data_ptr(), N, N};
-  if (x.scalar_type() == at::kBFloat16) linear_tiles<BFloat16>(a, M);
-  else linear_tiles<float>(a, M);
-  return y;
-}
-
-namespace {
-
 // ---- RMSNorm, as transformers computes it: normalised in float32, rounded to the model's dtype, then
 // scaled by the weight in that dtype. With `residual`, first residual += x (in the model's dtype).
 template <typename T>
-void rms_norm_rows(T* x, T* residual, const T* w, T* out, int64_t rows, int64_t H, float eps) {
-  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+void rms_norm_rows(T* x, T* residual, const T* w, T* out, int64_t rows, int64_t H, float eps, const Par& par) {
+  par(rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       T* src = residual ? residual + r * H : x + r * H;
       __m512 ss = _mm512_setzero_ps();
@@ -233,9 +207,10 @@ void rms_norm_rows(T* x, T* residual, const T* w, T* out, int64_t rows, int64_t 
 // qkv: [T, (H + 2 KVH) * D]; cache: [2, KVH, num_blocks * block_size, D]; cos/sin: [max_positions, D].
 template <typename T>
 void rope_write_kv(const T* qkv, T* q_out, T* cache, const float* cos, const float* sin, const int64_t* positions,
-                   const int32_t* slots, int64_t tokens, int64_t H, int64_t KVH, int64_t D, int64_t cache_rows) {
+                   const int32_t* slots, int64_t tokens, int64_t H, int64_t KVH, int64_t D, int64_t cache_rows,
+                   const Par& par) {
   const int64_t half = D / 2, width = (H + 2 * KVH) * D;
-  at::parallel_for(0, tokens * (H + 2 * KVH), 256, [&](int64_t begin, int64_t end) {
+  par(tokens * (H + 2 * KVH), 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       int64_t tok = t / (H + 2 * KVH), head = t % (H + 2 * KVH);
       const T* src = qkv + tok * width + head * D;
@@ -325,43 +300,55 @@ void attend_split(const T* q, const T* cache, const int32_t* table, int64_t firs
   for (int64_t g = 0; g < group; ++g) m_out[g] = m[g], l_out[g] = l[g];
 }
 
+// How a decode batch's contexts are split: enough splits that every thread has work at batch 1, none
+// shorter than 256 positions, each a whole number of blocks; and the float32 scratch the splits need.
+struct AttentionPlan {
+  int64_t splits, split_len, scratch_floats;
+
+  AttentionPlan(const Tensor& context_lens, int64_t H, int64_t KVH, int64_t D, int64_t BS) {
+    const int32_t* ctx = context_lens.data_ptr<int32_t>();
+    const int64_t B = context_lens.numel(), threads = at::get_num_threads();
+    int64_t longest = 1;
+    for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, ctx[b]);
+    splits = std::max<int64_t>(1, std::min<int64_t>((longest + 255) / 256, (4 * threads + B * KVH - 1) / (B * KVH)));
+    split_len = ((longest + splits - 1) / splits + BS - 1) / BS * BS;
+    splits = (longest + split_len - 1) / split_len;
+    scratch_floats = B * H * splits * (D + 2);
+  }
+};
+
 template <typename T>
 void paged_attention_decode(const T* q, const T* cache, const int32_t* tables, int64_t max_blocks,
                             const int32_t* context_lens, T* out, int64_t B, int64_t H, int64_t KVH, int64_t D,
-                            int64_t BS, int64_t cache_rows, float scale) {
-  const int64_t group = H / KVH;
-  int64_t longest = 0;
-  for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, context_lens[b]);
-  // Enough splits that every thread has work at batch 1, none shorter than 256 positions.
-  const int64_t threads = at::get_num_threads();
-  int64_t splits = std::max<int64_t>(1, std::min<int64_t>((longest + 255) / 256, (4 * threads + B * KVH - 1) / (B * KVH)));
-  const int64_t split_len = ((longest + splits - 1) / splits + BS - 1) / BS * BS;
-  splits = (longest + split_len - 1) / split_len;
-  std::vector<float> ml(B * KVH * splits * group * 2), acc(B * KVH * splits * group * D);
-  at::parallel_for(0, B * KVH * splits, 1, [&](int64_t begin, int64_t end) {
+                            int64_t BS, int64_t cache_rows, float scale, const AttentionPlan& plan, float* scratch,
+                            const Par& par) {
+  const int64_t group = H / KVH, splits = plan.splits;
+  float* ml = scratch;                              // [item][2 * group]: running max, then sum
+  float* acc = scratch + B * KVH * splits * group * 2;  // [item][group][D]
+  par(B * KVH * splits, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       int64_t b = item / (KVH * splits), h = item / splits % KVH, s = item % splits;
-      int64_t first = s * split_len, last = std::min<int64_t>(first + split_len, context_lens[b]);
-      float* m = ml.data() + item * group * 2;
+      int64_t first = s * plan.split_len, last = std::min<int64_t>(first + plan.split_len, context_lens[b]);
+      float* m = ml + item * group * 2;
       if (first >= last) { for (int64_t g = 0; g < group; ++g) m[g] = -INFINITY, m[group + g] = 0.f; continue; }
       attend_split(q + (b * H + h * group) * D, cache, tables + b * max_blocks, first, last, BS, D, group,
-                   cache_rows, h, KVH, scale, m, m + group, acc.data() + item * group * D);
+                   cache_rows, h, KVH, scale, m, m + group, acc + item * group * D);
     }
   });
-  at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
+  par(B * H, 16, [&](int64_t begin, int64_t end) {
+    float o[kMaxHeadDim];
     for (int64_t bh = begin; bh < end; ++bh) {
       int64_t b = bh / H, h = bh % H / group, g = bh % group;
       int64_t base = (b * KVH + h) * splits;
-      float m_all = -INFINITY;
+      float m_all = -INFINITY, l_all = 0.f;
       for (int64_t s = 0; s < splits; ++s) m_all = std::max(m_all, ml[(base + s) * group * 2 + g]);
-      float l_all = 0.f;
-      std::vector<float> o(D, 0.f);
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
       for (int64_t s = 0; s < splits; ++s) {
         float m = ml[(base + s) * group * 2 + g], l = ml[(base + s) * group * 2 + group + g];
         if (l == 0.f) continue;
         float w = std::exp(m - m_all);
         l_all += l * w;
-        const float* a = acc.data() + ((base + s) * group + g) * D;
+        const float* a = acc + ((base + s) * group + g) * D;
         for (int64_t d = 0; d < D; ++d) o[d] += a[d] * w;
       }
       for (int64_t d = 0; d < D; ++d) out[bh * D + d] = static_cast<T>(o[d] / l_all);
@@ -370,8 +357,8 @@ void paged_attention_decode(const T* q, const T* cache, const int32_t* tables, i
 }
 
 template <typename T>
-void silu_and_mul(const T* gate_up, T* out, int64_t rows, int64_t I) {
-  at::parallel_for(0, rows, 32, [&](int64_t begin, int64_t end) {
+void silu_and_mul(const T* gate_up, T* out, int64_t rows, int64_t I, const Par& par) {
+  par(rows, 32, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       for (int64_t i = 0; i < I; i += 16) {
         __mmask16 m = tail_mask(I - i);
@@ -383,6 +370,16 @@ void silu_and_mul(const T* gate_up, T* out, int64_t rows, int64_t I) {
   });
 }
 
+template <typename T>
+void add_into(T* x, const T* y, int64_t n, const Par& par) {  // x += y, rounded to T
+  par((n + 15) / 16, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * 16; i < std::min(n, end * 16); i += 16) {
+      __mmask16 m = tail_mask(n - i);
+      store16(x + i, _mm512_add_ps(_mm512_maskz_mov_ps(m, load16(x + i)), _mm512_maskz_mov_ps(m, load16(y + i))), m);
+    }
+  });
+}
+
 #define DISPATCH_FLOAT_BF16(dtype, NAME, ...)                                                     \
   [&] {                                                                                            \
     if ((dtype) == at::kBFloat16) { using scalar_t = BFloat16; return __VA_ARGS__(); }             \
@@ -390,7 +387,56 @@ void silu_and_mul(const T* gate_up, T* out, int64_t rows, int64_t I) {
     using scalar_t = float; return __VA_ARGS__();                                                  \
   }()
 
+Tensor empty_out(const Tensor& x, int64_t N) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  return torch::empty(sizes, x.options());
+}
+
 }  // namespace
+
+// A linear layer in the form the kernels run: "bf16" (weights packed by pack_bf16), "int8" (codes packed
+// by pack_int8, float32 scale per channel), or "plain" (float32 models, through at::linear). Packed
+// kinds take a float32 bias; inputs are contiguous [..., K], bf16 for "bf16", bf16 or float32 for "int8"
+// (widened to float32 once per call).
+struct Linear {
+  Tensor weight, scale;
+  c10::optional<Tensor> bias;
+  int64_t out_features;
+  std::string kind;
+
+  int64_t in_features() const {
+    return kind == "bf16" ? weight.size(1) * 2 : kind == "int8" ? weight.size(1) : weight.size(1);
+  }
+
+  // y = x @ W.T (+ bias) into `y`; `x_float` is x widened to float32 (int8 kind only, else undefined).
+  void run(const Tensor& x, const Tensor& x_float, Tensor& y, const Par& par) const {
+    const int64_t K = in_features(), M = x.numel() / K;
+    const float* b = bias ? bias->data_ptr<float>() : nullptr;
+    if (kind == "plain") {
+      if (par.tid <= 0) at::linear_out(y, x, weight, bias ? c10::optional<Tensor>(*bias) : c10::nullopt);
+      if (par.tid >= 0) {
+#pragma omp barrier
+      }
+      return;
+    }
+    TileArgs a = kind == "bf16"
+        ? TileArgs{x.data_ptr(), K / 2, weight.data_ptr(), K / 2, nullptr, b, y.data_ptr(), out_features, out_features}
+        : TileArgs{x_float.data_ptr(), K, weight.data_ptr(), K, scale.data_ptr<float>(), b, y.data_ptr(),
+                   out_features, out_features};
+    if (y.scalar_type() == at::kBFloat16) linear_tiles<BFloat16>(a, M, par);
+    else linear_tiles<float>(a, M, par);
+  }
+
+  Tensor operator()(const Tensor& x) const {
+    TORCH_CHECK(x.is_contiguous() && x.size(-1) == in_features(), "linear: input must be contiguous with ",
+                in_features(), " features");
+    TORCH_CHECK(kind != "bf16" || x.scalar_type() == at::kBFloat16, "linear: the bf16 kind takes bfloat16 input");
+    Tensor y = empty_out(x, out_features);
+    run(x, kind == "int8" ? x.to(at::kFloat).contiguous() : Tensor(), y, Par{});
+    return y;
+  }
+};
 
 // out = RMSNorm(x) * weight; with residual: residual += x first, and the norm is of the new residual.
 Tensor rms_norm(const Tensor& x, const c10::optional<Tensor>& residual, const Tensor& weight, double eps) {
@@ -399,7 +445,7 @@ Tensor rms_norm(const Tensor& x, const c10::optional<Tensor>& residual, const Te
   const int64_t H = x.size(-1);
   DISPATCH_FLOAT_BF16(x.scalar_type(), "rms_norm", [&] {
     rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), residual ? residual->data_ptr<scalar_t>() : nullptr,
-                            weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.numel() / H, H, (float)eps);
+                            weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.numel() / H, H, (float)eps, Par{});
   });
   return out;
 }
@@ -414,77 +460,121 @@ Tensor rope_and_write_kv(const Tensor& qkv, const Tensor& cos, const Tensor& sin
   DISPATCH_FLOAT_BF16(qkv.scalar_type(), "rope_and_write_kv", [&] {
     rope_write_kv<scalar_t>(qkv.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), kv_cache.data_ptr<scalar_t>(),
                             cos.data_ptr<float>(), sin.data_ptr<float>(), positions.data_ptr<int64_t>(),
-                            slot_mapping.data_ptr<int32_t>(), T, H, KVH, D, kv_cache.size(2) * kv_cache.size(3));
+                            slot_mapping.data_ptr<int32_t>(), T, H, KVH, D, kv_cache.size(2) * kv_cache.size(3), Par{});
   });
   return q;
 }
 
+// Attention of one query token per sequence over its first context_lens[b] cached positions.
 Tensor paged_attention(const Tensor& q, const Tensor& kv_cache, const Tensor& block_tables, const Tensor& context_lens,
                        int64_t H, int64_t KVH, int64_t D, double scale) {
   TORCH_CHECK(H / KVH <= kMaxGroup && D <= kMaxHeadDim, "paged_attention: at most 16 query heads per KV head, head_dim 256");
   Tensor out = torch::empty_like(q);
+  AttentionPlan plan(context_lens, H, KVH, D, kv_cache.size(3));
+  Tensor scratch = torch::empty({plan.scratch_floats}, q.options().dtype(at::kFloat));
   DISPATCH_FLOAT_BF16(q.scalar_type(), "paged_attention", [&] {
     paged_attention_decode<scalar_t>(q.data_ptr<scalar_t>(), kv_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(),
                                      block_tables.size(1), context_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(),
-                                     q.size(0), H, KVH, D, kv_cache.size(3), kv_cache.size(2) * kv_cache.size(3), (float)scale);
+                                     q.size(0), H, KVH, D, kv_cache.size(3), kv_cache.size(2) * kv_cache.size(3),
+                                     (float)scale, plan, scratch.data_ptr<float>(), Par{});
   });
   return out;
 }
 
 Tensor silu_mul(const Tensor& gate_up) {
   const int64_t I = gate_up.size(-1) / 2;
-  auto sizes = gate_up.sizes().vec();
-  sizes.back() = I;
-  Tensor out = torch::empty(sizes, gate_up.options());
+  Tensor out = empty_out(gate_up, I);
   DISPATCH_FLOAT_BF16(gate_up.scalar_type(), "silu_mul", [&] {
-    silu_and_mul<scalar_t>(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), gate_up.numel() / (2 * I), I);
+    silu_and_mul<scalar_t>(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), gate_up.numel() / (2 * I), I, Par{});
   });
   return out;
 }
 
-// A linear layer in the form the kernels run: packed bf16, packed int8 with scales, or plain weights
-// (float32 models) through at::linear.
-struct Linear {
-  Tensor weight, scale;
-  c10::optional<Tensor> bias;  // float32 for the packed kinds, the weight's dtype for plain
-  int64_t out_features;
-  std::string kind;  // "bf16", "int8" or "plain"
-
-  Tensor operator()(const Tensor& x) const {
-    if (kind == "bf16") return linear_bf16(x, weight, bias, out_features);
-    if (kind == "int8") return linear_int8(x, weight, scale, bias, out_features);
-    return at::linear(x, weight, bias);
-  }
-};
-
-// One Llama decoder layer for a batch of decoding sequences (one new token each), `hidden` updated in
-// place. Same computation as models/llama.py's DecoderLayer with TorchPagedAttention.
+// One Llama decoder layer's weights and shape; decode_layers runs a list of them.
 struct DecoderLayer {
   Linear qkv, o, gate_up, down;
   Tensor input_norm, post_attention_norm;
   int64_t H, KVH, D;
   double eps, scale;
+};
 
-  void forward(Tensor& hidden, const Tensor& cos, const Tensor& sin, const Tensor& positions, const Tensor& slot_mapping,
-               Tensor& kv_cache, const Tensor& block_tables, const Tensor& context_lens) const {
-    Tensor q = rope_and_write_kv(qkv(rms_norm(hidden, c10::nullopt, input_norm, eps)), cos, sin, positions,
-                                 slot_mapping, kv_cache, H, KVH, D);
-    Tensor attn = o(paged_attention(q, kv_cache, block_tables, context_lens, H, KVH, D, scale));
-    Tensor mlp = down(silu_mul(gate_up(rms_norm(attn, hidden, post_attention_norm, eps))));
-    hidden.add_(mlp);
+// Buffers of a decode step, allocated once for all layers.
+struct DecodeBuffers {
+  Tensor normed, qkv, q, attn, o, gate_up, act, mlp, wide, scratch;
+
+  DecodeBuffers(const Tensor& hidden, const DecoderLayer& l, const AttentionPlan& plan) {
+    const int64_t B = hidden.size(0), I = l.down.in_features();
+    auto make = [&](int64_t n) { return torch::empty({B, n}, hidden.options()); };
+    normed = make(hidden.size(1)), qkv = make(l.qkv.out_features), q = make(l.H * l.D), attn = make(l.H * l.D);
+    o = make(hidden.size(1)), gate_up = make(2 * I), act = make(I), mlp = make(hidden.size(1));
+    wide = torch::empty({B, std::max(hidden.size(1), I)}, hidden.options().dtype(at::kFloat));
+    scratch = torch::empty({plan.scratch_floats}, hidden.options().dtype(at::kFloat));
+  }
+
+  // x widened to float32 for an int8 linear (in this thread's share of rows), else undefined.
+  Tensor widened(const Linear& linear, const Tensor& x, const Par& par) {
+    if (linear.kind != "int8") return Tensor();
+    if (x.scalar_type() == at::kFloat) return x;
+    const int64_t n = x.numel();
+    Tensor out = wide.view(-1).narrow(0, 0, n).view(x.sizes());
+    const BFloat16* src = x.data_ptr<BFloat16>();
+    float* dst = out.data_ptr<float>();
+    par((n + 15) / 16, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin * 16; i < std::min(n, end * 16); i += 16)
+        store16(dst + i, _mm512_maskz_mov_ps(tail_mask(n - i), load16(src + i)), tail_mask(n - i));
+    });
+    return out;
   }
 };
 
+template <typename T>
+void decode_layer(const DecoderLayer& l, DecodeBuffers& buf, Tensor& hidden, const Tensor& cos, const Tensor& sin,
+                  const Tensor& positions, const Tensor& slot_mapping, Tensor& kv_cache, const Tensor& block_tables,
+                  const Tensor& context_lens, const AttentionPlan& plan, const Par& par) {
+  const int64_t B = hidden.size(0), hidden_size = hidden.size(1), I = l.down.in_features();
+  T* h = hidden.data_ptr<T>();
+  const int64_t BS = kv_cache.size(3), cache_rows = kv_cache.size(2) * BS;
+  rms_norm_rows<T>(h, nullptr, l.input_norm.data_ptr<T>(), buf.normed.data_ptr<T>(), B, hidden_size, l.eps, par);
+  l.qkv.run(buf.normed, buf.widened(l.qkv, buf.normed, par), buf.qkv, par);
+  rope_write_kv<T>(buf.qkv.data_ptr<T>(), buf.q.data_ptr<T>(), kv_cache.data_ptr<T>(), cos.data_ptr<float>(),
+                   sin.data_ptr<float>(), positions.data_ptr<int64_t>(), slot_mapping.data_ptr<int32_t>(), B, l.H,
+                   l.KVH, l.D, cache_rows, par);
+  paged_attention_decode<T>(buf.q.data_ptr<T>(), kv_cache.data_ptr<T>(), block_tables.data_ptr<int32_t>(),
+                            block_tables.size(1), context_lens.data_ptr<int32_t>(), buf.attn.data_ptr<T>(), B, l.H,
+                            l.KVH, l.D, BS, cache_rows, l.scale, plan, buf.scratch.data_ptr<float>(), par);
+  l.o.run(buf.attn, buf.widened(l.o, buf.attn, par), buf.o, par);
+  rms_norm_rows<T>(buf.o.data_ptr<T>(), h, l.post_attention_norm.data_ptr<T>(), buf.normed.data_ptr<T>(), B,
+                   hidden_size, l.eps, par);
+  l.gate_up.run(buf.normed, buf.widened(l.gate_up, buf.normed, par), buf.gate_up, par);
+  silu_and_mul<T>(buf.gate_up.data_ptr<T>(), buf.act.data_ptr<T>(), B, I, par);
+  l.down.run(buf.act, buf.widened(l.down, buf.act, par), buf.mlp, par);
+  add_into<T>(h, buf.mlp.data_ptr<T>(), B * hidden_size, par);
+}
+
+// Every decoder layer for a batch of decoding sequences (one new token each), `hidden` [B, hidden]
+// updated in place: the computation of models/llama.py's DecoderLayer with TorchPagedAttention, in one
+// OpenMP region for the whole step.
 void decode_layers(const std::vector<DecoderLayer>& layers, Tensor& hidden, const Tensor& cos, const Tensor& sin,
                    const Tensor& positions, const Tensor& slot_mapping, std::vector<Tensor>& kv_caches,
                    const Tensor& block_tables, const Tensor& context_lens) {
-  for (size_t i = 0; i < layers.size(); ++i)
-    layers[i].forward(hidden, cos, sin, positions, slot_mapping, kv_caches[i], block_tables, context_lens);
+  TORCH_CHECK(!layers.empty() && hidden.is_contiguous() && hidden.dim() == 2, "decode_layers: hidden [B, hidden]");
+  const DecoderLayer& first = layers[0];
+  TORCH_CHECK(first.H / first.KVH <= kMaxGroup && first.D <= kMaxHeadDim, "decode_layers: head shape unsupported");
+  AttentionPlan plan(context_lens, first.H, first.KVH, first.D, kv_caches[0].size(3));
+  DecodeBuffers buf(hidden, first, plan);
+  const int threads = at::get_num_threads();
+  DISPATCH_FLOAT_BF16(hidden.scalar_type(), "decode_layers", [&] {
+#pragma omp parallel num_threads(threads)
+    {
+      Par par{omp_get_thread_num(), omp_get_num_threads()};
+      for (size_t i = 0; i < layers.size(); ++i)
+        decode_layer<scalar_t>(layers[i], buf, hidden, cos, sin, positions, slot_mapping, kv_caches[i],
+                               block_tables, context_lens, plan, par);
+    }
+  });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_bf16", &linear_bf16);
-  m.def("linear_int8", &linear_int8);
   m.def("rms_norm", &rms_norm);
   m.def("rope_and_write_kv", &rope_and_write_kv);
   m.def("paged_attention", &paged_attention);
@@ -494,5 +584,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", &Linear::operator());
   py::class_<DecoderLayer>(m, "DecoderLayer")
       .def(py::init<Linear, Linear, Linear, Linear, Tensor, Tensor, int64_t, int64_t, int64_t, double, double>());
-  m.def("decode_layers", &decode_layers);
+  m.def("decode_layers", &decode_layers, py::call_guard<py::gil_scoped_release>());
 }

@@ -1,0 +1,282 @@
+"""pagedllm's engine vs llama.cpp on this CPU, same weights, same run: batch-1 decode (also at a 4,096-token
+context), batched generation, prompt processing, and int8 against llama.cpp's Q8_0.
+
+    python perf/bench_llamacpp.py            # 3 alternating rounds, medians; writes perf/RESULTS.md
+    python perf/bench_llamacpp.py --rounds 1 --no-write
+
+llama.cpp is built once into the cache (perf/llamacpp.py). Every round runs each setting on each system in
+turn (this machine's speed drifts by a quarter within minutes), and the medians of the rounds are reported.
+pagedllm's figures time the engine's own steps (scheduler, model, sampler, detokenizer) in-process;
+llama.cpp's are those its tools print. "pagedllm torch" is the same engine on the plain-torch path
+(`attention_backend="torch"`), what ran before the CPU kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import llamacpp
+import torch
+from results import write_section
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.weights import ensure_default_model
+
+PARALLEL = [1, 8, 32, 64]
+SETTINGS = ["decode b1", "decode b1 at 4096", "prompt 512"] + [f"{n} parallel" for n in PARALLEL]
+_ids = itertools.count()
+
+
+def _timed_generation(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
+    """Generation tokens/s once every prompt is processed (the first token of each comes with its prompt)."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    seqs = []
+    for p in prompts:
+        request_id = f"bench-{next(_ids)}"
+        engine.add_request(request_id, p, params)
+        seqs.append(engine.requests[request_id])
+    while any(s.num_output_tokens == 0 for s in seqs):
+        engine.step()
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    return sum(s.num_output_tokens - 1 for s in seqs) / (time.perf_counter() - start)
+
+
+def _prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, 40000, (n, length), generator=g).tolist()
+
+
+def ours(llm: LLM, setting: str, seed: int) -> float:
+    """One round of `setting`; batch-1 settings are the mean of 3 runs, as llama-bench's `-r 3`."""
+    if setting.endswith("parallel"):
+        return _once(llm, setting, seed * 100)
+    return statistics.mean(_once(llm, setting, seed * 100 + r) for r in range(3))
+
+
+def _once(llm: LLM, setting: str, seed: int) -> float:
+    seed = seed * 10 + SETTINGS.index(setting)  # every run its own prompts: no prefix-cache hits
+    if setting == "decode b1":
+        return _timed_generation(llm, _prompts(1, 40, seed), 64)
+    if setting == "decode b1 at 4096":
+        return _timed_generation(llm, _prompts(1, 4096, seed), 64)
+    if setting == "prompt 512":
+        start = time.perf_counter()
+        llm.generate(_prompts(1, 512, seed), SamplingParams(max_tokens=1), use_tqdm=False)
+        return 512 / (time.perf_counter() - start)
+    return _timed_generation(llm, _prompts(int(setting.split()[0]), 40, seed), 64)
+
+
+def peer(model: Path, setting: str) -> float:
+    if setting == "decode b1":
+        return llamacpp.bench(model, "-p", "0", "-n", "64")
+    if setting == "decode b1 at 4096":
+        return llamacpp.bench(model, "-p", "0", "-n", "64", "-d", "4096")
+    if setting == "prompt 512":
+        return llamacpp.bench(model, "-p", "512", "-n", "0")
+    n = int(setting.split()[0])
+    return llamacpp.batched_generation(model, [n])[n]
+
+
+def memory_bandwidth() -> float:
+    """GB/s of a 2-thread read of 1 GiB (torch's sum), the best of 5."""
+    x = torch.ones(1 << 28)
+    best = min(_seconds(x.sum) for _ in range(5))
+    return x.numel() * 4 / best / 1e9
+
+
+def matmul_rate() -> float:
+    """bf16 GFLOP/s of torch's matmul at prompt-processing shape (512 x 576 @ 576 x 3072)."""
+    a, b = torch.randn(512, 576, dtype=torch.bfloat16), torch.randn(576, 3072, dtype=torch.bfloat16)
+    best = min(_seconds(lambda: a @ b) for _ in range(20))
+    return 2 * 512 * 576 * 3072 / best / 1e9
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def perplexity(llm: LLM, text: str, window: int = 512) -> float:
+    """Perplexity of `text` in windows of `window` tokens, each scored from its start (a prefill whose logits
+    are kept for every position). Run on a fresh engine: the KV blocks it writes are not reserved."""
+    from pagedllm.engine.attention import build_metadata
+    runner = llm.engine.runner
+    ids = llm.engine.encode(text)
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start:start + window + 1]
+        n = len(chunk) - 1
+        bs = runner.block_size
+        blocks = list(range(-(-n // bs)))
+        meta = build_metadata(list(range(n)), [(0, 1, n, [blocks], [n])], runner.geometry, runner.dtype,
+                              runner.device, "torch")
+        x = torch.tensor(chunk[:-1])
+        logits = runner.model(x, torch.arange(n), runner.kv_caches, meta, torch.arange(n))
+        nll += torch.nn.functional.cross_entropy(logits, torch.tensor(chunk[1:]), reduction="sum").item()
+        count += n
+    return float(torch.tensor(nll / count).exp())
+
+
+CHATS = ["What is the capital of France?", "Write a haiku about autumn leaves.", "Why is the sky blue?",
+         "How do I reverse a list in Python?"]
+
+
+def greedy_answers(llms: dict[str, LLM]) -> dict[str, list[list[int]]]:
+    params = SamplingParams(temperature=0.0, max_tokens=48)
+    return {name: [llm.chat([{"role": "user", "content": q}], params, use_tqdm=False)[0].token_ids for q in CHATS]
+            for name, llm in llms.items()}
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+def start_up() -> float:
+    """Seconds from LLM() to the first token of a one-token answer in a new process, model and kernels
+    already cached (imports not counted)."""
+    code = ("import time; from pagedllm import LLM, SamplingParams; t = time.perf_counter(); "
+            "LLM().generate([[1, 2, 3]], SamplingParams(max_tokens=1), use_tqdm=False); "
+            "print(time.perf_counter() - t)")
+    return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+
+
+def kernel_build_seconds() -> float:
+    """A cold build of the CPU kernels in a new process, into a scratch folder (the cached build stays)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        start = time.perf_counter()
+        code = "import sys, pathlib; from pagedllm.engine import cpu_kernels; cpu_kernels.build(pathlib.Path(sys.argv[1]))"
+        subprocess.run([sys.executable, "-c", code, scratch], check=True, capture_output=True)
+        return time.perf_counter() - start
+
+
+def num_parameters(llm: LLM) -> int:
+    """Weights a decode step reads: every layer's, the final norm and the (tied or not) LM head."""
+    c = llm.engine.model_config
+    attention = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    attention += c.num_attention_heads * c.head_dim * c.hidden_size
+    layer = attention + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
+    return c.num_hidden_layers * layer + c.hidden_size + c.vocab_size * c.hidden_size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    path = str(ensure_default_model())
+    start_up_seconds, build_seconds = start_up(), kernel_build_seconds()
+    llms = {"pagedllm bf16": LLM(path, dtype="bfloat16"),
+            "pagedllm int8": LLM(path, dtype="bfloat16", quantization="int8"),
+            "pagedllm torch": LLM(path, dtype="bfloat16", attention_backend="torch")}
+    text = (Path(__file__).parent / "data" / "perplexity.txt").read_text()
+    ppl = {name: perplexity(llm, text) for name, llm in llms.items()}  # first: on fresh engines
+    answers = greedy_answers(llms)
+    peers = {"llama.cpp BF16": llamacpp.gguf("bf16"), "llama.cpp Q8_0": llamacpp.gguf("q8_0")}
+    runs: dict[tuple[str, str], list[float]] = {}
+    for r in range(args.rounds):
+        for setting in SETTINGS:
+            for name, model in peers.items():
+                runs.setdefault((name, setting), []).append(peer(model, setting))
+            for name, llm in llms.items():
+                runs.setdefault((name, setting), []).append(ours(llm, setting, seed=r))
+            print(f"round {r + 1}, {setting}:", {k[0]: f"{v[-1]:.0f}" for k, v in runs.items() if k[1] == setting})
+    medians = {key: statistics.median(v) for key, v in runs.items()}
+    body = report(args, medians, memory_bandwidth(), matmul_rate(), ppl, answers, llms,
+                  (start_up_seconds, build_seconds))
+    print(body)
+    plot(medians, Path(__file__).with_name("llamacpp.png"))
+    if not args.no_write:
+        write_section("bench_llamacpp", body)
+
+
+def report(args, med, bandwidth, matmul, ppl, answers, llms, start) -> str:
+    params = num_parameters(llms["pagedllm bf16"])
+    c = llms["pagedllm bf16"].engine.model_config
+    floor = bandwidth * 1e9 / (2 * params)
+    names = ["llama.cpp BF16", "llama.cpp Q8_0", "pagedllm bf16", "pagedllm int8", "pagedllm torch"]
+    lines = ["| setting, tokens/s | " + " | ".join(names) + " | pagedllm bf16 / llama.cpp BF16 | int8 / Q8_0 |",
+             "|---" + "|---:" * (len(names) + 2) + "|"]
+    for s in SETTINGS:
+        row = [f"{med[(n, s)]:.0f}" for n in names]
+        bf16 = med[("pagedllm bf16", s)] / med[("llama.cpp BF16", s)]
+        int8 = med[("pagedllm int8", s)] / med[("llama.cpp Q8_0", s)]
+        lines.append(f"| {s} | " + " | ".join(row) + f" | **{bf16:.2f}x** | **{int8:.2f}x** |")
+    pp_gflops = 2 * (params - c.vocab_size * c.hidden_size) * med[("pagedllm bf16", "prompt 512")] / 1e9
+    ppl_rows = "\n".join(f"| {n} | {v:.3f} | {v / ppl['pagedllm bf16'] - 1:+.2%} |" for n, v in ppl.items())
+    tok = llms["pagedllm bf16"].tokenizer
+    answer_rows = []
+    for i, q in enumerate(CHATS):
+        fast, eager, int8 = (answers[n][i] for n in ("pagedllm bf16", "pagedllm torch", "pagedllm int8"))
+        diff = first_difference(fast, eager)
+        same = "identical" if diff is None else f"first differs at token {diff}"
+        answer_rows.append(f"| {q} | {tok.decode(fast)!r} | {same} | {tok.decode(int8)!r} |")
+    return f"""`python perf/bench_llamacpp.py` — SmolLM2-135M-Instruct, the same weights in both engines (llama.cpp 0c1e57098
+from the {llamacpp.SDIST} sdist, GGUF converted by its own `convert_hf_to_gguf.py`), 2 threads, medians of
+{args.rounds} alternating rounds. Decode: 64 new tokens after a 40-token prompt (`llama-bench -p 0 -n 64`, and
+`-d 4096` for a 4,096-token context); prompt 512: `llama-bench -p 512 -n 0` against pagedllm's time to first token of
+a 512-token prompt; N parallel: generation tokens/s of N sequences, 40-token prompts, 64 new tokens each
+(`llama-batched-bench -npp 40 -ntg 64 -npl N`, S_TG). pagedllm torch is the plain-torch path (before the CPU kernels).
+
+{chr(10).join(lines)}
+
+Memory read measured in this run: {bandwidth:.0f} GB/s, so reading the {2 * params / 1e6:.0f} MB of bf16 weights once per
+token bounds batch-1 decode at {floor:.0f} tok/s: pagedllm bf16 reaches {med[("pagedllm bf16", "decode b1")] / floor:.0%} of that
+floor, llama.cpp BF16 {med[("llama.cpp BF16", "decode b1")] / floor:.0%}; pagedllm int8 {med[("pagedllm int8", "decode b1")] / (2 * floor):.0%} of
+its own (half the bytes). Prompt processing runs the linears at about {pp_gflops:.0f} GFLOP/s; torch's bf16 matmul on this
+machine: {matmul:.0f} GFLOP/s.
+
+Start-up, `LLM()` to the first token in a new process, model and kernels cached: {start[0]:.1f} s; building the
+kernels the first time on a machine (done once, by `make setup`) takes {start[1]:.0f} s more.
+
+Quality, perplexity of perf/data/perplexity.txt (windows of 512 tokens):
+
+| engine | perplexity | vs pagedllm bf16 |
+|---|---:|---:|
+{ppl_rows}
+
+Greedy answers to chat prompts (48 tokens): pagedllm bf16 on the CPU kernels, whether the plain-torch bf16 path
+gives the same tokens, and int8:
+
+| prompt | pagedllm bf16 | plain-torch bf16 | pagedllm int8 |
+|---|---|---|---|
+{chr(10).join(answer_rows)}
+
+![llama.cpp comparison](llamacpp.png)
+"""
+
+
+COLOURS = {"llama.cpp BF16": "#1f77b4", "llama.cpp Q8_0": "#aec7e8", "pagedllm bf16": "#d62728",
+           "pagedllm int8": "#ff9896", "pagedllm torch": "#7f7f7f"}
+
+
+def plot(med: dict[tuple[str, str], float], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(COLOURS)
+    for i, (name, colour) in enumerate(COLOURS.items()):
+        xs = [j + i * width for j in range(len(SETTINGS))]
+        ax.bar(xs, [med[(name, s)] for s in SETTINGS], width, label=name, color=colour)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(SETTINGS))], SETTINGS)
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens/s (log scale)")
+    ax.set_title("pagedllm vs llama.cpp, SmolLM2-135M, 2 CPU threads")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""llama.cpp, the CPU peer: built once into the cache from the source vendored in the llama-cpp-python
+sdist, the embedded model converted to GGUF (BF16 and Q8_0) with its own converter, and its benchmark
+tools run with JSON output. Nothing here is imported by pagedllm itself."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from pagedllm.weights import cache_dir, ensure_default_model
+
+SDIST = "llama-cpp-python==0.3.36"  # vendors llama.cpp 0c1e57098
+TARGETS = ("llama-bench", "llama-batched-bench")
+CONVERTER_PACKAGES = ("torch==2.13.0", "numpy<2", "transformers", "sentencepiece", "protobuf", "safetensors")
+
+
+def home() -> Path:
+    return cache_dir() / "llamacpp"
+
+
+def _run(cmd: list[str], **kw) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def source() -> Path:
+    found = sorted(home().glob("llama_cpp_python-*/vendor/llama.cpp"))
+    if found:
+        return found[0]
+    home().mkdir(parents=True, exist_ok=True)
+    print(f"llama.cpp: downloading the {SDIST} sdist", file=sys.stderr)
+    _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", SDIST, "-d", str(home())])
+    with tarfile.open(next(home().glob("llama_cpp_python-*.tar.gz"))) as tar:
+        tar.extractall(home(), filter="data")
+    return source()
+
+
+def binaries() -> Path:
+    src = source()
+    bin_dir = src / "build" / "bin"
+    if all((bin_dir / t).exists() for t in TARGETS):
+        return bin_dir
+    print("llama.cpp: building llama-bench and llama-batched-bench (a few minutes)", file=sys.stderr)
+    _run(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF"], cwd=src)
+    _run(["cmake", "--build", "build", "-j2", "--target", *TARGETS], cwd=src)
+    return bin_dir
+
+
+def gguf(outtype: str) -> Path:
+    """The embedded model as GGUF of `outtype` (bf16, q8_0), converted in a venv of the converter's own."""
+    target = home() / f"smollm2-{outtype}.gguf"
+    if target.exists():
+        return target
+    venv = home() / "venv"
+    if not (venv / "bin" / "python").exists():
+        _run([sys.executable, "-m", "venv", str(venv)])
+        _run([str(venv / "bin" / "pip"), "install", "-q", *CONVERTER_PACKAGES])
+    src = source()
+    _run([str(venv / "bin" / "python"), str(src / "convert_hf_to_gguf.py"), str(ensure_default_model()),
+          "--outtype", outtype, "--outfile", str(target)], env={**os.environ, "PYTHONPATH": str(src / "gguf-py")})
+    return target
+
+
+def bench(model: Path, *args: str) -> float:
+    """llama-bench's tokens/s for one test (e.g. `-p 0 -n 64`, `-p 512 -n 0`, `-d 4096`), 2 threads."""
+    out = _run([str(binaries() / "llama-bench"), "-m", str(model), "-t", "2", "-r", "3", "-o", "json", *args])
+    return float(json.loads(out)[0]["avg_ts"])
+
+
+def batched_generation(model: Path, parallel: list[int], prompt: int = 40, generate: int = 64) -> dict[int, float]:
+    """llama-batched-bench's generation tokens/s (S_TG) at each number of parallel sequences."""
+    ctx = max(parallel) * (prompt + generate) + 256
+    out = _run([str(binaries() / "llama-batched-bench"), "-m", str(model), "-t", "2", "-tb", "2", "-c", str(ctx),
+                "-npp", str(prompt), "-ntg", str(generate), "-npl", ",".join(map(str, parallel)),
+                "--output-format", "jsonl"])
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {row["pl"]: row["speed_tg"] for row in rows}
