@@ -247,13 +247,15 @@ void attend_split(const T* q, const T* cache, const int32_t* table, int64_t firs
                   float* m_out, float* l_out, float* acc_out) {
   const T* keys = cache + kv_head * cache_rows * D;
   const T* values = cache + (KVH + kv_head) * cache_rows * D;
-  float qf[kMaxGroup][kMaxHeadDim];
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t d = 0; d < D; ++d) qf[g][d] = static_cast<float>(q[g * D + d]) * scale;
+  alignas(64) float qf[kMaxGroup][kMaxHeadDim];
   float m[kMaxGroup], l[kMaxGroup];
   for (int64_t g = 0; g < group; ++g) {
     m[g] = -INFINITY, l[g] = 0.f;
-    for (int64_t d = 0; d < D; ++d) acc_out[g * D + d] = 0.f;
+    for (int64_t d = 0; d < D; d += 16) {
+      __mmask16 dm = tail_mask(D - d);
+      store16(qf[g] + d, _mm512_mul_ps(_mm512_maskz_mov_ps(dm, load16(q + g * D + d)), _mm512_set1_ps(scale)), dm);
+      store16(acc_out + g * D + d, _mm512_setzero_ps(), dm);
+    }
   }
   alignas(64) float scores[kMaxGroup][16];
   for (int64_t pos = first; pos < last; pos += BS) {
@@ -310,7 +312,7 @@ struct AttentionPlan {
     const int64_t B = context_lens.numel(), threads = at::get_num_threads();
     int64_t longest = 1;
     for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, ctx[b]);
-    splits = std::max<int64_t>(1, std::min<int64_t>((longest + 255) / 256, (4 * threads + B * KVH - 1) / (B * KVH)));
+    splits = std::max<int64_t>(1, std::min<int64_t>({(longest + 255) / 256, (4 * threads + B * KVH - 1) / (B * KVH), 64}));
     split_len = ((longest + splits - 1) / splits + BS - 1) / BS * BS;
     splits = (longest + split_len - 1) / split_len;
     scratch_floats = B * H * splits * (D + 2);
@@ -336,22 +338,25 @@ void paged_attention_decode(const T* q, const T* cache, const int32_t* tables, i
     }
   });
   par(B * H, 16, [&](int64_t begin, int64_t end) {
-    float o[kMaxHeadDim];
+    float weights[64];  // splits are at most 4 x threads
     for (int64_t bh = begin; bh < end; ++bh) {
       int64_t b = bh / H, h = bh % H / group, g = bh % group;
       int64_t base = (b * KVH + h) * splits;
       float m_all = -INFINITY, l_all = 0.f;
       for (int64_t s = 0; s < splits; ++s) m_all = std::max(m_all, ml[(base + s) * group * 2 + g]);
-      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
       for (int64_t s = 0; s < splits; ++s) {
         float m = ml[(base + s) * group * 2 + g], l = ml[(base + s) * group * 2 + group + g];
-        if (l == 0.f) continue;
-        float w = std::exp(m - m_all);
-        l_all += l * w;
-        const float* a = acc + ((base + s) * group + g) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += a[d] * w;
+        weights[s] = l == 0.f ? 0.f : std::exp(m - m_all);
+        l_all += l * weights[s];
       }
-      for (int64_t d = 0; d < D; ++d) out[bh * D + d] = static_cast<T>(o[d] / l_all);
+      for (int64_t d = 0; d < D; d += 16) {
+        __mmask16 dm = tail_mask(D - d);
+        __m512 o = _mm512_setzero_ps();
+        for (int64_t s = 0; s < splits; ++s)
+          if (weights[s] != 0.f) o = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(dm, acc + ((base + s) * group + g) * D + d),
+                              _mm512_set1_ps(weights[s]), o);
+        store16(out + bh * D + d, _mm512_div_ps(o, _mm512_set1_ps(l_all)), dm);
+      }
     }
   });
 }
