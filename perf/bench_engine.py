@@ -139,7 +139,7 @@ def report(args, ours, static, continuous, ours_b1, static_b1, ttft_cold, ttft_w
 Prefix caching, {args.system_tokens}-token shared system prompt: first request TTFT {ttft_cold * 1000:.0f} ms, second {ttft_warm * 1000:.0f} ms: **{ttft_cold / ttft_warm:.1f}x** shorter.
 
 Ceiling on this machine: a decode step of {args.num_prompts} sequences that did nothing but the model's linear
-layers (prepacked bfloat16 oneDNN, as the engine runs them) would give {ceiling:.0f} output tok/s, that is
+layers (as the engine runs them: its CPU kernels where the CPU has AVX-512 BF16) would give {ceiling:.0f} output tok/s, that is
 {ceiling / static:.2f}x transformers static batching; pagedllm reaches {ours / ceiling:.0%} of it, prefill included.
 """
 

@@ -9,6 +9,7 @@
 #include <omp.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 using at::BFloat16;
@@ -241,6 +242,31 @@ void rope_write_kv(const T* qkv, T* q_out, T* cache, const float* cos, const flo
 // afterwards. q, out: [B, H * D]; block_tables: [B, max_blocks] int32; context_lens: [B] int32.
 constexpr int64_t kMaxGroup = 16, kMaxHeadDim = 256;
 
+inline __mmask32 mask32(int64_t n) { return n >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << n) - 1); }
+
+// scores[g][t] = q_g . k * scale for every query head g of the group. bf16 keys meet the bf16 queries in
+// vdpbf16ps (products exact, float32 sums: what a bf16 matmul computes); float32 ones the scaled queries.
+inline void scores_of_key(const float (*qf)[kMaxHeadDim], const __m512i (*qb)[kMaxHeadDim / 32], const BFloat16* k,
+                          int64_t D, int64_t group, float scale, float (*scores)[16], int64_t t) {
+  __m512i kv[kMaxHeadDim / 32];
+  for (int64_t c = 0; c * 32 < D; ++c) kv[c] = _mm512_maskz_loadu_epi16(mask32(D - 32 * c), k + 32 * c);
+  for (int64_t g = 0; g < group; ++g) {
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t c = 0; c * 32 < D; ++c) s = _mm512_dpbf16_ps(s, (__m512bh)kv[c], (__m512bh)qb[g][c]);
+    scores[g][t] = _mm512_reduce_add_ps(s) * scale;
+  }
+}
+
+inline void scores_of_key(const float (*qf)[kMaxHeadDim], const __m512i (*)[kMaxHeadDim / 32], const float* k,
+                          int64_t D, int64_t group, float, float (*scores)[16], int64_t t) {
+  for (int64_t g = 0; g < group; ++g) {
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16)
+      s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail_mask(D - d), qf[g] + d), _mm512_maskz_loadu_ps(tail_mask(D - d), k + d), s);
+    scores[g][t] = _mm512_reduce_add_ps(s);
+  }
+}
+
 template <typename T>
 void attend_split(const T* q, const T* cache, const int32_t* table, int64_t first, int64_t last, int64_t BS,
                   int64_t D, int64_t group, int64_t cache_rows, int64_t kv_head, int64_t KVH, float scale,
@@ -257,21 +283,17 @@ void attend_split(const T* q, const T* cache, const int32_t* table, int64_t firs
       store16(acc_out + g * D + d, _mm512_setzero_ps(), dm);
     }
   }
+  __m512i qb[kMaxGroup][kMaxHeadDim / 32];  // bf16 caches: the queries as bf16 pairs, for vdpbf16ps
+  if constexpr (std::is_same<T, BFloat16>::value) {
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t c = 0; c * 32 < D; ++c) qb[g][c] = _mm512_maskz_loadu_epi16(mask32(D - 32 * c), q + g * D + 32 * c);
+  }
   alignas(64) float scores[kMaxGroup][16];
   for (int64_t pos = first; pos < last; pos += BS) {
     const int64_t n = std::min(BS, last - pos), row0 = int64_t(table[pos / BS]) * BS;
     for (int64_t t0 = 0; t0 < n; t0 += 16) {
       const int64_t nt = std::min<int64_t>(16, n - t0);
-      for (int64_t t = 0; t < nt; ++t) {
-        const T* k = keys + (row0 + t0 + t) * D;
-        for (int64_t g = 0; g < group; ++g) {
-          __m512 s = _mm512_setzero_ps();
-          for (int64_t d = 0; d < D; d += 16)
-            s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail_mask(D - d), qf[g] + d),
-                                _mm512_maskz_mov_ps(tail_mask(D - d), load16(k + d)), s);
-          scores[g][t] = _mm512_reduce_add_ps(s);
-        }
-      }
+      for (int64_t t = 0; t < nt; ++t) scores_of_key(qf, qb, keys + (row0 + t0 + t) * D, D, group, scale, scores, t);
       for (int64_t g = 0; g < group; ++g) {
         __mmask16 mask = tail_mask(nt);
         __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mask, scores[g]);
@@ -302,7 +324,7 @@ void attend_split(const T* q, const T* cache, const int32_t* table, int64_t firs
   for (int64_t g = 0; g < group; ++g) m_out[g] = m[g], l_out[g] = l[g];
 }
 
-// How a decode batch's contexts are split: enough splits that every thread has work at batch 1, none
+// How a decode batch's contexts are split: enough splits that threads share the work evenly at batch 1, none
 // shorter than 256 positions, each a whole number of blocks; and the float32 scratch the splits need.
 struct AttentionPlan {
   int64_t splits, split_len, scratch_floats;
@@ -312,7 +334,7 @@ struct AttentionPlan {
     const int64_t B = context_lens.numel(), threads = at::get_num_threads();
     int64_t longest = 1;
     for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, ctx[b]);
-    splits = std::max<int64_t>(1, std::min<int64_t>({(longest + 255) / 256, (4 * threads + B * KVH - 1) / (B * KVH), 64}));
+    splits = std::max<int64_t>(1, std::min<int64_t>({(longest + 255) / 256, (16 * threads + B * KVH - 1) / (B * KVH), 64}));
     split_len = ((longest + splits - 1) / splits + BS - 1) / BS * BS;
     splits = (longest + split_len - 1) / split_len;
     scratch_floats = B * H * splits * (D + 2);
@@ -338,7 +360,7 @@ void paged_attention_decode(const T* q, const T* cache, const int32_t* tables, i
     }
   });
   par(B * H, 16, [&](int64_t begin, int64_t end) {
-    float weights[64];  // splits are at most 4 x threads
+    float weights[64];  // at most 64 splits
     for (int64_t bh = begin; bh < end; ++bh) {
       int64_t b = bh / H, h = bh % H / group, g = bh % group;
       int64_t base = (b * KVH + h) * splits;
