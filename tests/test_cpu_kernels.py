@@ -111,10 +111,11 @@ def test_rope_and_kv_write_match_torch(ops, dtype, heads, kv_heads, head_dim):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("context_lens", [[1], [5, 16, 33], [700], [300, 1100]])
-def test_paged_attention_matches_torch(ops, dtype, context_lens):
-    """Short contexts, block boundaries, and long ones that the kernel splits and merges."""
-    heads, kv_heads, head_dim = 6, 2, 32
-    geo = CacheGeometry(heads, kv_heads, head_dim, num_blocks=200, block_size=8)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(6, 2, 32, 8), (9, 3, 64, 16), (8, 2, 128, 16)])
+def test_paged_attention_matches_torch(ops, dtype, context_lens, heads, kv_heads, head_dim, block_size):
+    """Short contexts, block boundaries, and long ones that the kernel splits and merges; the generic
+    loop and (bf16, head_dim 64 or 128) the one with registers for its accumulators."""
+    geo = CacheGeometry(heads, kv_heads, head_dim, num_blocks=200, block_size=block_size)
     cache, meta, kernel = _cache_and_meta(geo, context_lens, dtype, seed=len(context_lens))
     q = torch.randn(len(context_lens), heads * head_dim, dtype=dtype)
     attention = TorchPagedAttention(heads, kv_heads, head_dim)

@@ -324,6 +324,86 @@ void attend_split(const T* q, const T* cache, const int32_t* table, int64_t firs
   for (int64_t g = 0; g < group; ++g) m_out[g] = m[g], l_out[g] = l[g];
 }
 
+// attend_split for a bf16 cache whose group size G and head_dim 16 * ND are known at compile time: the
+// queries and the weighted values stay in registers instead of being reloaded for every position.
+template <int G, int ND>
+void attend_split_fixed(const BFloat16* q, const BFloat16* cache, const int32_t* table, int64_t first, int64_t last,
+                        int64_t BS, int64_t cache_rows, int64_t kv_head, int64_t KVH, float scale, float* m_out,
+                        float* l_out, float* acc_out) {
+  constexpr int64_t D = 16 * ND, NC = ND / 2;
+  const BFloat16* keys = cache + kv_head * cache_rows * D;
+  const BFloat16* values = cache + (KVH + kv_head) * cache_rows * D;
+  __m512i qb[G][NC];
+  __m512 acc[G][ND];
+  float m[G], l[G];
+  for (int g = 0; g < G; ++g) {
+    m[g] = -INFINITY, l[g] = 0.f;
+    for (int c = 0; c < NC; ++c) qb[g][c] = _mm512_loadu_si512(q + g * D + 32 * c);
+    for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_setzero_ps();
+  }
+  alignas(64) float scores[G][16];
+  for (int64_t pos = first; pos < last; pos += BS) {
+    const int64_t n = std::min(BS, last - pos), row0 = int64_t(table[pos / BS]) * BS;
+    for (int64_t t0 = 0; t0 < n; t0 += 16) {
+      const int64_t nt = std::min<int64_t>(16, n - t0);
+      for (int64_t t = 0; t < nt; ++t) {
+        const BFloat16* k = keys + (row0 + t0 + t) * D;
+        __m512i kv[NC];
+        for (int c = 0; c < NC; ++c) kv[c] = _mm512_loadu_si512(k + 32 * c);
+        for (int g = 0; g < G; ++g) {
+          __m512 sum = _mm512_setzero_ps();
+          for (int c = 0; c < NC; ++c) sum = _mm512_dpbf16_ps(sum, (__m512bh)kv[c], (__m512bh)qb[g][c]);
+          scores[g][t] = _mm512_reduce_add_ps(sum) * scale;
+        }
+      }
+      const __mmask16 mask = tail_mask(nt);
+      for (int g = 0; g < G; ++g) {
+        __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mask, scores[g]);
+        float m_new = std::max(m[g], _mm512_reduce_max_ps(sv));
+        __m512 correction = _mm512_set1_ps(std::exp(m[g] - m_new));
+        __m512 p = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
+        l[g] = l[g] * std::exp(m[g] - m_new) + _mm512_reduce_add_ps(p);
+        m[g] = m_new;
+        _mm512_store_ps(scores[g], p);
+        for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], correction);
+      }
+      for (int64_t t = 0; t < nt; ++t) {
+        const BFloat16* v = values + (row0 + t0 + t) * D;
+        __m512 vv[ND];
+        for (int c = 0; c < ND; ++c) vv[c] = load16(v + 16 * c);
+        for (int g = 0; g < G; ++g) {
+          __m512 w = _mm512_set1_ps(scores[g][t]);
+          for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_fmadd_ps(w, vv[c], acc[g][c]);
+        }
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    m_out[g] = m[g], l_out[g] = l[g];
+    for (int c = 0; c < ND; ++c) _mm512_storeu_ps(acc_out + g * D + 16 * c, acc[g][c]);
+  }
+}
+
+using FixedSplit = void (*)(const BFloat16*, const BFloat16*, const int32_t*, int64_t, int64_t, int64_t, int64_t,
+                            int64_t, int64_t, float, float*, float*, float*);
+
+template <int ND>
+FixedSplit fixed_for_group(int64_t group) {
+  switch (group) {
+    case 1: return attend_split_fixed<1, ND>;
+    case 2: return attend_split_fixed<2, ND>;
+    case 3: return attend_split_fixed<3, ND>;
+    case 4: return attend_split_fixed<4, ND>;
+    case 8: return attend_split_fixed<8, ND>;
+    default: return nullptr;
+  }
+}
+
+// The register-resident split for the shapes of common models (head_dim 64 or 128), else none.
+inline FixedSplit fixed_split(int64_t group, int64_t D) {
+  return D == 64 ? fixed_for_group<4>(group) : D == 128 ? fixed_for_group<8>(group) : nullptr;
+}
+
 // How a decode batch's contexts are split: enough splits that threads share the work evenly at batch 1, none
 // shorter than 256 positions, each a whole number of blocks; and the float32 scratch the splits need.
 struct AttentionPlan {
@@ -349,14 +429,21 @@ void paged_attention_decode(const T* q, const T* cache, const int32_t* tables, i
   const int64_t group = H / KVH, splits = plan.splits;
   float* ml = scratch;                              // [item][2 * group]: running max, then sum
   float* acc = scratch + B * KVH * splits * group * 2;  // [item][group][D]
+  const FixedSplit fast = std::is_same<T, BFloat16>::value && BS % 16 == 0 ? fixed_split(group, D) : nullptr;
   par(B * KVH * splits, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       int64_t b = item / (KVH * splits), h = item / splits % KVH, s = item % splits;
       int64_t first = s * plan.split_len, last = std::min<int64_t>(first + plan.split_len, context_lens[b]);
       float* m = ml + item * group * 2;
       if (first >= last) { for (int64_t g = 0; g < group; ++g) m[g] = -INFINITY, m[group + g] = 0.f; continue; }
-      attend_split(q + (b * H + h * group) * D, cache, tables + b * max_blocks, first, last, BS, D, group,
-                   cache_rows, h, KVH, scale, m, m + group, acc + item * group * D);
+      if (fast != nullptr) {
+        if constexpr (std::is_same<T, BFloat16>::value)
+          fast(q + (b * H + h * group) * D, cache, tables + b * max_blocks, first, last, BS, cache_rows, h, KVH,
+               scale, m, m + group, acc + item * group * D);
+      } else {
+        attend_split(q + (b * H + h * group) * D, cache, tables + b * max_blocks, first, last, BS, D, group,
+                     cache_rows, h, KVH, scale, m, m + group, acc + item * group * D);
+      }
     }
   });
   par(B * H, 16, [&](int64_t begin, int64_t end) {
