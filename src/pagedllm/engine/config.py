@@ -92,7 +92,7 @@ class EngineConfig:
     dtype: str = "bfloat16"
     device: str = "auto"
     # auto: the Triton kernels on CUDA (when triton is installed); on a CPU with AVX-512 BF16, "cpu":
-    # pagedllm's C++ kernels (packed linears, decode steps in one call per layer); else plain torch.
+    # pagedllm's C++ kernels (packed linears, a decode step in one call); else plain torch.
     attention_backend: str = "auto"
     quantization: str | None = None  # "int8": weight-only, per output channel, converted at load (needs "cpu")
     block_size: int = 16

@@ -1,9 +1,9 @@
 """The CPU fast path: pagedllm's C++ kernels (csrc/cpu_kernels.cpp), built once per machine into the cache.
 
 On a CPU with AVX-512 BF16 the engine runs its linear layers on packed bfloat16 or int8 weights and a
-decode step as one C++ call per decoder layer (norms, rotary embedding, KV write, paged attention,
+decode step as one C++ call for all decoder layers (norms, rotary embedding, KV write, paged attention,
 activation): at batch 1 the step is bound by reading the weights, not by Python per op. Anywhere else
-(another CPU, a build failure, `cpu_kernels: "off"`), the plain-torch model runs as before."""
+(another CPU, a build failure, `attention_backend: "torch"`), the plain-torch model runs as before."""
 from __future__ import annotations
 
 import functools
@@ -69,9 +69,13 @@ def available() -> bool:
 GROUP = 48  # output channels per packed group: three 16-lane registers, one sequential stream
 
 
+def _padded_rows(n: int) -> int:
+    return (n + GROUP - 1) // GROUP * GROUP
+
+
 def _padded(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     n, k = weight.shape
-    out = torch.zeros((n + GROUP - 1) // GROUP * GROUP, k, dtype=dtype)
+    out = torch.zeros(_padded_rows(n), k, dtype=dtype)
     out[:n] = weight
     return out
 
@@ -97,8 +101,7 @@ def pack_int8(codes: torch.Tensor) -> torch.Tensor:
 
 
 def packed_nbytes(linear: nn.Linear, kind: str) -> int:
-    rows = (linear.out_features + GROUP - 1) // GROUP * GROUP
-    return rows * linear.in_features * (1 if kind == "int8" else 2) + 64
+    return _padded_rows(linear.out_features) * linear.in_features * (1 if kind == "int8" else 2) + 64
 
 
 class HugePageArena:

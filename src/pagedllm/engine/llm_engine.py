@@ -235,6 +235,6 @@ def _accelerate(model: LlamaForCausalLM, backend: str, config: EngineConfig) -> 
     if backend == "cpu":
         kind = linear_kind(config.torch_dtype, config.quantization)
         model.use_cpu_kernels(kind)
-        logger.info("CPU kernels (AVX-512 BF16): %s linears, decode steps fused per layer", kind)
+        logger.info("CPU kernels (AVX-512 BF16): %s linears, decode steps in one C++ call", kind)
     elif pack_linears(model, batch_hint=64):
         logger.info("linear layers prepacked for oneDNN (CPU, bfloat16)")

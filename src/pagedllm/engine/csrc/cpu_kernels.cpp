@@ -279,7 +279,8 @@ void attend_split(const T* q, const T* cache, const int32_t* table, int64_t firs
     m[g] = -INFINITY, l[g] = 0.f;
     for (int64_t d = 0; d < D; d += 16) {
       __mmask16 dm = tail_mask(D - d);
-      store16(qf[g] + d, _mm512_mul_ps(_mm512_maskz_mov_ps(dm, load16(q + g * D + d)), _mm512_set1_ps(scale)), dm);
+      if constexpr (std::is_same<T, float>::value)  // float32 caches: scaled queries (bf16 ones use qb)
+        store16(qf[g] + d, _mm512_mul_ps(_mm512_maskz_loadu_ps(dm, q + g * D + d), _mm512_set1_ps(scale)), dm);
       store16(acc_out + g * D + d, _mm512_setzero_ps(), dm);
     }
   }
@@ -360,12 +361,12 @@ void attend_split_fixed(const BFloat16* q, const BFloat16* cache, const int32_t*
       for (int g = 0; g < G; ++g) {
         __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mask, scores[g]);
         float m_new = std::max(m[g], _mm512_reduce_max_ps(sv));
-        __m512 correction = _mm512_set1_ps(std::exp(m[g] - m_new));
+        const float correction = std::exp(m[g] - m_new);
         __m512 p = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
-        l[g] = l[g] * std::exp(m[g] - m_new) + _mm512_reduce_add_ps(p);
+        l[g] = l[g] * correction + _mm512_reduce_add_ps(p);
         m[g] = m_new;
         _mm512_store_ps(scores[g], p);
-        for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], correction);
+        for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], _mm512_set1_ps(correction));
       }
       for (int64_t t = 0; t < nt; ++t) {
         const BFloat16* v = values + (row0 + t0 + t) * D;
@@ -520,7 +521,7 @@ struct Linear {
   std::string kind;
 
   int64_t in_features() const {
-    return kind == "bf16" ? weight.size(1) * 2 : kind == "int8" ? weight.size(1) : weight.size(1);
+    return kind == "bf16" ? weight.size(1) * 2 : weight.size(1);  // bf16 packs input pairs
   }
 
   // y = x @ W.T (+ bias) into `y`; `x_float` is x widened to float32 (int8 kind only, else undefined).
