@@ -196,3 +196,10 @@ def test_a_dead_loop_fails_what_it_holds_refuses_new_work_and_reports_death(tiny
     assert not loop.alive
     with pytest.raises(EngineDeadError, match="not ready"):
         loop.submit("late", [5], SamplingParams(max_tokens=1), q.put)
+
+
+def test_max_tokens_none_generates_up_to_the_context(tiny_model_dir):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir("llama3")), dtype="float32", block_size=4,
+                                    num_kv_blocks=40, max_model_len=24))
+    deltas = _stream(engine, [[5, 9, 13, 21]], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))
+    assert deltas["s0"][-1].finish_reason == "length" and deltas["s0"][-1].num_output_tokens == 24 - 4

@@ -75,8 +75,17 @@ def test_logprobs_are_top_n_of_model_distribution(tiny_llm):
     out = tiny_llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True),
                             use_tqdm=False)[0]
     assert len(out.logprobs) == 4
-    for token, top in zip(out.token_ids, out.logprobs):
+    for token, step in zip(out.token_ids, out.logprobs):
+        top = step.top
+        assert step.token_id == token and step.logprob == max(top.values())
         assert len(top) == 3 and max(top, key=top.get) == token and all(v <= 0 for v in top.values())
+
+
+def test_logprobs_report_the_sampled_token_outside_the_top_n(tiny_llm):
+    params = SamplingParams(temperature=5.0, seed=3, max_tokens=12, logprobs=1, ignore_eos=True)
+    out = tiny_llm.generate([[3, 4, 5]], params, use_tqdm=False)[0]
+    outside = [step for step in out.logprobs if step.token_id not in step.top]
+    assert outside and all(step.logprob < min(step.top.values()) for step in outside)
 
 
 def test_min_tokens_and_stop_token_ids(tiny_llm):

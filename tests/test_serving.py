@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from pagedllm.engine.sequence import TokenLogprobs
 from pagedllm.serving.metrics import ServingMetrics
 from pagedllm.serving.repository import write_repository
 from pagedllm.serving.request import GenerateRequest, InvalidRequestError, ResponseOptions, parse_request
@@ -67,11 +68,12 @@ def test_normalised_request_round_trips():
 
 
 def test_shape_response_prepends_prompt_only_when_not_streaming_and_not_excluded():
-    raw = RawResponse(" world", "stop", 3, 1, [{5: -0.1}]).to_tensors()
+    raw = RawResponse(" world", "stop", 3, 1, [TokenLogprobs(5, -0.1, {5: -0.1, 7: -2.5})], lambda t: f"<{t}>").to_tensors()
     req = parse_request({"text_input": s("Hello"), "return_logprobs": np.array([True])})
     out = shape_response(raw, req.options)
     assert out["text_output"][0] == b"Hello world" and set(out) == {"text_output", "logprobs"}
-    assert json.loads(out["logprobs"][0]) == [{"5": -0.1}]
+    assert json.loads(out["logprobs"][0]) == [{"token_id": 5, "token": "<5>", "logprob": -0.1, "top_logprobs": [
+        {"token_id": 5, "token": "<5>", "logprob": -0.1}, {"token_id": 7, "token": "<7>", "logprob": -2.5}]}]
     req.options.stream = True
     assert shape_response(raw, req.options)["text_output"][0] == b" world"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from pagedllm.engine.models.llama import RotaryEmbedding
 from pagedllm.engine.sampler import Sampler
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
-from pagedllm.engine.sequence import RequestDelta, Sequence, SequenceStatus
+from pagedllm.engine.sequence import RequestDelta, Sequence, SequenceStatus, TokenLogprobs
 from pagedllm.engine.tokenizer import encode_text, load_tokenizer, render_chat
 from pagedllm.weights import iter_safetensors, resolve_model_path
 
@@ -89,7 +89,7 @@ class LLMEngine:
             raise RequestRejectedError(
                 f"prompt: {len(prompt_token_ids)} tokens leave no room to generate within max_model_len "
                 f"{self.max_model_len}")
-        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
+        if params.max_tokens is not None and len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise RequestRejectedError(
                 f"max_tokens: {params.max_tokens} with a prompt of {len(prompt_token_ids)} tokens is over "
                 f"max_model_len {self.max_model_len}; ask for at most {self.max_model_len - len(prompt_token_ids)}")
@@ -99,6 +99,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise RequestRejectedError(f"request_id: {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=self.max_model_len - len(prompt_token_ids))
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop,
                                        params.skip_special_tokens, params.include_stop_str_in_output)
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -167,7 +169,7 @@ class LLMEngine:
         unsent = seq.num_output_tokens - seq.num_sent_tokens
         return seq.finished or seq.num_sent_tokens == 0 or unsent >= self.config.stream_interval
 
-    def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, now: float) -> None:
+    def _append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None, now: float) -> None:
         seq.token_ids.append(token)
         seq.first_token_time = seq.first_token_time or now
         if logprobs is not None:

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedllm.engine.sequence import Sequence
+from pagedllm.engine.sequence import Sequence, TokenLogprobs
 
 
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
-    logprobs: list[dict[int, float] | None]
+    logprobs: list[TokenLogprobs | None]
 
 
 class Sampler:
@@ -20,12 +20,14 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int]) -> SamplerOutput:
-        logprobs = _top_logprobs(logits, seqs)
+        raw_logprobs = logits.log_softmax(dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
         logits = apply_penalties(logits, seqs)
         _mask_stops_before_min_tokens(logits, seqs, eos_token_ids)
         if all(s.params.greedy for s in seqs):
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), logprobs)
-        return SamplerOutput(self._sample(logits, seqs), logprobs)
+            token_ids = logits.argmax(dim=-1).tolist()
+        else:
+            token_ids = self._sample(logits, seqs)
+        return SamplerOutput(token_ids, _token_logprobs(raw_logprobs, token_ids, seqs))
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], dtype=logits.dtype)
@@ -96,16 +98,14 @@ def _filter_row(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> to
     return out
 
 
-def _top_logprobs(logits: torch.Tensor, seqs: list[Sequence]) -> list[dict[int, float] | None]:
-    wanted = [s.params.logprobs for s in seqs]
-    if all(w is None for w in wanted):
-        return [None] * len(seqs)
-    logp = logits.log_softmax(dim=-1)
-    out: list[dict[int, float] | None] = []
-    for i, n in enumerate(wanted):
-        if n is None:
+def _token_logprobs(logp: torch.Tensor | None, token_ids: list[int],
+                    seqs: list[Sequence]) -> list[TokenLogprobs | None]:
+    out: list[TokenLogprobs | None] = []
+    for row, (seq, token) in enumerate(zip(seqs, token_ids)):
+        n = seq.params.logprobs
+        if logp is None or n is None:
             out.append(None)
             continue
-        vals, ids = logp[i].topk(max(n, 1))
-        out.append(dict(zip(ids.tolist()[:n], vals.tolist()[:n])))
+        values, ids = logp[row].topk(n)
+        out.append(TokenLogprobs(token, float(logp[row, token]), dict(zip(ids.tolist(), values.tolist()))))
     return out

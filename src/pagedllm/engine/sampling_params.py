@@ -11,7 +11,7 @@ MAX_SEED = 2 ** 64 - 1
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: up to the model's context (max_model_len), as vLLM's chat API
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -31,7 +31,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        _check_int("max_tokens", self.max_tokens, low=1)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, low=1)
         _check_float("temperature", self.temperature, low=0.0)
         _check_float("top_p", self.top_p, low=0.0, low_open=True, high=1.0)
         _check_int("top_k", self.top_k, low=-1)
@@ -41,7 +42,7 @@ class SamplingParams:
         _check_float("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
         if self.seed is not None:
             _check_int("seed", self.seed, low=0, high=MAX_SEED)
-        _check_int("min_tokens", self.min_tokens, low=0, high=self.max_tokens)
+        _check_int("min_tokens", self.min_tokens, low=0, high=self.max_tokens)  # high None: no bound
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=20)
         self._check_stops()

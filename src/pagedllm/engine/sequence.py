@@ -10,6 +10,15 @@ from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.sampling_params import SamplingParams
 
 
+@dataclass
+class TokenLogprobs:
+    """One generated token's log-probability under the model's raw distribution, and the `top` N
+    alternatives (vLLM's `logprobs=N`: the sampled token is reported whether or not it is among them)."""
+    token_id: int
+    logprob: float
+    top: dict[int, float]
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -31,7 +40,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
-    logprobs: list[dict[int, float]] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -73,7 +82,7 @@ class RequestDelta:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
-    new_logprobs: list[dict[int, float]] | None = None
+    new_logprobs: list[TokenLogprobs] | None = None
     error: str | None = None
     queue_time: float | None = None  # on the final delta: arrival to first scheduled
     error_is_internal: bool = False  # the engine failed, rather than the request being invalid
@@ -108,7 +117,7 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     finish_reason: str | None
-    logprobs: list[dict[int, float]] | None
+    logprobs: list[TokenLogprobs] | None
     arrival_time: float
     first_token_time: float | None
     finish_time: float | None

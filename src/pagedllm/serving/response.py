@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from pagedllm.engine.sequence import TokenLogprobs
 from pagedllm.serving.request import ResponseOptions
 
 RAW_OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "logprobs")
@@ -19,7 +21,8 @@ class RawResponse:
     finish_reason: str | None
     num_input_tokens: int
     num_output_tokens: int
-    logprobs: list[dict[int, float]] | None
+    logprobs: list[TokenLogprobs] | None
+    token_text: Callable[[int], str] = str  # a token id's text, for the logprobs output
 
     def to_tensors(self, names: tuple[str, ...] = RAW_OUTPUTS) -> dict[str, np.ndarray]:
         """The named outputs only: building tensors no client reads costs time on every token."""
@@ -28,13 +31,19 @@ class RawResponse:
             "finish_reason": lambda: np.array([(self.finish_reason or "").encode()], dtype=np.object_),
             "num_input_tokens": lambda: np.array([self.num_input_tokens], dtype=np.uint32),
             "num_output_tokens": lambda: np.array([self.num_output_tokens], dtype=np.uint32),
-            "logprobs": lambda: np.array([json.dumps(_logprobs_json(self.logprobs)).encode()], dtype=np.object_),
+            "logprobs": lambda: np.array([json.dumps(self.logprobs_json()).encode()], dtype=np.object_),
         }
         return {name: build[name]() for name in names}
 
+    def logprobs_json(self) -> list[dict]:
+        return [_logprob_json(step, self.token_text) for step in self.logprobs or []]
 
-def _logprobs_json(logprobs: list[dict[int, float]] | None) -> list[dict[str, float]]:
-    return [{str(k): v for k, v in step.items()} for step in logprobs or []]
+
+def _logprob_json(step: TokenLogprobs, token_text: Callable[[int], str]) -> dict:
+    """One step of the `logprobs` output: the generated token and its top alternatives, each with its text."""
+    def entry(token_id: int, logprob: float) -> dict:
+        return {"token_id": token_id, "token": token_text(token_id), "logprob": logprob}
+    return entry(step.token_id, step.logprob) | {"top_logprobs": [entry(t, lp) for t, lp in step.top.items()]}
 
 
 def requested_outputs(options: ResponseOptions) -> tuple[str, ...]:

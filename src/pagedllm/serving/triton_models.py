@@ -4,6 +4,7 @@
 `initialize`; everything it touches beyond that lives in the unit-tested modules beside this one."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -20,7 +21,7 @@ import torch
 from pagedllm.engine.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.loop import EngineDeadError, EngineLoop, OverloadedError
-from pagedllm.engine.sequence import RequestDelta, coalesce
+from pagedllm.engine.sequence import RequestDelta, TokenLogprobs, coalesce
 from pagedllm.engine.tokenizer import load_tokenizer
 from pagedllm.serving.metrics import ServingMetrics
 from pagedllm.serving.prompts import tokenize_request
@@ -69,7 +70,7 @@ class _Stream:
     arrival: float
     # what the engine handed out since the last response: a response reports only its own tokens
     text: list[str] = field(default_factory=list)
-    logprobs: list[dict[int, float]] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_tokens: int = 0
     last_token_time: float | None = None
     cancel_checked: float = 0.0
@@ -90,6 +91,7 @@ class LLMModel:
                                on_step=lambda engine, _: self.metrics.on_stats(engine.stats()),
                                on_death=self._on_engine_death)
         self.engine = self.loop.engine
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda token_id: self.engine.tokenizer.decode([token_id]))
         self.pb.Logger.log_info(f"pagedllm {args['model_name']}/{args['model_version']}: engine ready, "
                                 f"{self.engine.num_blocks} KV blocks, torch threads {torch.get_num_threads()}")
         self.metrics.on_stats(self.engine.stats())  # gauges are right before the first request
@@ -209,7 +211,7 @@ class LLMModel:
         if not (delta.finished or (stream.options.stream and delta.new_text)):
             return None
         raw = RawResponse("".join(stream.text), delta.finish_reason, delta.num_prompt_tokens, stream.num_tokens,
-                          stream.logprobs)
+                          stream.logprobs, self.token_text)
         stream.text, stream.logprobs, stream.num_tokens = [], [], 0
         tensors = raw.to_tensors(requested_outputs(stream.options))
         if stream.echo is not None:
