@@ -4,8 +4,8 @@ from pagedllm_client.aio import AsyncClient
 from pagedllm_client.client import Client
 from pagedllm_client.errors import (Cancelled, CircuitOpen, ClientError, InvalidRequest, Overloaded, ServerError,
                                     Timeout)
-from pagedllm_client.protocol import Completion
+from pagedllm_client.protocol import Chunk, Completion
 from pagedllm_client.resilience import NO_RETRY, CircuitBreaker, RetryPolicy
 
-__all__ = ["Client", "AsyncClient", "Completion", "RetryPolicy", "NO_RETRY", "CircuitBreaker", "ClientError",
+__all__ = ["Client", "AsyncClient", "Chunk", "Completion", "RetryPolicy", "NO_RETRY", "CircuitBreaker", "ClientError",
            "InvalidRequest", "Overloaded", "CircuitOpen", "Cancelled", "Timeout", "ServerError"]

@@ -65,6 +65,13 @@ class AsyncClient(ClientSettings):
             if chunk.text:
                 yield chunk.text
 
+    async def chunks(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
+                     **sampling: Any) -> AsyncIterator[Chunk]:
+        """Every response as a Chunk: its text, and the finish reason, token counts and (when `logprobs` is
+        given) logprobs the server sends with it."""
+        async for chunk in self._chunks(request_fields(prompt, messages, sampling)):
+            yield chunk
+
     async def _chunks(self, fields: dict[str, Any]) -> AsyncIterator[Chunk]:
         attempt = 0
         while True:

@@ -23,6 +23,7 @@ class Chunk:
     finish_reason: str | None = None
     num_input_tokens: int | None = None
     num_output_tokens: int | None = None
+    logprobs: list[dict[str, Any]] | None = None  # one entry per token of this response, when asked for
 
 
 @dataclass
@@ -66,6 +67,8 @@ def request_fields(prompt: str | None, messages: list[dict[str, str]] | None,
         fields["messages"] = json.dumps(messages)
     if sampling:
         fields["sampling_parameters"] = json.dumps(sampling)
+    if sampling.get("logprobs") is not None:
+        fields["return_logprobs"] = True
     return fields
 
 
@@ -101,7 +104,7 @@ def _first(value: np.ndarray | None) -> Any:
 def chunk_from_grpc(result: Any) -> Chunk:
     final = result.get_response().parameters["triton_final_response"].bool_param
     return _chunk({name: _first(result.as_numpy(name)) for name in
-                   ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")}, final)
+                   ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "logprobs")}, final)
 
 
 def chunk_from_sse(line: str) -> Chunk | None:
@@ -118,15 +121,17 @@ def chunk_from_sse(line: str) -> Chunk | None:
 def _chunk(values: dict[str, Any], final: bool) -> Chunk:
     count = values.get("num_output_tokens")
     inputs = values.get("num_input_tokens")
+    logprobs = values.get("logprobs")
     return Chunk(values.get("text_output") or "", final, values.get("finish_reason") or None,
-                 int(inputs) if inputs is not None else None, int(count) if count is not None else None)
+                 int(inputs) if inputs is not None else None, int(count) if count is not None else None,
+                 json.loads(logprobs) if isinstance(logprobs, str) else logprobs)
 
 
 def http_error(status: int, body: bytes) -> Exception:
     """generate_stream sends its error as one server-sent event; generate as a JSON object."""
     text = body.decode(errors="replace").strip()
     try:
-        message = json.loads(text[5:] if text.startswith("data:") else text).get("error", "")
+        message = json.loads(text.removeprefix("data:")).get("error", "")
     except (ValueError, AttributeError):
         message = text
     return classify(message or f"HTTP {status}", str(status))

@@ -1,9 +1,10 @@
-"""`pagedllm serve | demo | generate`."""
+"""`pagedllm serve | gateway | demo | generate`."""
 from __future__ import annotations
 
 import argparse
 import logging
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +26,19 @@ def main(argv: list[str] | None = None) -> int:
         # explicit: all models load at start; versions load and unload through the repository API (protected
         # by $PAGEDLLM_ADMIN_KEY when set), and an llm model whose engine dies unloads itself (not ready).
         p.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default="explicit")
+    serve_ = sub.choices["serve"]
+    serve_.add_argument("--openai-port", type=int, default=None, help="also start the OpenAI gateway on this port")
+    serve_.add_argument("--openai-host", default="127.0.0.1")
+    serve_.add_argument("--api-keys", type=Path, default=None, help="the gateway's keys file (JSON)")
+    gw = sub.add_parser("gateway", help="the OpenAI-compatible gateway in front of tritonservers")
+    gw.add_argument("--triton", action="append", required=True, metavar="HOST:GRPC_PORT",
+                    help="a tritonserver's gRPC address (repeat for replicas)")
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=9000)
+    gw.add_argument("--api-keys", type=Path, default=None, help="JSON keys file; none: an open gateway")
+    gw.add_argument("--served-model-name", action="append", default=[], metavar="NAME=MODEL",
+                    help="serve MODEL under NAME too")
+    gw.add_argument("--max-body-bytes", type=int, default=None)
     gen = sub.add_parser("generate", help="offline generation with the engine, no server")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="a local Hugging Face directory (default: embedded SmolLM2)")
@@ -32,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     args = ap.parse_args(argv)
-    return {"serve": serve, "demo": demo, "generate": generate}[args.command](args)
+    return {"serve": serve, "gateway": gateway, "demo": demo, "generate": generate}[args.command](args)
 
 
 def _server(args: argparse.Namespace, log_path: Path | None = None):
@@ -48,14 +62,48 @@ def _server(args: argparse.Namespace, log_path: Path | None = None):
 
 
 def serve(args: argparse.Namespace) -> int:
+    """tritonserver, and the gateway beside it with --openai-port. SIGTERM or Ctrl-C stops the gateway
+    first (its streams drain), then tritonserver."""
     server = _server(args).start()
+    gateway_process: list[subprocess.Popen] = []
+
+    def stop(*_: object) -> None:
+        for process in gateway_process:
+            process.send_signal(signal.SIGTERM)
+            process.wait()
+        server.stop()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: server.stop())
+        signal.signal(sig, stop)
     server.wait_ready()
     print(f"pagedllm ready\n  HTTP    http://{server.http_url}/v2/models/ensemble/generate_stream\n"
           f"  gRPC    {server.grpc_url}  (streaming: ensemble or llm; unary: generate)\n"
           f"  metrics {server.metrics_url}", flush=True)
-    return server.process.wait() if server.process else 0
+    if args.openai_port is not None:
+        command = [sys.executable, "-m", "pagedllm.cli", "gateway", "--triton", server.grpc_url,
+                   "--host", args.openai_host, "--port", str(args.openai_port)]
+        if args.api_keys:
+            command += ["--api-keys", str(args.api_keys)]
+        gateway_process.append(subprocess.Popen(command))
+        print(f"  OpenAI  http://{args.openai_host}:{args.openai_port}/v1", flush=True)
+    code = server.process.wait() if server.process else 0
+    for process in gateway_process:
+        process.poll() is None and process.send_signal(signal.SIGTERM)
+    return code
+
+
+def gateway(args: argparse.Namespace) -> int:
+    from pagedllm.gateway.config import GatewayConfig, parse_aliases
+    from pagedllm.gateway.server import run
+
+    try:
+        config = GatewayConfig(args.triton, args.host, args.port, args.api_keys,
+                               parse_aliases(args.served_model_name))
+        if args.max_body_bytes:
+            config.max_body_bytes = args.max_body_bytes
+        return run(config)
+    except ValueError as e:  # a bad flag or keys file: the message names it
+        raise SystemExit(str(e)) from None
 
 
 def demo(args: argparse.Namespace) -> int:

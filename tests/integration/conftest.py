@@ -121,3 +121,41 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.2) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+class GatewayProcess:
+    """`pagedllm gateway` as a child process, as an operator runs it; `log()` is its stderr (JSON lines)."""
+
+    def __init__(self, triton_urls: list[str], log: Path, api_keys: Path | None = None, *extra: str) -> None:
+        import subprocess
+        self.port, self.log_path = free_port(), log
+        command = [sys.executable, "-m", "pagedllm.cli", "gateway", "--port", str(self.port), *extra]
+        for url in triton_urls:
+            command += ["--triton", url]
+        if api_keys is not None:
+            command += ["--api-keys", str(api_keys)]
+        self.process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 60.0) -> "GatewayProcess":
+        def ready() -> bool:
+            assert self.process.poll() is None, f"gateway exited:\n{self.log()}"
+            try:
+                with urllib.request.urlopen(f"{self.url}/ready", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        assert wait_for(ready, timeout), f"gateway not ready:\n{self.log()}"
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=60)

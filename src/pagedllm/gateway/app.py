@@ -1,0 +1,285 @@
+"""The gateway's HTTP service (FastAPI): OpenAI's chat and completions endpoints, /v1/models, health,
+readiness and metrics. A request is authenticated, parsed, admitted by its key's quota, then run on the
+replicas (generation.py); every request ends in one JSON log line and the metrics."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from pagedllm.gateway.config import GatewayConfig
+from pagedllm.gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    NotFoundError,
+    RequestTooLargeError,
+    ServiceUnavailableError,
+    UpstreamError,
+)
+from pagedllm.gateway.generation import Event, Generation
+from pagedllm.gateway.keys import ApiKey, KeyRing, load_keys
+from pagedllm.gateway.metrics import GatewayMetrics
+from pagedllm.gateway.protocol import Plan, decode_body, parse
+from pagedllm.gateway.quotas import KeyQuota, Ticket, estimate_tokens
+from pagedllm.gateway.replicas import ReplicaPool
+from pagedllm.gateway.responses import Answer, sse
+
+logger = logging.getLogger("pagedllm.gateway")
+access_log = logging.getLogger("pagedllm.gateway.access")
+DRAIN_FACTOR = 16  # a body over the limit is read (and dropped) up to this many times the limit, then cut
+
+
+@dataclass
+class RequestRecord:
+    """The request's log line: never the prompt or the output."""
+    request_id: str
+    key: str = "-"
+    model: str | None = None
+    replica: str | None = None
+    status: int = 200
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    time_to_first_token: float | None = None
+    duration: float = 0.0
+    finish_reason: str | None = None
+    cancelled: bool = False
+    error: str | None = None
+    started: float = field(default_factory=time.monotonic, repr=False)
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.pool = ReplicaPool(config.triton, config.health_interval, config.upstream_timeout)
+        self.keys = KeyRing(load_keys(config.api_keys) if config.api_keys else None)
+        self.quotas = {key.name: KeyQuota(key.limits) for key in self.keys.keys or []}
+        self.metrics = GatewayMetrics(self.pool)
+
+    # ---- the completion endpoints -------------------------------------------------------------
+    async def complete(self, kind: Literal["chat", "completion"], request: Request) -> Response:
+        record = RequestRecord("req_" + uuid.uuid4().hex)
+        ticket: Ticket | None = None
+        answer: Answer | None = None
+        try:
+            key = self.keys.authenticate(request.headers.get("authorization"))
+            record.key = key.name
+            plan = parse(kind, decode_body(await self._body(request)))
+            record.model = self._model(plan.model, key)
+            ticket = self._admit(key, plan)
+            answer = Answer(plan)
+            generation = Generation(self.pool, plan, record.model, self.metrics)
+            events = generation.events()
+            first = await self._first(events, generation, record)  # an error before any token: an HTTP error
+            if plan.stream:
+                body = self._sse(answer, first, events, record, ticket)
+                return StreamingResponse(body, media_type="text/event-stream", headers=self._headers(record, key))
+            self._add(answer, *first, record)
+            async for index, chunk in events:
+                self._add(answer, index, chunk, record)
+            return self._json(answer.whole(), record, ticket, answer, key)
+        except GatewayError as e:
+            return self._error(e, record, ticket, answer)
+
+    async def _first(self, events: AsyncIterator[Event], generation: Generation, record: RequestRecord) -> Event:
+        try:
+            return await events.__anext__()
+        except StopAsyncIteration:
+            raise UpstreamError("the server ended the stream without a response") from None
+        finally:
+            record.replica = ",".join(dict.fromkeys(generation.replicas)) or None
+
+    async def _sse(self, answer: Answer, first: Event, events: AsyncIterator[Event], record: RequestRecord,
+                   ticket: Ticket | None) -> AsyncIterator[bytes]:
+        error: GatewayError | None = None
+        try:
+            for chunk in answer.opening_chunks():
+                yield sse(chunk)
+            event: Event | None = first
+            while event is not None:
+                chunk = self._add(answer, *event, record)
+                if chunk is not None:
+                    yield sse(chunk)
+                event = await anext(events, None)
+            if answer.plan.include_usage:
+                yield sse(answer.usage_chunk())
+            yield b"data: [DONE]\n\n"
+        except GatewayError as e:  # after streaming began: an error event, and the stream ends
+            error = e
+            yield sse(e.body())
+        except BaseException:  # the client left: the engine requests are cancelled as the streams close
+            record.cancelled = True
+            raise
+        finally:
+            await events.aclose()
+            self._finish(record, ticket, answer, error.status if error else 200, error)
+
+    def _add(self, answer: Answer, index: int, chunk, record: RequestRecord) -> dict | None:
+        """Fold one engine response into the answer; the stream chunk it makes, if it says anything."""
+        out = answer.outputs[index]
+        out.text += chunk.text
+        out.completion_tokens += chunk.num_output_tokens or 0
+        out.prompt_tokens = chunk.num_input_tokens or out.prompt_tokens
+        out.logprobs += chunk.logprobs or []
+        out.finish_reason = chunk.finish_reason or out.finish_reason
+        if chunk.text and record.time_to_first_token is None:
+            record.time_to_first_token = time.monotonic() - record.started
+        if not (chunk.text or chunk.logprobs or chunk.finish_reason):
+            return None
+        return answer.chunk(index, chunk.text, chunk.logprobs or [], chunk.finish_reason)
+
+    # ---- admission ----------------------------------------------------------------------------
+    async def _body(self, request: Request) -> bytes:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise InvalidRequestError(f"Content-Type: expected application/json, got {content_type or 'none'!r}",
+                                      None, "unsupported_content_type")
+        limit, body, size = self.config.max_body_bytes, bytearray(), 0
+        async for part in request.stream():
+            size += len(part)
+            if size <= limit:
+                body += part
+            elif size > limit * DRAIN_FACTOR:
+                break
+        if size > limit:
+            raise RequestTooLargeError(f"the request body is over the gateway's limit of {limit} bytes", None,
+                                       "request_too_large")
+        return bytes(body)
+
+    def _model(self, name: str, key: ApiKey) -> str:
+        model = self.config.served_model_names.get(name, name)
+        if not any(r.healthy for r in self.pool.replicas):
+            raise ServiceUnavailableError("no healthy replica; retry shortly", None, "no_healthy_replica", 1.0)
+        if model not in self.pool.models():
+            raise NotFoundError(f"model: {name!r} does not exist; GET /v1/models lists the models served",
+                                "model", "model_not_found")
+        if key.models is not None and name not in key.models:
+            key.check_model(model)
+        return model
+
+    def _admit(self, key: ApiKey, plan: Plan) -> Ticket | None:
+        quota = self.quotas.get(key.name)
+        if quota is None:
+            return None
+        reserve = sum(estimate_tokens(_prompt_bytes(c.prompt, c.messages)) + (plan.max_tokens or 0)
+                      for c in plan.choices)
+        return quota.admit(reserve)
+
+    # ---- endings ------------------------------------------------------------------------------
+    def _headers(self, record: RequestRecord, key: ApiKey | None = None) -> dict[str, str]:
+        quota = self.quotas.get(key.name) if key else None
+        return {"x-request-id": record.request_id} | (quota.headers() if quota else {})
+
+    def _json(self, body: dict, record: RequestRecord, ticket: Ticket | None, answer: Answer,
+              key: ApiKey) -> Response:
+        self._finish(record, ticket, answer, 200)
+        return JSONResponse(body, headers=self._headers(record, key))
+
+    def _error(self, error: GatewayError, record: RequestRecord, ticket: Ticket | None,
+               answer: Answer | None) -> Response:
+        self._finish(record, ticket, answer, error.status, error)
+        return JSONResponse(error.body(), status_code=error.status,
+                            headers=error.headers() | {"x-request-id": record.request_id})
+
+    def _finish(self, record: RequestRecord, ticket: Ticket | None, answer: Answer | None, status: int,
+                error: GatewayError | None = None) -> None:
+        record.status, record.duration = status, time.monotonic() - record.started
+        if answer is not None:
+            usage = answer.usage()
+            record.prompt_tokens, record.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+            reasons = {out.finish_reason for out in answer.outputs if out.finish_reason}
+            record.finish_reason = ",".join(sorted(reasons)) or None
+        if ticket is not None:
+            ticket.settle(record.prompt_tokens + record.completion_tokens)
+        if error is not None:
+            record.error = error.code or type(error).__name__
+            if status in (401, 403, 413, 429, 503):
+                self.metrics.rejections.labels(record.error).inc()
+        self._observe(record)
+        access_log.info(json.dumps({k: v for k, v in asdict(record).items() if k != "started"}))
+
+    def _observe(self, record: RequestRecord) -> None:
+        m, model = self.metrics, record.model or "-"
+        m.requests.labels(record.key, model, str(record.status)).inc()
+        m.tokens.labels(record.key, "prompt").inc(record.prompt_tokens)
+        m.tokens.labels(record.key, "completion").inc(record.completion_tokens)
+        if record.status == 200 and not record.cancelled:
+            m.e2e.labels(model).observe(record.duration)
+            if record.time_to_first_token is not None:
+                m.ttft.labels(model).observe(record.time_to_first_token)
+
+    # ---- the other endpoints ------------------------------------------------------------------
+    def list_models(self, request: Request) -> Response:
+        try:
+            key = self.keys.authenticate(request.headers.get("authorization"))
+        except GatewayError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        served = self.pool.models()
+        names = sorted(served) + sorted(a for a, m in self.config.served_model_names.items() if m in served)
+        allowed = [n for n in names if key.models is None or n in key.models
+                   or self.config.served_model_names.get(n, n) in key.models]
+        return JSONResponse({"object": "list", "data": [
+            {"id": n, "object": "model", "created": 0, "owned_by": "pagedllm"} for n in allowed]})
+
+    def ready(self) -> Response:
+        models = sorted(self.pool.models())
+        return JSONResponse({"ready": bool(models), "models": models}, status_code=200 if models else 503)
+
+
+def _prompt_bytes(prompt: str | None, messages: list[dict[str, str]] | None) -> int:
+    texts = [prompt] if prompt is not None else [m["content"] for m in messages or []]
+    return sum(len(t.encode("utf-8")) for t in texts)
+
+
+def create_app(config: GatewayConfig) -> FastAPI:
+    gateway = Gateway(config)
+    if gateway.keys.keys is None:
+        logger.warning("no --api-keys: the gateway is open to anyone who can reach %s:%d", config.host, config.port)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await gateway.pool.start()
+        yield
+        await gateway.pool.close()
+
+    app = FastAPI(title="pagedllm gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.gateway = gateway
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await gateway.complete("chat", request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await gateway.complete("completion", request)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        return gateway.list_models(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        return gateway.ready()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        error = NotFoundError(f"{request.method} {request.url.path}: {exc.detail}", None, "not_found")
+        return JSONResponse(error.body(), status_code=exc.status_code)
+
+    return app

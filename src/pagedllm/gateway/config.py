@@ -1,0 +1,37 @@
+"""The gateway's settings, with their defaults in one place."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class GatewayConfig:
+    triton: list[str]  # HOST:GRPC_PORT of each tritonserver replica
+    host: str = "127.0.0.1"
+    port: int = 9000
+    api_keys: Path | None = None  # None: an open gateway (a warning at start)
+    served_model_names: dict[str, str] = field(default_factory=dict)  # alias -> Triton model name
+    max_body_bytes: int = 4 << 20  # the llm model takes prompts of up to 1 MiB; JSON escaping can double that
+    health_interval: float = 2.0
+    upstream_timeout: float = 600.0  # the longest wait for one response of a stream (queueing included)
+    graceful_shutdown: float = 30.0  # SIGTERM: streams in flight get this long to finish
+
+    def __post_init__(self) -> None:
+        if not self.triton:
+            raise ValueError("--triton: give at least one HOST:GRPC_PORT")
+        for url in self.triton:
+            host, _, port = url.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"--triton: {url!r} is not HOST:GRPC_PORT")
+
+
+def parse_aliases(values: list[str]) -> dict[str, str]:
+    """`--served-model-name NAME=MODEL` entries."""
+    aliases = {}
+    for value in values:
+        name, sep, model = value.partition("=")
+        if not sep or not name or not model:
+            raise ValueError(f"--served-model-name: {value!r} is not NAME=MODEL")
+        aliases[name] = model
+    return aliases

@@ -1,0 +1,113 @@
+"""The gateway's errors, each with its HTTP status in one table, sent in OpenAI's error shape:
+`{"error": {"message", "type", "param", "code"}}`."""
+from __future__ import annotations
+
+import math
+import re
+
+from pagedllm_client import ClientError, InvalidRequest, Overloaded, Timeout
+
+
+class GatewayError(Exception):
+    """`param`: the request field at fault, when there is one. `retry_after`: seconds, for 429 and 503."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 retry_after: float | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+        self.retry_after, self.extra_headers = retry_after, headers or {}
+
+    @property
+    def status(self) -> int:
+        return STATUS[type(self)][0]
+
+    def body(self) -> dict:
+        kind = STATUS[type(self)][1]
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        headers = dict(self.extra_headers)
+        if self.retry_after is not None:
+            headers["retry-after"] = str(max(1, math.ceil(self.retry_after)))
+            headers["retry-after-ms"] = str(max(1, math.ceil(self.retry_after * 1000)))
+        return headers
+
+
+class InvalidRequestError(GatewayError):
+    """The request is malformed or asks for something unsupported; `param` names the field."""
+
+
+class AuthenticationError(GatewayError):
+    """No API key, or one the gateway does not know."""
+
+
+class PermissionDeniedError(GatewayError):
+    """The key may not use this model."""
+
+
+class NotFoundError(GatewayError):
+    """No such model, or no such route."""
+
+
+class RequestTooLargeError(GatewayError):
+    """The body is over the gateway's limit."""
+
+
+class RateLimitError(GatewayError):
+    """Over one of the key's quotas; retry after `retry_after` seconds."""
+
+
+class ServiceUnavailableError(GatewayError):
+    """No healthy replica, or the engines shed load; retry after `retry_after` seconds."""
+
+
+class UpstreamError(GatewayError):
+    """The server failed the request."""
+
+
+STATUS: dict[type[GatewayError], tuple[int, str]] = {
+    InvalidRequestError: (400, "invalid_request_error"),
+    AuthenticationError: (401, "authentication_error"),
+    PermissionDeniedError: (403, "permission_error"),
+    NotFoundError: (404, "not_found_error"),
+    RequestTooLargeError: (413, "invalid_request_error"),
+    RateLimitError: (429, "rate_limit_error"),
+    ServiceUnavailableError: (503, "service_unavailable"),
+    UpstreamError: (500, "server_error"),
+}
+
+OVERLOAD_RETRY_SECONDS = 1.0
+# The llm model's names for fields the OpenAI request names differently.
+_ENGINE_FIELDS = {"text_input": "prompt", "prompt_token_ids": "prompt"}
+_FIELD = re.compile(r"^(?:sampling_parameters\.)?([A-Za-z_][\w.\[\]]*): ")
+
+
+def param_of(message: str) -> str | None:
+    """The field a server (or SamplingParams) message names: `sampling_parameters.temperature: ...` ->
+    `temperature`, `messages[0].role: ...` -> `messages[0].role`."""
+    match = _FIELD.match(message)
+    if match is None:
+        return None
+    name = match.group(1)
+    return None if name == "sampling_parameters" else _ENGINE_FIELDS.get(name, name)
+
+
+def field_error(message: str, renamed: dict[str, str] | None = None) -> InvalidRequestError:
+    """An engine's field-naming message, with the field as the request named it (`renamed`: engine field ->
+    the request's name), in the message and in `param`."""
+    param = param_of(message)
+    if param is None:
+        return InvalidRequestError(message)
+    name = (renamed or {}).get(param, param)
+    return InvalidRequestError(f"{name}: {message.split(': ', 1)[1]}", name)
+
+
+def from_upstream(error: ClientError, renamed: dict[str, str] | None = None) -> GatewayError:
+    """The gateway error for what the client package raised."""
+    if isinstance(error, InvalidRequest):
+        return field_error(str(error), renamed)
+    if isinstance(error, Overloaded):
+        return ServiceUnavailableError(str(error), code="overloaded", retry_after=OVERLOAD_RETRY_SECONDS)
+    if isinstance(error, Timeout):
+        return ServiceUnavailableError(str(error), code="timeout", retry_after=OVERLOAD_RETRY_SECONDS)
+    return UpstreamError(str(error))

@@ -1,0 +1,218 @@
+"""OpenAI's request bodies, validated with errors that name the field, and turned into the engine
+requests that answer them: one per choice (`n` per prompt)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.gateway.errors import InvalidRequestError, field_error
+
+MAX_STOP = 4
+MAX_CHOICES = 16
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat runs to the context's end
+UNSUPPORTED = {
+    "tools": "tool calling", "tool_choice": "tool calling", "parallel_tool_calls": "tool calling",
+    "functions": "function calling", "function_call": "function calling", "logit_bias": "logit_bias",
+    "response_format": "structured output", "suffix": "suffix", "best_of": "best_of",
+    "audio": "audio output", "modalities": "audio output", "prediction": "predicted outputs",
+}
+# The engine's names for sampling fields whose OpenAI names differ.
+SAMPLING_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                   "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Common(_Body):
+    model: str
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, stop: str | list[str] | None) -> list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if stops is not None and len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
+        return stops
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]]
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, content: str | list[dict[str, Any]]) -> str:
+        if isinstance(content, str):
+            return content
+        for i, part in enumerate(content):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
+                raise ValueError(f"part {i}: only {{'type': 'text', 'text': ...}} parts are supported, "
+                                 f"got type {part.get('type')!r}")
+        return "\n".join(part["text"] for part in content)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
+@dataclass
+class Choice:
+    """One engine request: the `index`-th choice of the answer."""
+    index: int
+    prompt: str | None
+    messages: list[dict[str, str]] | None
+    sampling: dict[str, Any]
+
+
+@dataclass
+class Plan:
+    """What the engine is asked, and how the answer is shaped."""
+    kind: Literal["chat", "completion"]
+    model: str
+    choices: list[Choice]
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    echo: bool
+    max_tokens: int | None
+    renamed: dict[str, str] = field(default_factory=dict)  # engine field -> the request's name for it
+
+
+def parse(kind: Literal["chat", "completion"], body: Any) -> Plan:
+    """The plan for a decoded JSON body, or InvalidRequestError naming the field."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object", None)
+    for key in body:
+        if key in UNSUPPORTED:
+            raise InvalidRequestError(f"{key}: {UNSUPPORTED[key]} is not supported by this server", key)
+    schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
+    try:
+        request = schema.model_validate(body)
+    except ValidationError as e:
+        raise _field_error(e) from None
+    plan = _chat_plan(request) if kind == "chat" else _completion_plan(request)
+    _check_sampling(plan)
+    return plan
+
+
+def _field_error(error: ValidationError) -> InvalidRequestError:
+    first = error.errors()[0]
+    loc = [part for part in first["loc"] if part not in ("str", "list[str]", "list[dict[str,any]]")]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    message = "unknown field (not part of OpenAI's API or not supported)" if first["type"] == "extra_forbidden" \
+        else first["msg"]
+    return InvalidRequestError(f"{param}: {message}" if param else message, param)
+
+
+def _sampling(request: _Common, max_tokens: int | None) -> dict[str, Any]:
+    values = {name: getattr(request, name) for name in SAMPLING_FIELDS if getattr(request, name) is not None}
+    values["max_tokens"] = max_tokens
+    if request.stop:
+        values["stop"] = request.stop
+    return values
+
+
+def _stream_flags(request: _Common) -> bool:
+    if request.stream_options is not None and not request.stream:
+        raise InvalidRequestError("stream_options: only allowed when stream is true", "stream_options")
+    return bool(request.stream_options and request.stream_options.include_usage)
+
+
+def _fan_out(prompts: list[tuple[str | None, list[dict[str, str]] | None]], request: _Common,
+             sampling: dict[str, Any]) -> list[Choice]:
+    """n choices per prompt; with a seed, choice i of a prompt gets seed + i (distinct but reproducible)."""
+    choices = []
+    for prompt, messages in prompts:
+        for i in range(request.n):
+            seeded = sampling if request.seed is None else {**sampling, "seed": request.seed + i}
+            choices.append(Choice(len(choices), prompt, messages, seeded))
+    return choices
+
+
+def _chat_plan(request: ChatCompletionRequest) -> Plan:
+    if request.top_logprobs is not None and not request.logprobs:
+        raise InvalidRequestError("top_logprobs: only allowed when logprobs is true", "top_logprobs")
+    max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    sampling = _sampling(request, max_tokens)
+    if request.logprobs:
+        sampling["logprobs"] = request.top_logprobs or 0
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
+                | ({"name": m.name} if m.name else {}) for m in request.messages]
+    renamed = {"logprobs": "top_logprobs", "prompt": "messages", "text_input": "messages"}
+    if request.max_completion_tokens is not None:
+        renamed["max_tokens"] = "max_completion_tokens"
+    return Plan("chat", request.model, _fan_out([(None, messages)], request, sampling), request.n, request.stream,
+                _stream_flags(request), request.logprobs, False, max_tokens, renamed)
+
+
+def _completion_plan(request: CompletionRequest) -> Plan:
+    prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+    if not prompts or not all(prompts):
+        raise InvalidRequestError("prompt: must be a non-empty string or a list of non-empty strings", "prompt")
+    if request.echo and request.logprobs is not None:
+        raise InvalidRequestError("echo: logprobs of the prompt are not supported; drop echo or logprobs", "echo")
+    max_tokens = request.max_tokens if request.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
+    sampling = _sampling(request, max_tokens)
+    if request.logprobs is not None:
+        sampling["logprobs"] = request.logprobs
+    choices = _fan_out([(p, None) for p in prompts], request, sampling)
+    return Plan("completion", request.model, choices, request.n, request.stream, _stream_flags(request),
+                request.logprobs is not None, request.echo, max_tokens)
+
+
+def _check_sampling(plan: Plan) -> None:
+    """The engine's own validation, run here first so a bad field costs no round trip (same message)."""
+    try:
+        for choice in (plan.choices[0], plan.choices[-1]):  # they differ only in the seed
+            SamplingParams.from_dict(dict(choice.sampling))
+    except ValueError as e:
+        raise field_error(str(e), plan.renamed) from None
+
+
+def decode_body(raw: bytes) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InvalidRequestError(f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"the request body is not valid JSON ({e.msg} at line {e.lineno} "
+                                  f"column {e.colno})") from None

@@ -1,0 +1,111 @@
+"""The tritonservers behind the gateway: health checks every few seconds (server ready, and which LLM
+models are ready), ejection and re-admission, and the choice of replica for each request: the healthy
+one with the model ready and the fewest outstanding requests, ties taken in turn."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagedllm_client import NO_RETRY, AsyncClient, CircuitBreaker
+
+logger = logging.getLogger("pagedllm.gateway")
+_UNREACHABLE = ("failed to connect", "connection refused", "socket closed", "connect failed")
+
+
+def is_llm_model(config: dict[str, Any]) -> bool:
+    """The models the gateway serves: decoupled Python-backend models speaking the vLLM-backend contract."""
+    inputs = {i["name"] for i in config.get("input", [])}
+    decoupled = config.get("model_transaction_policy", {}).get("decoupled", False)
+    return decoupled and config.get("backend") == "python" and {"messages", "sampling_parameters"} <= inputs
+
+
+@dataclass
+class Replica:
+    url: str
+    upstream_timeout: float = 600.0
+    healthy: bool = False
+    outstanding: int = 0
+    models: set[str] = field(default_factory=set)  # the LLM models ready on it
+    _kinds: dict[str, bool] = field(default_factory=dict)  # model name -> is an LLM model (from its config)
+    _clients: dict[str, AsyncClient] = field(default_factory=dict)
+    _admin: Any = None
+
+    def client(self, model: str) -> AsyncClient:
+        """One client per model (it learns the model's batching once); retries are the gateway's to make."""
+        if model not in self._clients:
+            self._clients[model] = AsyncClient(self.url, model, timeout=self.upstream_timeout, retry=NO_RETRY,
+                                               breaker=CircuitBreaker(failure_threshold=1 << 30))
+        return self._clients[model]
+
+    async def check(self, timeout: float = 2.0) -> None:
+        import tritonclient.grpc.aio as grpcaio
+        if self._admin is None:
+            self._admin = grpcaio.InferenceServerClient(self.url)
+        try:
+            ready = await self._admin.is_server_ready(client_timeout=timeout)
+            index = await self._admin.get_model_repository_index(as_json=True, client_timeout=timeout)
+            names = {m["name"] for m in index.get("models", []) if m.get("state") == "READY"}
+            for name in names - set(self._kinds):
+                config = await self._admin.get_model_config(name, as_json=True, client_timeout=timeout)
+                self._kinds[name] = is_llm_model(config["config"])
+            models = {name for name in names if self._kinds[name]}
+        except Exception as e:  # unreachable, or answering errors: ejected until a check passes
+            ready, models = False, set()
+            logger.debug("replica %s failed its health check: %s", self.url, e)
+        self._set(bool(ready) and bool(models), models)
+
+    def _set(self, healthy: bool, models: set[str]) -> None:
+        if healthy != self.healthy:
+            logger.warning("replica %s %s", self.url, "admitted" if healthy else "ejected (failed health check)")
+        self.healthy, self.models = healthy, models
+
+    def failed(self, error: Exception) -> None:
+        """A request could not reach it: ejected at once, re-admitted by the next passing check."""
+        if any(mark in str(error).lower() for mark in _UNREACHABLE) and self.healthy:
+            logger.warning("replica %s ejected (unreachable: %s)", self.url, error)
+            self.healthy = False
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        if self._admin is not None:
+            await self._admin.close()
+
+
+class ReplicaPool:
+    def __init__(self, urls: list[str], interval: float = 2.0, upstream_timeout: float = 600.0) -> None:
+        self.replicas = [Replica(url, upstream_timeout) for url in urls]
+        self.interval = interval
+        self._turn = 0
+        self._task: asyncio.Task | None = None
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(r.check() for r in self.replicas))
+
+    async def start(self) -> None:
+        await self.check_all()
+        self._task = asyncio.create_task(self._checks())
+
+    async def _checks(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.check_all()
+
+    def models(self) -> set[str]:
+        return set().union(*(r.models for r in self.replicas if r.healthy))
+
+    def pick(self, model: str, exclude: Replica | None = None) -> Replica | None:
+        candidates = [r for r in self.replicas if r.healthy and model in r.models and r is not exclude]
+        if not candidates:
+            return None
+        fewest = min(r.outstanding for r in candidates)
+        tied = [r for r in candidates if r.outstanding == fewest]
+        self._turn += 1
+        return tied[self._turn % len(tied)]
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await asyncio.gather(*(r.close() for r in self.replicas))

@@ -1,0 +1,180 @@
+"""The OpenAI gateway with the real `openai` SDK, sync, async and streaming, in front of a real
+tritonserver: answers, usage, n, stop, logprobs, typed errors, keys and quotas, cancellation."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+import time
+
+import openai
+import pytest
+
+from tests.integration.conftest import GatewayProcess, metric, wait_for
+
+pytestmark = pytest.mark.integration
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+KEYS = {"full": "sk-full-0001", "one-at-a-time": "sk-conc-0002", "rpm": "sk-rpm-0003", "tpm": "sk-tpm-0004",
+        "tiny-only": "sk-tiny-0005"}
+LIMITS = {"one-at-a-time": {"max_concurrent_requests": 1}, "rpm": {"requests_per_minute": 2},
+          "tpm": {"tokens_per_minute": 60}, "tiny-only": {"models": ["llm_tiny"]}}
+
+
+@pytest.fixture(scope="module")
+def gateway(server, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gateway")
+    keys = [{"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest(), **LIMITS.get(name, {})}
+            for name, key in KEYS.items()]
+    (folder / "keys.json").write_text(json.dumps({"keys": keys}))
+    gw = GatewayProcess([server.grpc_url], folder / "gateway.log", folder / "keys.json",
+                        "--served-model-name", "smollm2=llm").wait_ready()
+    yield gw
+    gw.stop()
+
+
+def client(gateway, key: str = "full", **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key=KEYS[key], **kw)
+
+
+def test_chat_answer_names_paris_with_usage(gateway):
+    reply = client(gateway).chat.completions.create(model="llm", messages=CHAT, temperature=0, max_tokens=24)
+    assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion" and reply.model == "llm"
+    choice = reply.choices[0]
+    assert "Paris" in choice.message.content and choice.message.role == "assistant"
+    assert choice.finish_reason == "stop" and choice.index == 0
+    assert reply.usage.prompt_tokens > 5 and 0 < reply.usage.completion_tokens <= 24
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_streamed_content_equals_whole_for_emoji_and_cjk(gateway):
+    messages = [{"role": "user", "content": "Reply with three emoji and the word 東京 written in Japanese."}]
+    kw = {"model": "llm", "messages": messages, "temperature": 0, "max_tokens": 40}
+    whole = client(gateway).chat.completions.create(**kw)
+    chunks = list(client(gateway).chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == whole.choices[0].message.content and any(ord(ch) > 0xFFFF or ord(ch) > 0x2E80 for ch in content)
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    usage = chunks[-1]
+    assert usage.choices == [] and usage.usage.model_dump() == whole.usage.model_dump()
+
+
+def test_completions_with_n_stop_echo_and_an_alias(gateway):
+    c = client(gateway)
+    reply = c.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=12, n=2,
+                                 temperature=0.8, seed=7)
+    assert reply.object == "text_completion" and reply.id.startswith("cmpl-") and len(reply.choices) == 2
+    assert [ch.index for ch in reply.choices] == [0, 1] and reply.usage.completion_tokens <= 24
+    # seed + i per choice: reproducible (on the float32 model: bf16 sums differ with the batch's make-up)
+    seeded = [c.completions.create(model="llm_tiny", prompt="Hello", max_tokens=8, n=2, temperature=1.0, seed=7)
+              for _ in range(2)]
+    assert [ch.text for ch in seeded[0].choices] == [ch.text for ch in seeded[1].choices]
+    assert seeded[0].choices[0].text != seeded[0].choices[1].text
+    stopped = c.completions.create(model="llm", prompt="1, 2, 3, 4,", max_tokens=30, temperature=0, stop=[" 6"])
+    assert stopped.choices[0].finish_reason == "stop" and " 6" not in stopped.choices[0].text
+    echoed = c.completions.create(model="llm", prompt="Hello", max_tokens=3, temperature=0, echo=True)
+    assert echoed.choices[0].text.startswith("Hello")
+
+
+def test_logprobs_for_chat_and_completions(gateway):
+    reply = client(gateway).chat.completions.create(model="llm", messages=CHAT, temperature=0, max_tokens=6,
+                                                    logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob == max(t.logprob for t in entry.top_logprobs)
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+    assert "".join(e.token for e in content) == reply.choices[0].message.content
+    text = client(gateway).completions.create(model="llm", prompt="Paris is", max_tokens=5, temperature=0, logprobs=2)
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5 and lp.text_offset[0] == 0
+
+
+def test_async_sdk_and_models(gateway):
+    async def run():
+        c = openai.AsyncOpenAI(base_url=gateway.base_url, api_key=KEYS["full"])
+        replies = await asyncio.gather(*[c.chat.completions.create(model="llm_tiny", messages=CHAT, max_tokens=5,
+                                                                   temperature=0) for _ in range(4)])
+        models = await c.models.list()
+        await c.close()
+        return replies, models
+    replies, models = asyncio.run(run())
+    assert len({r.choices[0].message.content for r in replies}) == 1
+    assert {"llm", "llm_tiny", "smollm2"} <= {m.id for m in models.data}
+    tiny = client(gateway, "tiny-only").models.list()
+    assert {m.id for m in tiny.data} == {"llm_tiny"}
+
+
+def test_typed_errors(gateway):
+    c = client(gateway, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as bad:
+        c.chat.completions.create(model="llm", messages=CHAT, temperature=-1)
+    assert bad.value.param == "temperature" and "temperature" in bad.value.message
+    with pytest.raises(openai.BadRequestError) as unknown:
+        c.chat.completions.create(model="llm", messages=CHAT, extra_body={"tools": []})
+    assert unknown.value.param == "tools"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=gateway.base_url, api_key="sk-wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError) as missing:
+        c.chat.completions.create(model="no-such-model", messages=CHAT)
+    assert missing.value.param == "model"
+    with pytest.raises(openai.PermissionDeniedError):
+        client(gateway, "tiny-only", max_retries=0).chat.completions.create(model="llm", messages=CHAT)
+    with pytest.raises(openai.BadRequestError) as huge:  # the engine's own message, naming the field
+        c.chat.completions.create(model="llm", messages=CHAT, max_completion_tokens=10 ** 7)
+    assert huge.value.param == "max_completion_tokens"
+
+
+def test_quotas_refuse_with_retry_after_and_the_sdk_retry_succeeds(gateway):
+    c = client(gateway, "rpm", max_retries=0)
+    for _ in range(2):
+        c.completions.create(model="llm_tiny", prompt="Hi", max_tokens=1)
+    with pytest.raises(openai.RateLimitError) as limited:
+        c.completions.create(model="llm_tiny", prompt="Hi", max_tokens=1)
+    headers = limited.value.response.headers
+    assert "requests_per_minute" in limited.value.message and 1 <= int(headers["retry-after"]) <= 31
+    assert headers["x-ratelimit-limit-requests"] == "2" and headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(openai.RateLimitError) as tokens:
+        client(gateway, "tpm", max_retries=0).completions.create(model="llm_tiny", prompt="Hi", max_tokens=200)
+    assert "tokens_per_minute" in tokens.value.message
+
+    # one at a time: a second request while a stream runs is refused (retry after 1 s); the SDK's own
+    # retry then succeeds once the first has finished
+    holder = client(gateway, "one-at-a-time", max_retries=0)
+    stream = holder.completions.create(model="llm_tiny", prompt="Hi", max_tokens=60, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))
+    before = len([r for r in gateway.records() if r["key"] == "one-at-a-time"])
+    retried = client(gateway, "one-at-a-time", max_retries=3)
+
+    threading.Thread(target=lambda: [None for _ in stream]).start()
+    reply = retried.completions.create(model="llm_tiny", prompt="Hi", max_tokens=2)
+    assert reply.choices[0].finish_reason in ("length", "stop")
+    attempts = [r for r in gateway.records() if r["key"] == "one-at-a-time"][before:]
+    assert any(r["status"] == 429 for r in attempts) and attempts[-1]["status"] == 200
+
+
+def test_leaving_a_stream_early_frees_the_kv_blocks(gateway, server):
+    c = client(gateway)
+    stream = c.completions.create(model="llm_tiny", prompt="Hello", max_tokens=400, stream=True,
+                                  extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    assert wait_for(lambda: metric(server, "pagedllm_kv_cache_usage_ratio", model="llm_tiny") == 0
+                    and metric(server, "pagedllm_num_requests_running", model="llm_tiny") == 0, 20)
+    assert wait_for(lambda: any(r.get("cancelled") for r in gateway.records()), 10)
+
+
+def test_each_request_logs_one_json_line_without_the_prompt(gateway):
+    secret = "a prompt that must never be logged 7f3a"
+    client(gateway).completions.create(model="llm_tiny", prompt=secret, max_tokens=2)
+    time.sleep(0.2)
+    assert secret not in gateway.log()
+    last = gateway.records()[-1]
+    assert {"request_id", "key", "model", "replica", "status", "prompt_tokens", "completion_tokens",
+            "time_to_first_token", "duration", "finish_reason", "cancelled"} <= set(last)
+    assert last["key"] == "full" and last["status"] == 200 and last["prompt_tokens"] > 0

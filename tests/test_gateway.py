@@ -1,0 +1,195 @@
+"""The gateway's pieces on the CPU, no server: request parsing and its errors, response shapes, keys,
+quotas on a fake clock, and the choice of replica."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from pagedllm.gateway.errors import InvalidRequestError, RateLimitError, param_of
+from pagedllm.gateway.keys import KeyFileError, KeyRing, Limits, load_keys
+from pagedllm.gateway.protocol import parse
+from pagedllm.gateway.quotas import KeyQuota, TokenBucket
+from pagedllm.gateway.replicas import ReplicaPool, is_llm_model
+from pagedllm.gateway.responses import Answer, ChoiceOutput
+
+CHAT = {"model": "llm", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def test_chat_plan_maps_openai_fields_to_engine_sampling():
+    plan = parse("chat", CHAT | {"max_tokens": 5, "max_completion_tokens": 9, "stop": "x", "n": 3, "seed": 4,
+                                 "top_k": 2, "logprobs": True, "top_logprobs": 2})
+    assert [c.index for c in plan.choices] == [0, 1, 2] and [c.sampling["seed"] for c in plan.choices] == [4, 5, 6]
+    assert plan.choices[0].sampling == {"top_k": 2, "max_tokens": 9, "stop": ["x"], "logprobs": 2, "seed": 4}
+    assert plan.renamed["max_tokens"] == "max_completion_tokens"
+    assert parse("chat", CHAT).choices[0].sampling == {"max_tokens": None}  # to the end of the context
+
+
+def test_content_parts_and_developer_role():
+    plan = parse("chat", {"model": "m", "messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})
+    assert plan.choices[0].messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb"}]
+
+
+def test_completions_fan_out_over_prompts_and_default_to_16_tokens():
+    plan = parse("completion", {"model": "m", "prompt": ["a", "b"], "n": 2})
+    assert [(c.index, c.prompt) for c in plan.choices] == [(0, "a"), (1, "a"), (2, "b"), (3, "b")]
+    assert plan.choices[0].sampling["max_tokens"] == 16
+
+
+@pytest.mark.parametrize("body, param", [
+    (CHAT | {"temperature": -1}, "temperature"),
+    (CHAT | {"temperature": "hot"}, "temperature"),
+    (CHAT | {"max_tokens": 0}, "max_tokens"),
+    (CHAT | {"max_completion_tokens": 0}, "max_completion_tokens"),
+    (CHAT | {"n": 0}, "n"), (CHAT | {"n": 17}, "n"),
+    (CHAT | {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    (CHAT | {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    (CHAT | {"top_logprobs": 2}, "top_logprobs"),
+    (CHAT | {"tools": []}, "tools"), (CHAT | {"response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT | {"frobnicate": 1}, "frobnicate"),
+    (CHAT | {"messages": []}, "messages"),
+    (CHAT | {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    (CHAT | {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content"),
+    (CHAT | {"stream_options": {"include_usage": True}}, "stream_options"),
+    (CHAT | {"seed": -1}, "seed"),
+    ({"messages": CHAT["messages"]}, "model"),
+])
+def test_invalid_chat_requests_name_the_field(body, param):
+    with pytest.raises(InvalidRequestError) as e:
+        parse("chat", body)
+    assert e.value.param == param and e.value.status == 400 and param.split("[")[0] in e.value.message
+
+
+def test_invalid_completions_name_the_field():
+    for body, param in (({"model": "m", "prompt": ""}, "prompt"), ({"model": "m", "prompt": [1, 2]}, "prompt"),
+                        ({"model": "m", "prompt": "a", "echo": True, "logprobs": 1}, "echo"),
+                        ({"model": "m", "prompt": "a", "suffix": "b"}, "suffix")):
+        with pytest.raises(InvalidRequestError) as e:
+            parse("completion", body)
+        assert e.value.param == param
+
+
+def test_engine_messages_map_to_the_request_field():
+    assert param_of("sampling_parameters.temperature: -1 is out of range") == "temperature"
+    assert param_of("max_tokens: 10000 with a prompt of 20 tokens is over max_model_len 8192") == "max_tokens"
+    assert param_of("messages[0].role: 'x' is not one of system") == "messages[0].role"
+    assert param_of("no field here") is None
+
+
+def _answer(kind: str, body: dict, texts: list[str]) -> Answer:
+    answer = Answer(parse(kind, body))
+    answer.outputs = [ChoiceOutput(t, "stop", 7, 3) for t in texts]
+    return answer
+
+
+def test_whole_answers_and_chunks_have_openai_shapes():
+    chat = _answer("chat", CHAT | {"n": 2, "stream": True, "stream_options": {"include_usage": True}}, ["a", "b"])
+    whole = chat.whole()
+    assert whole["object"] == "chat.completion" and whole["id"].startswith("chatcmpl-")
+    assert whole["choices"][1] == {"index": 1, "message": {"role": "assistant", "content": "b"}, "logprobs": None,
+                                   "finish_reason": "stop"}
+    assert whole["usage"] == {"prompt_tokens": 7, "completion_tokens": 6, "total_tokens": 13}  # prompt counted once
+    first = chat.opening_chunks()[0]
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""} and first["usage"] is None
+    assert chat.usage_chunk()["choices"] == [] and chat.usage_chunk()["id"] == first["id"]
+    text = _answer("completion", {"model": "m", "prompt": "Hi", "echo": True}, [" there"])
+    assert text.whole()["choices"][0]["text"] == "Hi there" and text.opening_chunks()[0]["choices"][0]["text"] == "Hi"
+
+
+def test_logprobs_shapes():
+    step = {"token_id": 5, "token": " é", "logprob": -0.5, "top_logprobs": [{"token_id": 5, "token": " é",
+                                                                             "logprob": -0.5}]}
+    chat = _answer("chat", CHAT | {"logprobs": True, "top_logprobs": 1}, ["x"])
+    content = chat.chunk(0, "x", [step], None)["choices"][0]["logprobs"]["content"][0]
+    assert content == {"token": " é", "logprob": -0.5, "bytes": [32, 195, 169],
+                       "top_logprobs": [{"token": " é", "logprob": -0.5, "bytes": [32, 195, 169]}]}
+    text = _answer("completion", {"model": "m", "prompt": "Hi", "logprobs": 1}, [" é é"])
+    lp = text.chunk(0, " é", [step], None)["choices"][0]["logprobs"]
+    assert lp == {"tokens": [" é"], "token_logprobs": [-0.5], "top_logprobs": [{" é": -0.5}], "text_offset": [2]}
+
+
+def test_keys_file_and_authentication(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [{"name": "a", "sha256": hashlib.sha256(b"sk-a").hexdigest(),
+                                          "models": ["llm"], "requests_per_minute": 3}]}))
+    ring = KeyRing(load_keys(path))
+    key = ring.authenticate("Bearer sk-a")
+    assert key.name == "a" and key.limits == Limits(requests_per_minute=3)
+    for header in (None, "Bearer", "Bearer sk-b", "Basic sk-a"):
+        with pytest.raises(Exception) as e:
+            ring.authenticate(header)
+        assert e.value.status == 401
+    with pytest.raises(Exception) as e:
+        key.check_model("other")
+    assert e.value.status == 403 and e.value.param == "model"
+    assert KeyRing(None).authenticate(None).name == "open"
+    for bad in ({"keys": [{"name": "a"}]}, {"keys": [{"name": "a", "sha256": "0" * 64, "rpm": 1}]},
+                {"keys": [{"name": "a", "sha256": "0" * 64, "tokens_per_minute": 0}]}, []):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(KeyFileError, match="--api-keys"):
+            load_keys(path)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_bucket_refills_per_minute():
+    clock = Clock()
+    bucket = TokenBucket(60, clock)
+    bucket.take(60)
+    assert bucket.wait(6) == pytest.approx(6.0)
+    clock.now = 3.0
+    assert bucket.wait(6) == pytest.approx(3.0)
+    clock.now = 1000.0
+    assert bucket.wait(60) == 0 and bucket.wait(61) > 0  # capped at capacity
+
+
+def test_quota_refuses_names_the_limit_and_settles_tokens():
+    clock = Clock()
+    quota = KeyQuota(Limits(requests_per_minute=2, tokens_per_minute=100, max_concurrent_requests=2), clock)
+    a = quota.admit(60)
+    with pytest.raises(RateLimitError, match="tokens_per_minute") as e:
+        quota.admit(60)
+    assert e.value.retry_after == pytest.approx(12.0) and e.value.headers()["retry-after"] == "12"
+    a.settle(10)  # 50 of the 60 reserved come back
+    b = quota.admit(60)
+    with pytest.raises(RateLimitError, match="requests_per_minute"):
+        quota.admit(1)
+    clock.now = 30.0
+    with pytest.raises(RateLimitError, match="max_concurrent_requests"):
+        KeyQuota(Limits(max_concurrent_requests=1), clock).admit(1).quota.admit(1)
+    b.settle(200)  # a prompt longer than estimated is charged
+    assert quota.tokens.level < 0
+    with pytest.raises(RateLimitError) as big:
+        quota.admit(101)
+    assert big.value.headers()["x-should-retry"] == "false"
+    assert quota.headers()["x-ratelimit-limit-tokens"] == "100"
+
+
+def test_least_outstanding_with_ties_in_turn():
+    pool = ReplicaPool(["a:1", "b:1", "c:1"])
+    for r in pool.replicas:
+        r.healthy, r.models = True, {"llm"}
+    pool.replicas[2].outstanding = 1
+    picked = [pool.pick("llm").url for _ in range(4)]
+    assert set(picked) == {"a:1", "b:1"} and picked[0] != picked[1]
+    pool.replicas[0].healthy = False
+    assert pool.pick("llm").url == "b:1" and pool.pick("llm", exclude=pool.replicas[1]).url == "c:1"
+    assert pool.pick("other") is None
+
+
+def test_llm_models_are_recognised_by_their_config():
+    llm = {"backend": "python", "model_transaction_policy": {"decoupled": True},
+           "input": [{"name": "messages"}, {"name": "sampling_parameters"}]}
+    assert is_llm_model(llm)
+    assert not is_llm_model({**llm, "model_transaction_policy": {}})
+    assert not is_llm_model({"platform": "ensemble", "input": llm["input"]})
