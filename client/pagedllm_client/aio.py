@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
+import grpc
 from tritonclient.utils import InferenceServerException
 
 from pagedllm_client.errors import ClientError, Overloaded, Timeout, from_triton
@@ -130,7 +131,7 @@ class AsyncClient(ClientSettings):
                 chunk = chunk_from_grpc(result)
                 chunk.final = finished = chunk.final or chunk.finish_reason is not None
                 yield chunk
-        except InferenceServerException as e:
+        except (InferenceServerException, grpc.RpcError) as e:  # the latter: the connection broke mid-stream
             raise from_triton(e) from None
         finally:
             await end_stream(responses, finished)

@@ -60,7 +60,10 @@ def classify(message: str, status: str | None = None) -> ClientError:
 
 
 def from_triton(error: Exception) -> ClientError:
-    """From a tritonclient InferenceServerException (or anything with a message)."""
+    """From a tritonclient InferenceServerException, a grpc.RpcError (tritonclient's asyncio streams raise
+    those when the connection breaks), or anything with a message."""
     status = error.status() if callable(getattr(error, "status", None)) else None
+    status = status or (error.code() if callable(getattr(error, "code", None)) else None)
     message = error.message() if callable(getattr(error, "message", None)) else None
+    message = message or (error.details() if callable(getattr(error, "details", None)) else None)
     return classify(message or str(error), str(status) if status else None)

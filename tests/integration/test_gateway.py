@@ -178,3 +178,72 @@ def test_each_request_logs_one_json_line_without_the_prompt(gateway):
     assert {"request_id", "key", "model", "replica", "status", "prompt_tokens", "completion_tokens",
             "time_to_first_token", "duration", "finish_reason", "cancelled"} <= set(last)
     assert last["key"] == "full" and last["status"] == 200 and last["prompt_tokens"] > 0
+
+
+def _post(gateway, path: str, body, key: str | None = "full", content_type: str = "application/json"):
+    import requests
+    headers = {"Content-Type": content_type} | ({"Authorization": f"Bearer {KEYS[key]}"} if key else {})
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return requests.post(f"{gateway.url}{path}", data=data, headers=headers, timeout=60)
+
+
+MSG = [{"role": "user", "content": "Hi"}]
+# (case, path, body, status, param); body bytes are sent as they are.
+CATALOGUE = [
+    ("malformed JSON", "/v1/chat/completions", b'{"model": "llm", "messages": [', 400, None),
+    ("a non-UTF-8 body", "/v1/chat/completions", b'{"model": "\xff\xfe"}', 400, None),
+    ("a JSON array body", "/v1/chat/completions", b"[1, 2]", 400, None),
+    ("messages not a list", "/v1/chat/completions", {"model": "llm", "messages": "Hi"}, 400, "messages"),
+    ("empty messages", "/v1/chat/completions", {"model": "llm", "messages": []}, 400, "messages"),
+    ("an unknown role", "/v1/chat/completions", {"model": "llm", "messages": [{"role": "wizard", "content": "x"}]},
+     400, "messages[0].role"),
+    ("an image part", "/v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages[0].content"),
+    ("content a number", "/v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": 5}]},
+     400, "messages[0].content"),
+    ("max_tokens 0", "/v1/chat/completions", {"model": "llm", "messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens huge", "/v1/chat/completions", {"model": "llm", "messages": MSG, "max_tokens": 10 ** 9}, 400,
+     "max_tokens"),
+    ("max_tokens a string", "/v1/chat/completions", {"model": "llm", "messages": MSG, "max_tokens": "ten"}, 400,
+     "max_tokens"),
+    ("temperature NaN", "/v1/chat/completions", b'{"model": "llm", "messages": [{"role": "user", "content": "Hi"}],'
+     b' "temperature": NaN}', 400, "temperature"),
+    ("top_p 2", "/v1/chat/completions", {"model": "llm", "messages": MSG, "top_p": 2}, 400, "top_p"),
+    ("n 0", "/v1/chat/completions", {"model": "llm", "messages": MSG, "n": 0}, 400, "n"),
+    ("n 17", "/v1/chat/completions", {"model": "llm", "messages": MSG, "n": 17}, 400, "n"),
+    ("five stop strings", "/v1/chat/completions", {"model": "llm", "messages": MSG, "stop": list("abcde")}, 400,
+     "stop"),
+    ("top_logprobs 21", "/v1/chat/completions", {"model": "llm", "messages": MSG, "logprobs": True,
+                                                 "top_logprobs": 21}, 400, "top_logprobs"),
+    ("stream not a bool", "/v1/chat/completions", {"model": "llm", "messages": MSG, "stream": "yes"}, 400, "stream"),
+    ("an unknown field", "/v1/chat/completions", {"model": "llm", "messages": MSG, "frobnicate": 1}, 400,
+     "frobnicate"),
+    ("tools", "/v1/chat/completions", {"model": "llm", "messages": MSG, "tools": [{"type": "function"}]}, 400,
+     "tools"),
+    ("logit_bias", "/v1/completions", {"model": "llm", "prompt": "Hi", "logit_bias": {"5": 1}}, 400, "logit_bias"),
+    ("an empty prompt", "/v1/completions", {"model": "llm", "prompt": ""}, 400, "prompt"),
+    ("a prompt over the context", "/v1/completions", {"model": "llm_tiny", "prompt": "word " * 3000}, 400, "prompt"),
+    ("no model", "/v1/completions", {"prompt": "Hi"}, 400, "model"),
+    ("an unknown model", "/v1/completions", {"model": "gpt-17", "prompt": "Hi"}, 404, "model"),
+    ("a body over the limit", "/v1/completions", {"model": "llm", "prompt": "x" * (5 << 20)}, 413, None),
+]
+
+
+def test_bad_input_catalogue(gateway, server):
+    import requests
+    failures = []
+    for case, path, body, status, param in CATALOGUE:
+        r = _post(gateway, path, body)
+        error = r.json().get("error", {}) if r.headers.get("content-type", "").startswith("application/json") else {}
+        if r.status_code != status or error.get("param") != param or not error.get("message") \
+                or set(error) != {"message", "type", "param", "code"}:
+            failures.append(f"{case}: {r.status_code} {r.text[:200]}")
+    for case, r in (("a missing key", _post(gateway, "/v1/completions", {"model": "llm", "prompt": "Hi"}, None)),
+                    ("the wrong content type", _post(gateway, "/v1/completions", b"prompt=Hi", "full", "text/plain")),
+                    ("an unknown route", requests.get(f"{gateway.url}/v1/nothing", timeout=10))):
+        if r.status_code not in (400, 401, 404) or "error" not in r.json():
+            failures.append(f"{case}: {r.status_code} {r.text[:200]}")
+    assert not failures, "\n".join(failures)
+    assert requests.get(f"{gateway.url}/ready", timeout=10).status_code == 200 and server.is_ready()
+    ok = client(gateway).completions.create(model="llm_tiny", prompt="Hi", max_tokens=2)
+    assert ok.choices[0].text is not None

@@ -51,7 +51,7 @@ class Replica:
                 config = await self._admin.get_model_config(name, as_json=True, client_timeout=timeout)
                 self._kinds[name] = is_llm_model(config["config"])
             models = {name for name in names if self._kinds[name]}
-        except Exception as e:  # unreachable, or answering errors: ejected until a check passes
+        except Exception as e:  # noqa: BLE001 (unreachable, or answering errors: ejected until a check passes)
             ready, models = False, set()
             logger.debug("replica %s failed its health check: %s", self.url, e)
         self._set(bool(ready) and bool(models), models)
