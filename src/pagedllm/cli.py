@@ -6,6 +6,7 @@ import logging
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 DEFAULT_REPOSITORY = Path("model_repository")
@@ -63,33 +64,35 @@ def _server(args: argparse.Namespace, log_path: Path | None = None):
 
 def serve(args: argparse.Namespace) -> int:
     """tritonserver, and the gateway beside it with --openai-port. SIGTERM or Ctrl-C stops the gateway
-    first (its streams drain), then tritonserver."""
+    first (its streams drain), then tritonserver. The signal handler only sets a flag: waiting on a child
+    inside it, while the main thread waits on the same child, deadlocks on Popen's lock."""
     server = _server(args).start()
-    gateway_process: list[subprocess.Popen] = []
-
-    def stop(*_: object) -> None:
-        for process in gateway_process:
-            process.send_signal(signal.SIGTERM)
-            process.wait()
-        server.stop()
-
+    stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop)
+        signal.signal(sig, lambda *_: stopping.set())
     server.wait_ready()
     print(f"pagedllm ready\n  HTTP    http://{server.http_url}/v2/models/ensemble/generate_stream\n"
           f"  gRPC    {server.grpc_url}  (streaming: ensemble or llm; unary: generate)\n"
           f"  metrics {server.metrics_url}", flush=True)
-    if args.openai_port is not None:
-        command = [sys.executable, "-m", "pagedllm.cli", "gateway", "--triton", server.grpc_url,
-                   "--host", args.openai_host, "--port", str(args.openai_port)]
-        if args.api_keys:
-            command += ["--api-keys", str(args.api_keys)]
-        gateway_process.append(subprocess.Popen(command))
-        print(f"  OpenAI  http://{args.openai_host}:{args.openai_port}/v1", flush=True)
-    code = server.process.wait() if server.process else 0
-    for process in gateway_process:
-        process.poll() is None and process.send_signal(signal.SIGTERM)
-    return code
+    gateway_process = _start_gateway(args, server.grpc_url) if args.openai_port is not None else None
+    children = [p for p in (server.process, gateway_process) if p is not None]
+    while not stopping.is_set() and all(p.poll() is None for p in children):
+        stopping.wait(0.5)
+    if gateway_process is not None and gateway_process.poll() is None:
+        gateway_process.send_signal(signal.SIGTERM)
+        gateway_process.wait()
+    code = server.stop()
+    return code or 0
+
+
+def _start_gateway(args: argparse.Namespace, grpc_url: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "pagedllm.cli", "gateway", "--triton", grpc_url,
+               "--host", args.openai_host, "--port", str(args.openai_port)]
+    if args.api_keys:
+        command += ["--api-keys", str(args.api_keys)]
+    process = subprocess.Popen(command)
+    print(f"  OpenAI  http://{args.openai_host}:{args.openai_port}/v1", flush=True)
+    return process
 
 
 def gateway(args: argparse.Namespace) -> int:

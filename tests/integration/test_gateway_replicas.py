@@ -96,3 +96,39 @@ def test_a_killed_replica_fails_only_streams_already_begun_and_is_readmitted(rep
     start = len(gateway.records())
     asyncio.run(workload(gateway, [5] * 6))
     assert any(r["replica"] == victim.grpc_url for r in gateway.records()[start:])
+
+
+def test_serve_with_openai_port_drains_streams_on_sigterm(tmp_path, tiny_model_dir):
+    """`pagedllm serve --openai-port`: both start, the base URL is printed, SIGTERM lets a stream finish."""
+    import subprocess
+    import sys
+
+    from pagedllm.launcher import free_port
+    write_llm(tmp_path / "repo", "llm", tiny_engine(tiny_model_dir("llama-tied")))
+    port = free_port()
+    ports = [str(free_port()) for _ in range(3)]
+    log = open(tmp_path / "serve.log", "wb")
+    serve = subprocess.Popen([sys.executable, "-m", "pagedllm.cli", "serve", "--model-repository",
+                              str(tmp_path / "repo"), "--http-port", ports[0], "--grpc-port", ports[1],
+                              "--metrics-port", ports[2], "--openai-port", str(port)], stdout=log,
+                             stderr=subprocess.STDOUT)
+    try:
+        def up() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        assert wait_for(up, 300), (tmp_path / "serve.log").read_text()
+        assert f"http://127.0.0.1:{port}/v1" in (tmp_path / "serve.log").read_text()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        stream = client.completions.create(model="llm", prompt="Hello", max_tokens=150, stream=True,
+                                           stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        first = next(iter(stream))
+        serve.send_signal(signal.SIGTERM)
+        rest = list(stream)
+        assert rest[-1].usage.completion_tokens == 150 and first.choices[0].text is not None
+        assert serve.wait(120) == 0
+    finally:
+        if serve.poll() is None:
+            serve.kill()
