@@ -4,6 +4,7 @@ rates, over a realistic prompt-length mix. Writes CSV, a markdown table and PNG 
 
     python perf/loadgen.py --url localhost:8001 --models llm,ensemble --concurrency 1,8,32 --rates 2,4
     python perf/loadgen.py --quick --url localhost:8001 --models llm     # a smoke run (CI)
+    python perf/loadgen.py --protocol openai --url http://localhost:9000/v1 --models llm   # any OpenAI server
 
 Every request is greedy with ignore_eos, so each system produces exactly the tokens asked for."""
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import json
 import random
 import statistics
 import sys
@@ -23,7 +25,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prompts import mixed_workload  # noqa: E402
 
-from pagedllm_client import NO_RETRY, AsyncClient, CircuitBreaker, ClientError, Completion  # noqa: E402
+from pagedllm_client import NO_RETRY, AsyncClient, CircuitBreaker, Chunk, ClientError, Completion, ServerError  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 Work = list[tuple[list[dict[str, str]], int]]
@@ -52,7 +54,56 @@ def inter_token_latencies(c: Completion) -> list[float]:
     return [gap for a, b, n in gaps for gap in [(b - a) / n] * n]
 
 
-def new_client(url: str, model: str, protocol: str = "grpc") -> AsyncClient:
+class OpenAIClient:
+    """The driver for any OpenAI-compatible server (`url`: its base URL, .../v1): streamed chat completions
+    with the usage chunk at the end, parsed with aiohttp and json as the other drivers parse theirs, so the
+    load generator costs the same on every path (the openai SDK's models cost more per chunk). The token
+    count of each chunk is not sent: a request's tokens are spread evenly over its chunks."""
+
+    def __init__(self, url: str, model: str) -> None:
+        import os
+        self.url, self.model, self._session = url.rstrip("/"), model, None
+        self.headers = {"Authorization": f"Bearer {os.environ.get('OPENAI_API_KEY', 'none')}"}
+
+    async def generate(self, messages: list[dict[str, str]], **sampling) -> Completion:
+        import aiohttp
+        self._session = self._session or aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600))
+        body = {"model": self.model, "messages": messages, "stream": True, "stream_options": {"include_usage": True},
+                **sampling}
+        completion, usage = Completion(), None
+        try:
+            async with self._session.post(f"{self.url}/chat/completions", json=body, headers=self.headers) as response:
+                if response.status != 200:
+                    raise ServerError(f"HTTP {response.status}: {(await response.text())[:200]}")
+                async for line in response.content:
+                    if not line.startswith(b"data: {"):
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        raise ServerError(event["error"].get("message", "error event"))
+                    for choice in event.get("choices") or []:
+                        completion.add(Chunk(choice["delta"].get("content") or "", False, choice.get("finish_reason")))
+                    usage = event.get("usage") or usage
+        except aiohttp.ClientError as e:
+            raise ServerError(f"{self.url}: {e}") from None
+        if usage:
+            completion.num_input_tokens, completion.num_output_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+            n = len(completion.chunk_tokens)
+            completion.chunk_tokens = [completion.num_output_tokens // n + (i < completion.num_output_tokens % n)
+                                       for i in range(n)]
+        return completion
+
+    async def __aenter__(self) -> "OpenAIClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def new_client(url: str, model: str, protocol: str = "grpc") -> AsyncClient | OpenAIClient:
+    if protocol == "openai":
+        return OpenAIClient(url, model)
     # Measure the server as it is: no retries, no circuit breaker.
     return AsyncClient(url, model, protocol, retry=NO_RETRY, breaker=CircuitBreaker(failure_threshold=1 << 30),
                        timeout=3600)
@@ -76,11 +127,12 @@ async def at_concurrency(url: str, model: str, work: Work, concurrency: int,
     return records, elapsed
 
 
-async def at_rate(url: str, model: str, work: Work, rate: float, seed: int = 0) -> tuple[list[Record], float]:
+async def at_rate(url: str, model: str, work: Work, rate: float, seed: int = 0,
+                  protocol: str = "grpc") -> tuple[list[Record], float]:
     """Poisson arrivals: exponential gaps with mean 1/rate, whatever is still in flight."""
     rng = random.Random(seed)
     bar = tqdm(total=len(work), desc=f"{model} rate={rate}/s", leave=False)
-    async with new_client(url, model) as client:
+    async with new_client(url, model, protocol) as client:
         async def one(chat: list[dict[str, str]], max_tokens: int) -> Record:
             record = await send(client, chat, max_tokens)
             bar.update()
@@ -120,14 +172,16 @@ def summarize(model: str, mode: str, level: float, records: list[Record], elapse
     return row
 
 
-def run(url: str, models: list[str], concurrency: list[int], rates: list[float], work: Work) -> list[dict]:
+def run(url: str, models: list[str], concurrency: list[int], rates: list[float], work: Work,
+        protocol: str = "grpc") -> list[dict]:
     rows = []
     for model in models:
         for level in concurrency:
-            rows.append(summarize(model, "concurrency", level, *asyncio.run(at_concurrency(url, model, work, level))))
+            records, elapsed = asyncio.run(at_concurrency(url, model, work, level, protocol))
+            rows.append(summarize(model, "concurrency", level, records, elapsed))
             print(format_row(rows[-1]), flush=True)
         for rate in rates:
-            rows.append(summarize(model, "rate", rate, *asyncio.run(at_rate(url, model, work, rate))))
+            rows.append(summarize(model, "rate", rate, *asyncio.run(at_rate(url, model, work, rate, 0, protocol))))
             print(format_row(rows[-1]), flush=True)
     return rows
 
@@ -200,7 +254,8 @@ def plot(rows: list[dict], stem: Path, title: str) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--url", default="localhost:8001", help="the server's gRPC address")
+    ap.add_argument("--url", default="localhost:8001", help="the server's gRPC address (openai: its base URL)")
+    ap.add_argument("--protocol", choices=("grpc", "http", "openai"), default="grpc")
     ap.add_argument("--models", default="llm")
     ap.add_argument("--concurrency", default="1,4,16,32")
     ap.add_argument("--rates", default="", help="Poisson arrival rates, requests/s (comma-separated)")
@@ -214,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     work = mixed_workload(args.num_requests, tuple(int(t) for t in args.max_tokens.split(",")))
     levels = [int(c) for c in args.concurrency.split(",") if c]
     rates = [float(r) for r in args.rates.split(",") if r]
-    rows = run(args.url, args.models.split(","), levels, rates, work)
+    rows = run(args.url, args.models.split(","), levels, rates, work, args.protocol)
     for path in write_outputs(rows, args.out, f"pagedllm load generator, {args.num_requests} requests per point"):
         print(f"wrote {path}")
 

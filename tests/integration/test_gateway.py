@@ -247,3 +247,16 @@ def test_bad_input_catalogue(gateway, server):
     assert requests.get(f"{gateway.url}/ready", timeout=10).status_code == 200 and server.is_ready()
     ok = client(gateway).completions.create(model="llm_tiny", prompt="Hi", max_tokens=2)
     assert ok.choices[0].text is not None
+
+
+def test_load_generator_drives_any_openai_server(gateway, tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "perf"))
+    import loadgen
+    monkeypatch.setenv("OPENAI_API_KEY", KEYS["full"])
+    loadgen.main(["--quick", "--protocol", "openai", "--url", gateway.base_url, "--models", "llm_tiny",
+                  "--out", str(tmp_path / "openai")])
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "openai.csv")))
+    assert len(rows) == 3 and all(r["errors"] == "0" and float(r["output_tokens_per_s"]) > 0 for r in rows)
