@@ -260,3 +260,18 @@ def test_load_generator_drives_any_openai_server(gateway, tmp_path, monkeypatch)
     import csv
     rows = list(csv.DictReader(open(tmp_path / "openai.csv")))
     assert len(rows) == 3 and all(r["errors"] == "0" and float(r["output_tokens_per_s"]) > 0 for r in rows)
+
+
+def test_metrics_count_requests_tokens_rejections_and_replicas(gateway, server):
+    import requests
+    client(gateway).completions.create(model="llm_tiny", prompt="Hi", max_tokens=3)
+    _post(gateway, "/v1/completions", {"model": "llm_tiny", "prompt": "Hi"}, key=None)  # 401
+    body = requests.get(f"{gateway.url}/metrics", timeout=10).text
+    for line in ('pagedllm_gateway_requests_total{key="full",model="llm_tiny",status="200"}',
+                 'pagedllm_gateway_tokens_total{key="full",kind="completion"}',
+                 'pagedllm_gateway_rejections_total{reason="missing_api_key"}',
+                 f'pagedllm_gateway_replica_healthy{{replica="{server.grpc_url}"}} 1.0',
+                 f'pagedllm_gateway_in_flight_requests{{replica="{server.grpc_url}"}} 0.0',
+                 'pagedllm_gateway_time_to_first_token_seconds_count{model="llm_tiny"}',
+                 'pagedllm_gateway_e2e_request_latency_seconds_count{model="llm_tiny"}'):
+        assert line in body, line
