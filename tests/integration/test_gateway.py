@@ -275,3 +275,13 @@ def test_metrics_count_requests_tokens_rejections_and_replicas(gateway, server):
                  'pagedllm_gateway_time_to_first_token_seconds_count{model="llm_tiny"}',
                  'pagedllm_gateway_e2e_request_latency_seconds_count{model="llm_tiny"}'):
         assert line in body, line
+
+
+def test_a_client_leaving_a_non_streamed_request_cancels_it(gateway, server):
+    import requests
+    running = lambda: metric(server, "pagedllm_num_requests_running", model="llm")  # noqa: E731
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(f"{gateway.url}/v1/completions", timeout=2, headers={"Authorization": f"Bearer {KEYS['full']}"},
+                      json={"model": "llm", "prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True})
+    assert wait_for(lambda: running() == 0, 10)
+    assert wait_for(lambda: gateway.records()[-1]["status"] == 499 and gateway.records()[-1]["cancelled"], 5)

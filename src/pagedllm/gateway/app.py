@@ -3,6 +3,7 @@ readiness and metrics. A request is authenticated, parsed, admitted by its key's
 replicas (generation.py); every request ends in one JSON log line and the metrics."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ from starlette.exceptions import HTTPException
 
 from pagedllm.gateway.config import GatewayConfig
 from pagedllm.gateway.errors import (
+    ClientGoneError,
     GatewayError,
     InvalidRequestError,
     NotFoundError,
@@ -35,6 +37,7 @@ from pagedllm.gateway.responses import Answer, sse
 
 logger = logging.getLogger("pagedllm.gateway")
 access_log = logging.getLogger("pagedllm.gateway.access")
+DISCONNECT_POLL_SECONDS = 0.5  # how often a non-streamed request checks that its client is still there
 DRAIN_FACTOR = 16  # a body over the limit is read (and dropped) up to this many times the limit, then cut
 
 
@@ -83,8 +86,9 @@ class Gateway:
                 body = self._sse(answer, first, events, record, ticket)
                 return StreamingResponse(body, media_type="text/event-stream", headers=self._headers(record, key))
             self._add(answer, *first, record)
-            async for index, chunk in events:
-                self._add(answer, index, chunk, record)
+            if not await self._collect(answer, events, record, request):
+                return self._error(ClientGoneError("the client left before the answer was ready", None,
+                                                   "client_disconnected"), record, ticket, answer)
             return self._json(answer.whole(), record, ticket, answer, key)
         except GatewayError as e:
             return self._error(e, record, ticket, answer)
@@ -99,6 +103,24 @@ class Gateway:
             raise UpstreamError("the server ended the stream without a response") from None
         finally:
             record.replica = ",".join(dict.fromkeys(generation.replicas)) or None
+
+    async def _collect(self, answer: Answer, events: AsyncIterator[Event], record: RequestRecord,
+                       request: Request) -> bool:
+        """The rest of a non-streamed answer; False if the client left first (its engine requests are
+        cancelled then, as a stream's are: nothing generates for nobody)."""
+        async def rest() -> None:
+            async for index, chunk in events:
+                self._add(answer, index, chunk, record)
+        task = asyncio.ensure_future(rest())
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                record.cancelled = True
+                return False
+        task.result()
+        return True
 
     async def _sse(self, answer: Answer, first: Event, events: AsyncIterator[Event], record: RequestRecord,
                    ticket: Ticket | None) -> AsyncIterator[bytes]:

@@ -61,6 +61,10 @@ class ServiceUnavailableError(GatewayError):
     """No healthy replica, or the engines shed load; retry after `retry_after` seconds."""
 
 
+class ClientGoneError(GatewayError):
+    """The client disconnected before its answer was ready (logged as 499, nginx's code; nobody reads it)."""
+
+
 class UpstreamError(GatewayError):
     """The server failed the request."""
 
@@ -73,6 +77,7 @@ STATUS: dict[type[GatewayError], tuple[int, str]] = {
     RequestTooLargeError: (413, "invalid_request_error"),
     RateLimitError: (429, "rate_limit_error"),
     ServiceUnavailableError: (503, "service_unavailable"),
+    ClientGoneError: (499, "client_closed_request"),
     UpstreamError: (500, "server_error"),
 }
 
