@@ -66,6 +66,8 @@ def serve(args: argparse.Namespace) -> int:
     """tritonserver, and the gateway beside it with --openai-port. SIGTERM or Ctrl-C stops the gateway
     first (its streams drain), then tritonserver. The signal handler only sets a flag: waiting on a child
     inside it, while the main thread waits on the same child, deadlocks on Popen's lock."""
+    if args.api_keys and args.openai_port is None:
+        raise SystemExit("--api-keys: the keys are the gateway's; give --openai-port too")
     server = _server(args).start()
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -10,15 +10,16 @@ import time
 
 import openai
 import pytest
+from pagedllm_client import Client
 
 from tests.integration.conftest import GatewayProcess, metric, wait_for
 
 pytestmark = pytest.mark.integration
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 KEYS = {"full": "sk-full-0001", "one-at-a-time": "sk-conc-0002", "rpm": "sk-rpm-0003", "tpm": "sk-tpm-0004",
-        "tiny-only": "sk-tiny-0005"}
+        "tiny-only": "sk-tiny-0005", "refill": "sk-refill-0006"}
 LIMITS = {"one-at-a-time": {"max_concurrent_requests": 1}, "rpm": {"requests_per_minute": 2},
-          "tpm": {"tokens_per_minute": 60}, "tiny-only": {"models": ["llm_tiny"]}}
+          "tpm": {"tokens_per_minute": 60}, "tiny-only": {"models": ["llm_tiny"]}, "refill": {"requests_per_minute": 30}}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_chat_answer_names_paris_with_usage(gateway):
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
 
-def test_streamed_content_equals_whole_for_emoji_and_cjk(gateway):
+def test_streamed_content_equals_whole_for_emoji_and_cjk(gateway, server):
     messages = [{"role": "user", "content": "Reply with three emoji and the word 東京 written in Japanese."}]
     kw = {"model": "llm", "messages": messages, "temperature": 0, "max_tokens": 40}
     whole = client(gateway).chat.completions.create(**kw)
@@ -59,6 +60,10 @@ def test_streamed_content_equals_whole_for_emoji_and_cjk(gateway):
     assert finals == [whole.choices[0].finish_reason]
     usage = chunks[-1]
     assert usage.choices == [] and usage.usage.model_dump() == whole.usage.model_dump()
+    with Client(server.grpc_url, "llm") as direct:  # the engine's own counts, asked directly
+        engine = direct.generate(messages=messages, temperature=0, max_tokens=40)
+    assert (usage.usage.prompt_tokens, usage.usage.completion_tokens) == (engine.num_input_tokens,
+                                                                          engine.num_output_tokens)
 
 
 def test_completions_with_n_stop_echo_and_an_alias(gateway):
@@ -154,6 +159,25 @@ def test_quotas_refuse_with_retry_after_and_the_sdk_retry_succeeds(gateway):
     assert reply.choices[0].finish_reason in ("length", "stop")
     attempts = [r for r in gateway.records() if r["key"] == "one-at-a-time"][before:]
     assert any(r["status"] == 429 for r in attempts) and attempts[-1]["status"] == 200
+
+
+def test_the_sdk_retry_succeeds_once_the_request_bucket_refills(gateway):
+    """30 requests a minute: a burst empties the bucket and is refused with Retry-After (one request's worth
+    refills in 2 s); the SDK waits that long by itself and its retry is served. Counted from the gateway's
+    log: a 429, then a 200."""
+    burst = client(gateway, "refill", max_retries=0)
+    for _ in range(60):
+        try:
+            burst.completions.create(model="llm_tiny", prompt="Hi", max_tokens=1)
+        except openai.RateLimitError:
+            break
+    else:
+        pytest.fail("60 requests in a burst were all admitted under a 30-per-minute limit")
+    before = len(gateway.records())
+    reply = client(gateway, "refill", max_retries=2).completions.create(model="llm_tiny", prompt="Hi", max_tokens=1)
+    assert reply.choices[0].finish_reason == "length"
+    attempts = [r for r in gateway.records()[before:] if r["key"] == "refill"]
+    assert [r["status"] for r in attempts] == [429, 200]
 
 
 def test_leaving_a_stream_early_frees_the_kv_blocks(gateway, server):

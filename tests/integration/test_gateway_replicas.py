@@ -62,16 +62,38 @@ def healthy(gateway: GatewayProcess, server: TritonServer) -> float:
     return next(float(x.split()[-1]) for x in body.splitlines() if x.startswith(line))
 
 
-def test_mixed_work_spreads_by_outstanding_requests(replicas):
+def test_requests_go_to_the_replica_with_fewest_outstanding(replicas):
+    """Three long streams held open (two on one replica, one on the other): every short request sent
+    meanwhile goes to the replica with one. Then a mixed burst spreads over both, without errors."""
     servers, gateway = replicas
+
+    async def run() -> tuple[list, list]:
+        client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="none", max_retries=0)
+        held = []
+        for _ in range(3):
+            stream = await client.completions.create(model="llm_tiny", prompt="Hello", max_tokens=500, stream=True,
+                                                     extra_body={"ignore_eos": True})
+            await anext(aiter(stream))
+            held.append(stream)
+        start = len(gateway.records())
+        for _ in range(6):
+            await client.completions.create(model="llm_tiny", prompt="Hi", max_tokens=2)
+        shorts = gateway.records()[start:]
+        for stream in held:
+            await stream.close()
+        mixed = await asyncio.gather(*[one(client, n) for n in [100] * 4 + [6] * 16])
+        await client.close()
+        return shorts, mixed
+
     start = len(gateway.records())
-    results = asyncio.run(workload(gateway, [120] * 4 + [6] * 16))
-    assert all(r["error"] is None for r in results)
-    records = gateway.records()[start:]
-    per_replica = {s.grpc_url: [r for r in records if r["replica"] == s.grpc_url] for s in servers}
-    long = {url: sum(r["completion_tokens"] == 120 for r in rs) for url, rs in per_replica.items()}
-    assert sorted(long.values()) == [2, 2]  # the long ones do not pile up on one replica
-    assert all(len(rs) >= 6 for rs in per_replica.values())
+    shorts, mixed = asyncio.run(run())
+    longs = [r["replica"] for r in gateway.records()[start:] if r["cancelled"] or r["completion_tokens"] > 100]
+    lighter = min(set(longs), key=longs.count)
+    assert sorted(longs.count(s.grpc_url) for s in servers) == [1, 2]
+    assert [r["replica"] for r in shorts] == [lighter] * 6
+    assert all(r["error"] is None for r in mixed)
+    used = {r["replica"] for r in gateway.records()[-20:]}
+    assert used == {s.grpc_url for s in servers}
 
 
 def test_a_killed_replica_fails_only_streams_already_begun_and_is_readmitted(replicas):
