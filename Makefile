@@ -44,6 +44,7 @@ bench: setup
 	$(PY) perf/bench_engine.py
 	$(PY) perf/bench_llamacpp.py
 	$(PY) perf/bench_serving.py
+	$(PY) perf/bench_gateway.py
 	$(PY) perf/compare.py
 
 repository: setup
