@@ -43,7 +43,8 @@ _BY_STATUS: dict[str, type[ClientError]] = {
 }
 # Retryable whatever the status says (lowercase substrings of the message).
 _UNAVAILABLE_MARKS = ("overloaded:", "engine loop is not running", "is not ready", "stub process is not healthy",
-                      "failed to connect", "connection refused", "socket closed")
+                      "failed to connect", "connection refused", "socket closed", "engine died:",
+                      "engine restarting:")
 _SERVER_MARKS = ("engine failed:", "internal:")
 
 

@@ -110,8 +110,14 @@ class EngineConfig:
     stream_interval: int = 1
     # Tests only: {"fail_step_seed": N} makes a step that runs a request with seed N raise inside the
     # model (the step's requests fail, the engine goes on); {"kill_loop_seed": N} raises in the scheduler
-    # phase, which ends the engine loop.
+    # phase, which ends the engine loop; {"exit_after_ms": N} ends the engine process N ms after it is ready.
     fault_injection: dict[str, int] | None = None
+    # Served, the engine runs in its own process (engine_process.py), restarted when it dies or hangs: work
+    # waiting and no step finished for `heartbeat_timeout` s. After `max_restarts` deaths within
+    # `restart_window` s it stays down.
+    heartbeat_timeout: float = 30.0
+    max_restarts: int = 3
+    restart_window: float = 300.0
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

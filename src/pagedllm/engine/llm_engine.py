@@ -142,7 +142,7 @@ class LLMEngine:
         if not seq.finished:
             self._finish(seq, "abort")
         delta = self._delta(seq)
-        delta.error, delta.error_is_internal = message, True
+        delta.error, delta.error_code = message, "INTERNAL"
         return delta
 
     def _inject(self, kind: str, out: SchedulerOutput) -> None:

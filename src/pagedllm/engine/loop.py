@@ -151,7 +151,7 @@ class EngineLoop:
 
     def _fail_all(self, message: str) -> None:
         for request_id, callback in list(self._callbacks.items()):
-            _safe_call(callback, RequestDelta(request_id, [], "", "abort", 0, 0, error=message, error_is_internal=True))
+            _safe_call(callback, RequestDelta(request_id, [], "", "abort", 0, 0, error=message, error_code="INTERNAL"))
         self._callbacks.clear()
 
 

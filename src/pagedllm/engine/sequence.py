@@ -85,7 +85,9 @@ class RequestDelta:
     new_logprobs: list[TokenLogprobs] | None = None
     error: str | None = None
     queue_time: float | None = None  # on the final delta: arrival to first scheduled
-    error_is_internal: bool = False  # the engine failed, rather than the request being invalid
+    # The Triton error code of `error`: INVALID_ARG (the request), INTERNAL (the engine failed), UNAVAILABLE
+    # (retry: overloaded, or the engine process died)
+    error_code: str = "INVALID_ARG"
 
     @property
     def finished(self) -> bool:
@@ -98,7 +100,7 @@ class RequestDelta:
             logprobs = (self.new_logprobs or []) + (later.new_logprobs or [])
         return RequestDelta(self.request_id, self.new_token_ids + later.new_token_ids, self.new_text + later.new_text,
                             later.finish_reason, later.num_prompt_tokens, later.num_output_tokens, logprobs,
-                            later.error, later.queue_time, later.error_is_internal)
+                            later.error, later.queue_time, later.error_code)
 
 
 def coalesce(deltas: list[RequestDelta]) -> list[RequestDelta]:

@@ -24,12 +24,14 @@ COUNTERS = {
     "pagedllm_prefix_cache_hits_total": "Prompt tokens found in the prefix cache",
     "pagedllm_request_success_total": "Requests finished, by finish reason",
     "pagedllm_preemptions_total": "Requests preempted for KV blocks",
+    "pagedllm_engine_restarts_total": "Engine process restarts, after it died or hung",
 }
 GAUGES = {
     "pagedllm_num_requests_running": "Requests in the running batch",
     "pagedllm_num_requests_waiting": "Requests waiting to be scheduled",
     "pagedllm_kv_cache_usage_ratio": "Fraction of KV-cache blocks in use",
     "pagedllm_kv_cache_free_blocks": "KV-cache blocks free",
+    "pagedllm_last_step_timestamp_seconds": "Unix time of the engine's last step (time() minus this: time since)",
 }
 
 
@@ -56,15 +58,25 @@ class ServingMetrics:
         self._generated = 0
         self._observations: list[tuple[str, float]] = []
         self._finished: list[tuple[str, int]] = []
+        self._restarts = 0
+        self._last_step: float | None = None
+        self._reported_step: float | None = None
 
     def _family(self, metric_family: Any, name: str, description: str, kind: Any) -> Any:
         family = metric_family(name=name, description=description, kind=kind)
         self._families.append(family)
         return family
 
-    def on_stats(self, stats: EngineStats) -> None:
-        """After every step, from the engine thread: only remembered here."""
+    def on_stats(self, stats: EngineStats, last_step: float | None = None) -> None:
+        """After every step: only remembered here."""
         self._stats = stats
+        self._last_step = last_step or self._last_step
+
+    def on_restart(self) -> None:
+        """A new engine: its cumulative stats count from zero again."""
+        with self._lock:
+            self._restarts += 1
+            self._last_stats = None
 
     def on_tokens(self, count: int, first_token_latency: float | None, inter_token_latency: float | None) -> None:
         """`count` tokens sent in one response; `inter_token_latency` is the gap since the previous response
@@ -89,6 +101,12 @@ class ServingMetrics:
             generated, self._generated = self._generated, 0
             observations, self._observations = self._observations, []
             finished, self._finished = self._finished, []
+            restarts, self._restarts = self._restarts, 0
+        if restarts:
+            self.counters["pagedllm_engine_restarts_total"].increment(restarts)
+        if self._last_step is not None and self._last_step != self._reported_step:
+            self._reported_step = self._last_step
+            self.gauges["pagedllm_last_step_timestamp_seconds"].set(self._last_step)
         if generated:
             self.counters["pagedllm_generation_tokens_total"].increment(generated)
         for name, value in observations:

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pagedllm.engine.config import EngineConfig
-from pagedllm.engine.llm_engine import LLMEngine
-from pagedllm.engine.loop import EngineDeadError, EngineLoop, OverloadedError
+from pagedllm.engine.engine_process import EngineProcess
+from pagedllm.engine.loop import EngineDeadError, OverloadedError
 from pagedllm.engine.sequence import RequestDelta, TokenLogprobs, coalesce
 from pagedllm.engine.tokenizer import load_tokenizer
 from pagedllm.serving.metrics import ServingMetrics
@@ -87,14 +86,13 @@ class LLMModel:
         engine_config = EngineConfig.from_json(version_dir / "engine.json")
         self.metrics = ServingMetrics(self.pb.MetricFamily, args["model_name"], args["model_version"])
         self.name = args["model_name"]
-        self.loop = EngineLoop(lambda: LLMEngine(engine_config),
-                               on_step=lambda engine, _: self.metrics.on_stats(engine.stats()),
-                               on_death=self._on_engine_death)
-        self.engine = self.loop.engine
-        self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda token_id: self.engine.tokenizer.decode([token_id]))
-        self.pb.Logger.log_info(f"pagedllm {args['model_name']}/{args['model_version']}: engine ready, "
-                                f"{self.engine.num_blocks} KV blocks, torch threads {torch.get_num_threads()}")
-        self.metrics.on_stats(self.engine.stats())  # gauges are right before the first request
+        self.tokenizer = load_tokenizer(resolve_model_path(engine_config.model))
+        self.loop = EngineProcess(engine_config, on_stats=self.metrics.on_stats, on_restart=self.metrics.on_restart,
+                                  on_give_up=self._on_engine_death)
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda token_id: self.tokenizer.decode([token_id]))
+        self.pb.Logger.log_info(f"pagedllm {args['model_name']}/{args['model_version']}: engine ready in process "
+                                f"{self.loop.process.pid}, {self.loop.info['num_blocks']} KV blocks")
+        self.metrics.on_stats(self.loop.info["stats"])  # gauges are right before the first request
         self.metrics.flush()
         self.streams: dict[str, _Stream] = {}
         self.lock = threading.Lock()
@@ -115,7 +113,7 @@ class LLMModel:
         try:
             inputs = _inputs(self.pb, request, self.input_names)
             req, in_ensemble = self._parse(inputs)
-            prompt_ids = tokenize_request(self.engine.tokenizer, req)
+            prompt_ids = tokenize_request(self.tokenizer, req)
             echo = (np.array([req.options.echo().encode()], dtype=np.object_)
                     if in_ensemble and prepends_prompt(req.options) else None)
             stream = _Stream(request_id, sender, req.options, echo, time.monotonic())
@@ -127,10 +125,11 @@ class LLMModel:
             sender.send(_error(self.pb, str(e), "INVALID_ARG" if isinstance(e, ValueError) else "UNAVAILABLE"),
                         flags=final)
 
-    def _on_engine_death(self, error: BaseException) -> None:
-        """Not ready rather than hanging: with explicit model control the model unloads itself (Triton then
-        reports it not ready); otherwise every request is refused at once as UNAVAILABLE."""
-        self.pb.Logger.log_error(f"pagedllm {self.name}: the engine loop died ({error}); unloading the model")
+    def _on_engine_death(self, reason: str) -> None:
+        """The engine kept dying and stays down. Not ready rather than hanging: with explicit model control
+        the model unloads itself (Triton then reports it not ready); otherwise every request is refused at
+        once as UNAVAILABLE."""
+        self.pb.Logger.log_error(f"pagedllm {self.name}: the engine stays down ({reason}); unloading the model")
         try:
             self.pb.unload_model(self.name)
         except Exception as e:  # model control is not explicit
@@ -192,8 +191,7 @@ class LLMModel:
         if delta.finished:
             self._forget(delta.request_id)
         if delta.error is not None:
-            code = "INTERNAL" if delta.error_is_internal else "INVALID_ARG"
-            stream.sender.send(_error(self.pb, delta.error, code), flags=final)
+            stream.sender.send(_error(self.pb, delta.error, delta.error_code), flags=final)
             return
         response = self._response_for(stream, delta)
         if response is not None and not (delta.finish_reason == "abort" and stream.sender.is_cancelled()):

@@ -1,0 +1,222 @@
+"""The engine in a process of its own, beside the Triton model that serves it.
+
+The engine process holds the weights and the KV cache, so it is the one the kernel's OOM killer picks.
+When it dies, the serving process is still there to end every request it held with a retryable error
+(Triton 2.51 cannot end the streams of a dead Python-backend stub: they stay open until each client
+times out). It is then restarted after 1, 2, 4... seconds; `max_restarts` deaths within
+`restart_window` seconds and it stays down. A hung engine (work waiting, no step for
+`heartbeat_timeout` seconds) is killed and handled the same way.
+
+The serving side submits and aborts over a pipe; the engine process answers with deltas and, after
+each step, its stats (the heartbeat)."""
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pagedllm.engine.config import EngineConfig
+from pagedllm.engine.loop import DeltaCallback, EngineDeadError
+from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.engine.sequence import RequestDelta
+
+logger = logging.getLogger(__name__)
+WATCH_SECONDS = 0.25
+
+
+class EngineProcess:
+    """`submit` / `abort` / `shutdown` as EngineLoop's. `on_stats(stats, last_step_time)` after each step;
+    `on_restart()` once a restarted engine is ready; `on_give_up(reason)` when it stays down."""
+
+    def __init__(self, config: EngineConfig, on_stats: Callable[[Any, float], None] | None = None,
+                 on_restart: Callable[[], None] | None = None,
+                 on_give_up: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.on_stats, self.on_restart, self.on_give_up = on_stats, on_restart, on_give_up
+        self.info: dict[str, Any] = {}  # from the engine process once ready: num_blocks, max_model_len
+        self.restarts, self.deaths = 0, []  # death times (monotonic), for the restart window
+        self.state = "starting"  # starting | up | restarting | down | stopped
+        self.reason = ""
+        self._callbacks: dict[str, DeltaCallback] = {}
+        self._lock = threading.Lock()
+        self._last_progress = self._restart_at = time.monotonic()
+        self._start()  # the first start raises what building the engine raised
+        threading.Thread(target=self._watch, name="pagedllm-engine-watch", daemon=True).start()
+
+    # ---- the serving side's calls ---------------------------------------------------------------
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+               callback: DeltaCallback, arrival_time: float | None = None) -> None:
+        with self._lock:
+            if self.state != "up":
+                raise EngineDeadError(self._refusal())
+            if not self._callbacks:
+                self._last_progress = time.monotonic()  # idle until now: the heartbeat starts with this work
+            self._callbacks[request_id] = callback
+            self._send(("submit", request_id, list(prompt_token_ids), params, arrival_time))
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if self.state == "up":
+                self._send(("abort", request_id))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self.state = "stopped"
+            self._send(("shutdown",))
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+
+    def _refusal(self) -> str:
+        if self.state == "down":
+            return f"engine died: it stays down ({self.reason}); reload the model to try again"
+        return f"engine restarting: the engine process died ({self.reason}); retry shortly"
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self.conn.send(message)
+        except (OSError, ValueError):
+            pass  # the engine process is gone: the reader thread handles it
+
+    # ---- starting, and the reader thread -------------------------------------------------------
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        ctx.set_executable(python_executable())
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=run_engine, args=(asdict(self.config), child), name="pagedllm-engine",
+                                   daemon=True)
+        self.process.start()
+        child.close()
+        kind, payload = self._recv_or_exit()
+        if kind != "ready":
+            self.process.join(5)
+            raise RuntimeError(f"the engine process failed to start: {payload}")
+        self.info, self.state = payload, "up"
+        self._last_progress = time.monotonic()
+        threading.Thread(target=self._read, args=(self.conn, self.process), name="pagedllm-engine-reader",
+                         daemon=True).start()
+
+    def _recv_or_exit(self) -> tuple:
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            self.process.join(5)
+            return "exited", f"exit code {self.process.exitcode}"
+
+    def _read(self, conn: Any, process: Any) -> None:
+        while True:
+            try:
+                kind, *payload = conn.recv()
+            except (EOFError, OSError):
+                break
+            if kind == "deltas":
+                self._deliver(*payload)
+        process.join(5)
+        if self.state not in ("stopped",):
+            self._died(describe_exit(process.exitcode, self.reason if self.state == "hung" else ""))
+
+    def _deliver(self, deltas: list[RequestDelta], stats: Any, last_step: float | None) -> None:
+        if last_step is not None:
+            self._last_progress = time.monotonic()
+            if self.on_stats is not None:
+                self.on_stats(stats, last_step)
+        for delta in deltas:
+            with self._lock:
+                callback = (self._callbacks.pop if delta.finished else self._callbacks.get)(delta.request_id, None)
+            if callback is not None:
+                callback(delta)
+
+    # ---- death, restarts, and the heartbeat ------------------------------------------------------
+    def _died(self, reason: str) -> None:
+        with self._lock:
+            self.reason, self.state = reason, "restarting"
+            failed, self._callbacks = self._callbacks, {}
+            now = time.monotonic()
+            self.deaths = [t for t in self.deaths if now - t < self.config.restart_window] + [now]
+        logger.error("engine process died (%s); failing its %d requests", reason, len(failed))
+        for request_id, callback in failed.items():
+            callback(RequestDelta(request_id, [], "", "abort", 0, 0, error=f"engine died: {reason}; retry the "
+                                  "request", error_code="UNAVAILABLE"))
+        if len(self.deaths) > self.config.max_restarts:
+            self.state = "down"
+            logger.error("engine died %d times within %.0f s: it stays down; reload the model to try again",
+                         len(self.deaths), self.config.restart_window)
+            if self.on_give_up is not None:
+                self.on_give_up(reason)
+            return
+        delay = 2.0 ** (len(self.deaths) - 1)
+        self._restart_at = time.monotonic() + delay
+        logger.warning("restarting the engine process in %.0f s (death %d of at most %d within %.0f s)", delay,
+                       len(self.deaths), self.config.max_restarts, self.config.restart_window)
+
+    def _restart(self) -> None:
+        """On the watch thread, which lives as long as this object: the engine process dies with the
+        thread that started it (PR_SET_PDEATHSIG follows the thread)."""
+        self.state = "starting"
+        try:
+            self._start()
+        except Exception as e:  # noqa: BLE001 (a failed start counts as one more death)
+            self._died(f"restart failed: {e}")
+            return
+        self.restarts += 1
+        logger.warning("engine process restarted (restart %d)", self.restarts)
+        if self.on_restart is not None:
+            self.on_restart()
+
+    def _watch(self) -> None:
+        """Restarts a dead engine when its backoff is over, and kills one that holds work and has not
+        finished a step for `heartbeat_timeout` seconds."""
+        while self.state != "stopped":
+            time.sleep(WATCH_SECONDS)
+            if self.state == "restarting" and time.monotonic() >= self._restart_at:
+                self._restart()
+            stalled = time.monotonic() - self._last_progress
+            if self.state == "up" and self._callbacks and stalled > self.config.heartbeat_timeout:
+                self.reason, self.state = f"hung: no step for {stalled:.1f} s with work waiting", "hung"
+                logger.error("engine process %s; killing it", self.reason)
+                os.kill(self.process.pid, signal.SIGKILL)
+                os.kill(self.process.pid, signal.SIGCONT)  # a stopped process dies only once continued
+
+
+def describe_exit(code: int | None, reason: str = "") -> str:
+    if reason:
+        return reason
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def python_executable() -> str:
+    """The interpreter to start the engine process with. Inside Triton's Python stub `sys.executable` is
+    the stub binary, so this environment's own python is looked for first."""
+    for candidate in (Path(sys.prefix) / "bin" / "python3", Path(sys.executable)):
+        if candidate.name.startswith("python") and candidate.exists():
+            return str(candidate)
+    return shutil.which("python3") or sys.executable
+
+
+# ---- inside the engine process ---------------------------------------------------------------------
+def run_engine(config: dict[str, Any], conn: Any) -> None:
+    _die_with_parent()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a Ctrl-C or stop sent to the group: the serving side decides
+        signal.signal(sig, signal.SIG_IGN)
+    from pagedllm.engine.engine_host import EngineHost
+    EngineHost(EngineConfig(**config), conn).serve()
+
+
+def _die_with_parent() -> None:
+    """SIGKILL to this process when the serving process dies, however it dies (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

@@ -1,0 +1,200 @@
+"""Faults below our code, with real signals on the real processes: the engine process killed or hung
+with streams in flight, an engine that keeps dying, and `pagedllm serve` stopped or losing tritonserver."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import requests
+
+from pagedllm.launcher import free_port
+from pagedllm.serving.repository import DEFAULT_ENGINE, write_llm
+from tests.integration.conftest import metric, num_tokens, start_server, stream, tiny_engine, wait_for
+
+pytestmark = pytest.mark.integration
+LONG = {"text_input": "Once upon a time", "sampling_parameters": {"max_tokens": 600, "ignore_eos": True}}
+
+
+def engine_pid(model: str) -> int | None:
+    """The engine process: the child of the model's Python stub that multiprocessing spawned (not its
+    resource tracker)."""
+    stubs = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p)[:1] and
+             _cmdline(p)[0].endswith("triton_python_backend_stub") and f"{model}_0_0" in _cmdline(p)]
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and stubs and _ppid(p) == int(stubs[0].name) and "spawn_main" in " ".join(_cmdline(p)):
+            return int(p.name)
+    return None
+
+
+def _cmdline(p: Path) -> list[str]:
+    try:
+        return p.joinpath("cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _ppid(p: Path) -> int:
+    try:
+        return int(p.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+@pytest.fixture(scope="module")
+def faults_server(request, tmp_path_factory, tiny_model_dir):
+    repo = tmp_path_factory.mktemp("faults")
+    write_llm(repo, "llm", {**DEFAULT_ENGINE, "kv_cache_memory": 128 << 20, "heartbeat_timeout": 2.0})
+    write_llm(repo, "llm_dying", {**tiny_engine(tiny_model_dir("llama-tied")), "max_restarts": 1,
+                                  "fault_injection": {"exit_after_ms": 1500}})
+    srv = start_server(repo, repo.parent / "tritonserver-faults.log", "explicit")
+    yield srv
+    srv.stop()
+
+
+def http_stream(server, fields: dict) -> tuple[str, float]:
+    """An HTTP generate_stream: its last event's text, and when it ended."""
+    body = {"text_input": fields["text_input"], "stream": True, **fields["sampling_parameters"]}
+    with requests.post(f"http://{server.http_url}/v2/models/llm/generate_stream", json=body, stream=True,
+                       timeout=60) as r:
+        last = ""
+        for line in r.iter_lines():
+            last = line.decode() if line else last
+    return last, time.monotonic()
+
+
+def grpc_stream(server, fields: dict) -> tuple[str, float]:
+    out, error = stream(server.grpc_url, "llm", fields)
+    return error or f"{num_tokens(out)} tokens", time.monotonic()
+
+
+def test_a_killed_engine_process_ends_its_streams_and_comes_back(faults_server):
+    srv = faults_server
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(grpc_stream, srv, LONG), pool.submit(grpc_stream, srv, LONG),
+                   pool.submit(http_stream, srv, LONG)]
+        assert wait_for(lambda: metric(srv, "pagedllm_num_requests_running") == 3, 30)
+        pid = engine_pid("llm")
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        ended = [f.result(timeout=30) for f in futures]
+    for message, at in ended:
+        assert "engine died: killed by SIGKILL" in message and at - killed < 2.0, (message, at - killed)
+    refused_at = time.monotonic()
+    _, error = stream(srv.grpc_url, "llm", {"text_input": "Hi"})
+    assert "engine restarting" in error and time.monotonic() - refused_at < 1.0
+    assert wait_for(lambda: stream(srv.grpc_url, "llm", {"text_input": "Hi"})[1] is None, 120)
+    recovered = time.monotonic() - killed
+    assert engine_pid("llm") not in (None, pid)
+    assert metric(srv, "pagedllm_engine_restarts_total") == 1
+    assert wait_for(lambda: metric(srv, "pagedllm_kv_cache_usage_ratio") == 0, 10)
+    print(f"engine SIGKILL: 3 streams ended within 2 s; serving again after {recovered:.1f} s")
+
+
+def test_a_stopped_engine_is_found_by_the_heartbeat(faults_server):
+    srv = faults_server
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(grpc_stream, srv, LONG)
+        assert wait_for(lambda: metric(srv, "pagedllm_num_requests_running") == 1, 30)
+        pid = engine_pid("llm")
+        stopped = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        message, at = future.result(timeout=30)
+    assert "engine died: hung: no step for" in message and at - stopped < 2.0 + 1.5
+    assert wait_for(lambda: stream(srv.grpc_url, "llm", {"text_input": "Hi"})[1] is None, 120)
+    assert metric(srv, "pagedllm_engine_restarts_total") == 2
+
+
+def test_an_engine_that_keeps_dying_stays_down_and_the_rest_serve(faults_server):
+    srv = faults_server
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{srv.http_url}/v2/models/llm_dying/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+    assert wait_for(lambda: not ready(), 60)
+    assert "the engine stays down" in srv.log() and "exited with code 71" in srv.log()
+    assert stream(srv.grpc_url, "llm", {"text_input": "Hi"})[1] is None
+
+
+# ---- pagedllm serve ---------------------------------------------------------------------------------
+def start_serve(tmp_path: Path, tiny_dir: Path, *extra: str) -> tuple[subprocess.Popen, list[str]]:
+    repo = tmp_path / "repo"
+    if not repo.exists():
+        write_llm(repo, "llm", tiny_engine(tiny_dir))
+    ports = [str(free_port()) for _ in range(3)]
+    log = open(tmp_path / f"serve-{time.monotonic_ns()}.log", "wb")
+    process = subprocess.Popen([sys.executable, "-m", "pagedllm.cli", "serve", "--model-repository", str(repo),
+                                "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
+                                *extra], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def up() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://localhost:{ports[0]}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+    assert wait_for(up, 300)
+    return process, ports
+
+
+@pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_serve_drains_streams_and_exits_0(tmp_path, tiny_model_dir, sig, group):
+    serve, ports = start_serve(tmp_path, tiny_model_dir("llama-tied"))
+    url = f"localhost:{ports[1]}"
+    fields = {"text_input": "Hello", "sampling_parameters": {"max_tokens": 300, "ignore_eos": True},
+              "return_num_output_tokens": True}
+    metrics = SimpleNamespace(metrics_url=f"http://localhost:{ports[2]}/metrics")
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(stream, url, "llm", fields) for _ in range(3)]
+            assert wait_for(lambda: metric(metrics, "pagedllm_num_requests_running") >= 1, 30)
+            (os.killpg if group else os.kill)(serve.pid, sig)
+            results = [f.result(timeout=60) for f in futures]
+        assert serve.wait(60) == 0
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+    for out, error in results:
+        assert error is None and num_tokens(out) == 300
+
+
+def test_serve_exits_non_zero_at_once_when_tritonserver_dies(tmp_path, tiny_model_dir):
+    serve, _ = start_serve(tmp_path, tiny_model_dir("llama-tied"))
+    try:
+        triton = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == serve.pid
+                      and _cmdline(p)[0].endswith("tritonserver"))
+        killed = time.monotonic()
+        os.kill(triton, signal.SIGKILL)
+        code = serve.wait(10)
+        assert code != 0 and time.monotonic() - killed < 2.0
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+
+
+def test_a_second_signal_stops_serve_at_once(tmp_path, tiny_model_dir):
+    serve, ports = start_serve(tmp_path, tiny_model_dir("llama-tied"))
+    url = f"localhost:{ports[1]}"
+    fields = {"text_input": "Hello", "sampling_parameters": {"max_tokens": 500, "ignore_eos": True}}
+    try:
+        threading.Thread(target=stream, args=(url, "llm", fields), daemon=True).start()
+        time.sleep(0.3)
+        os.kill(serve.pid, signal.SIGTERM)
+        time.sleep(0.2)
+        sent = time.monotonic()
+        os.kill(serve.pid, signal.SIGTERM)
+        assert serve.wait(10) != 0 and time.monotonic() - sent < 2.0
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)

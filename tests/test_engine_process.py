@@ -1,0 +1,93 @@
+"""The engine in its own process: requests served across the pipe; a killed engine process fails its
+requests at once as retryable and is restarted; a hung one is detected by the heartbeat; one that keeps
+dying stays down. Real processes and real signals, a tiny model."""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import time
+
+import pytest
+
+from pagedllm.engine.config import EngineConfig
+from pagedllm.engine.engine_process import EngineProcess
+from pagedllm.engine.loop import EngineDeadError
+from pagedllm.engine.sampling_params import SamplingParams
+
+LONG = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+
+
+def config(tiny_model_dir, **kw) -> EngineConfig:
+    return EngineConfig(model=str(tiny_model_dir("llama-tied")), dtype="float32", block_size=4, num_kv_blocks=256,
+                        max_model_len=512, **kw)
+
+
+def run(engine: EngineProcess, request_id: str, params: SamplingParams = LONG) -> queue.Queue:
+    deltas: queue.Queue = queue.Queue()
+    engine.submit(request_id, [5, 6, 7], params, deltas.put)
+    return deltas
+
+
+def final(deltas: queue.Queue, timeout: float = 30.0):
+    while True:
+        delta = deltas.get(timeout=timeout)
+        if delta.finished:
+            return delta
+
+
+def wait_until(predicate, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not predicate():
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.fixture
+def engine(tiny_model_dir):
+    restarted = []
+    e = EngineProcess(config(tiny_model_dir, heartbeat_timeout=1.0), on_restart=lambda: restarted.append(1))
+    e.restarted = restarted
+    yield e
+    e.shutdown()
+
+
+def test_serves_across_the_pipe(engine):
+    done = final(run(engine, "a", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)))
+    assert done.finish_reason == "length" and done.num_output_tokens == 8 and done.error is None
+
+
+def test_a_killed_engine_fails_its_requests_as_retryable_and_comes_back(engine):
+    first, second = run(engine, "a"), run(engine, "b")
+    first.get(timeout=30)  # streaming
+    start = time.monotonic()
+    os.kill(engine.process.pid, signal.SIGKILL)
+    failed = [final(first), final(second)]
+    assert time.monotonic() - start < 2.0
+    assert all(d.error_code == "UNAVAILABLE" and "engine died: killed by SIGKILL" in d.error for d in failed)
+    with pytest.raises(EngineDeadError, match="engine restarting"):
+        run(engine, "c")
+    assert wait_until(lambda: engine.state == "up") and engine.restarted == [1]
+    assert final(run(engine, "d", SamplingParams(max_tokens=3))).error is None
+
+
+def test_a_hung_engine_is_killed_by_the_heartbeat_and_restarted(engine):
+    deltas = run(engine, "a")
+    deltas.get(timeout=30)
+    os.kill(engine.process.pid, signal.SIGSTOP)
+    done = final(deltas, timeout=10)
+    assert done.error_code == "UNAVAILABLE" and "hung: no step for" in done.error
+    assert wait_until(lambda: engine.state == "up")
+    assert final(run(engine, "b", SamplingParams(max_tokens=3))).error is None
+
+
+def test_an_engine_that_keeps_dying_stays_down(tiny_model_dir):
+    gave_up = []
+    e = EngineProcess(config(tiny_model_dir, max_restarts=1, fault_injection={"exit_after_ms": 300}),
+                      on_give_up=gave_up.append)
+    try:
+        assert wait_until(lambda: e.state == "down", 60) and "exited with code 71" in gave_up[0]
+        with pytest.raises(EngineDeadError, match="stays down"):
+            run(e, "a")
+    finally:
+        e.shutdown()
