@@ -26,7 +26,55 @@ class Report:
             "# Reliability\n\nWritten by `tests/integration/test_reliability.py` (run by `make test`) against real "
             "tritonserver processes; each figure is what the last run measured, every row an assertion that passed "
             f"or a figure it recorded.\n\n_{datetime.date.today().isoformat()} · {os.cpu_count()} cores_\n\n"
-            "| area | what | figure |\n|---|---|---|\n" + table + KNOWN_ISSUES)
+            "| area | what | figure |\n|---|---|---|\n" + table + KNOWN_ISSUES + _faults_block())
+
+
+FAULTS_START, FAULTS_END = "<!-- process faults -->\n", "<!-- /process faults -->\n"
+
+
+def _faults_block() -> str:
+    """The process-faults table, as test_process_faults.py last wrote it (kept when the rest is rewritten)."""
+    text = DOC.read_text() if DOC.exists() else ""
+    start, end = text.find(FAULTS_START), text.find(FAULTS_END)
+    return "\n" + text[start:end + len(FAULTS_END)] if 0 <= start < end else ""
+
+
+class FaultTable:
+    """docs/RELIABILITY.md's "process faults" table, written by tests/integration/test_process_faults.py."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, ...]] = []
+
+    def add(self, fault: str, in_flight: str, ended: str, not_ready: str, serving: str) -> None:
+        self.rows.append((fault, in_flight, ended, not_ready, serving))
+
+    def write(self) -> None:
+        if not self.rows:
+            return
+        table = "".join("| " + " | ".join(row) + " |\n" for row in self.rows)
+        block = (FAULTS_START + "## Process faults\n\nWritten by `tests/integration/test_process_faults.py`, with "
+                 f"real signals on the real processes. _{datetime.date.today().isoformat()}_\n\n"
+                 "| fault | requests in flight | how each ended | time to not-ready | time to serving again |\n"
+                 "|---|---|---|---|---|\n" + table + FAULTS_NOTE + FAULTS_END)
+        text = DOC.read_text() if DOC.exists() else ""
+        start, end = text.find(FAULTS_START), text.find(FAULTS_END)
+        text = text[:start] + block + text[end + len(FAULTS_END):] if 0 <= start < end else text + "\n" + block
+        DOC.write_text(text)
+
+
+FAULTS_NOTE = """
+Triton 2.51's Python backend has no readiness hook for a model instance, so a model's readiness can only go
+false by unloading it. While its engine process restarts (a few seconds), the `llm` model stays ready and
+refuses each request at once with a retryable error (`engine restarting: ...`). Clients and the gateway retry
+it; the gateway retries on another replica. A model whose engine stays down unloads itself, and is then not
+ready.
+
+The Python stub itself killed (not the engine process) is beyond repair on Triton 2.51: the streams it held
+stay open until each client times out. A `load` brings the model back in its normal load time, but the old
+version stays UNLOADING, and shutdown waits out `--exit-timeout-secs`. The engine process dies with the stub
+(PR_SET_PDEATHSIG), so its memory is freed. The kernel's OOM killer picks the engine process, which holds the
+weights and the KV cache, not the stub.
+"""
 
 
 KNOWN_ISSUES = """

@@ -19,6 +19,7 @@ import requests
 from pagedllm.launcher import free_port
 from pagedllm.serving.repository import DEFAULT_ENGINE, write_llm
 from tests.integration.conftest import metric, num_tokens, start_server, stream, tiny_engine, wait_for
+from tests.integration.reliability import FaultTable
 
 pytestmark = pytest.mark.integration
 LONG = {"text_input": "Once upon a time", "sampling_parameters": {"max_tokens": 600, "ignore_eos": True}}
@@ -50,12 +51,20 @@ def _ppid(p: Path) -> int:
 
 
 @pytest.fixture(scope="module")
+def table():
+    t = FaultTable()
+    yield t
+    t.write()
+
+
+@pytest.fixture(scope="module")
 def faults_server(request, tmp_path_factory, tiny_model_dir):
     repo = tmp_path_factory.mktemp("faults")
     write_llm(repo, "llm", {**DEFAULT_ENGINE, "kv_cache_memory": 128 << 20, "heartbeat_timeout": 2.0})
     write_llm(repo, "llm_dying", {**tiny_engine(tiny_model_dir("llama-tied")), "max_restarts": 1,
                                   "fault_injection": {"exit_after_ms": 1500}})
     srv = start_server(repo, repo.parent / "tritonserver-faults.log", "explicit")
+    srv.ready_at = time.monotonic()
     yield srv
     srv.stop()
 
@@ -76,7 +85,7 @@ def grpc_stream(server, fields: dict) -> tuple[str, float]:
     return error or f"{num_tokens(out)} tokens", time.monotonic()
 
 
-def test_a_killed_engine_process_ends_its_streams_and_comes_back(faults_server):
+def test_a_killed_engine_process_ends_its_streams_and_comes_back(faults_server, table):
     srv = faults_server
     with ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(grpc_stream, srv, LONG), pool.submit(grpc_stream, srv, LONG),
@@ -90,16 +99,20 @@ def test_a_killed_engine_process_ends_its_streams_and_comes_back(faults_server):
         assert "engine died: killed by SIGKILL" in message and at - killed < 2.0, (message, at - killed)
     refused_at = time.monotonic()
     _, error = stream(srv.grpc_url, "llm", {"text_input": "Hi"})
-    assert "engine restarting" in error and time.monotonic() - refused_at < 1.0
+    refused = time.monotonic() - refused_at
+    assert "engine restarting" in error and refused < 1.0
     assert wait_for(lambda: stream(srv.grpc_url, "llm", {"text_input": "Hi"})[1] is None, 120)
     recovered = time.monotonic() - killed
     assert engine_pid("llm") not in (None, pid)
     assert metric(srv, "pagedllm_engine_restarts_total") == 1
     assert wait_for(lambda: metric(srv, "pagedllm_kv_cache_usage_ratio") == 0, 10)
-    print(f"engine SIGKILL: 3 streams ended within 2 s; serving again after {recovered:.1f} s")
+    table.add("engine process SIGKILL (`llm`, SmolLM2)", "3 streams of 600 tokens (2 gRPC, 1 HTTP)",
+              f"each a final `engine died: killed by SIGKILL; retry` error, the last {max(at for _, at in ended) - killed:.2f} s "
+              "after the kill", f"ready throughout (see below); a request meanwhile refused in {refused * 1000:.0f} ms "
+              "with `engine restarting`", f"{recovered:.1f} s (1 s backoff, then the load); KV cache of the new engine all free")
 
 
-def test_a_stopped_engine_is_found_by_the_heartbeat(faults_server):
+def test_a_stopped_engine_is_found_by_the_heartbeat(faults_server, table):
     srv = faults_server
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(grpc_stream, srv, LONG)
@@ -111,9 +124,12 @@ def test_a_stopped_engine_is_found_by_the_heartbeat(faults_server):
     assert "engine died: hung: no step for" in message and at - stopped < 2.0 + 1.5
     assert wait_for(lambda: stream(srv.grpc_url, "llm", {"text_input": "Hi"})[1] is None, 120)
     assert metric(srv, "pagedllm_engine_restarts_total") == 2
+    table.add("engine process SIGSTOP (hung; `heartbeat_timeout` 2 s)", "1 stream of 600 tokens",
+              f"a final `engine died: hung: no step for ...` error {at - stopped:.2f} s after the stop", "ready throughout",
+              f"{time.monotonic() - stopped:.1f} s (killed, then restarted after 2 s of backoff)")
 
 
-def test_an_engine_that_keeps_dying_stays_down_and_the_rest_serve(faults_server):
+def test_an_engine_that_keeps_dying_stays_down_and_the_rest_serve(faults_server, table):
     srv = faults_server
 
     def ready() -> bool:
@@ -123,8 +139,13 @@ def test_an_engine_that_keeps_dying_stays_down_and_the_rest_serve(faults_server)
         except OSError:
             return False
     assert wait_for(lambda: not ready(), 60)
+    down = time.monotonic() - srv.ready_at
     assert "the engine stays down" in srv.log() and "exited with code 71" in srv.log()
     assert stream(srv.grpc_url, "llm", {"text_input": "Hi"})[1] is None
+    table.add("engine process exits 1.5 s after every start (`max_restarts` 1)", "none", "-",
+              f"not ready (the model unloaded itself, log: `the engine stays down`) within {down:.1f} s of the "
+              "server being ready",
+              "stays down until reloaded; `llm` on the same server served throughout")
 
 
 # ---- pagedllm serve ---------------------------------------------------------------------------------
@@ -149,8 +170,9 @@ def start_serve(tmp_path: Path, tiny_dir: Path, *extra: str) -> tuple[subprocess
 
 
 @pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
-def test_serve_drains_streams_and_exits_0(tmp_path, tiny_model_dir, sig, group):
-    serve, ports = start_serve(tmp_path, tiny_model_dir("llama-tied"))
+def test_serve_drains_streams_and_exits_0(tmp_path, tiny_model_dir, sig, group, table):
+    extra = ("--openai-port", str(free_port())) if group else ()
+    serve, ports = start_serve(tmp_path, tiny_model_dir("llama-tied"), *extra)
     url = f"localhost:{ports[1]}"
     fields = {"text_input": "Hello", "sampling_parameters": {"max_tokens": 300, "ignore_eos": True},
               "return_num_output_tokens": True}
@@ -159,17 +181,21 @@ def test_serve_drains_streams_and_exits_0(tmp_path, tiny_model_dir, sig, group):
         with ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(stream, url, "llm", fields) for _ in range(3)]
             assert wait_for(lambda: metric(metrics, "pagedllm_num_requests_running") >= 1, 30)
+            sent = time.monotonic()
             (os.killpg if group else os.kill)(serve.pid, sig)
             results = [f.result(timeout=60) for f in futures]
         assert serve.wait(60) == 0
+        took = time.monotonic() - sent
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
     for out, error in results:
         assert error is None and num_tokens(out) == 300
+    table.add(f"`pagedllm serve` {sig.name} {'to its process group, gateway running' if group else 'to it alone'}",
+              "3 gRPC streams of 300 tokens", "all 3 completed in full", "-", f"exit code 0 after {took:.1f} s")
 
 
-def test_serve_exits_non_zero_at_once_when_tritonserver_dies(tmp_path, tiny_model_dir):
+def test_serve_exits_non_zero_at_once_when_tritonserver_dies(tmp_path, tiny_model_dir, table):
     serve, _ = start_serve(tmp_path, tiny_model_dir("llama-tied"))
     try:
         triton = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == serve.pid
@@ -177,13 +203,16 @@ def test_serve_exits_non_zero_at_once_when_tritonserver_dies(tmp_path, tiny_mode
         killed = time.monotonic()
         os.kill(triton, signal.SIGKILL)
         code = serve.wait(10)
-        assert code != 0 and time.monotonic() - killed < 2.0
+        took = time.monotonic() - killed
+        assert code != 0 and took < 2.0
+        table.add("tritonserver SIGKILL under `pagedllm serve`", "none", "-", "-",
+                  f"serve exited {code} after {took:.1f} s, saying why, for its supervisor to restart it")
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
 
 
-def test_a_second_signal_stops_serve_at_once(tmp_path, tiny_model_dir):
+def test_a_second_signal_stops_serve_at_once(tmp_path, tiny_model_dir, table):
     serve, ports = start_serve(tmp_path, tiny_model_dir("llama-tied"))
     url = f"localhost:{ports[1]}"
     fields = {"text_input": "Hello", "sampling_parameters": {"max_tokens": 500, "ignore_eos": True}}
@@ -194,7 +223,11 @@ def test_a_second_signal_stops_serve_at_once(tmp_path, tiny_model_dir):
         time.sleep(0.2)
         sent = time.monotonic()
         os.kill(serve.pid, signal.SIGTERM)
-        assert serve.wait(10) != 0 and time.monotonic() - sent < 2.0
+        code = serve.wait(10)
+        took = time.monotonic() - sent
+        assert code != 0 and took < 2.0
+        table.add("a second SIGTERM to `pagedllm serve` while it drains", "1 stream of 500 tokens", "cut", "-",
+                  f"everything killed; exit code {code} after {took:.2f} s")
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
