@@ -139,15 +139,18 @@ class EngineLoop:
                 self.engine.add_request(item.request_id, item.prompt_token_ids, item.params, item.arrival_time)
                 self._callbacks[item.request_id] = item.callback
             except ValueError as e:
-                item.callback(RequestDelta(item.request_id, [], "", "abort", len(item.prompt_token_ids), 0, error=str(e)))
+                self._deliver([RequestDelta(item.request_id, [], "", "abort", len(item.prompt_token_ids), 0,
+                                            error=str(e))], item.callback)
 
-    def _deliver(self, deltas: list[RequestDelta]) -> None:
+    def _deliver(self, deltas: list[RequestDelta], callback: DeltaCallback | None = None) -> None:
+        """`on_step` sees every delta handed out (with the stats), then each request's callback gets its own."""
         if self.on_step is not None:
             self.on_step(self.engine, deltas)
         for delta in deltas:
-            callback = self._callbacks.pop(delta.request_id) if delta.finished else self._callbacks.get(delta.request_id)
-            if callback is not None:
-                _safe_call(callback, delta)
+            pop = self._callbacks.pop if delta.finished else self._callbacks.get
+            target = pop(delta.request_id, None) or callback
+            if target is not None:
+                _safe_call(target, delta)
 
     def _fail_all(self, message: str) -> None:
         for request_id, callback in list(self._callbacks.items()):
