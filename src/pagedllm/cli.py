@@ -3,11 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 DEFAULT_REPOSITORY = Path("model_repository")
@@ -64,71 +60,26 @@ def _server(args: argparse.Namespace, log_path: Path | None = None):
 
 
 def serve(args: argparse.Namespace) -> int:
-    """tritonserver, and the gateway beside it with --openai-port. SIGTERM or Ctrl-C (to this process or
-    its group) drains: the gateway's streams finish, then tritonserver's, and the exit code is 0; a second
-    signal stops everything at once. A child that dies by itself stops the rest and exits 1, so a
-    supervisor restarts the whole. The signal handler only sets a flag: waiting on a child inside it,
-    while the main thread waits on the same child, deadlocks on Popen's lock."""
+    """tritonserver, and the gateway beside it with --openai-port, under pagedllm.supervisor."""
+    from pagedllm.supervisor import Supervisor
+
     if args.api_keys and args.openai_port is None:
         raise SystemExit("--api-keys: the keys are the gateway's; give --openai-port too")
-    server = _server(args).start()
-    children: list[subprocess.Popen] = [server.process]
-    stopping = threading.Event()
-
-    def on_signal(*_: object) -> None:
-        if stopping.is_set():  # the second signal: at once
-            for child in children:
-                child.kill()
-            os._exit(1)
-        stopping.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-    if not _wait_ready(server, stopping):
-        return _stop(server, children, stopping)
-    print(f"pagedllm ready\n  HTTP    http://{server.http_url}/v2/models/ensemble/generate_stream\n"
-          f"  gRPC    {server.grpc_url}  (streaming: ensemble or llm; unary: generate)\n"
-          f"  metrics {server.metrics_url}", flush=True)
+    server = _server(args)
+    gateway_command = None
     if args.openai_port is not None:
-        children.append(_start_gateway(args, server.grpc_url))
-    while not stopping.is_set() and all(child.poll() is None for child in children):
-        stopping.wait(0.25)
-    return _stop(server, children, stopping)
+        gateway_command = [sys.executable, "-m", "pagedllm.cli", "gateway", "--triton", server.grpc_url,
+                           "--host", args.openai_host, "--port", str(args.openai_port)]
+        gateway_command += ["--api-keys", str(args.api_keys)] if args.api_keys else []
 
+    def ready() -> None:
+        print(f"pagedllm ready\n  HTTP    http://{server.http_url}/v2/models/ensemble/generate_stream\n"
+              f"  gRPC    {server.grpc_url}  (streaming: ensemble or llm; unary: generate)\n"
+              f"  metrics {server.metrics_url}", flush=True)
+        if args.openai_port is not None:
+            print(f"  OpenAI  http://{args.openai_host}:{args.openai_port}/v1", flush=True)
 
-def _wait_ready(server, stopping: threading.Event) -> bool:
-    while not stopping.is_set():
-        if server.process.poll() is not None:
-            return False
-        if server.is_ready():
-            return True
-        stopping.wait(0.5)
-    return False
-
-
-def _stop(server, children: list[subprocess.Popen], stopping: threading.Event) -> int:
-    """The gateway first (its streams drain), then tritonserver. 0 when asked to stop and all went well."""
-    died = [child for child in children if child.poll() is not None and not stopping.is_set()]
-    for child in died:
-        name = "tritonserver" if child is server.process else "the gateway"
-        print(f"pagedllm serve: {name} exited by itself (code {child.returncode}); stopping", file=sys.stderr,
-              flush=True)
-    for child in reversed(children[1:]):
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-            child.wait()
-    code = server.stop()
-    return 1 if died else (code or 0)
-
-
-def _start_gateway(args: argparse.Namespace, grpc_url: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "pagedllm.cli", "gateway", "--triton", grpc_url,
-               "--host", args.openai_host, "--port", str(args.openai_port)]
-    if args.api_keys:
-        command += ["--api-keys", str(args.api_keys)]
-    process = subprocess.Popen(command)
-    print(f"  OpenAI  http://{args.openai_host}:{args.openai_port}/v1", flush=True)
-    return process
+    return Supervisor(server, gateway_command).run(ready)
 
 
 def gateway(args: argparse.Namespace) -> int:

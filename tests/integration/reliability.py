@@ -69,11 +69,15 @@ refuses each request at once with a retryable error (`engine restarting: ...`). 
 it; the gateway retries on another replica. A model whose engine stays down unloads itself, and is then not
 ready.
 
-The Python stub itself killed (not the engine process) is beyond repair on Triton 2.51: the streams it held
-stay open until each client times out. A `load` brings the model back in its normal load time, but the old
-version stays UNLOADING, and shutdown waits out `--exit-timeout-secs`. The engine process dies with the stub
-(PR_SET_PDEATHSIG), so its memory is freed. The kernel's OOM killer picks the engine process, which holds the
-weights and the KV cache, not the stub.
+Inside tritonserver, a killed Python stub (not the engine process) is beyond repair on Triton 2.51. The
+streams it held stay open until each client times out. A `load` brings the model back in its normal load
+time, but the old version stays UNLOADING, and shutdown waits out `--exit-timeout-secs`. The engine process
+dies with the stub (PR_SET_PDEATHSIG), so its memory is freed.
+
+`pagedllm serve` spots the dead stub (a zombie child of tritonserver) and restarts tritonserver as a whole,
+as the table shows. That restarts the other models too. Under a bare `tritonserver`, a dead stub needs a
+restart of the pod. The kernel's OOM killer picks the engine process, not the stub: the engine process holds
+the weights and the KV cache.
 """
 
 

@@ -231,3 +231,39 @@ def test_a_second_signal_stops_serve_at_once(tmp_path, tiny_model_dir, table):
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
+
+
+def serves(url: str) -> bool:
+    try:
+        return stream(url, "llm", {"text_input": "Hi"})[1] is None
+    except Exception:  # noqa: BLE001 (the server is not up yet)
+        return False
+
+
+def test_a_killed_stub_under_serve_restarts_tritonserver(tmp_path, tiny_model_dir, table):
+    """Triton 2.51 cannot recover a dead Python stub: `pagedllm serve` restarts tritonserver instead, so the
+    streams end (a connection error, retried by clients) rather than hang, and it serves again."""
+    serve, ports = start_serve(tmp_path, tiny_model_dir("llama-tied"))
+    url = f"localhost:{ports[1]}"
+    fields = {"text_input": "Hello", "sampling_parameters": {"max_tokens": 500, "ignore_eos": True}}
+    metrics = SimpleNamespace(metrics_url=f"http://localhost:{ports[2]}/metrics")
+    try:
+        triton = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == serve.pid
+                      and _cmdline(p)[0].endswith("tritonserver"))
+        stub = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == triton
+                    and "llm_0_0" in _cmdline(p))
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(grpc_stream, SimpleNamespace(grpc_url=url), {**fields}) for _ in range(2)]
+            assert wait_for(lambda: metric(metrics, "pagedllm_num_requests_running") >= 1, 30)
+            killed = time.monotonic()
+            os.kill(stub, signal.SIGKILL)
+            ended = [f.result(timeout=30) for f in futures]
+        assert all(at - killed < 2.0 and "tokens" not in message for message, at in ended), ended
+        assert wait_for(lambda: serves(url), 120)
+        back = time.monotonic() - killed
+        assert serve.poll() is None
+    finally:
+        os.killpg(serve.pid, signal.SIGKILL)
+    table.add("the `llm` Python stub SIGKILL, under `pagedllm serve`", "2 gRPC streams of 500 tokens",
+              f"each a connection error (retryable), the last {max(at for _, at in ended) - killed:.2f} s after the kill",
+              "at once: tritonserver is restarted (the whole server)", f"{back:.1f} s")

@@ -1,0 +1,121 @@
+"""`pagedllm serve`'s care of its processes: tritonserver, and the OpenAI gateway beside it.
+
+- SIGTERM or Ctrl-C, to serve alone or to its process group, drains. The gateway's streams finish, then
+  tritonserver's, and the exit code is 0. A second signal stops everything at once.
+- A child that dies by itself stops the rest, and serve exits 1 at once, so its own supervisor restarts
+  the whole.
+- A model's Python stub that dies is restarted with tritonserver. It shows as a zombie child of
+  tritonserver. Triton 2.51 cannot recover such a stub: the streams it held stay open, its version never
+  finishes unloading, and shutdown waits out the exit timeout. So tritonserver is killed (every stream ends
+  at once with a connection error, which clients retry) and started again. That happens after 1, 2, 4... s,
+  and after `max_restarts` within `restart_window` s serve gives up and exits 1.
+
+The signal handler only sets a flag. Waiting on a child inside it, while the main thread waits on the same
+child, deadlocks on Popen's lock."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from pagedllm.launcher import TritonServer
+
+POLL_SECONDS = 0.25
+
+
+def dead_stub(parent_pid: int) -> int | None:
+    """A Python-backend stub of `parent_pid` that died and was not reaped (its comm is cut to 15 chars)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            comm, rest = proc.joinpath("stat").read_text().split(") ", 1)
+        except (OSError, ValueError):
+            continue
+        state, ppid = rest.split()[:2]
+        if state == "Z" and int(ppid) == parent_pid and comm.endswith("triton_python_b"):
+            return int(proc.name)
+    return None
+
+
+class Supervisor:
+    def __init__(self, server: TritonServer, gateway_command: list[str] | None = None, max_restarts: int = 3,
+                 restart_window: float = 300.0) -> None:
+        self.server, self.gateway_command = server, gateway_command
+        self.gateway: subprocess.Popen | None = None
+        self.max_restarts, self.restart_window = max_restarts, restart_window
+        self.restarts: list[float] = []
+        self.stopping = threading.Event()
+
+    def children(self) -> list[subprocess.Popen]:
+        return [p for p in (self.server.process, self.gateway) if p is not None]
+
+    def _on_signal(self, *_: object) -> None:
+        if self.stopping.is_set():  # the second signal: at once
+            for child in self.children():
+                child.kill()
+            os._exit(1)
+        self.stopping.set()
+
+    def run(self, on_ready=None) -> int:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        self.server.start()
+        if not self._wait_ready():
+            return self._stop()
+        if on_ready is not None:
+            on_ready()
+        if self.gateway_command:
+            self.gateway = subprocess.Popen(self.gateway_command)
+        while not self.stopping.is_set() and all(child.poll() is None for child in self.children()):
+            self.stopping.wait(POLL_SECONDS)
+            stub = dead_stub(self.server.process.pid)
+            if stub is not None and not self._restart_server(stub):
+                return self._stop(gave_up=True)
+        return self._stop()
+
+    def _wait_ready(self) -> bool:
+        while not self.stopping.is_set():
+            if self.server.process.poll() is not None:
+                return False
+            if self.server.is_ready():
+                return True
+            self.stopping.wait(0.5)
+        return False
+
+    def _restart_server(self, stub: int) -> bool:
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < self.restart_window] + [now]
+        if len(self.restarts) > self.max_restarts:
+            _say(f"a Python stub died again ({len(self.restarts)} times within {self.restart_window:.0f} s); "
+                 "giving up")
+            return False
+        delay = 2.0 ** (len(self.restarts) - 1)
+        _say(f"a model's Python stub (pid {stub}) died; Triton 2.51 cannot recover it: restarting tritonserver "
+             f"in {delay:.0f} s")
+        self.server.process.kill()
+        self.server.process.wait()
+        if self.stopping.wait(delay):
+            return True
+        self.server.start()
+        return self._wait_ready() or self.stopping.is_set()
+
+    def _stop(self, gave_up: bool = False) -> int:
+        """The gateway first (its streams drain), then tritonserver. 0 when asked to stop and all went well."""
+        died = [c for c in self.children() if c.poll() is not None] if not self.stopping.is_set() else []
+        for child in died:
+            name = "tritonserver" if child is self.server.process else "the gateway"
+            _say(f"{name} exited by itself (code {child.returncode}); stopping")
+        if self.gateway is not None and self.gateway.poll() is None:
+            self.gateway.send_signal(signal.SIGTERM)
+            self.gateway.wait()
+        code = self.server.stop()
+        return 1 if died or gave_up else (code or 0)
+
+
+def _say(message: str) -> None:
+    print(f"pagedllm serve: {message}", file=sys.stderr, flush=True)
