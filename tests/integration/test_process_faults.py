@@ -25,15 +25,13 @@ pytestmark = pytest.mark.integration
 LONG = {"text_input": "Once upon a time", "sampling_parameters": {"max_tokens": 600, "ignore_eos": True}}
 
 
-def engine_pid(model: str) -> int | None:
-    """The engine process: the child of the model's Python stub that multiprocessing spawned (not its
-    resource tracker)."""
-    stubs = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p)[:1] and
-             _cmdline(p)[0].endswith("triton_python_backend_stub") and f"{model}_0_0" in _cmdline(p)]
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit() and stubs and _ppid(p) == int(stubs[0].name) and "spawn_main" in " ".join(_cmdline(p)):
-            return int(p.name)
-    return None
+def engine_pid(server, model: str) -> int | None:
+    """The engine process of `model` on this server (other servers in the session have models of the same
+    name): the child of its Python stub that multiprocessing spawned, not its resource tracker."""
+    procs = [p for p in Path("/proc").iterdir() if p.name.isdigit()]
+    stubs = [int(p.name) for p in procs if _ppid(p) == server.process.pid and f"{model}_0_0" in _cmdline(p)]
+    engines = [int(p.name) for p in procs if stubs and _ppid(p) == stubs[0] and "spawn_main" in " ".join(_cmdline(p))]
+    return engines[0] if engines else None
 
 
 def _cmdline(p: Path) -> list[str]:
@@ -91,7 +89,7 @@ def test_a_killed_engine_process_ends_its_streams_and_comes_back(faults_server, 
         futures = [pool.submit(grpc_stream, srv, LONG), pool.submit(grpc_stream, srv, LONG),
                    pool.submit(http_stream, srv, LONG)]
         assert wait_for(lambda: metric(srv, "pagedllm_num_requests_running") == 3, 30)
-        pid = engine_pid("llm")
+        pid = engine_pid(srv, "llm")
         killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         ended = [f.result(timeout=30) for f in futures]
@@ -103,7 +101,7 @@ def test_a_killed_engine_process_ends_its_streams_and_comes_back(faults_server, 
     assert "engine restarting" in error and refused < 1.0
     assert wait_for(lambda: stream(srv.grpc_url, "llm", {"text_input": "Hi"})[1] is None, 120)
     recovered = time.monotonic() - killed
-    assert engine_pid("llm") not in (None, pid)
+    assert engine_pid(srv, "llm") not in (None, pid)
     assert metric(srv, "pagedllm_engine_restarts_total") == 1
     assert wait_for(lambda: metric(srv, "pagedllm_kv_cache_usage_ratio") == 0, 10)
     table.add("engine process SIGKILL (`llm`, SmolLM2)", "3 streams of 600 tokens (2 gRPC, 1 HTTP)",
@@ -117,7 +115,7 @@ def test_a_stopped_engine_is_found_by_the_heartbeat(faults_server, table):
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(grpc_stream, srv, LONG)
         assert wait_for(lambda: metric(srv, "pagedllm_num_requests_running") == 1, 30)
-        pid = engine_pid("llm")
+        pid = engine_pid(srv, "llm")
         stopped = time.monotonic()
         os.kill(pid, signal.SIGSTOP)
         message, at = future.result(timeout=30)

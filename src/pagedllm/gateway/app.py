@@ -92,7 +92,7 @@ class Gateway:
             return self._json(answer.whole(), record, ticket, answer, key)
         except GatewayError as e:
             return self._error(e, record, ticket, answer)
-        except Exception as e:  # noqa: BLE001 (a bug of ours: a 500 that says so, and the gateway keeps serving)
+        except Exception as e:  # a bug of ours: a 500 that says so, and the gateway keeps serving
             logger.exception("request %s failed", record.request_id)
             return self._error(UpstreamError(f"internal gateway error ({type(e).__name__})"), record, ticket, answer)
 
@@ -137,7 +137,7 @@ class Gateway:
             if answer.plan.include_usage:
                 yield sse(answer.usage_chunk())
             yield b"data: [DONE]\n\n"
-        except Exception as e:  # noqa: BLE001 (after streaming began: an error event, and the stream ends)
+        except Exception as e:  # after streaming began: an error event, and the stream ends
             if not isinstance(e, GatewayError):
                 logger.exception("request %s failed", record.request_id)
             error = e if isinstance(e, GatewayError) else UpstreamError(f"internal gateway error ({type(e).__name__})")
