@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import queue
 import re
+import subprocess
 import sys
 import time
 import urllib.request
@@ -114,6 +115,15 @@ def metric(server: TritonServer, name: str, model: str = "llm", version: str = "
     return sum(float(v) for v in found) if found else float("nan")
 
 
+def answers_200(url: str) -> bool:
+    """A readiness probe: the URL answers 200 (anything else, or nothing listening, is not ready)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.2) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -127,7 +137,6 @@ class GatewayProcess:
     """`pagedllm gateway` as a child process, as an operator runs it; `log()` is its stderr (JSON lines)."""
 
     def __init__(self, triton_urls: list[str], log: Path, api_keys: Path | None = None, *extra: str) -> None:
-        import subprocess
         self.port, self.log_path = free_port(), log
         command = [sys.executable, "-m", "pagedllm.cli", "gateway", "--port", str(self.port), *extra]
         for url in triton_urls:
@@ -141,11 +150,7 @@ class GatewayProcess:
     def wait_ready(self, timeout: float = 60.0) -> "GatewayProcess":
         def ready() -> bool:
             assert self.process.poll() is None, f"gateway exited:\n{self.log()}"
-            try:
-                with urllib.request.urlopen(f"{self.url}/ready", timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
+            return answers_200(f"{self.url}/ready")
         assert wait_for(ready, timeout), f"gateway not ready:\n{self.log()}"
         return self
 
@@ -159,3 +164,19 @@ class GatewayProcess:
         if self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=60)
+
+
+def start_serve(tmp_path: Path, tiny_dir: Path, *extra: str) -> tuple[subprocess.Popen, list[str]]:
+    """`pagedllm serve` on a tiny `llm` model, in its own process group, once tritonserver is ready;
+    `process.log_path` is its output."""
+    repo = tmp_path / "repo"
+    if not repo.exists():
+        write_llm(repo, "llm", tiny_engine(tiny_dir))
+    ports = [str(free_port()) for _ in range(3)]
+    log = open(tmp_path / f"serve-{time.monotonic_ns()}.log", "wb")
+    process = subprocess.Popen([sys.executable, "-m", "pagedllm.cli", "serve", "--model-repository", str(repo),
+                                "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
+                                *extra], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process.log_path = Path(log.name)
+    assert wait_for(lambda: answers_200(f"http://localhost:{ports[0]}/v2/health/ready"), 300), log.name
+    return process, ports

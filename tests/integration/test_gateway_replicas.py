@@ -3,15 +3,16 @@ fails no request that had not started streaming, and it is re-admitted once it i
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import urllib.request
 
 import openai
 import pytest
 
-from pagedllm.launcher import TritonServer
+from pagedllm.launcher import TritonServer, free_port
 from pagedllm.serving.repository import write_llm
-from tests.integration.conftest import GatewayProcess, start_server, tiny_engine, wait_for
+from tests.integration.conftest import GatewayProcess, answers_200, start_serve, start_server, tiny_engine, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -122,27 +123,11 @@ def test_a_killed_replica_fails_only_streams_already_begun_and_is_readmitted(rep
 
 def test_serve_with_openai_port_drains_streams_on_sigterm(tmp_path, tiny_model_dir):
     """`pagedllm serve --openai-port`: both start, the base URL is printed, SIGTERM lets a stream finish."""
-    import subprocess
-    import sys
-
-    from pagedllm.launcher import free_port
-    write_llm(tmp_path / "repo", "llm", tiny_engine(tiny_model_dir("llama-tied")))
     port = free_port()
-    ports = [str(free_port()) for _ in range(3)]
-    log = open(tmp_path / "serve.log", "wb")
-    serve = subprocess.Popen([sys.executable, "-m", "pagedllm.cli", "serve", "--model-repository",
-                              str(tmp_path / "repo"), "--http-port", ports[0], "--grpc-port", ports[1],
-                              "--metrics-port", ports[2], "--openai-port", str(port)], stdout=log,
-                             stderr=subprocess.STDOUT)
+    serve, _ = start_serve(tmp_path, tiny_model_dir("llama-tied"), "--openai-port", str(port))
     try:
-        def up() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-        assert wait_for(up, 300), (tmp_path / "serve.log").read_text()
-        assert f"http://127.0.0.1:{port}/v1" in (tmp_path / "serve.log").read_text()
+        assert wait_for(lambda: answers_200(f"http://127.0.0.1:{port}/ready"), 60), serve.log_path.read_text()
+        assert f"http://127.0.0.1:{port}/v1" in serve.log_path.read_text()
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         stream = client.completions.create(model="llm", prompt="Hello", max_tokens=150, stream=True,
                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
@@ -153,4 +138,4 @@ def test_serve_with_openai_port_drains_streams_on_sigterm(tmp_path, tiny_model_d
         assert serve.wait(120) == 0
     finally:
         if serve.poll() is None:
-            serve.kill()
+            os.killpg(serve.pid, signal.SIGKILL)

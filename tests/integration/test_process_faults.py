@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +16,8 @@ import requests
 
 from pagedllm.launcher import free_port
 from pagedllm.serving.repository import DEFAULT_ENGINE, write_llm
-from tests.integration.conftest import metric, num_tokens, start_server, stream, tiny_engine, wait_for
+from tests.integration.conftest import (answers_200, metric, num_tokens, start_serve, start_server, stream,
+                                       tiny_engine, wait_for)
 from tests.integration.reliability import FaultTable
 
 pytestmark = pytest.mark.integration
@@ -32,6 +31,11 @@ def engine_pid(server, model: str) -> int | None:
     stubs = [int(p.name) for p in procs if _ppid(p) == server.process.pid and f"{model}_0_0" in _cmdline(p)]
     engines = [int(p.name) for p in procs if stubs and _ppid(p) == stubs[0] and "spawn_main" in " ".join(_cmdline(p))]
     return engines[0] if engines else None
+
+
+def triton_pid(serve: subprocess.Popen) -> int:
+    return next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == serve.pid
+                and _cmdline(p)[0].endswith("tritonserver"))
 
 
 def _cmdline(p: Path) -> list[str]:
@@ -130,13 +134,7 @@ def test_a_stopped_engine_is_found_by_the_heartbeat(faults_server, table):
 def test_an_engine_that_keeps_dying_stays_down_and_the_rest_serve(faults_server, table):
     srv = faults_server
 
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{srv.http_url}/v2/models/llm_dying/ready", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-    assert wait_for(lambda: not ready(), 60)
+    assert wait_for(lambda: not answers_200(f"http://{srv.http_url}/v2/models/llm_dying/ready"), 60)
     down = time.monotonic() - srv.ready_at
     assert "the engine stays down" in srv.log() and "exited with code 71" in srv.log()
     assert stream(srv.grpc_url, "llm", {"text_input": "Hi"})[1] is None
@@ -147,26 +145,6 @@ def test_an_engine_that_keeps_dying_stays_down_and_the_rest_serve(faults_server,
 
 
 # ---- pagedllm serve ---------------------------------------------------------------------------------
-def start_serve(tmp_path: Path, tiny_dir: Path, *extra: str) -> tuple[subprocess.Popen, list[str]]:
-    repo = tmp_path / "repo"
-    if not repo.exists():
-        write_llm(repo, "llm", tiny_engine(tiny_dir))
-    ports = [str(free_port()) for _ in range(3)]
-    log = open(tmp_path / f"serve-{time.monotonic_ns()}.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "pagedllm.cli", "serve", "--model-repository", str(repo),
-                                "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
-                                *extra], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def up() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://localhost:{ports[0]}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-    assert wait_for(up, 300)
-    return process, ports
-
-
 @pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
 def test_serve_drains_streams_and_exits_0(tmp_path, tiny_model_dir, sig, group, table):
     extra = ("--openai-port", str(free_port())) if group else ()
@@ -196,8 +174,7 @@ def test_serve_drains_streams_and_exits_0(tmp_path, tiny_model_dir, sig, group, 
 def test_serve_exits_non_zero_at_once_when_tritonserver_dies(tmp_path, tiny_model_dir, table):
     serve, _ = start_serve(tmp_path, tiny_model_dir("llama-tied"))
     try:
-        triton = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == serve.pid
-                      and _cmdline(p)[0].endswith("tritonserver"))
+        triton = triton_pid(serve)
         killed = time.monotonic()
         os.kill(triton, signal.SIGKILL)
         code = serve.wait(10)
@@ -246,8 +223,7 @@ def test_a_killed_stub_under_serve_restarts_tritonserver(tmp_path, tiny_model_di
     fields = {"text_input": "Hello", "sampling_parameters": {"max_tokens": 500, "ignore_eos": True}}
     metrics = SimpleNamespace(metrics_url=f"http://localhost:{ports[2]}/metrics")
     try:
-        triton = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == serve.pid
-                      and _cmdline(p)[0].endswith("tritonserver"))
+        triton = triton_pid(serve)
         stub = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == triton
                     and "llm_0_0" in _cmdline(p))
         with ThreadPoolExecutor(2) as pool:

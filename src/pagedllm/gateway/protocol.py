@@ -20,7 +20,7 @@ UNSUPPORTED = {
     "response_format": "structured output", "suffix": "suffix", "best_of": "best_of",
     "audio": "audio output", "modalities": "audio output", "prediction": "predicted outputs",
 }
-# The engine's names for sampling fields whose OpenAI names differ.
+# Sampling fields passed to the engine under the same name, when the request sets them.
 SAMPLING_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                    "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens")
 

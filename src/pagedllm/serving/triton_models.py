@@ -19,7 +19,7 @@ import numpy as np
 
 from pagedllm.engine.config import EngineConfig
 from pagedllm.engine.engine_process import EngineProcess
-from pagedllm.engine.loop import EngineDeadError, OverloadedError
+from pagedllm.engine.loop import EngineDeadError
 from pagedllm.engine.sequence import RequestDelta, TokenLogprobs, coalesce
 from pagedllm.engine.tokenizer import load_tokenizer
 from pagedllm.serving.metrics import ServingMetrics
@@ -120,7 +120,7 @@ class LLMModel:
             with self.lock:
                 self.streams[request_id] = stream
             self.loop.submit(request_id, prompt_ids, req.params, self.outbox.put, arrival_time=stream.arrival)
-        except (ValueError, OverloadedError, EngineDeadError) as e:  # invalid, or retry later
+        except (ValueError, EngineDeadError) as e:  # invalid, or retry later (overload comes back as a delta)
             self._forget(request_id)
             sender.send(_error(self.pb, str(e), "INVALID_ARG" if isinstance(e, ValueError) else "UNAVAILABLE"),
                         flags=final)
