@@ -6,7 +6,9 @@ import hashlib
 import json
 
 import pytest
+from pagedllm_client import Overloaded
 
+from pagedllm.gateway import replicas
 from pagedllm.gateway.errors import InvalidRequestError, RateLimitError, param_of
 from pagedllm.gateway.keys import KeyFileError, KeyRing, Limits, load_keys
 from pagedllm.gateway.protocol import parse
@@ -185,6 +187,22 @@ def test_least_outstanding_with_ties_in_turn():
     pool.replicas[0].healthy = False
     assert pool.pick("llm").url == "b:1" and pool.pick("llm", exclude=pool.replicas[1]).url == "c:1"
     assert pool.pick("other") is None
+
+
+def test_a_replica_whose_engine_restarts_is_skipped_for_that_model(monkeypatch):
+    pool = ReplicaPool(["a:1", "b:1"])
+    for r in pool.replicas:
+        r.healthy, r.models = True, {"llm", "llm_tiny"}
+    now = [100.0]
+    monkeypatch.setattr(replicas.time, "monotonic", lambda: now[0])
+    a = pool.replicas[0]
+    a.failed(Overloaded("engine restarting: the engine process died; retry the request"), "llm")
+    assert {pool.pick("llm").url for _ in range(4)} == {"b:1"}
+    assert {pool.pick("llm_tiny").url for _ in range(4)} == {"a:1", "b:1"}
+    a.failed(Overloaded("overloaded: 8 requests waiting; retry later"), "llm_tiny")
+    assert a.serves("llm_tiny") and a.healthy
+    now[0] += replicas.ENGINE_COOLDOWN_SECONDS
+    assert {pool.pick("llm").url for _ in range(4)} == {"a:1", "b:1"}
 
 
 def test_llm_models_are_recognised_by_their_config():

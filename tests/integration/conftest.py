@@ -124,6 +124,35 @@ def answers_200(url: str) -> bool:
         return False
 
 
+def engine_pid(server, model: str, version: int = 1) -> int | None:
+    """The engine process of `model`'s `version` on this server (other servers in the session have models of
+    the same name): the child of its Python stub that multiprocessing spawned, not its resource tracker."""
+    procs = [p for p in Path("/proc").iterdir() if p.name.isdigit()]
+    stubs = [int(p.name) for p in procs if _ppid(p) == server.process.pid and f"{model}_0_0" in _cmdline(p)
+             and any(arg.endswith(f"/{model}/{version}/model.py") for arg in _cmdline(p))]
+    engines = [int(p.name) for p in procs if stubs and _ppid(p) == stubs[0] and "spawn_main" in " ".join(_cmdline(p))]
+    return engines[0] if engines else None
+
+
+def triton_pid(serve: subprocess.Popen) -> int:
+    return next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == serve.pid
+                and _cmdline(p)[0].endswith("tritonserver"))
+
+
+def _cmdline(p: Path) -> list[str]:
+    try:
+        return p.joinpath("cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _ppid(p: Path) -> int:
+    try:
+        return int(p.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.2) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

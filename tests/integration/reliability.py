@@ -66,8 +66,10 @@ FAULTS_NOTE = """
 Triton 2.51's Python backend has no readiness hook for a model instance, so a model's readiness can only go
 false by unloading it. While its engine process restarts (a few seconds), the `llm` model stays ready and
 refuses each request at once with a retryable error (`engine restarting: ...`). Clients and the gateway retry
-it; the gateway retries on another replica. A model whose engine stays down unloads itself, and is then not
-ready.
+it; the gateway retries on another replica and skips that model there for 3 s, a refusal after that re-arming
+it. Unloading instead would take every version of the model down, and a version that dies during a rollout
+must not take the other with it (`tests/integration/test_rollout.py` kills version 1's engine while version 2
+serves: no request fails). A model whose engine stays down unloads itself, and is then not ready.
 
 Inside tritonserver, a killed Python stub (not the engine process) is beyond repair on Triton 2.51. The
 streams it held stay open until each client times out. A `load` brings the model back in its normal load

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,40 +15,12 @@ import requests
 
 from pagedllm.launcher import free_port
 from pagedllm.serving.repository import DEFAULT_ENGINE, write_llm
-from tests.integration.conftest import (answers_200, metric, num_tokens, start_serve, start_server, stream,
-                                       tiny_engine, wait_for)
+from tests.integration.conftest import (_cmdline, _ppid, answers_200, engine_pid, metric, num_tokens, start_serve,
+                                       start_server, stream, tiny_engine, triton_pid, wait_for)
 from tests.integration.reliability import FaultTable
 
 pytestmark = pytest.mark.integration
 LONG = {"text_input": "Once upon a time", "sampling_parameters": {"max_tokens": 600, "ignore_eos": True}}
-
-
-def engine_pid(server, model: str) -> int | None:
-    """The engine process of `model` on this server (other servers in the session have models of the same
-    name): the child of its Python stub that multiprocessing spawned, not its resource tracker."""
-    procs = [p for p in Path("/proc").iterdir() if p.name.isdigit()]
-    stubs = [int(p.name) for p in procs if _ppid(p) == server.process.pid and f"{model}_0_0" in _cmdline(p)]
-    engines = [int(p.name) for p in procs if stubs and _ppid(p) == stubs[0] and "spawn_main" in " ".join(_cmdline(p))]
-    return engines[0] if engines else None
-
-
-def triton_pid(serve: subprocess.Popen) -> int:
-    return next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == serve.pid
-                and _cmdline(p)[0].endswith("tritonserver"))
-
-
-def _cmdline(p: Path) -> list[str]:
-    try:
-        return p.joinpath("cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
-def _ppid(p: Path) -> int:
-    try:
-        return int(p.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
 
 
 @pytest.fixture(scope="module")

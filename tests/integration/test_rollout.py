@@ -1,8 +1,11 @@
 """Version rollouts by directory, under traffic: add llm_tiny/2/, new traffic moves to it, pinned clients
-keep version 1, remove the folder and traffic rolls back; no request fails."""
+keep version 1 (whose engine, killed, comes back without touching version 2), remove the folder and traffic
+rolls back; no request fails."""
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import threading
 import urllib.error
 import urllib.request
@@ -10,7 +13,8 @@ import urllib.request
 import pytest
 
 from pagedllm.serving.repository import write_llm, write_llm_version
-from tests.integration.conftest import show_log_on_failure, start_server, stream, tiny_engine, wait_for
+from tests.integration.conftest import (engine_pid, show_log_on_failure, start_server, stream, tiny_engine,
+                                       wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +47,18 @@ class Traffic(threading.Thread):
         return {v for v, _, _ in self.results[start:]}
 
 
+def _kill_version_1_engine(server, traffic: Traffic) -> None:
+    """Version 1's engine dies while version 2 takes the traffic: version 2 is untouched, version 1 comes
+    back by itself."""
+    pid = engine_pid(server, "llm_tiny", version=1)
+    mark = len(traffic.results)
+    os.kill(pid, signal.SIGKILL)
+    hi = {"text_input": "Hi", "sampling_parameters": {"max_tokens": 4}}
+    assert wait_for(lambda: stream(server.grpc_url, "llm_tiny", hi, version="1")[1] is None, timeout=120)
+    assert engine_pid(server, "llm_tiny", version=1) not in (None, pid) and _ready(server, "2")
+    assert len(traffic.results) > mark and traffic.versions_since(mark) == {"2"}
+
+
 def test_rollout_and_rollback_under_traffic(request, tmp_path, tiny_model_dir):
     repo = tmp_path / "repo"
     write_llm(repo, "llm_tiny", tiny_engine(tiny_model_dir("llama-tied")))
@@ -58,6 +74,7 @@ def test_rollout_and_rollback_under_traffic(request, tmp_path, tiny_model_dir):
         pinned, error = stream(server.grpc_url, "llm_tiny", {"text_input": "Hi", "sampling_parameters": {
             "max_tokens": 4}}, version="1")
         assert error is None and pinned[-1]["_version"] == "1"
+        _kill_version_1_engine(server, traffic)
         shutil.rmtree(repo / "llm_tiny" / "2")
         assert wait_for(lambda: not _ready(server, "2"), timeout=60)
         mark = len(traffic.results)

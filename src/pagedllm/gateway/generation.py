@@ -40,7 +40,7 @@ class Generation:
                     yield choice.index, chunk
                 return
             except Overloaded as e:
-                replica.failed(e)
+                replica.failed(e, self.model)
                 if started or attempt == 2:
                     raise from_upstream(e) from None
                 tried = replica
@@ -52,7 +52,7 @@ class Generation:
 
     def _pick(self, tried: Replica | None) -> Replica:
         replica = self.pool.pick(self.model, exclude=tried)
-        if replica is None and tried is not None and tried.healthy:
+        if replica is None and tried is not None and tried.serves(self.model):
             replica = tried  # the only replica with the model: the retry goes back to it
         if replica is None:
             raise ServiceUnavailableError(f"no healthy replica has model {self.model!r} ready; retry shortly",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,8 @@ from pagedllm_client import NO_RETRY, AsyncClient, CircuitBreaker
 
 logger = logging.getLogger("pagedllm.gateway")
 _UNREACHABLE = ("failed to connect", "connection refused", "socket closed", "connect failed")
+_ENGINE_DOWN = ("engine died:", "engine restarting:")
+ENGINE_COOLDOWN_SECONDS = 3.0  # an engine restart takes about 7 s; a refusal after the cool-down re-arms it
 
 
 def is_llm_model(config: dict[str, Any]) -> bool:
@@ -28,6 +31,7 @@ class Replica:
     healthy: bool = False
     outstanding: int = 0
     models: set[str] = field(default_factory=set)  # the LLM models ready on it
+    cooling: dict[str, float] = field(default_factory=dict)  # model -> monotonic time its cool-down ends
     _kinds: dict[str, bool] = field(default_factory=dict)  # model name -> is an LLM model (from its config)
     _clients: dict[str, AsyncClient] = field(default_factory=dict)
     _admin: Any = None
@@ -61,11 +65,20 @@ class Replica:
             logger.warning("replica %s %s", self.url, "admitted" if healthy else "ejected (failed health check)")
         self.healthy, self.models = healthy, models
 
-    def failed(self, error: Exception) -> None:
-        """A request could not reach it: ejected at once, re-admitted by the next passing check."""
-        if any(mark in str(error).lower() for mark in _UNREACHABLE) and self.healthy:
+    def failed(self, error: Exception, model: str) -> None:
+        """A request could not reach it: ejected at once, re-admitted by the next passing check. Its engine
+        for `model` is down: that model is skipped here until the cool-down ends."""
+        text = str(error).lower()
+        if any(mark in text for mark in _UNREACHABLE) and self.healthy:
             logger.warning("replica %s ejected (unreachable: %s)", self.url, error)
             self.healthy = False
+        if any(mark in text for mark in _ENGINE_DOWN) and self.serves(model):
+            logger.warning("replica %s: the engine of %s is down; skipped for %.0f s", self.url, model,
+                           ENGINE_COOLDOWN_SECONDS)
+            self.cooling[model] = time.monotonic() + ENGINE_COOLDOWN_SECONDS
+
+    def serves(self, model: str) -> bool:
+        return self.healthy and model in self.models and self.cooling.get(model, 0.0) <= time.monotonic()
 
     async def close(self) -> None:
         for client in self._clients.values():
@@ -97,7 +110,7 @@ class ReplicaPool:
         return set().union(*(r.models for r in self.replicas if r.healthy))
 
     def pick(self, model: str, exclude: Replica | None = None) -> Replica | None:
-        candidates = [r for r in self.replicas if r.healthy and model in r.models and r is not exclude]
+        candidates = [r for r in self.replicas if r.serves(model) and r is not exclude]
         if not candidates:
             return None
         fewest = min(r.outstanding for r in candidates)
