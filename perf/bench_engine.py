@@ -21,7 +21,6 @@ from results import write_section  # noqa: E402
 from pagedllm import LLM, SamplingParams  # noqa: E402
 from pagedllm.weights import ensure_default_model  # noqa: E402
 
-
 REPEATS = 2  # every engine is timed REPEATS times and keeps its best: this VM's timings are noisy
 
 
@@ -122,26 +121,32 @@ def main() -> None:
 
 
 def report(args, ours, static, continuous, ours_b1, static_b1, ttft_cold, ttft_warm, ceiling) -> str:
-    return f"""`python perf/bench_engine.py` — SmolLM2-135M-Instruct, {args.dtype}, greedy, {args.num_prompts} chat prompts x {args.max_tokens} new tokens, one process, best of {REPEATS} runs each.
-
-| engine | output tok/s | pagedllm is |
-|---|---:|---:|
-| pagedllm | {ours:.0f} | 1.00x |
-| transformers `generate`, static batch of {args.num_prompts} | {static:.0f} | **{ours / static:.2f}x** faster |
-| transformers `generate_batch` (continuous batching, paged sdpa) | {continuous:.0f} | **{ours / continuous:.2f}x** faster |
-
-| batch 1 | ms per output token |
-|---|---:|
-| pagedllm | {1000 / ours_b1:.1f} |
-| transformers `generate` | {1000 / static_b1:.1f} |
-| ratio (pagedllm / transformers) | **{static_b1 / ours_b1:.2f}** |
-
-Prefix caching, {args.system_tokens}-token shared system prompt: first request TTFT {ttft_cold * 1000:.0f} ms, second {ttft_warm * 1000:.0f} ms: **{ttft_cold / ttft_warm:.1f}x** shorter.
-
-Ceiling on this machine: a decode step of {args.num_prompts} sequences that did nothing but the model's linear
-layers (as the engine runs them: its CPU kernels where the CPU has AVX-512 BF16) would give {ceiling:.0f} output tok/s, that is
-{ceiling / static:.2f}x transformers static batching; pagedllm reaches {ours / ceiling:.0%} of it, prefill included.
-"""
+    return (f"`python perf/bench_engine.py` — SmolLM2-135M-Instruct, {args.dtype}, greedy, {args.num_prompts} chat "
+            f"prompts x {args.max_tokens} new tokens, one process, best of {REPEATS} runs each.\n"
+            "\n"
+            "| engine | output tok/s | pagedllm is |\n"
+            "|---|---:|---:|\n"
+            f"| pagedllm | {ours:.0f} | 1.00x |\n"
+            f"| transformers `generate`, static batch of {args.num_prompts} | {static:.0f} | "
+            f"**{ours / static:.2f}x** faster |\n"
+            f"| transformers `generate_batch` (continuous batching, paged sdpa) | {continuous:.0f} | "
+            f"**{ours / continuous:.2f}x** faster |\n"
+            "\n"
+            "| batch 1 | ms per output token |\n"
+            "|---|---:|\n"
+            f"| pagedllm | {1000 / ours_b1:.1f} |\n"
+            f"| transformers `generate` | {1000 / static_b1:.1f} |\n"
+            f"| ratio (pagedllm / transformers) | **{static_b1 / ours_b1:.2f}** |\n"
+            "\n"
+            f"Prefix caching, {args.system_tokens}-token shared system prompt: first request TTFT "
+            f"{ttft_cold * 1000:.0f} ms, second {ttft_warm * 1000:.0f} ms: **{ttft_cold / ttft_warm:.1f}x** shorter.\n"
+            "\n"
+            f"Ceiling on this machine: a decode step of {args.num_prompts} sequences that did nothing but the model's "
+            "linear\n"
+            "layers (as the engine runs them: its CPU kernels where the CPU has AVX-512 BF16) would give "
+            f"{ceiling:.0f} output tok/s, that is\n"
+            f"{ceiling / static:.2f}x transformers static batching; pagedllm reaches {ours / ceiling:.0%} of it, "
+            "prefill included.\n")
 
 
 if __name__ == "__main__":

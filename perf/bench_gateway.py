@@ -118,7 +118,8 @@ def report(rates: dict[str, list[float]], ratios: list[float], cpu: list[float],
             f"flight, {args.rounds} rounds taking turns; the gateway, the load generator and tritonserver share "
             f"the machine's {os.cpu_count()} cores.\n\n"
             f"| path | output tok/s (median) | range |\n|---|---:|---:|\n" + "\n".join(rows) + "\n\n"
-            f"Gateway vs gRPC, each gateway run against the gRPC runs either side: **{statistics.median(ratios):.2f}x** "
+            "Gateway vs gRPC, each gateway run against the gRPC runs either side: "
+            f"**{statistics.median(ratios):.2f}x** "
             f"({', '.join(f'{r:.2f}' for r in ratios)}). The gateway process used "
             f"**{statistics.median(cpu):.2f} CPU seconds per 1,000 output tokens** (median; "
             f"{', '.join(f'{c:.2f}' for c in cpu)}).\n")

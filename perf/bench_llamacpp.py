@@ -154,7 +154,8 @@ def kernel_build_seconds() -> float:
     """A cold build of the CPU kernels in a new process, into a scratch folder (the cached build stays)."""
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
-        code = "import sys, pathlib; from pagedllm.engine import cpu_kernels; cpu_kernels.build(pathlib.Path(sys.argv[1]))"
+        code = ("import sys, pathlib; from pagedllm.engine import cpu_kernels; "
+                "cpu_kernels.build(pathlib.Path(sys.argv[1]))")
         subprocess.run([sys.executable, "-c", code, scratch], check=True, capture_output=True)
         return time.perf_counter() - start
 
@@ -221,39 +222,50 @@ def report(args, med, bandwidth, matmul, ppl, answers, llms, start) -> str:
         diff = first_difference(fast, eager)
         same = "identical" if diff is None else f"first differs at token {diff}"
         answer_rows.append(f"| {q} | {tok.decode(fast)!r} | {same} | {tok.decode(int8)!r} |")
-    return f"""`python perf/bench_llamacpp.py` — SmolLM2-135M-Instruct, the same weights in both engines (llama.cpp 0c1e57098
-from the {llamacpp.SDIST} sdist, GGUF converted by its own `convert_hf_to_gguf.py`), 2 threads, medians of
-{args.rounds} alternating rounds. Decode: 64 new tokens after a 40-token prompt (`llama-bench -p 0 -n 64`, and
-`-d 4096` for a 4,096-token context); prompt 512: `llama-bench -p 512 -n 0` against pagedllm's time to first token of
-a 512-token prompt; N parallel: generation tokens/s of N sequences, 40-token prompts, 64 new tokens each
-(`llama-batched-bench -npp 40 -ntg 64 -npl N`, S_TG). pagedllm torch is the plain-torch path (before the CPU kernels).
-
-{chr(10).join(lines)}
-
-Memory read measured in this run: {bandwidth:.0f} GB/s, so reading the {2 * params / 1e6:.0f} MB of bf16 weights once per
-token bounds batch-1 decode at {floor:.0f} tok/s: pagedllm bf16 reaches {med[("pagedllm bf16", "decode b1")] / floor:.0%} of that
-floor, llama.cpp BF16 {med[("llama.cpp BF16", "decode b1")] / floor:.0%}; pagedllm int8 {med[("pagedllm int8", "decode b1")] / (2 * floor):.0%} of
-its own (half the bytes). Prompt processing runs the linears at about {pp_gflops:.0f} GFLOP/s; torch's bf16 matmul on this
-machine: {matmul:.0f} GFLOP/s.
-
-Start-up, `LLM()` to the first token in a new process, model and kernels cached: {start[0]:.1f} s; building the
-kernels the first time on a machine (done once, by `make setup`) takes {start[1]:.0f} s more.
-
-Quality, perplexity of perf/data/perplexity.txt (windows of 512 tokens):
-
-| engine | perplexity | vs pagedllm bf16 |
-|---|---:|---:|
-{ppl_rows}
-
-Greedy answers to chat prompts (48 tokens): pagedllm bf16 on the CPU kernels, whether the plain-torch bf16 path
-gives the same tokens, and int8:
-
-| prompt | pagedllm bf16 | plain-torch bf16 | pagedllm int8 |
-|---|---|---|---|
-{chr(10).join(answer_rows)}
-
-![llama.cpp comparison](llamacpp.png)
-"""
+    return (f"`python perf/bench_llamacpp.py` — SmolLM2-135M-Instruct, the same weights in both engines "
+            "(llama.cpp 0c1e57098\n"
+            f"from the {llamacpp.SDIST} sdist, GGUF converted by its own `convert_hf_to_gguf.py`), 2 threads, "
+            "medians of\n"
+            f"{args.rounds} alternating rounds. Decode: 64 new tokens after a 40-token prompt "
+            "(`llama-bench -p 0 -n 64`, and\n"
+            "`-d 4096` for a 4,096-token context); prompt 512: `llama-bench -p 512 -n 0` against pagedllm's time "
+            "to first token of\n"
+            "a 512-token prompt; N parallel: generation tokens/s of N sequences, 40-token prompts, 64 new tokens "
+            "each\n"
+            "(`llama-batched-bench -npp 40 -ntg 64 -npl N`, S_TG). pagedllm torch is the plain-torch path "
+            "(before the CPU kernels).\n"
+            "\n"
+            f"{chr(10).join(lines)}\n"
+            "\n"
+            f"Memory read measured in this run: {bandwidth:.0f} GB/s, so reading the {2 * params / 1e6:.0f} MB "
+            "of bf16 weights once per\n"
+            f"token bounds batch-1 decode at {floor:.0f} tok/s: pagedllm bf16 reaches "
+            f"{med[('pagedllm bf16', 'decode b1')] / floor:.0%} of that\n"
+            f"floor, llama.cpp BF16 {med[('llama.cpp BF16', 'decode b1')] / floor:.0%}; pagedllm int8 "
+            f"{med[('pagedllm int8', 'decode b1')] / (2 * floor):.0%} of\n"
+            f"its own (half the bytes). Prompt processing runs the linears at about {pp_gflops:.0f} GFLOP/s; "
+            "torch's bf16 matmul on this\n"
+            f"machine: {matmul:.0f} GFLOP/s.\n"
+            "\n"
+            f"Start-up, `LLM()` to the first token in a new process, model and kernels cached: {start[0]:.1f} s; "
+            "building the\n"
+            f"kernels the first time on a machine (done once, by `make setup`) takes {start[1]:.0f} s more.\n"
+            "\n"
+            "Quality, perplexity of perf/data/perplexity.txt (windows of 512 tokens):\n"
+            "\n"
+            "| engine | perplexity | vs pagedllm bf16 |\n"
+            "|---|---:|---:|\n"
+            f"{ppl_rows}\n"
+            "\n"
+            "Greedy answers to chat prompts (48 tokens): pagedllm bf16 on the CPU kernels, whether the plain-torch "
+            "bf16 path\n"
+            "gives the same tokens, and int8:\n"
+            "\n"
+            "| prompt | pagedllm bf16 | plain-torch bf16 | pagedllm int8 |\n"
+            "|---|---|---|---|\n"
+            f"{chr(10).join(answer_rows)}\n"
+            "\n"
+            "![llama.cpp comparison](llamacpp.png)\n")
 
 
 COLOURS = {"llama.cpp BF16": "#1f77b4", "llama.cpp Q8_0": "#aec7e8", "pagedllm bf16": "#d62728",

@@ -34,7 +34,6 @@ from pagedllm.engine.llm_engine import LLMEngine  # noqa: E402
 from pagedllm.launcher import ServerOptions, TritonServer, free_port  # noqa: E402
 from pagedllm.serving.repository import write_llm  # noqa: E402
 
-
 OFFLINE = "offline engine (LLMEngine in-process)"
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prompts import mixed_workload  # noqa: E402
 
-from pagedllm_client import NO_RETRY, AsyncClient, CircuitBreaker, Chunk, ClientError, Completion, ServerError  # noqa: E402
+from pagedllm_client import NO_RETRY, AsyncClient, Chunk, CircuitBreaker, ClientError, Completion, ServerError  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 Work = list[tuple[list[dict[str, str]], int]]
@@ -87,13 +87,14 @@ class OpenAIClient:
         except aiohttp.ClientError as e:
             raise ServerError(f"{self.url}: {e}") from None
         if usage:
-            completion.num_input_tokens, completion.num_output_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+            completion.num_input_tokens, completion.num_output_tokens = (usage["prompt_tokens"],
+                                                                         usage["completion_tokens"])
             n = len(completion.chunk_tokens)
             completion.chunk_tokens = [completion.num_output_tokens // n + (i < completion.num_output_tokens % n)
                                        for i in range(n)]
         return completion
 
-    async def __aenter__(self) -> "OpenAIClient":
+    async def __aenter__(self) -> OpenAIClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-HEADER = "# pagedllm performance results\n\nWritten by the scripts in perf/; each section names its script, machine and date.\n"
+HEADER = ("# pagedllm performance results\n\n"
+          "Written by the scripts in perf/; each section names its script, machine and date.\n")
 
 
 def machine() -> str:

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default="ensemble,llm")
     ap.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--requests", type=int, default=16, help="requests per measurement window (at least the concurrency)")
+    ap.add_argument("--requests", type=int, default=16,
+                    help="requests per measurement window (at least the concurrency)")
     ap.add_argument("--out", type=Path, default=OUT / "sweep.csv")
     args = ap.parse_args(argv)
     sweep(args.url, args.models.split(","), [int(c) for c in args.concurrency.split(",")], args.max_tokens,

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from pagedllm_client.aio import next_within
-from pagedllm_client.errors import (CircuitOpen, InvalidRequest, Overloaded, ServerError, Timeout, classify)
+from pagedllm_client.errors import CircuitOpen, InvalidRequest, Overloaded, ServerError, Timeout, classify
 from pagedllm_client.protocol import Completion, chunk_from_sse, http_error, request_fields
 from pagedllm_client.resilience import CircuitBreaker, RetryPolicy
 

@@ -82,7 +82,8 @@ def _cache_and_meta(geo: CacheGeometry, context_lens: list[int], dtype: torch.dt
         n = -(-ctx // geo.block_size)
         tables.append(perm[used:used + n])
         used += n
-    slots = [t[(c - 1) // geo.block_size] * geo.block_size + (c - 1) % geo.block_size for t, c in zip(tables, context_lens)]
+    slots = [t[(c - 1) // geo.block_size] * geo.block_size + (c - 1) % geo.block_size
+             for t, c in zip(tables, context_lens)]
     groups = [(0, len(tables), 1, tables, context_lens)]
     return cache, build_metadata(slots, groups, geo, dtype, torch.device("cpu")), \
         build_metadata(slots, groups, geo, dtype, torch.device("cpu"), "cpu").kernel

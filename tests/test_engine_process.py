@@ -12,8 +12,8 @@ import pytest
 
 from pagedllm.engine.config import EngineConfig
 from pagedllm.engine.engine_process import EngineProcess
-from pagedllm.engine.loop import EngineDeadError
 from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.errors import EngineDeadError
 
 LONG = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
 

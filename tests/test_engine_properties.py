@@ -5,7 +5,8 @@ import queue
 import threading
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pagedllm import SamplingParams
 from pagedllm.engine.config import EngineConfig
@@ -138,7 +139,7 @@ def test_the_loop_builds_its_engine_on_its_own_thread_and_reports_a_failed_build
 
 
 def test_admission_refuses_past_the_bound_and_serves_what_it_took(tiny_model_dir):
-    from pagedllm.engine.loop import OverloadedError
+    from pagedllm.errors import OverloadedError
     engine = LLMEngine(EngineConfig(model=str(tiny_model_dir("llama3")), dtype="float32", block_size=4,
                                     num_kv_blocks=40, max_num_seqs=2, max_waiting_requests=3,
                                     max_queued_tokens=10_000))
@@ -172,7 +173,8 @@ def test_a_failed_step_fails_only_its_requests_and_the_engine_goes_on(tiny_model
     engine.add_request("waiting", [10, 11], greedy)  # max_num_seqs 2: not in the failed step
     deltas = engine.step()
     assert {d.request_id for d in deltas} == {"bad", "batched-with-bad"}
-    assert all(d.finished and d.error_code == "INTERNAL" and "engine step failed: InjectedFault" in d.error for d in deltas)
+    assert all(d.finished and d.error_code == "INTERNAL" and "engine step failed: InjectedFault" in d.error
+               for d in deltas)
     finished = {}
     while engine.has_unfinished_requests():
         for d in engine.step():
@@ -182,7 +184,7 @@ def test_a_failed_step_fails_only_its_requests_and_the_engine_goes_on(tiny_model
 
 
 def test_a_dead_loop_fails_what_it_holds_refuses_new_work_and_reports_death(tiny_model_dir):
-    from pagedllm.engine.loop import EngineDeadError
+    from pagedllm.errors import EngineDeadError
     engine = LLMEngine(EngineConfig(model=str(tiny_model_dir("llama3")), dtype="float32", block_size=4,
                                     num_kv_blocks=40, fault_injection={"kill_loop_seed": 999}))
     died = queue.Queue()

@@ -6,7 +6,6 @@ import hashlib
 import json
 
 import pytest
-from pagedllm_client import Overloaded
 
 from pagedllm.gateway import replicas
 from pagedllm.gateway.errors import InvalidRequestError, RateLimitError, param_of
@@ -15,6 +14,7 @@ from pagedllm.gateway.protocol import parse
 from pagedllm.gateway.quotas import KeyQuota, TokenBucket
 from pagedllm.gateway.replicas import ReplicaPool, is_llm_model
 from pagedllm.gateway.responses import Answer, ChoiceOutput
+from pagedllm_client import Overloaded
 
 CHAT = {"model": "llm", "messages": [{"role": "user", "content": "Hi"}]}
 

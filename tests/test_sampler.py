@@ -22,7 +22,8 @@ def test_top_k(k, expected):
     assert _kept(top_k=k) == expected
 
 
-@pytest.mark.parametrize("p, expected", [(0.3, {0}), (0.39, {0}), (0.45, {0, 1}), (0.75, {0, 1, 2}), (0.85, {0, 1, 2, 3})])
+@pytest.mark.parametrize("p, expected", [(0.3, {0}), (0.39, {0}), (0.45, {0, 1}), (0.75, {0, 1, 2}),
+                                         (0.85, {0, 1, 2, 3})])
 def test_top_p_keeps_smallest_set_reaching_p(p, expected):
     assert _kept(top_p=p) == expected
 
@@ -65,7 +66,8 @@ def test_seeded_sampling_is_independent_of_batch(tiny_llm):
 
 
 def test_top_k_one_is_greedy(tiny_llm):
-    greedy = tiny_llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+    greedy = tiny_llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                               use_tqdm=False)
     top1 = tiny_llm.generate([[3, 4, 5]], SamplingParams(temperature=1.5, top_k=1, max_tokens=10, ignore_eos=True),
                              use_tqdm=False)
     assert greedy[0].token_ids == top1[0].token_ids

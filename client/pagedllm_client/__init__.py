@@ -2,8 +2,7 @@
 `AsyncClient` does the same for asyncio. Retries on overload, a circuit breaker, typed errors."""
 from pagedllm_client.aio import AsyncClient
 from pagedllm_client.client import Client
-from pagedllm_client.errors import (Cancelled, CircuitOpen, ClientError, InvalidRequest, Overloaded, ServerError,
-                                    Timeout)
+from pagedllm_client.errors import Cancelled, CircuitOpen, ClientError, InvalidRequest, Overloaded, ServerError, Timeout
 from pagedllm_client.protocol import Chunk, Completion
 from pagedllm_client.resilience import NO_RETRY, CircuitBreaker, RetryPolicy
 

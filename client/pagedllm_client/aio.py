@@ -12,8 +12,15 @@ import grpc
 from tritonclient.utils import InferenceServerException
 
 from pagedllm_client.errors import ClientError, Overloaded, Timeout, from_triton
-from pagedllm_client.protocol import (Chunk, Completion, chunk_from_grpc, chunk_from_sse, grpc_inputs,
-                                      http_error, request_fields)
+from pagedllm_client.protocol import (
+    Chunk,
+    Completion,
+    chunk_from_grpc,
+    chunk_from_sse,
+    grpc_inputs,
+    http_error,
+    request_fields,
+)
 from pagedllm_client.resilience import ClientSettings
 
 T = TypeVar("T")
@@ -164,7 +171,7 @@ class AsyncClient(ClientSettings):
             await self._session.close()
         self._grpc = self._session = None
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

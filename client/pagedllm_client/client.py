@@ -14,8 +14,15 @@ from typing import Any
 from tritonclient.utils import InferenceServerException
 
 from pagedllm_client.errors import ClientError, Overloaded, Timeout, from_triton
-from pagedllm_client.protocol import (Chunk, Completion, chunk_from_grpc, chunk_from_sse, grpc_inputs,
-                                      http_error, request_fields)
+from pagedllm_client.protocol import (
+    Chunk,
+    Completion,
+    chunk_from_grpc,
+    chunk_from_sse,
+    grpc_inputs,
+    http_error,
+    request_fields,
+)
 from pagedllm_client.resilience import ClientSettings
 
 
@@ -143,7 +150,7 @@ class Client(ClientSettings):
         self._connections.clear()
         self._local = threading.local()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -15,15 +15,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pagedllm.errors import TritonNotFoundError
 from pagedllm.weights import cache_dir
 
 CONTROL_MODES = ("none", "poll", "explicit")
 ADMIN_KEY_ENV = "PAGEDLLM_ADMIN_KEY"
 ADMIN_HEADER = "admin-key"
 
-
-class TritonNotFoundError(FileNotFoundError):
-    """Neither a tritonserver on PATH nor the nvidia-pytriton wheel's copy."""
 
 
 @dataclass
@@ -109,7 +107,8 @@ def server_env(install: TritonInstall) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     own = [libdir] if libdir and any(Path(libdir).glob("libpython*.so*")) else []
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(own + install.lib_dirs + [env.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)
+    paths = own + install.lib_dirs + [env.get("LD_LIBRARY_PATH", "")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(paths).strip(os.pathsep)
     return env
 
 
@@ -134,7 +133,7 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://localhost:{self.opts.metrics_port}/metrics"
 
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         out = open(self.log_path, "wb") if self.log_path else None
         self.process = subprocess.Popen(server_command(self.install, self.opts), env=server_env(self.install),
                                         stdout=out, stderr=subprocess.STDOUT if out else None)
@@ -174,7 +173,7 @@ class TritonServer:
         tail = self.log()[-6000:]
         return f"\n--- tritonserver log (tail) ---\n{tail}" if tail else ""
 
-    def start_ready(self, timeout: float = 300.0) -> "TritonServer":
+    def start_ready(self, timeout: float = 300.0) -> TritonServer:
         """Start and wait until ready; a server that does not come up is stopped before the error rises."""
         self.start()
         try:
@@ -184,7 +183,7 @@ class TritonServer:
             raise
         return self
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start_ready()
 
     def __exit__(self, *exc: object) -> None:

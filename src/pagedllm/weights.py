@@ -5,20 +5,19 @@ import importlib.util
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
+
+from pagedllm.errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-
-class ModelNotFoundError(FileNotFoundError):
-    """No checkpoint could be found or prepared."""
 
 
 def cache_dir() -> Path:

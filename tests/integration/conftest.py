@@ -71,7 +71,8 @@ def grpc_inputs(fields: dict) -> list[grpcclient.InferInput]:
     return inputs
 
 
-def stream(url: str, model: str, fields: dict, version: str = "", stop_after: int | None = None) -> tuple[list, str | None]:
+def stream(url: str, model: str, fields: dict, version: str = "",
+           stop_after: int | None = None) -> tuple[list, str | None]:
     """Send one streaming request; returns (responses' outputs as dicts, error message or None)."""
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
@@ -176,7 +177,7 @@ class GatewayProcess:
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def wait_ready(self, timeout: float = 60.0) -> "GatewayProcess":
+    def wait_ready(self, timeout: float = 60.0) -> GatewayProcess:
         def ready() -> bool:
             assert self.process.poll() is None, f"gateway exited:\n{self.log()}"
             return answers_200(f"{self.url}/ready")

@@ -85,7 +85,8 @@ def main(streams: int = 300) -> None:
             b.start()
         for name, cancel in MODELS.items():
             with ThreadPoolExecutor(16) as pool:
-                list(pool.map(lambda _: one_stream(server.grpc_url, name, cancel), range(streams)))
+                list(pool.map(lambda _, name=name, cancel=cancel: one_stream(server.grpc_url, name, cancel),
+                              range(streams)))
             requests.post(f"http://{server.http_url}/v2/repository/models/{name}/unload", timeout=60)
         time.sleep(15)
         index = requests.post(f"http://{server.http_url}/v2/repository/index", timeout=30).json()

@@ -9,8 +9,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pagedllm_client import (NO_RETRY, AsyncClient, CircuitBreaker, CircuitOpen, Client, InvalidRequest, Overloaded,
-                             RetryPolicy)
+from pagedllm_client import (
+    NO_RETRY,
+    AsyncClient,
+    CircuitBreaker,
+    CircuitOpen,
+    Client,
+    InvalidRequest,
+    Overloaded,
+    RetryPolicy,
+)
 from tests.integration.conftest import metric, wait_for
 
 pytestmark = pytest.mark.integration
@@ -95,7 +103,8 @@ def test_a_burst_ten_times_capacity_completes_through_retries(server):
 
 def test_invalid_requests_are_never_retried(server):
     for protocol in ("grpc", "http"):
-        client = Client(urls(server)[protocol], "llm_tiny", protocol=protocol, breaker=CircuitBreaker(failure_threshold=1))
+        client = Client(urls(server)[protocol], "llm_tiny", protocol=protocol,
+                        breaker=CircuitBreaker(failure_threshold=1))
         with pytest.raises(InvalidRequest, match="temperature"):
             client.generate("Hello", temperature=-1.0)
         assert client.attempts == 1 and client.breaker.state == "closed"
@@ -116,7 +125,7 @@ class Saturate:
             except Overloaded:
                 time.sleep(0.01)
 
-    def __enter__(self) -> "Saturate":
+    def __enter__(self) -> Saturate:
         for t in self.threads:
             t.start()
         return self

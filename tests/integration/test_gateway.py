@@ -10,8 +10,8 @@ import time
 
 import openai
 import pytest
-from pagedllm_client import Client
 
+from pagedllm_client import Client
 from tests.integration.conftest import GatewayProcess, metric, wait_for
 
 pytestmark = pytest.mark.integration
@@ -19,7 +19,8 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 KEYS = {"full": "sk-full-0001", "one-at-a-time": "sk-conc-0002", "rpm": "sk-rpm-0003", "tpm": "sk-tpm-0004",
         "tiny-only": "sk-tiny-0005", "refill": "sk-refill-0006"}
 LIMITS = {"one-at-a-time": {"max_concurrent_requests": 1}, "rpm": {"requests_per_minute": 2},
-          "tpm": {"tokens_per_minute": 60}, "tiny-only": {"models": ["llm_tiny"]}, "refill": {"requests_per_minute": 30}}
+          "tpm": {"tokens_per_minute": 60}, "tiny-only": {"models": ["llm_tiny"]},
+          "refill": {"requests_per_minute": 30}}
 
 
 @pytest.fixture(scope="module")

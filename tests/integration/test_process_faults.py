@@ -15,8 +15,20 @@ import requests
 
 from pagedllm.launcher import free_port
 from pagedllm.serving.repository import DEFAULT_ENGINE, write_llm
-from tests.integration.conftest import (_cmdline, _ppid, answers_200, engine_pid, metric, num_tokens, start_serve,
-                                       start_server, stream, tiny_engine, triton_pid, wait_for)
+from tests.integration.conftest import (
+    _cmdline,
+    _ppid,
+    answers_200,
+    engine_pid,
+    metric,
+    num_tokens,
+    start_serve,
+    start_server,
+    stream,
+    tiny_engine,
+    triton_pid,
+    wait_for,
+)
 from tests.integration.reliability import FaultTable
 
 pytestmark = pytest.mark.integration
@@ -80,9 +92,11 @@ def test_a_killed_engine_process_ends_its_streams_and_comes_back(faults_server, 
     assert metric(srv, "pagedllm_engine_restarts_total") == 1
     assert wait_for(lambda: metric(srv, "pagedllm_kv_cache_usage_ratio") == 0, 10)
     table.add("engine process SIGKILL (`llm`, SmolLM2)", "3 streams of 600 tokens (2 gRPC, 1 HTTP)",
-              f"each a final `engine died: killed by SIGKILL; retry` error, the last {max(at for _, at in ended) - killed:.2f} s "
-              "after the kill", f"ready throughout (see below); a request meanwhile refused in {refused * 1000:.0f} ms "
-              "with `engine restarting`", f"{recovered:.1f} s (1 s backoff, then the load); KV cache of the new engine all free")
+              "each a final `engine died: killed by SIGKILL; retry` error, the last "
+              f"{max(at for _, at in ended) - killed:.2f} s after the kill",
+              f"ready throughout (see below); a request meanwhile refused in {refused * 1000:.0f} ms "
+              "with `engine restarting`",
+              f"{recovered:.1f} s (1 s backoff, then the load); KV cache of the new engine all free")
 
 
 def test_a_stopped_engine_is_found_by_the_heartbeat(faults_server, table):
@@ -98,7 +112,8 @@ def test_a_stopped_engine_is_found_by_the_heartbeat(faults_server, table):
     assert wait_for(lambda: stream(srv.grpc_url, "llm", {"text_input": "Hi"})[1] is None, 120)
     assert metric(srv, "pagedllm_engine_restarts_total") == 2
     table.add("engine process SIGSTOP (hung; `heartbeat_timeout` 2 s)", "1 stream of 600 tokens",
-              f"a final `engine died: hung: no step for ...` error {at - stopped:.2f} s after the stop", "ready throughout",
+              f"a final `engine died: hung: no step for ...` error {at - stopped:.2f} s after the stop",
+              "ready throughout",
               f"{time.monotonic() - stopped:.1f} s (killed, then restarted after 2 s of backoff)")
 
 
@@ -210,5 +225,6 @@ def test_a_killed_stub_under_serve_restarts_tritonserver(tmp_path, tiny_model_di
     finally:
         os.killpg(serve.pid, signal.SIGKILL)
     table.add("the `llm` Python stub SIGKILL, under `pagedllm serve`", "2 gRPC streams of 500 tokens",
-              f"each a connection error (retryable), the last {max(at for _, at in ended) - killed:.2f} s after the kill",
+              "each a connection error (retryable), the last "
+              f"{max(at for _, at in ended) - killed:.2f} s after the kill",
               "at once: tritonserver is restarted (the whole server)", f"{back:.1f} s")

@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pagedllm.launcher import ADMIN_HEADER, ServerOptions, TritonServer, free_port
 from pagedllm.serving.repository import write_llm
@@ -76,7 +77,8 @@ CASES = [
     ("max_tokens zero", {"text_input": "hi", "max_tokens": np.array([0], np.int32)}, "max_tokens", "all"),
     ("max_tokens negative", {"text_input": "hi", "max_tokens": np.array([-5], np.int32)}, "max_tokens", "all"),
     ("max_tokens huge", {"text_input": "hi", "sampling_parameters": {"max_tokens": 10 ** 12}}, "max_tokens", "all"),
-    ("max_tokens not a number", {"text_input": "hi", "sampling_parameters": {"max_tokens": "many"}}, "max_tokens", "all"),
+    ("max_tokens not a number", {"text_input": "hi", "sampling_parameters": {"max_tokens": "many"}}, "max_tokens",
+     "all"),
     ("min_tokens above max_tokens", {"text_input": "hi", "sampling_parameters": {"max_tokens": 2, "min_tokens": 5}},
      "min_tokens", "all"),
     ("temperature negative", {"text_input": "hi", "temperature": np.array([-1.0], np.float32)}, "temperature", "all"),
@@ -209,7 +211,8 @@ def test_ten_times_capacity_is_shed_at_once_and_accepted_requests_stay_fast(tiny
     growth = rss_after / rss_before - 1
     assert growth < 0.10
     report.add("overload", f"{20 * capacity} streams in two bursts of 10x capacity ({capacity}) on llm_tiny",
-               f"{len(refused)} refused ('overloaded: ... retry later', median {statistics.median(t for _, t in refused) * 1000:.0f} ms), "
+               f"{len(refused)} refused ('overloaded: ... retry later', median "
+               f"{statistics.median(t for _, t in refused) * 1000:.0f} ms), "
                f"{len(ttfts)} served; accepted TTFT max {max(ttfts) * 1000:.0f} ms vs median e2e "
                f"{statistics.median(e2es) * 1000:.0f} ms; server RSS {growth * 100:+.1f}%")
 
@@ -374,4 +377,5 @@ def test_sigterm_drains_in_flight_streams(tmp_path, tiny_model_dir, report):
         assert num_tokens(out) == 150
     assert code == 0
     report.add("shutdown", "SIGTERM with 3 streams of 150 tokens in flight",
-               f"all 3 completed in full; exit code 0 after {took:.1f} s (exit timeout {server.opts.exit_timeout_secs} s)")
+               f"all 3 completed in full; exit code 0 after {took:.1f} s "
+               f"(exit timeout {server.opts.exit_timeout_secs} s)")

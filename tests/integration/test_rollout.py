@@ -13,8 +13,7 @@ import urllib.request
 import pytest
 
 from pagedllm.serving.repository import write_llm, write_llm_version
-from tests.integration.conftest import (engine_pid, show_log_on_failure, start_server, stream, tiny_engine,
-                                       wait_for)
+from tests.integration.conftest import engine_pid, show_log_on_failure, start_server, stream, tiny_engine, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -48,7 +48,8 @@ def test_same_request_over_every_path(server):
     streamed, error = stream(server.grpc_url, "ensemble", fields)
     assert error is None
     unary = grpcclient.InferenceServerClient(server.grpc_url).infer("generate", grpc_inputs(fields))
-    body = {"text_input": "The capital of France is", "max_tokens": 6, "temperature": 0.0, "exclude_input_in_output": True}
+    body = {"text_input": "The capital of France is", "max_tokens": 6, "temperature": 0.0,
+            "exclude_input_in_output": True}
     http = requests.post(f"http://{server.http_url}/v2/models/ensemble/generate", json=body, timeout=60).json()
     sse = requests.post(f"http://{server.http_url}/v2/models/ensemble/generate_stream", json={**body, "stream": True},
                         timeout=60, stream=True)
@@ -103,7 +104,7 @@ def test_metrics_present_and_moving(server):
         _, error = stream(server.grpc_url, "ensemble", {"messages": CHAT, "sampling_parameters": GREEDY})
         assert error is None
     for n in names[:8]:
-        assert wait_for(lambda: metric(server, n) > before[n], timeout=5), n
+        assert wait_for(lambda n=n: metric(server, n) > before[n], timeout=5), n
 
 
 def test_two_models_at_once(server):

@@ -1,2 +1,2 @@
 """Thin on purpose: the logic lives in pagedllm.serving, unit-tested without a server."""
-from pagedllm.serving.triton_models import PreprocessingModel as TritonPythonModel  # noqa: F401
+from pagedllm.serving.preprocessing import PreprocessingModel as TritonPythonModel  # noqa: F401

@@ -118,7 +118,8 @@ class TorchPagedAttention:
         """kv: [T, 2 * KVH, D], keys then values."""
         kv_cache.view(-1, self.head_dim).index_copy_(0, meta.write_index, kv.transpose(0, 1).reshape(-1, self.head_dim))
 
-    def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, H, D]; kv: [T, 2 * KVH, D] for the new tokens. Returns [T, H * D]."""
         self.write_kv(kv, kv_cache, meta)
         outs = [self._attend_group(q, kv_cache, g) for g in meta.groups]

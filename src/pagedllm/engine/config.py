@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pagedllm.errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -15,9 +17,6 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 BACKENDS = ("auto", "torch", "triton", "cpu")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint's architecture is not one the engine implements."""
 
 
 @dataclass
@@ -42,7 +41,7 @@ class ModelConfig:
     eos_token_ids: list[int]
 
     @classmethod
-    def from_hf(cls, hf: Any) -> "ModelConfig":
+    def from_hf(cls, hf: Any) -> ModelConfig:
         arch = (getattr(hf, "architectures", None) or ["?"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
@@ -149,7 +148,7 @@ class EngineConfig:
         return torch.device(self.device)
 
     @classmethod
-    def from_json(cls, path: str | Path, **overrides: Any) -> "EngineConfig":
+    def from_json(cls, path: str | Path, **overrides: Any) -> EngineConfig:
         data = json.loads(Path(path).read_text())
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:

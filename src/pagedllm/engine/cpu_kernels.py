@@ -16,15 +16,14 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from pagedllm.errors import KernelsUnavailable
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
 
-
-class KernelsUnavailable(RuntimeError):
-    """The CPU kernels cannot run here (the message says why)."""
 
 
 def missing_cpu_flags() -> list[str]:

@@ -10,8 +10,9 @@ from typing import Any
 
 from pagedllm.engine.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
-from pagedllm.engine.loop import EngineDeadError, EngineLoop, OverloadedError
+from pagedllm.engine.loop import EngineLoop
 from pagedllm.engine.sequence import RequestDelta
+from pagedllm.errors import EngineDeadError, OverloadedError, error_code
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,7 @@ class EngineHost:
         try:
             self.loop.submit(request_id, prompt_ids, params, _ignore, arrival_time=arrival)
         except (OverloadedError, EngineDeadError, ValueError) as e:
-            code = "INVALID_ARG" if isinstance(e, ValueError) else "UNAVAILABLE"
-            self._send([RequestDelta(request_id, [], "", "abort", len(prompt_ids), 0, error=str(e), error_code=code)])
+            self._send([RequestDelta.failure(request_id, str(e), error_code(e), len(prompt_ids))])
 
     def _on_step(self, engine: LLMEngine, deltas: list[RequestDelta]) -> None:
         self._send(deltas, engine.stats(), time.time())

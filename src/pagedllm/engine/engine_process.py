@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from pagedllm.engine.config import EngineConfig
-from pagedllm.engine.loop import DeltaCallback, EngineDeadError
+from pagedllm.engine.loop import DeltaCallback
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.sequence import RequestDelta
+from pagedllm.errors import EngineDeadError, ErrorCode
 
 logger = logging.getLogger(__name__)
 WATCH_SECONDS = 0.25
@@ -145,8 +146,8 @@ class EngineProcess:
             self.deaths = [t for t in self.deaths if now - t < self.config.restart_window] + [now]
         logger.error("engine process died (%s); failing its %d requests", reason, len(failed))
         for request_id, callback in failed.items():
-            callback(RequestDelta(request_id, [], "", "abort", 0, 0, error=f"engine died: {reason}; retry the "
-                                  "request", error_code="UNAVAILABLE"))
+            callback(RequestDelta.failure(request_id, f"engine died: {reason}; retry the request",
+                                          ErrorCode.UNAVAILABLE))
         if len(self.deaths) > self.config.max_restarts:
             self.state = "down"
             logger.error("engine died %d times within %.0f s: it stays down; reload the model to try again",

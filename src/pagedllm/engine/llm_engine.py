@@ -10,29 +10,25 @@ import torch
 from transformers import AutoConfig
 
 from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.config import EngineConfig, ModelConfig, num_blocks_for, resolve_max_model_len
 from pagedllm.engine.cpu_kernels import linear_kind
 from pagedllm.engine.cpu_linear import pack_linears
-from pagedllm.engine.config import EngineConfig, ModelConfig, num_blocks_for, resolve_max_model_len
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.model_runner import ModelRunner
 from pagedllm.engine.models import LlamaForCausalLM
 from pagedllm.engine.models.llama import RotaryEmbedding
+from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.sampler import Sampler
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
-from pagedllm.engine.sequence import RequestDelta, Sequence, SequenceStatus, TokenLogprobs
+from pagedllm.engine.sequence import FinishReason, RequestDelta, Sequence, SequenceStatus
 from pagedllm.engine.tokenizer import encode_text, load_tokenizer, render_chat
+from pagedllm.errors import ErrorCode, InjectedFault, RequestRejectedError
 from pagedllm.weights import iter_safetensors, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
 
-class RequestRejectedError(ValueError):
-    """The request can never be served as given (the message names the field)."""
-
-
-class InjectedFault(RuntimeError):
-    """Raised by EngineConfig.fault_injection, to test that failures stay contained."""
 
 
 @dataclass
@@ -69,6 +65,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(config.seed)
+        self.output = OutputProcessor(self.eos_token_ids, self.max_model_len, config.stream_interval)
         self.requests: dict[str, Sequence] = {}
         self.num_preemptions = 0
         logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d",
@@ -113,8 +110,8 @@ class LLMEngine:
         seq = self.requests.get(request_id)
         if seq is None:
             return None
-        self._finish(seq, "abort")
-        return self._delta(seq)
+        self._finish(seq, FinishReason.ABORT)
+        return self.output.take_delta(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
@@ -140,10 +137,8 @@ class LLMEngine:
 
     def _fail(self, seq: Sequence, message: str) -> RequestDelta:
         if not seq.finished:
-            self._finish(seq, "abort")
-        delta = self._delta(seq)
-        delta.error, delta.error_code = message, "INTERNAL"
-        return delta
+            self._finish(seq, FinishReason.ABORT)
+        return replace(self.output.take_delta(seq), error=message, error_code=ErrorCode.INTERNAL)
 
     def _inject(self, kind: str, out: SchedulerOutput) -> None:
         seed = (self.config.fault_injection or {}).get(kind)
@@ -161,51 +156,15 @@ class LLMEngine:
             sampled = self.sampler(logits, inp.sampling_seqs, self.eos_token_ids)
         now = time.monotonic()
         for seq, token, lp in zip(inp.sampling_seqs, sampled.token_ids, sampled.logprobs):
-            self._append(seq, token, lp, now)
-        return [self._delta(seq) for seq in inp.sampling_seqs if self._due(seq)]
+            reason = self.output.append(seq, [token], [lp], now)
+            if reason is not None:
+                self._finish(seq, reason)
+        return [self.output.take_delta(seq) for seq in inp.sampling_seqs if self.output.ready_to_send(seq)]
 
-    def _due(self, seq: Sequence) -> bool:
-        """Whether a sequence's new tokens go out now: the first at once, then every `stream_interval`."""
-        unsent = seq.num_output_tokens - seq.num_sent_tokens
-        return seq.finished or seq.num_sent_tokens == 0 or unsent >= self.config.stream_interval
-
-    def _append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None, now: float) -> None:
-        seq.token_ids.append(token)
-        seq.first_token_time = seq.first_token_time or now
-        if logprobs is not None:
-            seq.logprobs.append(logprobs)
-        stopped_on_text = seq.detokenizer.add_token(token)
-        reason = self._finish_reason(seq, token, stopped_on_text)
-        if reason is not None:
-            self._finish(seq, reason)
-
-    def _finish_reason(self, seq: Sequence, token: int, stopped_on_text: bool) -> str | None:
-        p = seq.params
-        if stopped_on_text:
-            return "stop"
-        if seq.num_output_tokens >= p.min_tokens and (
-                token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
-            return "stop"
-        if seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            return "length"
-        return None
-
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status, seq.finish_reason, seq.finish_time = SequenceStatus.FINISHED, reason, time.monotonic()
         self.scheduler.remove(seq)
         del self.requests[seq.request_id]
-
-    def _delta(self, seq: Sequence) -> RequestDelta:
-        """Everything not yet handed out: the tokens since the last delta and the text they complete."""
-        sent, seq.num_sent_tokens = seq.num_sent_tokens, seq.num_output_tokens
-        tokens = seq.output_token_ids[sent:]
-        logprobs = seq.logprobs[sent:] if seq.params.logprobs is not None else None
-        text = seq.detokenizer.take_delta(seq.finished)
-        queue_time = None
-        if seq.finished and seq.first_scheduled_time is not None:
-            queue_time = seq.first_scheduled_time - seq.arrival_time
-        return RequestDelta(seq.request_id, tokens, text, seq.finish_reason, seq.num_prompt_tokens,
-                            seq.num_output_tokens, logprobs, queue_time=queue_time)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

@@ -17,18 +17,13 @@ from dataclasses import dataclass
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.sequence import RequestDelta
+from pagedllm.errors import EngineDeadError, ErrorCode, OverloadedError, error_code
 
 logger = logging.getLogger(__name__)
 
 DeltaCallback = Callable[[RequestDelta], None]
 
 
-class EngineDeadError(RuntimeError):
-    """The engine loop has stopped; the model is not ready."""
-
-
-class OverloadedError(RuntimeError):
-    """Admission is full (waiting requests or queued prompt tokens): refused at once, retry later."""
 
 
 @dataclass
@@ -38,6 +33,11 @@ class _Submit:
     params: SamplingParams
     callback: DeltaCallback
     arrival_time: float | None
+
+
+@dataclass
+class _Abort:
+    request_id: str
 
 
 class EngineLoop:
@@ -50,7 +50,7 @@ class EngineLoop:
         self.on_step = on_step
         self.on_death = on_death
         self._callbacks: dict[str, DeltaCallback] = {}
-        self._inbox: list[_Submit | str] = []
+        self._inbox: list[_Submit | _Abort] = []
         self._cond = threading.Condition()
         self._stopping = False
         self._waiting, self._waiting_tokens = 0, 0  # the engine's queue as of its last step
@@ -89,7 +89,7 @@ class EngineLoop:
 
     def abort(self, request_id: str) -> None:
         with self._cond:
-            self._inbox.append(request_id)
+            self._inbox.append(_Abort(request_id))
             self._cond.notify()
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -130,8 +130,8 @@ class EngineLoop:
         with self._cond:
             inbox, self._inbox = self._inbox, []
         for item in inbox:
-            if isinstance(item, str):
-                delta = self.engine.abort(item)
+            if isinstance(item, _Abort):
+                delta = self.engine.abort(item.request_id)
                 if delta is not None:
                     self._deliver([delta])
                 continue
@@ -139,8 +139,8 @@ class EngineLoop:
                 self.engine.add_request(item.request_id, item.prompt_token_ids, item.params, item.arrival_time)
                 self._callbacks[item.request_id] = item.callback
             except ValueError as e:
-                self._deliver([RequestDelta(item.request_id, [], "", "abort", len(item.prompt_token_ids), 0,
-                                            error=str(e))], item.callback)
+                self._deliver([RequestDelta.failure(item.request_id, str(e), error_code(e),
+                                                    len(item.prompt_token_ids))], item.callback)
 
     def _deliver(self, deltas: list[RequestDelta], callback: DeltaCallback | None = None) -> None:
         """`on_step` sees every delta handed out (with the stats), then each request's callback gets its own."""
@@ -154,7 +154,7 @@ class EngineLoop:
 
     def _fail_all(self, message: str) -> None:
         for request_id, callback in list(self._callbacks.items()):
-            _safe_call(callback, RequestDelta(request_id, [], "", "abort", 0, 0, error=message, error_code="INTERNAL"))
+            _safe_call(callback, RequestDelta.failure(request_id, message, ErrorCode.INTERNAL))
         self._callbacks.clear()
 
 

@@ -65,7 +65,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SamplingParams":
+    def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
         if not isinstance(data, dict):
             raise ValueError("sampling_parameters: must be a JSON object")
         known = {f.name for f in fields(cls)}

@@ -2,12 +2,20 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.errors import ErrorCode
+
+
+class FinishReason(enum.StrEnum):
+    """Why a sequence ended, as vLLM and OpenAI's API name it."""
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or max_model_len
+    ABORT = "abort"  # cancelled, failed, or the engine went away
 
 
 @dataclass
@@ -39,7 +47,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -72,35 +80,38 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RequestDelta:
     """What one step produced for one request; the concatenated `new_text`s are the final text."""
 
     request_id: str
     new_token_ids: list[int]
     new_text: str
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_output_tokens: int
     new_logprobs: list[TokenLogprobs] | None = None
     error: str | None = None
+    error_code: ErrorCode = ErrorCode.INVALID_ARG  # the Triton status code of `error`
     queue_time: float | None = None  # on the final delta: arrival to first scheduled
-    # The Triton error code of `error`: INVALID_ARG (the request), INTERNAL (the engine failed), UNAVAILABLE
-    # (retry: overloaded, or the engine process died)
-    error_code: str = "INVALID_ARG"
+
+    @classmethod
+    def failure(cls, request_id: str, error: str, error_code: ErrorCode, num_prompt_tokens: int = 0) -> RequestDelta:
+        """The final delta of a request that ends with an error."""
+        return cls(request_id=request_id, new_token_ids=[], new_text="", finish_reason=FinishReason.ABORT,
+                   num_prompt_tokens=num_prompt_tokens, num_output_tokens=0, error=error, error_code=error_code)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def merged(self, later: "RequestDelta") -> "RequestDelta":
+    def merged(self, later: RequestDelta) -> RequestDelta:
         """This delta followed by a later one of the same request, as one."""
         logprobs = None
         if self.new_logprobs is not None or later.new_logprobs is not None:
             logprobs = (self.new_logprobs or []) + (later.new_logprobs or [])
-        return RequestDelta(self.request_id, self.new_token_ids + later.new_token_ids, self.new_text + later.new_text,
-                            later.finish_reason, later.num_prompt_tokens, later.num_output_tokens, logprobs,
-                            later.error, later.queue_time, later.error_code)
+        return replace(later, new_token_ids=self.new_token_ids + later.new_token_ids,
+                       new_text=self.new_text + later.new_text, new_logprobs=logprobs)
 
 
 def coalesce(deltas: list[RequestDelta]) -> list[RequestDelta]:
@@ -118,7 +129,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     logprobs: list[TokenLogprobs] | None
     arrival_time: float
     first_token_time: float | None
@@ -126,7 +137,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
 
     @classmethod
-    def from_sequence(cls, seq: Sequence) -> "RequestOutput":
+    def from_sequence(cls, seq: Sequence) -> RequestOutput:
         return cls(seq.request_id, list(seq.prompt_token_ids), seq.output_token_ids, seq.detokenizer.output_text,
                    seq.finish_reason, seq.logprobs if seq.params.logprobs is not None else None,
                    seq.arrival_time, seq.first_token_time, seq.finish_time, seq.num_cached_tokens)

@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from pagedllm_client import Chunk, ClientError, Overloaded
-
 from pagedllm.gateway.errors import OVERLOAD_RETRY_SECONDS, GatewayError, ServiceUnavailableError, from_upstream
 from pagedllm.gateway.metrics import GatewayMetrics
 from pagedllm.gateway.protocol import Choice, Plan
 from pagedllm.gateway.replicas import Replica, ReplicaPool
+from pagedllm_client import Chunk, ClientError, Overloaded
 
 Event = tuple[int, Chunk]
 _DONE = object()

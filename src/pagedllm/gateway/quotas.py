@@ -65,8 +65,9 @@ class KeyQuota:
             raise self._refused("max_concurrent_requests", f"{concurrent} requests already in flight", 1.0)
         if self.tokens is not None and reserve_tokens > self.tokens.capacity:
             raise RateLimitError(f"rate limit tokens_per_minute: this request needs {reserve_tokens} tokens (prompt "
-                                 f"estimate plus max_tokens per choice), more than the key's {int(self.tokens.capacity)}"
-                                 " per minute; lower max_tokens or n", None, "request_too_large_for_quota",
+                                 "estimate plus max_tokens per choice), more than the key's "
+                                 f"{int(self.tokens.capacity)} per minute; lower max_tokens or n", None,
+                                 "request_too_large_for_quota",
                                  headers={"x-should-retry": "false"} | self.headers())
         for name, bucket, amount in (("requests_per_minute", self.requests, 1),
                                      ("tokens_per_minute", self.tokens, reserve_tokens)):

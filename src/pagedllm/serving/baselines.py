@@ -8,10 +8,12 @@ from typing import Any
 
 import torch
 
+from pagedllm.engine.sequence import FinishReason
 from pagedllm.engine.tokenizer import load_tokenizer
-from pagedllm.serving.prompts import tokenize_request
-from pagedllm.serving.request import GenerateRequest, InvalidRequestError, parse_request
+from pagedllm.errors import InvalidRequestError
+from pagedllm.serving.request import GenerateRequest, parse_request
 from pagedllm.serving.response import RawResponse, requested_outputs, shape_response
+from pagedllm.serving.tokenization import tokenize_request
 from pagedllm.weights import resolve_model_path
 
 
@@ -75,7 +77,7 @@ class HFBaselineModel:
         return [_own_tokens(row, r, self.eos) for row, r in zip(rows, reqs)]
 
     def _response(self, req: GenerateRequest, tokens: list[int]) -> Any:
-        reason = "length" if len(tokens) >= req.params.max_tokens else "stop"
+        reason = FinishReason.LENGTH if len(tokens) >= req.params.max_tokens else FinishReason.STOP
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         raw = RawResponse(text, reason, len(req.input_ids or []), len(tokens), None)
         tensors = shape_response(raw.to_tensors(requested_outputs(req.options)), req.options)

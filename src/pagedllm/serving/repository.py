@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from pagedllm.serving.request import NORMALISED_REQUEST
+from pagedllm.serving.response import RESPONSE_OPTIONS
+
 # (name, Triton type, dims) for every client-facing input; all optional but one of the prompt fields.
 CLIENT_INPUTS = [
     ("text_input", "TYPE_STRING", [1]), ("messages", "TYPE_STRING", [1]), ("stream", "TYPE_BOOL", [1]),
@@ -18,14 +21,14 @@ CLIENT_INPUTS = [
     ("presence_penalty", "TYPE_FP32", [1]), ("frequency_penalty", "TYPE_FP32", [1]),
     ("random_seed", "TYPE_UINT64", [1]), ("stop_words", "TYPE_STRING", [-1]),
 ]
-INTERNAL_INPUTS = [("input_ids", "TYPE_INT32", [-1]), ("request", "TYPE_STRING", [1])]
+INTERNAL_INPUTS = [("input_ids", "TYPE_INT32", [-1]), (NORMALISED_REQUEST, "TYPE_STRING", [1])]
 OUTPUTS = [("text_output", "TYPE_STRING", [-1]), ("finish_reason", "TYPE_STRING", [-1]),
            ("num_input_tokens", "TYPE_UINT32", [1]), ("num_output_tokens", "TYPE_UINT32", [1]),
            ("logprobs", "TYPE_STRING", [-1])]
-REQUEST_ECHO = [("request", "TYPE_STRING", [1])]
+RESPONSE_OPTIONS_OUTPUT = [(RESPONSE_OPTIONS, "TYPE_STRING", [1])]
 
 MODEL_PY = '"""Thin on purpose: the logic lives in pagedllm.serving, unit-tested without a server."""\n' \
-           "from pagedllm.serving.triton_models import {cls} as TritonPythonModel  # noqa: F401\n"
+           "from pagedllm.serving.{module} import {cls} as TritonPythonModel  # noqa: F401\n"
 DEFAULT_ENGINE = {"model": "default", "dtype": "bfloat16", "kv_cache_memory": 1073741824,
                   "max_num_seqs": 64, "max_num_batched_tokens": 1024, "stream_interval": 4}
 
@@ -53,7 +56,7 @@ def _python_config(name: str, inputs: str, outputs: str, decoupled: bool = False
 def llm_config(name: str) -> str:
     # Two versions stay loaded: new traffic goes to the newest, clients pinned to the previous one keep it.
     return (_python_config(name, _tensors("input", CLIENT_INPUTS + INTERNAL_INPUTS, True),
-                           _tensors("output", OUTPUTS + REQUEST_ECHO, False), decoupled=True)
+                           _tensors("output", OUTPUTS + RESPONSE_OPTIONS_OUTPUT, False), decoupled=True)
             + "version_policy: { latest: { num_versions: 2 } }\n")
 
 
@@ -64,10 +67,10 @@ def ensemble_config(name: str, llm: str, pre: str = "preprocessing", post: str =
     raw = [n for n, _, _ in OUTPUTS]
     steps = [
         (pre, maps("input_map", [(n, n) for n in client])
-         + maps("output_map", [("input_ids", "_input_ids"), ("request", "_request")])),
-        (llm, maps("input_map", [("input_ids", "_input_ids"), ("request", "_request")])
-         + maps("output_map", [(n, f"_{n}") for n in raw] + [("request", "_request_echo")])),
-        (post, maps("input_map", [(n, f"_{n}") for n in raw] + [("request", "_request_echo")])
+         + maps("output_map", [("input_ids", "_input_ids"), (NORMALISED_REQUEST, "_request")])),
+        (llm, maps("input_map", [("input_ids", "_input_ids"), (NORMALISED_REQUEST, "_request")])
+         + maps("output_map", [(n, f"_{n}") for n in raw] + [(RESPONSE_OPTIONS, "_response_options")])),
+        (post, maps("input_map", [(n, f"_{n}") for n in raw] + [(RESPONSE_OPTIONS, "_response_options")])
          + maps("output_map", [(n, n) for n in raw])),
     ]
     body = ",\n".join(f'    {{\n      model_name: "{m}"\n      model_version: -1\n{b}    }}' for m, b in steps)
@@ -86,7 +89,7 @@ def write_llm(root: Path, name: str, engine: dict, versions: tuple[int, ...] = (
 def write_llm_version(model_dir: Path, version: int, engine: dict) -> None:
     vdir = model_dir / str(version)
     vdir.mkdir(parents=True, exist_ok=True)
-    (vdir / "model.py").write_text(MODEL_PY.format(cls="LLMModel"))
+    (vdir / "model.py").write_text(MODEL_PY.format(module="llm", cls="LLMModel"))
     (vdir / "engine.json").write_text(json.dumps(engine, indent=2) + "\n")
 
 
@@ -99,15 +102,16 @@ def write_repository(root: Path, engine: dict | None = None, llm: str = "llm", e
     pre_out = _tensors("output", INTERNAL_INPUTS, False)
     (pre / "config.pbtxt").write_text(_python_config("preprocessing", pre_in, pre_out,
                                                      params={"model": tokenizer_model}))
-    (pre / "1" / "model.py").write_text(MODEL_PY.format(cls="PreprocessingModel"))
+    (pre / "1" / "model.py").write_text(MODEL_PY.format(module="preprocessing", cls="PreprocessingModel"))
     post = root / "postprocessing"
     (post / "1").mkdir(parents=True, exist_ok=True)
-    # The llm sends only the fields the client asked for, and `request` only with an answer that gets the
-    # prompt prepended, so all but text are optional here.
-    post_in = _tensors("input", OUTPUTS + REQUEST_ECHO, {name for name, _, _ in OUTPUTS[1:] + REQUEST_ECHO})
+    # The llm sends only the fields the client asked for, and the response options only with an answer
+    # that gets the prompt prepended, so all but text are optional here.
+    optional = {name for name, _, _ in OUTPUTS[1:] + RESPONSE_OPTIONS_OUTPUT}
+    post_in = _tensors("input", OUTPUTS + RESPONSE_OPTIONS_OUTPUT, optional)
     (post / "config.pbtxt").write_text(_python_config(
         "postprocessing", post_in, _tensors("output", OUTPUTS, False)))
-    (post / "1" / "model.py").write_text(MODEL_PY.format(cls="PostprocessingModel"))
+    (post / "1" / "model.py").write_text(MODEL_PY.format(module="postprocessing", cls="PostprocessingModel"))
     write_llm(root, llm, engine or DEFAULT_ENGINE)
     (root / ensemble / "1").mkdir(parents=True, exist_ok=True)
     (root / ensemble / "1" / ".gitkeep").write_text("")
@@ -121,7 +125,7 @@ def write_unary(root: Path, name: str, target: str, instances: int = 4) -> None:
     (root / name / "config.pbtxt").write_text(_python_config(
         name, _tensors("input", CLIENT_INPUTS, True), _tensors("output", OUTPUTS, False),
         params={"target": target}, instances=instances))
-    (root / name / "1" / "model.py").write_text(MODEL_PY.format(cls="UnaryModel"))
+    (root / name / "1" / "model.py").write_text(MODEL_PY.format(module="generate", cls="GenerateModel"))
 
 
 def write_baselines(root: Path, model: str = "default", max_batch_size: int = 32, dtype: str = "bfloat16") -> None:
@@ -134,7 +138,7 @@ def write_baselines(root: Path, model: str = "default", max_batch_size: int = 32
             config += "dynamic_batching {\n  max_queue_delay_microseconds: 50000\n}\n"
         (root / name / "config.pbtxt").write_text(config)
         (root / name / "1" / "model.py").write_text(
-            MODEL_PY.replace("pagedllm.serving.triton_models", "pagedllm.serving.baselines").format(cls="HFBaselineModel"))
+            MODEL_PY.format(module="baselines", cls="HFBaselineModel"))
 
 
 if __name__ == "__main__":

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from pagedllm.engine.sampling_params import MAX_SEED, SamplingParams
+from pagedllm.errors import InvalidRequestError
 
+NORMALISED_REQUEST = "request"  # the preprocessing -> llm tensor, in the ensemble
 MAX_PROMPT_BYTES = 1 << 20
 MAX_MESSAGES = 256
 ROLES = ("system", "user", "assistant", "tool")
@@ -24,9 +27,6 @@ FLAGS = ("exclude_input_in_output", "return_finish_reason", "return_num_input_to
 _FIELD_TYPES = {f.name: f.type for f in fields(SamplingParams)}
 
 
-class InvalidRequestError(ValueError):
-    """The request is malformed; the message names the field. Maps to INVALID_ARG / HTTP 400."""
-
 
 @dataclass
 class ResponseOptions:
@@ -38,7 +38,7 @@ class ResponseOptions:
     return_logprobs: bool = False
     prompt_text: str = ""
 
-    def echo(self) -> str:
+    def to_json(self) -> str:
         """What postprocessing needs to prepend the prompt to a non-streamed answer in the ensemble."""
         return json.dumps(asdict(self))
 
@@ -56,7 +56,7 @@ class GenerateRequest:
         return json.dumps({"params": asdict(self.params), "options": asdict(self.options)})
 
     @classmethod
-    def from_json(cls, data: str, input_ids: list[int]) -> "GenerateRequest":
+    def from_json(cls, data: str, input_ids: list[int]) -> GenerateRequest:
         try:
             obj = json.loads(data)
             params = SamplingParams.from_dict(obj["params"])
@@ -70,7 +70,8 @@ def parse_request(inputs: Mapping[str, np.ndarray]) -> GenerateRequest:
     text = _text(inputs, "text_input")
     messages = _messages(inputs["messages"]) if "messages" in inputs else None
     input_ids = _input_ids(inputs["input_ids"]) if "input_ids" in inputs else None
-    given = [name for name, v in (("text_input", text), ("messages", messages), ("input_ids", input_ids)) if v is not None]
+    fields = (("text_input", text), ("messages", messages), ("input_ids", input_ids))
+    given = [name for name, value in fields if value is not None]
     if len(given) != 1:
         raise InvalidRequestError("text_input: give exactly one of text_input, messages or input_ids"
                                   + (f" (got {', '.join(given)})" if given else ""))

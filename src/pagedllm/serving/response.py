@@ -10,6 +10,7 @@ import numpy as np
 from pagedllm.engine.sequence import TokenLogprobs
 from pagedllm.serving.request import ResponseOptions
 
+RESPONSE_OPTIONS = "response_options"  # the llm -> postprocessing tensor, in the ensemble
 RAW_OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "logprobs")
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 from pagedllm.engine.tokenizer import encode_text, render_chat
-from pagedllm.serving.request import GenerateRequest, InvalidRequestError
+from pagedllm.errors import InvalidRequestError
+from pagedllm.serving.request import GenerateRequest
 
 
 def tokenize_request(tokenizer: Any, req: GenerateRequest) -> list[int]:

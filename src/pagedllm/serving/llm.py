@@ -1,0 +1,96 @@
+"""The decoupled `llm` model: requests parsed and tokenized, submitted to the engine process, and each
+one's deltas streamed back by `Streams`."""
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pagedllm.engine.config import EngineConfig
+from pagedllm.engine.engine_process import EngineProcess
+from pagedllm.engine.tokenizer import load_tokenizer
+from pagedllm.errors import ErrorCode, ModelConfigError, error_code
+from pagedllm.serving.metrics import ServingMetrics
+from pagedllm.serving.python_backend import PythonBackend
+from pagedllm.serving.request import NORMALISED_REQUEST, GenerateRequest, parse_request
+from pagedllm.serving.response import prepends_prompt
+from pagedllm.serving.streams import Streams
+from pagedllm.serving.tokenization import tokenize_request
+from pagedllm.weights import resolve_model_path
+
+logger = logging.getLogger("pagedllm.serving")
+
+
+def require_decoupled(config: dict[str, Any], name: str) -> None:
+    if not config.get("model_transaction_policy", {}).get("decoupled", False):
+        raise ModelConfigError(f"{name}: the llm model streams, so its config.pbtxt needs "
+                               "`model_transaction_policy { decoupled: true }`")
+
+
+class LLMModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        self.backend = PythonBackend(args)
+        self.name = args["model_name"]
+        require_decoupled(self.backend.config, self.name)
+        engine_config = EngineConfig.from_json(Path(args["model_repository"]) / args["model_version"] / "engine.json")
+        self.metrics = ServingMetrics(self.backend.pb.MetricFamily, self.name, args["model_version"])
+        self.tokenizer = load_tokenizer(resolve_model_path(engine_config.model))
+        self.loop = EngineProcess(engine_config, on_stats=self.metrics.on_stats, on_restart=self.metrics.on_restart,
+                                  on_give_up=self._on_engine_death)
+        token_text = functools.lru_cache(maxsize=1 << 16)(lambda token_id: self.tokenizer.decode([token_id]))
+        self.backend.log_info(f"pagedllm {self.name}/{args['model_version']}: engine ready in process "
+                              f"{self.loop.process.pid}, {self.loop.info['num_blocks']} KV blocks")
+        self.metrics.on_stats(self.loop.info["stats"])  # gauges are right before the first request
+        self.metrics.flush()
+        self.streams = Streams(self.backend, self.loop.abort, self.metrics, token_text)
+        self.streams.start()
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            self._accept(request)
+        return None
+
+    def _accept(self, request: Any) -> None:
+        sender = request.get_response_sender()
+        request_id = uuid.uuid4().hex
+        try:
+            req, in_ensemble = self._parse(self.backend.inputs(request))
+            prompt_ids = tokenize_request(self.tokenizer, req)
+            response_options = (np.array([req.options.to_json().encode()], dtype=np.object_)
+                                if in_ensemble and prepends_prompt(req.options) else None)
+            stream = self.streams.open(request_id, sender, req.options, response_options)
+            self.loop.submit(request_id, prompt_ids, req.params, self.streams.deliver, arrival_time=stream.arrival)
+        except Exception as e:  # every request gets its one final response, whatever raised
+            code = error_code(e)
+            if code is ErrorCode.INTERNAL:
+                logger.exception("accepting request %s failed", request_id)
+            self.streams.refuse(request_id, sender, str(e), code)
+
+    @staticmethod
+    def _parse(inputs: dict[str, np.ndarray]) -> tuple[GenerateRequest, bool]:
+        """The request, and whether it came from preprocessing (in the ensemble) rather than a client."""
+        if NORMALISED_REQUEST not in inputs:
+            return parse_request(inputs), False
+        normalised = bytes(inputs[NORMALISED_REQUEST].reshape(-1)[0]).decode("utf-8")
+        ids = [int(x) for x in inputs.get("input_ids", np.zeros(0, np.int32)).reshape(-1)]
+        return GenerateRequest.from_json(normalised, ids), True
+
+    def _on_engine_death(self, reason: str) -> None:
+        """The engine kept dying and stays down. Not ready rather than hanging: with explicit model control
+        the model unloads itself (Triton then reports it not ready); otherwise every request is refused at
+        once as UNAVAILABLE."""
+        self.backend.log_error(f"pagedllm {self.name}: the engine stays down ({reason}); unloading the model")
+        try:
+            self.backend.pb.unload_model(self.name)
+        except Exception as e:  # model control is not explicit
+            self.backend.log_error(f"pagedllm {self.name}: cannot unload ({e}); requests are refused until restart")
+
+    def finalize(self) -> None:
+        """Abort what is in flight (each stream gets its final response), then stop the engine."""
+        self.streams.stop()
+        self.loop.shutdown()
+

@@ -1,0 +1,53 @@
+"""The few calls into Triton's Python backend (`triton_python_backend_utils`, which exists only inside
+tritonserver's stub process, so it is imported when a model initializes). Everything else the models do
+lives in modules that never import it and are unit-tested without a server."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from pagedllm.errors import ErrorCode
+
+
+def backend() -> Any:
+    import triton_python_backend_utils as pb_utils  # only inside tritonserver
+    return pb_utils
+
+
+class PythonBackend:
+    """Tensors in, responses out, for one model: what the model modules and `Streams` send through."""
+
+    def __init__(self, args: dict[str, str]) -> None:
+        self.pb = backend()
+        self.config = json.loads(args["model_config"])
+        self.input_names = [i["name"] for i in self.config["input"]]
+        self.output_names = [o["name"] for o in self.config["output"]]
+        self.final_flag = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+    def inputs(self, request: Any) -> dict[str, np.ndarray]:
+        """The request's tensors by name (the optional ones it did not send are absent)."""
+        found = {}
+        for name in self.input_names:
+            tensor = self.pb.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                found[name] = tensor.as_numpy()
+        return found
+
+    def response(self, tensors: dict[str, np.ndarray]) -> Any:
+        return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(n, v) for n, v in tensors.items()])
+
+    def error(self, message: str, code: ErrorCode = ErrorCode.INVALID_ARG) -> Any:
+        error = self.pb.TritonError(message, getattr(self.pb.TritonError, code))
+        return self.pb.InferenceResponse(output_tensors=[], error=error)
+
+    def parameter(self, key: str) -> str | None:
+        """A `parameters { key: ... value: { string_value: ... } }` entry of config.pbtxt, if set."""
+        return self.config.get("parameters", {}).get(key, {}).get("string_value") or None
+
+    def log_info(self, message: str) -> None:
+        self.pb.Logger.log_info(message)
+
+    def log_error(self, message: str) -> None:
+        self.pb.Logger.log_error(message)

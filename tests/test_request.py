@@ -1,0 +1,93 @@
+"""Parsing a Triton request's tensors (serving/request.py): both contracts, errors naming the field, fuzzing."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pagedllm.errors import InvalidRequestError
+from pagedllm.serving.request import GenerateRequest, parse_request
+
+
+def s(text: str | bytes) -> np.ndarray:
+    return np.array([text.encode() if isinstance(text, str) else text], dtype=np.object_)
+
+
+def test_vllm_backend_request():
+    req = parse_request({"text_input": s("Hi"), "stream": np.array([True]),
+                         "sampling_parameters": s(json.dumps({"temperature": "0.5", "max_tokens": "7", "top_p": 0.9,
+                                                             "ignore_eos": "true", "stop": ["\n"]})),
+                         "return_finish_reason": np.array([True])})
+    assert req.text == "Hi" and req.options.stream and req.options.return_finish_reason
+    p = req.params
+    assert (p.temperature, p.max_tokens, p.top_p, p.ignore_eos, p.stop) == (0.5, 7, 0.9, True, ["\n"])
+
+
+def test_tensorrt_llm_typed_inputs_override_json():
+    req = parse_request({"text_input": s("Hi"), "sampling_parameters": s('{"max_tokens": 3}'),
+                         "max_tokens": np.array([9], np.int32), "temperature": np.array([0.0], np.float32),
+                         "top_k": np.array([5], np.int32), "random_seed": np.array([42], np.uint64),
+                         "stop_words": np.array([b"END", b""], dtype=np.object_)})
+    p = req.params
+    assert (p.max_tokens, p.temperature, p.top_k, p.seed, p.stop) == (9, 0.0, 5, 42, ["END"])
+
+
+@pytest.mark.parametrize("inputs, field", [
+    ({}, "text_input"),
+    ({"text_input": s("a"), "messages": s('[{"role": "user", "content": "x"}]')}, "text_input"),
+    ({"text_input": s(b"\xff\xfe")}, "text_input"),
+    ({"text_input": np.array([b"a", b"b"], dtype=np.object_)}, "text_input"),
+    ({"messages": s("not json")}, "messages"),
+    ({"messages": s('[{"role": "user"}]')}, "messages[0]"),
+    ({"messages": s('[{"role": "robot", "content": "x"}]')}, "messages[0].role"),
+    ({"text_input": s("a"), "sampling_parameters": s("[1]")}, "sampling_parameters"),
+    ({"text_input": s("a"), "sampling_parameters": s('{"temperature": "hot"}')}, "sampling_parameters.temperature"),
+    ({"text_input": s("a"), "sampling_parameters": s('{"n": 2}')}, "n"),
+    ({"text_input": s("a"), "max_tokens": np.array([-1], np.int32)}, "max_tokens"),
+    ({"text_input": s("a"), "temperature": np.array([np.nan], np.float32)}, "temperature"),
+    ({"text_input": s("a"), "stream": np.array([1], np.int32)}, "stream"),
+])
+def test_bad_requests_name_the_field(inputs, field):
+    with pytest.raises(InvalidRequestError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        parse_request(inputs)
+
+
+def test_normalised_request_round_trips():
+    req = parse_request({"text_input": s("Hi"), "temperature": np.array([0.0], np.float32)})
+    again = GenerateRequest.from_json(req.to_json(), [1, 2])
+    assert again.params == req.params and again.options == req.options and again.input_ids == [1, 2]
+
+
+
+_fuzz_values = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(allow_nan=True),
+                         st.text(max_size=6), st.lists(st.integers(-5, 5), max_size=3),
+                         st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+_fuzz_inputs = st.fixed_dictionaries({}, optional={
+    "text_input": st.one_of(st.text(max_size=20).map(lambda t: np.array([t.encode()], dtype=np.object_)),
+                            st.binary(max_size=8).map(lambda b: np.array([b], dtype=np.object_))),
+    "messages": st.one_of(st.text(max_size=30), st.lists(st.dictionaries(st.sampled_from(["role", "content", "x"]),
+                                                                          _fuzz_values, max_size=3), max_size=3)
+                          .map(json.dumps)).map(lambda t: np.array([t.encode()], dtype=np.object_)),
+    "sampling_parameters": st.dictionaries(st.sampled_from(["max_tokens", "temperature", "top_p", "top_k", "seed",
+                                                            "stop", "min_tokens", "ignore_eos", "nope"]),
+                                           _fuzz_values, max_size=4)
+                             .map(lambda d: np.array([json.dumps(d).encode()], dtype=np.object_)),
+    "max_tokens": st.integers(-2 ** 31, 2 ** 31 - 1).map(lambda v: np.array([v], dtype=np.int32)),
+    "temperature": st.floats(width=32, allow_nan=True).map(lambda v: np.array([v], dtype=np.float32)),
+    "stream": st.lists(st.booleans(), min_size=0, max_size=2).map(np.array),
+})
+
+
+@settings(max_examples=150, deadline=None)
+@given(_fuzz_inputs)
+def test_fuzzed_inputs_parse_or_raise_an_error_naming_a_field(inputs):
+    try:
+        parse_request(inputs)
+    except InvalidRequestError as e:
+        field = str(e).split(":", 1)[0].split(".")[-1].split("[")[0]
+        assert field in set(inputs) | {"text_input", "messages", "sampling_parameters", "max_tokens", "temperature",
+                                       "top_p", "top_k", "seed", "stop", "min_tokens", "ignore_eos", "stream",
+                                       "request"} or "messages" in str(e), str(e)
