@@ -109,7 +109,7 @@ def _seconds(fn) -> float:
 def perplexity(llm: LLM, text: str, window: int = 512) -> float:
     """Perplexity of `text` in windows of `window` tokens, each scored from its start (a prefill whose logits
     are kept for every position). Run on a fresh engine: the KV blocks it writes are not reserved."""
-    from pagedllm.engine.attention import build_metadata
+    from pagedllm.engine.attention import QueryGroup, build_metadata
     runner = llm.engine.runner
     ids = llm.engine.encode(text)
     nll, count = 0.0, 0
@@ -118,7 +118,7 @@ def perplexity(llm: LLM, text: str, window: int = 512) -> float:
         n = len(chunk) - 1
         bs = runner.block_size
         blocks = list(range(-(-n // bs)))
-        meta = build_metadata(list(range(n)), [(0, 1, n, [blocks], [n])], runner.geometry, runner.dtype,
+        meta = build_metadata(list(range(n)), [QueryGroup(0, 1, n, [blocks], [n])], runner.geometry, runner.dtype,
                               runner.device, "torch")
         x = torch.tensor(chunk[:-1])
         logits = runner.model(x, torch.arange(n), runner.kv_caches, meta, torch.arange(n))

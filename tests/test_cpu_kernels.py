@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.engine import cpu_kernels
-from pagedllm.engine.attention import CacheGeometry, TorchPagedAttention, build_metadata
+from pagedllm.engine.attention import CacheGeometry, QueryGroup, TorchPagedAttention, build_metadata
 from pagedllm.engine.models.llama import RMSNorm, apply_rope
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels need AVX-512 BF16 and a compiler")
@@ -84,7 +84,7 @@ def _cache_and_meta(geo: CacheGeometry, context_lens: list[int], dtype: torch.dt
         used += n
     slots = [t[(c - 1) // geo.block_size] * geo.block_size + (c - 1) % geo.block_size
              for t, c in zip(tables, context_lens)]
-    groups = [(0, len(tables), 1, tables, context_lens)]
+    groups = [QueryGroup(0, len(tables), 1, tables, context_lens)]
     return cache, build_metadata(slots, groups, geo, dtype, torch.device("cpu")), \
         build_metadata(slots, groups, geo, dtype, torch.device("cpu"), "cpu").kernel
 

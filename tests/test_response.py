@@ -15,7 +15,8 @@ def s(text: str | bytes) -> np.ndarray:
 
 
 def test_shape_response_prepends_prompt_only_when_not_streaming_and_not_excluded():
-    raw = RawResponse(" world", "stop", 3, 1, [TokenLogprobs(5, -0.1, {5: -0.1, 7: -2.5})], lambda t: f"<{t}>").to_tensors()
+    logprobs = [TokenLogprobs(5, -0.1, {5: -0.1, 7: -2.5})]
+    raw = RawResponse(" world", "stop", 3, 1, logprobs, lambda t: f"<{t}>").to_tensors()
     req = parse_request({"text_input": s("Hello"), "return_logprobs": np.array([True])})
     out = shape_response(raw, req.options)
     assert out["text_output"][0] == b"Hello world" and set(out) == {"text_output", "logprobs"}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 triton_attention = pytest.importorskip("pagedllm.engine.triton_attention")
-from pagedllm.engine.attention import CacheGeometry, TorchPagedAttention, build_metadata  # noqa: E402
+from pagedllm.engine.attention import CacheGeometry, QueryGroup, TorchPagedAttention, build_metadata  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -42,7 +42,7 @@ def test_kernels_match_the_torch_reference(dtype, query_lens, context_lens, spli
 
     ref_cache = cache.clone()
     starts = [sum(query_lens[:i]) for i in range(len(query_lens))]
-    groups = [(s, 1, n, [tab], [c]) for s, n, tab, c in zip(starts, query_lens, tables, context_lens)]
+    groups = [QueryGroup(s, 1, n, [tab], [c]) for s, n, tab, c in zip(starts, query_lens, tables, context_lens)]
     meta = build_metadata(slots, groups, geo, dtype, torch.device("cpu"))
     expected = TorchPagedAttention(geo.num_heads, geo.num_kv_heads, geo.head_dim).forward(q, kv, ref_cache, meta)
 

@@ -12,6 +12,19 @@ import torch
 
 
 @dataclass
+class QueryGroup:
+    """Sequences attended together, as the model runner lays them out: `num_seqs` sequences of `query_len`
+    new tokens each, from `query_start` in the flat batch, with their block tables and context lengths
+    (positions each sequence's last token sees, itself included)."""
+
+    query_start: int
+    num_seqs: int
+    query_len: int
+    block_tables: list[list[int]]
+    context_lens: list[int]
+
+
+@dataclass
 class AttentionGroup:
     """Sequences attended together: `num_seqs` sequences of `query_len` new tokens each, laid out
     contiguously from `query_start` in the flat batch; their context is gathered by `gather_index`."""
@@ -56,33 +69,32 @@ class CacheGeometry:
 
 def build_metadata(
     slot_mapping: list[int],
-    groups: list[tuple[int, int, int, list[list[int]], list[int]]],
+    groups: list[QueryGroup],
     geo: CacheGeometry,
     dtype: torch.dtype,
     device: torch.device,
     backend: str = "torch",
 ) -> AttentionMetadata:
-    """`groups`: (query_start, num_seqs, query_len, block_tables, context_lens) for each group. The "cpu"
-    backend's C++ decode layers read the kernel metadata too, on steps where every query is one token."""
-    if backend == "triton" or (backend == "cpu" and all(g[2] == 1 for g in groups)):
+    """The "cpu" backend's C++ decode layers read the kernel metadata too, on steps where every query is
+    one token."""
+    if backend == "triton" or (backend == "cpu" and all(g.query_len == 1 for g in groups)):
         empty = torch.empty(0, dtype=torch.long, device=device)
         return AttentionMetadata(empty, empty, [], kernel_metadata(slot_mapping, groups, device))
     slots = torch.tensor(slot_mapping, dtype=torch.long, device=device)
     rows = torch.arange(2 * geo.num_kv_heads, device=device)[:, None]
     write_index = (rows * (geo.num_blocks * geo.block_size) + slots[None, :]).reshape(-1)
-    built = [_group(*g, rows=rows, geo=geo, dtype=dtype, device=device) for g in groups]
+    built = [_group(g, rows, geo, dtype, device) for g in groups]
     return AttentionMetadata(slots, write_index, built)
 
 
-def kernel_metadata(slot_mapping: list[int], groups: list[tuple[int, int, int, list[list[int]], list[int]]],
-                    device: torch.device) -> KernelMetadata:
+def kernel_metadata(slot_mapping: list[int], groups: list[QueryGroup], device: torch.device) -> KernelMetadata:
     tables: list[list[int]] = []
     token_seq: list[int] = []
     context_lens: list[int] = []
-    for _, _, query_len, block_tables, ctx_lens in groups:  # tokens are laid out sequence by sequence
-        for table, ctx in zip(block_tables, ctx_lens):
-            token_seq += [len(tables)] * query_len
-            context_lens += range(ctx - query_len + 1, ctx + 1)
+    for g in groups:  # tokens are laid out sequence by sequence
+        for table, ctx in zip(g.block_tables, g.context_lens):
+            token_seq += [len(tables)] * g.query_len
+            context_lens += range(ctx - g.query_len + 1, ctx + 1)
             tables.append(table)
     width = max(len(t) for t in tables)
     as_int = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
@@ -90,21 +102,21 @@ def kernel_metadata(slot_mapping: list[int], groups: list[tuple[int, int, int, l
                           as_int(token_seq), as_int(context_lens))
 
 
-def _group(query_start: int, num_seqs: int, query_len: int, block_tables: list[list[int]],
-           context_lens: list[int], *, rows: torch.Tensor, geo: CacheGeometry, dtype: torch.dtype,
+def _group(g: QueryGroup, rows: torch.Tensor, geo: CacheGeometry, dtype: torch.dtype,
            device: torch.device) -> AttentionGroup:
-    max_blocks = max(len(t) for t in block_tables)
-    padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.long, device=device)
+    query_len, num_seqs = g.query_len, g.num_seqs
+    max_blocks = max(len(t) for t in g.block_tables)
+    padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in g.block_tables], dtype=torch.long, device=device)
     gather_index = (rows * geo.num_blocks + padded.reshape(1, -1)).reshape(-1)
     key_pos = torch.arange(max_blocks * geo.block_size, device=device)
-    ctx = torch.tensor(context_lens, device=device)[:, None, None]
+    ctx = torch.tensor(g.context_lens, device=device)[:, None, None]
     query_pos = ctx - query_len + torch.arange(query_len, device=device)[None, :, None]
     allowed = key_pos[None, None, :] <= query_pos  # causal; also hides padding beyond the context
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
     group = geo.num_heads // geo.num_kv_heads
     bias = bias[None, :, :, None, :].expand(geo.num_kv_heads, -1, -1, group, -1)
     bias = bias.reshape(geo.num_kv_heads * num_seqs, query_len * group, -1)
-    return AttentionGroup(query_start, num_seqs, query_len, gather_index, bias)
+    return AttentionGroup(g.query_start, num_seqs, query_len, gather_index, bias)
 
 
 class TorchPagedAttention:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedllm.engine.attention import AttentionMetadata, CacheGeometry, build_metadata
+from pagedllm.engine.attention import AttentionMetadata, CacheGeometry, QueryGroup, build_metadata
 from pagedllm.engine.config import ModelConfig
 from pagedllm.engine.models import LlamaForCausalLM
 from pagedllm.engine.sequence import Sequence
@@ -62,15 +62,15 @@ class ModelRunner:
         return ModelInput(as_long(ids), as_long(positions), meta, as_long(sample_indices), sampling)
 
     @staticmethod
-    def _groups(ordered: list[tuple[Sequence, int]]) -> list[tuple[int, int, int, list[list[int]], list[int]]]:
+    def _groups(ordered: list[tuple[Sequence, int]]) -> list[QueryGroup]:
         decodes = [seq for seq, n in ordered if n == 1]
         groups = []
         if decodes:
-            groups.append((0, len(decodes), 1, [s.block_table for s in decodes],
-                           [s.num_computed_tokens + 1 for s in decodes]))
+            groups.append(QueryGroup(0, len(decodes), 1, [s.block_table for s in decodes],
+                                     [s.num_computed_tokens + 1 for s in decodes]))
         start = len(decodes)
         for seq, n in ordered[len(decodes):]:
-            groups.append((start, 1, n, [seq.block_table], [seq.num_computed_tokens + n]))
+            groups.append(QueryGroup(start, 1, n, [seq.block_table], [seq.num_computed_tokens + n]))
             start += n
         return groups
 
