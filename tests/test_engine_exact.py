@@ -78,7 +78,7 @@ def test_triton_kernel_backend_matches(tiny_model_dir):
 def test_cpu_kernel_backend_matches(tiny_model_dir):
     """The C++ CPU kernels (decode steps fused per layer, the linears at::linear in float32): chunked
     prefill, decode, a prefix hit, preemption; greedy token-exact against transformers."""
-    from pagedllm.engine import cpu_kernels
+    from pagedllm.engine.kernels import cpu as cpu_kernels
     if not cpu_kernels.available():
         pytest.skip("CPU kernels need AVX-512 BF16 and a compiler")
     prompts = _prompts(5, (5, 60), 49152, seed=5)
@@ -102,7 +102,7 @@ def test_int8_matches_transformers_on_the_same_codes(tiny_model_dir, tmp_path):
     from torch import nn
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pagedllm.engine import cpu_kernels
+    from pagedllm.engine.kernels import cpu as cpu_kernels
     if not cpu_kernels.available():
         pytest.skip("CPU kernels need AVX-512 BF16 and a compiler")
     source = tiny_model_dir("llama3")  # untied: the LM head is quantized too, the embedding is not

@@ -139,7 +139,7 @@ class EngineConfig:
         if self.resolved_device().type == "cuda":
             import importlib.util
             return "triton" if importlib.util.find_spec("triton") is not None else "torch"
-        from pagedllm.engine import cpu_kernels
+        from pagedllm.engine.kernels import cpu as cpu_kernels
         return "cpu" if cpu_kernels.available() else "torch"
 
     def resolved_device(self) -> torch.device:

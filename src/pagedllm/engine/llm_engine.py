@@ -11,9 +11,9 @@ from transformers import AutoConfig
 
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.config import EngineConfig, ModelConfig, num_blocks_for, resolve_max_model_len
-from pagedllm.engine.cpu_kernels import linear_kind
-from pagedllm.engine.cpu_linear import pack_linears
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.engine.kernels.cpu import linear_kind
+from pagedllm.engine.kernels.prepacked_linear import pack_linears
 from pagedllm.engine.model_runner import ModelRunner
 from pagedllm.engine.models import LlamaForCausalLM
 from pagedllm.engine.models.llama import RotaryEmbedding

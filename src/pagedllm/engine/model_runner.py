@@ -30,9 +30,9 @@ class ModelRunner:
         self.model, self.config = model, config
         self.attention_backend = attention_backend
         if attention_backend == "triton":
-            from pagedllm.engine.triton_attention import TritonPagedAttention
+            from pagedllm.engine.kernels.gpu_attention import GpuPagedAttention
             for layer in model.layers:
-                layer.attn = TritonPagedAttention(layer.num_heads, layer.num_kv_heads, layer.head_dim)
+                layer.attn = GpuPagedAttention(layer.num_heads, layer.num_kv_heads, layer.head_dim)
         self.block_size, self.dtype, self.device = block_size, dtype, device
         self.geometry = CacheGeometry(config.num_attention_heads, config.num_key_value_heads, config.head_dim,
                                       num_blocks, block_size)

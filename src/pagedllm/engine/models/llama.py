@@ -103,7 +103,7 @@ class LlamaForCausalLM(nn.Module):
     def use_cpu_kernels(self, linear_kind: str) -> None:
         """Run on pagedllm's CPU kernels: every linear on packed weights of `linear_kind` (cpu_kernels),
         and decode-only steps as one C++ call for all layers. The LM head gets its own packed copy."""
-        from pagedllm.engine import cpu_kernels
+        from pagedllm.engine.kernels import cpu as cpu_kernels
         ops = cpu_kernels.load()
         cpu_kernels.swap_linears(self, linear_kind)
         c = self.config

@@ -104,7 +104,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     return out
 
 
-class TritonPagedAttention:
+class GpuPagedAttention:
     """TorchPagedAttention's interface over the kernels; reads `meta.kernel` (build_metadata(backend="triton"))."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, num_splits: int = 4) -> None:

@@ -1,4 +1,4 @@
-"""The CPU fast path: pagedllm's C++ kernels (csrc/cpu_kernels.cpp), built once per machine into the cache.
+"""The CPU fast path: pagedllm's C++ kernels (kernels/csrc/cpu_kernels.cpp), built once per machine into the cache.
 
 On a CPU with AVX-512 BF16 the engine runs its linear layers on packed bfloat16 or int8 weights and a
 decode step as one C++ call for all decoder layers (norms, rotary embedding, KV write, paged attention,

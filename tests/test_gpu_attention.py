@@ -1,11 +1,12 @@
-"""The Triton kernels against the torch reference, on small shapes, in Triton's interpreter on the CPU
-(tests/conftest.py sets TRITON_INTERPRET=1 without a GPU; on a GPU the same tests run compiled kernels)."""
+"""The GPU attention kernels (OpenAI Triton language) against the torch reference, on small shapes, in
+Triton's interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU; on a GPU the same
+tests run compiled kernels)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-triton_attention = pytest.importorskip("pagedllm.engine.triton_attention")
+gpu_attention = pytest.importorskip("pagedllm.engine.kernels.gpu_attention")
 from pagedllm.engine.attention import CacheGeometry, QueryGroup, TorchPagedAttention, build_metadata  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -47,14 +48,14 @@ def test_kernels_match_the_torch_reference(dtype, query_lens, context_lens, spli
     expected = TorchPagedAttention(geo.num_heads, geo.num_kv_heads, geo.head_dim).forward(q, kv, ref_cache, meta)
 
     dev_cache = cache.to(DEVICE)
-    triton_attention.write_kv(kv.to(DEVICE), dev_cache, torch.tensor(slots, dtype=torch.int32, device=DEVICE))
+    gpu_attention.write_kv(kv.to(DEVICE), dev_cache, torch.tensor(slots, dtype=torch.int32, device=DEVICE))
     assert torch.equal(dev_cache.cpu(), ref_cache)
     width = max(len(tab) for tab in tables)
     block_tables = torch.tensor([tab + [0] * (width - len(tab)) for tab in tables], dtype=torch.int32)
     token_seq = torch.tensor([i for i, n in enumerate(query_lens) for _ in range(n)], dtype=torch.int32)
     token_ctx = torch.tensor([c - n + j + 1 for n, c in zip(query_lens, context_lens) for j in range(n)],
                              dtype=torch.int32)
-    out = triton_attention.paged_attention(q.to(DEVICE), dev_cache, block_tables.to(DEVICE), token_seq.to(DEVICE),
+    out = gpu_attention.paged_attention(q.to(DEVICE), dev_cache, block_tables.to(DEVICE), token_seq.to(DEVICE),
                                            token_ctx.to(DEVICE), geo.head_dim ** -0.5, num_splits=splits)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.cpu().reshape(t, -1), expected, atol=tol, rtol=tol)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.engine.cpu_linear import pack_linears, prepacked_linear_available
+from pagedllm.engine.kernels.prepacked_linear import pack_linears, prepacked_linear_available
 
 
 @pytest.mark.skipif(not prepacked_linear_available(), reason="oneDNN prepacked linear not in this torch build")
