@@ -6,7 +6,11 @@ import logging
 import sys
 from pathlib import Path
 
+from pagedllm.gateway.config import GatewayConfig
+from pagedllm.launcher import CONTROL_MODES, ServerOptions
+
 DEFAULT_REPOSITORY = Path("model_repository")
+SERVER_DEFAULTS = ServerOptions(DEFAULT_REPOSITORY)
 DEMO_QUESTION = "What is the capital of France? Answer in one sentence, then give one fun fact about it."
 
 
@@ -18,25 +22,23 @@ def main(argv: list[str] | None = None) -> int:
                         ("demo", "start the server, stream one chat answer, stop")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
-        p.add_argument("--http-port", type=int, default=8000)
-        p.add_argument("--grpc-port", type=int, default=8001)
-        p.add_argument("--metrics-port", type=int, default=8002)
-        # explicit: all models load at start; versions load and unload through the repository API (protected
-        # by $PAGEDLLM_ADMIN_KEY when set), and an llm model whose engine dies unloads itself (not ready).
-        p.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default="explicit")
+        p.add_argument("--http-port", type=int, default=SERVER_DEFAULTS.http_port)
+        p.add_argument("--grpc-port", type=int, default=SERVER_DEFAULTS.grpc_port)
+        p.add_argument("--metrics-port", type=int, default=SERVER_DEFAULTS.metrics_port)
+        p.add_argument("--model-control-mode", choices=CONTROL_MODES, default=SERVER_DEFAULTS.model_control_mode)
     serve_ = sub.choices["serve"]
     serve_.add_argument("--openai-port", type=int, default=None, help="also start the OpenAI gateway on this port")
-    serve_.add_argument("--openai-host", default="127.0.0.1")
+    serve_.add_argument("--openai-host", default=GatewayConfig.host)
     serve_.add_argument("--api-keys", type=Path, default=None, help="the gateway's keys file (JSON)")
     gw = sub.add_parser("gateway", help="the OpenAI-compatible gateway in front of tritonservers")
     gw.add_argument("--triton", action="append", required=True, metavar="HOST:GRPC_PORT",
                     help="a tritonserver's gRPC address (repeat for replicas)")
-    gw.add_argument("--host", default="127.0.0.1")
-    gw.add_argument("--port", type=int, default=9000)
+    gw.add_argument("--host", default=GatewayConfig.host)
+    gw.add_argument("--port", type=int, default=GatewayConfig.port)
     gw.add_argument("--api-keys", type=Path, default=None, help="JSON keys file; none: an open gateway")
     gw.add_argument("--served-model-name", action="append", default=[], metavar="NAME=MODEL",
                     help="serve MODEL under NAME too")
-    gw.add_argument("--max-body-bytes", type=int, default=None)
+    gw.add_argument("--max-body-bytes", type=int, default=GatewayConfig.max_body_bytes)
     gen = sub.add_parser("generate", help="offline generation with the engine, no server")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="a local Hugging Face directory (default: embedded SmolLM2)")
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _server(args: argparse.Namespace, log_path: Path | None = None):
-    from pagedllm.launcher import ServerOptions, TritonServer
+    from pagedllm.launcher import TritonServer
     from pagedllm.weights import ensure_default_model
 
     if not (args.model_repository / "llm").exists():
@@ -83,15 +85,12 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def gateway(args: argparse.Namespace) -> int:
-    from pagedllm.gateway.config import GatewayConfig, parse_aliases
+    from pagedllm.gateway.config import parse_aliases
     from pagedllm.gateway.server import run
 
     try:
-        config = GatewayConfig(args.triton, args.host, args.port, args.api_keys,
-                               parse_aliases(args.served_model_name))
-        if args.max_body_bytes:
-            config.max_body_bytes = args.max_body_bytes
-        return run(config)
+        return run(GatewayConfig(args.triton, args.host, args.port, args.api_keys,
+                                 parse_aliases(args.served_model_name), args.max_body_bytes))
     except ValueError as e:  # a bad flag or keys file: the message names it
         raise SystemExit(str(e)) from None
 

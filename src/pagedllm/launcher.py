@@ -71,7 +71,9 @@ class ServerOptions:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
-    model_control_mode: str = "none"
+    # explicit: all models load at start; versions load and unload through the repository API (protected
+    # by $PAGEDLLM_ADMIN_KEY when set), and an llm model whose engine stays down unloads itself (not ready).
+    model_control_mode: str = "explicit"
     repository_poll_secs: int = 2
     exit_timeout_secs: int = 30
     log_verbose: int = 0

@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
 from pagedllm.launcher import ServerOptions, TritonServer, free_port
-from pagedllm.serving.repository import DEFAULT_ENGINE, write_baselines, write_llm, write_repository
+from pagedllm.serving.repository import SERVED_ENGINE, write_baselines, write_llm, write_repository
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ def start_server(repo: Path, log: Path, mode: str = "none") -> TritonServer:
 @pytest.fixture(scope="session")
 def server(request, tmp_path_factory, tiny_model_dir, smollm_dir):
     repo = tmp_path_factory.mktemp("repo")
-    write_repository(repo, {**DEFAULT_ENGINE, "kv_cache_memory": 256 << 20, "max_num_seqs": 32})
+    write_repository(repo, {**SERVED_ENGINE, "kv_cache_memory": 256 << 20, "max_num_seqs": 32})
     write_llm(repo, "llm_tiny", tiny_engine(tiny_model_dir("llama-tied")))
     write_baselines(repo, str(tiny_model_dir("llama-tied")), max_batch_size=4, dtype="float32")  # perf/compare.py's
     log = repo.parent / "tritonserver.log"

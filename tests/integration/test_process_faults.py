@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from pagedllm.launcher import free_port
-from pagedllm.serving.repository import DEFAULT_ENGINE, write_llm
+from pagedllm.serving.repository import SERVED_ENGINE, write_llm
 from tests.integration.conftest import (
     _cmdline,
     _ppid,
@@ -45,7 +45,7 @@ def table():
 @pytest.fixture(scope="module")
 def faults_server(request, tmp_path_factory, tiny_model_dir):
     repo = tmp_path_factory.mktemp("faults")
-    write_llm(repo, "llm", {**DEFAULT_ENGINE, "kv_cache_memory": 128 << 20, "heartbeat_timeout": 2.0})
+    write_llm(repo, "llm", {**SERVED_ENGINE, "kv_cache_memory": 128 << 20, "heartbeat_timeout": 2.0})
     write_llm(repo, "llm_dying", {**tiny_engine(tiny_model_dir("llama-tied")), "max_restarts": 1,
                                   "fault_injection": {"exit_after_ms": 1500}})
     srv = start_server(repo, repo.parent / "tritonserver-faults.log", "explicit")

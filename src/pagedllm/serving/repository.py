@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from pagedllm.engine.config import EngineConfig
 from pagedllm.serving.request import NORMALISED_REQUEST
 from pagedllm.serving.response import RESPONSE_OPTIONS
 
@@ -29,8 +30,19 @@ RESPONSE_OPTIONS_OUTPUT = [(RESPONSE_OPTIONS, "TYPE_STRING", [1])]
 
 MODEL_PY = '"""Thin on purpose: the logic lives in pagedllm.serving, unit-tested without a server."""\n' \
            "from pagedllm.serving.{module} import {cls} as TritonPythonModel  # noqa: F401\n"
-DEFAULT_ENGINE = {"model": "default", "dtype": "bfloat16", "kv_cache_memory": 1073741824,
-                  "max_num_seqs": 64, "max_num_batched_tokens": 1024, "stream_interval": 4}
+# The served engine: EngineConfig's defaults, overridden for a CPU server (a smaller batch and step keep
+# every stream's inter-token latency bounded; responses every 4 tokens cost the server less per token).
+SERVED_ENGINE = {"model": "default", "max_num_seqs": 64, "max_num_batched_tokens": 1024, "stream_interval": 4}
+# The settings engine.json shows an operator, whatever their value (the rest only where overridden).
+SHOWN_ENGINE_SETTINGS = ("model", "dtype", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens",
+                         "stream_interval")
+
+
+def engine_json(overrides: dict) -> dict:
+    """engine.json for `overrides` of EngineConfig, its defaults filled in for the shown settings."""
+    config = EngineConfig(**overrides)
+    names = list(SHOWN_ENGINE_SETTINGS) + [k for k in overrides if k not in SHOWN_ENGINE_SETTINGS]
+    return {name: getattr(config, name) for name in names}
 
 
 def _tensors(kind: str, spec: list[tuple[str, str, list[int]]], optional: bool | set[str]) -> str:
@@ -90,7 +102,7 @@ def write_llm_version(model_dir: Path, version: int, engine: dict) -> None:
     vdir = model_dir / str(version)
     vdir.mkdir(parents=True, exist_ok=True)
     (vdir / "model.py").write_text(MODEL_PY.format(module="llm", cls="LLMModel"))
-    (vdir / "engine.json").write_text(json.dumps(engine, indent=2) + "\n")
+    (vdir / "engine.json").write_text(json.dumps(engine_json(engine), indent=2) + "\n")
 
 
 def write_repository(root: Path, engine: dict | None = None, llm: str = "llm", ensemble: str = "ensemble",
@@ -112,7 +124,7 @@ def write_repository(root: Path, engine: dict | None = None, llm: str = "llm", e
     (post / "config.pbtxt").write_text(_python_config(
         "postprocessing", post_in, _tensors("output", OUTPUTS, False)))
     (post / "1" / "model.py").write_text(MODEL_PY.format(module="postprocessing", cls="PostprocessingModel"))
-    write_llm(root, llm, engine or DEFAULT_ENGINE)
+    write_llm(root, llm, engine or SERVED_ENGINE)
     (root / ensemble / "1").mkdir(parents=True, exist_ok=True)
     (root / ensemble / "1" / ".gitkeep").write_text("")
     (root / ensemble / "config.pbtxt").write_text(ensemble_config(ensemble, llm))
