@@ -41,11 +41,11 @@ test-integration: setup
 	$(PY) -m pytest -q -m integration
 
 bench: setup
-	$(PY) perf/bench_engine.py
-	$(PY) perf/bench_llamacpp.py
-	$(PY) perf/bench_serving.py
-	$(PY) perf/bench_gateway.py
-	$(PY) perf/compare.py
+	$(PY) -m perf.bench_engine
+	$(PY) -m perf.bench_llamacpp
+	$(PY) -m perf.bench_serving
+	$(PY) -m perf.bench_gateway
+	$(PY) -m perf.compare
 
 repository: setup
 	$(PY) -m pagedllm.serving.repository model_repository

@@ -1,25 +1,21 @@
 """Offline engine throughput and latency: pagedllm vs transformers `generate` (static batching) vs
 transformers continuous batching (`generate_batch`), in one process, same prompts, same dtype.
 
-    python perf/bench_engine.py                 # 64 prompts x 128 tokens, writes perf/RESULTS.md
-    python perf/bench_engine.py --quick         # a smoke run (CI)
+    python -m perf.bench_engine                 # 64 prompts x 128 tokens, writes perf/RESULTS.md
+    python -m perf.bench_engine --quick         # a smoke run (CI)
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prompts import QUESTIONS, chat_prompts, long_system_chat  # noqa: E402
-from results import write_section  # noqa: E402
-
-from pagedllm import LLM, SamplingParams  # noqa: E402
-from pagedllm.weights import ensure_default_model  # noqa: E402
+from pagedllm import LLM, SamplingParams
+from pagedllm.weights import ensure_default_model
+from perf.results import write_section
+from perf.workloads import QUESTIONS, chat_prompts, long_system_chat
 
 REPEATS = 2  # every engine is timed REPEATS times and keeps its best: this VM's timings are noisy
 
@@ -121,7 +117,7 @@ def main() -> None:
 
 
 def report(args, ours, static, continuous, ours_b1, static_b1, ttft_cold, ttft_warm, ceiling) -> str:
-    return (f"`python perf/bench_engine.py` — SmolLM2-135M-Instruct, {args.dtype}, greedy, {args.num_prompts} chat "
+    return (f"`python -m perf.bench_engine` — SmolLM2-135M-Instruct, {args.dtype}, greedy, {args.num_prompts} chat "
             f"prompts x {args.max_tokens} new tokens, one process, best of {REPEATS} runs each.\n"
             "\n"
             "| engine | output tok/s | pagedllm is |\n"

@@ -1,8 +1,8 @@
 """The OpenAI gateway's cost: output tokens/s streaming through `pagedllm gateway` vs straight to `llm`
 over gRPC, on one tritonserver, with the gateway's own CPU per 1,000 tokens.
 
-    python perf/bench_gateway.py            # 64 chat requests x 128 tokens, 32 in flight, 6 rounds
-    python perf/bench_gateway.py --quick    # a smoke run; does not touch RESULTS.md
+    python -m perf.bench_gateway            # 64 chat requests x 128 tokens, 32 in flight, 6 rounds
+    python -m perf.bench_gateway --quick    # a smoke run; does not touch RESULTS.md
 
 Both paths serve the same requests (greedy, ignore_eos, max_tokens fixed) with the same number in flight,
 sent by perf/loadgen.py (its gRPC driver, and its OpenAI driver: aiohttp and json, as light as the gRPC
@@ -20,14 +20,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from pagedllm.launcher import ServerOptions, TritonServer, free_port
+from perf.loadgen import at_concurrency
+from perf.results import write_section
+from perf.workloads import chat_prompts
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import at_concurrency  # noqa: E402
-from prompts import chat_prompts  # noqa: E402
-from results import write_section  # noqa: E402
-
-from pagedllm.launcher import ServerOptions, TritonServer, free_port  # noqa: E402
-
 OUT = ROOT / "perf" / "out"
 
 
@@ -113,7 +111,7 @@ def measure(grpc_url: str, base_url: str, pid: int, work: tuple, rounds: int):
 def report(rates: dict[str, list[float]], ratios: list[float], cpu: list[float], args: argparse.Namespace) -> str:
     names = {"grpc": "gRPC streaming straight to `llm`", "openai": "OpenAI chat completions through the gateway"}
     rows = [f"| {names[k]} | {statistics.median(v):.0f} | {min(v):.0f}-{max(v):.0f} |" for k, v in rates.items()]
-    return (f"`python perf/bench_gateway.py` — SmolLM2-135M-Instruct (model_repository as shipped), "
+    return (f"`python -m perf.bench_gateway` — SmolLM2-135M-Instruct (model_repository as shipped), "
             f"{args.num_requests} chat requests x {args.max_tokens} tokens, greedy, {args.concurrency} streams in "
             f"flight, {args.rounds} rounds taking turns; the gateway, the load generator and tritonserver share "
             f"the machine's {os.cpu_count()} cores.\n\n"

@@ -1,8 +1,8 @@
 """pagedllm's engine vs llama.cpp on this CPU, same weights, same run: batch-1 decode (also at a 4,096-token
 context), batched generation, prompt processing, and int8 against llama.cpp's Q8_0.
 
-    python perf/bench_llamacpp.py            # 3 alternating rounds, medians; writes perf/RESULTS.md
-    python perf/bench_llamacpp.py --rounds 1 --no-write
+    python -m perf.bench_llamacpp            # 3 alternating rounds, medians; writes perf/RESULTS.md
+    python -m perf.bench_llamacpp --rounds 1 --no-write
 
 llama.cpp is built once into the cache (perf/llamacpp.py). Every round runs each setting on each system in
 turn (this machine's speed drifts by a quarter within minutes), and the medians of the rounds are reported.
@@ -21,12 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import llamacpp
 import torch
-from results import write_section
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.weights import ensure_default_model
+from perf import llamacpp
+from perf.results import write_section
 
 PARALLEL = [1, 8, 32, 64]
 SETTINGS = ["decode b1", "decode b1 at 4096", "prompt 512"] + [f"{n} parallel" for n in PARALLEL]
@@ -222,7 +222,7 @@ def report(args, med, bandwidth, matmul, ppl, answers, llms, start) -> str:
         diff = first_difference(fast, eager)
         same = "identical" if diff is None else f"first differs at token {diff}"
         answer_rows.append(f"| {q} | {tok.decode(fast)!r} | {same} | {tok.decode(int8)!r} |")
-    return (f"`python perf/bench_llamacpp.py` — SmolLM2-135M-Instruct, the same weights in both engines "
+    return (f"`python -m perf.bench_llamacpp` — SmolLM2-135M-Instruct, the same weights in both engines "
             "(llama.cpp 0c1e57098\n"
             f"from the {llamacpp.SDIST} sdist, GGUF converted by its own `convert_hf_to_gguf.py`), 2 threads, "
             "medians of\n"

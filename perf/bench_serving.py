@@ -1,7 +1,7 @@
 """Served throughput at fixed concurrency through each path vs the offline engine on the same workload.
 
-    python perf/bench_serving.py               # 32 requests x 128 tokens, all 32 in flight, 10 rounds
-    python perf/bench_serving.py --quick       # a smoke run (CI)
+    python -m perf.bench_serving               # 32 requests x 128 tokens, all 32 in flight, 10 rounds
+    python -m perf.bench_serving --quick       # a smoke run (CI)
 
 Every path serves the same requests (chat prompts, greedy, ignore_eos, max_tokens fixed) with the same
 number in flight, sent by perf/loadgen.py's client; the offline engine is LLMEngine driven in-process with
@@ -18,21 +18,19 @@ import json
 import os
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import at_concurrency  # noqa: E402
-from prompts import chat_prompts  # noqa: E402
-from results import write_section  # noqa: E402
+from pagedllm import SamplingParams
+from pagedllm.engine.config import EngineConfig
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.launcher import ServerOptions, TritonServer, free_port
+from pagedllm.serving.repository import write_llm
+from perf.loadgen import at_concurrency
+from perf.results import write_section
+from perf.workloads import chat_prompts
 
-from pagedllm import SamplingParams  # noqa: E402
-from pagedllm.engine.config import EngineConfig  # noqa: E402
-from pagedllm.engine.llm_engine import LLMEngine  # noqa: E402
-from pagedllm.launcher import ServerOptions, TritonServer, free_port  # noqa: E402
-from pagedllm.serving.repository import write_llm  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 OFFLINE = "offline engine (LLMEngine in-process)"
 
@@ -126,7 +124,7 @@ def report(rates: dict[str, list[float]], ratios: dict[str, list[float]], cores:
         if name in ratios:
             shown = f"**{statistics.median(ratios[name]):.2f}** ({', '.join(f'{r:.2f}' for r in ratios[name])})"
         rows.append(f"| {name} | {statistics.median(runs):.0f} | {min(runs):.0f}-{max(runs):.0f} | {shown} | {used} |")
-    return (f"`python perf/bench_serving.py` — SmolLM2-135M-Instruct (model_repository/llm/1/engine.json), "
+    return (f"`python -m perf.bench_serving` — SmolLM2-135M-Instruct (model_repository/llm/1/engine.json), "
             f"{args.num_requests} chat requests x {args.max_tokens} tokens, greedy, {args.concurrency} in flight, "
             f"{args.rounds} rounds in which the paths take turns with an offline run between any two; each served run "
             f"is divided by the mean of the offline runs just before and after it, and the median of those ratios "

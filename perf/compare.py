@@ -2,22 +2,19 @@
 (a) transformers `generate` one request at a time (hf_naive), (b) transformers `generate` on padded
 batches formed by Triton's dynamic batcher (hf_batched), (c) pagedllm (llm).
 
-    python perf/compare.py                   # concurrency 4 and 32; 64 requests per point; RESULTS.md
-    python perf/compare.py --quick           # a smoke run"""
+    python -m perf.compare                   # concurrency 4 and 32; 64 requests per point; RESULTS.md
+    python -m perf.compare --quick           # a smoke run"""
 from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import OUT, markdown, run, write_outputs  # noqa: E402
-from prompts import mixed_workload  # noqa: E402
-from results import write_section  # noqa: E402
-
-from pagedllm.launcher import ServerOptions, TritonServer, free_port  # noqa: E402
-from pagedllm.serving.repository import write_baselines  # noqa: E402
+from pagedllm.launcher import ServerOptions, TritonServer, free_port
+from pagedllm.serving.repository import write_baselines
+from perf.loadgen import OUT, markdown, run, write_outputs
+from perf.results import write_section
+from perf.workloads import mixed_workload
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["hf_naive", "hf_batched", "llm"]
@@ -61,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = run(server.grpc_url, MODELS, levels, [], work)
     title = f"hf_naive vs hf_batched vs pagedllm, {args.num_requests} chat requests per point"
     paths = write_outputs(rows, OUT / "compare", title)
-    body = (f"`python perf/compare.py` — SmolLM2-135M-Instruct, bfloat16, greedy with ignore_eos, "
+    body = (f"`python -m perf.compare` — SmolLM2-135M-Instruct, bfloat16, greedy with ignore_eos, "
             f"{args.num_requests} chat requests per point (prompt mix of short, two-part and system-prompt chats; "
             f"32, 64 or 128 output tokens each), one tritonserver serving all three, the same gRPC streaming "
             f"load generator (perf/loadgen.py). The baselines answer once at the end, so their time to first token "

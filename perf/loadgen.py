@@ -2,9 +2,9 @@
 latency (p50/p95/p99), requests/s and output tokens/s, at fixed concurrency levels and at Poisson arrival
 rates, over a realistic prompt-length mix. Writes CSV, a markdown table and PNG plots.
 
-    python perf/loadgen.py --url localhost:8001 --models llm,ensemble --concurrency 1,8,32 --rates 2,4
-    python perf/loadgen.py --quick --url localhost:8001 --models llm     # a smoke run (CI)
-    python perf/loadgen.py --protocol openai --url http://localhost:9000/v1 --models llm   # any OpenAI server
+    python -m perf.loadgen --url localhost:8001 --models llm,ensemble --concurrency 1,8,32 --rates 2,4
+    python -m perf.loadgen --quick --url localhost:8001 --models llm     # a smoke run (CI)
+    python -m perf.loadgen --protocol openai --url http://localhost:9000/v1 --models llm   # any OpenAI server
 
 Every request is greedy with ignore_eos, so each system produces exactly the tokens asked for."""
 from __future__ import annotations
@@ -22,10 +22,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prompts import mixed_workload  # noqa: E402
-
-from pagedllm_client import NO_RETRY, AsyncClient, Chunk, CircuitBreaker, ClientError, Completion, ServerError  # noqa: E402
+from pagedllm_client import NO_RETRY, AsyncClient, Chunk, CircuitBreaker, ClientError, Completion, ServerError
+from perf.workloads import mixed_workload
 
 OUT = Path(__file__).resolve().parent / "out"
 Work = list[tuple[list[dict[str, str]], int]]

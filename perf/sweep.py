@@ -1,8 +1,8 @@
 """perf_analyzer sweeps: the real `perf_analyzer` (gRPC streaming) against the ensemble and the llm model,
 realistic chat prompts from an input-data JSON, one run per concurrency level, merged into one CSV.
 
-    python perf/sweep.py --url localhost:8001                       # concurrency 1..64, writes perf/out/sweep.csv
-    python perf/sweep.py --url localhost:8001 --concurrency 1,2 --max-tokens 8 --requests 4 --out x.csv
+    python -m perf.sweep --url localhost:8001                       # concurrency 1..64, writes perf/out/sweep.csv
+    python -m perf.sweep --url localhost:8001 --concurrency 1,2 --max-tokens 8 --requests 4 --out x.csv
 
 For a decoupled model perf_analyzer's latency columns time the first response (time to first token) and
 "Response Throughput" counts streamed responses per second."""
@@ -18,8 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prompts import chat_prompts  # noqa: E402
+from perf.workloads import chat_prompts
 
 OUT = Path(__file__).resolve().parent / "out"
 

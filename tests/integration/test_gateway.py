@@ -275,10 +275,7 @@ def test_bad_input_catalogue(gateway, server):
 
 
 def test_load_generator_drives_any_openai_server(gateway, tmp_path, monkeypatch):
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "perf"))
-    import loadgen
+    from perf import loadgen
     monkeypatch.setenv("OPENAI_API_KEY", KEYS["full"])
     loadgen.main(["--quick", "--protocol", "openai", "--url", gateway.base_url, "--models", "llm_tiny",
                   "--out", str(tmp_path / "openai")])

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "perf"))
-import loadgen  # noqa: E402
-import sweep  # noqa: E402
+from perf import loadgen, sweep
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Realistic prompts shared by the benchmarks: chat questions of mixed length, and a long system prompt."""
+"""The benchmarks' workloads: chat questions of mixed length, a long system prompt, and a mixed workload."""
 from __future__ import annotations
 
 import random
