@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pagedllm.engine.block_manager import BlockManager, chain_hash
-from tests.fakes import fake_sequence
+from tests.support.fakes import fake_sequence
 
 BLOCK = 4
 

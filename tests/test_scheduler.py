@@ -5,7 +5,7 @@ from __future__ import annotations
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.scheduler import Scheduler
 from pagedllm.engine.sequence import SequenceStatus
-from tests.fakes import fake_sequence, run_step
+from tests.support.fakes import fake_sequence, run_step
 
 BLOCK = 4
 

@@ -29,7 +29,7 @@ from tests.integration.conftest import (
     triton_pid,
     wait_for,
 )
-from tests.integration.reliability import FaultTable
+from tests.support.reliability import FaultTable
 
 pytestmark = pytest.mark.integration
 LONG = {"text_input": "Once upon a time", "sampling_parameters": {"max_tokens": 600, "ignore_eos": True}}

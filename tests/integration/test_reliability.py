@@ -23,7 +23,7 @@ from pagedllm.launcher import ADMIN_HEADER, ServerOptions, TritonServer, free_po
 from pagedllm.serving.repository import write_llm
 from pagedllm_client import NO_RETRY, AsyncClient, CircuitBreaker, ClientError
 from tests.integration.conftest import metric, num_tokens, show_log_on_failure, stream, tiny_engine, wait_for
-from tests.integration.reliability import Report, tree_rss_bytes
+from tests.support.reliability import Report, tree_rss_bytes
 
 pytestmark = pytest.mark.integration
 ADMIN_KEY = "reliability-test-key"

@@ -88,7 +88,7 @@ KNOWN_ISSUES = """
 
 Triton 2.51 has a bug that can leak a model version when a gRPC stream is cancelled after its final response.
 It shows under CPU load. The version never finishes unloading (finalize is never called), and SIGTERM then
-waits out the exit timeout and exits 1. `tests/integration/repro_triton_cancel_leak.py` reproduces it,
+waits out the exit timeout and exits 1. `tests/support/repro_triton_cancel_leak.py` reproduces it,
 intermittently, with a minimal decoupled model that contains no pagedllm code. HTTP streams, and gRPC streams
 closed without cancelling, are not affected. pagedllm's clients and tests cancel only a request that is left
 early. The unload row above asserts that the version is actually unloaded, not merely no longer ready.

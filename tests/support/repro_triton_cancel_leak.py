@@ -4,7 +4,7 @@ called) and server shutdown runs into --exit-timeout-secs. It needs CPU load to 
 hence three copies of the cancelling model. HTTP streams, and gRPC streams closed without cancelling, are
 not affected. This is not a test: the bug is Triton's and depends on timing.
 
-    .venv/bin/python -m tests.integration.repro_triton_cancel_leak
+    .venv/bin/python -m tests.support.repro_triton_cancel_leak
 """
 from __future__ import annotations
 
