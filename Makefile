@@ -32,6 +32,7 @@ serve: setup
 	$(VENV)/bin/pagedllm serve
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -ra
 
 test-unit: setup
