@@ -46,6 +46,7 @@ bench: setup
 	$(PY) -m perf.bench_llamacpp
 	$(PY) -m perf.bench_serving
 	$(PY) -m perf.bench_gateway
+	$(PY) -m perf.bench_speculative
 	$(PY) -m perf.compare
 
 repository: setup

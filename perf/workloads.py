@@ -77,3 +77,44 @@ def long_system_chat(question: str, target_tokens: int, tokenizer) -> list[dict[
     per = len(tokenizer.encode(SYSTEM_POLICY))
     system = SYSTEM_POLICY * max(1, round(target_tokens / per))
     return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+PASSAGE = (
+    "The Rhine is one of the major rivers of Europe. It rises in the Swiss Alps, forms part of the border "
+    "between Switzerland and Liechtenstein, Switzerland and Austria, and Switzerland and Germany, and then "
+    "flows through Germany and the Netherlands before it empties into the North Sea at Rotterdam. The river "
+    "is about 1,230 kilometres long. For centuries it has been an important trade route: barges carry coal, "
+    "grain, chemicals and containers between the port of Rotterdam and the industrial cities along its "
+    "banks, such as Duisburg, Cologne and Basel. The middle Rhine, between Bingen and Koblenz, is famous for "
+    "its steep vineyards, its castles and the Lorelei rock, and it has been a UNESCO World Heritage Site since "
+    "2002. Pollution was a serious problem in the twentieth century, but after the Sandoz chemical spill in "
+    "1986 the countries along the river agreed on the Rhine Action Programme, and salmon have since returned "
+    "to parts of the river.")
+DOCUMENT = (
+    "INVOICE\nInvoice number: INV-2026-0412\nDate: 14 March 2026\nBill to: Maria Keller, Keller & Sons "
+    "GmbH, Hauptstrasse 12, 80331 Munich, Germany\nFrom: Northwind Supplies Ltd, 5 Harbour Road, Leith, "
+    "Edinburgh EH6 6QJ\nItems:\n- 12 x Office chair, model NW-200, at 149.00 EUR each: 1,788.00 EUR\n"
+    "- 3 x Standing desk, model NW-D5, at 420.00 EUR each: 1,260.00 EUR\n- 1 x Delivery and assembly: "
+    "180.00 EUR\nSubtotal: 3,228.00 EUR\nVAT (19%): 613.32 EUR\nTotal due: 3,841.32 EUR\nPayment terms: "
+    "30 days, by bank transfer to IBAN DE44 5001 0517 5407 3249 31\n")
+FUNCTION = '''def moving_average(values, window):
+    """The mean of each run of `window` consecutive values."""
+    if window <= 0:
+        raise ValueError("window must be positive")
+    if window > len(values):
+        return []
+    averages = []
+    total = sum(values[:window])
+    averages.append(total / window)
+    for i in range(window, len(values)):
+        total += values[i] - values[i - window]
+        averages.append(total / window)
+    return averages
+'''
+GROUNDED_TASKS = {
+    "summarise a passage": PASSAGE + "\n\nSummarise the passage above in three sentences, reusing its wording.",
+    "extract fields": DOCUMENT + "\nFrom the invoice above, list the invoice number, the date, the customer's "
+                                 "name, the company, every item with its quantity and price, and the total due.",
+    "edit a function": FUNCTION + "\nRename the parameter `values` to `samples` and `window` to `size` in the "
+                                  "function above, and give the whole function back.",
+}

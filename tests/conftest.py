@@ -41,20 +41,21 @@ def tokenizer(smollm_dir: Path):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer):
-    """Builds (once per session) a seeded random model of the named architecture; returns its directory."""
-    built: dict[str, Path] = {}
+    """Builds (once per session) a seeded random model of the named architecture; returns its directory.
+    A small `vocab_size` makes its output repeat itself (speculative drafts then hit and miss often)."""
+    built: dict[tuple[str, int | None], Path] = {}
 
-    def build(name: str) -> Path:
-        if name not in built:
+    def build(name: str, vocab_size: int | None = None) -> Path:
+        if (name, vocab_size) not in built:
             torch.manual_seed(1234)
-            config = TINY_CONFIGS[name](len(tokenizer))
+            config = TINY_CONFIGS[name](vocab_size or len(tokenizer))
             config.eos_token_id = None
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             path = tmp_path_factory.mktemp(name)
             model.save_pretrained(path)
             tokenizer.save_pretrained(path)
-            built[name] = path
-        return built[name]
+            built[(name, vocab_size)] = path
+        return built[(name, vocab_size)]
 
     return build
 

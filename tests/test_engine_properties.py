@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import queue
+import random
 import threading
 
 import pytest
@@ -13,22 +14,27 @@ from pagedllm.engine.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.loop import EngineLoop
 
+SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2}
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    # A pool of 40 blocks of 4 tokens for prompts up to 40 tokens: preemption and prefix hits both happen.
-    return LLMEngine(EngineConfig(model=str(tiny_model_dir("llama3")), dtype="float32", block_size=4,
-                                  num_kv_blocks=40, max_num_batched_tokens=24, max_num_seqs=6))
+
+@pytest.fixture(scope="module", params=[None, SPEC], ids=["plain", "speculative"])
+def engine(tiny_model_dir, request):
+    # A pool of 24 blocks of 4 tokens for prompts up to 40 tokens: preemption and prefix hits both happen;
+    # with speculation, a vocabulary of 16 makes the n-gram drafts hit, and be rejected, often.
+    model = tiny_model_dir("llama3", vocab_size=None if request.param is None else 16)
+    return LLMEngine(EngineConfig(model=str(model), dtype="float32", block_size=4,
+                                  num_kv_blocks=24, max_num_batched_tokens=24, max_num_seqs=6,
+                                  speculative_config=request.param))
 
 
 ops = st.lists(st.one_of(
-    st.tuples(st.just("add"), st.lists(st.integers(3, 60), min_size=1, max_size=40), st.integers(1, 12)),
+    st.tuples(st.just("add"), st.lists(st.integers(3, 8), min_size=1, max_size=40), st.integers(1, 12)),
     st.tuples(st.just("abort"), st.integers(0, 30)),
     st.tuples(st.just("step"), st.integers(1, 4)),
 ), min_size=1, max_size=40)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops)
 def test_every_request_answered_once_and_every_block_freed(engine, program):
     finished: dict[str, str] = {}
@@ -56,6 +62,9 @@ def test_every_request_answered_once_and_every_block_freed(engine, program):
     assert set(finished) == set(added)
     assert engine.block_manager.num_free_blocks == engine.num_blocks
     assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
+    for block_hash, block_id in engine.block_manager.cached.items():  # prefix hashes cover computed tokens only
+        block = engine.block_manager.blocks[block_id]
+        assert block.block_hash == block_hash and len(block.token_ids) == engine.block_manager.block_size
 
 
 def _stream(engine, prompts, params, abort_after_steps=None):
@@ -205,3 +214,27 @@ def test_max_tokens_none_generates_up_to_the_context(tiny_model_dir):
                                     num_kv_blocks=40, max_model_len=24))
     deltas = _stream(engine, [[5, 9, 13, 21]], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))
     assert deltas["s0"][-1].finish_reason == "length" and deltas["s0"][-1].num_output_tokens == 24 - 4
+
+
+def test_preemption_and_abort_amid_drafts_leak_nothing(tiny_model_dir):
+    """More prompts than the pool holds, with drafts kept and rejected, one request aborted mid-run."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir("llama3", vocab_size=16)), dtype="float32",
+                                    block_size=4, num_kv_blocks=24, max_num_batched_tokens=24, max_num_seqs=6,
+                                    speculative_config=SPEC))
+    rng = random.Random(5)
+    for i in range(6):
+        engine.add_request(f"r{i}", [rng.randint(3, 8) for _ in range(40)],
+                           SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    done, steps = set(), 0
+    while engine.has_unfinished_requests():
+        for d in engine.step():
+            assert d.request_id not in done, f"{d.request_id} answered after it finished"
+            done |= {d.request_id} if d.finished else set()
+        steps += 1
+        if steps == 6:
+            done.add(engine.abort("r5").request_id)
+    spec = engine.speculator
+    assert done == {f"r{i}" for i in range(6)}
+    assert engine.num_preemptions > 0 and 0 < spec.num_accepted_tokens < spec.num_draft_tokens
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+    assert all(b.ref_count == 0 for b in engine.block_manager.blocks)

@@ -22,6 +22,9 @@ from pagedllm.serving.repository import SERVED_ENGINE, write_baselines, write_ll
 pytestmark = pytest.mark.integration
 
 
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+
+
 def tiny_engine(model_dir: Path) -> dict:
     return {"model": str(model_dir), "dtype": "float32", "block_size": 4, "num_kv_blocks": 128,
             "max_num_seqs": 4, "max_num_batched_tokens": 256, "max_waiting_requests": 4}
@@ -37,6 +40,8 @@ def server(request, tmp_path_factory, tiny_model_dir, smollm_dir):
     repo = tmp_path_factory.mktemp("repo")
     write_repository(repo, {**SERVED_ENGINE, "kv_cache_memory": 256 << 20, "max_num_seqs": 32})
     write_llm(repo, "llm_tiny", tiny_engine(tiny_model_dir("llama-tied")))
+    write_llm(repo, "llm_spec", {**tiny_engine(tiny_model_dir("llama-tied")), "stream_interval": 3,
+                                 "speculative_config": SPEC})
     write_baselines(repo, str(tiny_model_dir("llama-tied")), max_batch_size=4, dtype="float32")  # perf/compare.py's
     log = repo.parent / "tritonserver.log"
     srv = start_server(repo, log)

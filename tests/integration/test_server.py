@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -40,6 +41,24 @@ def test_streamed_text_equals_unstreamed_text_byte_for_byte(server, model):
     logprobs = [step for r in streamed if "logprobs" in r for step in json.loads(r["logprobs"][0])]
     assert num_tokens(streamed) == len(logprobs) == whole.json()["num_output_tokens"]
     assert logprobs == json.loads(whole.json()["logprobs"])
+
+
+def test_with_speculation_streamed_equals_unstreamed_and_drafts_are_counted(server):
+    fields = {"text_input": "one two three one two three one two three one two three one two",
+              "sampling_parameters": {"temperature": 0, "max_tokens": 40, "ignore_eos": True},
+              "exclude_input_in_output": True, "return_num_output_tokens": True}
+    streamed, error = stream(server.grpc_url, "llm_spec", fields)
+    assert error is None
+    body = {**fields, "sampling_parameters": json.dumps(fields["sampling_parameters"])}
+    whole = requests.post(f"http://{server.http_url}/v2/models/llm_spec/generate", json=body, timeout=120).json()
+    assert texts(streamed).encode() == whole["text_output"].encode()
+    assert num_tokens(streamed) == whole["num_output_tokens"] == 40
+    plain = requests.post(f"http://{server.http_url}/v2/models/llm_tiny/generate", json=body, timeout=120).json()
+    assert whole["text_output"] == plain["text_output"]  # the same weights without speculation
+    time.sleep(0.2)  # metrics are flushed every 50 ms
+    drafted = metric(server, "pagedllm_spec_decode_num_draft_tokens_total", model="llm_spec")
+    accepted = metric(server, "pagedllm_spec_decode_num_accepted_tokens_total", model="llm_spec")
+    assert drafted > 0 and 0 < accepted <= drafted, (drafted, accepted)
 
 
 def test_same_request_over_every_path(server):

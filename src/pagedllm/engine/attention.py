@@ -22,6 +22,7 @@ class QueryGroup:
     query_len: int
     block_tables: list[list[int]]
     context_lens: list[int]
+    speculative: bool = False  # a sequence's next token and its drafts: decode-like, whatever its length
 
 
 @dataclass
@@ -76,8 +77,8 @@ def build_metadata(
     backend: str = "torch",
 ) -> AttentionMetadata:
     """The "cpu" backend's C++ decode layers read the kernel metadata too, on steps where every query is
-    one token."""
-    if backend == "triton" or (backend == "cpu" and all(g.query_len == 1 for g in groups)):
+    one token or a speculative run (each of its tokens a row of its own, its context ending at itself)."""
+    if backend == "triton" or (backend == "cpu" and all(g.query_len == 1 or g.speculative for g in groups)):
         empty = torch.empty(0, dtype=torch.long, device=device)
         return AttentionMetadata(empty, empty, [], kernel_metadata(slot_mapping, groups, device))
     slots = torch.tensor(slot_mapping, dtype=torch.long, device=device)

@@ -88,17 +88,27 @@ class BlockManager:
                 block.block_hash, block.token_ids = h, tokens
                 self.cached[h] = block.block_id
 
+    def trim(self, seq: Sequence) -> None:
+        """Release the blocks past the sequence's computed tokens: they held only rejected drafts."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        for block_id in reversed(seq.block_table[keep:]):
+            self._unref(block_id)
+        del seq.block_table[keep:]
+
     def free_sequence(self, seq: Sequence) -> None:
         """Release a sequence's blocks, tail first, so a prompt's head outlives its tail in the cache."""
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {block_id} freed twice"
-            if block.ref_count == 0:
-                self.free[block_id] = None
+            self._unref(block_id)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+
+    def _unref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block_id} freed twice"
+        if block.ref_count == 0:
+            self.free[block_id] = None
 
     def _ref(self, block_id: int) -> None:
         block = self.blocks[block_id]

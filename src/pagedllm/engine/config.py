@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,47 @@ def _rope_scaling(hf: Any) -> dict[str, Any] | None:
     return {**scaling, "rope_type": kind}
 
 
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass
+class SpeculativeConfig:
+    """vLLM's `speculative_config` for the n-gram method."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 5
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+    # No drafts in a step with more running sequences than this: a full batch is bound by compute, where
+    # every rejected draft costs as much as a kept token.
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config.method: {self.method!r} is not one of "
+                             f"{', '.join(SPECULATIVE_METHODS)}")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
+                raise ValueError(f"speculative_config.{name}: must be an integer in [1, 64], got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"speculative_config.prompt_lookup_min: {self.prompt_lookup_min} is more than "
+                             f"prompt_lookup_max {self.prompt_lookup_max}")
+        size = self.disable_by_batch_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ValueError(f"speculative_config.disable_by_batch_size: must be a positive integer, got {size!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpeculativeConfig:
+        if not isinstance(data, dict):
+            raise ValueError("speculative_config: must be an object such as {\"method\": \"ngram\"}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"speculative_config.{unknown[0]}: unknown setting; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
 @dataclass
 class EngineConfig:
     """Everything the engine is built from; `from_json` reads a model repository's engine.json."""
@@ -117,8 +158,12 @@ class EngineConfig:
     heartbeat_timeout: float = 30.0
     max_restarts: int = 3
     restart_window: float = 300.0
+    # vLLM's {"method": "ngram", "num_speculative_tokens": 5, ...}: drafts by prompt lookup (speculative.py)
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.speculative_config, dict):
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(_DTYPES)}")
         if self.attention_backend not in BACKENDS:

@@ -21,7 +21,8 @@ from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.sampler import Sampler
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
-from pagedllm.engine.sequence import FinishReason, RequestDelta, Sequence, SequenceStatus
+from pagedllm.engine.sequence import FinishReason, RequestDelta, Sequence, SequenceStatus, TokenLogprobs
+from pagedllm.engine.speculative import NgramSpeculator
 from pagedllm.engine.tokenizer import encode_text, load_tokenizer, render_chat
 from pagedllm.errors import ErrorCode, InjectedFault, RequestRejectedError
 from pagedllm.weights import iter_safetensors, resolve_model_path
@@ -41,6 +42,8 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    num_draft_tokens: int = 0  # speculative decoding: drafts proposed, and of those, kept
+    num_accepted_tokens: int = 0
 
 
 class LLMEngine:
@@ -66,6 +69,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(config.seed)
         self.output = OutputProcessor(self.eos_token_ids, self.max_model_len, config.stream_interval)
+        self.speculator = (NgramSpeculator(config.speculative_config, self.max_model_len)
+                           if config.speculative_config is not None else None)
         self.requests: dict[str, Sequence] = {}
         self.num_preemptions = 0
         logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d",
@@ -124,6 +129,8 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         out = self.scheduler.schedule()
         self.num_preemptions += out.num_preempted
         if out.empty:
@@ -136,6 +143,7 @@ class LLMEngine:
             return [self._fail(seq, f"engine step failed: {type(e).__name__}: {e}") for seq, _ in out.scheduled]
 
     def _fail(self, seq: Sequence, message: str) -> RequestDelta:
+        seq.draft_token_ids = []
         if not seq.finished:
             self._finish(seq, FinishReason.ABORT)
         return replace(self.output.take_delta(seq), error=message, error_code=ErrorCode.INTERNAL)
@@ -151,15 +159,29 @@ class LLMEngine:
         logits = self.runner.execute(inp)
         for seq, n in out.scheduled:
             seq.num_computed_tokens += n
-            self.block_manager.register_full_blocks(seq)
+            if not seq.draft_token_ids:  # with drafts: once verified, so that hashes cover only kept tokens
+                self.block_manager.register_full_blocks(seq)
+        rows = [seq for seq, n in zip(inp.sampling_seqs, inp.num_sample_rows) for _ in range(n)]
         with torch.inference_mode():  # the logits are inference tensors: masking them in place needs this mode
-            sampled = self.sampler(logits, inp.sampling_seqs, self.eos_token_ids)
-        now = time.monotonic()
-        for seq, token, lp in zip(inp.sampling_seqs, sampled.token_ids, sampled.logprobs):
-            reason = self.output.append(seq, [token], [lp], now)
-            if reason is not None:
-                self._finish(seq, reason)
+            sampled = self.sampler(logits, rows, self.eos_token_ids)
+        now, first = time.monotonic(), 0
+        for seq, n in zip(inp.sampling_seqs, inp.num_sample_rows):
+            self._emit(seq, sampled.token_ids[first:first + n], sampled.logprobs[first:first + n], now)
+            first += n
         return [self.output.take_delta(seq) for seq in inp.sampling_seqs if self.output.ready_to_send(seq)]
+
+    def _emit(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprobs | None], now: float) -> None:
+        """A sampling sequence's tokens of this step: one, or with drafts the verified run."""
+        drafts, seq.draft_token_ids = seq.draft_token_ids, []
+        if drafts:
+            tokens = self.speculator.verify(drafts, tokens)
+        reason = self.output.append(seq, tokens, logprobs, now)
+        if drafts:  # the slots of rejected drafts no longer count, and their blocks go back
+            seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq.token_ids) - 1)
+            self.block_manager.trim(seq)
+            self.block_manager.register_full_blocks(seq)
+        if reason is not None:
+            self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status, seq.finish_reason, seq.finish_time = SequenceStatus.FINISHED, reason, time.monotonic()
@@ -168,8 +190,10 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
+        spec = self.speculator
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.usage, bm.num_free_blocks,
-                           bm.num_blocks, bm.prefix_queries, bm.prefix_hits, self.num_preemptions)
+                           bm.num_blocks, bm.prefix_queries, bm.prefix_hits, self.num_preemptions,
+                           spec.num_draft_tokens if spec else 0, spec.num_accepted_tokens if spec else 0)
 
 
 def _eos_ids(config: ModelConfig, tokenizer: Any) -> list[int]:

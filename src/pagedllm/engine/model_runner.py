@@ -22,6 +22,7 @@ class ModelInput:
     meta: AttentionMetadata
     sample_indices: torch.Tensor
     sampling_seqs: list[Sequence]
+    num_sample_rows: list[int]  # per sampling sequence: 1, plus one per draft token
 
 
 class ModelRunner:
@@ -47,19 +48,21 @@ class ModelRunner:
         slots: list[int] = []
         sample_indices: list[int] = []
         sampling: list[Sequence] = []
+        rows: list[int] = []
         for seq, n in ordered:
-            start = seq.num_computed_tokens
-            ids += seq.token_ids[start:start + n]
+            start, tokens = seq.num_computed_tokens, seq.tokens_with_drafts()
+            ids += tokens[start:start + n]
             positions += range(start, start + n)
             slots += [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
                       for p in range(start, start + n)]
-            if start + n == len(seq.token_ids):
-                sample_indices.append(len(ids) - 1)
+            if start + n == len(tokens):
+                rows.append(1 + len(seq.draft_token_ids))
+                sample_indices += range(len(ids) - rows[-1], len(ids))
                 sampling.append(seq)
         meta = build_metadata(slots, self._groups(ordered), self.geometry, self.dtype, self.device,
                               self.attention_backend)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        return ModelInput(as_long(ids), as_long(positions), meta, as_long(sample_indices), sampling)
+        return ModelInput(as_long(ids), as_long(positions), meta, as_long(sample_indices), sampling, rows)
 
     @staticmethod
     def _groups(ordered: list[tuple[Sequence, int]]) -> list[QueryGroup]:
@@ -70,7 +73,8 @@ class ModelRunner:
                                      [s.num_computed_tokens + 1 for s in decodes]))
         start = len(decodes)
         for seq, n in ordered[len(decodes):]:
-            groups.append(QueryGroup(start, 1, n, [seq.block_table], [seq.num_computed_tokens + n]))
+            groups.append(QueryGroup(start, 1, n, [seq.block_table], [seq.num_computed_tokens + n],
+                                     speculative=bool(seq.draft_token_ids)))
             start += n
         return groups
 

@@ -64,6 +64,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
+            if seq.draft_token_ids and (n < seq.num_uncomputed_tokens or not self.block_manager.can_allocate(seq, n)):
+                seq.draft_token_ids = []  # drafts go whole or not at all, and never cost another's blocks
+                n = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.can_allocate(seq, n) and self.running[-1] is not seq:
                 self._preempt(self.running.pop(), out)
             if not self.block_manager.can_allocate(seq, n):
@@ -93,6 +96,7 @@ class Scheduler:
             budget -= n
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        seq.draft_token_ids = []
         self.block_manager.free_sequence(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1

@@ -54,6 +54,9 @@ class Sequence:
     finish_time: float | None = None
     num_preemptions: int = 0
     num_sent_tokens: int = 0  # output tokens already handed out in a RequestDelta
+    # Speculative tokens proposed for this step (speculative.py): computed with the sequence's next token,
+    # and kept, up to the first one the model disagrees with, only once verified.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -73,7 +76,10 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self.token_ids) + len(self.draft_token_ids) - self.num_computed_tokens
+
+    def tokens_with_drafts(self) -> list[int]:
+        return self.token_ids + self.draft_token_ids if self.draft_token_ids else self.token_ids
 
     @property
     def finished(self) -> bool:

@@ -25,6 +25,8 @@ COUNTERS = {
     "pagedllm_request_success_total": "Requests finished, by finish reason",
     "pagedllm_preemptions_total": "Requests preempted for KV blocks",
     "pagedllm_engine_restarts_total": "Engine process restarts, after it died or hung",
+    "pagedllm_spec_decode_num_draft_tokens_total": "Speculative draft tokens proposed",
+    "pagedllm_spec_decode_num_accepted_tokens_total": "Speculative draft tokens accepted (kept after verification)",
 }
 GAUGES = {
     "pagedllm_num_requests_running": "Requests in the running batch",
@@ -130,7 +132,9 @@ class ServingMetrics:
                 self.gauges[name].set(getattr(stats, attr))
         for name, attr in (("pagedllm_prefix_cache_queries_total", "prefix_cache_queries"),
                            ("pagedllm_prefix_cache_hits_total", "prefix_cache_hits"),
-                           ("pagedllm_preemptions_total", "num_preemptions")):
+                           ("pagedllm_preemptions_total", "num_preemptions"),
+                           ("pagedllm_spec_decode_num_draft_tokens_total", "num_draft_tokens"),
+                           ("pagedllm_spec_decode_num_accepted_tokens_total", "num_accepted_tokens")):
             delta = getattr(stats, attr) - (getattr(last, attr) if last else 0)
             if delta > 0:
                 self.counters[name].increment(delta)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from pagedllm.engine.config import EngineConfig
@@ -42,7 +43,8 @@ def engine_json(overrides: dict) -> dict:
     """engine.json for `overrides` of EngineConfig, its defaults filled in for the shown settings."""
     config = EngineConfig(**overrides)
     names = list(SHOWN_ENGINE_SETTINGS) + [k for k in overrides if k not in SHOWN_ENGINE_SETTINGS]
-    return {name: getattr(config, name) for name in names}
+    values = {name: getattr(config, name) for name in names}
+    return {name: asdict(v) if is_dataclass(v) else v for name, v in values.items()}
 
 
 def _tensors(kind: str, spec: list[tuple[str, str, list[int]]], optional: bool | set[str]) -> str:

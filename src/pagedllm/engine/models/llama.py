@@ -126,8 +126,10 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.decode_layers is not None and meta.kernel is not None:  # a decode-only step, in C++
             k = meta.kernel
+            # one block-table row per token: a speculative run's tokens are rows of their own
+            tables = k.block_tables if len(k.block_tables) == len(x) else k.block_tables.index_select(0, k.token_seq)
             self._decode(self.decode_layers, x, self.rotary.cos, self.rotary.sin, positions, k.slot_mapping,
-                         kv_caches, k.block_tables, k.context_lens)
+                         kv_caches, tables, k.context_lens)
         else:
             rope = self.rotary(positions, x.dtype)
             for layer, kv in zip(self.layers, kv_caches):

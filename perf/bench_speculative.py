@@ -1,0 +1,86 @@
+"""Speculative decoding (n-gram prompt lookup) on against off, in one process, the same requests (greedy,
+so the outputs are identical token for token): batch 1 on input-grounded tasks, batch 1 on free-form chat,
+and 32 chat requests at once. Each setting alternates on and off and keeps the best of the repeats.
+
+    python -m perf.bench_speculative           # writes perf/RESULTS.md
+    python -m perf.bench_speculative --quick   # a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from pagedllm import LLM, SamplingParams
+from perf.results import write_section
+from perf.workloads import GROUNDED_TASKS, QUESTIONS, chat_prompts
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+
+
+def run(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[float, int, list[list[int]]]:
+    """(seconds, output tokens, outputs)."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return time.perf_counter() - start, sum(len(o.token_ids) for o in outs), [o.token_ids for o in outs]
+
+
+def compare(on: LLM, off: LLM, prompts: list[list[int]], max_tokens: int, repeats: int) -> dict:
+    best = {"on": float("inf"), "off": float("inf")}
+    outputs = {}
+    spec = on.engine.speculator
+    drafted, accepted = spec.num_draft_tokens, spec.num_accepted_tokens
+    for _ in range(repeats):
+        for name, llm in (("off", off), ("on", on)):
+            secs, tokens, outputs[name] = run(llm, prompts, max_tokens)
+            best[name] = min(best[name], secs)
+    rate = (spec.num_accepted_tokens - accepted) / max(1, spec.num_draft_tokens - drafted)
+    return {"off": tokens / best["off"], "on": tokens / best["on"], "acceptance": rate, "tokens": tokens,
+            "same": outputs["on"] == outputs["off"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="tiny run; does not touch RESULTS.md")
+    args = ap.parse_args()
+    if args.quick:
+        args.max_tokens, args.repeats = 16, 1
+    off, on = LLM(), LLM(speculative_config=SPEC)
+    chat = lambda text: on.engine.apply_chat_template([{"role": "user", "content": text}])  # noqa: E731
+    rows = {}
+    for name, text in GROUNDED_TASKS.items():
+        rows[f"batch 1: {name}"] = compare(on, off, [chat(text)], args.max_tokens, args.repeats)
+    rows["batch 1: free-form chat (4 questions in turn)"] = _sequential(on, off, [chat(q) for q in QUESTIONS[:4]],
+                                                                          args)
+    batch = [on.engine.apply_chat_template(c) for c in chat_prompts(32)]
+    rows["32 chat requests at once"] = compare(on, off, batch, args.max_tokens // 2, args.repeats)
+    body = report(rows, args)
+    print(body)
+    if not args.quick:
+        write_section("bench_speculative", body)
+
+
+def _sequential(on: LLM, off: LLM, prompts: list[list[int]], args: argparse.Namespace) -> dict:
+    parts = [compare(on, off, [p], args.max_tokens, args.repeats) for p in prompts]
+    tokens = sum(p["tokens"] for p in parts)
+    secs = {k: sum(p["tokens"] / p[k] for p in parts) for k in ("on", "off")}
+    return {"off": tokens / secs["off"], "on": tokens / secs["on"], "tokens": tokens,
+            "acceptance": sum(p["acceptance"] for p in parts) / len(parts), "same": all(p["same"] for p in parts)}
+
+
+def report(rows: dict, args: argparse.Namespace) -> str:
+    lines = [f"`python -m perf.bench_speculative` — SmolLM2-135M-Instruct, bfloat16, greedy, up to "
+             f"{args.max_tokens} tokens (64 for the batch of 32), n-gram drafts {SPEC}; best of {args.repeats} "
+             "alternating runs each.\n",
+             "| workload | spec off (tok/s) | spec on (tok/s) | on / off | drafts accepted | same output |",
+             "|---|---:|---:|---:|---:|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['off']:.0f} | {r['on']:.0f} | **{r['on'] / r['off']:.2f}x** | "
+                     f"{r['acceptance'] * 100:.0f}% | {'yes' if r['same'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
