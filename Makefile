@@ -33,7 +33,7 @@ serve: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 test-unit: setup
 	$(PY) -m pytest -q -m "not integration"

@@ -90,14 +90,17 @@ def main() -> None:
     chunked = f"llm_stream_interval_{args.stream_interval}"
     extra = ROOT / "perf" / "out" / "bench_serving-models"
     write_llm(extra, chunked, {**settings, "stream_interval": args.stream_interval})
+    # --quick leaves the extra model out: loading a second engine is most of a smoke run's time
     opts = ServerOptions(args.model_repository.resolve(), free_port(), free_port(), free_port(),
-                         extra_args=[f"--model-repository={extra}"])
+                         extra_args=[] if args.quick else [f"--model-repository={extra}"])
     with TritonServer(opts, ROOT / "perf" / "out" / "bench_serving-tritonserver.log") as server:
         served("grpc", server.grpc_url, "ensemble", chats[:2], 4, 2)  # warm-up
         paths = {"gRPC streaming, ensemble": ("grpc", server.grpc_url, "ensemble"),
                  "gRPC streaming, llm": ("grpc", server.grpc_url, "llm"),
                  "HTTP generate_stream, ensemble": ("http", server.http_url, "ensemble"),
                  f"gRPC streaming, llm, stream_interval {args.stream_interval}": ("grpc", server.grpc_url, chunked)}
+        if args.quick:
+            paths.popitem()
         before = offline(engine, *work)
         rates[OFFLINE].append(before)
         for _ in range(args.rounds):

@@ -40,7 +40,7 @@ def server(request, tmp_path_factory, tiny_model_dir, smollm_dir):
     repo = tmp_path_factory.mktemp("repo")
     write_repository(repo, {**SERVED_ENGINE, "kv_cache_memory": 256 << 20, "max_num_seqs": 32})
     write_llm(repo, "llm_tiny", tiny_engine(tiny_model_dir("llama-tied")))
-    write_llm(repo, "llm_spec", {**tiny_engine(tiny_model_dir("llama-tied")), "stream_interval": 3,
+    write_llm(repo, "llm_spec", {**tiny_engine(tiny_model_dir("llama-tied", vocab_size=16)), "stream_interval": 3,
                                  "speculative_config": SPEC})
     write_baselines(repo, str(tiny_model_dir("llama-tied")), max_batch_size=4, dtype="float32")  # perf/compare.py's
     log = repo.parent / "tritonserver.log"
