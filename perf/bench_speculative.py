@@ -47,8 +47,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny run; does not touch RESULTS.md")
     args = ap.parse_args()
     if args.quick:
-        args.max_tokens, args.repeats = 16, 1
-    off, on = LLM(), LLM(speculative_config=SPEC)
+        args.max_tokens, args.repeats = 8, 1
+    kv = {"kv_cache_memory": 256 << 20}  # room for the batch of 32 and its prompts
+    off, on = LLM(**kv), LLM(speculative_config=SPEC, **kv)
     chat = lambda text: on.engine.apply_chat_template([{"role": "user", "content": text}])  # noqa: E731
     rows = {}
     tasks = list(GROUNDED_TASKS.items())[:1 if args.quick else None]

@@ -246,10 +246,10 @@ async def storm(url: str, n: int, concurrency: int, seed: int) -> tuple[int, int
 
 def test_cancellation_storm_frees_every_block_and_memory_stays_flat(tiny_server, report):
     pid = tiny_server.process.pid
-    cancelled, completed, errors = asyncio.run(storm(tiny_server.grpc_url, 200, 16, seed=1))  # warm-up
+    cancelled, completed, errors = asyncio.run(storm(tiny_server.grpc_url, 150, 16, seed=1))  # warm-up
     assert not errors, errors[:3]
     rss_warm = tree_rss_bytes(pid)
-    cancelled, completed, errors = asyncio.run(storm(tiny_server.grpc_url, 1000, 16, seed=2))
+    cancelled, completed, errors = asyncio.run(storm(tiny_server.grpc_url, 600, 16, seed=2))
     assert not errors, errors[:3]
     idle = lambda: (metric(tiny_server, "pagedllm_num_requests_running", model="llm_soak") == 0  # noqa: E731
                     and metric(tiny_server, "pagedllm_kv_cache_usage_ratio", model="llm_soak") == 0)
@@ -257,8 +257,8 @@ def test_cancellation_storm_frees_every_block_and_memory_stays_flat(tiny_server,
     free = metric(tiny_server, "pagedllm_kv_cache_free_blocks", model="llm_soak")
     rss_end = tree_rss_bytes(pid)
     growth = rss_end / rss_warm - 1
-    assert free == 128 and growth < 0.05 and 200 < cancelled < 500
-    report.add("cancellation storm", "1000 streams after 200 warm-up, 16 at once, a third left at a random point",
+    assert free == 128 and growth < 0.05 and 120 < cancelled < 300
+    report.add("cancellation storm", "600 streams after 150 warm-up, 16 at once, a third left at a random point",
                f"{cancelled} cancelled, {completed} completed, 0 other errors; {int(128 - free)} of 128 KV blocks "
                f"leaked; RSS {rss_warm / 2**20:.0f} -> {rss_end / 2**20:.0f} MiB ({growth * 100:+.1f}%)")
 
