@@ -17,9 +17,12 @@ class Report:
         self.rows.append((area, what, str(figure)))
 
     def write(self) -> None:
+        """Rows of the areas measured this run replace theirs; a run of a few tests keeps the other areas'."""
         if not self.rows:
             return
-        rows = sorted(self.rows, key=lambda r: ORDER.index(r[0]) if r[0] in ORDER else len(ORDER))
+        measured = {area for area, _, _ in self.rows}
+        kept = [row for row in _written_rows() if row[0] not in measured]
+        rows = sorted(kept + self.rows, key=lambda r: ORDER.index(r[0]) if r[0] in ORDER else len(ORDER))
         table = "".join(f"| {a} | {w} | {f} |\n" for a, w, f in rows)
         DOC.parent.mkdir(exist_ok=True)
         DOC.write_text(
@@ -30,6 +33,12 @@ class Report:
 
 
 FAULTS_START, FAULTS_END = "<!-- process faults -->\n", "<!-- /process faults -->\n"
+
+
+def _written_rows() -> list[tuple[str, str, str]]:
+    text = DOC.read_text() if DOC.exists() else ""
+    table = text.split("|---|---|---|\n", 1)[1].split("\n\n", 1)[0] if "|---|---|---|\n" in text else ""
+    return [tuple(line[2:-2].split(" | ", 2)) for line in table.splitlines() if line.startswith("| ")]
 
 
 def _faults_block() -> str:
