@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from pagedllm.engine.sampling_params import check_int
 from pagedllm.errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -103,15 +104,12 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config.method: {self.method!r} is not one of "
                              f"{', '.join(SPECULATIVE_METHODS)}")
         for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
-                raise ValueError(f"speculative_config.{name}: must be an integer in [1, 64], got {value!r}")
+            check_int(f"speculative_config.{name}", getattr(self, name), low=1, high=64)
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"speculative_config.prompt_lookup_min: {self.prompt_lookup_min} is more than "
                              f"prompt_lookup_max {self.prompt_lookup_max}")
-        size = self.disable_by_batch_size
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
-            raise ValueError(f"speculative_config.disable_by_batch_size: must be a positive integer, got {size!r}")
+        if self.disable_by_batch_size is not None:
+            check_int("speculative_config.disable_by_batch_size", self.disable_by_batch_size, low=1)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpeculativeConfig:

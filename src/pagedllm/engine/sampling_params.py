@@ -32,19 +32,19 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, low=1)
+            check_int("max_tokens", self.max_tokens, low=1)
         _check_float("temperature", self.temperature, low=0.0)
         _check_float("top_p", self.top_p, low=0.0, low_open=True, high=1.0)
-        _check_int("top_k", self.top_k, low=-1)
+        check_int("top_k", self.top_k, low=-1)
         _check_float("min_p", self.min_p, low=0.0, high=1.0)
         _check_float("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
         _check_float("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
         _check_float("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
         if self.seed is not None:
-            _check_int("seed", self.seed, low=0, high=MAX_SEED)
-        _check_int("min_tokens", self.min_tokens, low=0, high=self.max_tokens)  # high None: no bound
+            check_int("seed", self.seed, low=0, high=MAX_SEED)
+        check_int("min_tokens", self.min_tokens, low=0, high=self.max_tokens)  # high None: no bound
         if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, low=0, high=20)
+            check_int("logprobs", self.logprobs, low=0, high=20)
         self._check_stops()
 
     def _check_stops(self) -> None:
@@ -55,7 +55,7 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, list):
             raise ValueError("stop_token_ids: must be a list of token ids")
         for token in self.stop_token_ids:
-            _check_int("stop_token_ids", token, low=0)
+            check_int("stop_token_ids", token, low=0)
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be true or false")
@@ -78,7 +78,7 @@ class SamplingParams:
             raise ValueError(f"sampling_parameters: {e}") from None
 
 
-def _check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> None:
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name}: must be an integer, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
