@@ -2,13 +2,17 @@
 folder, plus a tiny random model served beside it as `llm_tiny`."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -201,9 +205,10 @@ class GatewayProcess:
             self.process.wait(timeout=60)
 
 
-def start_serve(tmp_path: Path, tiny_dir: Path, *extra: str) -> tuple[subprocess.Popen, list[str]]:
+@contextlib.contextmanager
+def running_serve(tmp_path: Path, tiny_dir: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, list[str]]]:
     """`pagedllm serve` on a tiny `llm` model, in its own process group, once tritonserver is ready;
-    `process.log_path` is its output."""
+    `process.log_path` is its output. Whatever is still running of it at the end is killed."""
     repo = tmp_path / "repo"
     if not repo.exists():
         write_llm(repo, "llm", tiny_engine(tiny_dir))
@@ -213,5 +218,9 @@ def start_serve(tmp_path: Path, tiny_dir: Path, *extra: str) -> tuple[subprocess
                                 "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
                                 *extra], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     process.log_path = Path(log.name)
-    assert wait_for(lambda: answers_200(f"http://localhost:{ports[0]}/v2/health/ready"), 300), log.name
-    return process, ports
+    try:
+        assert wait_for(lambda: answers_200(f"http://localhost:{ports[0]}/v2/health/ready"), 300), log.name
+        yield process, ports
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)

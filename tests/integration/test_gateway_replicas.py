@@ -3,7 +3,6 @@ fails no request that had not started streaming, and it is re-admitted once it i
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import urllib.request
 
@@ -12,7 +11,7 @@ import pytest
 
 from pagedllm.launcher import TritonServer, free_port
 from pagedllm.serving.repository import write_llm
-from tests.integration.conftest import GatewayProcess, answers_200, start_serve, start_server, tiny_engine, wait_for
+from tests.integration.conftest import GatewayProcess, answers_200, running_serve, start_server, tiny_engine, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -124,8 +123,7 @@ def test_a_killed_replica_fails_only_streams_already_begun_and_is_readmitted(rep
 def test_serve_with_openai_port_drains_streams_on_sigterm(tmp_path, tiny_model_dir):
     """`pagedllm serve --openai-port`: both start, the base URL is printed, SIGTERM lets a stream finish."""
     port = free_port()
-    serve, _ = start_serve(tmp_path, tiny_model_dir("llama-tied"), "--openai-port", str(port))
-    try:
+    with running_serve(tmp_path, tiny_model_dir("llama-tied"), "--openai-port", str(port)) as (serve, _):
         assert wait_for(lambda: answers_200(f"http://127.0.0.1:{port}/ready"), 60), serve.log_path.read_text()
         assert f"http://127.0.0.1:{port}/v1" in serve.log_path.read_text()
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
@@ -136,6 +134,3 @@ def test_serve_with_openai_port_drains_streams_on_sigterm(tmp_path, tiny_model_d
         rest = list(stream)
         assert rest[-1].usage.completion_tokens == 150 and first.choices[0].text is not None
         assert serve.wait(120) == 0
-    finally:
-        if serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGKILL)

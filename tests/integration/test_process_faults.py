@@ -22,7 +22,7 @@ from tests.integration.conftest import (
     engine_pid,
     metric,
     num_tokens,
-    start_serve,
+    running_serve,
     start_server,
     stream,
     tiny_engine,
@@ -134,12 +134,11 @@ def test_an_engine_that_keeps_dying_stays_down_and_the_rest_serve(faults_server,
 @pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
 def test_serve_drains_streams_and_exits_0(tmp_path, tiny_model_dir, sig, group, table):
     extra = ("--openai-port", str(free_port())) if group else ()
-    serve, ports = start_serve(tmp_path, tiny_model_dir("llama-tied"), *extra)
-    url = f"localhost:{ports[1]}"
-    fields = {"text_input": "Hello", "sampling_parameters": {"max_tokens": 300, "ignore_eos": True},
-              "return_num_output_tokens": True}
-    metrics = SimpleNamespace(metrics_url=f"http://localhost:{ports[2]}/metrics")
-    try:
+    with running_serve(tmp_path, tiny_model_dir("llama-tied"), *extra) as (serve, ports):
+        url = f"localhost:{ports[1]}"
+        fields = {"text_input": "Hello", "sampling_parameters": {"max_tokens": 300, "ignore_eos": True},
+                  "return_num_output_tokens": True}
+        metrics = SimpleNamespace(metrics_url=f"http://localhost:{ports[2]}/metrics")
         with ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(stream, url, "llm", fields) for _ in range(3)]
             assert wait_for(lambda: metric(metrics, "pagedllm_num_requests_running") >= 1, 30)
@@ -148,9 +147,6 @@ def test_serve_drains_streams_and_exits_0(tmp_path, tiny_model_dir, sig, group, 
             results = [f.result(timeout=60) for f in futures]
         assert serve.wait(60) == 0
         took = time.monotonic() - sent
-    finally:
-        if serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGKILL)
     for out, error in results:
         assert error is None and num_tokens(out) == 300
     table.add(f"`pagedllm serve` {sig.name} {'to its process group, gateway running' if group else 'to it alone'}",
@@ -158,8 +154,7 @@ def test_serve_drains_streams_and_exits_0(tmp_path, tiny_model_dir, sig, group, 
 
 
 def test_serve_exits_non_zero_at_once_when_tritonserver_dies(tmp_path, tiny_model_dir, table):
-    serve, _ = start_serve(tmp_path, tiny_model_dir("llama-tied"))
-    try:
+    with running_serve(tmp_path, tiny_model_dir("llama-tied")) as (serve, _):
         triton = triton_pid(serve)
         killed = time.monotonic()
         os.kill(triton, signal.SIGKILL)
@@ -168,16 +163,12 @@ def test_serve_exits_non_zero_at_once_when_tritonserver_dies(tmp_path, tiny_mode
         assert code != 0 and took < 2.0
         table.add("tritonserver SIGKILL under `pagedllm serve`", "none", "-", "-",
                   f"serve exited {code} after {took:.1f} s, saying why, for its supervisor to restart it")
-    finally:
-        if serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGKILL)
 
 
 def test_a_second_signal_stops_serve_at_once(tmp_path, tiny_model_dir, table):
-    serve, ports = start_serve(tmp_path, tiny_model_dir("llama-tied"))
-    url = f"localhost:{ports[1]}"
-    fields = {"text_input": "Hello", "sampling_parameters": {"max_tokens": 500, "ignore_eos": True}}
-    try:
+    with running_serve(tmp_path, tiny_model_dir("llama-tied")) as (serve, ports):
+        url = f"localhost:{ports[1]}"
+        fields = {"text_input": "Hello", "sampling_parameters": {"max_tokens": 500, "ignore_eos": True}}
         threading.Thread(target=stream, args=(url, "llm", fields), daemon=True).start()
         time.sleep(0.3)
         os.kill(serve.pid, signal.SIGTERM)
@@ -189,9 +180,6 @@ def test_a_second_signal_stops_serve_at_once(tmp_path, tiny_model_dir, table):
         assert code != 0 and took < 2.0
         table.add("a second SIGTERM to `pagedllm serve` while it drains", "1 stream of 500 tokens", "cut", "-",
                   f"everything killed; exit code {code} after {took:.2f} s")
-    finally:
-        if serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGKILL)
 
 
 def serves(url: str) -> bool:
@@ -204,11 +192,10 @@ def serves(url: str) -> bool:
 def test_a_killed_stub_under_serve_restarts_tritonserver(tmp_path, tiny_model_dir, table):
     """Triton 2.51 cannot recover a dead Python stub: `pagedllm serve` restarts tritonserver instead, so the
     streams end (a connection error, retried by clients) rather than hang, and it serves again."""
-    serve, ports = start_serve(tmp_path, tiny_model_dir("llama-tied"))
-    url = f"localhost:{ports[1]}"
-    fields = {"text_input": "Hello", "sampling_parameters": {"max_tokens": 500, "ignore_eos": True}}
-    metrics = SimpleNamespace(metrics_url=f"http://localhost:{ports[2]}/metrics")
-    try:
+    with running_serve(tmp_path, tiny_model_dir("llama-tied")) as (serve, ports):
+        url = f"localhost:{ports[1]}"
+        fields = {"text_input": "Hello", "sampling_parameters": {"max_tokens": 500, "ignore_eos": True}}
+        metrics = SimpleNamespace(metrics_url=f"http://localhost:{ports[2]}/metrics")
         triton = triton_pid(serve)
         stub = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == triton
                     and "llm_0_0" in _cmdline(p))
@@ -222,8 +209,6 @@ def test_a_killed_stub_under_serve_restarts_tritonserver(tmp_path, tiny_model_di
         assert wait_for(lambda: serves(url), 120)
         back = time.monotonic() - killed
         assert serve.poll() is None
-    finally:
-        os.killpg(serve.pid, signal.SIGKILL)
     table.add("the `llm` Python stub SIGKILL, under `pagedllm serve`", "2 gRPC streams of 500 tokens",
               "each a connection error (retryable), the last "
               f"{max(at for _, at in ended) - killed:.2f} s after the kill",
