@@ -20,9 +20,8 @@ class Report:
         """Rows of the areas measured this run replace theirs; a run of a few tests keeps the other areas'."""
         if not self.rows:
             return
-        measured = {area for area, _, _ in self.rows}
-        kept = [row for row in _written_rows() if row[0] not in measured]
-        rows = sorted(kept + self.rows, key=lambda r: ORDER.index(r[0]) if r[0] in ORDER else len(ORDER))
+        rows = merge_rows(_written_rows("|---|---|---|\n", 3), self.rows)
+        rows = sorted(rows, key=lambda r: ORDER.index(r[0]) if r[0] in ORDER else len(ORDER))
         table = "".join(f"| {a} | {w} | {f} |\n" for a, w, f in rows)
         DOC.parent.mkdir(exist_ok=True)
         DOC.write_text(
@@ -35,10 +34,25 @@ class Report:
 FAULTS_START, FAULTS_END = "<!-- process faults -->\n", "<!-- /process faults -->\n"
 
 
-def _written_rows() -> list[tuple[str, str, str]]:
+def _written_rows(separator: str, columns: int) -> list[tuple[str, ...]]:
+    """The rows of the table under `separator` as docs/RELIABILITY.md has them."""
     text = DOC.read_text() if DOC.exists() else ""
-    table = text.split("|---|---|---|\n", 1)[1].split("\n\n", 1)[0] if "|---|---|---|\n" in text else ""
-    return [tuple(line[2:-2].split(" | ", 2)) for line in table.splitlines() if line.startswith("| ")]
+    table = text.split(separator, 1)[1].split("\n\n", 1)[0] if separator in text else ""
+    return [tuple(line[2:-2].split(" | ", columns - 1)) for line in table.splitlines() if line.startswith("| ")]
+
+
+def merge_rows(written: list[tuple[str, ...]], measured: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """A table after a run: the rows of each key (first column) it measured replace that key's rows, in
+    place; keys it did not measure keep theirs, so a run of a few tests leaves the other figures be."""
+    keys = {row[0] for row in measured}
+    merged, placed = [], set()
+    for row in written:
+        if row[0] not in keys:
+            merged.append(row)
+        elif row[0] not in placed:
+            merged += [r for r in measured if r[0] == row[0]]
+            placed.add(row[0])
+    return merged + [r for r in measured if r[0] not in placed]
 
 
 def _faults_block() -> str:
@@ -60,7 +74,8 @@ class FaultTable:
     def write(self) -> None:
         if not self.rows:
             return
-        table = "".join("| " + " | ".join(row) + " |\n" for row in self.rows)
+        rows = merge_rows(_written_rows("|---|---|---|---|---|\n", 5), self.rows)
+        table = "".join("| " + " | ".join(row) + " |\n" for row in rows)
         block = (FAULTS_START + "## Process faults\n\nWritten by `tests/integration/test_process_faults.py`, with "
                  f"real signals on the real processes. _{datetime.date.today().isoformat()}_\n\n"
                  "| fault | requests in flight | how each ended | time to not-ready | time to serving again |\n"
