@@ -41,7 +41,7 @@ class Sampler:
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    rows = [i for i, s in enumerate(seqs) if _has_penalty(s)]
+    rows = [i for i, s in enumerate(seqs) if has_penalty(s)]
     if not rows:
         return logits
     logits = logits.clone()
@@ -58,7 +58,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
-def _has_penalty(seq: Sequence) -> bool:
+def has_penalty(seq: Sequence) -> bool:
     p = seq.params
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 

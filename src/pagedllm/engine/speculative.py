@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from pagedllm.engine.config import SpeculativeConfig
+from pagedllm.engine.sampler import has_penalty
 from pagedllm.engine.sequence import Sequence
 
 
@@ -67,6 +68,4 @@ class NgramSpeculator:
 def speculates(seq: Sequence) -> bool:
     """Penalties and min_tokens read the output so far, which differs row by row within a verification:
     such a sequence decodes one token at a time."""
-    p = seq.params
-    penalised = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-    return not penalised and seq.num_output_tokens >= p.min_tokens
+    return not has_penalty(seq) and seq.num_output_tokens >= seq.params.min_tokens
