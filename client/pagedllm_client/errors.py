@@ -41,10 +41,11 @@ _BY_STATUS: dict[str, type[ClientError]] = {
     "400": InvalidRequest, "404": InvalidRequest, "429": Overloaded, "503": Overloaded,
     "500": ServerError, "502": Overloaded, "504": Timeout,
 }
-# Retryable whatever the status says (lowercase substrings of the message).
+# Retryable whatever the status says (lowercase substrings of the message). ENGINE_DOWN_MARKS: the llm
+# model's engine process died or is restarting (the gateway then skips that replica for a while).
+ENGINE_DOWN_MARKS = ("engine died:", "engine restarting:")
 _UNAVAILABLE_MARKS = ("overloaded:", "engine loop is not running", "is not ready", "stub process is not healthy",
-                      "failed to connect", "connection refused", "socket closed", "engine died:",
-                      "engine restarting:")
+                      "failed to connect", "connection refused", "socket closed", *ENGINE_DOWN_MARKS)
 _SERVER_MARKS = ("engine failed:", "internal:")
 
 

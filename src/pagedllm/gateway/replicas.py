@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagedllm_client import NO_RETRY, AsyncClient, CircuitBreaker
+from pagedllm_client.errors import ENGINE_DOWN_MARKS
 
 logger = logging.getLogger("pagedllm.gateway")
 _UNREACHABLE = ("failed to connect", "connection refused", "socket closed", "connect failed")
-_ENGINE_DOWN = ("engine died:", "engine restarting:")
 ENGINE_COOLDOWN_SECONDS = 3.0  # an engine restart takes about 7 s; a refusal after the cool-down re-arms it
 
 
@@ -72,7 +72,7 @@ class Replica:
         if any(mark in text for mark in _UNREACHABLE) and self.healthy:
             logger.warning("replica %s ejected (unreachable: %s)", self.url, error)
             self.healthy = False
-        if any(mark in text for mark in _ENGINE_DOWN) and self.serves(model):
+        if any(mark in text for mark in ENGINE_DOWN_MARKS) and self.serves(model):
             logger.warning("replica %s: the engine of %s is down; skipped for %.0f s", self.url, model,
                            ENGINE_COOLDOWN_SECONDS)
             self.cooling[model] = time.monotonic() + ENGINE_COOLDOWN_SECONDS
