@@ -113,8 +113,8 @@ FUNCTION = '''def moving_average(values, window):
 '''
 GROUNDED_TASKS = {
     "summarise a passage": PASSAGE + "\n\nSummarise the passage above in three sentences, reusing its wording.",
-    "extract fields": DOCUMENT + "\nFrom the invoice above, list the invoice number, the date, the customer's "
-                                 "name, the company, every item with its quantity and price, and the total due.",
+    "extract fields": "Here is an invoice:\n\n" + DOCUMENT + "\nWhat are the invoice number, the date, the "
+                                                            "customer and the total due? Answer as a list.",
     "edit a function": FUNCTION + "\nRename the parameter `values` to `samples` and `window` to `size` in the "
                                   "function above, and give the whole function back.",
 }

@@ -17,3 +17,13 @@ def test_benchmark_runs_quick(script):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert any(mark in done.stdout for mark in ("| pagedllm", "| offline engine", "| batch 1"))
+
+
+def test_lookup_bound_counts_the_steps_of_the_best_possible_lookup():
+    from perf.bench_speculative import lookup_bound_steps
+    # the whole output is a copy of the prompt: 5 drafts and a sampled token per step
+    assert lookup_bound_steps(list(range(20)), list(range(12)), num_drafts=5) == 2
+    # nothing to copy: one token per step
+    assert lookup_bound_steps([1, 2], [7, 8, 9], num_drafts=5) == 3
+    # the output repeats itself: 5 and 6 come one by one, then 5 6 is copied (with 5 sampled), then 6
+    assert lookup_bound_steps([0], [5, 6, 5, 6, 5, 6], num_drafts=5) == 4
