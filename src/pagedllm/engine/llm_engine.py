@@ -23,6 +23,7 @@ from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.engine.sequence import FinishReason, RequestDelta, Sequence, SequenceStatus, TokenLogprobs
 from pagedllm.engine.speculative import NgramSpeculator
+from pagedllm.engine.structured_output import StructuredOutputs
 from pagedllm.engine.tokenizer import encode_text, load_tokenizer, render_chat
 from pagedllm.errors import ErrorCode, InjectedFault, RequestRejectedError
 from pagedllm.weights import iter_safetensors, resolve_model_path
@@ -71,6 +72,9 @@ class LLMEngine:
         self.output = OutputProcessor(self.eos_token_ids, self.max_model_len, config.stream_interval)
         self.speculator = (NgramSpeculator(config.speculative_config, self.max_model_len)
                            if config.speculative_config is not None else None)
+        spec = config.speculative_config
+        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
+                                            max_rollback=spec.num_speculative_tokens if spec else 0)
         self.requests: dict[str, Sequence] = {}
         self.num_preemptions = 0
         logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d",
@@ -95,6 +99,8 @@ class LLMEngine:
             raise RequestRejectedError(
                 f"max_tokens: {params.max_tokens} with a prompt of {len(prompt_token_ids)} tokens is over "
                 f"max_model_len {self.max_model_len}; ask for at most {self.max_model_len - len(prompt_token_ids)}")
+        if params.structured_outputs is not None:
+            self.structured.compile(params.structured_outputs)  # compiled here, in the caller's thread, and cached
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:
@@ -108,6 +114,7 @@ class LLMEngine:
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         seq = Sequence(request_id, list(prompt_token_ids), params, detok,
                        arrival_time if arrival_time is not None else time.monotonic(), generator)
+        self.structured.start(seq)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 
@@ -131,6 +138,7 @@ class LLMEngine:
     def step(self) -> list[RequestDelta]:
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running)
+            self.structured.cut_drafts(self.scheduler.running)
         out = self.scheduler.schedule()
         self.num_preemptions += out.num_preempted
         if out.empty:
@@ -163,6 +171,7 @@ class LLMEngine:
                 self.block_manager.register_full_blocks(seq)
         rows = [seq for seq, n in zip(inp.sampling_seqs, inp.num_sample_rows) for _ in range(n)]
         with torch.inference_mode():  # the logits are inference tensors: masking them in place needs this mode
+            self.structured.mask(logits, inp.sampling_seqs, inp.num_sample_rows)
             sampled = self.sampler(logits, rows, self.eos_token_ids)
         now, first = time.monotonic(), 0
         for seq, n in zip(inp.sampling_seqs, inp.num_sample_rows):
@@ -175,7 +184,10 @@ class LLMEngine:
         drafts, seq.draft_token_ids = seq.draft_token_ids, []
         if drafts:
             tokens = self.speculator.verify(drafts, tokens)
+        before = len(seq.token_ids)
         reason = self.output.append(seq, tokens, logprobs, now)
+        if seq.grammar is not None and self.structured.advance(seq, seq.token_ids[before:]):
+            reason = reason or FinishReason.STOP  # the grammar is complete
         if drafts:  # the slots of rejected drafts no longer count, and their blocks go back
             seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq.token_ids) - 1)
             self.block_manager.trim(seq)

@@ -7,6 +7,66 @@ from typing import Any
 
 MAX_STOP_STRINGS = 32
 MAX_SEED = 2 ** 64 - 1
+MAX_CHOICES = 256
+# The names vLLM's clients sent before `structured_outputs`, and the kind each one is.
+LEGACY_STRUCTURED_OUTPUTS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                             "guided_grammar": "grammar"}
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the output (vLLM's names): exactly one of a JSON schema, a regular expression, a list of
+    choices, an EBNF grammar, or any JSON object. structured_output.py compiles it."""
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [f.name for f in fields(self) if getattr(self, f.name) is not None]
+        if len(given) != 1:
+            raise ValueError("structured_outputs: give exactly one of json, regex, choice, grammar, json_object"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError("structured_outputs.json: must be a JSON schema (an object, or a string holding one)")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name}: must be a non-empty string")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice or len(self.choice)
+                                        > MAX_CHOICES or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError(f"structured_outputs.choice: must be a list of 1 to {MAX_CHOICES} non-empty strings")
+        if self.json_object is not None and self.json_object is not True:
+            raise ValueError("structured_outputs.json_object: must be true when given")
+
+    @property
+    def kind(self) -> str:
+        return next(f.name for f in fields(self) if getattr(self, f.name) is not None)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> StructuredOutputsParams:
+        if not isinstance(data, dict):
+            raise ValueError("structured_outputs: must be an object such as {\"json\": {...}} or {\"regex\": \"...\"}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"structured_outputs: unknown keys {unknown}; known keys: "
+                             f"{[f.name for f in fields(cls)]}")
+        return cls(**data)
+
+
+def move_legacy_structured_outputs(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with vLLM's older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` keys moved
+    under `structured_outputs`, as SamplingParams takes them."""
+    legacy = {key: data[key] for key in LEGACY_STRUCTURED_OUTPUTS if key in data}
+    if not legacy:
+        return data
+    if "structured_outputs" in data or len(legacy) > 1:
+        raise ValueError(f"structured_outputs: give one constraint, got {', '.join(sorted(legacy))}"
+                         + (" and structured_outputs" if "structured_outputs" in data else ""))
+    (key, value), = legacy.items()
+    rest = {k: v for k, v in data.items() if k != key}
+    return {**rest, "structured_outputs": {LEGACY_STRUCTURED_OUTPUTS[key]: value}}
 
 
 @dataclass
@@ -27,10 +87,16 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        if self.structured_outputs is not None and self.min_tokens:
+            raise ValueError("min_tokens: cannot be combined with structured_outputs, whose grammar decides "
+                             "where the output may end")
         if self.max_tokens is not None:
             check_int("max_tokens", self.max_tokens, low=1)
         _check_float("temperature", self.temperature, low=0.0)
@@ -68,6 +134,7 @@ class SamplingParams:
     def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
         if not isinstance(data, dict):
             raise ValueError("sampling_parameters: must be a JSON object")
+        data = move_legacy_structured_outputs(data)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

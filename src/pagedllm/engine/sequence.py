@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -57,6 +58,7 @@ class Sequence:
     # Speculative tokens proposed for this step (speculative.py): computed with the sequence's next token,
     # and kept, up to the first one the model disagrees with, only once verified.
     draft_token_ids: list[int] = field(default_factory=list)
+    grammar: Any = None  # a constrained sequence's xgrammar matcher, at the end of its output (structured_output.py)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
