@@ -22,6 +22,8 @@ ROLES = ("system", "user", "assistant", "tool")
 TYPED_INPUTS = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                 "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
                 "frequency_penalty": "frequency_penalty", "random_seed": "seed", "min_tokens": "min_tokens"}
+# TensorRT-LLM's guided decoding: guided_decoding_guide_type -> the structured_outputs kind its guide is.
+GUIDE_TYPES = {"json": "json_object", "json_schema": "json", "regex": "regex", "ebnf_grammar": "grammar"}
 FLAGS = ("exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
          "return_num_output_tokens", "return_logprobs")
 _FIELD_TYPES = {f.name: f.type for f in fields(SamplingParams)}
@@ -152,6 +154,8 @@ def _sampling_params(inputs: Mapping[str, np.ndarray], options: ResponseOptions)
     if "stop_words" in inputs:  # TensorRT-LLM clients send "" for "none"
         words = [_decode(w, "stop_words") for w in np.asarray(inputs["stop_words"]).reshape(-1)]
         data["stop"], source["stop"] = [w for w in words if w], "stop_words"
+    if "guided_decoding_guide_type" in inputs:
+        data["structured_outputs"], source["structured_outputs"] = _guide(inputs), "guided_decoding_guide"
     if options.return_logprobs and data.get("logprobs") is None:
         data["logprobs"] = 0
     try:
@@ -161,6 +165,18 @@ def _sampling_params(inputs: Mapping[str, np.ndarray], options: ResponseOptions)
         if field_name in source:
             raise InvalidRequestError(f"{source[field_name]}:{rest}") from None
         raise InvalidRequestError(str(e)) from None
+
+
+def _guide(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    kind = _text(inputs, "guided_decoding_guide_type")
+    if kind not in GUIDE_TYPES:
+        raise InvalidRequestError(f"guided_decoding_guide_type: {kind!r} is not one of {', '.join(GUIDE_TYPES)}")
+    if kind == "json":
+        return {"json_object": True}
+    guide = _text(inputs, "guided_decoding_guide")
+    if not guide:
+        raise InvalidRequestError(f"guided_decoding_guide: is required with guided_decoding_guide_type {kind}")
+    return {GUIDE_TYPES[kind]: guide}
 
 
 def _sampling_json(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
