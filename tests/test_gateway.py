@@ -41,6 +41,11 @@ def test_completions_fan_out_over_prompts_and_default_to_16_tokens():
     assert plan.choices[0].sampling["max_tokens"] == 16
 
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                         "parameters": {"type": "object", "required": ["city"],
+                                                        "properties": {"city": {"type": "string"}}}}}
+
+
 @pytest.mark.parametrize("body, param", [
     (CHAT | {"temperature": -1}, "temperature"),
     (CHAT | {"temperature": "hot"}, "temperature"),
@@ -50,7 +55,13 @@ def test_completions_fan_out_over_prompts_and_default_to_16_tokens():
     (CHAT | {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     (CHAT | {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     (CHAT | {"top_logprobs": 2}, "top_logprobs"),
-    (CHAT | {"tools": []}, "tools"), (CHAT | {"response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT | {"tools": []}, "tools"), (CHAT | {"response_format": {"type": "xml"}}, "response_format.type"),
+    (CHAT | {"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
+    (CHAT | {"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
+    (CHAT | {"tools": [TOOL]}, "tool_choice"), (CHAT | {"tools": [TOOL], "tool_choice": "auto"}, "tool_choice"),
+    (CHAT | {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    (CHAT | {"tool_choice": "required"}, "tool_choice"),
+    (CHAT | {"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
     (CHAT | {"frobnicate": 1}, "frobnicate"),
     (CHAT | {"messages": []}, "messages"),
     (CHAT | {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
@@ -64,6 +75,43 @@ def test_invalid_chat_requests_name_the_field(body, param):
     with pytest.raises(InvalidRequestError) as e:
         parse("chat", body)
     assert e.value.param == param and e.value.status == 400 and param.split("[")[0] in e.value.message
+
+
+def test_constraints_become_the_engines_structured_outputs():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    cases = [({"response_format": {"type": "json_object"}}, {"json_object": True}),
+             ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}},
+              {"json": schema}),
+             ({"response_format": {"type": "text"}}, None), ({"guided_choice": ["a", "b"]}, {"choice": ["a", "b"]}),
+             ({"structured_outputs": {"regex": "[0-9]+"}}, {"regex": "[0-9]+"}),
+             ({"tools": [TOOL], "tool_choice": "none"}, None)]
+    for extra, expected in cases:
+        plan = parse("chat", CHAT | extra)
+        assert plan.choices[0].sampling.get("structured_outputs") == expected and plan.tool_call is None
+    assert parse("completion", {"model": "m", "prompt": "p", "guided_regex": "a"}).choices[0].sampling[
+        "structured_outputs"] == {"regex": "a"}
+
+
+def test_a_named_or_required_tool_choice_constrains_the_answer_to_a_call():
+    named = parse("chat", CHAT | {"tools": [TOOL], "tool_choice": {"type": "function",
+                                                                   "function": {"name": "get_weather"}}})
+    assert named.choices[0].sampling["structured_outputs"] == {"json": TOOL["function"]["parameters"]}
+    assert named.tool_call.names == ["get_weather"] and named.tool_call.named
+    system = named.choices[0].messages[0]
+    assert system["role"] == "system" and "get_weather" in system["content"]
+    required = parse("chat", CHAT | {"tools": [TOOL, {"type": "function", "function": {"name": "noop"}}],
+                                     "tool_choice": "required"})
+    calls = required.choices[0].sampling["structured_outputs"]["json"]["anyOf"]
+    assert [c["properties"]["name"] for c in calls] == [{"const": "get_weather"}, {"const": "noop"}]
+    answer = Answer(required, outputs=[ChoiceOutput('{"name": "noop", "arguments": {}}', "stop")])
+    choice = answer.whole()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert choice["message"]["tool_calls"][0]["function"] == {"name": "noop", "arguments": "{}"}
+    assert answer.chunk(0, "{", [], None) is None  # a call's text is held back, and sent whole at the end
+    last = answer.chunk(0, "}", [], "stop")["choices"][0]
+    assert last["finish_reason"] == "tool_calls" and last["delta"]["tool_calls"][0]["index"] == 0
+    cut = Answer(named, outputs=[ChoiceOutput('{"city": "Par', "length")]).whole()["choices"][0]
+    assert cut["finish_reason"] == "length" and cut["message"]["content"] == '{"city": "Par'
 
 
 def test_invalid_completions_name_the_field():

@@ -244,7 +244,7 @@ CATALOGUE = [
     ("an unknown field", "/v1/chat/completions", {"model": "llm", "messages": MSG, "frobnicate": 1}, 400,
      "frobnicate"),
     ("tools", "/v1/chat/completions", {"model": "llm", "messages": MSG, "tools": [{"type": "function"}]}, 400,
-     "tools"),
+     "tools[0].function"),
     ("logit_bias", "/v1/completions", {"model": "llm", "prompt": "Hi", "logit_bias": {"5": 1}}, 400, "logit_bias"),
     ("an empty prompt", "/v1/completions", {"model": "llm", "prompt": ""}, 400, "prompt"),
     ("a prompt over the context", "/v1/completions", {"model": "llm_tiny", "prompt": "word " * 3000}, 400, "prompt"),
@@ -307,3 +307,84 @@ def test_a_client_leaving_a_non_streamed_request_cancels_it(gateway, server):
                       json={"model": "llm", "prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True})
     assert wait_for(lambda: running() == 0, 10)
     assert wait_for(lambda: gateway.records()[-1]["status"] == 499 and gateway.records()[-1]["cancelled"], 5)
+
+
+# ---- structured output ------------------------------------------------------------------------------
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                   "properties": {"city": {"type": "string", "maxLength": 30},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+ASK = [{"role": "user", "content": "Give an example record as JSON."},
+       {"role": "user", "content": "Describe something in Paris as JSON."}]
+
+
+def test_response_format_json_schema_validates_streamed_and_not(gateway):
+    import jsonschema
+
+    from tests.test_structured_output import SCHEMAS
+    c = client(gateway)
+    for name, schema in SCHEMAS.items():
+        for temperature, ask in ((0.0, ASK[0]), (0.8, ASK[1])):
+            kw = {"model": "llm", "messages": [ask], "temperature": temperature, "seed": 5, "max_tokens": 200,
+                  "response_format": {"type": "json_schema", "json_schema": {"name": name, "schema": schema,
+                                                                              "strict": True}}}
+            whole = c.chat.completions.create(**kw)
+            assert whole.choices[0].finish_reason == "stop"
+            jsonschema.validate(json.loads(whole.choices[0].message.content), schema)
+            if temperature:
+                chunks = list(c.chat.completions.create(**kw, stream=True))
+                assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == whole.choices[0].message.content
+
+
+def test_json_object_regex_and_choice_from_extra_body(gateway):
+    c = client(gateway)
+    reply = c.chat.completions.create(
+        model="llm", temperature=0, max_tokens=200, response_format={"type": "json_object"},
+        messages=[{"role": "user", "content": 'Reply with this JSON object and nothing else: '
+                                              '{"answer": 42, "unit": "none"}'}])
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    regex = c.completions.create(model="llm", prompt="Call me at", max_tokens=30, temperature=0.8, seed=1,
+                                 extra_body={"structured_outputs": {"regex": r" \+[0-9]{2} [0-9]{6}"}})
+    import re
+    assert re.fullmatch(r" \+[0-9]{2} [0-9]{6}", regex.choices[0].text)
+    choice = c.chat.completions.create(model="llm", messages=CHAT, max_tokens=10,
+                                       extra_body={"guided_choice": ["Paris", "Lyon"]})
+    assert choice.choices[0].message.content in ("Paris", "Lyon")
+
+
+def test_tool_calls_for_a_named_function_and_for_required(gateway):
+    import jsonschema
+    c = client(gateway)
+    ask = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    named = c.chat.completions.create(model="llm", messages=ask, tools=[WEATHER], max_tokens=80, temperature=0,
+                                      tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = named.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    noop = {"type": "function", "function": {"name": "no_answer", "parameters": {"type": "object", "properties": {}}}}
+    chunks = list(c.chat.completions.create(model="llm", messages=ask, tools=[WEATHER, noop], tool_choice="required",
+                                            max_tokens=80, temperature=0.8, seed=3, stream=True))
+    calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function.name in ("get_weather", "no_answer")
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    follow_up = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                       {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 4}'}]
+    answer = c.chat.completions.create(model="llm", messages=follow_up, max_tokens=30, temperature=0)
+    assert answer.choices[0].message.content
+
+
+def test_bad_constraints_are_400s_naming_the_field(gateway):
+    c = client(gateway)
+    cases = [({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+              "response_format.json_schema.schema"),
+             ({"extra_body": {"guided_regex": "[a-"}}, "guided_regex"),
+             ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice"),
+             ({"tools": [WEATHER]}, "tool_choice")]
+    for kw, param in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="llm", messages=CHAT, max_tokens=5, **kw)
+        assert e.value.body["param"] == param and param.split(".")[0] in e.value.body["message"], e.value.body
+    assert c.chat.completions.create(model="llm", messages=CHAT, max_tokens=3).choices[0].message.content

@@ -8,16 +8,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.engine.sampling_params import LEGACY_STRUCTURED_OUTPUTS, SamplingParams
 from pagedllm.gateway.errors import InvalidRequestError, field_error
+from pagedllm.gateway.structured import ResponseFormat, Tool, ToolCallPlan, constraint, tools_message
 
 MAX_STOP = 4
 MAX_CHOICES = 16
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat runs to the context's end
 UNSUPPORTED = {
-    "tools": "tool calling", "tool_choice": "tool calling", "parallel_tool_calls": "tool calling",
-    "functions": "function calling", "function_call": "function calling", "logit_bias": "logit_bias",
-    "response_format": "structured output", "suffix": "suffix", "best_of": "best_of",
+    "functions": "the legacy function calling (send tools)", "function_call": "the legacy function calling (send "
+    "tool_choice)", "logit_bias": "logit_bias", "suffix": "suffix", "best_of": "best_of",
     "audio": "audio output", "modalities": "audio output", "prediction": "predicted outputs",
 }
 # Sampling fields passed to the engine under the same name, when the request sets them.
@@ -53,6 +53,12 @@ class _Common(_Body):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's extra-body constraint, and its older names:
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -64,14 +70,24 @@ class _Common(_Body):
 
 
 class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an earlier answer's calls, sent back with their results
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        """The content the chat template sees: an earlier call is shown as the JSON the model wrote."""
+        if self.tool_calls:
+            return json.dumps([c.get("function", {}) for c in self.tool_calls], ensure_ascii=False)
+        if self.content is None:
+            raise ValueError("content: is required unless the message is an assistant's tool_calls")
+        return self.content
 
     @field_validator("content")
     @classmethod
-    def _text_only(cls, content: str | list[dict[str, Any]]) -> str:
-        if isinstance(content, str):
+    def _text_only(cls, content: str | list[dict[str, Any]] | None) -> str | None:
+        if content is None or isinstance(content, str):
             return content
         for i, part in enumerate(content):
             if part.get("type") != "text" or not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
@@ -85,6 +101,9 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=128)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # one call per answer, whatever it says
 
 
 class CompletionRequest(_Common):
@@ -115,6 +134,7 @@ class Plan:
     echo: bool
     max_tokens: int | None
     renamed: dict[str, str] = field(default_factory=dict)  # engine field -> the request's name for it
+    tool_call: ToolCallPlan | None = None  # the answer is a tool call
 
 
 def parse(kind: Literal["chat", "completion"], body: Any) -> Plan:
@@ -143,12 +163,29 @@ def _field_error(error: ValidationError) -> InvalidRequestError:
     return InvalidRequestError(f"{param}: {message}" if param else message, param)
 
 
-def _sampling(request: _Common, max_tokens: int | None) -> dict[str, Any]:
+def _sampling(request: _Common, max_tokens: int | None, structured: dict[str, Any] | None) -> dict[str, Any]:
     values = {name: getattr(request, name) for name in SAMPLING_FIELDS if getattr(request, name) is not None}
     values["max_tokens"] = max_tokens
     if request.stop:
         values["stop"] = request.stop
+    if structured is not None:
+        values["structured_outputs"] = structured
     return values
+
+
+def _constraint(request: _Common) -> tuple[dict[str, Any] | None, ToolCallPlan | None, dict[str, str]]:
+    """The engine's structured_outputs, the tool call answered, and the request's name for the constraint."""
+    extras = {name: getattr(request, name) for name in ("structured_outputs", *LEGACY_STRUCTURED_OUTPUTS)
+              if getattr(request, name) is not None}
+    tools, choice = getattr(request, "tools", None), getattr(request, "tool_choice", None)
+    structured, tool_plan = constraint(extras, request.response_format, tools, choice)
+    if structured is None or "structured_outputs" in extras:
+        return structured, tool_plan, {}
+    kind = next(iter(structured))
+    source = "tools" if tool_plan else next(iter(extras), None)
+    if request.response_format is not None:
+        source = "response_format.json_schema.schema" if kind == "json" else "response_format"
+    return structured, tool_plan, {f"structured_outputs.{kind}": source}
 
 
 def _stream_flags(request: _Common) -> bool:
@@ -172,16 +209,37 @@ def _chat_plan(request: ChatCompletionRequest) -> Plan:
     if request.top_logprobs is not None and not request.logprobs:
         raise InvalidRequestError("top_logprobs: only allowed when logprobs is true", "top_logprobs")
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-    sampling = _sampling(request, max_tokens)
+    structured, tool_plan, constraint_names = _constraint(request)
+    sampling = _sampling(request, max_tokens, structured)
     if request.logprobs:
         sampling["logprobs"] = request.top_logprobs or 0
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
-                | ({"name": m.name} if m.name else {}) for m in request.messages]
-    renamed = {"logprobs": "top_logprobs", "prompt": "messages", "text_input": "messages"}
+    messages = _messages(request.messages)
+    if tool_plan is not None:
+        messages = _with_system(messages, tools_message(request.tools, tool_plan))
+    renamed = {"logprobs": "top_logprobs", "prompt": "messages", "text_input": "messages", **constraint_names}
     if request.max_completion_tokens is not None:
         renamed["max_tokens"] = "max_completion_tokens"
     return Plan("chat", request.model, _fan_out([(None, messages)], request, sampling), request.n, request.stream,
-                _stream_flags(request), request.logprobs, False, max_tokens, renamed)
+                _stream_flags(request), request.logprobs, False, max_tokens, renamed, tool_plan)
+
+
+def _messages(messages: list[Message]) -> list[dict[str, str]]:
+    out = []
+    for i, m in enumerate(messages):
+        try:
+            text = m.text()
+        except ValueError as e:
+            raise InvalidRequestError(f"messages[{i}].{e}", f"messages[{i}].content") from None
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": text}
+                   | ({"name": m.name} if m.name else {}))
+    return out
+
+
+def _with_system(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
+    """`text` added to the system message, or as one before the others."""
+    if messages[0]["role"] == "system":
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + text}] + messages[1:]
+    return [{"role": "system", "content": text}] + messages
 
 
 def _completion_plan(request: CompletionRequest) -> Plan:
@@ -191,12 +249,13 @@ def _completion_plan(request: CompletionRequest) -> Plan:
     if request.echo and request.logprobs is not None:
         raise InvalidRequestError("echo: logprobs of the prompt are not supported; drop echo or logprobs", "echo")
     max_tokens = request.max_tokens if request.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-    sampling = _sampling(request, max_tokens)
+    structured, _, constraint_names = _constraint(request)
+    sampling = _sampling(request, max_tokens, structured)
     if request.logprobs is not None:
         sampling["logprobs"] = request.logprobs
     choices = _fan_out([(p, None) for p in prompts], request, sampling)
     return Plan("completion", request.model, choices, request.n, request.stream, _stream_flags(request),
-                request.logprobs is not None, request.echo, max_tokens)
+                request.logprobs is not None, request.echo, max_tokens, constraint_names)
 
 
 def _check_sampling(plan: Plan) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagedllm.gateway.protocol import Plan
+from pagedllm.gateway.structured import tool_calls
 
 OBJECTS = {"chat": ("chatcmpl-", "chat.completion", "chat.completion.chunk"),
            "completion": ("cmpl-", "text_completion", "text_completion")}
@@ -51,6 +52,9 @@ class Answer:
 
     def _choice(self, index: int, out: ChoiceOutput) -> dict[str, Any]:
         text = self._echo(index) + out.text
+        if self._is_tool_call(out):
+            message = {"role": "assistant", "content": None, "tool_calls": tool_calls(self.plan.tool_call, out.text)}
+            return {"index": index, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
         if self.plan.kind == "chat":
             return {"index": index, "message": {"role": "assistant", "content": text},
                     "logprobs": self._logprobs(out.logprobs, 0), "finish_reason": out.finish_reason}
@@ -60,11 +64,18 @@ class Answer:
     def _echo(self, index: int) -> str:
         return self.plan.choices[index].prompt or "" if self.plan.echo else ""
 
+    def _is_tool_call(self, out: ChoiceOutput) -> bool:
+        """A tool call ends with its grammar complete; cut short at max_tokens it is answered as text."""
+        return self.plan.tool_call is not None and out.finish_reason == "stop"
+
     def chunk(self, index: int, text: str, steps: list[dict[str, Any]], finish_reason: str | None,
-              first: bool = False) -> dict[str, Any]:
+              first: bool = False) -> dict[str, Any] | None:
         """One streamed chunk of choice `index`. A chat stream's first chunk carries the role; a completion
-        stream's first chunk carries the echoed prompt."""
+        stream's first chunk carries the echoed prompt. A tool call's text is held back and sent whole in its
+        last chunk; None while there is nothing to send."""
         out = self.outputs[index]
+        if self.plan.tool_call is not None and not first:
+            return self._tool_chunk(index, out) if finish_reason else None
         logprobs = self._logprobs(steps, len(out.text) - len(text))
         if self.plan.kind == "chat":
             delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
@@ -73,6 +84,15 @@ class Answer:
             echo = self._echo(index) if first else ""
             choice = {"index": index, "text": echo + text, "logprobs": logprobs, "finish_reason": finish_reason}
         return self._chunk_head() | {"choices": [choice]}
+
+    def _tool_chunk(self, index: int, out: ChoiceOutput) -> dict[str, Any]:
+        if self._is_tool_call(out):
+            calls = [{"index": i} | call for i, call in enumerate(tool_calls(self.plan.tool_call, out.text))]
+            delta, reason = {"tool_calls": calls}, "tool_calls"
+        else:
+            delta, reason = {"content": out.text}, out.finish_reason
+        return self._chunk_head() | {"choices": [{"index": index, "delta": delta, "logprobs": None,
+                                                  "finish_reason": reason}]}
 
     def opening_chunks(self) -> list[dict[str, Any]]:
         """Chat: each choice's role. Completions with echo: each choice's prompt."""
