@@ -47,6 +47,7 @@ bench: setup
 	$(PY) -m perf.bench_serving
 	$(PY) -m perf.bench_gateway
 	$(PY) -m perf.bench_speculative
+	$(PY) -m perf.bench_structured
 	$(PY) -m perf.compare
 
 repository: setup

@@ -11,12 +11,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["bench_engine", "bench_serving", "bench_speculative"])
+@pytest.mark.parametrize("script", ["bench_engine", "bench_serving", "bench_speculative", "bench_structured"])
 def test_benchmark_runs_quick(script):
     done = subprocess.run([sys.executable, "-m", f"perf.{script}", "--quick"], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert any(mark in done.stdout for mark in ("| pagedllm", "| offline engine", "| batch 1"))
+    assert any(mark in done.stdout for mark in ("| pagedllm", "| offline engine", "| batch 1", "| unconstrained"))
 
 
 def test_lookup_bound_counts_the_steps_of_the_best_possible_lookup():
