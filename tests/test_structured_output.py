@@ -165,3 +165,24 @@ def test_legacy_guided_names_and_the_round_trip_through_a_dict():
         SamplingParams.from_dict({"guided_regex": "a", "guided_json": {}})
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=2, structured_outputs={"regex": "a+"})
+
+
+def test_chunked_prefill_and_abort_on_a_tiny_model(tiny_model_dir):
+    """A seeded random model writes nonsense, but under a grammar only what the grammar allows: the same
+    constrained tokens with the prompt prefilled whole or in chunks of 8, and an abort mid-answer frees
+    everything and leaves the engine serving."""
+    model = str(tiny_model_dir("llama-tied"))
+    common = dict(dtype="float32", block_size=4, num_kv_blocks=64)
+    whole, chunked = LLM(model, **common), LLM(model, max_num_batched_tokens=8, **common)
+    prompts = [list(range(100, 100 + n)) for n in (5, 19, 30)]
+    params = SamplingParams(temperature=0.7, seed=2, max_tokens=40, structured_outputs={"regex": r"[a-z]{3,8}"})
+    expected = [o.token_ids for o in whole.generate(prompts, params, use_tqdm=False)]
+    outs = chunked.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == expected and all(re.fullmatch("[a-z]{3,8}", o.text) for o in outs)
+    engine = chunked.engine
+    engine.add_request("r", prompts[2], SamplingParams(max_tokens=40, structured_outputs={"json": PERSON}))
+    while not engine.requests["r"].output_token_ids:
+        engine.step()
+    assert engine.abort("r").finish_reason == "abort" and not engine.requests
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+    assert re.fullmatch("[a-z]{3,8}", chunked.generate([prompts[0]], params, use_tqdm=False)[0].text)
