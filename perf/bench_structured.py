@@ -80,7 +80,7 @@ def main() -> None:
     plain = SamplingParams(temperature=0.8, seed=1, max_tokens=args.max_tokens)
     constrained = SamplingParams(temperature=0.8, seed=1, max_tokens=args.max_tokens,
                                  structured_outputs=StructuredOutputsParams(json=SCHEMA))
-    fresh = StructuredOutputs(engine.tokenizer, engine.model_config.vocab_size, engine.eos_token_ids, 0)
+    fresh = StructuredOutputs(engine.tokenizer, engine.model_config.vocab_size, engine.eos_token_ids)
     start = time.perf_counter()
     fresh.compile(StructuredOutputsParams(json=SCHEMA))
     compile_ms = (time.perf_counter() - start) * 1000

@@ -72,9 +72,7 @@ class LLMEngine:
         self.output = OutputProcessor(self.eos_token_ids, self.max_model_len, config.stream_interval)
         self.speculator = (NgramSpeculator(config.speculative_config, self.max_model_len)
                            if config.speculative_config is not None else None)
-        spec = config.speculative_config
-        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
-                                            max_rollback=spec.num_speculative_tokens if spec else 0)
+        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self.num_preemptions = 0
         logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d",

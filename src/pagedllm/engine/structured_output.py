@@ -9,7 +9,6 @@ are known."""
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 import torch
@@ -19,8 +18,6 @@ from pagedllm.engine.sampling_params import StructuredOutputsParams
 from pagedllm.engine.sequence import Sequence
 from pagedllm.errors import RequestRejectedError
 
-logger = logging.getLogger(__name__)
-
 CACHE_BYTES = 64 << 20  # compiled grammars kept; a JSON schema's is tens of KB
 # JSON laid out as json.dumps(indent=2) does. With any whitespace allowed, SmolLM2 at temperature 0 answered
 # an order schema with "{" and then newlines until max_tokens.
@@ -28,10 +25,10 @@ JSON_LAYOUT = {"any_whitespace": False, "indent": 2}
 
 
 class StructuredOutputs:
-    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: list[int], max_rollback: int) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: list[int]) -> None:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=eos_token_ids)
         self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True, cache_limit_bytes=CACHE_BYTES)
-        self.vocab_size, self.max_rollback = vocab_size, max_rollback
+        self.vocab_size = vocab_size
 
     def compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
         """The compiled grammar (cached), or RequestRejectedError naming the field that does not compile."""
