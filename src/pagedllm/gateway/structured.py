@@ -53,12 +53,13 @@ class ToolCallPlan:
     named: bool
 
 
-def constraint(body: dict[str, Any], response_format: ResponseFormat | None, tools: list[Tool] | None,
+def constraint(extras: dict[str, Any], response_format: ResponseFormat | None, tools: list[Tool] | None,
                tool_choice: str | dict[str, Any] | None) -> tuple[dict[str, Any] | None, ToolCallPlan | None]:
-    """The engine's `structured_outputs` for a request, and the tool call it answers with, if any."""
+    """The engine's `structured_outputs` for a request, and the tool call it answers with, if any.
+    `extras`: the vLLM fields the request set (`structured_outputs`, `guided_*`)."""
     given = {"response_format": _from_response_format(response_format) if response_format else None,
-             "structured_outputs": body.get("structured_outputs"),
-             **{k: {kind: body[k]} for k, kind in LEGACY_STRUCTURED_OUTPUTS.items() if k in body}}
+             "structured_outputs": extras.get("structured_outputs"),
+             **{k: {kind: extras[k]} for k, kind in LEGACY_STRUCTURED_OUTPUTS.items() if k in extras}}
     tool_plan, tool_constraint = _from_tools(tools, tool_choice)
     given["tools"] = tool_constraint
     named = [name for name, value in given.items() if value is not None]
@@ -80,16 +81,16 @@ def _from_response_format(fmt: ResponseFormat) -> dict[str, Any] | None:
 
 def _from_tools(tools: list[Tool] | None, choice: str | dict[str, Any] | None
                 ) -> tuple[ToolCallPlan | None, dict[str, Any] | None]:
-    if tool_choice_is(choice, "none") or (not tools and choice is None):
+    if choice == "none" or (not tools and choice is None):
         return None, None
     if not tools:
         raise InvalidRequestError("tool_choice: needs tools", "tool_choice")
     by_name = {tool.function.name: tool.function for tool in tools}
-    if choice is None or tool_choice_is(choice, "auto"):
+    if choice is None or choice == "auto":
         raise InvalidRequestError("tool_choice: 'auto' needs a chat template that renders tools and a parser for "
                                   "the calls it writes, which this server's models lack; send tool_choice "
                                   "'required' or {'type': 'function', 'function': {'name': ...}}", "tool_choice")
-    if tool_choice_is(choice, "required"):
+    if choice == "required":
         calls = [_call_schema(f) for f in by_name.values()]
         return ToolCallPlan(list(by_name), named=False), {"json": {"anyOf": calls} if len(calls) > 1 else calls[0]}
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
@@ -98,10 +99,6 @@ def _from_tools(tools: list[Tool] | None, choice: str | dict[str, Any] | None
                                   f"{{'type': 'function', 'function': {{'name': one of {sorted(by_name)}}}}}",
                                   "tool_choice")
     return ToolCallPlan([name], named=True), {"json": _parameters(by_name[name])}
-
-
-def tool_choice_is(choice: Any, mode: str) -> bool:
-    return isinstance(choice, str) and choice == mode
 
 
 def _parameters(function: Function) -> dict[str, Any]:
