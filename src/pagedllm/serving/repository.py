@@ -4,6 +4,7 @@ preprocessing/, llm/, postprocessing/ and ensemble/. The committed model_reposit
 from __future__ import annotations
 
 import json
+import py_compile
 import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -94,6 +95,15 @@ def ensemble_config(name: str, llm: str, pre: str = "preprocessing", post: str =
             + "ensemble_scheduling {\n  step [\n" + body + "\n  ]\n}\n")
 
 
+def write_model_py(version_dir: Path, module: str, cls: str) -> None:
+    """A version's model.py, compiled beside it. The Python stub would otherwise write its __pycache__/ at
+    the first load, and with --model-control-mode=poll Triton takes that change of the model's folder for a
+    new model and loads it a second time (seen: 21 s after a tiny model's start)."""
+    path = version_dir / "model.py"
+    path.write_text(MODEL_PY.format(module=module, cls=cls))
+    py_compile.compile(str(path), doraise=True)
+
+
 def write_llm(root: Path, name: str, engine: dict, versions: tuple[int, ...] = (1,)) -> None:
     (root / name).mkdir(parents=True, exist_ok=True)
     (root / name / "config.pbtxt").write_text(llm_config(name))
@@ -104,7 +114,7 @@ def write_llm(root: Path, name: str, engine: dict, versions: tuple[int, ...] = (
 def write_llm_version(model_dir: Path, version: int, engine: dict) -> None:
     vdir = model_dir / str(version)
     vdir.mkdir(parents=True, exist_ok=True)
-    (vdir / "model.py").write_text(MODEL_PY.format(module="llm", cls="LLMModel"))
+    write_model_py(vdir, "llm", "LLMModel")
     (vdir / "engine.json").write_text(json.dumps(engine_json(engine), indent=2) + "\n")
 
 
@@ -117,7 +127,7 @@ def write_repository(root: Path, engine: dict | None = None, llm: str = "llm", e
     pre_out = _tensors("output", INTERNAL_INPUTS, False)
     (pre / "config.pbtxt").write_text(_python_config("preprocessing", pre_in, pre_out,
                                                      params={"model": tokenizer_model}))
-    (pre / "1" / "model.py").write_text(MODEL_PY.format(module="preprocessing", cls="PreprocessingModel"))
+    write_model_py(pre / "1", "preprocessing", "PreprocessingModel")
     post = root / "postprocessing"
     (post / "1").mkdir(parents=True, exist_ok=True)
     # The llm sends only the fields the client asked for, and the response options only with an answer
@@ -126,7 +136,7 @@ def write_repository(root: Path, engine: dict | None = None, llm: str = "llm", e
     post_in = _tensors("input", OUTPUTS + RESPONSE_OPTIONS_OUTPUT, optional)
     (post / "config.pbtxt").write_text(_python_config(
         "postprocessing", post_in, _tensors("output", OUTPUTS, False)))
-    (post / "1" / "model.py").write_text(MODEL_PY.format(module="postprocessing", cls="PostprocessingModel"))
+    write_model_py(post / "1", "postprocessing", "PostprocessingModel")
     write_llm(root, llm, engine or SERVED_ENGINE)
     (root / ensemble / "1").mkdir(parents=True, exist_ok=True)
     (root / ensemble / "1" / ".gitkeep").write_text("")
@@ -140,7 +150,7 @@ def write_unary(root: Path, name: str, target: str, instances: int = 4) -> None:
     (root / name / "config.pbtxt").write_text(_python_config(
         name, _tensors("input", CLIENT_INPUTS, True), _tensors("output", OUTPUTS, False),
         params={"target": target}, instances=instances))
-    (root / name / "1" / "model.py").write_text(MODEL_PY.format(module="generate", cls="GenerateModel"))
+    write_model_py(root / name / "1", "generate", "GenerateModel")
 
 
 def write_baselines(root: Path, model: str = "default", max_batch_size: int = 32, dtype: str = "bfloat16") -> None:
@@ -152,8 +162,7 @@ def write_baselines(root: Path, model: str = "default", max_batch_size: int = 32
         if batch:
             config += "dynamic_batching {\n  max_queue_delay_microseconds: 50000\n}\n"
         (root / name / "config.pbtxt").write_text(config)
-        (root / name / "1" / "model.py").write_text(
-            MODEL_PY.format(module="baselines", cls="HFBaselineModel"))
+        write_model_py(root / name / "1", "baselines", "HFBaselineModel")
 
 
 if __name__ == "__main__":
