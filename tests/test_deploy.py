@@ -3,11 +3,13 @@ kubernetes-validate (strict), and both kept in step with the code they name."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -32,7 +34,8 @@ def test_kubernetes_manifests_validate():
     manifests = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "deploy" / "k8s").glob("*.yaml"))
     done = run("kubernetes-validate", "--strict", *manifests)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("passed") == len(manifests)
+    resources = sum(1 for m in manifests for doc in yaml.safe_load_all((ROOT / m).read_text()) if doc)
+    assert done.stdout.count("passed") == resources
 
 
 def test_autoscaling_metric_is_one_the_engine_exports():
@@ -41,3 +44,35 @@ def test_autoscaling_metric_is_one_the_engine_exports():
     name = re.search(r"name: (pagedllm_\w+)", hpa).group(1)
     assert f'"{name}"' in source
     assert "/v2/models/llm/ready" in (ROOT / "deploy" / "k8s" / "deployment.yaml").read_text()
+
+
+def test_the_gateway_deployment_passes_flags_the_gateway_takes():
+    manifest = [d for d in yaml.safe_load_all((ROOT / "deploy" / "k8s" / "gateway.yaml").read_text()) if d]
+    args = manifest[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == ["pagedllm", "gateway"]
+    usage = subprocess.run([sys.executable, "-m", "pagedllm.cli", "gateway", "--help"], capture_output=True,
+                           text=True, cwd=ROOT).stdout
+    for flag in args[2:]:
+        assert flag.split("=")[0] in usage, flag
+    headless = next(d for d in manifest if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None")
+    assert f"--triton-dns={headless['metadata']['name']}:8001" in args
+
+
+def debian_tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is missing: install Debian's {package} package (`make setup` does, as root)")
+    return path
+
+
+def test_alert_rules_check_and_each_alert_fires_and_stays_quiet():
+    promtool = debian_tool("promtool", "prometheus")
+    folder = ROOT / "deploy" / "prometheus"
+    checked = subprocess.run([promtool, "check", "rules", "alerts.yaml"], capture_output=True, text=True, cwd=folder)
+    assert checked.returncode == 0 and "SUCCESS: 7 rules found" in checked.stdout, checked.stdout + checked.stderr
+    tested = subprocess.run([promtool, "test", "rules", "alerts_test.yaml"], capture_output=True, text=True,
+                            cwd=folder)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    alerts = set(re.findall(r"alert: (\w+)", (folder / "alerts.yaml").read_text()))
+    proved = set(re.findall(r"alertname: (\w+)", (folder / "alerts_test.yaml").read_text()))
+    assert alerts == proved and len(alerts) == 7
