@@ -2,6 +2,7 @@
 
     python -m perf.bench_serving               # 32 requests x 128 tokens, all 32 in flight, 10 rounds
     python -m perf.bench_serving --quick       # a smoke run (CI)
+    python -m perf.bench_serving --quick --server localhost:8001,localhost:8000   # ... on a running server
 
 Every path serves the same requests (chat prompts, greedy, ignore_eos, max_tokens fixed) with the same
 number in flight, sent by perf/loadgen.py's client; the offline engine is LLMEngine driven in-process with
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pagedllm import SamplingParams
@@ -33,6 +36,12 @@ from perf.workloads import chat_prompts
 ROOT = Path(__file__).resolve().parent.parent
 
 OFFLINE = "offline engine (LLMEngine in-process)"
+
+
+@dataclass
+class RunningServer:
+    grpc_url: str
+    http_url: str
 
 
 def offline(engine: LLMEngine, chats: list, max_tokens: int, concurrency: int) -> float:
@@ -75,7 +84,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--stream-interval", type=int, default=1, help="of the extra llm path (engine.json's otherwise)")
     ap.add_argument("--quick", action="store_true", help="tiny run for CI; does not touch RESULTS.md")
+    ap.add_argument("--server", metavar="GRPC_HOST:PORT,HTTP_HOST:PORT",
+                    help="a running tritonserver serving --model-repository, in place of starting one (with --quick)")
     args = ap.parse_args()
+    if args.server and not args.quick:
+        ap.error("--server: only with --quick (a measured run starts its own server, with the extra model)")
     if args.quick:
         args.concurrency, args.num_requests, args.max_tokens, args.rounds = 2, 2, 4, 1
     chats = chat_prompts(args.num_requests)
@@ -93,7 +106,9 @@ def main() -> None:
     # --quick leaves the extra model out: loading a second engine is most of a smoke run's time
     opts = ServerOptions(args.model_repository.resolve(), free_port(), free_port(), free_port(),
                          extra_args=[] if args.quick else [f"--model-repository={extra}"])
-    with TritonServer(opts, ROOT / "perf" / "out" / "bench_serving-tritonserver.log") as server:
+    running = RunningServer(*args.server.split(",")) if args.server else None
+    with contextlib.nullcontext(running) if running else TritonServer(
+            opts, ROOT / "perf" / "out" / "bench_serving-tritonserver.log") as server:
         served("grpc", server.grpc_url, "ensemble", chats[:2], 4, 2)  # warm-up
         paths = {"gRPC streaming, ensemble": ("grpc", server.grpc_url, "ensemble"),
                  "gRPC streaming, llm": ("grpc", server.grpc_url, "llm"),

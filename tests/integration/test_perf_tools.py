@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from perf import loadgen, sweep
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_serving_runs_quick_on_the_running_server(server):
+    """bench_serving's quick run, on the session's server (starting its own took a minute of the suite)."""
+    done = subprocess.run([sys.executable, "-m", "perf.bench_serving", "--quick", "--server",
+                           f"{server.grpc_url},{server.http_url}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| gRPC streaming, ensemble" in done.stdout and "| offline engine" in done.stdout
 
 
 def test_perf_analyzer_sweep_writes_csv(server, tmp_path):
