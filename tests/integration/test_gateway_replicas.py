@@ -11,7 +11,16 @@ import pytest
 
 from pagedllm.launcher import TritonServer, free_port
 from pagedllm.serving.repository import write_llm
-from tests.integration.conftest import GatewayProcess, answers_200, running_serve, start_server, tiny_engine, wait_for
+from tests.integration.conftest import (
+    GatewayProcess,
+    answers_200,
+    descendants,
+    kill_all,
+    running_serve,
+    start_server,
+    tiny_engine,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -100,8 +109,11 @@ def test_a_killed_replica_fails_only_streams_already_begun_and_is_readmitted(rep
     servers, gateway = replicas
     victim = servers[1]
 
+    orphans: list[int] = []
+
     async def kill_midway() -> None:
         await asyncio.sleep(1.0)
+        orphans.extend(descendants(victim.process.pid))
         victim.process.send_signal(signal.SIGKILL)
 
     results = asyncio.run(workload(gateway, [80] * 6 + [10] * 10, kill_midway))
@@ -113,6 +125,7 @@ def test_a_killed_replica_fails_only_streams_already_begun_and_is_readmitted(rep
     assert all(r["error"] is None for r in later)  # all served by the survivor
 
     victim.process.wait(30)
+    kill_all(orphans)
     victim.start_ready(300)
     assert wait_for(lambda: healthy(gateway, victim) == 1, 30)
     start = len(gateway.records())
