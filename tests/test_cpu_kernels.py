@@ -1,4 +1,5 @@
-"""Each C++ CPU kernel computes what the plain-torch path computes (csrc/cpu_kernels.cpp)."""
+"""Each C++ CPU kernel computes what the plain-torch path computes (csrc/), on every tier this CPU executes:
+the native one and each lower one (avx512_bf16 > avx512 > avx2 > portable on x86)."""
 from __future__ import annotations
 
 import pytest
@@ -9,37 +10,36 @@ from torch import nn
 from pagedllm.engine.attention import CacheGeometry, QueryGroup, TorchPagedAttention, build_metadata
 from pagedllm.engine.kernels import cpu as cpu_kernels
 from pagedllm.engine.models.llama import RMSNorm, apply_rope
+from tests.support.kernel_tiers import RUNNABLE, ops_for
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels need AVX-512 BF16 and a compiler")
 
-
-@pytest.fixture(scope="module")
-def ops():
-    return cpu_kernels.load()
+@pytest.fixture(scope="module", params=RUNNABLE, ids=str)
+def ops(request):
+    return ops_for(request.param)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 13, 70])
 @pytest.mark.parametrize("out_features,bias", [(96, False), (100, True), (300, False)])
-def test_bf16_linear_matches_f_linear(rows, out_features, bias):
+def test_bf16_linear_matches_f_linear(ops, rows, out_features, bias):
     torch.manual_seed(rows)
     linear = nn.Linear(64, out_features, bias=bias).to(torch.bfloat16)
     x = torch.randn(rows, 64, dtype=torch.bfloat16)
     expected = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
-    out = cpu_kernels.KernelLinear(linear, "bf16")(x)
+    out = cpu_kernels.KernelLinear(linear, "bf16", ops=ops)(x)
     assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 9])
-def test_int8_linear_matches_its_dequantized_weights(dtype, rows):
+def test_int8_linear_matches_its_dequantized_weights(ops, dtype, rows):
     torch.manual_seed(0)
     linear = nn.Linear(96, 200, bias=True).to(dtype)
     codes, scale = cpu_kernels.quantize_int8(linear.weight)
     x = torch.randn(rows, 96, dtype=dtype)
     expected = F.linear(x.float(), codes.float() * scale[:, None], linear.bias.float())
     arena = cpu_kernels.HugePageArena(cpu_kernels.packed_nbytes(linear, "int8"))
-    out = cpu_kernels.KernelLinear(linear, "int8", arena)(x)
+    out = cpu_kernels.KernelLinear(linear, "int8", arena, ops)(x)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
 

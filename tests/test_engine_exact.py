@@ -7,6 +7,7 @@ import pytest
 
 from pagedllm import LLM, SamplingParams
 from tests.conftest import TINY_CONFIGS, hf_greedy
+from tests.support.kernel_tiers import RUNNABLE, ops_for
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -75,16 +76,16 @@ def test_triton_kernel_backend_matches(tiny_model_dir):
     assert llm.engine.runner.attention_backend == "triton"
 
 
-def test_cpu_kernel_backend_matches(tiny_model_dir):
-    """The C++ CPU kernels (decode steps fused per layer, the linears at::linear in float32): chunked
-    prefill, decode, a prefix hit, preemption; greedy token-exact against transformers."""
-    from pagedllm.engine.kernels import cpu as cpu_kernels
-    if not cpu_kernels.available():
-        pytest.skip("CPU kernels need AVX-512 BF16 and a compiler")
+@pytest.mark.parametrize("isa", RUNNABLE, ids=str)
+def test_cpu_kernel_backend_matches(tiny_model_dir, isa):
+    """The C++ CPU kernels of every tier this CPU executes (decode steps fused per layer, the linears
+    at::linear in float32): chunked prefill, decode, a prefix hit, preemption; greedy token-exact against
+    transformers."""
+    ops_for(isa)
     prompts = _prompts(5, (5, 60), 49152, seed=5)
     prompts.append(prompts[0][:12] + [7, 8, 9])
     llm, _ = _check(tiny_model_dir("qwen2"), prompts, 24, block_size=4, max_num_batched_tokens=16,
-                    num_kv_blocks=40, attention_backend="cpu")
+                    num_kv_blocks=40, attention_backend="cpu", cpu_isa=isa.value)
     assert llm.engine.runner.attention_backend == "cpu" and llm.engine.runner.model.decode_layers
 
 
@@ -95,7 +96,8 @@ def test_torch_backend_matches(tiny_model_dir):
     assert llm.engine.runner.model.decode_layers is None
 
 
-def test_int8_matches_transformers_on_the_same_codes(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("isa", RUNNABLE, ids=str)
+def test_int8_matches_transformers_on_the_same_codes(tiny_model_dir, tmp_path, isa):
     """quantization int8 (weight-only, per output channel): greedy token-exact against transformers running
     the same codes times scales as float32 weights."""
     import torch
@@ -103,8 +105,7 @@ def test_int8_matches_transformers_on_the_same_codes(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pagedllm.engine.kernels import cpu as cpu_kernels
-    if not cpu_kernels.available():
-        pytest.skip("CPU kernels need AVX-512 BF16 and a compiler")
+    ops_for(isa)
     source = tiny_model_dir("llama3")  # untied: the LM head is quantized too, the embedding is not
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     with torch.no_grad():
@@ -115,6 +116,7 @@ def test_int8_matches_transformers_on_the_same_codes(tiny_model_dir, tmp_path):
     model.save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path)
     prompts = _prompts(4, (5, 50), 49152, seed=7)
-    llm = LLM(str(source), dtype="float32", quantization="int8", block_size=4, max_num_batched_tokens=16)
+    llm = LLM(str(source), dtype="float32", quantization="int8", block_size=4, max_num_batched_tokens=16,
+              cpu_isa=isa.value)
     outs = llm.generate(prompts, SamplingParams(max_tokens=16, **GREEDY), use_tqdm=False)
     assert [o.token_ids for o in outs] == hf_greedy(tmp_path, prompts, 16)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from pagedllm.engine.kernels import cpu_isa
 from pagedllm.engine.sampling_params import check_int
 from pagedllm.errors import UnsupportedModelError
 
@@ -17,6 +18,8 @@ logger = logging.getLogger(__name__)
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 BACKENDS = ("auto", "torch", "triton", "cpu")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = ("auto", *_DTYPES)
+CPU_ISAS = ("auto", *(isa.value for isa in cpu_isa.CpuIsa))
 
 
 
@@ -127,11 +130,16 @@ class EngineConfig:
     """Everything the engine is built from; `from_json` reads a model repository's engine.json."""
 
     model: str | None = None
+    # "auto": bfloat16 on CUDA and wherever the CPU kernels run (every tier keeps bf16 weights); float32 on a
+    # CPU with neither the kernels nor oneDNN's bf16 (cpu_isa.py).
     dtype: str = "bfloat16"
     device: str = "auto"
-    # auto: the Triton kernels on CUDA (when triton is installed); on a CPU with AVX-512 BF16, "cpu":
-    # pagedllm's C++ kernels (packed linears, a decode step in one call); else plain torch.
+    # auto: the Triton kernels on CUDA (when triton is installed); on a CPU, "cpu": pagedllm's C++ kernels
+    # (packed linears, a decode step in one call) when they build; else plain torch.
     attention_backend: str = "auto"
+    # The CPU kernels' tier: "auto" (PAGEDLLM_CPU_ISA if set, else the best this CPU runs), or one of
+    # avx512_bf16, avx512, avx2, neon_bf16, neon, portable that this CPU can execute (cpu_isa.py).
+    cpu_isa: str = "auto"
     quantization: str | None = None  # "int8": weight-only, per output channel, converted at load (needs "cpu")
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -162,8 +170,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if isinstance(self.speculative_config, dict):
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.cpu_isa not in CPU_ISAS:
+            raise ValueError(f"cpu_isa: {self.cpu_isa!r} is not one of {', '.join(CPU_ISAS)}")
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend: {self.attention_backend!r} is not one of {', '.join(BACKENDS)}")
         if self.quantization not in (None, "int8"):
@@ -174,7 +184,18 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return _DTYPES[self.resolved_dtype()]
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        if self.resolved_device().type == "cuda":
+            return "bfloat16"
+        return self.cpu_plan().auto_dtype(kernels=self.resolved_attention_backend() == "cpu")
+
+    def cpu_plan(self) -> cpu_isa.CpuPlan:
+        """The CPU tier this engine runs (raises ValueError naming cpu_isa if this CPU cannot execute it)."""
+        return cpu_isa.plan_for(self.cpu_isa)
 
     def resolved_attention_backend(self) -> str:
         if self.attention_backend != "auto":
@@ -183,7 +204,7 @@ class EngineConfig:
             import importlib.util
             return "triton" if importlib.util.find_spec("triton") is not None else "torch"
         from pagedllm.engine.kernels import cpu as cpu_kernels
-        return "cpu" if cpu_kernels.available() else "torch"
+        return "cpu" if cpu_kernels.available(self.cpu_plan().isa) else "torch"
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -12,6 +12,7 @@ from transformers import AutoConfig
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.config import EngineConfig, ModelConfig, num_blocks_for, resolve_max_model_len
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.engine.kernels import cpu as cpu_kernels
 from pagedllm.engine.kernels.cpu import linear_kind
 from pagedllm.engine.kernels.prepacked_linear import pack_linears
 from pagedllm.engine.model_runner import ModelRunner
@@ -76,7 +77,7 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.num_preemptions = 0
         logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d",
-                    self.model_path.name, config.dtype, self.device, self.num_blocks, config.block_size,
+                    self.model_path.name, _dtype_label(config), self.device, self.num_blocks, config.block_size,
                     self.max_model_len)
 
     # ---- requests -------------------------------------------------------------------------------
@@ -225,11 +226,24 @@ def _load_model(path: Any, config: ModelConfig, max_positions: int, dtype: torch
     return model.eval()
 
 
+def _dtype_label(config: EngineConfig) -> str:
+    return config.dtype if config.dtype != "auto" else f"{config.resolved_dtype()} (dtype auto)"
+
+
 def _accelerate(model: LlamaForCausalLM, backend: str, config: EngineConfig) -> None:
-    """The fastest path this machine has: pagedllm's CPU kernels, else oneDNN's prepacked bf16 linears."""
+    """The fastest path this machine has: pagedllm's CPU kernels for its tier, else oneDNN's prepacked bf16
+    linears where the tier allows them, else plain torch."""
+    if config.resolved_device().type != "cpu":
+        return
+    plan = config.cpu_plan()
+    if config.torch_dtype == torch.bfloat16 and not plan.onednn_bf16:
+        for layer in model.layers:  # prefill attention: torch's bf16 bmm is a slow loop without oneDNN's bf16
+            layer.attn.compute_dtype = torch.float32
     if backend == "cpu":
         kind = linear_kind(config.torch_dtype, config.quantization)
-        model.use_cpu_kernels(kind)
-        logger.info("CPU kernels (AVX-512 BF16): %s linears, decode steps in one C++ call", kind)
-    elif pack_linears(model, batch_hint=64):
-        logger.info("linear layers prepacked for oneDNN (CPU, bfloat16)")
+        model.use_cpu_kernels(kind, cpu_kernels.load(plan.isa))
+        logger.info("%s; %s linears, decode steps in one C++ call", plan.describe(), kind)
+    elif plan.onednn_bf16 and pack_linears(model, batch_hint=64):
+        logger.info("%s; CPU kernels off, linear layers prepacked for oneDNN (bfloat16)", plan.describe())
+    else:
+        logger.info("%s; CPU kernels off, plain torch in %s", plan.describe(), config.resolved_dtype())

@@ -1,9 +1,10 @@
-"""The CPU fast path: pagedllm's C++ kernels (kernels/csrc/cpu_kernels.cpp), built once per machine into the cache.
+"""The CPU fast path: pagedllm's C++ kernels (kernels/csrc/), built once per machine and CPU tier into the cache.
 
-On a CPU with AVX-512 BF16 the engine runs its linear layers on packed bfloat16 or int8 weights and a
-decode step as one C++ call for all decoder layers (norms, rotary embedding, KV write, paged attention,
-activation): at batch 1 the step is bound by reading the weights, not by Python per op. Anywhere else
-(another CPU, a build failure, `attention_backend: "torch"`), the plain-torch model runs as before."""
+The engine runs its linear layers on packed bfloat16 or int8 weights and a decode step as one C++ call for all
+decoder layers (norms, rotary embedding, KV write, paged attention, activation): at batch 1 the step is bound by
+reading the weights, not by Python per op. One source serves every tier (cpu_isa.py): AVX-512 BF16 multiplies
+bf16 pairs directly, the others widen bf16 weights to float32 in registers. Where the kernels cannot be built
+(no compiler) or `attention_backend: "torch"` is asked for, the plain-torch model runs instead."""
 from __future__ import annotations
 
 import functools
@@ -16,56 +17,62 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from pagedllm.engine.kernels import cpu_isa
+from pagedllm.engine.kernels.cpu_isa import CpuIsa
 from pagedllm.errors import KernelsUnavailable
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+CSRC = Path(__file__).with_name("csrc")
+SOURCE = CSRC / "cpu_kernels.cpp"
+HEADERS = (CSRC / "kernels.h", CSRC / "vec.h")
 
 
+def source_tag() -> str:
+    """Changes with the kernels' source and torch's version: a build is cached per tag and tier."""
+    data = b"".join(p.read_bytes() for p in (SOURCE, *HEADERS)) + torch.__version__.encode()
+    return hashlib.sha256(data).hexdigest()[:12]
 
-def missing_cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return list(REQUIRED_FLAGS)
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return [f for f in REQUIRED_FLAGS if f not in flags]
+
+def default_isa() -> CpuIsa:
+    """The tier this process runs: PAGEDLLM_CPU_ISA if set, else the best this CPU has."""
+    return cpu_isa.plan_for().isa
+
+
+def load(isa: CpuIsa | str | None = None) -> ModuleType:
+    """The kernels compiled for `isa` (default: default_isa()); built on first use (about 30 s) and cached."""
+    return _load(default_isa() if isa is None else CpuIsa(isa))
 
 
 @functools.cache
-def load() -> ModuleType:
-    """The compiled kernels; built on first use (about 30 s) and cached per source and torch version."""
-    missing = missing_cpu_flags()
-    if missing:
-        raise KernelsUnavailable(f"this CPU lacks {', '.join(missing)}")
+def _load(isa: CpuIsa) -> ModuleType:
+    cpu_isa.choose(isa.value, cpu_isa.host())  # refuses a tier this CPU cannot execute
     from pagedllm.weights import cache_dir
-    tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-    return build(cache_dir() / "kernels" / tag)
+    return build(cache_dir() / "kernels" / f"{isa.value}-{source_tag()}", isa)
 
 
-def build(directory: Path) -> ModuleType:
+def build(directory: Path, isa: CpuIsa) -> ModuleType:
     from torch.utils.cpp_extension import load as compile_and_load
     directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob("*.so")):
+        logger.info("building the CPU kernels for tier %s into %s (once per machine, about 30 s)", isa, directory)
     try:
-        return compile_and_load("pagedllm_cpu_kernels", [str(SOURCE)], extra_cflags=_CFLAGS,
+        return compile_and_load(f"pagedllm_cpu_kernels_{isa.value}", [str(SOURCE)], extra_cflags=cpu_isa.cflags(isa),
                                 extra_ldflags=["-fopenmp"], build_directory=str(directory))
     except Exception as e:  # a missing compiler or ninja: say so once, and run plain torch
-        raise KernelsUnavailable(f"building {SOURCE.name} failed: {type(e).__name__}: {e}") from e
+        raise KernelsUnavailable(f"building {SOURCE.name} for tier {isa} failed: {type(e).__name__}: {e}") from e
 
 
-def available() -> bool:
+def available(isa: CpuIsa | str | None = None) -> bool:
     try:
-        load()
+        load(isa)
         return True
     except KernelsUnavailable as e:
         logger.info("CPU kernels off: %s", e)
         return False
 
 
-GROUP = 48  # output channels per packed group: three 16-lane registers, one sequential stream
+GROUP = 48  # output channels per packed group (kernels.h kGroupChannels): one sequential stream
 
 
 def _padded_rows(n: int) -> int:
@@ -129,9 +136,10 @@ class KernelLinear(nn.Module):
     """nn.Linear's drop-in on the kernels: "bf16" (packed), "int8" (packed codes, per-channel scales) or
     "plain" (other dtypes, through at::linear)."""
 
-    def __init__(self, linear: nn.Linear, kind: str, arena: HugePageArena | None = None) -> None:
+    def __init__(self, linear: nn.Linear, kind: str, arena: HugePageArena | None = None,
+                 ops: ModuleType | None = None) -> None:
         super().__init__()
-        ops = load()
+        ops = ops or load()
         self.in_features, self.out_features, self.kind = linear.in_features, linear.out_features, kind
         w = linear.weight.detach()
         bias = None if linear.bias is None else linear.bias.detach()
@@ -161,10 +169,11 @@ def linear_kind(dtype: torch.dtype, quantization: str | None) -> str:
     return "bf16" if dtype == torch.bfloat16 else "plain"
 
 
-def swap_linears(model: nn.Module, kind: str) -> None:
-    """Replace every nn.Linear of `model` by a KernelLinear of `kind`, the packed weights in one arena."""
+def swap_linears(model: nn.Module, kind: str, ops: ModuleType) -> None:
+    """Replace every nn.Linear of `model` by a KernelLinear of `kind` on `ops` (one tier's build), the packed
+    weights in one arena."""
     targets = [(module, name, child) for module in model.modules() for name, child in module.named_children()
                if isinstance(child, nn.Linear)]
     arena = HugePageArena(sum(packed_nbytes(child, kind) for _, _, child in targets)) if kind != "plain" else None
     for module, name, child in targets:
-        setattr(module, name, KernelLinear(child, kind, arena))
+        setattr(module, name, KernelLinear(child, kind, arena, ops))

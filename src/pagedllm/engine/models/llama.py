@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -99,13 +100,15 @@ class LlamaForCausalLM(nn.Module):
         self.tie_weights()
         self.rotary = RotaryEmbedding(config, max_positions)
         self.decode_layers: list | None = None  # the C++ decoder layers, once use_cpu_kernels ran
+        self.cpu_isa: str | None = None  # the kernels' tier, likewise
 
-    def use_cpu_kernels(self, linear_kind: str) -> None:
-        """Run on pagedllm's CPU kernels: every linear on packed weights of `linear_kind` (cpu_kernels),
-        and decode-only steps as one C++ call for all layers. The LM head gets its own packed copy."""
+    def use_cpu_kernels(self, linear_kind: str, ops: ModuleType) -> None:
+        """Run on pagedllm's CPU kernels (`ops`, one tier's build): every linear on packed weights of
+        `linear_kind` (kernels/cpu.py), and decode-only steps as one C++ call for all layers. The LM head gets
+        its own packed copy."""
         from pagedllm.engine.kernels import cpu as cpu_kernels
-        ops = cpu_kernels.load()
-        cpu_kernels.swap_linears(self, linear_kind)
+        cpu_kernels.swap_linears(self, linear_kind, ops)
+        self.cpu_isa = ops.isa
         c = self.config
         self.decode_layers = [
             ops.DecoderLayer(layer.qkv_proj.op, layer.o_proj.op, layer.gate_up_proj.op, layer.down_proj.op,

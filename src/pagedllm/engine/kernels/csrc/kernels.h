@@ -1,0 +1,574 @@
+// pagedllm's CPU kernels on raw pointers, written once over the vector layer (vec.h) for every CPU tier:
+// linear layers on packed bf16 or int8 weights, and the ops of a decode step (RMSNorm, rotary embedding with
+// the KV-cache write, paged attention, SiLU-and-multiply). Nothing here needs torch: cpu_kernels.cpp binds
+// these to tensors, and kernels_selftest.cpp runs them alone (the Arm build under qemu).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "vec.h"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace pagedllm {
+
+// ---- where an op's items go ---------------------------------------------------------------------------------
+// Across threads (a standalone op, `tid` < 0), or, inside decode_layers' one parallel region, this thread's even
+// share of them, followed by a barrier. PAGEDLLM_WITH_ATEN: standalone ops use torch's own thread pool.
+template <typename F>
+inline void parallel_for(int64_t n, int64_t grain, const F& f) {
+#if defined(PAGEDLLM_WITH_ATEN)
+  at::parallel_for(0, n, grain, f);
+#elif defined(_OPENMP)
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), (n + grain - 1) / grain));
+#pragma omp parallel num_threads(int(threads))
+  {
+    const int64_t chunk = (n + threads - 1) / threads, begin = std::min(n, omp_get_thread_num() * chunk);
+    if (begin < std::min(n, begin + chunk)) f(begin, std::min(n, begin + chunk));
+  }
+#else
+  (void)grain;
+  if (n > 0) f(0, n);
+#endif
+}
+
+struct Par {
+  int tid = -1, threads = 1;
+
+  template <typename F>
+  void operator()(int64_t n, int64_t grain, const F& f) const {
+    if (tid < 0) return parallel_for(n, grain, f);
+    const int64_t chunk = (n + threads - 1) / threads, begin = std::min<int64_t>(n, tid * chunk);
+    const int64_t end = std::min(n, begin + chunk);
+    if (begin < end) f(begin, end);
+#pragma omp barrier
+  }
+};
+
+// ---- linear on packed weights -------------------------------------------------------------------------------
+// Output channels go in groups of 48, each group one sequential stream of weights: bf16 [N, K] is packed as
+// [ceil(N/48), K/2, 48, 2] (at input pair k, a group's 48 channels hold weights (k, k+1) as one 32-bit word
+// each), int8 as [ceil(N/48), K, 48] with a float32 scale per channel, widened to float32 in registers
+// (weight-only: activations stay as they are). One stream per group rather than one per vector measured 10%
+// faster at batch 1 on AVX-512; weights sit in huge pages (cpu.py), another 15%.
+constexpr int64_t kGroupChannels = 48;
+// Loops over a tile's registers are unrolled whole, so its accumulators stay in registers: left to itself, GCC
+// kept int8_tile's in memory and stored them at every step (half the speed at batch 1).
+#define PAGEDLLM_UNROLL _Pragma("GCC unroll 16")
+constexpr int kGroupVecs = int(kGroupChannels) / kLanes;
+static_assert(kGroupVecs * kLanes == kGroupChannels, "a channel group is a whole number of vectors");
+// Rows per tile, so that kMaxRows x kGroupVecs accumulators stay in registers: 8 x 3 of AVX-512's 32, 2 x 6 of
+// AVX2's 16, 2 x 12 of NEON's 32.
+constexpr int kMaxRows = kLanes == 16 ? 8 : 2;
+constexpr int64_t kPrefetch = 4096;  // bytes ahead on each weight stream
+
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+
+// x: bf16 pairs as 32-bit words, [rows, K/2] with stride x_stride; w: one group, [K/2, 48] words.
+template <int MR, typename Out>
+void bf16_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t K2, const float* bias, Out* y,
+               int64_t y_stride, int64_t n0, int64_t N) {
+  VecF acc[MR][kGroupVecs];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kGroupVecs; ++j) acc[i][j] = zero();
+  for (int64_t k = 0; k < K2; ++k, w += kGroupChannels) {
+    for (int64_t b = 0; b < kGroupChannels * 4; b += 64) prefetch((const char*)w + kPrefetch + b);
+    PairX xb[MR];
+    for (int i = 0; i < MR; ++i) xb[i] = broadcast_pair(x[i * x_stride + k]);
+    for (int j = 0; j < kGroupVecs; ++j) {
+      const VecW wj = load_words(w + j * kLanes);
+      for (int i = 0; i < MR; ++i) acc[i][j] = dot2(acc[i][j], wj, xb[i]);
+    }
+  }
+  PAGEDLLM_UNROLL for (int j = 0; j < kGroupVecs; ++j) {
+    const int64_t n = n0 + kLanes * j;
+    if (n >= N) continue;  // the last group's padding
+    const VecF b = bias ? load_n(bias + n, N - n) : zero();
+    PAGEDLLM_UNROLL for (int i = 0; i < MR; ++i) store_n(y + i * y_stride + n, add(acc[i][j], b), N - n);
+  }
+}
+
+// x: float32 [rows, K] with stride x_stride; w: one group, [K, 48] int8 codes.
+template <int MR, typename Out>
+void int8_tile(const float* x, int64_t x_stride, const int8_t* w, int64_t K, const float* scale, const float* bias,
+               Out* y, int64_t y_stride, int64_t n0, int64_t N) {
+  VecF acc[MR][kGroupVecs];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kGroupVecs; ++j) acc[i][j] = zero();
+  for (int64_t k = 0; k < K; ++k, w += kGroupChannels) {
+    if ((k & 3) == 0)
+      for (int64_t b = 0; b < kGroupChannels * 4; b += 64) prefetch((const char*)w + kPrefetch + b);
+    VecF xb[MR];
+    for (int i = 0; i < MR; ++i) xb[i] = set1(x[i * x_stride + k]);
+    for (int j = 0; j < kGroupVecs; ++j) {
+      const VecF wj = load(w + j * kLanes);
+      for (int i = 0; i < MR; ++i) acc[i][j] = fma(wj, xb[i], acc[i][j]);
+    }
+  }
+  PAGEDLLM_UNROLL for (int j = 0; j < kGroupVecs; ++j) {
+    const int64_t n = n0 + kLanes * j;
+    if (n >= N) continue;
+    const VecF s = load_n(scale + n, N - n), b = bias ? load_n(bias + n, N - n) : zero();
+    PAGEDLLM_UNROLL for (int i = 0; i < MR; ++i) store_n(y + i * y_stride + n, fma(acc[i][j], s, b), N - n);
+  }
+}
+
+// Many rows on a tier without a bf16 dot product (and int8 on every tier): a group's weights are widened once
+// into a float32 panel in this thread's scratch, then float32 tiles of kPanelRows x kStripVecs vectors
+// run over it, with x widened to float32 once per call. Widening in the inner loop would cost two integer ops
+// per FMA pair at two rows a tile; here it costs one op per weight per block of kRowBlock rows.
+constexpr int kStripVecs = kLanes == 16 ? 3 : 16 / kLanes;  // 48 channels on AVX-512, 16 elsewhere
+constexpr int kPanelRows = kLanes == 16 ? 8 : 6;  // kPanelRows x kStripVecs accumulators in registers
+constexpr int64_t kRowBlock = 48, kPanelMinRows = 16;  // 8 rows: 310 tok/s direct, 250 on panels (AVX2)
+
+// Panels are strip-major, [48 / kStrip][K][kStrip], 64-byte aligned: each tile streams one contiguous strip.
+constexpr int64_t kStrip = kStripVecs * kLanes;
+
+inline float* strip_at(float* panel, int64_t K, int64_t channel) { return panel + channel / kStrip * K * kStrip + channel % kStrip; }
+
+inline void widen_group(const uint32_t* w, int64_t K2, float* panel) {  // bf16 pairs [K/2, 48] -> float32
+  for (int64_t k = 0; k < K2; ++k, w += kGroupChannels)
+    for (int j = 0; j < kGroupVecs; ++j) {
+      const VecW wj = load_words(w + j * kLanes);
+      float* dst = strip_at(panel, 2 * K2, j * kLanes) + 2 * k * kStrip;
+      store(dst, low_halves(wj));
+      store(dst + kStrip, high_halves(wj));
+    }
+}
+
+inline void widen_group(const int8_t* w, int64_t K, float* panel) {  // int8 codes [K, 48] -> float32
+  for (int64_t k = 0; k < K; ++k, w += kGroupChannels)
+    for (int j = 0; j < kGroupVecs; ++j) store(strip_at(panel, K, j * kLanes) + k * kStrip, load(w + j * kLanes));
+}
+
+template <int MR, typename Out>
+void panel_tile(const float* x, int64_t K, const float* panel, const float* scale, const float* bias, Out* y,
+                int64_t n0, int64_t N) {
+  VecF acc[MR][kStripVecs];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kStripVecs; ++j) acc[i][j] = zero();
+  for (int64_t k = 0; k < K; ++k, panel += kStrip) {
+    VecF wv[kStripVecs];
+    for (int j = 0; j < kStripVecs; ++j) wv[j] = load(panel + j * kLanes);
+    for (int i = 0; i < MR; ++i) {
+      const VecF xb = set1(x[i * K + k]);
+      for (int j = 0; j < kStripVecs; ++j) acc[i][j] = fma(wv[j], xb, acc[i][j]);
+    }
+  }
+  PAGEDLLM_UNROLL for (int j = 0; j < kStripVecs; ++j) {
+    const int64_t n = n0 + kLanes * j;
+    if (n >= N) continue;
+    const VecF b = bias ? load_n(bias + n, N - n) : zero();
+    const VecF sc = scale ? load_n(scale + n, N - n) : set1(1.f);
+    PAGEDLLM_UNROLL for (int i = 0; i < MR; ++i) store_n(y + i * N + n, fma(acc[i][j], sc, b), N - n);
+  }
+}
+
+template <typename Out, int MR = kPanelRows>
+void run_panel_rows(const float* x, int64_t K, const float* panel, const float* scale, const float* bias, Out* y,
+                    int64_t n0, int64_t N, int64_t rows) {
+  if constexpr (MR == 1) {
+    panel_tile<1>(x, K, panel, scale, bias, y, n0, N);
+  } else {
+    if (rows >= MR) return panel_tile<MR>(x, K, panel, scale, bias, y, n0, N);
+    run_panel_rows<Out, MR - 1>(x, K, panel, scale, bias, y, n0, N, rows);
+  }
+}
+
+// One linear call: y [M, N] = x [M, K] @ W.T (+ bias), W packed as bf16 pairs or int8 codes (with `scale`).
+struct LinearArgs {
+  const void* x;          // bf16 [M, K] (bf16 weights) or float32 [M, K] (int8 weights)
+  const float* x_float;   // x as float32, where uses_panels() (else unused)
+  int64_t K;
+  const void* w;
+  const float* scale;     // int8: a float32 scale per channel; bf16: nullptr
+  const float* bias;
+  void* y;
+  int64_t N;
+};
+
+// Whether a call of M rows takes the panel path, and so needs x as float32.
+inline bool uses_panels(bool int8, int64_t M) { return M >= kPanelMinRows && (int8 || !kHasBf16Dot); }
+
+template <typename Out>
+void linear_panels(const LinearArgs& a, int64_t M, const Par& par) {
+  const int64_t groups = (a.N + kGroupChannels - 1) / kGroupChannels, blocks = (M + kRowBlock - 1) / kRowBlock;
+  par(groups * blocks, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> scratch;
+    scratch.resize(a.K * kGroupChannels + 16);
+    float* panel = scratch.data() + (16 - reinterpret_cast<uintptr_t>(scratch.data()) / 4 % 16) % 16;
+    int64_t widened = -1;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t / blocks, m0 = t % blocks * kRowBlock, rows = std::min(kRowBlock, M - m0);
+      if (g != widened) {
+        if (a.scale) widen_group(static_cast<const int8_t*>(a.w) + g * a.K * kGroupChannels, a.K, panel);
+        else widen_group(static_cast<const uint32_t*>(a.w) + g * (a.K / 2) * kGroupChannels, a.K / 2, panel);
+        widened = g;
+      }
+      for (int64_t c = 0; c < kGroupChannels; c += kStrip)
+        for (int64_t m = m0; m < m0 + rows; m += kPanelRows)
+          run_panel_rows<Out>(a.x_float + m * a.K, a.K, strip_at(panel, a.K, c), a.scale, a.bias, static_cast<Out*>(a.y) + m * a.N,
+                              g * kGroupChannels + c, a.N, std::min<int64_t>(kPanelRows, m0 + rows - m));
+    }
+  });
+}
+
+template <typename Out, int MR>
+void run_tile(const LinearArgs& a, int64_t m0, int64_t g) {
+  Out* y = static_cast<Out*>(a.y) + m0 * a.N;
+  if (a.scale == nullptr) {
+    bf16_tile<MR>(static_cast<const uint32_t*>(a.x) + m0 * (a.K / 2), a.K / 2,
+                  static_cast<const uint32_t*>(a.w) + g * (a.K / 2) * kGroupChannels, a.K / 2, a.bias, y, a.N,
+                  g * kGroupChannels, a.N);
+  } else {
+    int8_tile<MR>(static_cast<const float*>(a.x) + m0 * a.K, a.K,
+                  static_cast<const int8_t*>(a.w) + g * a.K * kGroupChannels, a.K, a.scale, a.bias, y, a.N,
+                  g * kGroupChannels, a.N);
+  }
+}
+
+template <typename Out, int MR = kMaxRows>
+void run_rows(const LinearArgs& a, int64_t m0, int64_t rows, int64_t g) {
+  if constexpr (MR == 1) {
+    run_tile<Out, 1>(a, m0, g);
+  } else {
+    if (rows >= MR) return run_tile<Out, MR>(a, m0, g);
+    run_rows<Out, MR - 1>(a, m0, rows, g);
+  }
+}
+
+// Few rows: threads split the channel groups, and the row tiles too, walking rows fastest so a group's weights
+// stay in cache while every row tile reads them. Many rows: linear_panels.
+template <typename Out>
+void linear(const LinearArgs& a, int64_t M, const Par& par) {
+  if (uses_panels(a.scale != nullptr, M)) return linear_panels<Out>(a, M, par);
+  const int64_t groups = (a.N + kGroupChannels - 1) / kGroupChannels, mtiles = (M + kMaxRows - 1) / kMaxRows;
+  par(groups * mtiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t / mtiles, m0 = t % mtiles * kMaxRows;
+      run_rows<Out>(a, m0, std::min<int64_t>(kMaxRows, M - m0), g);
+    }
+  });
+}
+
+// ---- RMSNorm, as transformers computes it: normalised in float32, rounded to the model's dtype, then scaled
+// by the weight in that dtype. With `residual`, first residual += x (in the model's dtype).
+template <typename T>
+void rms_norm_rows(T* x, T* residual, const T* w, T* out, int64_t rows, int64_t H, float eps, const Par& par) {
+  par(rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* src = residual ? residual + r * H : x + r * H;
+      VecF ss = zero();
+      for (int64_t i = 0; i < H; i += kLanes) {
+        VecF v = load_n(src + i, H - i);
+        if (residual) {
+          v = round_like<T>(add(v, load_n(x + r * H + i, H - i)));
+          store_n(src + i, v, H - i);
+        }
+        ss = fma(v, v, ss);
+      }
+      const VecF inv = set1(1.0f / std::sqrt(reduce_add(ss) / H + eps));
+      for (int64_t i = 0; i < H; i += kLanes) {
+        const VecF v = round_like<T>(mul(load_n(src + i, H - i), inv));
+        store_n(out + r * H + i, mul(v, load_n(w + i, H - i)), H - i);
+      }
+    }
+  });
+}
+
+// ---- rotary embedding of queries and keys, and the keys and values written into the paged cache ----------
+// qkv: [T, (H + 2 KVH) * D]; cache: [2, KVH, num_blocks * block_size, D]; cos/sin: [max_positions, D].
+template <typename T>
+void rope_write_kv(const T* qkv, T* q_out, T* cache, const float* cos, const float* sin, const int64_t* positions,
+                   const int32_t* slots, int64_t tokens, int64_t H, int64_t KVH, int64_t D, int64_t cache_rows,
+                   const Par& par) {
+  const int64_t half = D / 2, width = (H + 2 * KVH) * D;
+  par(tokens * (H + 2 * KVH), 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t tok = t / (H + 2 * KVH), head = t % (H + 2 * KVH);
+      const T* src = qkv + tok * width + head * D;
+      T* dst = head < H ? q_out + (tok * H + head) * D
+                        : cache + ((head - H) * cache_rows + slots[tok]) * D;  // keys then values, by head
+      if (head >= H + KVH) {  // values are copied as they are
+        for (int64_t i = 0; i < D; i += kLanes) store_n(dst + i, load_n(src + i, D - i), D - i);
+        continue;
+      }
+      const float* c = cos + positions[tok] * D;
+      const float* s = sin + positions[tok] * D;
+      for (int64_t i = 0; i < half; i += kLanes) {
+        const int64_t n = half - i;
+        const VecF lo = load_n(src + i, n), hi = load_n(src + half + i, n);
+        const VecF lo_out = fma(lo, load_n(c + i, n), sub(zero(), mul(hi, load_n(s + i, n))));
+        const VecF hi_out = fma(hi, load_n(c + half + i, n), mul(lo, load_n(s + half + i, n)));
+        store_n(dst + i, lo_out, n);
+        store_n(dst + half + i, hi_out, n);
+      }
+    }
+  });
+}
+
+// ---- paged attention for decode (one query token per sequence), split over long contexts ----------------
+// Each work item is (sequence, KV head, split): it reads its share of the context once for all the query heads
+// of its group, keeping a running max, sum and weighted values (flash-decoding); splits are merged afterwards.
+// q, out: [B, H * D]; block tables: [B, max_blocks] int32; context_lens: [B] int32.
+constexpr int64_t kMaxGroup = 16, kMaxHeadDim = 256, kChunk = 16;  // positions scored before each softmax update
+constexpr int64_t kMaxPairs = kMaxHeadDim / (2 * kLanes);          // bf16-pair vectors in a head
+
+// How a decode batch's contexts are split: enough splits that threads share the work evenly at batch 1, none
+// shorter than 256 positions, each a whole number of blocks; and the float32 scratch the splits need.
+struct AttentionPlan {
+  int64_t splits, split_len, scratch_floats;
+
+  AttentionPlan(const int32_t* ctx, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t threads) {
+    int64_t longest = 1;
+    for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, ctx[b]);
+    splits = std::max<int64_t>(1, std::min<int64_t>({(longest + 255) / 256, (16 * threads + B * KVH - 1) / (B * KVH), 64}));
+    split_len = ((longest + splits - 1) / splits + BS - 1) / BS * BS;
+    splits = (longest + split_len - 1) / split_len;
+    scratch_floats = B * H * splits * (D + 2);
+  }
+};
+
+// The softmax update for one chunk of nt scored positions: the running max m and sum l, the scores turned into
+// weights in place (zero past nt); returns the factor the weighted values so far must be scaled by.
+inline float softmax_update(float* scores, int64_t nt, float& m, float& l) {
+  float m_new = m;
+  for (int64_t t = 0; t < nt; ++t) m_new = std::max(m_new, scores[t]);
+  for (int64_t t = nt; t < kChunk; ++t) scores[t] = -INFINITY;
+  const float correction = std::exp(m - m_new);
+  VecF sum = zero();
+  for (int64_t t = 0; t < kChunk; t += kLanes) {
+    VecF p = exp(sub(load(scores + t), set1(m_new)));
+    store(scores + t, p);
+  }
+  for (int64_t t = nt; t < kChunk; ++t) scores[t] = 0.f;
+  for (int64_t t = 0; t < kChunk; t += kLanes) sum = add(sum, load(scores + t));
+  l = l * correction + reduce_add(sum);
+  m = m_new;
+  return correction;
+}
+
+// scores[g][t] = q_g . k * scale for every query head g of the group: bf16 keys against the queries as bf16
+// pairs (exact products, float32 sums: what a bf16 matmul computes); float32 keys against the scaled queries.
+inline void scores_of_key(const float (*)[kMaxHeadDim], const PairX (*qp)[kMaxPairs], const bf16* k, int64_t D,
+                          int64_t group, float scale, float (*scores)[kChunk], int64_t t) {
+  VecW kw[kMaxPairs];
+  for (int64_t c = 0; c * 2 * kLanes < D; ++c) kw[c] = load_words_n(k + 2 * kLanes * c, D - 2 * kLanes * c);
+  for (int64_t g = 0; g < group; ++g) {
+    VecF s = zero();
+    for (int64_t c = 0; c * 2 * kLanes < D; ++c) s = dot2(s, kw[c], qp[g][c]);
+    scores[g][t] = reduce_add(s) * scale;
+  }
+}
+
+inline void scores_of_key(const float (*qf)[kMaxHeadDim], const PairX (*)[kMaxPairs], const float* k, int64_t D,
+                          int64_t group, float, float (*scores)[kChunk], int64_t t) {
+  for (int64_t g = 0; g < group; ++g) {
+    VecF s = zero();
+    for (int64_t d = 0; d < D; d += kLanes) s = fma(load_n(qf[g] + d, D - d), load_n(k + d, D - d), s);
+    scores[g][t] = reduce_add(s);
+  }
+}
+
+template <typename T>
+void attend_split(const T* q, const T* cache, const int32_t* table, int64_t first, int64_t last, int64_t BS,
+                  int64_t D, int64_t group, int64_t cache_rows, int64_t kv_head, int64_t KVH, float scale,
+                  float* m_out, float* l_out, float* acc_out) {
+  const T* keys = cache + kv_head * cache_rows * D;
+  const T* values = cache + (KVH + kv_head) * cache_rows * D;
+  alignas(64) float qf[kMaxGroup][kMaxHeadDim];  // float32 caches: the scaled queries
+  PairX qp[kMaxGroup][kMaxPairs];                // bf16 caches: the queries as bf16 pairs
+  float m[kMaxGroup], l[kMaxGroup];
+  for (int64_t g = 0; g < group; ++g) {
+    m[g] = -INFINITY, l[g] = 0.f;
+    for (int64_t d = 0; d < D; d += kLanes) {
+      if constexpr (std::is_same<T, float>::value) store_n(qf[g] + d, mul(load_n(q + g * D + d, D - d), set1(scale)), D - d);
+      store_n(acc_out + g * D + d, zero(), D - d);
+    }
+    if constexpr (std::is_same<T, bf16>::value)
+      for (int64_t c = 0; c * 2 * kLanes < D; ++c) qp[g][c] = pair_of(load_words_n(q + g * D + 2 * kLanes * c, D - 2 * kLanes * c));
+  }
+  alignas(64) float scores[kMaxGroup][kChunk];
+  for (int64_t pos = first; pos < last; pos += BS) {
+    const int64_t n = std::min(BS, last - pos), row0 = int64_t(table[pos / BS]) * BS;
+    for (int64_t t0 = 0; t0 < n; t0 += kChunk) {
+      const int64_t nt = std::min<int64_t>(kChunk, n - t0);
+      for (int64_t t = 0; t < nt; ++t) scores_of_key(qf, qp, keys + (row0 + t0 + t) * D, D, group, scale, scores, t);
+      for (int64_t g = 0; g < group; ++g) {
+        const VecF correction = set1(softmax_update(scores[g], nt, m[g], l[g]));
+        float* acc = acc_out + g * D;
+        for (int64_t d = 0; d < D; d += kLanes) store_n(acc + d, mul(load_n(acc + d, D - d), correction), D - d);
+      }
+      for (int64_t t = 0; t < nt; ++t) {
+        const T* v = values + (row0 + t0 + t) * D;
+        for (int64_t d = 0; d < D; d += kLanes) {
+          const VecF vv = load_n(v + d, D - d);
+          for (int64_t g = 0; g < group; ++g) {
+            float* acc = acc_out + g * D + d;
+            store_n(acc, fma(set1(scores[g][t]), vv, load_n(acc, D - d)), D - d);
+          }
+        }
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) m_out[g] = m[g], l_out[g] = l[g];
+}
+
+// attend_split for a bf16 cache whose group size G and head_dim are known at compile time: the queries and the
+// weighted values stay in registers (where they fit) instead of being reloaded for every position.
+template <int G, int HEAD_DIM>
+void attend_split_fixed(const bf16* q, const bf16* cache, const int32_t* table, int64_t first, int64_t last,
+                        int64_t BS, int64_t cache_rows, int64_t kv_head, int64_t KVH, float scale, float* m_out,
+                        float* l_out, float* acc_out) {
+  constexpr int64_t D = HEAD_DIM, ND = D / kLanes, NC = D / (2 * kLanes);
+  const bf16* keys = cache + kv_head * cache_rows * D;
+  const bf16* values = cache + (KVH + kv_head) * cache_rows * D;
+  PairX qp[G][NC];
+  VecF acc[G][ND];
+  float m[G], l[G];
+  for (int g = 0; g < G; ++g) {
+    m[g] = -INFINITY, l[g] = 0.f;
+    for (int c = 0; c < NC; ++c) qp[g][c] = pair_of(load_words(q + g * D + 2 * kLanes * c));
+    for (int c = 0; c < ND; ++c) acc[g][c] = zero();
+  }
+  alignas(64) float scores[G][kChunk];
+  for (int64_t pos = first; pos < last; pos += BS) {
+    const int64_t n = std::min(BS, last - pos), row0 = int64_t(table[pos / BS]) * BS;
+    for (int64_t t0 = 0; t0 < n; t0 += kChunk) {
+      const int64_t nt = std::min<int64_t>(kChunk, n - t0);
+      for (int64_t t = 0; t < nt; ++t) {
+        const bf16* k = keys + (row0 + t0 + t) * D;
+        VecW kw[NC];
+        for (int c = 0; c < NC; ++c) kw[c] = load_words(k + 2 * kLanes * c);
+        for (int g = 0; g < G; ++g) {
+          VecF sum = zero();
+          for (int c = 0; c < NC; ++c) sum = dot2(sum, kw[c], qp[g][c]);
+          scores[g][t] = reduce_add(sum) * scale;
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        const VecF correction = set1(softmax_update(scores[g], nt, m[g], l[g]));
+        for (int c = 0; c < ND; ++c) acc[g][c] = mul(acc[g][c], correction);
+      }
+      for (int64_t t = 0; t < nt; ++t) {
+        const bf16* v = values + (row0 + t0 + t) * D;
+        VecF vv[ND];
+        for (int c = 0; c < ND; ++c) vv[c] = load(v + kLanes * c);
+        for (int g = 0; g < G; ++g) {
+          const VecF w = set1(scores[g][t]);
+          for (int c = 0; c < ND; ++c) acc[g][c] = fma(w, vv[c], acc[g][c]);
+        }
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    m_out[g] = m[g], l_out[g] = l[g];
+    for (int c = 0; c < ND; ++c) store(acc_out + g * D + kLanes * c, acc[g][c]);
+  }
+}
+
+using FixedSplit = void (*)(const bf16*, const bf16*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                            int64_t, float, float*, float*, float*);
+
+template <int HEAD_DIM>
+FixedSplit fixed_for_group(int64_t group) {
+  switch (group) {
+    case 1: return attend_split_fixed<1, HEAD_DIM>;
+    case 2: return attend_split_fixed<2, HEAD_DIM>;
+    case 3: return attend_split_fixed<3, HEAD_DIM>;
+    case 4: return attend_split_fixed<4, HEAD_DIM>;
+    case 8: return attend_split_fixed<8, HEAD_DIM>;
+    default: return nullptr;
+  }
+}
+
+// The register-resident split for the shapes of common models (head_dim 64 or 128), else none.
+inline FixedSplit fixed_split(int64_t group, int64_t D) {
+  return D == 64 ? fixed_for_group<64>(group) : D == 128 ? fixed_for_group<128>(group) : nullptr;
+}
+
+template <typename T>
+void paged_attention_decode(const T* q, const T* cache, const int32_t* tables, int64_t max_blocks,
+                            const int32_t* context_lens, T* out, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                            int64_t BS, int64_t cache_rows, float scale, const AttentionPlan& plan, float* scratch,
+                            const Par& par) {
+  const int64_t group = H / KVH, splits = plan.splits;
+  float* ml = scratch;                                  // [item][2 * group]: running max, then sum
+  float* acc = scratch + B * KVH * splits * group * 2;  // [item][group][D]
+  FixedSplit fast = nullptr;
+  if constexpr (std::is_same<T, bf16>::value) fast = BS % kChunk == 0 ? fixed_split(group, D) : nullptr;
+  par(B * KVH * splits, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (KVH * splits), h = item / splits % KVH, s = item % splits;
+      const int64_t first = s * plan.split_len, last = std::min<int64_t>(first + plan.split_len, context_lens[b]);
+      float* m = ml + item * group * 2;
+      if (first >= last) {
+        for (int64_t g = 0; g < group; ++g) m[g] = -INFINITY, m[group + g] = 0.f;
+        continue;
+      }
+      if constexpr (std::is_same<T, bf16>::value) {
+        if (fast != nullptr) {
+          fast(q + (b * H + h * group) * D, cache, tables + b * max_blocks, first, last, BS, cache_rows, h, KVH,
+               scale, m, m + group, acc + item * group * D);
+          continue;
+        }
+      }
+      attend_split(q + (b * H + h * group) * D, cache, tables + b * max_blocks, first, last, BS, D, group,
+                   cache_rows, h, KVH, scale, m, m + group, acc + item * group * D);
+    }
+  });
+  par(B * H, 16, [&](int64_t begin, int64_t end) {
+    float weights[64];  // at most 64 splits
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H / group, g = bh % group, base = (b * KVH + h) * splits;
+      float m_all = -INFINITY, l_all = 0.f;
+      for (int64_t s = 0; s < splits; ++s) m_all = std::max(m_all, ml[(base + s) * group * 2 + g]);
+      for (int64_t s = 0; s < splits; ++s) {
+        const float m = ml[(base + s) * group * 2 + g], l = ml[(base + s) * group * 2 + group + g];
+        weights[s] = l == 0.f ? 0.f : std::exp(m - m_all);
+        l_all += l * weights[s];
+      }
+      for (int64_t d = 0; d < D; d += kLanes) {
+        VecF o = zero();
+        for (int64_t s = 0; s < splits; ++s)
+          if (weights[s] != 0.f) o = fma(load_n(acc + ((base + s) * group + g) * D + d, D - d), set1(weights[s]), o);
+        store_n(out + bh * D + d, div(o, set1(l_all)), D - d);
+      }
+    }
+  });
+}
+
+// ---- the rest of a layer --------------------------------------------------------------------------------------
+template <typename T>
+void silu_and_mul(const T* gate_up, T* out, int64_t rows, int64_t I, const Par& par) {
+  par(rows, 32, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t i = 0; i < I; i += kLanes) {
+        const VecF g = load_n(gate_up + r * 2 * I + i, I - i), u = load_n(gate_up + r * 2 * I + I + i, I - i);
+        const VecF silu = div(g, add(set1(1.f), exp(sub(zero(), g))));
+        store_n(out + r * I + i, mul(round_like<T>(silu), u), I - i);
+      }
+  });
+}
+
+template <typename T>
+void add_into(T* x, const T* y, int64_t n, const Par& par) {  // x += y, rounded to T
+  par((n + kLanes - 1) / kLanes, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * kLanes; i < std::min(n, end * kLanes); i += kLanes)
+      store_n(x + i, add(load_n(x + i, n - i), load_n(y + i, n - i)), n - i);
+  });
+}
+
+inline void widen(const bf16* x, float* out, int64_t n, const Par& par) {  // bf16 -> float32
+  par((n + kLanes - 1) / kLanes, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * kLanes; i < std::min(n, end * kLanes); i += kLanes) store_n(out + i, load_n(x + i, n - i), n - i);
+  });
+}
+
+}  // namespace pagedllm

@@ -1,0 +1,206 @@
+// The kernels alone, without torch or Python: each op of kernels.h against a scalar reference, for the tier this
+// program is compiled for. It is how the Arm builds are tested on an x86 machine (cross-compiled, run under
+// qemu-aarch64: tests/test_cpu_isa.py); it runs natively too. Prints one line and exits 0 when all checks pass.
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "kernels.h"
+
+using namespace pagedllm;
+
+namespace {
+
+int failures = 0, checks = 0;
+
+void expect_close(const char* what, const std::vector<float>& got, const std::vector<double>& want, double tol) {
+  ++checks;
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (std::fabs(got[i] - want[i]) > tol * (1.0 + std::fabs(want[i])) || std::isnan(got[i])) {
+      std::printf("FAIL %s: element %zu is %.6g, expected %.6g\n", what, i, got[i], want[i]);
+      ++failures;
+      return;
+    }
+  }
+}
+
+std::mt19937 rng(0);
+float normal() { return std::normal_distribution<float>(0.f, 1.f)(rng); }
+std::vector<float> randn(size_t n) {
+  std::vector<float> v(n);
+  for (auto& x : v) x = normal();
+  return v;
+}
+float as_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
+
+void check_bf16_rounding() {
+  const float cases[] = {1.0f, -2.5f, 1.00390625f, 1.01171875f, 3.0e38f, -1e-30f, INFINITY, -INFINITY, NAN, 0.f};
+  std::vector<float> in(kLanes, 0.f), got(kLanes);
+  std::vector<double> want(kLanes);
+  for (float c : cases) {
+    for (int i = 0; i < kLanes; ++i) in[i] = c * (1.0f + i * 0.0009765625f);
+    std::vector<bf16> out(kLanes);
+    store(out.data(), load(in.data()));
+    ++checks;
+    for (int i = 0; i < kLanes; ++i)
+      if (out[i] != float_to_bf16(in[i])) {
+        std::printf("FAIL bf16 rounding of %.9g: got %04x, expected %04x\n", in[i], out[i], float_to_bf16(in[i]));
+        ++failures;
+        break;
+      }
+  }
+}
+
+void check_exp() {
+  std::vector<float> in(kLanes), got(kLanes);
+  std::vector<double> want(kLanes);
+  for (float x0 = -87.f; x0 < 80.f; x0 += 1.37f) {
+    for (int i = 0; i < kLanes; ++i) in[i] = x0 + 0.01f * i, want[i] = std::exp(double(in[i]));
+    store(got.data(), exp(load(in.data())));
+    for (int i = 0; i < kLanes; ++i) got[i] /= float(want[i]), want[i] = 1.0;  // relative error
+    expect_close("exp", got, want, 1e-6);
+  }
+}
+
+// [N, K] -> [ceil(N/48), K/2, 48, 2] (cpu.py's pack_bf16) and the int8 [ceil(N/48), K, 48] (pack_int8).
+std::vector<bf16> pack_bf16(const std::vector<float>& w, int64_t N, int64_t K) {
+  const int64_t groups = (N + kGroupChannels - 1) / kGroupChannels;
+  std::vector<bf16> out(groups * kGroupChannels * K, 0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k)
+      out[((n / kGroupChannels * (K / 2) + k / 2) * kGroupChannels + n % kGroupChannels) * 2 + k % 2] =
+          float_to_bf16(w[n * K + k]);
+  return out;
+}
+
+void check_linears() {
+  for (int64_t M : {1, 2, 3, 9, 17, 61}) {  // the direct tiles and (from 16 rows) the panels
+    const int64_t N = 100, K = 64;
+    std::vector<float> w = randn(N * K), x = randn(M * K), bias = randn(N);
+    std::vector<bf16> xb(M * K);
+    for (int64_t i = 0; i < M * K; ++i) xb[i] = float_to_bf16(x[i]);
+    std::vector<bf16> packed = pack_bf16(w, N, K);
+    std::vector<float> y(M * N);
+    std::vector<double> want(M * N);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        double s = bias[n];
+        for (int64_t k = 0; k < K; ++k) s += double(as_bf16(w[n * K + k])) * as_bf16(x[m * K + k]);
+        want[m * N + n] = s;
+      }
+    std::vector<float> xw(M * K);  // x as the bf16 kind's panel path reads it
+    for (int64_t i = 0; i < M * K; ++i) xw[i] = bf16_to_float(xb[i]);
+    linear<float>(LinearArgs{xb.data(), xw.data(), K, packed.data(), nullptr, bias.data(), y.data(), N}, M, Par{});
+    expect_close("bf16 linear", y, want, 1e-4);
+
+    // int8: per-channel codes and scales, float32 activations
+    const int64_t groups = (N + kGroupChannels - 1) / kGroupChannels;
+    std::vector<int8_t> codes(groups * kGroupChannels * K, 0);
+    std::vector<float> scale(N);
+    for (int64_t n = 0; n < N; ++n) {
+      scale[n] = 0.01f * (1 + n % 7);
+      for (int64_t k = 0; k < K; ++k) {
+        const int8_t c = int8_t(int(w[n * K + k] * 40) % 127);
+        codes[(n / kGroupChannels * K + k) * kGroupChannels + n % kGroupChannels] = c;
+        w[n * K + k] = c;
+      }
+    }
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        double s = 0;
+        for (int64_t k = 0; k < K; ++k) s += double(w[n * K + k]) * x[m * K + k];
+        want[m * N + n] = s * scale[n] + bias[n];
+      }
+    linear<float>(LinearArgs{x.data(), x.data(), K, codes.data(), scale.data(), bias.data(), y.data(), N}, M, Par{});
+    expect_close("int8 linear", y, want, 1e-4);
+  }
+}
+
+void check_norm_and_silu() {
+  const int64_t rows = 3, H = 72;
+  std::vector<float> x = randn(rows * H), w = randn(H), out(rows * H);
+  std::vector<double> want(rows * H);
+  for (int64_t r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (int64_t i = 0; i < H; ++i) ss += double(x[r * H + i]) * x[r * H + i];
+    const double inv = 1.0 / std::sqrt(ss / H + 1e-5);
+    for (int64_t i = 0; i < H; ++i) want[r * H + i] = x[r * H + i] * inv * w[i];
+  }
+  rms_norm_rows<float>(x.data(), nullptr, w.data(), out.data(), rows, H, 1e-5f, Par{});
+  expect_close("rms_norm", out, want, 1e-5);
+
+  const int64_t I = 40;
+  std::vector<float> gate_up = randn(rows * 2 * I), act(rows * I);
+  std::vector<double> silu(rows * I);
+  for (auto& g : gate_up) g *= 4;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < I; ++i) {
+      const double g = gate_up[r * 2 * I + i], u = gate_up[r * 2 * I + I + i];
+      silu[r * I + i] = g / (1 + std::exp(-g)) * u;
+    }
+  silu_and_mul<float>(gate_up.data(), act.data(), rows, I, Par{});
+  expect_close("silu_mul", act, silu, 1e-5);
+}
+
+// Decode attention over a paged cache [2, KVH, blocks * BS, D] against a scalar softmax.
+template <typename T>
+void check_attention(int64_t H, int64_t KVH, int64_t D, int64_t BS, std::vector<int32_t> ctx) {
+  const int64_t B = ctx.size(), blocks = 64, rows = blocks * BS, group = H / KVH;
+  std::vector<float> cache_f = randn(2 * KVH * rows * D), q_f = randn(B * H * D);
+  std::vector<T> cache(cache_f.size()), q(q_f.size()), out(q_f.size());
+  auto to_t = [](float v) { if constexpr (std::is_same<T, bf16>::value) return float_to_bf16(v); else return v; };
+  auto from_t = [](T v) { if constexpr (std::is_same<T, bf16>::value) return bf16_to_float(v); else return float(v); };
+  for (size_t i = 0; i < cache.size(); ++i) cache[i] = to_t(cache_f[i]);
+  for (size_t i = 0; i < q.size(); ++i) q[i] = to_t(q_f[i]);
+  int64_t max_blocks = 0;
+  for (int32_t c : ctx) max_blocks = std::max<int64_t>(max_blocks, (c + BS - 1) / BS);
+  std::vector<int32_t> tables(B * max_blocks, 0);
+  for (int64_t b = 0, next = 0; b < B; ++b)
+    for (int64_t i = 0; i < (ctx[b] + BS - 1) / BS; ++i) tables[b * max_blocks + i] = int32_t((next++ * 7) % blocks);
+  const float scale = 1.f / std::sqrt(float(D));
+  AttentionPlan plan(ctx.data(), B, H, KVH, D, BS, 2);
+  std::vector<float> scratch(plan.scratch_floats);
+  paged_attention_decode<T>(q.data(), cache.data(), tables.data(), max_blocks, ctx.data(), out.data(), B, H, KVH, D,
+                            BS, rows, scale, plan, scratch.data(), Par{});
+  std::vector<float> got(out.size());
+  std::vector<double> want(out.size());
+  for (size_t i = 0; i < out.size(); ++i) got[i] = from_t(out[i]);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t kvh = h / group;
+      std::vector<double> p(ctx[b]);
+      double mx = -1e300, sum = 0;
+      auto row = [&](int64_t kv, int64_t pos) {
+        return (kv * KVH + kvh) * rows + int64_t(tables[b * max_blocks + pos / BS]) * BS + pos % BS;
+      };
+      for (int64_t t = 0; t < ctx[b]; ++t) {
+        double s = 0;
+        for (int64_t d = 0; d < D; ++d) s += double(from_t(q[(b * H + h) * D + d])) * from_t(cache[row(0, t) * D + d]);
+        p[t] = s * scale, mx = std::max(mx, p[t]);
+      }
+      for (auto& v : p) v = std::exp(v - mx), sum += v;
+      for (int64_t d = 0; d < D; ++d) {
+        double o = 0;
+        for (int64_t t = 0; t < ctx[b]; ++t) o += p[t] * from_t(cache[row(1, t) * D + d]);
+        want[(b * H + h) * D + d] = o / sum;
+      }
+    }
+  expect_close(std::is_same<T, bf16>::value ? "paged attention (bf16)" : "paged attention (float32)", got, want,
+               std::is_same<T, bf16>::value ? 1e-2 : 1e-5);
+}
+
+}  // namespace
+
+int main() {
+  check_bf16_rounding();
+  check_exp();
+  check_linears();
+  check_norm_and_silu();
+  for (auto ctx : {std::vector<int32_t>{1}, std::vector<int32_t>{5, 16, 33}, std::vector<int32_t>{700}}) {
+    check_attention<float>(6, 2, 32, 8, ctx);
+    check_attention<bf16>(6, 2, 32, 8, ctx);
+    check_attention<bf16>(9, 3, 64, 16, ctx);  // the register-resident split
+  }
+  std::printf("kernels_selftest %s: %d of %d checks passed\n", kIsaName, checks - failures, checks);
+  return failures ? 1 : 0;
+}
