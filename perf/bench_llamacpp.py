@@ -1,19 +1,25 @@
 """pagedllm's engine vs llama.cpp on this CPU, same weights, same run: batch-1 decode (also at a 4,096-token
 context), batched generation, prompt processing, and int8 against llama.cpp's Q8_0.
 
-    python -m perf.bench_llamacpp            # 3 alternating rounds, medians; writes perf/RESULTS.md
+    python -m perf.bench_llamacpp            # this CPU's tier; 3 alternating rounds, medians; writes perf/RESULTS.md
+    python -m perf.bench_llamacpp --isa avx2 # a lower tier forced on this CPU, against llama.cpp's AVX2 build
     python -m perf.bench_llamacpp --rounds 1 --no-write
 
 llama.cpp is built once into the cache (perf/llamacpp.py). Every round runs each setting on each system in
 turn (this machine's speed drifts by a quarter within minutes), and the medians of the rounds are reported.
 pagedllm's figures time the engine's own steps (scheduler, model, sampler, detokenizer) in-process;
 llama.cpp's are those its tools print. "pagedllm torch" is the same engine on the plain-torch path
-(`attention_backend="torch"`), what ran before the CPU kernels.
+(`attention_backend="torch"`), what ran before the CPU kernels (native tier only).
+
+`--isa avx2` (or avx512, portable) runs pagedllm's kernels of that tier and llama.cpp built for AVX2 with every
+AVX-512 and AMX option off, and restricts torch to the same tier (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA), so
+that an AVX-512 machine measures what an AVX2-only one would run.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import subprocess
 import sys
@@ -24,6 +30,7 @@ from pathlib import Path
 import torch
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.engine.kernels import cpu_isa
 from pagedllm.weights import ensure_default_model
 from perf import llamacpp
 from perf.results import write_section
@@ -75,15 +82,28 @@ def _once(llm: LLM, setting: str, seed: int) -> float:
     return _timed_generation(llm, _prompts(int(setting.split()[0]), 40, seed), 64)
 
 
-def peer(model: Path, setting: str) -> float:
+def peer(model: Path, setting: str, build: str) -> float:
     if setting == "decode b1":
-        return llamacpp.bench(model, "-p", "0", "-n", "64")
+        return llamacpp.bench(model, "-p", "0", "-n", "64", build=build)
     if setting == "decode b1 at 4096":
-        return llamacpp.bench(model, "-p", "0", "-n", "64", "-d", "4096")
+        return llamacpp.bench(model, "-p", "0", "-n", "64", "-d", "4096", build=build)
     if setting == "prompt 512":
-        return llamacpp.bench(model, "-p", "512", "-n", "0")
+        return llamacpp.bench(model, "-p", "512", "-n", "0", build=build)
     n = int(setting.split()[0])
-    return llamacpp.batched_generation(model, [n])[n]
+    return llamacpp.batched_generation(model, [n], build=build)[n]
+
+
+# torch held to a tier below the CPU's, so that the forced tier's plain-torch pieces run as they would there
+TORCH_TIERS = {"avx512": ("avx512", "AVX512_CORE"), "avx2": ("avx2", "AVX2"), "portable": ("default", "SSE41")}
+
+
+def _restrict_torch(isa: str) -> None:
+    """Re-executes this script with torch restricted to `isa`'s instruction set (read once, at torch's start)."""
+    if isa not in TORCH_TIERS or os.environ.get("ATEN_CPU_CAPABILITY"):
+        return
+    aten, onednn = TORCH_TIERS[isa]
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": aten, "ONEDNN_MAX_CPU_ISA": onednn}
+    os.execve(sys.executable, [sys.executable, "-m", "perf.bench_llamacpp", *sys.argv[1:]], env)
 
 
 def memory_bandwidth() -> float:
@@ -141,22 +161,23 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
-def start_up() -> float:
+def start_up(isa: str) -> float:
     """Seconds from LLM() to the first token of a one-token answer in a new process, model and kernels
     already cached (imports not counted)."""
-    code = ("import time; from pagedllm import LLM, SamplingParams; t = time.perf_counter(); "
-            "LLM().generate([[1, 2, 3]], SamplingParams(max_tokens=1), use_tqdm=False); "
+    code = ("import sys, time; from pagedllm import LLM, SamplingParams; t = time.perf_counter(); "
+            "LLM(cpu_isa=sys.argv[1]).generate([[1, 2, 3]], SamplingParams(max_tokens=1), use_tqdm=False); "
             "print(time.perf_counter() - t)")
-    return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    return float(subprocess.run([sys.executable, "-c", code, isa], check=True, capture_output=True,
+                                text=True).stdout)
 
 
-def kernel_build_seconds() -> float:
+def kernel_build_seconds(isa: str) -> float:
     """A cold build of the CPU kernels in a new process, into a scratch folder (the cached build stays)."""
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
         code = ("import sys, pathlib; from pagedllm.engine.kernels import cpu as cpu_kernels; "
-                "cpu_kernels.build(pathlib.Path(sys.argv[1]))")
-        subprocess.run([sys.executable, "-c", code, scratch], check=True, capture_output=True)
+                "cpu_kernels.build(pathlib.Path(sys.argv[1]), cpu_kernels.CpuIsa(sys.argv[2]))")
+        subprocess.run([sys.executable, "-c", code, scratch, isa], check=True, capture_output=True)
         return time.perf_counter() - start
 
 
@@ -173,22 +194,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
+    ap.add_argument("--isa", default="auto", help="the kernels' tier (default: this CPU's best); a lower one is "
+                                                  "compared with llama.cpp's AVX2 build")
     args = ap.parse_args()
+    native = cpu_isa.choose("auto", cpu_isa.host())
+    isa = cpu_isa.choose(args.isa, cpu_isa.host(), "--isa")
+    if isa != native:
+        _restrict_torch(isa.value)
+    args.isa, args.build = isa.value, "native" if isa == native else "avx2"
     torch.set_num_threads(2)
     path = str(ensure_default_model())
-    start_up_seconds, build_seconds = start_up(), kernel_build_seconds()
-    llms = {"pagedllm bf16": LLM(path, dtype="bfloat16"),
-            "pagedllm int8": LLM(path, dtype="bfloat16", quantization="int8"),
-            "pagedllm torch": LLM(path, dtype="bfloat16", attention_backend="torch")}
+    start_up_seconds, build_seconds = start_up(isa.value), kernel_build_seconds(isa.value)
+    llms = {"pagedllm bf16": LLM(path, dtype="bfloat16", cpu_isa=isa.value),
+            "pagedllm int8": LLM(path, dtype="bfloat16", quantization="int8", cpu_isa=isa.value)}
+    if isa == native:  # below it, torch's bf16 linears would take hours at batch 64
+        llms["pagedllm torch"] = LLM(path, dtype="bfloat16", attention_backend="torch")
     text = (Path(__file__).parent / "data" / "perplexity.txt").read_text()
     ppl = {name: perplexity(llm, text) for name, llm in llms.items()}  # first: on fresh engines
-    answers = greedy_answers(llms)
+    reference = {} if isa == native else {"reference": LLM(path, dtype="bfloat16", cpu_isa=native.value)}
+    answers = greedy_answers({**llms, **reference})
+    answers.setdefault("reference", answers.get("pagedllm torch"))
+    reference.clear()  # its memory back before the timed runs
     peers = {"llama.cpp BF16": llamacpp.gguf("bf16"), "llama.cpp Q8_0": llamacpp.gguf("q8_0")}
     runs: dict[tuple[str, str], list[float]] = {}
     for r in range(args.rounds):
         for setting in SETTINGS:
             for name, model in peers.items():
-                runs.setdefault((name, setting), []).append(peer(model, setting))
+                runs.setdefault((name, setting), []).append(peer(model, setting, args.build))
             for name, llm in llms.items():
                 runs.setdefault((name, setting), []).append(ours(llm, setting, seed=r))
             print(f"round {r + 1}, {setting}:", {k[0]: f"{v[-1]:.0f}" for k, v in runs.items() if k[1] == setting})
@@ -196,16 +228,17 @@ def main() -> None:
     body = report(args, medians, memory_bandwidth(), matmul_rate(), ppl, answers, llms,
                   (start_up_seconds, build_seconds))
     print(body)
-    plot(medians, Path(__file__).with_name("llamacpp.png"))
+    suffix = "" if isa == native else f"_{isa}"
+    plot(medians, Path(__file__).with_name(f"llamacpp{suffix}.png"), isa.value)
     if not args.no_write:
-        write_section("bench_llamacpp", body)
+        write_section(f"bench_llamacpp{suffix}", body)
 
 
 def report(args, med, bandwidth, matmul, ppl, answers, llms, start) -> str:
     params = num_parameters(llms["pagedllm bf16"])
     c = llms["pagedllm bf16"].engine.model_config
     floor = bandwidth * 1e9 / (2 * params)
-    names = ["llama.cpp BF16", "llama.cpp Q8_0", "pagedllm bf16", "pagedllm int8", "pagedllm torch"]
+    names = ["llama.cpp BF16", "llama.cpp Q8_0", *llms]
     lines = ["| setting, tokens/s | " + " | ".join(names) + " | pagedllm bf16 / llama.cpp BF16 | int8 / Q8_0 |",
              "|---" + "|---:" * (len(names) + 2) + "|"]
     for s in SETTINGS:
@@ -218,11 +251,17 @@ def report(args, med, bandwidth, matmul, ppl, answers, llms, start) -> str:
     tok = llms["pagedllm bf16"].tokenizer
     answer_rows = []
     for i, q in enumerate(CHATS):
-        fast, eager, int8 = (answers[n][i] for n in ("pagedllm bf16", "pagedllm torch", "pagedllm int8"))
+        fast, int8 = answers["pagedllm bf16"][i], answers["pagedllm int8"][i]
+        eager = answers["reference"][i]
         diff = first_difference(fast, eager)
         same = "identical" if diff is None else f"first differs at token {diff}"
         answer_rows.append(f"| {q} | {tok.decode(fast)!r} | {same} | {tok.decode(int8)!r} |")
-    return (f"`python -m perf.bench_llamacpp` — SmolLM2-135M-Instruct, the same weights in both engines "
+    forced = args.build != "native"
+    command = "`python -m perf.bench_llamacpp" + (f" --isa {args.isa}`" if forced else "`")
+    tier = (f"Tier: pagedllm's **{args.isa}** kernels forced on this CPU, torch held to the same instruction set, "
+            "against llama.cpp built\nfor AVX2 + FMA + F16C with every AVX-512 and AMX option off.\n\n" if forced else
+            f"Tier: pagedllm's **{args.isa}** kernels (this CPU's best), llama.cpp built with `-DGGML_NATIVE=ON`.\n\n")
+    return (tier + f"{command} — SmolLM2-135M-Instruct, the same weights in both engines "
             "(llama.cpp 0c1e57098\n"
             f"from the {llamacpp.SDIST} sdist, GGUF converted by its own `convert_hf_to_gguf.py`), 2 threads, "
             "medians of\n"
@@ -232,8 +271,8 @@ def report(args, med, bandwidth, matmul, ppl, answers, llms, start) -> str:
             "to first token of\n"
             "a 512-token prompt; N parallel: generation tokens/s of N sequences, 40-token prompts, 64 new tokens "
             "each\n"
-            "(`llama-batched-bench -npp 40 -ntg 64 -npl N`, S_TG). pagedllm torch is the plain-torch path "
-            "(before the CPU kernels).\n"
+            "(`llama-batched-bench -npp 40 -ntg 64 -npl N`, S_TG)."
+            + (" pagedllm torch is the plain-torch path (before the CPU kernels).\n" if not forced else "\n") +
             "\n"
             f"{chr(10).join(lines)}\n"
             "\n"
@@ -257,34 +296,35 @@ def report(args, med, bandwidth, matmul, ppl, answers, llms, start) -> str:
             "|---|---:|---:|\n"
             f"{ppl_rows}\n"
             "\n"
-            "Greedy answers to chat prompts (48 tokens): pagedllm bf16 on the CPU kernels, whether the plain-torch "
-            "bf16 path\n"
-            "gives the same tokens, and int8:\n"
+            "Greedy answers to chat prompts (48 tokens): pagedllm bf16 on the CPU kernels, whether "
+            + ("the native tier's kernels" if forced else "the plain-torch bf16 path") + " give the same tokens, "
+            "and int8:\n"
             "\n"
-            "| prompt | pagedllm bf16 | plain-torch bf16 | pagedllm int8 |\n"
+            f"| prompt | pagedllm bf16 | {'native tier' if forced else 'plain-torch bf16'} | pagedllm int8 |\n"
             "|---|---|---|---|\n"
             f"{chr(10).join(answer_rows)}\n"
             "\n"
-            "![llama.cpp comparison](llamacpp.png)\n")
+            f"![llama.cpp comparison](llamacpp{'_' + args.isa if forced else ''}.png)\n")
 
 
 COLOURS = {"llama.cpp BF16": "#1f77b4", "llama.cpp Q8_0": "#aec7e8", "pagedllm bf16": "#d62728",
            "pagedllm int8": "#ff9896", "pagedllm torch": "#7f7f7f"}
 
 
-def plot(med: dict[tuple[str, str], float], out: Path) -> None:
+def plot(med: dict[tuple[str, str], float], out: Path, isa: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    width = 0.8 / len(COLOURS)
-    for i, (name, colour) in enumerate(COLOURS.items()):
+    present = {name: colour for name, colour in COLOURS.items() if (name, SETTINGS[0]) in med}
+    width = 0.8 / len(present)
+    for i, (name, colour) in enumerate(present.items()):
         xs = [j + i * width for j in range(len(SETTINGS))]
         ax.bar(xs, [med[(name, s)] for s in SETTINGS], width, label=name, color=colour)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(SETTINGS))], SETTINGS)
     ax.set_yscale("log")
     ax.set_ylabel("tokens/s (log scale)")
-    ax.set_title("pagedllm vs llama.cpp, SmolLM2-135M, 2 CPU threads")
+    ax.set_title(f"pagedllm ({isa} kernels) vs llama.cpp, SmolLM2-135M, 2 CPU threads")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -1,11 +1,20 @@
-"""Figures the hardening tests measure, gathered into docs/RELIABILITY.md at the end of the session."""
+"""Figures the hardening tests measure, gathered at the end of the session into perf/out/RELIABILITY.md (not
+tracked: `make test` leaves the checkout as it was), or into docs/RELIABILITY.md with PAGEDLLM_WRITE_DOCS=1."""
 from __future__ import annotations
 
 import datetime
 import os
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "RELIABILITY.md"
+ROOT = Path(__file__).resolve().parents[2]
+TRACKED = ROOT / "docs" / "RELIABILITY.md"
+DOC = TRACKED if os.environ.get("PAGEDLLM_WRITE_DOCS") else ROOT / "perf" / "out" / "RELIABILITY.md"
+
+
+def _previous() -> str:
+    """The last tables written: this run's file, else the tracked one (rows not measured this run are kept)."""
+    source = DOC if DOC.exists() else TRACKED
+    return source.read_text() if source.exists() else ""
 ORDER = ["bad input", "fuzz", "overload", "cancellation storm", "faults", "shutdown", "security"]
 
 
@@ -23,7 +32,7 @@ class Report:
         rows = merge_rows(_written_rows("|---|---|---|\n", 3), self.rows)
         rows = sorted(rows, key=lambda r: ORDER.index(r[0]) if r[0] in ORDER else len(ORDER))
         table = "".join(f"| {a} | {w} | {f} |\n" for a, w, f in rows)
-        DOC.parent.mkdir(exist_ok=True)
+        DOC.parent.mkdir(parents=True, exist_ok=True)
         DOC.write_text(
             "# Reliability\n\nWritten by `tests/integration/test_reliability.py` (run by `make test`) against real "
             "tritonserver processes; each figure is what the last run measured, every row an assertion that passed "
@@ -36,7 +45,7 @@ FAULTS_START, FAULTS_END = "<!-- process faults -->\n", "<!-- /process faults --
 
 def _written_rows(separator: str, columns: int) -> list[tuple[str, ...]]:
     """The rows of the table under `separator` as docs/RELIABILITY.md has them."""
-    text = DOC.read_text() if DOC.exists() else ""
+    text = _previous()
     table = text.split(separator, 1)[1].split("\n\n", 1)[0] if separator in text else ""
     return [tuple(line[2:-2].split(" | ", columns - 1)) for line in table.splitlines() if line.startswith("| ")]
 
@@ -57,7 +66,7 @@ def merge_rows(written: list[tuple[str, ...]], measured: list[tuple[str, ...]]) 
 
 def _faults_block() -> str:
     """The process-faults table, as test_process_faults.py last wrote it (kept when the rest is rewritten)."""
-    text = DOC.read_text() if DOC.exists() else ""
+    text = _previous()
     start, end = text.find(FAULTS_START), text.find(FAULTS_END)
     return "\n" + text[start:end + len(FAULTS_END)] if 0 <= start < end else ""
 
@@ -80,9 +89,10 @@ class FaultTable:
                  f"real signals on the real processes. _{datetime.date.today().isoformat()}_\n\n"
                  "| fault | requests in flight | how each ended | time to not-ready | time to serving again |\n"
                  "|---|---|---|---|---|\n" + table + FAULTS_NOTE + FAULTS_END)
-        text = DOC.read_text() if DOC.exists() else ""
+        text = _previous()
         start, end = text.find(FAULTS_START), text.find(FAULTS_END)
         text = text[:start] + block + text[end + len(FAULTS_END):] if 0 <= start < end else text + "\n" + block
+        DOC.parent.mkdir(parents=True, exist_ok=True)
         DOC.write_text(text)
 
 
