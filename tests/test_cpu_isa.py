@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -87,6 +88,18 @@ def test_onednn_bf16_and_dtype_auto_follow_the_tier():
     assert CpuPlan(CpuIsa.AVX512_BF16, features("zen4")).auto_dtype(kernels=False) == "bfloat16"
 
 
+def test_a_tier_that_does_not_build_falls_to_the_next_only_when_chosen_automatically(monkeypatch):
+    """An older compiler without -mavx512bf16, say: the engine still starts, on the best tier that builds."""
+    monkeypatch.setattr(cpu_kernels, "available", lambda isa=None: CpuIsa(isa) not in (CpuIsa.AVX512_BF16,
+                                                                                        CpuIsa.AVX512))
+    zen4 = features("zen4")
+    assert cpu_kernels.buildable(CpuPlan(CpuIsa.AVX512_BF16, zen4)).isa == CpuIsa.AVX2
+    forced = CpuPlan(CpuIsa.AVX512, zen4, automatic=False)
+    assert cpu_kernels.buildable(forced) == forced  # then the engine says so and runs plain torch
+    monkeypatch.setattr(cpu_kernels, "available", lambda isa=None: False)
+    assert cpu_kernels.buildable(CpuPlan(CpuIsa.AVX2, features("zen3"))).isa == CpuIsa.AVX2
+
+
 def test_cpuinfo_is_parsed_on_both_architectures():
     x86 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma f16c\n\nprocessor\t: 1\nflags : x\n"
     arm = "processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd evtstrm bf16 i8mm\nCPU implementer\t: 0x41\n"
@@ -130,46 +143,68 @@ def test_the_engine_runs_the_tier_asked_for_and_logs_it(tiny_model_dir, isa, cap
 
 
 # ---- the kernels' core alone: native x86 tiers, and aarch64 under qemu ----------------------------------------
+# Every compile below starts at once, two at a time (this machine has two cores), when the first of these tests
+# asks; each test then waits for its own.
 SELFTEST = cpu_kernels.CSRC / "kernels_selftest.cpp"
-
-
-def _selftest(compiler: str, isa: CpuIsa, out, *extra: str) -> str:
-    binary = out / f"selftest-{isa}"
-    subprocess.run([compiler, "-std=c++17", *cpu_isa.cflags(isa), *extra, str(SELFTEST), "-o", str(binary)],
-                   check=True, capture_output=True, text=True)
-    return str(binary)
-
-
-@pytest.mark.parametrize("isa", RUNNABLE, ids=str)
-def test_kernel_core_selftest_native(isa, tmp_path):
-    run = subprocess.run([_selftest("g++", isa, tmp_path)], capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout
-    assert f"kernels_selftest {isa}:" in run.stdout
-
-
 ARM_COMPILER, QEMU = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+ARM_TOOLS = cpu_isa.host().machine != "aarch64" and bool(ARM_COMPILER and QEMU)
 needs_arm_tools = pytest.mark.skipif(
-    cpu_isa.host().machine == "aarch64" or not (ARM_COMPILER and QEMU),
-    reason="needs Debian's g++-aarch64-linux-gnu and qemu-user (make setup installs them as root)")
+    not ARM_TOOLS, reason="needs Debian's g++-aarch64-linux-gnu and qemu-user (make setup installs them as root)")
 
 
-@needs_arm_tools
-@pytest.mark.parametrize("isa", [CpuIsa.NEON, CpuIsa.NEON_BF16], ids=str)
-def test_kernel_core_selftest_on_aarch64_under_qemu(isa, tmp_path):
-    binary = _selftest(ARM_COMPILER, isa, tmp_path, "-static")
-    run = subprocess.run([QEMU, "-cpu", "max", binary], capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout
-    assert f"kernels_selftest {isa}:" in run.stdout
+def _compile(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True)
 
 
-@needs_arm_tools
-def test_torch_binding_compiles_for_aarch64():
-    """cpu_kernels.cpp (the tensors, decode_layers) compiled for aarch64 against torch's headers: compile only,
-    since this torch is an x86 build."""
+def _arm_binding_command() -> list[str]:
+    """cpu_kernels.cpp (the tensors, decode_layers) for aarch64 against torch's headers: compile only, since this
+    torch is an x86 build."""
     import sysconfig
 
     from torch.utils.cpp_extension import include_paths
     includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
-    subprocess.run([ARM_COMPILER, "-std=c++17", *cpu_isa.cflags(CpuIsa.NEON_BF16), *includes,
-                    "-DTORCH_EXTENSION_NAME=pagedllm_cpu_kernels_neon_bf16", "-c", str(cpu_kernels.SOURCE),
-                    "-o", "/dev/null"], check=True, capture_output=True, text=True)
+    return [ARM_COMPILER, "-std=c++17", *cpu_isa.cflags(CpuIsa.NEON_BF16), *includes,
+            "-DTORCH_EXTENSION_NAME=pagedllm_cpu_kernels_neon_bf16", "-c", str(cpu_kernels.SOURCE), "-o", "/dev/null"]
+
+
+@pytest.fixture(scope="module")
+def compiles(tmp_path_factory):
+    out = tmp_path_factory.mktemp("selftests")
+    jobs = {isa: ["g++", "-std=c++17", *cpu_isa.cflags(isa), str(SELFTEST), "-o", str(out / isa.value)]
+            for isa in RUNNABLE}
+    if ARM_TOOLS:
+        jobs["arm binding"] = _arm_binding_command()  # the longest first
+        jobs = {"arm binding": jobs.pop("arm binding"), **jobs}
+        for isa in (CpuIsa.NEON, CpuIsa.NEON_BF16):
+            jobs[isa] = [ARM_COMPILER, "-std=c++17", *cpu_isa.cflags(isa), "-static", str(SELFTEST), "-o",
+                         str(out / isa.value)]
+    pool = ThreadPoolExecutor(2)
+    futures = {name: pool.submit(_compile, cmd) for name, cmd in jobs.items()}
+    yield lambda name: (futures[name].result(), out / getattr(name, "value", "binding"))
+    pool.shutdown()
+
+
+def _built(compiles, name):
+    result, binary = compiles(name)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return str(binary)
+
+
+@pytest.mark.parametrize("isa", RUNNABLE, ids=str)
+def test_kernel_core_selftest_native(compiles, isa):
+    run = subprocess.run([_built(compiles, isa)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout
+    assert f"kernels_selftest {isa}:" in run.stdout
+
+
+@needs_arm_tools
+@pytest.mark.parametrize("isa", [CpuIsa.NEON, CpuIsa.NEON_BF16], ids=str)
+def test_kernel_core_selftest_on_aarch64_under_qemu(compiles, isa):
+    run = subprocess.run([QEMU, "-cpu", "max", _built(compiles, isa)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout
+    assert f"kernels_selftest {isa}:" in run.stdout
+
+
+@needs_arm_tools
+def test_torch_binding_compiles_for_aarch64(compiles):
+    _built(compiles, "arm binding")

@@ -194,8 +194,10 @@ class EngineConfig:
         return self.cpu_plan().auto_dtype(kernels=self.resolved_attention_backend() == "cpu")
 
     def cpu_plan(self) -> cpu_isa.CpuPlan:
-        """The CPU tier this engine runs (raises ValueError naming cpu_isa if this CPU cannot execute it)."""
-        return cpu_isa.plan_for(self.cpu_isa)
+        """The CPU tier this engine runs: the one asked for (ValueError naming cpu_isa or PAGEDLLM_CPU_ISA if this
+        CPU cannot execute it), else the best this CPU runs whose kernels build here."""
+        from pagedllm.engine.kernels import cpu as cpu_kernels
+        return cpu_kernels.buildable(cpu_isa.plan_for(self.cpu_isa))
 
     def resolved_attention_backend(self) -> str:
         if self.attention_backend != "auto":

@@ -7,6 +7,7 @@ bf16 pairs directly, the others widen bf16 weights to float32 in registers. Wher
 (no compiler) or `attention_backend: "torch"` is asked for, the plain-torch model runs instead."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -35,8 +36,8 @@ def source_tag() -> str:
 
 
 def default_isa() -> CpuIsa:
-    """The tier this process runs: PAGEDLLM_CPU_ISA if set, else the best this CPU has."""
-    return cpu_isa.plan_for().isa
+    """The tier this process runs: PAGEDLLM_CPU_ISA if set, else the best this CPU has that builds."""
+    return buildable(cpu_isa.plan_for()).isa
 
 
 def load(isa: CpuIsa | str | None = None) -> ModuleType:
@@ -44,11 +45,20 @@ def load(isa: CpuIsa | str | None = None) -> ModuleType:
     return _load(default_isa() if isa is None else CpuIsa(isa))
 
 
+_failed: dict[CpuIsa, KernelsUnavailable] = {}  # a build that failed is not tried again in this process
+
+
 @functools.cache
 def _load(isa: CpuIsa) -> ModuleType:
     cpu_isa.choose(isa.value, cpu_isa.host())  # refuses a tier this CPU cannot execute
+    if isa in _failed:
+        raise _failed[isa]
     from pagedllm.weights import cache_dir
-    return build(cache_dir() / "kernels" / f"{isa.value}-{source_tag()}", isa)
+    try:
+        return build(cache_dir() / "kernels" / f"{isa.value}-{source_tag()}", isa)
+    except KernelsUnavailable as e:
+        _failed[isa] = e
+        raise
 
 
 def build(directory: Path, isa: CpuIsa) -> ModuleType:
@@ -70,6 +80,20 @@ def available(isa: CpuIsa | str | None = None) -> bool:
     except KernelsUnavailable as e:
         logger.info("CPU kernels off: %s", e)
         return False
+
+
+def buildable(plan: cpu_isa.CpuPlan) -> cpu_isa.CpuPlan:
+    """`plan`, or, where its tier does not build here (a compiler too old for its flags, say), the best lower
+    tier that does; `plan` itself if none does. Only for a tier chosen automatically: a forced one stays."""
+    if not plan.automatic:
+        return plan
+    tiers = cpu_isa.runnable(plan.features)
+    for isa in tiers[tiers.index(plan.isa):]:
+        if available(isa):
+            if isa != plan.isa:
+                logger.warning("CPU kernels: tier %s did not build here; running tier %s", plan.isa, isa)
+            return dataclasses.replace(plan, isa=isa)
+    return plan
 
 
 GROUP = 48  # output channels per packed group (kernels.h kGroupChannels): one sequential stream

@@ -129,6 +129,7 @@ class CpuPlan:
 
     isa: CpuIsa
     features: CpuFeatures
+    automatic: bool = True  # the best tier for this CPU, not one asked for by name
 
     @property
     def onednn_bf16(self) -> bool:
@@ -169,4 +170,4 @@ def plan_for(config_value: str = "auto") -> CpuPlan:
 @functools.cache
 def _plan(requested: str, field: str) -> CpuPlan:
     features = host()
-    return CpuPlan(choose(requested, features, field), features)
+    return CpuPlan(choose(requested, features, field), features, automatic=requested == "auto")

@@ -57,7 +57,7 @@ struct Linear {
   }
 
   // Whether a call of M rows reads x as float32: int8 always, bf16 on the panel path (kernels.h).
-  bool needs_float(int64_t M) const { return kind == "int8" || (kind == "bf16" && uses_panels(false, M)); }
+  bool needs_float(int64_t M) const { return kind == "int8" || (kind == "bf16" && uses_panels(M)); }
 
   // y = x @ W.T (+ bias) into `y`; `x_float` is x widened to float32 where needs_float, else undefined.
   void run(const Tensor& x, const Tensor& x_float, Tensor& y, const Par& par) const {

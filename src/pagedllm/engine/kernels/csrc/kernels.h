@@ -119,13 +119,15 @@ void int8_tile(const float* x, int64_t x_stride, const int8_t* w, int64_t K, con
   }
 }
 
-// Many rows on a tier without a bf16 dot product (and int8 on every tier): a group's weights are widened once
-// into a float32 panel in this thread's scratch, then float32 tiles of kPanelRows x kStripVecs vectors
-// run over it, with x widened to float32 once per call. Widening in the inner loop would cost two integer ops
-// per FMA pair at two rows a tile; here it costs one op per weight per block of kRowBlock rows.
-constexpr int kStripVecs = kLanes == 16 ? 3 : 16 / kLanes;  // 48 channels on AVX-512, 16 elsewhere
-constexpr int kPanelRows = kLanes == 16 ? 8 : 6;  // kPanelRows x kStripVecs accumulators in registers
-constexpr int64_t kRowBlock = 48, kPanelMinRows = 16;  // 8 rows: 310 tok/s direct, 250 on panels (AVX2)
+// Many rows on a tier with narrow vectors (AVX2, NEON, portable): a group's weights are widened once into a
+// float32 panel in this thread's scratch, then float32 tiles of kPanelRows x kStripVecs vectors run over it,
+// with x widened to float32 once per call. The direct tiles there hold only two rows (AVX2's 16 registers), so
+// they widen every weight for every two rows. Measured on AVX2 with a model's worth of distinct weights: the
+// direct tiles win up to 16 rows (32 ms against 42 for 30 layers' linears), tie at 32, and lose from 64 (96
+// against 112 ms); on AVX-512 the 8-row direct tiles win or tie at every size, so they keep them.
+constexpr int kStripVecs = 16 / kLanes > 0 ? 16 / kLanes : 1;  // 16 channels
+constexpr int kPanelRows = 6;  // 6 x 2 accumulators of AVX2's 16 registers (the classic 6 x 16 float32 kernel)
+constexpr int64_t kRowBlock = 48, kPanelMinRows = 32;
 
 // Panels are strip-major, [48 / kStrip][K][kStrip], 64-byte aligned: each tile streams one contiguous strip.
 constexpr int64_t kStrip = kStripVecs * kLanes;
@@ -193,8 +195,8 @@ struct LinearArgs {
   int64_t N;
 };
 
-// Whether a call of M rows takes the panel path, and so needs x as float32.
-inline bool uses_panels(bool int8, int64_t M) { return M >= kPanelMinRows && (int8 || !kHasBf16Dot); }
+// Whether a call of M rows takes the panel path, and so needs x as float32 (whatever the weights' kind).
+inline bool uses_panels(int64_t M) { return kLanes < 16 && M >= kPanelMinRows; }
 
 template <typename Out>
 void linear_panels(const LinearArgs& a, int64_t M, const Par& par) {
@@ -213,8 +215,9 @@ void linear_panels(const LinearArgs& a, int64_t M, const Par& par) {
       }
       for (int64_t c = 0; c < kGroupChannels; c += kStrip)
         for (int64_t m = m0; m < m0 + rows; m += kPanelRows)
-          run_panel_rows<Out>(a.x_float + m * a.K, a.K, strip_at(panel, a.K, c), a.scale, a.bias, static_cast<Out*>(a.y) + m * a.N,
-                              g * kGroupChannels + c, a.N, std::min<int64_t>(kPanelRows, m0 + rows - m));
+          run_panel_rows<Out>(a.x_float + m * a.K, a.K, strip_at(panel, a.K, c), a.scale, a.bias,
+                              static_cast<Out*>(a.y) + m * a.N, g * kGroupChannels + c, a.N,
+                              std::min<int64_t>(kPanelRows, m0 + rows - m));
     }
   });
 }
@@ -247,7 +250,7 @@ void run_rows(const LinearArgs& a, int64_t m0, int64_t rows, int64_t g) {
 // stay in cache while every row tile reads them. Many rows: linear_panels.
 template <typename Out>
 void linear(const LinearArgs& a, int64_t M, const Par& par) {
-  if (uses_panels(a.scale != nullptr, M)) return linear_panels<Out>(a, M, par);
+  if (uses_panels(M)) return linear_panels<Out>(a, M, par);
   const int64_t groups = (a.N + kGroupChannels - 1) / kGroupChannels, mtiles = (M + kMaxRows - 1) / kMaxRows;
   par(groups * mtiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
