@@ -78,8 +78,8 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.num_preemptions = 0
         # The objects of the load (torch, transformers, the tokenizer) never die: frozen, Python's full collections
-        # stop walking them at every few thousand allocations of the steps (perf: GC took about 8% of a 32-row
-        # decode step on the AVX2 tier before, about 0 after).
+        # stop walking them (perf over a load and 63 decode steps of 32 rows, AVX2 tier: 6.1% of the samples in the
+        # collector without this, 3.2% with it, that rest during the load).
         gc.collect()
         gc.freeze()
         logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d",
