@@ -150,3 +150,11 @@ def test_overload_is_refused_at_once_and_accepted_requests_complete(server):
     served = [responses for responses, error in replies if error is None]
     assert len(served) >= 8 and all(r[-1]["finish_reason"][0] == b"length" for r in served)
     assert server.is_ready()
+
+
+def test_the_log_says_which_cpu_tier_each_engine_runs(server):
+    """The served engine says at start which CPU tier and path it took (cpu_isa.py), as the offline one does."""
+    from pagedllm.engine.kernels import cpu_isa
+    tier = cpu_isa.plan_for().isa
+    ready = [line for line in server.log().splitlines() if "engine ready in process" in line]
+    assert ready and all(f"CPU tier: {tier}" in line for line in ready), ready

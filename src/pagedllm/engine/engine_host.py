@@ -34,7 +34,7 @@ class EngineHost:
             return
         engine = self.loop.engine
         self.conn.send(("ready", {"num_blocks": engine.num_blocks, "max_model_len": engine.max_model_len,
-                                  "stats": engine.stats()}))
+                                  "compute_path": engine.compute_path, "stats": engine.stats()}))
         self._inject_exit()
         self._receive()
 

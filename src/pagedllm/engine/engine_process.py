@@ -44,7 +44,7 @@ class EngineProcess:
                  on_give_up: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.on_stats, self.on_restart, self.on_give_up = on_stats, on_restart, on_give_up
-        self.info: dict[str, Any] = {}  # from the engine process once ready: num_blocks, max_model_len
+        self.info: dict[str, Any] = {}  # from the engine process once ready: num_blocks, max_model_len, compute_path
         self.restarts, self.deaths = 0, []  # death times (monotonic), for the restart window
         self.state = "starting"  # starting | up | restarting | down | stopped
         self.reason = ""

@@ -65,7 +65,7 @@ class LLMEngine:
             raise ValueError(f"quantization: {config.quantization} runs on the CPU kernels only "
                              f"(attention_backend cpu); this engine resolved to {backend}")
         model = _load_model(self.model_path, self.model_config, self.max_model_len, config.torch_dtype, self.device)
-        _accelerate(model, backend, config)
+        self.compute_path = _accelerate(model, backend, config)  # what runs the model, for the logs
         self.runner = ModelRunner(model, self.model_config, self.num_blocks, config.block_size,
                                   config.torch_dtype, self.device, backend)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
@@ -236,11 +236,11 @@ def _dtype_label(config: EngineConfig) -> str:
     return config.dtype if config.dtype != "auto" else f"{config.resolved_dtype()} (dtype auto)"
 
 
-def _accelerate(model: LlamaForCausalLM, backend: str, config: EngineConfig) -> None:
+def _accelerate(model: LlamaForCausalLM, backend: str, config: EngineConfig) -> str:
     """The fastest path this machine has: pagedllm's CPU kernels for its tier, else oneDNN's prepacked bf16
-    linears where the tier allows them, else plain torch."""
+    linears where the tier allows them, else plain torch. Returns what it chose, in words (also logged)."""
     if config.resolved_device().type != "cpu":
-        return
+        return f"{config.resolved_device()}, attention backend {backend}"
     plan = config.cpu_plan()
     if config.torch_dtype == torch.bfloat16 and not plan.onednn_bf16:
         for layer in model.layers:  # prefill attention: torch's bf16 bmm is a slow loop without oneDNN's bf16
@@ -248,8 +248,10 @@ def _accelerate(model: LlamaForCausalLM, backend: str, config: EngineConfig) -> 
     if backend == "cpu":
         kind = linear_kind(config.torch_dtype, config.quantization)
         model.use_cpu_kernels(kind, cpu_kernels.load(plan.isa))
-        logger.info("%s; %s linears, decode steps in one C++ call", plan.describe(), kind)
+        path = f"{plan.describe()}; {kind} linears, decode steps in one C++ call"
     elif plan.onednn_bf16 and pack_linears(model, batch_hint=64):
-        logger.info("%s; CPU kernels off, linear layers prepacked for oneDNN (bfloat16)", plan.describe())
+        path = f"{plan.describe()}; CPU kernels off, linear layers prepacked for oneDNN (bfloat16)"
     else:
-        logger.info("%s; CPU kernels off, plain torch in %s", plan.describe(), config.resolved_dtype())
+        path = f"{plan.describe()}; CPU kernels off, plain torch in {config.resolved_dtype()}"
+    logger.info("%s", path)
+    return path

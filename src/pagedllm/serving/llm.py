@@ -43,7 +43,8 @@ class LLMModel:
                                   on_give_up=self._on_engine_death)
         token_text = functools.lru_cache(maxsize=1 << 16)(lambda token_id: self.tokenizer.decode([token_id]))
         self.backend.log_info(f"pagedllm {self.name}/{args['model_version']}: engine ready in process "
-                              f"{self.loop.process.pid}, {self.loop.info['num_blocks']} KV blocks")
+                              f"{self.loop.process.pid}, {self.loop.info['num_blocks']} KV blocks; "
+                              f"{self.loop.info['compute_path']}")
         self.metrics.on_stats(self.loop.info["stats"])  # gauges are right before the first request
         self.metrics.flush()
         self.streams = Streams(self.backend, self.loop.abort, self.metrics, token_text)
