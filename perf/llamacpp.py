@@ -10,7 +10,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-from pagedllm.weights import cache_dir, ensure_default_model
+from pagedllm.cache import cache_dir
+from pagedllm.weights import ensure_default_model
 
 SDIST = "llama-cpp-python==0.3.36"  # vendors llama.cpp 0c1e57098
 TARGETS = ("llama-bench", "llama-batched-bench")

@@ -49,6 +49,10 @@ class KernelsUnavailable(RuntimeError):
     """The CPU kernels cannot run here (the message says why)."""
 
 
+class CacheDirError(PermissionError):
+    """The cache folder could be written by someone else; the message says which part and what to do."""
+
+
 class TritonNotFoundError(FileNotFoundError):
     """No tritonserver binary to launch."""
 

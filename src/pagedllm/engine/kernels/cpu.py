@@ -53,7 +53,7 @@ def _load(isa: CpuIsa) -> ModuleType:
     cpu_isa.choose(isa.value, cpu_isa.host())  # refuses a tier this CPU cannot execute
     if isa in _failed:
         raise _failed[isa]
-    from pagedllm.weights import cache_dir
+    from pagedllm.cache import cache_dir
     try:
         return build(cache_dir() / "kernels" / f"{isa.value}-{source_tag()}", isa)
     except KernelsUnavailable as e:

@@ -1,0 +1,36 @@
+"""The cache folder: created private, and refused when someone else could write what the server runs."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pagedllm.cache import cache_dir
+from pagedllm.errors import CacheDirError
+
+
+def test_a_new_cache_is_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAGEDLLM_CACHE", str(tmp_path / "a" / "cache"))
+    assert cache_dir() == tmp_path / "a" / "cache" and (tmp_path / "a" / "cache").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_cache_others_can_write_is_refused_with_the_fix(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "cache").mkdir(mode=0o700)
+    monkeypatch.setenv("PAGEDLLM_CACHE", str(shared / "cache"))
+    for folder in (shared, shared / "cache"):
+        os.chmod(folder, 0o777)
+        with pytest.raises(CacheDirError, match=f"{folder} can be written by others .*chmod go-w {folder}"):
+            cache_dir()
+        os.chmod(folder, 0o755)
+    os.chmod(shared, 0o1777)  # sticky, as /tmp: only owners remove or replace what is theirs
+    assert cache_dir() == shared / "cache"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a folder to another user needs root")
+def test_a_cache_owned_by_another_user_is_refused(tmp_path, monkeypatch):
+    os.chown(tmp_path, 65534, 65534)
+    monkeypatch.setenv("PAGEDLLM_CACHE", str(tmp_path))
+    with pytest.raises(CacheDirError, match="belongs to user 65534"):
+        cache_dir()
