@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from pagedllm.gateway.config import GatewayConfig
-from pagedllm.launcher import CONTROL_MODES, ServerOptions
+from pagedllm.launcher import ADMIN_KEY_ENV, CONTROL_MODES, ServerOptions
 
 DEFAULT_REPOSITORY = Path("model_repository")
 SERVER_DEFAULTS = ServerOptions(DEFAULT_REPOSITORY)
@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--http-port", type=int, default=SERVER_DEFAULTS.http_port)
         p.add_argument("--grpc-port", type=int, default=SERVER_DEFAULTS.grpc_port)
         p.add_argument("--metrics-port", type=int, default=SERVER_DEFAULTS.metrics_port)
-        p.add_argument("--model-control-mode", choices=CONTROL_MODES, default=SERVER_DEFAULTS.model_control_mode)
+        p.add_argument("--host", default=SERVER_DEFAULTS.host,
+                       help="the address HTTP, gRPC and metrics listen on (0.0.0.0: every interface)")
+        p.add_argument("--model-control-mode", choices=CONTROL_MODES, default=None,
+                       help=f"default: explicit when ${ADMIN_KEY_ENV} is set (loads need it), else none")
     serve_ = sub.choices["serve"]
     serve_.add_argument("--openai-port", type=int, default=None, help="also start the OpenAI gateway on this port")
     serve_.add_argument("--openai-host", default=GatewayConfig.host)
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     gw.add_argument("--api-keys", type=Path, default=None, help="JSON keys file; none: an open gateway")
     gw.add_argument("--served-model-name", action="append", default=[], metavar="NAME=MODEL",
                     help="serve MODEL under NAME too")
+    gw.add_argument("--model", action="append", default=[], metavar="MODEL",
+                    help="a Triton model to serve, where a replica has it ready (repeat; default: llm)")
     gw.add_argument("--max-body-bytes", type=int, default=GatewayConfig.max_body_bytes)
     gen = sub.add_parser("generate", help="offline generation with the engine, no server")
     gen.add_argument("prompt")
@@ -58,14 +63,23 @@ def _server(args: argparse.Namespace, log_path: Path | None = None):
 
     if not (args.model_repository / "llm").exists():
         raise SystemExit(f"--model-repository: {args.model_repository} has no llm/ model (run from the checkout)")
-    ensure_default_model()  # once, here, rather than concurrently inside two Triton models
     opts = ServerOptions(args.model_repository.resolve(), args.http_port, args.grpc_port, args.metrics_port,
-                         args.model_control_mode)
+                         args.model_control_mode, host=args.host)
+    try:
+        mode = opts.control_mode()
+    except ValueError as e:
+        raise SystemExit(str(e).replace("model_control_mode", "--model-control-mode", 1)) from None
+    if mode != "explicit":
+        how = "every model loads at start" if mode == "none" else "models follow their folders"
+        print(f"model control: {mode} ({how}; the repository API cannot load or unload; set {ADMIN_KEY_ENV} for "
+              f"explicit control behind that key)", flush=True)
+    ensure_default_model()  # once, here, rather than concurrently inside two Triton models
     return TritonServer(opts, log_path)
 
 
 def serve(args: argparse.Namespace) -> int:
     """tritonserver, and the gateway beside it with --openai-port, under pagedllm.supervisor."""
+    from pagedllm.gateway.replicas import llm_models_in
     from pagedllm.supervisor import Supervisor
 
     if args.api_keys and args.openai_port is None:
@@ -76,6 +90,8 @@ def serve(args: argparse.Namespace) -> int:
         gateway_command = [sys.executable, "-m", "pagedllm.cli", "gateway", "--triton", server.grpc_url,
                            "--host", args.openai_host, "--port", str(args.openai_port)]
         gateway_command += ["--api-keys", str(args.api_keys)] if args.api_keys else []
+        for model in llm_models_in(args.model_repository):
+            gateway_command += ["--model", model]
 
     def ready() -> None:
         print(f"pagedllm ready\n  HTTP    http://{server.http_url}/v2/models/ensemble/generate_stream\n"
@@ -92,9 +108,10 @@ def gateway(args: argparse.Namespace) -> int:
     from pagedllm.gateway.server import run
 
     try:
+        models = {"models": args.model} if args.model else {}
         return run(GatewayConfig(args.triton, args.host, args.port, args.api_keys,
                                  parse_aliases(args.served_model_name), args.max_body_bytes,
-                                 triton_dns=args.triton_dns))
+                                 triton_dns=args.triton_dns, **models))
     except ValueError as e:  # a bad flag or keys file: the message names it
         raise SystemExit(str(e)) from None
 

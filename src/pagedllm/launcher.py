@@ -1,8 +1,11 @@
 """Finding and running tritonserver: the NGC container's (on PATH) or the copy in the nvidia-pytriton wheel."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -15,12 +18,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pagedllm.cache import cache_dir
 from pagedllm.errors import TritonNotFoundError
-from pagedllm.weights import cache_dir
 
+logger = logging.getLogger("pagedllm.launcher")
 CONTROL_MODES = ("none", "poll", "explicit")
 ADMIN_KEY_ENV = "PAGEDLLM_ADMIN_KEY"
 ADMIN_HEADER = "admin-key"
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"  # how Triton names the same key in gRPC metadata
 
 
 
@@ -65,40 +70,96 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Triton's API groups that change the server rather than serve models. They all need the admin key; with none
+# set they are closed by a random one that nobody holds (shared memory included: a shared-memory region is a
+# way into the Python backend's stub, CVE-2025-23319). Statistics stay open: read-only counts and timings,
+# which perf_analyzer reads.
+ADMIN_GROUPS = ("model-repository", "shared-memory", "trace", "logging")
+LOOPBACK = "127.0.0.1"
+# tritonserver's arguments carry this; the preloaded shim puts the key from the environment in its place
+KEY_PLACEHOLDER = "@PAGEDLLM_ADMIN_KEY@"
+SHIM_SOURCE = Path(__file__).parent / "csrc" / "admin_key_shim.c"
+
+
 @dataclass
 class ServerOptions:
     model_repository: Path
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
-    # explicit: all models load at start; versions load and unload through the repository API (protected
-    # by $PAGEDLLM_ADMIN_KEY when set), and an llm model whose engine stays down unloads itself (not ready).
-    model_control_mode: str = "explicit"
+    # None: explicit with an admin key (versions load and unload through the repository API, and an llm model
+    # whose engine stays down unloads itself), none without (every model loads at start; the API cannot
+    # load). explicit without a key is refused: a load runs the model's code as the server.
+    model_control_mode: str | None = None
     repository_poll_secs: int = 2
     exit_timeout_secs: int = 30
     log_verbose: int = 0
-    # Model-repository control (load / unload) needs the header `admin-key: <admin_key>` when set.
+    # the address HTTP, gRPC and metrics listen on: loopback unless the operator opens it
+    host: str = LOOPBACK
+    # every admin group needs the header `admin-key: <admin_key>` (gRPC: GRPC_ADMIN_HEADER) when set
     admin_key: str | None = field(default_factory=lambda: os.environ.get(ADMIN_KEY_ENV) or None, repr=False)
     extra_args: list[str] = field(default_factory=list)
 
+    def control_mode(self) -> str:
+        mode = self.model_control_mode or ("explicit" if self.admin_key else "none")
+        if mode not in CONTROL_MODES:
+            raise ValueError(f"model_control_mode: {mode!r} is not one of {', '.join(CONTROL_MODES)}")
+        if mode == "explicit" and not self.admin_key:
+            raise ValueError(f"model_control_mode: explicit loads models through the repository API, which runs "
+                             f"their code as the server; set {ADMIN_KEY_ENV} to a secret first (or use none / poll)")
+        return mode
+
+    @property
+    def local_host(self) -> str:
+        """Where this machine reaches the server: the bound address, or loopback when bound to all."""
+        return LOOPBACK if self.host in ("0.0.0.0", "::", "") else self.host
+
 
 def server_command(install: TritonInstall, opts: ServerOptions) -> list[str]:
-    if opts.model_control_mode not in CONTROL_MODES:
-        raise ValueError(f"model_control_mode: {opts.model_control_mode!r} is not one of {', '.join(CONTROL_MODES)}")
+    mode = opts.control_mode()
     cmd = [str(install.binary), f"--model-repository={opts.model_repository}",
+           f"--http-address={opts.host}", f"--grpc-address={opts.host}", f"--metrics-address={opts.host}",
            f"--http-port={opts.http_port}", f"--grpc-port={opts.grpc_port}", f"--metrics-port={opts.metrics_port}",
-           f"--model-control-mode={opts.model_control_mode}", f"--exit-timeout-secs={opts.exit_timeout_secs}",
+           f"--model-control-mode={mode}", f"--exit-timeout-secs={opts.exit_timeout_secs}",
            f"--log-verbose={opts.log_verbose}", "--allow-gpu-metrics=false"]
     if install.backend_dir is not None:
         cmd.append(f"--backend-directory={install.backend_dir}")
-    if opts.model_control_mode == "poll":
+    if mode == "poll":
         cmd.append(f"--repository-poll-secs={opts.repository_poll_secs}")
-    if opts.model_control_mode == "explicit":
+    if mode == "explicit":
         cmd.append("--load-model=*")
-    if opts.admin_key:
-        restricted = f"model-repository:{ADMIN_HEADER}={opts.admin_key}"
-        cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
+    restricted = f"{','.join(ADMIN_GROUPS)}:{ADMIN_HEADER}={KEY_PLACEHOLDER}"
+    cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
     return cmd + opts.extra_args
+
+
+def admin_key_shim() -> Path | None:
+    """The preload library that keeps the admin key out of tritonserver's arguments (which every user of the
+    machine can read in /proc), built once per source into the cache; None where it cannot be built."""
+    digest = hashlib.sha256(SHIM_SOURCE.read_bytes()).hexdigest()[:16]
+    target = cache_dir() / "shims" / f"admin_key_shim-{digest}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.{os.getpid()}")
+        try:
+            subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", "-O2", "-o", str(partial),
+                            str(SHIM_SOURCE)], check=True, capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as e:
+            logger.warning("cannot build %s (%s): the admin key shows in tritonserver's arguments", SHIM_SOURCE, e)
+            return None
+        partial.replace(target)
+    return target
+
+
+def with_admin_key(cmd: list[str], env: dict[str, str], key: str | None) -> tuple[list[str], dict[str, str]]:
+    """`key` (a random one nobody holds when None) for the placeholder: through the shim and the environment,
+    or in the arguments where the shim cannot be built."""
+    key = key or secrets.token_urlsafe(32)
+    shim = admin_key_shim()
+    if shim is None:
+        return [arg.replace(KEY_PLACEHOLDER, key) for arg in cmd], {k: v for k, v in env.items() if k != ADMIN_KEY_ENV}
+    preload = " ".join(filter(None, [str(shim), env.get("LD_PRELOAD", "")]))
+    return cmd, {**env, ADMIN_KEY_ENV: key, "LD_PRELOAD": preload}
 
 
 def server_env(install: TritonInstall) -> dict[str, str]:
@@ -125,20 +186,21 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
-        return f"localhost:{self.opts.http_port}"
+        return f"{self.opts.local_host}:{self.opts.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"localhost:{self.opts.grpc_port}"
+        return f"{self.opts.local_host}:{self.opts.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://localhost:{self.opts.metrics_port}/metrics"
+        return f"http://{self.opts.local_host}:{self.opts.metrics_port}/metrics"
 
     def start(self) -> TritonServer:
         out = open(self.log_path, "wb") if self.log_path else None
-        self.process = subprocess.Popen(server_command(self.install, self.opts), env=server_env(self.install),
-                                        stdout=out, stderr=subprocess.STDOUT if out else None)
+        cmd, env = with_admin_key(server_command(self.install, self.opts), server_env(self.install),
+                                  self.opts.admin_key)
+        self.process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
         return self
 
     def wait_ready(self, timeout: float = 300.0) -> None:

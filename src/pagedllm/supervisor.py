@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from pagedllm.launcher import TritonServer
+from pagedllm.launcher import ADMIN_KEY_ENV, TritonServer
 
 POLL_SECONDS = 0.25
 
@@ -70,7 +70,8 @@ class Supervisor:
         if on_ready is not None:
             on_ready()
         if self.gateway_command:
-            self.gateway = subprocess.Popen(self.gateway_command)
+            env = {k: v for k, v in os.environ.items() if k != ADMIN_KEY_ENV}  # the gateway has no use for it
+            self.gateway = subprocess.Popen(self.gateway_command, env=env)
         while not self.stopping.is_set() and all(child.poll() is None for child in self.children()):
             self.stopping.wait(POLL_SECONDS)
             stub = dead_stub(self.server.process.pid)

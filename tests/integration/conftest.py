@@ -26,6 +26,7 @@ from pagedllm.serving.repository import SERVED_ENGINE, write_baselines, write_ll
 pytestmark = pytest.mark.integration
 
 
+SESSION_LLM_MODELS = ("llm", "llm_tiny", "llm_spec")  # the session server's LLM models, as a gateway serves them
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
 
@@ -34,8 +35,12 @@ def tiny_engine(model_dir: Path) -> dict:
             "max_num_seqs": 4, "max_num_batched_tokens": 256, "max_waiting_requests": 4}
 
 
+TEST_ADMIN_KEY = "integration-tests-admin-key"  # explicit model control needs one
+
+
 def start_server(repo: Path, log: Path, mode: str = "none") -> TritonServer:
-    opts = ServerOptions(repo, free_port(), free_port(), free_port(), mode, repository_poll_secs=1)
+    opts = ServerOptions(repo, free_port(), free_port(), free_port(), mode, repository_poll_secs=1,
+                         admin_key=TEST_ADMIN_KEY if mode == "explicit" else None)
     return TritonServer(opts, log).start_ready(400)
 
 
@@ -196,9 +201,12 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.2) -> bool:
 class GatewayProcess:
     """`pagedllm gateway` as a child process, as an operator runs it; `log()` is its stderr (JSON lines)."""
 
-    def __init__(self, triton_urls: list[str], log: Path, api_keys: Path | None = None, *extra: str) -> None:
+    def __init__(self, triton_urls: list[str], log: Path, api_keys: Path | None = None, *extra: str,
+                 models: tuple[str, ...] = SESSION_LLM_MODELS) -> None:
         self.port, self.log_path = free_port(), log
         command = [sys.executable, "-m", "pagedllm.cli", "gateway", "--port", str(self.port), *extra]
+        for model in models:
+            command += ["--model", model]
         for url in triton_urls:
             command += ["--triton", url]
         if api_keys is not None:
@@ -227,7 +235,8 @@ class GatewayProcess:
 
 
 @contextlib.contextmanager
-def running_serve(tmp_path: Path, tiny_dir: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, list[str]]]:
+def running_serve(tmp_path: Path, tiny_dir: Path, *extra: str,
+                  env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, list[str]]]:
     """`pagedllm serve` on a tiny `llm` model, in its own process group, once tritonserver is ready;
     `process.log_path` is its output. Whatever is still running of it at the end is killed."""
     repo = tmp_path / "repo"
@@ -237,7 +246,8 @@ def running_serve(tmp_path: Path, tiny_dir: Path, *extra: str) -> Iterator[tuple
     log = open(tmp_path / f"serve-{time.monotonic_ns()}.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "pagedllm.cli", "serve", "--model-repository", str(repo),
                                 "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
-                                *extra], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                *extra], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                               env={**os.environ, **(env or {})})
     process.log_path = Path(log.name)
     try:
         assert wait_for(lambda: answers_200(f"http://localhost:{ports[0]}/v2/health/ready"), 300), log.name

@@ -77,7 +77,8 @@ def main(streams: int = 300) -> None:
         (root / "repo" / name / "1").mkdir(parents=True)
         (root / "repo" / name / "1" / "model.py").write_text(MODEL_PY)
         (root / "repo" / name / "config.pbtxt").write_text(CONFIG.format(name=name))
-    opts = ServerOptions(root / "repo", free_port(), free_port(), free_port(), "explicit", exit_timeout_secs=10)
+    opts = ServerOptions(root / "repo", free_port(), free_port(), free_port(), "explicit", exit_timeout_secs=10,
+                         admin_key="repro")
     server = TritonServer(opts, root / "tritonserver.log").start_ready(120)
     burners = [multiprocessing.Process(target=burn, args=(300,)) for _ in range(multiprocessing.cpu_count())]
     try:

@@ -62,7 +62,8 @@ class RequestRecord:
 class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.pool = ReplicaPool(config.triton, config.health_interval, config.upstream_timeout, config.triton_dns)
+        self.pool = ReplicaPool(config.triton, config.models, config.health_interval, config.upstream_timeout,
+                                config.triton_dns)
         self.keys = KeyRing(load_keys(config.api_keys) if config.api_keys else None)
         self.quotas = {key.name: KeyQuota(key.limits) for key in self.keys.keys or []}
         self.metrics = GatewayMetrics(self.pool)

@@ -16,7 +16,11 @@ class GatewayConfig:
     health_interval: float = 2.0
     upstream_timeout: float = 600.0  # the longest wait for one response of a stream (queueing included)
     graceful_shutdown: float = 30.0  # SIGTERM: streams in flight get this long to finish
+    max_connections: int = 1024  # open connections at once; beyond, 503 before the request is read
     triton_dns: list[str] = field(default_factory=list)  # HOST:GRPC_PORT names whose every address is a replica
+    # the Triton models served, where a replica has them ready (and the aliases' targets); checked by name, as
+    # a server whose admin groups need a key does not list its repository
+    models: list[str] = field(default_factory=lambda: ["llm"])
 
     def __post_init__(self) -> None:
         if not self.triton and not self.triton_dns:
@@ -26,6 +30,7 @@ class GatewayConfig:
                 host, _, port = url.rpartition(":")
                 if not host or not port.isdigit():
                     raise ValueError(f"{flag}: {url!r} is not HOST:GRPC_PORT")
+        self.models = list(dict.fromkeys([*self.models, *self.served_model_names.values()]))
 
 
 def parse_aliases(values: list[str]) -> dict[str, str]:

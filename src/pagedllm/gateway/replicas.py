@@ -1,5 +1,5 @@
-"""The tritonservers behind the gateway: health checks every few seconds (server ready, and which LLM
-models are ready), ejection and re-admission, and the choice of replica for each request: the healthy
+"""The tritonservers behind the gateway: health checks every few seconds (server ready, and which of the
+configured LLM models are ready), ejection and re-admission, and the choice of replica for each request: the healthy
 one with the model ready and the fewest outstanding requests, ties taken in turn."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pagedllm_client import NO_RETRY, AsyncClient, CircuitBreaker
@@ -24,6 +25,20 @@ def is_llm_model(config: dict[str, Any]) -> bool:
     inputs = {i["name"] for i in config.get("input", [])}
     decoupled = config.get("model_transaction_policy", {}).get("decoupled", False)
     return decoupled and config.get("backend") == "python" and {"messages", "sampling_parameters"} <= inputs
+
+
+def llm_models_in(repository: Path) -> list[str]:
+    """The LLM models of a local model repository, from their config.pbtxt (what `pagedllm serve` gives its
+    gateway to serve)."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    names = []
+    for path in sorted(repository.glob("*/config.pbtxt")):
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        if is_llm_model(json_format.MessageToDict(config, preserving_proto_field_name=True)):
+            names.append(config.name or path.parent.name)
+    return names
 
 
 @dataclass
@@ -45,18 +60,26 @@ class Replica:
                                                breaker=CircuitBreaker(failure_threshold=1 << 30))
         return self._clients[model]
 
-    async def check(self, timeout: float = 2.0) -> None:
+    async def check(self, names: list[str], timeout: float = 2.0) -> None:
+        """Server ready, and which of `names` are ready LLM models: readiness and config only, which a
+        server keeps open when its admin groups (the repository index among them) need a key."""
         import tritonclient.grpc.aio as grpcaio
         if self._admin is None:
             self._admin = grpcaio.InferenceServerClient(self.url)
         try:
             ready = await self._admin.is_server_ready(client_timeout=timeout)
-            index = await self._admin.get_model_repository_index(as_json=True, client_timeout=timeout)
-            names = {m["name"] for m in index.get("models", []) if m.get("state") == "READY"}
-            for name in names - set(self._kinds):
-                config = await self._admin.get_model_config(name, as_json=True, client_timeout=timeout)
-                self._kinds[name] = is_llm_model(config["config"])
-            models = {name for name in names if self._kinds[name]}
+            models = set()
+            for name in names:
+                if not await _model_ready(self._admin, name, timeout):
+                    continue
+                if name not in self._kinds:
+                    config = await self._admin.get_model_config(name, as_json=True, client_timeout=timeout)
+                    self._kinds[name] = is_llm_model(config["config"])
+                    if not self._kinds[name]:
+                        logger.warning("replica %s: %s is not an LLM model (decoupled Python backend taking "
+                                       "messages and sampling_parameters); not served", self.url, name)
+                if self._kinds[name]:
+                    models.add(name)
         except Exception as e:  # noqa: BLE001 (unreachable, or answering errors: ejected until a check passes)
             ready, models = False, set()
             logger.debug("replica %s failed its health check: %s", self.url, e)
@@ -89,6 +112,16 @@ class Replica:
             await self._admin.close()
 
 
+async def _model_ready(admin: Any, name: str, timeout: float) -> bool:
+    from tritonclient.utils import InferenceServerException
+    try:
+        return bool(await admin.is_model_ready(name, client_timeout=timeout))
+    except InferenceServerException as e:  # a model this server does not have, or one loading; not its health
+        if "deadline" in str(e).lower() or "unavailable" in str(e).lower():
+            raise
+        return False
+
+
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 
@@ -102,9 +135,10 @@ class ReplicaPool:
     """`urls`: fixed replicas. `dns_names`: HOST:PORT names resolved before every health check, each
     address a replica; one that leaves the DNS answer leaves the pool (its streams in flight finish)."""
 
-    def __init__(self, urls: list[str], interval: float = 2.0, upstream_timeout: float = 600.0,
+    def __init__(self, urls: list[str], models: list[str], interval: float = 2.0, upstream_timeout: float = 600.0,
                  dns_names: list[str] | None = None, resolver: Resolver = resolve) -> None:
         self.replicas = [Replica(url, upstream_timeout) for url in urls]
+        self.names = models  # the Triton models to serve, where a replica has them ready
         self.interval, self.upstream_timeout = interval, upstream_timeout
         self.dns_names, self.resolver = dns_names or [], resolver
         self._found: dict[str, set[str]] = {}  # DNS name -> the replicas it gave
@@ -113,7 +147,7 @@ class ReplicaPool:
 
     async def check_all(self) -> None:
         await self.discover()
-        await asyncio.gather(*(r.check() for r in self.replicas))
+        await asyncio.gather(*(r.check(self.names) for r in self.replicas))
 
     async def discover(self) -> None:
         for name in self.dns_names:
