@@ -5,19 +5,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
 from pagedllm.gateway import replicas
 from pagedllm.gateway.errors import InvalidRequestError, RateLimitError, param_of
 from pagedllm.gateway.keys import KeyFileError, KeyRing, Limits, load_keys
-from pagedllm.gateway.protocol import parse
+from pagedllm.gateway.protocol import decode_body, parse
 from pagedllm.gateway.quotas import KeyQuota, TokenBucket
-from pagedllm.gateway.replicas import ReplicaPool, is_llm_model
+from pagedllm.gateway.replicas import ReplicaPool, is_llm_model, llm_models_in
 from pagedllm.gateway.responses import Answer, ChoiceOutput
 from pagedllm_client import Overloaded
 
 CHAT = {"model": "llm", "messages": [{"role": "user", "content": "Hi"}]}
+
+REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 
 
 def test_chat_plan_maps_openai_fields_to_engine_sampling():
@@ -65,6 +68,8 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "description": "
     (CHAT | {"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
     (CHAT | {"frobnicate": 1}, "frobnicate"),
     (CHAT | {"messages": []}, "messages"),
+    (CHAT | {"messages": CHAT["messages"] * 257}, "messages"),
+    (CHAT | {"messages": [{"role": "user", "content": "x" * (1 << 20)}] * 2}, "messages"),
     (CHAT | {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
     (CHAT | {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content"),
@@ -118,7 +123,10 @@ def test_a_named_or_required_tool_choice_constrains_the_answer_to_a_call():
 def test_invalid_completions_name_the_field():
     for body, param in (({"model": "m", "prompt": ""}, "prompt"), ({"model": "m", "prompt": [1, 2]}, "prompt"),
                         ({"model": "m", "prompt": "a", "echo": True, "logprobs": 1}, "echo"),
-                        ({"model": "m", "prompt": "a", "suffix": "b"}, "suffix")):
+                        ({"model": "m", "prompt": "a", "suffix": "b"}, "suffix"),
+                        ({"model": "m", "prompt": ["a"] * 65}, "prompt"),
+                        ({"model": "m", "prompt": ["a"] * 20_000, "n": 16}, "n"),
+                        ({"model": "m", "prompt": "é" * (1 << 19) + "a"}, "prompt")):
         with pytest.raises(InvalidRequestError) as e:
             parse("completion", body)
         assert e.value.param == param
@@ -179,7 +187,9 @@ def test_keys_file_and_authentication(tmp_path):
     assert e.value.status == 403 and e.value.param == "model"
     assert KeyRing(None).authenticate(None).name == "open"
     for bad in ({"keys": [{"name": "a"}]}, {"keys": [{"name": "a", "sha256": "0" * 64, "rpm": 1}]},
-                {"keys": [{"name": "a", "sha256": "0" * 64, "tokens_per_minute": 0}]}, []):
+                {"keys": [{"name": "a", "sha256": "0" * 64, "tokens_per_minute": 0}]}, [],
+                {"keys": [{"name": "a", "sha256": "0" * 64}, {"name": "b", "sha256": "0" * 64}]},
+                {"keys": [{"name": "a", "sha256": "0" * 64}, {"name": "a", "sha256": "1" * 64}]}):
         path.write_text(json.dumps(bad))
         with pytest.raises(KeyFileError, match="--api-keys"):
             load_keys(path)
@@ -227,7 +237,7 @@ def test_quota_refuses_names_the_limit_and_settles_tokens():
 
 
 def test_least_outstanding_with_ties_in_turn():
-    pool = ReplicaPool(["a:1", "b:1", "c:1"])
+    pool = ReplicaPool(["a:1", "b:1", "c:1"], ["llm"])
     for r in pool.replicas:
         r.healthy, r.models = True, {"llm"}
     pool.replicas[2].outstanding = 1
@@ -239,7 +249,7 @@ def test_least_outstanding_with_ties_in_turn():
 
 
 def test_a_replica_whose_engine_restarts_is_skipped_for_that_model(monkeypatch):
-    pool = ReplicaPool(["a:1", "b:1"])
+    pool = ReplicaPool(["a:1", "b:1"], ["llm"])
     for r in pool.replicas:
         r.healthy, r.models = True, {"llm", "llm_tiny"}
     now = [100.0]
@@ -265,7 +275,7 @@ def test_a_dns_name_gives_one_replica_per_address_and_follows_the_answer():
         return answer
 
     async def steps() -> list[list[str]]:
-        pool = ReplicaPool(["fixed:8001"], dns_names=["triton-headless:8001"], resolver=resolver)
+        pool = ReplicaPool(["fixed:8001"], ["llm"], dns_names=["triton-headless:8001"], resolver=resolver)
         seen = []
         for _ in range(3):
             await pool.discover()
@@ -287,3 +297,13 @@ def test_llm_models_are_recognised_by_their_config():
     assert is_llm_model(llm)
     assert not is_llm_model({**llm, "model_transaction_policy": {}})
     assert not is_llm_model({"platform": "ensemble", "input": llm["input"]})
+    assert llm_models_in(REPOSITORY) == ["llm"]  # not the ensemble, nor pre- or postprocessing
+
+
+def test_bodies_that_are_not_text_or_nest_too_deeply_are_400s():
+    for raw, param in ((b'{"messages": [{"content": "a\\ud800"}]}', "messages[0].content"),
+                       (b'{"\\udc00": 1}', "\\udc00"), (b"[" * 100_000 + b"]" * 100_000, None)):
+        with pytest.raises(InvalidRequestError) as e:
+            decode_body(raw)
+        assert e.value.param == param and e.value.status == 400
+    assert decode_body('{"a": ["é", {"b": "日本"}]}'.encode()) == {"a": ["é", {"b": "日本"}]}

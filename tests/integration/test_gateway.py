@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import threading
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -251,12 +253,26 @@ CATALOGUE = [
     ("no model", "/v1/completions", {"prompt": "Hi"}, 400, "model"),
     ("an unknown model", "/v1/completions", {"model": "gpt-17", "prompt": "Hi"}, 404, "model"),
     ("a body over the limit", "/v1/completions", {"model": "llm", "prompt": "x" * (5 << 20)}, 413, None),
+    ("a lone surrogate", "/v1/chat/completions", b'{"model": "llm", "messages": [{"role": "user", "content": '
+     b'"a\\ud800b"}]}', 400, "messages[0].content"),
+    ("nesting 100,000 deep", "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, 400, None),
+    # 100 KB that would fan out into 320,000 engine streams
+    ("20,000 prompts x n 16", "/v1/completions", {"model": "llm", "prompt": ["Hi"] * 20_000, "n": 16}, 400, "n"),
+    ("65 prompts", "/v1/completions", {"model": "llm", "prompt": ["Hi"] * 65}, 400, "prompt"),
+    ("1,000 messages", "/v1/chat/completions", {"model": "llm", "messages": MSG * 1000}, 400, "messages"),
+    ("1.5 MiB of content", "/v1/chat/completions", {"model": "llm", "messages": [
+        {"role": "user", "content": "x" * (3 << 19)}]}, 400, "messages"),
 ]
+
+
+def rss_kib(pid: int) -> int:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
 
 
 def test_bad_input_catalogue(gateway, server):
     import requests
     failures = []
+    before = rss_kib(gateway.process.pid)
     for case, path, body, status, param in CATALOGUE:
         r = _post(gateway, path, body)
         error = r.json().get("error", {}) if r.headers.get("content-type", "").startswith("application/json") else {}
@@ -269,6 +285,7 @@ def test_bad_input_catalogue(gateway, server):
         if r.status_code not in (400, 401, 404) or "error" not in r.json():
             failures.append(f"{case}: {r.status_code} {r.text[:200]}")
     assert not failures, "\n".join(failures)
+    assert rss_kib(gateway.process.pid) - before < 64 << 10  # nothing built per choice or per message
     assert requests.get(f"{gateway.url}/ready", timeout=10).status_code == 200 and server.is_ready()
     ok = client(gateway).completions.create(model="llm_tiny", prompt="Hi", max_tokens=2)
     assert ok.choices[0].text is not None

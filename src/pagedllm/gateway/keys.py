@@ -44,7 +44,16 @@ def load_keys(path: Path) -> list[ApiKey]:
         raise KeyFileError(f"--api-keys: cannot read {path}: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise KeyFileError('--api-keys: expected {"keys": [{"name": ..., "sha256": ...}, ...]}')
-    return [_key(i, entry) for i, entry in enumerate(data["keys"])]
+    keys = [_key(i, entry) for i, entry in enumerate(data["keys"])]
+    for field in ("name", "sha256"):  # a repeated digest would make which entry a key gets a matter of order
+        seen: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            value = getattr(key, field)
+            if value in seen:
+                raise KeyFileError(f"--api-keys: keys[{i}].{field}: the same as keys[{seen[value]}]'s; each key "
+                                   f"needs its own {field}")
+            seen[value] = i
+    return keys
 
 
 def _key(i: int, entry: object) -> ApiKey:

@@ -11,9 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pagedllm.engine.sampling_params import LEGACY_STRUCTURED_OUTPUTS, SamplingParams
 from pagedllm.gateway.errors import InvalidRequestError, field_error
 from pagedllm.gateway.structured import ResponseFormat, Tool, ToolCallPlan, constraint, tools_message
+from pagedllm.serving.request import MAX_MESSAGES, MAX_PROMPT_BYTES
 
 MAX_STOP = 4
-MAX_CHOICES = 16
+MAX_CHOICES = 16  # n
+MAX_STREAMS = 64  # prompts x n: each choice is one engine stream, and they are built before admission
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat runs to the context's end
 UNSUPPORTED = {
     "functions": "the legacy function calling (send tools)", "function_call": "the legacy function calling (send "
@@ -97,7 +99,7 @@ class Message(_Body):
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -197,6 +199,7 @@ def _stream_flags(request: _Common) -> bool:
 def _fan_out(prompts: list[tuple[str | None, list[dict[str, str]] | None]], request: _Common,
              sampling: dict[str, Any]) -> list[Choice]:
     """n choices per prompt; with a seed, choice i of a prompt gets seed + i (distinct but reproducible)."""
+    _check_streams(len(prompts), request.n)
     choices = []
     for prompt, messages in prompts:
         for i in range(request.n):
@@ -232,7 +235,20 @@ def _messages(messages: list[Message]) -> list[dict[str, str]]:
             raise InvalidRequestError(f"messages[{i}].{e}", f"messages[{i}].content") from None
         out.append({"role": "system" if m.role == "developer" else m.role, "content": text}
                    | ({"name": m.name} if m.name else {}))
+    _check_bytes("messages", sum(len(m["content"].encode()) for m in out))
     return out
+
+
+def _check_streams(prompts: int, n: int) -> None:
+    if prompts * n > MAX_STREAMS:
+        field = "prompt" if n == 1 else "n"
+        raise InvalidRequestError(f"{field}: {prompts} prompts x n {n} are {prompts * n} choices; at most "
+                                  f"{MAX_STREAMS} per request (send the rest in more requests)", field)
+
+
+def _check_bytes(field: str, size: int) -> None:
+    if size > MAX_PROMPT_BYTES:
+        raise InvalidRequestError(f"{field}: {size} bytes of text is over the {MAX_PROMPT_BYTES}-byte limit", field)
 
 
 def _with_system(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
@@ -246,6 +262,9 @@ def _completion_plan(request: CompletionRequest) -> Plan:
     prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
     if not prompts or not all(prompts):
         raise InvalidRequestError("prompt: must be a non-empty string or a list of non-empty strings", "prompt")
+    _check_streams(len(prompts), request.n)
+    for p in prompts:
+        _check_bytes("prompt", len(p.encode()))
     if request.echo and request.logprobs is not None:
         raise InvalidRequestError("echo: logprobs of the prompt are not supported; drop echo or logprobs", "echo")
     max_tokens = request.max_tokens if request.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
@@ -269,9 +288,45 @@ def _check_sampling(plan: Plan) -> None:
 
 def decode_body(raw: bytes) -> Any:
     try:
-        return json.loads(raw.decode("utf-8"))
+        body = json.loads(raw.decode("utf-8"))
+        # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes: found here, in C
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
     except UnicodeDecodeError as e:
         raise InvalidRequestError(f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise InvalidRequestError(f"the request body is not valid JSON ({e.msg} at line {e.lineno} "
                                   f"column {e.colno})") from None
+    except RecursionError:
+        raise InvalidRequestError("the request body nests arrays or objects too deeply") from None
+    except UnicodeEncodeError:
+        try:
+            path = _surrogate_path(body) or None
+        except RecursionError:
+            path = None
+        raise InvalidRequestError(f"{path or 'the body'}: holds a lone surrogate escape (\\ud800-\\udfff), which "
+                                  "is not text", path) from None
+    return body
+
+
+def _surrogate_path(value: Any, path: str = "") -> str | None:
+    """Where in the body the first string that is not Unicode text sits (walked only when there is one)."""
+    if isinstance(value, str):
+        return None if _is_text(value) else path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        shown = key.encode("utf-8", "backslashreplace").decode() if isinstance(key, str) else key
+        here = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{shown}" if path else shown
+        if isinstance(key, str) and not _is_text(key):
+            return here
+        found = _surrogate_path(item, here)
+        if found is not None:
+            return found
+    return None
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False

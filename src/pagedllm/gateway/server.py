@@ -25,7 +25,8 @@ def run(config: GatewayConfig) -> int:
     _access_log()
     app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, access_log=False,
-                                           log_level="warning", timeout_graceful_shutdown=config.graceful_shutdown))
+                                           log_level="warning", timeout_graceful_shutdown=config.graceful_shutdown,
+                                           limit_concurrency=config.max_connections))
     logging.getLogger("pagedllm.gateway").info("OpenAI API at http://%s:%d/v1 (replicas: %s)", config.host,
                                                config.port, ", ".join(config.triton))
     server.run()
