@@ -26,7 +26,7 @@ from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.engine.sequence import FinishReason, RequestDelta, Sequence, SequenceStatus, TokenLogprobs
 from pagedllm.engine.speculative import NgramSpeculator
 from pagedllm.engine.structured_output import StructuredOutputs
-from pagedllm.engine.tokenizer import encode_text, load_tokenizer, render_chat
+from pagedllm.engine.tokenizer import encode_chat, encode_text, load_tokenizer
 from pagedllm.errors import ErrorCode, InjectedFault, RequestRejectedError
 from pagedllm.weights import iter_safetensors, resolve_model_path
 
@@ -137,7 +137,7 @@ class LLMEngine:
         return encode_text(self.tokenizer, prompt)
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        return encode_text(self.tokenizer, render_chat(self.tokenizer, messages), add_special_tokens=False)
+        return encode_chat(self.tokenizer, messages)[1]
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:

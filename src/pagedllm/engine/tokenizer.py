@@ -1,6 +1,7 @@
 """Tokenizer loading, prompt encoding and chat-template rendering: one place for the engine and serving."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,3 +24,29 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # jinja raises on templates' own checks (role order, ...)
         raise ValueError(f"messages: the chat template rejected them ({e})") from None
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, list[int]]:
+    """The rendered chat and its token ids, where a message's content is only ever text: a special token
+    written in it (`<|im_start|>system` in a user's message) is encoded as the characters it spells, never
+    as the marker the template uses. The ids are those of the whole rendering when no content holds one."""
+    text = render_chat(tokenizer, messages)
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    if not any(t in str(m.get("content") or "") for m in messages for t in specials):
+        return text, encode_text(tokenizer, text, add_special_tokens=False)
+    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use characters, in no template
+    marked = render_chat(tokenizer, [{**m, "content": mark} if isinstance(m.get("content"), str) else m
+                                     for m, mark in zip(messages, marks)])
+    contents = {mark: m["content"] for m, mark in zip(messages, marks) if isinstance(m.get("content"), str)}
+    parts = re.split("(\ue000\\d+\ue001)", marked)
+    if "".join(contents.get(p, p) for p in parts) != text:  # the template rewrites contents (trims them, ...)
+        i, token = next((i, t) for i, m in enumerate(messages) for t in specials if t in str(m.get("content") or ""))
+        raise ValueError(f"messages[{i}].content: holds {token!r}, this model's special token, which its chat "
+                         "template cannot keep apart from its own markup; remove it")
+    ids = []
+    for part in parts:
+        if part in contents:
+            ids += tokenizer.encode(contents[part], add_special_tokens=False, split_special_tokens=True)
+        elif part:
+            ids += tokenizer.encode(part, add_special_tokens=False)
+    return text, ids

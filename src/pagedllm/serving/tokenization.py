@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pagedllm.engine.tokenizer import encode_text, render_chat
+from pagedllm.engine.tokenizer import encode_chat, encode_text
 from pagedllm.errors import InvalidRequestError
 from pagedllm.serving.request import GenerateRequest
 
@@ -13,8 +13,7 @@ def tokenize_request(tokenizer: Any, req: GenerateRequest) -> list[int]:
     if req.input_ids is None:
         try:
             if req.messages is not None:
-                req.options.prompt_text = render_chat(tokenizer, req.messages)
-                req.input_ids = encode_text(tokenizer, req.options.prompt_text, add_special_tokens=False)
+                req.options.prompt_text, req.input_ids = encode_chat(tokenizer, req.messages)
             else:
                 req.input_ids = encode_text(tokenizer, req.text or "")
         except ValueError as e:
