@@ -1,10 +1,14 @@
-# pagedllm on NVIDIA's Triton image matching our server and client pins (24.10 = Triton 2.51).
+# pagedllm on NVIDIA's Triton image. 25.07 or later: those fix CVE-2025-23319/23320/23334 (the Python backend's
+# shared memory) and CVE-2025-23310/23311 (HTTP stack overflow), which 24.10 (Triton 2.51, the server the
+# tests run) still has; the Python backend's API and the v2 protocol our 2.51 client speaks are the same.
 #   docker build -t pagedllm .
-#   docker run --gpus all --shm-size=1g -p 8000:8000 -p 8001:8001 -p 8002:8002 pagedllm
-FROM nvcr.io/nvidia/tritonserver:24.10-py3
+#   docker run --gpus all --shm-size=1g -p 127.0.0.1:8000:8000 -p 127.0.0.1:8001:8001 -p 127.0.0.1:8002:8002 \
+#     -e PAGEDLLM_ADMIN_KEY=... pagedllm      # without the key, models load at start and none through the API
+FROM nvcr.io/nvidia/tritonserver:25.07-py3
 
 ENV PAGEDLLM_CACHE=/opt/pagedllm/cache \
     PIP_NO_CACHE_DIR=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
     PYTHONUNBUFFERED=1
 
 WORKDIR /opt/pagedllm
@@ -21,11 +25,16 @@ RUN python3 -m pip install "torch==2.13.0" "triton==3.9.0" "numpy<2" \
 
 COPY model_repository ./model_repository
 
+# The server runs as a user of its own, owning only the cache (kernels built at first start, the model).
+RUN useradd --system --no-log-init --uid 10001 --home-dir /opt/pagedllm pagedllm \
+    && chown -R pagedllm /opt/pagedllm/cache && chmod 700 /opt/pagedllm/cache
+USER 10001
+
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD ["curl", "-fsS", "http://localhost:8000/v2/health/ready"]
 
-# explicit: every model loads at start; an llm whose engine dies unloads itself and reports not ready.
-# Protect load/unload with --http-restricted-api / --grpc-restricted-protocol (see README).
-CMD ["tritonserver", "--model-repository=/opt/pagedllm/model_repository", \
-     "--model-control-mode=explicit", "--load-model=*", "--exit-timeout-secs=60"]
+# Every interface of the container (publish the ports to the host's loopback, as above, or behind the
+# gateway). Model control is explicit behind $PAGEDLLM_ADMIN_KEY when set (every admin API needs the key
+# then), none without it. The key is not in any process's arguments.
+CMD ["pagedllm", "serve", "--host", "0.0.0.0", "--model-repository", "/opt/pagedllm/model_repository"]

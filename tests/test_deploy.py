@@ -26,8 +26,26 @@ def test_dockerfile_lints_clean_and_uses_the_pinned_triton():
     done = run("hadolint", "Dockerfile")
     assert done.returncode == 0, done.stdout + done.stderr
     text = (ROOT / "Dockerfile").read_text()
-    assert "FROM nvcr.io/nvidia/tritonserver:24.10-py3" in text  # Triton 2.51, as tritonclient==2.51.0
+    # 25.07: the first with the fixes of CVE-2025-23319/23320/23334 and 23310/23311 (the v2 protocol of our
+    # tritonclient==2.51.0 pin is the same)
+    assert "FROM nvcr.io/nvidia/tritonserver:25.07-py3" in text
     assert "HEALTHCHECK" in text and "/v2/health/ready" in text
+    assert re.search(r"^USER 10001$", text, re.M) and "PAGEDLLM_ADMIN_KEY=" not in text.split("CMD")[-1]
+
+
+def test_tritonserver_pods_run_pagedllm_serve_and_only_the_gateway_reaches_them():
+    pod = yaml.safe_load((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[:2] == ["pagedllm", "serve"] and not any("admin-key" in a for a in args)  # the key: env only
+    usage = subprocess.run([sys.executable, "-m", "pagedllm.cli", "serve", "--help"], capture_output=True,
+                           text=True, cwd=ROOT).stdout
+    for flag in args[2:]:
+        assert flag.split("=")[0] in usage, flag
+    policy = yaml.safe_load((ROOT / "deploy" / "k8s" / "networkpolicy.yaml").read_text())
+    inference, metrics = policy["spec"]["ingress"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app": "pagedllm"}
+    assert inference["from"] == [{"podSelector": {"matchLabels": {"app": "pagedllm-gateway"}}}]
+    assert {p["port"] for p in inference["ports"]} == {8000, 8001} and "from" not in metrics
 
 
 def test_kubernetes_manifests_validate():

@@ -17,6 +17,8 @@ from pathlib import Path
 import openai
 import pytest
 import requests
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from pagedllm.launcher import free_port
 from pagedllm.serving.repository import write_llm
@@ -136,6 +138,24 @@ def test_concurrent_streams_split_across_both_replicas(nginx_stack):
     assert errors == [None] * 6
     served = [metric(r, "nv_inference_request_success", model="llm_tiny") - b for r, b in zip(replicas, before)]
     assert sum(served) == 6 and min(served) >= 2, served
+
+
+def test_nginx_passes_triton_s_inference_paths_only(nginx_stack):
+    http = f"http://{nginx_stack['http']}"
+    for method, path in (("post", "/v2/repository/index"), ("post", "/v2/repository/models/llm_tiny/load"),
+                         ("get", "/v2/models/stats"), ("get", "/v2/models/llm_tiny/stats"),
+                         ("get", "/v2/systemsharedmemory/status"), ("get", "/v2/logging"),
+                         ("get", "/v2/trace/setting")):
+        assert getattr(requests, method)(http + path, timeout=10).status_code == 403, path
+    for path in ("/v2/health/ready", "/v2/models/llm_tiny", "/v2/models/llm_tiny/config",
+                 "/v2/models/llm_tiny/ready"):
+        assert requests.get(http + path, timeout=10).status_code == 200, path
+    admin = grpcclient.InferenceServerClient(nginx_stack["grpc"])
+    assert admin.get_model_config("llm_tiny") is not None and admin.is_server_ready()
+    for call in (admin.get_model_repository_index, admin.get_system_shared_memory_status, admin.get_log_settings):
+        with pytest.raises(InferenceServerException):
+            call()
+    admin.close()
 
 
 def test_a_stopped_replica_is_routed_around_with_no_failure(nginx_stack):
