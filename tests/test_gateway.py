@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pagedllm.gateway import replicas
-from pagedllm.gateway.errors import InvalidRequestError, RateLimitError, param_of
+from pagedllm.gateway.errors import InvalidRequestError, RateLimitError, UpstreamError, from_upstream, param_of
 from pagedllm.gateway.keys import KeyFileError, KeyRing, Limits, load_keys
 from pagedllm.gateway.protocol import decode_body, parse
 from pagedllm.gateway.quotas import KeyQuota, TokenBucket
@@ -307,3 +307,10 @@ def test_bodies_that_are_not_text_or_nest_too_deeply_are_400s():
             decode_body(raw)
         assert e.value.param == param and e.value.status == 400
     assert decode_body('{"a": ["é", {"b": "日本"}]}'.encode()) == {"a": ["é", {"b": "日本"}]}
+
+
+def test_what_a_server_says_of_its_own_failure_goes_to_the_log_not_the_client():
+    from pagedllm_client.errors import ServerError
+    error = from_upstream(ServerError("internal: KeyError at /opt/pagedllm/src/engine.py:42"))
+    assert isinstance(error, UpstreamError) and error.status == 500 and "/opt" not in str(error.body())
+    assert "x-request-id" in error.message and error.detail.endswith("engine.py:42")

@@ -56,6 +56,7 @@ class RequestRecord:
     finish_reason: str | None = None
     cancelled: bool = False
     error: str | None = None
+    error_detail: str | None = None  # what the server said of a 5xx it failed (never the prompt)
     started: float = field(default_factory=time.monotonic, repr=False)
 
 
@@ -229,6 +230,7 @@ class Gateway:
             ticket.settle(record.prompt_tokens + record.completion_tokens)
         if error is not None:
             record.error = error.code or type(error).__name__
+            record.error_detail = getattr(error, "detail", None)
             if status in (401, 403, 413, 429, 503):
                 self.metrics.rejections.labels(record.error).inc()
         self._observe(record)

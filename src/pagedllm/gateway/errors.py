@@ -66,7 +66,13 @@ class ClientGoneError(GatewayError):
 
 
 class UpstreamError(GatewayError):
-    """The server failed the request."""
+    """The server failed the request. The client is told only that, and the request id; what the server
+    said (`detail`: paths, exception text) goes to the gateway's log."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("the server failed the request; the gateway's log has the detail under this request's "
+                         "x-request-id")
+        self.detail = detail
 
 
 STATUS: dict[type[GatewayError], tuple[int, str]] = {
