@@ -117,7 +117,7 @@ async def _model_ready(admin: Any, name: str, timeout: float) -> bool:
     try:
         return bool(await admin.is_model_ready(name, client_timeout=timeout))
     except InferenceServerException as e:  # a model this server does not have, or one loading; not its health
-        if "deadline" in str(e).lower() or "unavailable" in str(e).lower():
+        if e.status() in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"):  # the server's, though
             raise
         return False
 
