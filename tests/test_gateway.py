@@ -314,3 +314,14 @@ def test_what_a_server_says_of_its_own_failure_goes_to_the_log_not_the_client():
     error = from_upstream(ServerError("internal: KeyError at /opt/pagedllm/src/engine.py:42"))
     assert isinstance(error, UpstreamError) and error.status == 500 and "/opt" not in str(error.body())
     assert "x-request-id" in error.message and error.detail.endswith("engine.py:42")
+
+
+def test_a_key_without_a_concurrency_limit_gets_the_default_one(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [{"name": "a", "sha256": "0" * 64}]}))
+    quota = KeyQuota(load_keys(path)[0].limits)
+    tickets = [quota.admit(10) for _ in range(Limits().max_concurrent_requests)]
+    with pytest.raises(RateLimitError, match="max_concurrent_requests"):
+        quota.admit(10)
+    tickets[0].settle(10)
+    assert quota.admit(10) is not None

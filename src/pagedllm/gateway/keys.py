@@ -17,7 +17,9 @@ OPEN = "open"  # the key name of every request to a gateway started without --ap
 class Limits:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
-    max_concurrent_requests: int | None = None
+    # a key the file gives no concurrency limit still has this one: one key cannot hold every stream of a
+    # served engine (its max_num_seqs is 64) and then some
+    max_concurrent_requests: int | None = 64
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def _key(i: int, entry: object) -> ApiKey:
         value = entry.get(limit)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise KeyFileError(f"{where}.{limit}: expected a positive integer")
-    limits = Limits(**{k: entry.get(k) for k in Limits.__dataclass_fields__})
+    limits = Limits(**{k: entry[k] for k in Limits.__dataclass_fields__ if entry.get(k) is not None})
     return ApiKey(name, digest.lower(), frozenset(models) if models is not None else None, limits)
 
 
