@@ -32,17 +32,17 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, li
     as the marker the template uses. The ids are those of the whole rendering when no content holds one."""
     text = render_chat(tokenizer, messages)
     specials = [t for t in tokenizer.all_special_tokens if t]
-    if not any(t in str(m.get("content") or "") for m in messages for t in specials):
+    held = next(((i, t) for i, m in enumerate(messages) for t in specials if t in str(m.get("content") or "")), None)
+    if held is None:
         return text, encode_text(tokenizer, text, add_special_tokens=False)
     marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use characters, in no template
-    marked = render_chat(tokenizer, [{**m, "content": mark} if isinstance(m.get("content"), str) else m
-                                     for m, mark in zip(messages, marks)])
     contents = {mark: m["content"] for m, mark in zip(messages, marks) if isinstance(m.get("content"), str)}
+    marked = render_chat(tokenizer, [{**m, "content": mark} if mark in contents else m
+                                     for m, mark in zip(messages, marks)])
     parts = re.split("(\ue000\\d+\ue001)", marked)
     if "".join(contents.get(p, p) for p in parts) != text:  # the template rewrites contents (trims them, ...)
-        i, token = next((i, t) for i, m in enumerate(messages) for t in specials if t in str(m.get("content") or ""))
-        raise ValueError(f"messages[{i}].content: holds {token!r}, this model's special token, which its chat "
-                         "template cannot keep apart from its own markup; remove it")
+        raise ValueError(f"messages[{held[0]}].content: holds {held[1]!r}, this model's special token, which its "
+                         "chat template cannot keep apart from its own markup; remove it")
     ids = []
     for part in parts:
         if part in contents:

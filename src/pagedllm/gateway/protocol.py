@@ -199,7 +199,6 @@ def _stream_flags(request: _Common) -> bool:
 def _fan_out(prompts: list[tuple[str | None, list[dict[str, str]] | None]], request: _Common,
              sampling: dict[str, Any]) -> list[Choice]:
     """n choices per prompt; with a seed, choice i of a prompt gets seed + i (distinct but reproducible)."""
-    _check_streams(len(prompts), request.n)
     choices = []
     for prompt, messages in prompts:
         for i in range(request.n):

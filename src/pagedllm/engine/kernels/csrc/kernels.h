@@ -201,6 +201,8 @@ inline bool uses_panels(int64_t M) { return kLanes < 16 && M >= kPanelMinRows; }
 template <typename Out>
 void linear_panels(const LinearArgs& a, int64_t M, const Par& par) {
   const int64_t groups = (a.N + kGroupChannels - 1) / kGroupChannels, blocks = (M + kRowBlock - 1) / kRowBlock;
+  const int64_t group_bytes = a.K * kGroupChannels * (a.scale ? 1 : 2);  // int8 codes, or bf16 pairs
+  const auto group_at = [&](int64_t g) { return static_cast<const char*>(a.w) + g * group_bytes; };
   par(groups * blocks, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> scratch;
     scratch.resize(a.K * kGroupChannels + 16);
@@ -210,25 +212,21 @@ void linear_panels(const LinearArgs& a, int64_t M, const Par& par) {
       // blocks and tiles as even as they can be: 32 rows are tiles of 6, 6, 5, 5, 5, 5, never 6 x 5 and a 2
       const int64_t g = t / blocks, m0 = M * (t % blocks) / blocks, rows = M * (t % blocks + 1) / blocks - m0;
       if (g != widened) {
-        if (a.scale) widen_group(static_cast<const int8_t*>(a.w) + g * a.K * kGroupChannels, a.K, panel);
-        else widen_group(static_cast<const uint32_t*>(a.w) + g * (a.K / 2) * kGroupChannels, a.K / 2, panel);
+        if (a.scale) widen_group(reinterpret_cast<const int8_t*>(group_at(g)), a.K, panel);
+        else widen_group(reinterpret_cast<const uint32_t*>(group_at(g)), a.K / 2, panel);
         widened = g;
       }
       // With one or two row blocks, the weights come from memory as fast as the tiles use them: the next
       // group's are fetched while this one's tiles run (32 rows, AVX2: widening fell from 20% to 12% of a
       // step, steps 10-17% faster). With more blocks the widening is spread thin and prefetching cost 10%.
-      const int64_t next = blocks <= 2 && t + 1 < end && (t + 1) / blocks != g ? g + 1 : -1;
-      const char* ahead = next < 0 ? nullptr
-                          : a.scale ? (const char*)(static_cast<const int8_t*>(a.w) + next * a.K * kGroupChannels)
-                                    : (const char*)(static_cast<const uint32_t*>(a.w) + next * (a.K / 2) * kGroupChannels);
-      const int64_t ahead_bytes = a.K * kGroupChannels * (a.scale ? 1 : 2);
+      const char* ahead = blocks <= 2 && t + 1 < end && (t + 1) / blocks != g ? group_at(g + 1) : nullptr;
       const int64_t tiles = (rows + kPanelRows - 1) / kPanelRows, calls = kGroupChannels / kStrip * tiles;
       int64_t call = 0;
       for (int64_t c = 0; c < kGroupChannels; c += kStrip)
         for (int64_t i = 0; i < tiles; ++i, ++call) {
           const int64_t m = m0 + rows * i / tiles;
           if (ahead)
-            for (int64_t b = ahead_bytes * call / calls / 64 * 64; b < ahead_bytes * (call + 1) / calls; b += 64)
+            for (int64_t b = group_bytes * call / calls / 64 * 64; b < group_bytes * (call + 1) / calls; b += 64)
               __builtin_prefetch(ahead + b, 0, 2);
           run_panel_rows<Out>(a.x_float + m * a.K, a.K, strip_at(panel, a.K, c), a.scale, a.bias,
                               static_cast<Out*>(a.y) + m * a.N, g * kGroupChannels + c, a.N,
