@@ -56,13 +56,20 @@ struct Linear {
     return kind == "bf16" ? weight.size(1) * 2 : weight.size(1);  // bf16 packs input pairs
   }
 
-  // Whether a call of M rows reads x as float32: int8 always, bf16 on the panel path (kernels.h).
-  bool needs_float(int64_t M) const { return kind == "int8" || (kind == "bf16" && uses_panels(M)); }
+  // Whether a call of M rows reads x as float32: int8 always, bf16 on the strip path (kernels.h).
+  bool needs_float(int64_t M) const { return kind == "int8" || (kind == "bf16" && uses_strips(M)); }
 
-  // y = x @ W.T (+ bias) into `y`; `x_float` is x widened to float32 where needs_float, else undefined.
-  void run(const Tensor& x, const Tensor& x_float, Tensor& y, const Par& par) const {
-    const int64_t K = in_features(), M = x.numel() / K;
-    const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  // The kernels' view of this layer (packed kinds), for x (float32 as `x_float` where needs_float) into y.
+  LinearArgs args(const void* x, const float* x_float, void* y) const {
+    return LinearArgs{kind == "int8" ? x_float : x, x_float, in_features(), weight.data_ptr(),
+                      kind == "int8" ? scale.data_ptr<float>() : nullptr,
+                      bias ? bias->data_ptr<float>() : nullptr, y, out_features};
+  }
+
+  // y = x @ W.T (+ bias) into `y`; `x_float` is x widened to float32 where needs_float, else undefined. `next`:
+  // the linear this thread runs after this one, whose first weights it fetches while finishing this one.
+  void run(const Tensor& x, const Tensor& x_float, Tensor& y, const Par& par, const Linear* next = nullptr) const {
+    const int64_t M = x.numel() / in_features();
     if (kind == "plain") {
       if (par.tid <= 0) at::linear_out(y, x, weight, bias ? c10::optional<Tensor>(*bias) : c10::nullopt);
       if (par.tid >= 0) {
@@ -70,9 +77,8 @@ struct Linear {
       }
       return;
     }
-    const float* xf = x_float.defined() ? x_float.data_ptr<float>() : nullptr;
-    const LinearArgs a{kind == "int8" ? xf : x.data_ptr(), xf, K, weight.data_ptr(),
-                       kind == "int8" ? scale.data_ptr<float>() : nullptr, b, y.data_ptr(), out_features};
+    LinearArgs a = args(x.data_ptr(), x_float.defined() ? x_float.data_ptr<float>() : nullptr, y.data_ptr());
+    if (next && next->kind != "plain") a.then = first_group(next->args(nullptr, nullptr, nullptr), M, par);
     if (y.scalar_type() == at::kBFloat16) linear<bf16>(a, M, par);
     else linear<float>(a, M, par);
   }
@@ -170,25 +176,27 @@ struct DecodeBuffers {
   }
 };
 
+// `next`: the layer after this one, if any (its first weights are fetched during this one's last linear).
 template <typename T>
-void decode_layer(const DecoderLayer& l, DecodeBuffers& buf, Tensor& hidden, const Tensor& cos, const Tensor& sin,
-                  const Tensor& positions, const Tensor& slot_mapping, Tensor& kv_cache, const Tensor& block_tables,
-                  const Tensor& context_lens, const AttentionPlan& plan, const Par& par) {
+void decode_layer(const DecoderLayer& l, const DecoderLayer* next, DecodeBuffers& buf, Tensor& hidden,
+                  const Tensor& cos, const Tensor& sin, const Tensor& positions, const Tensor& slot_mapping,
+                  Tensor& kv_cache, const Tensor& block_tables, const Tensor& context_lens, const AttentionPlan& plan,
+                  const Par& par) {
   const int64_t B = hidden.size(0), hidden_size = hidden.size(1), I = l.down.in_features();
   T* h = ptr<T>(hidden);
   const int64_t BS = kv_cache.size(3), cache_rows = kv_cache.size(2) * BS;
   rms_norm_rows<T>(h, nullptr, ptr<T>(l.input_norm), ptr<T>(buf.normed), B, hidden_size, l.eps, par);
-  l.qkv.run(buf.normed, buf.widened(l.qkv, buf.normed, par), buf.qkv, par);
+  l.qkv.run(buf.normed, buf.widened(l.qkv, buf.normed, par), buf.qkv, par, &l.o);
   rope_write_kv<T>(ptr<T>(buf.qkv), ptr<T>(buf.q), ptr<T>(kv_cache), cos.data_ptr<float>(), sin.data_ptr<float>(),
                    positions.data_ptr<int64_t>(), slot_mapping.data_ptr<int32_t>(), B, l.H, l.KVH, l.D, cache_rows, par);
   paged_attention_decode<T>(ptr<T>(buf.q), ptr<T>(kv_cache), block_tables.data_ptr<int32_t>(), block_tables.size(1),
                             context_lens.data_ptr<int32_t>(), ptr<T>(buf.attn), B, l.H, l.KVH, l.D, BS, cache_rows,
                             l.scale, plan, buf.scratch.data_ptr<float>(), par);
-  l.o.run(buf.attn, buf.widened(l.o, buf.attn, par), buf.o, par);
+  l.o.run(buf.attn, buf.widened(l.o, buf.attn, par), buf.o, par, &l.gate_up);
   rms_norm_rows<T>(ptr<T>(buf.o), h, ptr<T>(l.post_attention_norm), ptr<T>(buf.normed), B, hidden_size, l.eps, par);
-  l.gate_up.run(buf.normed, buf.widened(l.gate_up, buf.normed, par), buf.gate_up, par);
+  l.gate_up.run(buf.normed, buf.widened(l.gate_up, buf.normed, par), buf.gate_up, par, &l.down);
   silu_and_mul<T>(ptr<T>(buf.gate_up), ptr<T>(buf.act), B, I, par);
-  l.down.run(buf.act, buf.widened(l.down, buf.act, par), buf.mlp, par);
+  l.down.run(buf.act, buf.widened(l.down, buf.act, par), buf.mlp, par, next ? &next->qkv : nullptr);
   add_into<T>(h, ptr<T>(buf.mlp), B * hidden_size, par);
 }
 
@@ -209,8 +217,8 @@ void decode_layers(const std::vector<DecoderLayer>& layers, Tensor& hidden, cons
     {
       Par par{omp_get_thread_num(), omp_get_num_threads()};
       for (size_t i = 0; i < layers.size(); ++i)
-        decode_layer<scalar_t>(layers[i], buf, hidden, cos, sin, positions, slot_mapping, kv_caches[i], block_tables,
-                               context_lens, plan, par);
+        decode_layer<scalar_t>(layers[i], i + 1 < layers.size() ? &layers[i + 1] : nullptr, buf, hidden, cos, sin,
+                               positions, slot_mapping, kv_caches[i], block_tables, context_lens, plan, par);
     }
   });
 }

@@ -44,11 +44,13 @@ struct Par {
   template <typename F>
   void operator()(int64_t n, int64_t grain, const F& f) const {
     if (tid < 0) return parallel_for(n, grain, f);
-    const int64_t chunk = (n + threads - 1) / threads, begin = std::min<int64_t>(n, tid * chunk);
-    const int64_t end = std::min(n, begin + chunk);
+    const int64_t begin = first_of(n), end = std::min(n, begin + (n + threads - 1) / threads);
     if (begin < end) f(begin, end);
 #pragma omp barrier
   }
+
+  // The first of n items this thread takes (inside decode_layers' region).
+  int64_t first_of(int64_t n) const { return std::min<int64_t>(n, std::max(tid, 0) * ((n + threads - 1) / threads)); }
 };
 
 // ---- linear on packed weights -------------------------------------------------------------------------------
@@ -119,48 +121,49 @@ void int8_tile(const float* x, int64_t x_stride, const int8_t* w, int64_t K, con
   }
 }
 
-// Many rows on a tier with narrow vectors (AVX2, NEON, portable): a group's weights are widened once into a
-// float32 panel in this thread's scratch, then float32 tiles of kPanelRows x kStripVecs vectors run over it,
-// with x widened to float32 once per call. The direct tiles there hold only two rows (AVX2's 16 registers), so
-// they widen every weight for every two rows. Measured on AVX2 with a model's worth of distinct weights: the
-// direct tiles win up to 16 rows (32 ms against 42 for 30 layers' linears), tie at 32, and lose from 64 (96
-// against 112 ms); on AVX-512 the 8-row direct tiles win or tie at every size, so they keep them.
+// Many rows on a tier with narrow vectors (AVX2, NEON, portable): tiles of kStripRows rows x one strip of 16
+// channels, x widened to float32 once per call and each weight widened in registers as it is read. The direct
+// tiles there hold only two rows (AVX2's 16 registers) and widen every weight for every two rows; six rows
+// share each widened weight here. Measured on AVX2 (SmolLM2, 2 threads), against widening each group into a
+// float32 panel first: decode steps of 32 rows 1.24x, a 512-token prompt 1.13x (the panel was stored and read
+// back through L2; the widening now hides under the FMAs). On AVX-512 the 8-row direct tiles win or tie at
+// every size, so they keep them.
 constexpr int kStripVecs = 16 / kLanes > 0 ? 16 / kLanes : 1;  // 16 channels
-constexpr int kPanelRows = 6;  // 6 x 2 accumulators of AVX2's 16 registers (the classic 6 x 16 float32 kernel)
-constexpr int64_t kRowBlock = 48, kPanelMinRows = 32;
+constexpr int kStripRows = 6;  // 6 x 2 accumulators of AVX2's 16 registers (the classic 6 x 16 float32 kernel)
+constexpr int64_t kStrip = kStripVecs * kLanes, kRowBlock = 48, kStripMinRows = 32;
 
-// Panels are strip-major, [48 / kStrip][K][kStrip], 64-byte aligned: each tile streams one contiguous strip.
-constexpr int64_t kStrip = kStripVecs * kLanes;
+// Weights to bring into cache while a tile runs, one line every 8 steps of k: spread out, the fetches never fill
+// the miss queue (issued in bursts, the prefetch instructions stalled for 2% of a 32-row step on AVX2).
+struct Fetch {
+  const char* next = nullptr;
+  const char* end = nullptr;
+};
 
-inline float* strip_at(float* panel, int64_t K, int64_t channel) { return panel + channel / kStrip * K * kStrip + channel % kStrip; }
+// A row of a packed group as float32: bf16 pairs hold two steps of k (low halves first), int8 codes one.
+template <typename W>
+constexpr int kStepsPerRow = std::is_same<W, uint32_t>::value ? 2 : 1;
+inline VecF widened(const uint32_t* w, int step) { return step == 0 ? low_halves(load_words(w)) : high_halves(load_words(w)); }
+inline VecF widened(const int8_t* w, int) { return load(w); }
 
-inline void widen_group(const uint32_t* w, int64_t K2, float* panel) {  // bf16 pairs [K/2, 48] -> float32
-  for (int64_t k = 0; k < K2; ++k, w += kGroupChannels)
-    for (int j = 0; j < kGroupVecs; ++j) {
-      const VecW wj = load_words(w + j * kLanes);
-      float* dst = strip_at(panel, 2 * K2, j * kLanes) + 2 * k * kStrip;
-      store(dst, low_halves(wj));
-      store(dst + kStrip, high_halves(wj));
-    }
-}
-
-inline void widen_group(const int8_t* w, int64_t K, float* panel) {  // int8 codes [K, 48] -> float32
-  for (int64_t k = 0; k < K; ++k, w += kGroupChannels)
-    for (int j = 0; j < kGroupVecs; ++j) store(strip_at(panel, K, j * kLanes) + k * kStrip, load(w + j * kLanes));
-}
-
-template <int MR, typename Out>
-void panel_tile(const float* x, int64_t K, const float* panel, const float* scale, const float* bias, Out* y,
-                int64_t n0, int64_t N) {
+// MR rows of x (float32 [MR, K]) times one strip of a packed group (bf16 pairs or int8 codes, times `scale`).
+template <int MR, typename W, typename Out>
+void strip_tile(const float* x, int64_t K, const W* w, const float* scale, const float* bias, Out* y, int64_t n0,
+                int64_t N, Fetch fetch) {
   VecF acc[MR][kStripVecs];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < kStripVecs; ++j) acc[i][j] = zero();
-  for (int64_t k = 0; k < K; ++k, panel += kStrip) {
-    VecF wv[kStripVecs];
-    for (int j = 0; j < kStripVecs; ++j) wv[j] = load(panel + j * kLanes);
-    for (int i = 0; i < MR; ++i) {
-      const VecF xb = set1(x[i * K + k]);
-      for (int j = 0; j < kStripVecs; ++j) acc[i][j] = fma(wv[j], xb, acc[i][j]);
+  for (int64_t k = 0; k < K; k += kStepsPerRow<W>, w += kGroupChannels) {
+    if ((k & 7) == 0 && fetch.next < fetch.end) {
+      __builtin_prefetch(fetch.next, 0, 2);
+      fetch.next += 64;
+    }
+    PAGEDLLM_UNROLL for (int s = 0; s < kStepsPerRow<W>; ++s) {
+      VecF wv[kStripVecs];
+      for (int j = 0; j < kStripVecs; ++j) wv[j] = widened(w + j * kLanes, s);
+      for (int i = 0; i < MR; ++i) {
+        const VecF xb = set1(x[i * K + k + s]);
+        for (int j = 0; j < kStripVecs; ++j) acc[i][j] = fma(wv[j], xb, acc[i][j]);
+      }
     }
   }
   PAGEDLLM_UNROLL for (int j = 0; j < kStripVecs; ++j) {
@@ -172,65 +175,78 @@ void panel_tile(const float* x, int64_t K, const float* panel, const float* scal
   }
 }
 
-template <typename Out, int MR = kPanelRows>
-void run_panel_rows(const float* x, int64_t K, const float* panel, const float* scale, const float* bias, Out* y,
-                    int64_t n0, int64_t N, int64_t rows) {
+template <typename Out, typename W, int MR = kStripRows>
+void run_strip_rows(const float* x, int64_t K, const W* w, const float* scale, const float* bias, Out* y, int64_t n0,
+                    int64_t N, int64_t rows, Fetch fetch) {
   if constexpr (MR == 1) {
-    panel_tile<1>(x, K, panel, scale, bias, y, n0, N);
+    strip_tile<1>(x, K, w, scale, bias, y, n0, N, fetch);
   } else {
-    if (rows >= MR) return panel_tile<MR>(x, K, panel, scale, bias, y, n0, N);
-    run_panel_rows<Out, MR - 1>(x, K, panel, scale, bias, y, n0, N, rows);
+    if (rows >= MR) return strip_tile<MR>(x, K, w, scale, bias, y, n0, N, fetch);
+    run_strip_rows<Out, W, MR - 1>(x, K, w, scale, bias, y, n0, N, rows, fetch);
   }
 }
 
 // One linear call: y [M, N] = x [M, K] @ W.T (+ bias), W packed as bf16 pairs or int8 codes (with `scale`).
 struct LinearArgs {
   const void* x;          // bf16 [M, K] (bf16 weights) or float32 [M, K] (int8 weights)
-  const float* x_float;   // x as float32, where uses_panels() (else unused)
+  const float* x_float;   // x as float32, where uses_strips() (else unused)
   int64_t K;
   const void* w;
   const float* scale;     // int8: a float32 scale per channel; bf16: nullptr
   const float* bias;
   void* y;
   int64_t N;
+  Fetch then = {};        // the weights this thread reads next (the next linear's first group), where known
+
+  int64_t groups() const { return (N + kGroupChannels - 1) / kGroupChannels; }
+  int64_t group_bytes() const { return K * kGroupChannels * (scale ? 1 : 2); }  // int8 codes, or bf16 pairs
+  const char* group_at(int64_t g) const { return static_cast<const char*>(w) + g * group_bytes(); }
+  Fetch group_fetch(int64_t g) const { return {group_at(g), group_at(g) + group_bytes()}; }
 };
 
-// Whether a call of M rows takes the panel path, and so needs x as float32 (whatever the weights' kind).
-inline bool uses_panels(int64_t M) { return kLanes < 16 && M >= kPanelMinRows; }
+// Whether a call of M rows takes the strip path, and so needs x as float32 (whatever the weights' kind).
+inline bool uses_strips(int64_t M) { return kLanes < 16 && M >= kStripMinRows; }
 
+inline int64_t row_blocks(int64_t M) { return (M + kRowBlock - 1) / kRowBlock; }
+
+// The weights this thread's share of a strip call starts with: what it can fetch during the op before.
+inline Fetch first_group(const LinearArgs& a, int64_t M, const Par& par) {
+  if (par.tid < 0 || !uses_strips(M)) return {};
+  const int64_t g = par.first_of(a.groups() * row_blocks(M)) / row_blocks(M);
+  return g < a.groups() ? a.group_fetch(g) : Fetch{};
+}
+
+// Threads split (channel group, row block) items, row blocks fastest, so a group's weights stay in cache while
+// every block reads them.
 template <typename Out>
-void linear_panels(const LinearArgs& a, int64_t M, const Par& par) {
-  const int64_t groups = (a.N + kGroupChannels - 1) / kGroupChannels, blocks = (M + kRowBlock - 1) / kRowBlock;
-  const int64_t group_bytes = a.K * kGroupChannels * (a.scale ? 1 : 2);  // int8 codes, or bf16 pairs
-  const auto group_at = [&](int64_t g) { return static_cast<const char*>(a.w) + g * group_bytes; };
-  par(groups * blocks, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> scratch;
-    scratch.resize(a.K * kGroupChannels + 16);
-    float* panel = scratch.data() + (16 - reinterpret_cast<uintptr_t>(scratch.data()) / 4 % 16) % 16;
-    int64_t widened = -1;
+void linear_strips(const LinearArgs& a, int64_t M, const Par& par) {
+  const int64_t blocks = row_blocks(M);
+  par(a.groups() * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       // blocks and tiles as even as they can be: 32 rows are tiles of 6, 6, 5, 5, 5, 5, never 6 x 5 and a 2
       const int64_t g = t / blocks, m0 = M * (t % blocks) / blocks, rows = M * (t % blocks + 1) / blocks - m0;
-      if (g != widened) {
-        if (a.scale) widen_group(reinterpret_cast<const int8_t*>(group_at(g)), a.K, panel);
-        else widen_group(reinterpret_cast<const uint32_t*>(group_at(g)), a.K / 2, panel);
-        widened = g;
-      }
-      // With one or two row blocks, the weights come from memory as fast as the tiles use them: the next
-      // group's are fetched while this one's tiles run (32 rows, AVX2: widening fell from 20% to 12% of a
-      // step, steps 10-17% faster). With more blocks the widening is spread thin and prefetching cost 10%.
-      const char* ahead = blocks <= 2 && t + 1 < end && (t + 1) / blocks != g ? group_at(g + 1) : nullptr;
-      const int64_t tiles = (rows + kPanelRows - 1) / kPanelRows, calls = kGroupChannels / kStrip * tiles;
+      // With one or two row blocks, the weights come from memory about as fast as the tiles use them: the next
+      // group's are fetched while this one's last block runs (32 rows, AVX2: steps 10-17% faster), and after a
+      // thread's last group, the next linear's first (2-3%). With more blocks, prefetching cost 10%.
+      Fetch ahead;
+      if (blocks <= 2 && (t + 1 == end || (t + 1) / blocks != g)) ahead = t + 1 < end ? a.group_fetch(g + 1) : a.then;
+      const int64_t tiles = (rows + kStripRows - 1) / kStripRows, calls = kGroupChannels / kStrip * tiles;
+      const int64_t ahead_bytes = ahead.end - ahead.next;
       int64_t call = 0;
       for (int64_t c = 0; c < kGroupChannels; c += kStrip)
         for (int64_t i = 0; i < tiles; ++i, ++call) {
-          const int64_t m = m0 + rows * i / tiles;
-          if (ahead)
-            for (int64_t b = group_bytes * call / calls / 64 * 64; b < group_bytes * (call + 1) / calls; b += 64)
-              __builtin_prefetch(ahead + b, 0, 2);
-          run_panel_rows<Out>(a.x_float + m * a.K, a.K, strip_at(panel, a.K, c), a.scale, a.bias,
-                              static_cast<Out*>(a.y) + m * a.N, g * kGroupChannels + c, a.N,
-                              m0 + rows * (i + 1) / tiles - m);
+          const int64_t m = m0 + rows * i / tiles, tile_rows = m0 + rows * (i + 1) / tiles - m;
+          const Fetch fetch = ahead.next ? Fetch{ahead.next + ahead_bytes * call / calls / 64 * 64,
+                                                 ahead.next + ahead_bytes * (call + 1) / calls} : Fetch{};
+          const float* x = a.x_float + m * a.K;
+          Out* y = static_cast<Out*>(a.y) + m * a.N;
+          const int64_t n0 = g * kGroupChannels + c;
+          if (a.scale)
+            run_strip_rows<Out>(x, a.K, reinterpret_cast<const int8_t*>(a.group_at(g)) + c, a.scale, a.bias, y, n0,
+                                a.N, tile_rows, fetch);
+          else
+            run_strip_rows<Out>(x, a.K, reinterpret_cast<const uint32_t*>(a.group_at(g)) + c, nullptr, a.bias, y,
+                                n0, a.N, tile_rows, fetch);
         }
     }
   });
@@ -261,10 +277,10 @@ void run_rows(const LinearArgs& a, int64_t m0, int64_t rows, int64_t g) {
 }
 
 // Few rows: threads split the channel groups, and the row tiles too, walking rows fastest so a group's weights
-// stay in cache while every row tile reads them. Many rows: linear_panels.
+// stay in cache while every row tile reads them. Many rows: linear_strips.
 template <typename Out>
 void linear(const LinearArgs& a, int64_t M, const Par& par) {
-  if (uses_panels(M)) return linear_panels<Out>(a, M, par);
+  if (uses_strips(M)) return linear_strips<Out>(a, M, par);
   const int64_t groups = (a.N + kGroupChannels - 1) / kGroupChannels, mtiles = (M + kMaxRows - 1) / kMaxRows;
   par(groups * mtiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {

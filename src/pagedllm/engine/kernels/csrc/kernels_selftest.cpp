@@ -74,7 +74,7 @@ std::vector<bf16> pack_bf16(const std::vector<float>& w, int64_t N, int64_t K) {
 }
 
 void check_linears() {
-  for (int64_t M : {1, 2, 3, 9, 33, 61}) {  // the direct tiles and (from 32 rows, on narrow tiers) the panels
+  for (int64_t M : {1, 2, 3, 9, 33, 61}) {  // the direct tiles and (from 32 rows, on narrow tiers) the strips
     const int64_t N = 100, K = 64;
     std::vector<float> w = randn(N * K), x = randn(M * K), bias = randn(N);
     std::vector<bf16> xb(M * K);
@@ -88,7 +88,7 @@ void check_linears() {
         for (int64_t k = 0; k < K; ++k) s += double(as_bf16(w[n * K + k])) * as_bf16(x[m * K + k]);
         want[m * N + n] = s;
       }
-    std::vector<float> xw(M * K);  // x as the bf16 kind's panel path reads it
+    std::vector<float> xw(M * K);  // x as the bf16 kind's strip path reads it
     for (int64_t i = 0; i < M * K; ++i) xw[i] = bf16_to_float(xb[i]);
     linear<float>(LinearArgs{xb.data(), xw.data(), K, packed.data(), nullptr, bias.data(), y.data(), N}, M, Par{});
     expect_close("bf16 linear", y, want, 1e-4);

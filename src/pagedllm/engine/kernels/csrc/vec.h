@@ -156,7 +156,9 @@ inline VecF scale_by_pow2(VecF a, VecF n) {  // n in [-126, 127]: the exponent b
 
 inline VecW load_words(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
 inline VecF low_halves(VecW w) { return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)); }
-inline VecF high_halves(VecW w) { return _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(-65536))); }
+// Two shifts rather than an AND: a mask would hold one of the 16 registers, and the 6-row strip tiles need all
+// of them (with it, GCC spilled four accumulators a step).
+inline VecF high_halves(VecW w) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(w, 16), 16)); }
 inline VecW broadcast_word(uint32_t w) { return _mm256_set1_epi32(int(w)); }
 
 // ---------------------------------------------------------------------------------------------------------
