@@ -18,7 +18,7 @@ def ops(request):
     return ops_for(request.param)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 13, 70])  # 70: the strips of the narrow tiers
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 70, 150])  # narrow tiers: 70 strips, 150 panels
 @pytest.mark.parametrize("out_features,bias", [(96, False), (100, True), (300, False)])
 def test_bf16_linear_matches_f_linear(ops, rows, out_features, bias):
     torch.manual_seed(rows)
@@ -31,7 +31,7 @@ def test_bf16_linear_matches_f_linear(ops, rows, out_features, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 9, 40])  # 40: the strips of the narrow tiers
+@pytest.mark.parametrize("rows", [1, 9, 40, 150])  # narrow tiers: 40 strips, 150 panels
 def test_int8_linear_matches_its_dequantized_weights(ops, dtype, rows):
     torch.manual_seed(0)
     linear = nn.Linear(96, 200, bias=True).to(dtype)

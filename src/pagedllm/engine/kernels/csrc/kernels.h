@@ -122,12 +122,13 @@ void int8_tile(const float* x, int64_t x_stride, const int8_t* w, int64_t K, con
 }
 
 // Many rows on a tier with narrow vectors (AVX2, NEON, portable): tiles of kStripRows rows x one strip of 16
-// channels, x widened to float32 once per call and each weight widened in registers as it is read. The direct
-// tiles there hold only two rows (AVX2's 16 registers) and widen every weight for every two rows; six rows
-// share each widened weight here. Measured on AVX2 (SmolLM2, 2 threads), against widening each group into a
-// float32 panel first: decode steps of 32 rows 1.24x, a 512-token prompt 1.13x (the panel was stored and read
-// back through L2; the widening now hides under the FMAs). On AVX-512 the 8-row direct tiles win or tie at
-// every size, so they keep them.
+// channels, with x widened to float32 once per call. The direct tiles there hold only two rows (AVX2's 16
+// registers) and widen every weight for every two rows; six rows share each widened weight here. With one or
+// two row blocks (decode batches) the tiles read the packed weights and widen them in registers (strip_tile);
+// with more (prefill) a thread widens each group once into a float32 panel in its scratch that every block's
+// tiles reuse (panel_tile: no conversion in the inner loop). Measured on AVX2 (SmolLM2, 2 threads, in-process
+// A/B): 32-row decode steps 1.10x faster with strips than with panels, 64 rows level, a 512-token prompt 1.07x
+// faster with panels. On AVX-512 the 8-row direct tiles win or tie at every size, so they keep them.
 constexpr int kStripVecs = 16 / kLanes > 0 ? 16 / kLanes : 1;  // 16 channels
 constexpr int kStripRows = 6;  // 6 x 2 accumulators of AVX2's 16 registers (the classic 6 x 16 float32 kernel)
 constexpr int64_t kStrip = kStripVecs * kLanes, kRowBlock = 48, kStripMinRows = 32;
@@ -209,11 +210,66 @@ inline bool uses_strips(int64_t M) { return kLanes < 16 && M >= kStripMinRows; }
 
 inline int64_t row_blocks(int64_t M) { return (M + kRowBlock - 1) / kRowBlock; }
 
+// Whether a strip call of M rows widens each group into a panel first (prefill) or in registers (decode).
+inline bool uses_panels(int64_t M) { return row_blocks(M) > 2; }
+
 // The weights this thread's share of a strip call starts with: what it can fetch during the op before.
 inline Fetch first_group(const LinearArgs& a, int64_t M, const Par& par) {
-  if (par.tid < 0 || !uses_strips(M)) return {};
+  if (par.tid < 0 || !uses_strips(M) || uses_panels(M)) return {};
   const int64_t g = par.first_of(a.groups() * row_blocks(M)) / row_blocks(M);
   return g < a.groups() ? a.group_fetch(g) : Fetch{};
+}
+
+// Panels are strip-major, [48 / kStrip][K][kStrip], 64-byte aligned: each tile streams one contiguous strip.
+inline float* strip_at(float* panel, int64_t K, int64_t channel) { return panel + channel / kStrip * K * kStrip + channel % kStrip; }
+
+inline void widen_group(const uint32_t* w, int64_t K2, float* panel) {  // bf16 pairs [K/2, 48] -> float32
+  for (int64_t k = 0; k < K2; ++k, w += kGroupChannels)
+    for (int j = 0; j < kGroupVecs; ++j) {
+      const VecW wj = load_words(w + j * kLanes);
+      float* dst = strip_at(panel, 2 * K2, j * kLanes) + 2 * k * kStrip;
+      store(dst, low_halves(wj));
+      store(dst + kStrip, high_halves(wj));
+    }
+}
+
+inline void widen_group(const int8_t* w, int64_t K, float* panel) {  // int8 codes [K, 48] -> float32
+  for (int64_t k = 0; k < K; ++k, w += kGroupChannels)
+    for (int j = 0; j < kGroupVecs; ++j) store(strip_at(panel, K, j * kLanes) + k * kStrip, load(w + j * kLanes));
+}
+
+template <int MR, typename Out>
+void panel_tile(const float* x, int64_t K, const float* panel, const float* scale, const float* bias, Out* y,
+                int64_t n0, int64_t N) {
+  VecF acc[MR][kStripVecs];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kStripVecs; ++j) acc[i][j] = zero();
+  for (int64_t k = 0; k < K; ++k, panel += kStrip) {
+    VecF wv[kStripVecs];
+    for (int j = 0; j < kStripVecs; ++j) wv[j] = load(panel + j * kLanes);
+    for (int i = 0; i < MR; ++i) {
+      const VecF xb = set1(x[i * K + k]);
+      for (int j = 0; j < kStripVecs; ++j) acc[i][j] = fma(wv[j], xb, acc[i][j]);
+    }
+  }
+  PAGEDLLM_UNROLL for (int j = 0; j < kStripVecs; ++j) {
+    const int64_t n = n0 + kLanes * j;
+    if (n >= N) continue;
+    const VecF b = bias ? load_n(bias + n, N - n) : zero();
+    const VecF sc = scale ? load_n(scale + n, N - n) : set1(1.f);
+    PAGEDLLM_UNROLL for (int i = 0; i < MR; ++i) store_n(y + i * N + n, fma(acc[i][j], sc, b), N - n);
+  }
+}
+
+template <typename Out, int MR = kStripRows>
+void run_panel_rows(const float* x, int64_t K, const float* panel, const float* scale, const float* bias, Out* y,
+                    int64_t n0, int64_t N, int64_t rows) {
+  if constexpr (MR == 1) {
+    panel_tile<1>(x, K, panel, scale, bias, y, n0, N);
+  } else {
+    if (rows >= MR) return panel_tile<MR>(x, K, panel, scale, bias, y, n0, N);
+    run_panel_rows<Out, MR - 1>(x, K, panel, scale, bias, y, n0, N, rows);
+  }
 }
 
 // Threads split (channel group, row block) items, row blocks fastest, so a group's weights stay in cache while
@@ -221,26 +277,43 @@ inline Fetch first_group(const LinearArgs& a, int64_t M, const Par& par) {
 template <typename Out>
 void linear_strips(const LinearArgs& a, int64_t M, const Par& par) {
   const int64_t blocks = row_blocks(M);
+  const bool panels = uses_panels(M);
   par(a.groups() * blocks, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> scratch;
+    float* panel = nullptr;
+    if (panels) {
+      scratch.resize(a.K * kGroupChannels + 16);
+      panel = scratch.data() + (16 - reinterpret_cast<uintptr_t>(scratch.data()) / 4 % 16) % 16;
+    }
+    int64_t widened = -1;
     for (int64_t t = begin; t < end; ++t) {
       // blocks and tiles as even as they can be: 32 rows are tiles of 6, 6, 5, 5, 5, 5, never 6 x 5 and a 2
       const int64_t g = t / blocks, m0 = M * (t % blocks) / blocks, rows = M * (t % blocks + 1) / blocks - m0;
-      // With one or two row blocks, the weights come from memory about as fast as the tiles use them: the next
-      // group's are fetched while this one's last block runs (32 rows, AVX2: steps 10-17% faster), and after a
-      // thread's last group, the next linear's first (2-3%). With more blocks, prefetching cost 10%.
+      if (panels && g != widened) {
+        if (a.scale) widen_group(reinterpret_cast<const int8_t*>(a.group_at(g)), a.K, panel);
+        else widen_group(reinterpret_cast<const uint32_t*>(a.group_at(g)), a.K / 2, panel);
+        widened = g;
+      }
+      // Strips: the weights come from memory about as fast as the tiles use them, so the next group's are
+      // fetched while this one's last block runs (32 rows, AVX2: steps 10-17% faster), and after a thread's
+      // last group, the next linear's first (2-3%).
       Fetch ahead;
-      if (blocks <= 2 && (t + 1 == end || (t + 1) / blocks != g)) ahead = t + 1 < end ? a.group_fetch(g + 1) : a.then;
+      if (!panels && (t + 1 == end || (t + 1) / blocks != g)) ahead = t + 1 < end ? a.group_fetch(g + 1) : a.then;
       const int64_t tiles = (rows + kStripRows - 1) / kStripRows, calls = kGroupChannels / kStrip * tiles;
       const int64_t ahead_bytes = ahead.end - ahead.next;
       int64_t call = 0;
       for (int64_t c = 0; c < kGroupChannels; c += kStrip)
         for (int64_t i = 0; i < tiles; ++i, ++call) {
           const int64_t m = m0 + rows * i / tiles, tile_rows = m0 + rows * (i + 1) / tiles - m;
-          const Fetch fetch = ahead.next ? Fetch{ahead.next + ahead_bytes * call / calls / 64 * 64,
-                                                 ahead.next + ahead_bytes * (call + 1) / calls} : Fetch{};
           const float* x = a.x_float + m * a.K;
           Out* y = static_cast<Out*>(a.y) + m * a.N;
           const int64_t n0 = g * kGroupChannels + c;
+          if (panels) {
+            run_panel_rows<Out>(x, a.K, strip_at(panel, a.K, c), a.scale, a.bias, y, n0, a.N, tile_rows);
+            continue;
+          }
+          const Fetch fetch = ahead.next ? Fetch{ahead.next + ahead_bytes * call / calls / 64 * 64,
+                                                 ahead.next + ahead_bytes * (call + 1) / calls} : Fetch{};
           if (a.scale)
             run_strip_rows<Out>(x, a.K, reinterpret_cast<const int8_t*>(a.group_at(g)) + c, a.scale, a.bias, y, n0,
                                 a.N, tile_rows, fetch);

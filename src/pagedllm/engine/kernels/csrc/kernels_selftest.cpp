@@ -74,7 +74,7 @@ std::vector<bf16> pack_bf16(const std::vector<float>& w, int64_t N, int64_t K) {
 }
 
 void check_linears() {
-  for (int64_t M : {1, 2, 3, 9, 33, 61}) {  // the direct tiles and (from 32 rows, on narrow tiers) the strips
+  for (int64_t M : {1, 2, 3, 9, 33, 61, 150}) {  // direct tiles; on narrow tiers, strips from 32 rows, panels from 97
     const int64_t N = 100, K = 64;
     std::vector<float> w = randn(N * K), x = randn(M * K), bias = randn(N);
     std::vector<bf16> xb(M * K);
