@@ -186,8 +186,13 @@ def test_keys_file_and_authentication(tmp_path):
         key.check_model("other")
     assert e.value.status == 403 and e.value.param == "model"
     assert KeyRing(None).authenticate(None).name == "open"
+    with pytest.raises(Exception) as e:  # metrics are for scrape keys ("metrics": true) on a keyed gateway
+        key.check_metrics()
+    assert e.value.status == 403
+    KeyRing(None).authenticate(None).check_metrics()
     for bad in ({"keys": [{"name": "a"}]}, {"keys": [{"name": "a", "sha256": "0" * 64, "rpm": 1}]},
                 {"keys": [{"name": "a", "sha256": "0" * 64, "tokens_per_minute": 0}]}, [],
+                {"keys": [{"name": "a", "sha256": "0" * 64, "metrics": "yes"}]},
                 {"keys": [{"name": "a", "sha256": "0" * 64}, {"name": "b", "sha256": "0" * 64}]},
                 {"keys": [{"name": "a", "sha256": "0" * 64}, {"name": "a", "sha256": "1" * 64}]}):
         path.write_text(json.dumps(bad))

@@ -55,10 +55,37 @@ def test_bad_requests_name_the_field(inputs, field):
         parse_request(inputs)
 
 
+def _normalised(data: str, ids: list[int]) -> dict[str, np.ndarray]:
+    return {"request": s(data), "input_ids": np.array(ids, np.int32)}
+
+
 def test_normalised_request_round_trips():
     req = parse_request({"text_input": s("Hi"), "temperature": np.array([0.0], np.float32)})
-    again = GenerateRequest.from_json(req.to_json(), [1, 2])
+    again = GenerateRequest.from_inputs(_normalised(req.to_json(), [1, 2]))
     assert again.params == req.params and again.options == req.options and again.input_ids == [1, 2]
+
+
+@pytest.mark.parametrize("change", [
+    lambda obj: obj["options"].update(prompt_text=["not", "text"]),
+    lambda obj: obj["options"].update(stream=1),
+    lambda obj: obj["options"].update(extra=True),
+    lambda obj: obj["params"].update(temperature=-1),
+    lambda obj: obj.update(more={}),
+])
+def test_a_client_sending_the_internal_request_is_checked_as_strictly(change):
+    obj = json.loads(parse_request({"text_input": s("Hi")}).to_json())
+    change(obj)
+    with pytest.raises(InvalidRequestError, match="request|temperature"):
+        GenerateRequest.from_inputs(_normalised(json.dumps(obj), [1]))
+
+
+def test_input_ids_over_the_model_length_are_refused_before_they_are_read():
+    ids = np.zeros(10_001, np.int64)
+    with pytest.raises(InvalidRequestError, match="input_ids: 10001 tokens is over the model's max_model_len 10000"):
+        parse_request({"input_ids": ids}, max_prompt_tokens=10_000)
+    with pytest.raises(InvalidRequestError, match="prompt: 10001 tokens"):  # tokenized by preprocessing
+        GenerateRequest.from_inputs(_normalised(parse_request({"input_ids": ids[:5]}).to_json(), list(ids)), 10_000)
+    assert parse_request({"input_ids": ids[:10_000]}, max_prompt_tokens=10_000).input_ids == [0] * 10_000
 
 
 

@@ -201,7 +201,19 @@ def test_the_llm_model_answers_every_request_it_cannot_accept(error, code):
     sender = FakeSender()
     model._accept(_Request(sender))
     assert len(sender.sent) == 1 and sender.sent[0][1] == FINAL and sender.sent[0][0][2] == code
+    assert ("surprise" in sender.sent[0][0][1]) is False  # the server's own words stay in its log
+    assert (str(error) in sender.sent[0][0][1]) == (code != "INTERNAL")
     assert len(model.streams) == 0
+
+
+def test_an_internal_error_reaches_the_client_as_the_request_id_only(book, caplog):
+    sender = FakeSender()
+    book.open("a", sender, ResponseOptions(stream=True))
+    book.deliver(RequestDelta.failure("a", "engine failed: /srv/models/secret.bin: bad", ErrorCode.INTERNAL))
+    book.run_once()
+    assert sender.sent == [(("error", "internal error in request a; the server's log has the detail", "INTERNAL"),
+                            FINAL)]
+    assert "/srv/models/secret.bin" in caplog.text
 
 
 def test_the_llm_model_must_be_decoupled():

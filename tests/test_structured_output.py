@@ -150,7 +150,10 @@ def test_bad_constraints_are_refused_naming_the_field_and_the_engine_keeps_servi
     ({}, "give exactly one of"), ({"json": {}, "regex": "a"}, r"\(got json, regex\)"),
     ({"choice": []}, "structured_outputs.choice"), ({"choice": ["a", 3]}, "structured_outputs.choice"),
     ({"regex": ""}, "structured_outputs.regex"), ({"json_object": False}, "structured_outputs.json_object"),
-    ({"json": 3}, "structured_outputs.json"), ({"schema": {}}, r"unknown keys \['schema'\]")])
+    ({"json": 3}, "structured_outputs.json"), ({"schema": {}}, r"unknown keys \['schema'\]"),
+    ({"regex": "a" * (64 << 10) + "b"}, r"structured_outputs.regex: 65537 bytes is over the 65536-byte limit"),
+    ({"json": {"enum": ["x" * 40000, "y" * 40000]}}, "structured_outputs.json: .* bytes is over"),
+    ({"grammar": "root ::= a\n" + "a ::= \"a\"\n" * 1024}, "structured_outputs.grammar: more than 1024 rules")])
 def test_structured_outputs_params_name_what_is_wrong(given, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(structured_outputs=given)

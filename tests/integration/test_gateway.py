@@ -12,6 +12,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from hypothesis import strategies as st
 
 from pagedllm_client import Client
 from tests.integration.conftest import GatewayProcess, metric, wait_for
@@ -19,10 +20,10 @@ from tests.integration.conftest import GatewayProcess, metric, wait_for
 pytestmark = pytest.mark.integration
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 KEYS = {"full": "sk-full-0001", "one-at-a-time": "sk-conc-0002", "rpm": "sk-rpm-0003", "tpm": "sk-tpm-0004",
-        "tiny-only": "sk-tiny-0005", "refill": "sk-refill-0006"}
+        "tiny-only": "sk-tiny-0005", "refill": "sk-refill-0006", "scrape": "sk-scrape-0007"}
 LIMITS = {"one-at-a-time": {"max_concurrent_requests": 1}, "rpm": {"requests_per_minute": 2},
           "tpm": {"tokens_per_minute": 60}, "tiny-only": {"models": ["llm_tiny"]},
-          "refill": {"requests_per_minute": 30}}
+          "refill": {"requests_per_minute": 30}, "scrape": {"models": [], "metrics": True}}
 
 
 @pytest.fixture(scope="module")
@@ -291,6 +292,39 @@ def test_bad_input_catalogue(gateway, server):
     assert ok.choices[0].text is not None
 
 
+_json = st.recursive(st.none() | st.booleans() | st.integers(-2 ** 40, 2 ** 40) | st.floats(allow_nan=False)
+                     | st.text(max_size=12), lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+_CHAT_FIELDS = ["model", "messages", "n", "stop", "temperature", "top_p", "seed", "logprobs", "top_logprobs",
+                "stream", "stream_options", "response_format", "tools", "tool_choice", "user", "top_k",
+                "presence_penalty", "structured_outputs", "echo", "prompt", "suffix", "best_of", "min_p"]
+
+
+def test_fuzzed_openai_bodies_get_an_answer_or_an_error_in_openai_shape(gateway, server):
+    """hypothesis (50 bodies) over the OpenAI request fields (each with any JSON value, beside a valid request's own):
+    never a 5xx, always OpenAI's error shape, and the gateway serves afterwards."""
+    from hypothesis import HealthCheck, given, settings
+
+    seen: list[str] = []
+
+    @settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+           st.dictionaries(st.sampled_from(_CHAT_FIELDS), _json, max_size=4))
+    def one(path, fields):
+        base = {"model": "llm_tiny", "max_tokens": 2} | (
+            {"messages": MSG} if path == "/v1/chat/completions" else {"prompt": "Hi"})
+        r = _post(gateway, path, base | fields)
+        assert r.status_code < 500, (fields, r.status_code, r.text[:300])
+        if r.status_code != 200:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+        seen.append(str(r.status_code))
+
+    one()
+    assert "200" in seen and any(code.startswith("4") for code in seen)
+    ok = client(gateway).completions.create(model="llm_tiny", prompt="Hi", max_tokens=2)
+    assert ok.choices[0].text is not None and server.is_ready()
+
+
 def test_load_generator_drives_any_openai_server(gateway, tmp_path, monkeypatch):
     from perf import loadgen
     monkeypatch.setenv("OPENAI_API_KEY", KEYS["full"])
@@ -305,7 +339,12 @@ def test_metrics_count_requests_tokens_rejections_and_replicas(gateway, server):
     import requests
     client(gateway).completions.create(model="llm_tiny", prompt="Hi", max_tokens=3)
     _post(gateway, "/v1/completions", {"model": "llm_tiny", "prompt": "Hi"}, key=None)  # 401
-    body = requests.get(f"{gateway.url}/metrics", timeout=10).text
+    scrape = lambda key: requests.get(f"{gateway.url}/metrics", timeout=10,  # noqa: E731
+                                      headers={"Authorization": f"Bearer {KEYS[key]}"} if key else {})
+    assert scrape(None).status_code == 401  # key names, usage and replica addresses are not for everyone
+    denied = scrape("full")
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "metrics_not_allowed"
+    body = scrape("scrape").text
     for line in ('pagedllm_gateway_requests_total{key="full",model="llm_tiny",status="200"}',
                  'pagedllm_gateway_tokens_total{key="full",kind="completion"}',
                  'pagedllm_gateway_rejections_total{reason="missing_api_key"}',

@@ -141,7 +141,8 @@ def test_serve_drains_streams_and_exits_0(tmp_path, tiny_model_dir, sig, group, 
         metrics = SimpleNamespace(metrics_url=f"http://localhost:{ports[2]}/metrics")
         with ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(stream, url, "llm", fields) for _ in range(3)]
-            assert wait_for(lambda: metric(metrics, "pagedllm_num_requests_running") >= 1, 30)
+            # all three in flight before the signal: one still on its way would meet a server shutting down
+            assert wait_for(lambda: metric(metrics, "pagedllm_num_requests_running") >= 3, 30)
             sent = time.monotonic()
             (os.killpg if group else os.kill)(serve.pid, sig)
             results = [f.result(timeout=60) for f in futures]

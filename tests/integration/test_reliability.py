@@ -287,9 +287,11 @@ def test_a_failed_step_fails_only_its_requests(tiny_server, report):
     time.sleep(0.3)
     results["faulty"] = stream(url, "llm_faulty", {"text_input": "Hi", "sampling_parameters": {"seed": 666}})
     first.join()
-    for name in ("batched", "faulty"):
+    for name in ("batched", "faulty"):  # the client reads the request's id; the server's log, what failed
         _, error = results[name]
-        assert error is not None and "engine step failed: InjectedFault" in error, (name, error)
+        assert error is not None and error.startswith("internal error in request "), (name, error)
+        logged = f"request {error.split()[4].rstrip(';')} failed: engine step failed: InjectedFault"
+        assert wait_for(lambda logged=logged: logged in tiny_server.log(), 10), (name, error)
     after, error = stream(url, "llm_faulty", {"text_input": "Hello", "sampling_parameters": {"max_tokens": 5}})
     assert error is None and after and ready(tiny_server, "llm_faulty")
     report.add("faults", "exception injected inside a step",

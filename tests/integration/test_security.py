@@ -6,8 +6,11 @@ import base64
 import ipaddress
 import json
 import os
+import random
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -17,8 +20,9 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from pagedllm.launcher import ADMIN_HEADER, ADMIN_KEY_ENV, GRPC_ADMIN_HEADER, free_port
+from pagedllm.serving.repository import write_llm
 from pagedllm_client import Client
-from tests.integration.conftest import answers_200, descendants, running_serve, wait_for
+from tests.integration.conftest import answers_200, descendants, running_serve, tiny_engine, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -26,6 +30,9 @@ KEY = "security-test-admin-key"
 # Triton's admin endpoints beside model control: shared memory, tracing and logging
 ADMIN_CALLS = [("get", "/v2/systemsharedmemory/status"), ("get", "/v2/cudasharedmemory/status"),
                ("get", "/v2/logging"), ("get", "/v2/trace/setting"), ("post", "/v2/repository/index")]
+# Within the byte and rule budgets (30 KB, 1,001 rules), yet about 9 s of compiling on a small CPU
+SLOW_GRAMMAR = ("root ::= r0\n" + "".join(f'r{i} ::= "t{i}" r{i + 1} | "u{i}"\n' for i in range(1000))
+                + 'r1000 ::= "end"\n')
 
 
 def listeners(ports: list[str]) -> set[str]:
@@ -58,7 +65,12 @@ def still_answers(grpc: str) -> None:
 
 
 def test_by_default_serve_listens_on_loopback_and_nothing_loads_or_administers(tmp_path, tiny_model_dir):
-    with running_serve(tmp_path, tiny_model_dir("llama-tied"), env={ADMIN_KEY_ENV: ""}) as (serve, ports):
+    """Also, no request takes it down: text too long for the model, a forged internal request, a constraint
+    that compiles for too long and random bytes are each refused, naming the field, and other requests are
+    served meanwhile."""
+    tiny = tiny_model_dir("llama-tied")
+    write_llm(tmp_path / "repo", "llm", {**tiny_engine(tiny), "constraint_compile_timeout": 2.0})
+    with running_serve(tmp_path, tiny, env={ADMIN_KEY_ENV: ""}) as (serve, ports):
         assert listeners(ports) == {"127.0.0.1"}
         marker = tmp_path / "ran"
         refused = code_load(f"127.0.0.1:{ports[0]}", marker)
@@ -72,8 +84,38 @@ def test_by_default_serve_listens_on_loopback_and_nothing_loads_or_administers(t
             with pytest.raises(InferenceServerException, match="restricted|PERMISSION_DENIED"):
                 call()
         admin.close()
-        still_answers(f"127.0.0.1:{ports[1]}")
         assert "model control: none" in serve.log_path.read_text()
+
+        generate = f"http://127.0.0.1:{ports[0]}/v2/models/llm/generate"
+        post = lambda body: requests.post(generate, json=body, timeout=120)  # noqa: E731
+
+        long_text = post({"text_input": "word " * 40_000})  # 200 KB: refused before it is tokenized
+        assert long_text.status_code == 400 and "text_input: 200000 bytes of text is more than the model's " \
+            "max_model_len" in long_text.json()["error"], long_text.text
+        forged = post({"request": json.dumps({"params": {}, "options": {"prompt_text": ["x"]}}), "input_ids": [1, 2]})
+        assert forged.status_code == 400 and "request: options.prompt_text must be a str" in forged.json()["error"]
+        too_many_ids = post({"input_ids": [1] * 100_000})
+        assert too_many_ids.status_code == 400 and "input_ids: 100000 tokens is over" in too_many_ids.json()["error"]
+
+        with ThreadPoolExecutor(1) as pool:  # a constraint compiling past its budget holds up no one else
+            slow = pool.submit(post, {"text_input": "Hi", "sampling_parameters": json.dumps(
+                {"structured_outputs": {"grammar": SLOW_GRAMMAR}, "max_tokens": 3})})
+            time.sleep(0.5)  # its worker starting, then compiling: seconds
+            quick = post({"text_input": "Hello", "sampling_parameters": json.dumps({"max_tokens": 3})})
+            assert quick.status_code == 200 and not slow.done()
+            refused = slow.result()
+        assert refused.status_code == 400 and "structured_outputs.grammar: did not compile within 2 s" in refused.text
+
+        rng = random.Random(29)
+        for _ in range(40):  # random bytes, and random JSON-ish bytes, at the generate endpoint
+            body = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400)))
+            if rng.random() < 0.5:
+                body = b'{"text_input": "' + body + b'"}'
+            answer = requests.post(generate, data=body, timeout=60)
+            # Triton 2.51's own JSON parser answers a malformed body with 500, before any model sees it
+            unparsed = answer.status_code == 500 and "failed to parse the request JSON" in answer.text
+            assert 400 <= answer.status_code < 500 or unparsed, (body, answer.status_code, answer.text)
+        still_answers(f"127.0.0.1:{ports[1]}")
 
 
 def test_explicit_model_control_without_a_key_is_refused_at_start():
@@ -109,3 +151,4 @@ def test_with_the_key_only_its_holder_administers_and_the_gateway_is_ready(tmp_p
             assert KEY.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
             if Path(f"/proc/{pid}/comm").read_text().strip() != "tritonserver":  # its own environment is private
                 assert KEY.encode() not in Path(f"/proc/{pid}/environ").read_bytes() or pid == serve.pid, pid
+

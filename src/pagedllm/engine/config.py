@@ -154,6 +154,9 @@ class EngineConfig:
     # A streamed request's tokens go out every `stream_interval` tokens (its first and last at once), as in
     # vLLM: fewer, larger responses cost the server less per token under load, at the price of smoothness.
     stream_interval: int = 1
+    # The longest a structured-output constraint may compile (in the grammar worker's process) before its
+    # request is refused; a large JSON schema compiles in well under a second on a small CPU.
+    constraint_compile_timeout: float = 10.0
     # Tests only: {"fail_step_seed": N} makes a step that runs a request with seed N raise inside the
     # model (the step's requests fail, the engine goes on); {"kill_loop_seed": N} raises in the scheduler
     # phase, which ends the engine loop; {"exit_after_ms": N} ends the engine process N ms after it is ready.
@@ -178,7 +181,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend: {self.attention_backend!r} is not one of {', '.join(BACKENDS)}")
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization: {self.quantization!r} is not supported; supported: int8")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "stream_interval"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "stream_interval",
+                     "constraint_compile_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
 

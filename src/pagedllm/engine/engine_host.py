@@ -1,9 +1,11 @@
-"""The engine process's side of engine_process.py: an EngineLoop fed from the pipe, and one thread that
-sends its deltas back in batches, with the engine's stats after each step (the heartbeat)."""
+"""The engine process's side of engine_process.py: an EngineLoop fed from the pipe (submits with a constraint
+from a thread of their own while it compiles), its deltas sent back in batches, with the engine's stats after
+each step (the heartbeat)."""
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from typing import Any
@@ -24,6 +26,12 @@ class EngineHost:
     def __init__(self, config: EngineConfig, conn: Any) -> None:
         self.config, self.conn = config, conn
         self.send_lock = threading.Lock()  # the engine thread and the receiving thread both send
+        # Submits whose constraint compiles (up to the engine's constraint_compile_timeout) wait on their own
+        # thread, so the pipe keeps being read: other submits and aborts go through meanwhile. Request id ->
+        # whether it was aborted while its constraint compiled.
+        self._compiling: dict[str, bool] = {}
+        self._compiling_lock = threading.Lock()
+        self._constrained: queue.SimpleQueue[tuple] = queue.SimpleQueue()
 
     def serve(self) -> None:
         try:
@@ -36,6 +44,7 @@ class EngineHost:
         self.conn.send(("ready", {"num_blocks": engine.num_blocks, "max_model_len": engine.max_model_len,
                                   "compute_path": engine.compute_path, "stats": engine.stats()}))
         self._inject_exit()
+        threading.Thread(target=self._submit_constrained, name="pagedllm-constraints", daemon=True).start()
         self._receive()
 
     def _send(self, deltas: list[RequestDelta], stats: Any = None, last_step: float | None = None) -> None:
@@ -48,9 +57,16 @@ class EngineHost:
                 kind, *args = self.conn.recv()
             except (EOFError, OSError):
                 os._exit(0)  # the serving process is gone
-            if kind == "submit":
+            if kind == "submit" and args[2].structured_outputs is not None:
+                with self._compiling_lock:
+                    self._compiling[args[0]] = False
+                self._constrained.put(args)
+            elif kind == "submit":
                 self._submit(*args)
             elif kind == "abort":
+                with self._compiling_lock:
+                    if args[0] in self._compiling:
+                        self._compiling[args[0]] = True
                 self.loop.abort(args[0])
             elif kind == "shutdown":
                 self.loop.shutdown()
@@ -59,8 +75,19 @@ class EngineHost:
     def _submit(self, request_id: str, prompt_ids: list[int], params: Any, arrival: float | None) -> None:
         try:
             self.loop.submit(request_id, prompt_ids, params, _ignore, arrival_time=arrival)
-        except (OverloadedError, EngineDeadError, ValueError) as e:
+        except Exception as e:  # the request fails, never the thread that reads the pipe
+            if not isinstance(e, (OverloadedError, EngineDeadError, ValueError)):
+                logger.exception("submitting request %s failed", request_id)
             self._send([RequestDelta.failure(request_id, str(e), error_code(e), len(prompt_ids))])
+
+    def _submit_constrained(self) -> None:
+        while True:
+            args = self._constrained.get()
+            self._submit(*args)
+            with self._compiling_lock:
+                aborted = self._compiling.pop(args[0])
+            if aborted:  # its abort reached the loop before it did
+                self.loop.abort(args[0])
 
     def _on_step(self, engine: LLMEngine, deltas: list[RequestDelta]) -> None:
         self._send(deltas, engine.stats(), time.time())

@@ -74,7 +74,8 @@ class LLMEngine:
         self.output = OutputProcessor(self.eos_token_ids, self.max_model_len, config.stream_interval)
         self.speculator = (NgramSpeculator(config.speculative_config, self.max_model_len)
                            if config.speculative_config is not None else None)
-        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
+                                            config.constraint_compile_timeout)
         self.requests: dict[str, Sequence] = {}
         self.num_preemptions = 0
         # The objects of the load (torch, transformers, the tokenizer) never die: frozen, Python's full collections

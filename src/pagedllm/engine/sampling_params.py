@@ -1,6 +1,7 @@
 """SamplingParams: vLLM's names and defaults, validated up front with errors that name the field."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -8,6 +9,10 @@ from typing import Any
 MAX_STOP_STRINGS = 32
 MAX_SEED = 2 ** 64 - 1
 MAX_CHOICES = 256
+# A constraint's budget, checked before it is compiled: its text (a JSON schema as JSON), and an EBNF
+# grammar's rules. Compile time has its own bound (grammar_worker.py).
+MAX_CONSTRAINT_BYTES = 64 << 10
+MAX_GRAMMAR_RULES = 1024
 # The names vLLM's clients sent before `structured_outputs`, and the kind each one is.
 LEGACY_STRUCTURED_OUTPUTS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
                              "guided_grammar": "grammar"}
@@ -39,10 +44,27 @@ class StructuredOutputsParams:
             raise ValueError(f"structured_outputs.choice: must be a list of 1 to {MAX_CHOICES} non-empty strings")
         if self.json_object is not None and self.json_object is not True:
             raise ValueError("structured_outputs.json_object: must be true when given")
+        size = len(self.source.encode("utf-8", "surrogatepass"))
+        if size > MAX_CONSTRAINT_BYTES:
+            raise ValueError(f"structured_outputs.{self.kind}: {size} bytes is over the {MAX_CONSTRAINT_BYTES}-byte "
+                             "limit for a constraint")
+        if self.grammar is not None and self.grammar.count("::=") > MAX_GRAMMAR_RULES:
+            raise ValueError(f"structured_outputs.grammar: more than {MAX_GRAMMAR_RULES} rules")
 
     @property
     def kind(self) -> str:
         return next(f.name for f in fields(self) if getattr(self, f.name) is not None)
+
+    @property
+    def source(self) -> str:
+        """The constraint as the text the compiler takes (a JSON schema as JSON, choices as a grammar)."""
+        if self.json is not None:
+            return self.json if isinstance(self.json, str) else json.dumps(self.json)
+        if self.json_object:  # OpenAI's json_object: an object, not any JSON value
+            return '{"type": "object"}'
+        if self.choice is not None:
+            return "root ::= " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in self.choice)
+        return self.regex if self.regex is not None else self.grammar
 
     @classmethod
     def from_dict(cls, data: Any) -> StructuredOutputsParams:

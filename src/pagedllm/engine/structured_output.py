@@ -1,65 +1,65 @@
 """Structured output: a request's constraint (StructuredOutputsParams) compiled by xgrammar into a grammar once
-per distinct constraint (a bounded cache), a matcher per sequence that follows its output, and each step a
-token mask for the constrained rows only, applied to their logits before sampling, so that every sampling
-mode works under a constraint. The grammar allows EOS only where the output may end.
+per distinct constraint (in the grammar worker's process, within a time budget; a bounded cache), a matcher
+per sequence that follows its output, and each step a token mask for the constrained rows only, applied to
+their logits before sampling, so that every sampling mode works under a constraint. The grammar allows EOS
+only where the output may end.
 
 With speculative decoding, drafts are cut at the first token the grammar refuses, each verification row is
 masked for the state after the drafts before it, and the matcher rolls those drafts back until the kept tokens
 are known."""
 from __future__ import annotations
 
-import json
 import threading
+import weakref
+from collections import OrderedDict
 from typing import Any
 
 import torch
 import xgrammar as xgr
 
+from pagedllm.engine.grammar_worker import GrammarWorker
 from pagedllm.engine.sampling_params import StructuredOutputsParams
 from pagedllm.engine.sequence import Sequence
-from pagedllm.errors import RequestRejectedError
 
 CACHE_BYTES = 64 << 20  # compiled grammars kept; a JSON schema's is tens of KB
-# JSON laid out as json.dumps(indent=2) does. With any whitespace allowed, SmolLM2 at temperature 0 answered
-# an order schema with "{" and then newlines until max_tokens.
-JSON_LAYOUT = {"any_whitespace": False, "indent": 2}
 
 
 class StructuredOutputs:
-    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: list[int]) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: list[int], compile_timeout: float) -> None:
         self.tokenizer, self.vocab_size, self.eos_token_ids = tokenizer, vocab_size, eos_token_ids
-        self._compiler: xgr.GrammarCompiler | None = None
+        self.worker = GrammarWorker(tokenizer, vocab_size, eos_token_ids, compile_timeout)
+        weakref.finalize(self, self.worker.close)  # an engine that goes away takes its worker process along
+        self._info: xgr.TokenizerInfo | None = None
+        self._cache: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
+        self._cache_bytes = 0
         self._lock = threading.Lock()
 
     @property
-    def compiler(self) -> xgr.GrammarCompiler:
+    def info(self) -> xgr.TokenizerInfo:
         """Built on the first constrained request (0.18 s of reading the vocabulary that an engine which
         never sees one does not spend at start); requests are validated on several threads."""
         with self._lock:
-            if self._compiler is None:
-                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                          stop_token_ids=self.eos_token_ids)
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True,
-                                                     cache_limit_bytes=CACHE_BYTES)
-            return self._compiler
+            if self._info is None:
+                self._info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                                stop_token_ids=self.eos_token_ids)
+            return self._info
 
     def compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
-        """The compiled grammar (cached), or RequestRejectedError naming the field that does not compile."""
-        kind = params.kind
-        try:
-            if kind == "json":
-                schema = params.json if isinstance(params.json, str) else json.dumps(params.json)
-                return self.compiler.compile_json_schema(schema, **JSON_LAYOUT)
-            if kind == "json_object":  # OpenAI's json_object: an object, not any JSON value
-                return self.compiler.compile_json_schema('{"type": "object"}', **JSON_LAYOUT)
-            if kind == "regex":
-                return self.compiler.compile_regex(params.regex)
-            if kind == "choice":
-                return self.compiler.compile_grammar(_choice_grammar(params.choice))
-            return self.compiler.compile_grammar(params.grammar)
-        except (RuntimeError, ValueError) as e:  # xgrammar's parse errors: "[time] file.cc:line: message"
-            reason = str(e).strip().splitlines()[0].split(": ", 1)[-1]
-            raise RequestRejectedError(f"structured_outputs.{kind}: does not compile ({reason})") from None
+        """The compiled grammar (from the cache, or the grammar worker), or RequestRejectedError naming the
+        field that does not compile in time."""
+        key = (params.kind, params.source)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        grammar = xgr.CompiledGrammar.deserialize_json(self.worker.compile(*key), self.info)
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = grammar
+                self._cache_bytes += grammar.memory_size_bytes
+                while self._cache_bytes > CACHE_BYTES and len(self._cache) > 1:
+                    self._cache_bytes -= self._cache.popitem(last=False)[1].memory_size_bytes
+        return grammar
 
     def start(self, seq: Sequence) -> None:
         """Give a constrained sequence its matcher (the grammar is in the cache since validation)."""
@@ -110,6 +110,3 @@ def _fill(matcher: xgr.GrammarMatcher, bitmask: torch.Tensor, first: int, drafts
     if drafts:
         matcher.rollback(len(drafts))
 
-
-def _choice_grammar(choices: list[str]) -> str:
-    return "root ::= " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices)

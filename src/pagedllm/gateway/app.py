@@ -259,6 +259,15 @@ class Gateway:
         return JSONResponse({"object": "list", "data": [
             {"id": n, "object": "model", "created": 0, "owned_by": "pagedllm"} for n in allowed]})
 
+    def render_metrics(self, request: Request) -> Response:
+        """Key names, usage and replica addresses: with --api-keys, for scrape keys only."""
+        try:
+            self.keys.authenticate(request.headers.get("authorization")).check_metrics()
+        except GatewayError as e:
+            self.metrics.rejections.labels(e.code or type(e).__name__).inc()
+            return JSONResponse(e.body(), status_code=e.status)
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
     def ready(self) -> Response:
         models = sorted(self.pool.models())
         return JSONResponse({"ready": bool(models), "models": models}, status_code=200 if models else 503)
@@ -304,8 +313,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
         return gateway.ready()
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+    async def metrics(request: Request) -> Response:
+        return gateway.render_metrics(request)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:

@@ -28,6 +28,12 @@ class ApiKey:
     sha256: str
     models: frozenset[str] | None = None  # None: every model
     limits: Limits = Limits()
+    metrics: bool = False  # may read /metrics (key names, usage and replica addresses): a scrape key
+
+    def check_metrics(self) -> None:
+        if not self.metrics:
+            raise PermissionDeniedError(f"key {self.name!r} may not read the gateway's metrics; give a key whose "
+                                        'entry has "metrics": true', None, "metrics_not_allowed")
 
     def check_model(self, model: str) -> None:
         if self.models is not None and model not in self.models:
@@ -62,7 +68,7 @@ def _key(i: int, entry: object) -> ApiKey:
     where = f"--api-keys: keys[{i}]"
     if not isinstance(entry, dict):
         raise KeyFileError(f"{where}: expected an object")
-    unknown = set(entry) - {"name", "sha256", "models", *Limits.__dataclass_fields__}
+    unknown = set(entry) - {"name", "sha256", "models", "metrics", *Limits.__dataclass_fields__}
     if unknown:
         raise KeyFileError(f"{where}: unknown fields {sorted(unknown)}")
     name, digest = entry.get("name"), entry.get("sha256")
@@ -77,8 +83,11 @@ def _key(i: int, entry: object) -> ApiKey:
         value = entry.get(limit)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise KeyFileError(f"{where}.{limit}: expected a positive integer")
+    if not isinstance(entry.get("metrics", False), bool):
+        raise KeyFileError(f"{where}.metrics: expected true or false")
     limits = Limits(**{k: entry[k] for k in Limits.__dataclass_fields__ if entry.get(k) is not None})
-    return ApiKey(name, digest.lower(), frozenset(models) if models is not None else None, limits)
+    return ApiKey(name, digest.lower(), frozenset(models) if models is not None else None, limits,
+                  entry.get("metrics", False))
 
 
 def digest(key: str) -> str:
@@ -90,7 +99,7 @@ class KeyRing:
 
     def __init__(self, keys: list[ApiKey] | None) -> None:
         self.keys = keys
-        self.open = ApiKey(OPEN, "")
+        self.open = ApiKey(OPEN, "", metrics=True)
 
     def authenticate(self, authorization: str | None) -> ApiKey:
         if self.keys is None:

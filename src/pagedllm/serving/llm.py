@@ -19,7 +19,7 @@ from pagedllm.serving.python_backend import PythonBackend
 from pagedllm.serving.request import NORMALISED_REQUEST, GenerateRequest, parse_request
 from pagedllm.serving.response import prepends_prompt
 from pagedllm.serving.streams import Streams
-from pagedllm.serving.tokenization import tokenize_request
+from pagedllm.serving.tokenization import PromptLimit, tokenize_request
 from pagedllm.weights import resolve_model_path
 
 logger = logging.getLogger("pagedllm.serving")
@@ -45,6 +45,7 @@ class LLMModel:
         self.backend.log_info(f"pagedllm {self.name}/{args['model_version']}: engine ready in process "
                               f"{self.loop.process.pid}, {self.loop.info['num_blocks']} KV blocks; "
                               f"{self.loop.info['compute_path']}")
+        self.prompt_limit = PromptLimit.for_tokenizer(self.tokenizer, self.loop.info["max_model_len"])
         self.metrics.on_stats(self.loop.info["stats"])  # gauges are right before the first request
         self.metrics.flush()
         self.streams = Streams(self.backend, self.loop.abort, self.metrics, token_text)
@@ -60,7 +61,7 @@ class LLMModel:
         request_id = uuid.uuid4().hex
         try:
             req, in_ensemble = self._parse(self.backend.inputs(request))
-            prompt_ids = tokenize_request(self.tokenizer, req)
+            prompt_ids = tokenize_request(self.tokenizer, req, self.prompt_limit)
             response_options = (np.array([req.options.to_json().encode()], dtype=np.object_)
                                 if in_ensemble and prepends_prompt(req.options) else None)
             stream = self.streams.open(request_id, sender, req.options, response_options)
@@ -69,16 +70,14 @@ class LLMModel:
             code = error_code(e)
             if code is ErrorCode.INTERNAL:
                 logger.exception("accepting request %s failed", request_id)
-            self.streams.refuse(request_id, sender, str(e), code)
+            self.streams.refuse(request_id, sender, str(e), code)  # an internal error's words go to the log only
 
-    @staticmethod
-    def _parse(inputs: dict[str, np.ndarray]) -> tuple[GenerateRequest, bool]:
+    def _parse(self, inputs: dict[str, np.ndarray]) -> tuple[GenerateRequest, bool]:
         """The request, and whether it came from preprocessing (in the ensemble) rather than a client."""
+        max_tokens = self.prompt_limit.max_tokens
         if NORMALISED_REQUEST not in inputs:
-            return parse_request(inputs), False
-        normalised = bytes(inputs[NORMALISED_REQUEST].reshape(-1)[0]).decode("utf-8")
-        ids = [int(x) for x in inputs.get("input_ids", np.zeros(0, np.int32)).reshape(-1)]
-        return GenerateRequest.from_json(normalised, ids), True
+            return parse_request(inputs, max_tokens), False
+        return GenerateRequest.from_inputs(inputs, max_tokens), True
 
     def _on_engine_death(self, reason: str) -> None:
         """The engine kept dying and stays down. Not ready rather than hanging: with explicit model control

@@ -9,22 +9,28 @@ from pagedllm.engine.tokenizer import load_tokenizer
 from pagedllm.errors import InvalidRequestError
 from pagedllm.serving.python_backend import PythonBackend
 from pagedllm.serving.request import NORMALISED_REQUEST, parse_request
-from pagedllm.serving.tokenization import tokenize_request
+from pagedllm.serving.tokenization import PromptLimit, tokenize_request
 from pagedllm.weights import resolve_model_path
 
 
 class PreprocessingModel:
     def initialize(self, args: dict[str, str]) -> None:
+        from transformers import AutoConfig
         self.backend = PythonBackend(args)
-        self.tokenizer = load_tokenizer(resolve_model_path(self.backend.parameter("model")))
+        path = resolve_model_path(self.backend.parameter("model"))
+        self.tokenizer = load_tokenizer(path)
+        # the llm model checks the engine's own max_model_len; this bound only keeps oversized text from the
+        # tokenizer (a parameter where engine.json sets a longer max_model_len than the model's positions)
+        max_tokens = self.backend.parameter("max_model_len") or AutoConfig.from_pretrained(path).max_position_embeddings
+        self.prompt_limit = PromptLimit.for_tokenizer(self.tokenizer, int(max_tokens))
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return [self._one(r) for r in requests]
 
     def _one(self, request: Any) -> Any:
         try:
-            req = parse_request(self.backend.inputs(request))
-            ids = tokenize_request(self.tokenizer, req)
+            req = parse_request(self.backend.inputs(request), self.prompt_limit.max_tokens)
+            ids = tokenize_request(self.tokenizer, req, self.prompt_limit)
         except InvalidRequestError as e:
             return self.backend.error(str(e))
         return self.backend.response({"input_ids": np.array(ids, dtype=np.int32),

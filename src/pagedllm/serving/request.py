@@ -44,6 +44,18 @@ class ResponseOptions:
         """What postprocessing needs to prepend the prompt to a non-streamed answer in the ensemble."""
         return json.dumps(asdict(self))
 
+    @classmethod
+    def from_dict(cls, data: Any) -> ResponseOptions:
+        """Checked as strictly as a client's inputs: the normalised request can come from a client too."""
+        if not isinstance(data, dict) or set(data) - {f.name for f in fields(cls)}:
+            raise InvalidRequestError(f"{NORMALISED_REQUEST}: options must be an object with keys among "
+                                      f"{[f.name for f in fields(cls)]}")
+        for f in fields(cls):
+            if f.name in data and type(data[f.name]) is not type(f.default):
+                raise InvalidRequestError(f"{NORMALISED_REQUEST}: options.{f.name} must be a "
+                                          f"{type(f.default).__name__}")
+        return cls(**data)
+
 
 @dataclass
 class GenerateRequest:
@@ -58,20 +70,27 @@ class GenerateRequest:
         return json.dumps({"params": asdict(self.params), "options": asdict(self.options)})
 
     @classmethod
-    def from_json(cls, data: str, input_ids: list[int]) -> GenerateRequest:
+    def from_inputs(cls, inputs: Mapping[str, np.ndarray], max_prompt_tokens: int | None = None) -> GenerateRequest:
+        """The normalised request preprocessing hands to the llm model, and its input_ids."""
+        data = _text(inputs, NORMALISED_REQUEST) or ""
+        # the prompt, tokenized by preprocessing: named as the engine names it
+        input_ids = _input_ids(inputs.get("input_ids", np.zeros(0, np.int32)), max_prompt_tokens, "prompt")
         try:
             obj = json.loads(data)
+            if not isinstance(obj, dict) or set(obj) != {"params", "options"}:
+                raise ValueError("expected an object with params and options")
             params = SamplingParams.from_dict(obj["params"])
-            return cls(params, ResponseOptions(**obj["options"]), input_ids=input_ids)
-        except (ValueError, KeyError, TypeError) as e:
-            raise InvalidRequestError(f"request: malformed normalised request ({e})") from None
+        except (ValueError, TypeError) as e:
+            raise InvalidRequestError(f"{NORMALISED_REQUEST}: malformed normalised request ({e})") from None
+        return cls(params, ResponseOptions.from_dict(obj["options"]), input_ids=input_ids)
 
 
-def parse_request(inputs: Mapping[str, np.ndarray]) -> GenerateRequest:
-    """`inputs`: tensor name -> numpy array, as the client sent them (absent optional inputs left out)."""
+def parse_request(inputs: Mapping[str, np.ndarray], max_prompt_tokens: int | None = None) -> GenerateRequest:
+    """`inputs`: tensor name -> numpy array, as the client sent them (absent optional inputs left out).
+    `max_prompt_tokens`: input_ids longer than this are refused before they are read."""
     text = _text(inputs, "text_input")
     messages = _messages(inputs["messages"]) if "messages" in inputs else None
-    input_ids = _input_ids(inputs["input_ids"]) if "input_ids" in inputs else None
+    input_ids = _input_ids(inputs["input_ids"], max_prompt_tokens) if "input_ids" in inputs else None
     fields = (("text_input", text), ("messages", messages), ("input_ids", input_ids))
     given = [name for name, value in fields if value is not None]
     if len(given) != 1:
@@ -138,11 +157,13 @@ def _messages(arr: np.ndarray) -> list[dict[str, str]]:
     return messages
 
 
-def _input_ids(arr: np.ndarray) -> list[int]:
+def _input_ids(arr: np.ndarray, max_tokens: int | None, name: str = "input_ids") -> list[int]:
     arr = np.asarray(arr)
     if arr.dtype.kind not in "iu":
-        raise InvalidRequestError("input_ids: expected an integer tensor")
-    return [int(x) for x in arr.reshape(-1)]
+        raise InvalidRequestError(f"{name}: expected an integer tensor")
+    if max_tokens is not None and arr.size > max_tokens:
+        raise InvalidRequestError(f"{name}: {arr.size} tokens is over the model's max_model_len {max_tokens}")
+    return arr.reshape(-1).tolist()
 
 
 def _sampling_params(inputs: Mapping[str, np.ndarray], options: ResponseOptions) -> SamplingParams:

@@ -75,7 +75,8 @@ class Streams:
         """The request's one and final response is an error (it never reached the engine)."""
         self._forget(request_id)
         try:
-            sender.send(self.responses.error(message, code), flags=self.responses.final_flag)
+            sender.send(self.responses.error(for_client(request_id, message, code), code),
+                        flags=self.responses.final_flag)
         except Exception:
             logger.exception("refusing request %s failed", request_id)
 
@@ -160,7 +161,8 @@ class Streams:
     def _respond(self, stream: Stream, delta: RequestDelta) -> None:
         flags = self.responses.final_flag if delta.finished else 0
         if delta.error is not None:
-            stream.sender.send(self.responses.error(delta.error, delta.error_code), flags=flags)
+            message = for_client(delta.request_id, delta.error, delta.error_code)
+            stream.sender.send(self.responses.error(message, delta.error_code), flags=flags)
             return
         response = self._response_for(stream, delta)
         if response is not None and not (delta.finish_reason is FinishReason.ABORT and stream.sender.is_cancelled()):
@@ -205,3 +207,12 @@ class Streams:
         if delta.finished:
             self.metrics.on_finish(delta.finish_reason or FinishReason.ABORT, delta.num_prompt_tokens,
                                    now - stream.arrival, delta.queue_time)
+
+
+def for_client(request_id: str, message: str, code: ErrorCode) -> str:
+    """What a client reads of an error: the server's own failures (INTERNAL) are logged and named only by the
+    request's id; their words may hold paths and internals."""
+    if code is not ErrorCode.INTERNAL:
+        return message
+    logger.error("request %s failed: %s", request_id, message)
+    return f"internal error in request {request_id}; the server's log has the detail"
