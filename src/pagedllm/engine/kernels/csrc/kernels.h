@@ -126,8 +126,8 @@ void int8_tile(const float* x, int64_t x_stride, const int8_t* w, int64_t K, con
 // registers) and widen every weight for every two rows; six rows share each widened weight here. With one or
 // two row blocks (decode batches) the tiles read the packed weights and widen them in registers (strip_tile);
 // with more (prefill) a thread widens each group once into a float32 panel in its scratch that every block's
-// tiles reuse (panel_tile: no conversion in the inner loop). Measured on AVX2 (SmolLM2, 2 threads, in-process
-// A/B): 32-row decode steps 1.10x faster with strips than with panels, 64 rows level, a 512-token prompt 1.07x
+// tiles reuse (the same tiles, reading float32: no conversion in the inner loop). Measured on AVX2 (SmolLM2, 2
+// threads, in-process A/B): 32-row decode steps 1.10x faster with strips than with panels, 64 rows level, a 512-token prompt 1.07x
 // faster with panels. On AVX-512 the 8-row direct tiles win or tie at every size, so they keep them.
 constexpr int kStripVecs = 16 / kLanes > 0 ? 16 / kLanes : 1;  // 16 channels
 constexpr int kStripRows = 6;  // 6 x 2 accumulators of AVX2's 16 registers (the classic 6 x 16 float32 kernel)
@@ -140,20 +140,25 @@ struct Fetch {
   const char* end = nullptr;
 };
 
-// A row of a packed group as float32: bf16 pairs hold two steps of k (low halves first), int8 codes one.
+// A row of a strip as float32: bf16 pairs hold two steps of k (low halves first), int8 codes and a panel's
+// float32 one. Packed groups hold 48 channels a row; a panel's strips, kStrip.
 template <typename W>
 constexpr int kStepsPerRow = std::is_same<W, uint32_t>::value ? 2 : 1;
+template <typename W>
+constexpr int64_t kRowStride = std::is_same<W, float>::value ? kStrip : kGroupChannels;
 inline VecF widened(const uint32_t* w, int step) { return step == 0 ? low_halves(load_words(w)) : high_halves(load_words(w)); }
 inline VecF widened(const int8_t* w, int) { return load(w); }
+inline VecF widened(const float* w, int) { return load(w); }
 
-// MR rows of x (float32 [MR, K]) times one strip of a packed group (bf16 pairs or int8 codes, times `scale`).
+// MR rows of x (float32 [MR, K]) times one strip: of a packed group (bf16 pairs or int8 codes, times `scale`),
+// or of a panel (float32).
 template <int MR, typename W, typename Out>
 void strip_tile(const float* x, int64_t K, const W* w, const float* scale, const float* bias, Out* y, int64_t n0,
                 int64_t N, Fetch fetch) {
   VecF acc[MR][kStripVecs];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < kStripVecs; ++j) acc[i][j] = zero();
-  for (int64_t k = 0; k < K; k += kStepsPerRow<W>, w += kGroupChannels) {
+  for (int64_t k = 0; k < K; k += kStepsPerRow<W>, w += kRowStride<W>) {
     if ((k & 7) == 0 && fetch.next < fetch.end) {
       __builtin_prefetch(fetch.next, 0, 2);
       fetch.next += 64;
@@ -238,40 +243,6 @@ inline void widen_group(const int8_t* w, int64_t K, float* panel) {  // int8 cod
     for (int j = 0; j < kGroupVecs; ++j) store(strip_at(panel, K, j * kLanes) + k * kStrip, load(w + j * kLanes));
 }
 
-template <int MR, typename Out>
-void panel_tile(const float* x, int64_t K, const float* panel, const float* scale, const float* bias, Out* y,
-                int64_t n0, int64_t N) {
-  VecF acc[MR][kStripVecs];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kStripVecs; ++j) acc[i][j] = zero();
-  for (int64_t k = 0; k < K; ++k, panel += kStrip) {
-    VecF wv[kStripVecs];
-    for (int j = 0; j < kStripVecs; ++j) wv[j] = load(panel + j * kLanes);
-    for (int i = 0; i < MR; ++i) {
-      const VecF xb = set1(x[i * K + k]);
-      for (int j = 0; j < kStripVecs; ++j) acc[i][j] = fma(wv[j], xb, acc[i][j]);
-    }
-  }
-  PAGEDLLM_UNROLL for (int j = 0; j < kStripVecs; ++j) {
-    const int64_t n = n0 + kLanes * j;
-    if (n >= N) continue;
-    const VecF b = bias ? load_n(bias + n, N - n) : zero();
-    const VecF sc = scale ? load_n(scale + n, N - n) : set1(1.f);
-    PAGEDLLM_UNROLL for (int i = 0; i < MR; ++i) store_n(y + i * N + n, fma(acc[i][j], sc, b), N - n);
-  }
-}
-
-template <typename Out, int MR = kStripRows>
-void run_panel_rows(const float* x, int64_t K, const float* panel, const float* scale, const float* bias, Out* y,
-                    int64_t n0, int64_t N, int64_t rows) {
-  if constexpr (MR == 1) {
-    panel_tile<1>(x, K, panel, scale, bias, y, n0, N);
-  } else {
-    if (rows >= MR) return panel_tile<MR>(x, K, panel, scale, bias, y, n0, N);
-    run_panel_rows<Out, MR - 1>(x, K, panel, scale, bias, y, n0, N, rows);
-  }
-}
-
 // Threads split (channel group, row block) items, row blocks fastest, so a group's weights stay in cache while
 // every block reads them.
 template <typename Out>
@@ -309,7 +280,8 @@ void linear_strips(const LinearArgs& a, int64_t M, const Par& par) {
           Out* y = static_cast<Out*>(a.y) + m * a.N;
           const int64_t n0 = g * kGroupChannels + c;
           if (panels) {
-            run_panel_rows<Out>(x, a.K, strip_at(panel, a.K, c), a.scale, a.bias, y, n0, a.N, tile_rows);
+            run_strip_rows<Out>(x, a.K, static_cast<const float*>(strip_at(panel, a.K, c)), a.scale, a.bias, y, n0,
+                                a.N, tile_rows, Fetch{});
             continue;
           }
           const Fetch fetch = ahead.next ? Fetch{ahead.next + ahead_bytes * call / calls / 64 * 64,
