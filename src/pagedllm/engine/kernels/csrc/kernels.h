@@ -247,7 +247,7 @@ inline void widen_group(const int8_t* w, int64_t K, float* panel) {  // int8 cod
 // every block reads them.
 template <typename Out>
 void linear_strips(const LinearArgs& a, int64_t M, const Par& par) {
-  const int64_t blocks = row_blocks(M);
+  const int64_t blocks = row_blocks(M), tiles = (M + kStripRows - 1) / kStripRows;
   const bool panels = uses_panels(M);
   par(a.groups() * blocks, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> scratch;
@@ -258,8 +258,10 @@ void linear_strips(const LinearArgs& a, int64_t M, const Par& par) {
     }
     int64_t widened = -1;
     for (int64_t t = begin; t < end; ++t) {
-      // blocks and tiles as even as they can be: 32 rows are tiles of 6, 6, 5, 5, 5, 5, never 6 x 5 and a 2
-      const int64_t g = t / blocks, m0 = M * (t % blocks) / blocks, rows = M * (t % blocks + 1) / blocks - m0;
+      // The fewest tiles, as even as they can be, dealt to the blocks: 64 rows are nine tiles of 6 and two of
+      // 5 (blocks of 32 rows made eight tiles of 5; 64-row linears 1.05-1.12x faster on AVX2), never a tile of 2
+      const int64_t g = t / blocks, b = t % blocks;
+      const int64_t tile0 = tiles * b / blocks, block_tiles = tiles * (b + 1) / blocks - tile0;
       if (panels && g != widened) {
         if (a.scale) widen_group(reinterpret_cast<const int8_t*>(a.group_at(g)), a.K, panel);
         else widen_group(reinterpret_cast<const uint32_t*>(a.group_at(g)), a.K / 2, panel);
@@ -270,12 +272,12 @@ void linear_strips(const LinearArgs& a, int64_t M, const Par& par) {
       // last group, the next linear's first (2-3%).
       Fetch ahead;
       if (!panels && (t + 1 == end || (t + 1) / blocks != g)) ahead = t + 1 < end ? a.group_fetch(g + 1) : a.then;
-      const int64_t tiles = (rows + kStripRows - 1) / kStripRows, calls = kGroupChannels / kStrip * tiles;
+      const int64_t calls = kGroupChannels / kStrip * block_tiles;
       const int64_t ahead_bytes = ahead.end - ahead.next;
       int64_t call = 0;
       for (int64_t c = 0; c < kGroupChannels; c += kStrip)
-        for (int64_t i = 0; i < tiles; ++i, ++call) {
-          const int64_t m = m0 + rows * i / tiles, tile_rows = m0 + rows * (i + 1) / tiles - m;
+        for (int64_t i = tile0; i < tile0 + block_tiles; ++i, ++call) {
+          const int64_t m = M * i / tiles, tile_rows = M * (i + 1) / tiles - m;
           const float* x = a.x_float + m * a.K;
           Out* y = static_cast<Out*>(a.y) + m * a.N;
           const int64_t n0 = g * kGroupChannels + c;
