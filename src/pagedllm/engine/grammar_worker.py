@@ -101,7 +101,7 @@ def _serve(conn: Connection, reply: Connection) -> None:
     compile_kind = {"json": lambda s: compiler.compile_json_schema(s, **JSON_LAYOUT),
                     "json_object": lambda s: compiler.compile_json_schema(s, **JSON_LAYOUT),
                     "regex": compiler.compile_regex, "choice": compiler.compile_grammar,
-                    "grammar": compiler.compile_grammar}
+                    "grammar": compiler.compile_grammar, "structural_tag": compiler.compile_structural_tag}
     reply.send(("ready", None))
     while True:
         try:

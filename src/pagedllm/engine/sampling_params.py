@@ -21,21 +21,24 @@ LEGACY_STRUCTURED_OUTPUTS = {"guided_json": "json", "guided_regex": "regex", "gu
 @dataclass
 class StructuredOutputsParams:
     """A constraint on the output (vLLM's names): exactly one of a JSON schema, a regular expression, a list of
-    choices, an EBNF grammar, or any JSON object. structured_output.py compiles it."""
+    choices, an EBNF grammar, any JSON object, or an xgrammar structural tag (free text with constrained
+    sections, as tool calls are: a JSON string). structured_output.py compiles it."""
     json: dict[str, Any] | str | None = None
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    structural_tag: str | None = None
 
     def __post_init__(self) -> None:
         given = [f.name for f in fields(self) if getattr(self, f.name) is not None]
         if len(given) != 1:
-            raise ValueError("structured_outputs: give exactly one of json, regex, choice, grammar, json_object"
+            raise ValueError("structured_outputs: give exactly one of json, regex, choice, grammar, json_object, "
+                             "structural_tag"
                              + (f" (got {', '.join(given)})" if given else ""))
         if self.json is not None and not isinstance(self.json, (dict, str)):
             raise ValueError("structured_outputs.json: must be a JSON schema (an object, or a string holding one)")
-        for name in ("regex", "grammar"):
+        for name in ("regex", "grammar", "structural_tag"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"structured_outputs.{name}: must be a non-empty string")
@@ -64,7 +67,7 @@ class StructuredOutputsParams:
             return '{"type": "object"}'
         if self.choice is not None:
             return "root ::= " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in self.choice)
-        return self.regex if self.regex is not None else self.grammar
+        return next(s for s in (self.regex, self.grammar, self.structural_tag) if s is not None)
 
     @classmethod
     def from_dict(cls, data: Any) -> StructuredOutputsParams:
