@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from pagedllm.gateway import replicas
+from pagedllm.gateway.answers import Answer, ChoiceOutput
 from pagedllm.gateway.errors import InvalidRequestError, RateLimitError, UpstreamError, from_upstream, param_of
 from pagedllm.gateway.keys import KeyFileError, KeyRing, Limits, load_keys
 from pagedllm.gateway.protocol import decode_body, parse
 from pagedllm.gateway.quotas import KeyQuota, TokenBucket
 from pagedllm.gateway.replicas import ReplicaPool, is_llm_model, llm_models_in
-from pagedllm.gateway.responses import Answer, ChoiceOutput
 from pagedllm_client import Overloaded
 
 CHAT = {"model": "llm", "messages": [{"role": "user", "content": "Hi"}]}
@@ -62,7 +62,15 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "description": "
     (CHAT | {"tools": []}, "tools"), (CHAT | {"response_format": {"type": "xml"}}, "response_format.type"),
     (CHAT | {"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
     (CHAT | {"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
-    (CHAT | {"tools": [TOOL]}, "tool_choice"), (CHAT | {"tools": [TOOL], "tool_choice": "auto"}, "tool_choice"),
+    (CHAT | {"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+    (CHAT | {"tools": [TOOL], "functions": [TOOL["function"]]}, "functions"),
+    (CHAT | {"functions": [TOOL["function"]], "function_call": "required"}, "function_call"),
+    (CHAT | {"tools": [TOOL, TOOL]}, "tools"),
+    (CHAT | {"messages": [{"role": "user", "content": "x", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages[0].tool_calls"),
+    (CHAT | {"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                                                                "function": {"name": "f"}}]}]},
+     "messages[0].tool_calls[0].function.arguments"),
     (CHAT | {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     (CHAT | {"tool_choice": "required"}, "tool_choice"),
     (CHAT | {"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
@@ -98,26 +106,64 @@ def test_constraints_become_the_engines_structured_outputs():
         "structured_outputs"] == {"regex": "a"}
 
 
-def test_a_named_or_required_tool_choice_constrains_the_answer_to_a_call():
+def test_tools_become_a_system_message_and_a_structural_tag():
+    auto = parse("chat", CHAT | {"tools": [TOOL]})
+    assert auto.tool_call.mode == "auto" and auto.tool_call.parallel and auto.tool_call.names == ["get_weather"]
+    assert auto.renamed["structured_outputs.structural_tag"] == "tools"
+    tag = json.loads(auto.choices[0].sampling["structured_outputs"]["structural_tag"])
+    assert tag["format"]["type"] == "sequence"
+    system = auto.choices[0].messages[0]
+    assert system["role"] == "system" and "get_weather" in system["content"] and "<tool_call>" in system["content"]
     named = parse("chat", CHAT | {"tools": [TOOL], "tool_choice": {"type": "function",
                                                                    "function": {"name": "get_weather"}}})
-    assert named.choices[0].sampling["structured_outputs"] == {"json": TOOL["function"]["parameters"]}
-    assert named.tool_call.names == ["get_weather"] and named.tool_call.named
-    system = named.choices[0].messages[0]
-    assert system["role"] == "system" and "get_weather" in system["content"]
-    required = parse("chat", CHAT | {"tools": [TOOL, {"type": "function", "function": {"name": "noop"}}],
-                                     "tool_choice": "required"})
-    calls = required.choices[0].sampling["structured_outputs"]["json"]["anyOf"]
-    assert [c["properties"]["name"] for c in calls] == [{"const": "get_weather"}, {"const": "noop"}]
-    answer = Answer(required, outputs=[ChoiceOutput('{"name": "noop", "arguments": {}}', "stop")])
-    choice = answer.whole()["choices"][0]
-    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
-    assert choice["message"]["tool_calls"][0]["function"] == {"name": "noop", "arguments": "{}"}
-    assert answer.chunk(0, "{", [], None) is None  # a call's text is held back, and sent whole at the end
-    last = answer.chunk(0, "}", [], "stop")["choices"][0]
-    assert last["finish_reason"] == "tool_calls" and last["delta"]["tool_calls"][0]["index"] == 0
-    cut = Answer(named, outputs=[ChoiceOutput('{"city": "Par', "length")]).whole()["choices"][0]
-    assert cut["finish_reason"] == "length" and cut["message"]["content"] == '{"city": "Par'
+    assert named.tool_call.mode == "named" and not named.tool_call.parallel
+    legacy = parse("chat", CHAT | {"functions": [TOOL["function"]], "function_call": {"name": "get_weather"}})
+    assert legacy.tool_call.legacy and legacy.tool_call.mode == "named"
+    assert legacy.renamed["structured_outputs.structural_tag"] == "functions"
+    assert parse("chat", CHAT | {"tools": [TOOL], "parallel_tool_calls": False}).tool_call.parallel is False
+    assert parse("chat", CHAT | {"tools": [TOOL], "tool_choice": "none"}).tool_call is None
+
+
+def test_tool_answers_whole_and_streamed():
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    plan = parse("chat", CHAT | {"tools": [TOOL]})
+    choice = Answer(plan, outputs=[ChoiceOutput("Let me look.\n" + call, "stop")]).whole()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Let me look.\n"
+    assert choice["message"]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    text = Answer(plan, outputs=[ChoiceOutput("Hello", "stop")]).whole()["choices"][0]
+    assert text["finish_reason"] == "stop" and text["message"] == {"role": "assistant", "content": "Hello"}
+    streamed = Answer(plan)
+    chunks = [c for piece in (call[:20], call[20:50], call[50:]) for c in streamed.chunks(0, piece, [], None)]
+    chunks += streamed.chunks(0, "", [], "stop")
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    head = deltas[0]["tool_calls"][0]
+    assert head["index"] == 0 and head["id"].startswith("call_") and head["type"] == "function"
+    assert head["function"] == {"name": "get_weather", "arguments": ""}
+    pieces = [d["tool_calls"][0]["function"]["arguments"] for d in deltas[1:] if d]
+    assert "".join(pieces) == '{"city": "Oslo"}' and len(pieces) > 1
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls" and deltas[-1] == {}
+    legacy = parse("chat", CHAT | {"functions": [TOOL["function"]]})
+    old = Answer(legacy, outputs=[ChoiceOutput(call, "stop")]).whole()["choices"][0]
+    assert old["finish_reason"] == "function_call" and old["message"]["function_call"]["name"] == "get_weather"
+    assert "tool_calls" not in old["message"]
+    cut = Answer(plan, outputs=[ChoiceOutput(call[:60], "length")]).whole()["choices"][0]
+    assert cut["finish_reason"] == "length" and cut["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+def test_earlier_calls_and_results_are_shown_to_the_model():
+    history = [{"role": "user", "content": "Weather in Oslo?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                                     "arguments": '{"city": "Oslo"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": '{"celsius": 4}'},
+               {"role": "assistant", "function_call": {"name": "get_weather", "arguments": "not json"}},
+               {"role": "function", "name": "get_weather", "content": "4"}]
+    messages = parse("chat", {"model": "m", "messages": history}).choices[0].messages
+    assert messages[1] == {"role": "assistant", "content": '<tool_call>\n{"name": "get_weather", "arguments": '
+                                                           '{"city": "Oslo"}}\n</tool_call>'}
+    assert messages[2] == {"role": "tool", "content": '<tool_response>\n{"celsius": 4}\n</tool_response>'}
+    assert '"arguments": "not json"}' in messages[3]["content"]
+    assert messages[4]["role"] == "tool"
 
 
 def test_invalid_completions_name_the_field():
@@ -163,11 +209,11 @@ def test_logprobs_shapes():
     step = {"token_id": 5, "token": " é", "logprob": -0.5, "top_logprobs": [{"token_id": 5, "token": " é",
                                                                              "logprob": -0.5}]}
     chat = _answer("chat", CHAT | {"logprobs": True, "top_logprobs": 1}, ["x"])
-    content = chat.chunk(0, "x", [step], None)["choices"][0]["logprobs"]["content"][0]
+    content = chat.chunks(0, "x", [step], None)[0]["choices"][0]["logprobs"]["content"][0]
     assert content == {"token": " é", "logprob": -0.5, "bytes": [32, 195, 169],
                        "top_logprobs": [{"token": " é", "logprob": -0.5, "bytes": [32, 195, 169]}]}
     text = _answer("completion", {"model": "m", "prompt": "Hi", "logprobs": 1}, [" é é"])
-    lp = text.chunk(0, " é", [step], None)["choices"][0]["logprobs"]
+    lp = text.chunks(0, " é", [step], None)[0]["choices"][0]["logprobs"]
     assert lp == {"tokens": [" é"], "token_logprobs": [-0.5], "top_logprobs": [{" é": -0.5}], "text_offset": [2]}
 
 

@@ -422,8 +422,9 @@ def test_tool_calls_for_a_named_function_and_for_required(gateway):
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
     noop = {"type": "function", "function": {"name": "no_answer", "parameters": {"type": "object", "properties": {}}}}
     chunks = list(c.chat.completions.create(model="llm", messages=ask, tools=[WEATHER, noop], tool_choice="required",
-                                            max_tokens=80, temperature=0.8, seed=3, stream=True))
-    calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+                                            parallel_tool_calls=False, max_tokens=80, temperature=0.8, seed=3,
+                                            stream=True))
+    calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or []) if tc.id]
     assert len(calls) == 1 and calls[0].function.name in ("get_weather", "no_answer")
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     follow_up = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
@@ -437,8 +438,8 @@ def test_bad_constraints_are_400s_naming_the_field(gateway):
     cases = [({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
               "response_format.json_schema.schema"),
              ({"extra_body": {"guided_regex": "[a-"}}, "guided_regex"),
-             ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice"),
-             ({"tools": [WEATHER]}, "tool_choice")]
+             ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+             ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "tools")]
     for kw, param in cases:
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model="llm", messages=CHAT, max_tokens=5, **kw)

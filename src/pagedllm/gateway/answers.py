@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagedllm.gateway.protocol import Plan
-from pagedllm.gateway.structured import tool_calls
+from pagedllm.gateway.tools import Piece, ToolCallParser
 
 OBJECTS = {"chat": ("chatcmpl-", "chat.completion", "chat.completion.chunk"),
            "completion": ("cmpl-", "text_completion", "text_completion")}
@@ -32,10 +32,12 @@ class Answer:
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     outputs: list[ChoiceOutput] = field(default_factory=list)
+    parsers: list[ToolCallParser] = field(default_factory=list)  # each choice's calls, as they stream
 
     def __post_init__(self) -> None:
         self.id = self.id or OBJECTS[self.plan.kind][0] + uuid.uuid4().hex
         self.outputs = self.outputs or [ChoiceOutput() for _ in self.plan.choices]
+        self.parsers = [ToolCallParser() for _ in self.outputs]
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.plan.model}
@@ -52,9 +54,8 @@ class Answer:
 
     def _choice(self, index: int, out: ChoiceOutput) -> dict[str, Any]:
         text = self._echo(index) + out.text
-        if self._is_tool_call(out):
-            message = {"role": "assistant", "content": None, "tool_calls": tool_calls(self.plan.tool_call, out.text)}
-            return {"index": index, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
+        if self.plan.tool_call is not None:
+            return self._tool_choice(index, out)
         if self.plan.kind == "chat":
             return {"index": index, "message": {"role": "assistant", "content": text},
                     "logprobs": self._logprobs(out.logprobs, 0), "finish_reason": out.finish_reason}
@@ -64,18 +65,35 @@ class Answer:
     def _echo(self, index: int) -> str:
         return self.plan.choices[index].prompt or "" if self.plan.echo else ""
 
-    def _is_tool_call(self, out: ChoiceOutput) -> bool:
-        """A tool call ends with its grammar complete; cut short at max_tokens it is answered as text."""
-        return self.plan.tool_call is not None and out.finish_reason == "stop"
+    def _tool_choice(self, index: int, out: ChoiceOutput) -> dict[str, Any]:
+        parser = ToolCallParser()
+        parser.feed(out.text)
+        parser.finish()
+        message: dict[str, Any] = {"role": "assistant", "content": parser.content or None}
+        calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                 for c in parser.calls]
+        if self.plan.tool_call.legacy and calls:
+            message["function_call"] = calls[0]["function"]
+        elif calls:
+            message["tool_calls"] = calls
+        else:
+            message["content"] = parser.content
+        return {"index": index, "message": message, "logprobs": None,
+                "finish_reason": self._tool_finish(out.finish_reason, bool(calls))}
 
-    def chunk(self, index: int, text: str, steps: list[dict[str, Any]], finish_reason: str | None,
-              first: bool = False) -> dict[str, Any] | None:
-        """One streamed chunk of choice `index`. A chat stream's first chunk carries the role; a completion
-        stream's first chunk carries the echoed prompt. A tool call's text is held back and sent whole in its
-        last chunk; None while there is nothing to send."""
+    def _tool_finish(self, reason: str | None, called: bool) -> str | None:
+        if reason != "stop" or not called:
+            return reason
+        return "function_call" if self.plan.tool_call.legacy else "tool_calls"
+
+    def chunks(self, index: int, text: str, steps: list[dict[str, Any]], finish_reason: str | None,
+               first: bool = False) -> list[dict[str, Any]]:
+        """The streamed chunks for what choice `index` just added. A chat stream's first chunk carries the
+        role; a completion stream's first chunk carries the echoed prompt. With tools: content and calls as
+        the parser reads them (a call's name first, then its arguments in pieces)."""
         out = self.outputs[index]
         if self.plan.tool_call is not None and not first:
-            return self._tool_chunk(index, out) if finish_reason else None
+            return self._tool_chunks(index, text, finish_reason)
         logprobs = self._logprobs(steps, len(out.text) - len(text))
         if self.plan.kind == "chat":
             delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
@@ -83,22 +101,44 @@ class Answer:
         else:
             echo = self._echo(index) if first else ""
             choice = {"index": index, "text": echo + text, "logprobs": logprobs, "finish_reason": finish_reason}
-        return self._chunk_head() | {"choices": [choice]}
+        return [self._chunk_head() | {"choices": [choice]}]
 
-    def _tool_chunk(self, index: int, out: ChoiceOutput) -> dict[str, Any]:
-        if self._is_tool_call(out):
-            calls = [{"index": i} | call for i, call in enumerate(tool_calls(self.plan.tool_call, out.text))]
-            delta, reason = {"tool_calls": calls}, "tool_calls"
-        else:
-            delta, reason = {"content": out.text}, out.finish_reason
-        return self._chunk_head() | {"choices": [{"index": index, "delta": delta, "logprobs": None,
-                                                  "finish_reason": reason}]}
+    def _tool_chunks(self, index: int, text: str, finish_reason: str | None) -> list[dict[str, Any]]:
+        parser = self.parsers[index]
+        pieces = parser.feed(text) + (parser.finish() if finish_reason else [])
+        deltas = [self._delta(piece) for piece in _merged(pieces)]
+        if finish_reason:
+            deltas.append({})
+        reason = self._tool_finish(finish_reason, bool(parser.calls))
+        return [self._chunk_head() | {"choices": [{"index": index, "delta": delta, "logprobs": None,
+                                                   "finish_reason": reason if i == len(deltas) - 1 else None}]}
+                for i, delta in enumerate(deltas)]
+
+    def _delta(self, piece: Piece) -> dict[str, Any]:
+        if piece.kind == "content":
+            return {"content": piece.text}
+        function = {"name": piece.name, "arguments": ""} if piece.kind == "call" else {"arguments": piece.text}
+        if self.plan.tool_call.legacy:
+            return {"function_call": function}
+        call = {"id": piece.id, "type": "function"} if piece.kind == "call" else {}
+        return {"tool_calls": [{"index": piece.index} | call | {"function": function}]}
 
     def opening_chunks(self) -> list[dict[str, Any]]:
         """Chat: each choice's role. Completions with echo: each choice's prompt."""
         if self.plan.kind == "completion" and not self.plan.echo:
             return []
-        return [self.chunk(i, "", [], None, first=True) for i in range(len(self.outputs))]
+        return [c for i in range(len(self.outputs)) for c in self.chunks(i, "", [], None, first=True)]
+
+    def closing_chunks(self) -> list[dict[str, Any] | str]:
+        """What a stream ends with: the usage, if asked, and the SSE end marker."""
+        return ([self.usage_chunk()] if self.plan.include_usage else []) + ["[DONE]"]
+
+    def encode(self, chunk: dict[str, Any] | str) -> bytes:
+        return sse(chunk)
+
+    def error_event(self, body: dict[str, Any]) -> dict[str, Any]:
+        """An error after the stream began, as its last event."""
+        return body
 
     def usage_chunk(self) -> dict[str, Any]:
         return self._chunk_head() | {"choices": [], "usage": self.usage()}
@@ -114,6 +154,18 @@ class Answer:
             return {"content": [_token(step) | {"top_logprobs": [_token(t) for t in step["top_logprobs"]]}
                                 for step in steps]}
         return completion_logprobs(steps, offset)
+
+
+def _merged(pieces: list[Piece]) -> list[Piece]:
+    """Adjacent pieces of content, or of one call's arguments, as one."""
+    out: list[Piece] = []
+    for piece in pieces:
+        last = out[-1] if out else None
+        if last and piece.kind == last.kind != "call" and piece.index == last.index:
+            out[-1] = Piece(last.kind, last.text + piece.text, last.index)
+        else:
+            out.append(piece)
+    return out
 
 
 def _token(entry: dict[str, Any]) -> dict[str, Any]:

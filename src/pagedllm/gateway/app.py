@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from pagedllm.gateway.answers import Answer
 from pagedllm.gateway.config import GatewayConfig
 from pagedllm.gateway.errors import (
     ClientGoneError,
@@ -33,7 +34,8 @@ from pagedllm.gateway.metrics import GatewayMetrics
 from pagedllm.gateway.protocol import Plan, decode_body, parse
 from pagedllm.gateway.quotas import KeyQuota, Ticket, estimate_tokens
 from pagedllm.gateway.replicas import ReplicaPool
-from pagedllm.gateway.responses import Answer, sse
+from pagedllm.gateway.responses_api import ResponseStore
+from pagedllm.gateway.responses_api import parse_request as parse_response_request
 
 logger = logging.getLogger("pagedllm.gateway")
 access_log = logging.getLogger("pagedllm.gateway.access")
@@ -68,19 +70,24 @@ class Gateway:
         self.keys = KeyRing(load_keys(config.api_keys) if config.api_keys else None)
         self.quotas = {key.name: KeyQuota(key.limits) for key in self.keys.keys or []}
         self.metrics = GatewayMetrics(self.pool)
+        self.responses = ResponseStore(config.responses_stored, config.responses_kept_seconds)
 
     # ---- the completion endpoints -------------------------------------------------------------
-    async def complete(self, kind: Literal["chat", "completion"], request: Request) -> Response:
+    async def complete(self, kind: Literal["chat", "completion", "responses"], request: Request) -> Response:
         record = RequestRecord("req_" + uuid.uuid4().hex)
         ticket: Ticket | None = None
         answer: Answer | None = None
         try:
             key = self.keys.authenticate(request.headers.get("authorization"))
             record.key = key.name
-            plan = parse(kind, decode_body(await self._body(request)))
+            body = decode_body(await self._body(request))
+            if kind == "responses":
+                answer = parse_response_request(body, self.responses, key.name)
+            else:
+                answer = Answer(parse(kind, body))
+            plan = answer.plan
             record.model = self._model(plan.model, key)
             ticket = self._admit(key, plan)
-            answer = Answer(plan)
             generation = Generation(self.pool, plan, record.model, self.metrics)
             events = generation.events()
             first = await self._first(events, generation, record)  # an error before any token: an HTTP error
@@ -129,21 +136,19 @@ class Gateway:
         error: GatewayError | None = None
         try:
             for chunk in answer.opening_chunks():
-                yield sse(chunk)
+                yield answer.encode(chunk)
             event: Event | None = first
             while event is not None:
-                chunk = self._add(answer, *event, record)
-                if chunk is not None:
-                    yield sse(chunk)
+                for chunk in self._add(answer, *event, record):
+                    yield answer.encode(chunk)
                 event = await anext(events, None)
-            if answer.plan.include_usage:
-                yield sse(answer.usage_chunk())
-            yield b"data: [DONE]\n\n"
+            for chunk in answer.closing_chunks():
+                yield answer.encode(chunk)
         except Exception as e:  # after streaming began: an error event, and the stream ends
             if not isinstance(e, GatewayError):
                 logger.exception("request %s failed", record.request_id)
             error = e if isinstance(e, GatewayError) else UpstreamError(f"internal gateway error ({type(e).__name__})")
-            yield sse(error.body())
+            yield answer.encode(answer.error_event(error.body()))
         except BaseException:  # the client left: the engine requests are cancelled as the streams close
             record.cancelled = True
             raise
@@ -151,8 +156,8 @@ class Gateway:
             await events.aclose()
             self._finish(record, ticket, answer, error.status if error else 200, error)
 
-    def _add(self, answer: Answer, index: int, chunk, record: RequestRecord) -> dict | None:
-        """Fold one engine response into the answer; the stream chunk it makes, if it says anything."""
+    def _add(self, answer: Answer, index: int, chunk, record: RequestRecord) -> list[dict]:
+        """Fold one engine response into the answer; the stream chunks it makes, if it says anything."""
         out = answer.outputs[index]
         out.text += chunk.text
         out.completion_tokens += chunk.num_output_tokens or 0
@@ -162,8 +167,8 @@ class Gateway:
         if chunk.text and record.time_to_first_token is None:
             record.time_to_first_token = time.monotonic() - record.started
         if not (chunk.text or chunk.logprobs or chunk.finish_reason):
-            return None
-        return answer.chunk(index, chunk.text, chunk.logprobs or [], chunk.finish_reason)
+            return []
+        return answer.chunks(index, chunk.text, chunk.logprobs or [], chunk.finish_reason)
 
     # ---- admission ----------------------------------------------------------------------------
     async def _body(self, request: Request) -> bytes:
@@ -299,6 +304,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await gateway.complete("completion", request)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return await gateway.complete("responses", request)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

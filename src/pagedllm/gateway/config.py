@@ -21,6 +21,8 @@ class GatewayConfig:
     # the Triton models served, where a replica has them ready (and the aliases' targets); checked by name, as
     # a server whose admin groups need a key does not list its repository
     models: list[str] = field(default_factory=lambda: ["llm"])
+    responses_stored: int = 1024  # /v1/responses kept for previous_response_id, per gateway, oldest dropped first
+    responses_kept_seconds: float = 3600.0  # and for at most this long
 
     def __post_init__(self) -> None:
         if not self.triton and not self.triton_dns:

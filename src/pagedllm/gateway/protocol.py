@@ -9,17 +9,19 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pagedllm.engine.sampling_params import LEGACY_STRUCTURED_OUTPUTS, SamplingParams
+from pagedllm.gateway import tools
 from pagedllm.gateway.errors import InvalidRequestError, field_error
-from pagedllm.gateway.structured import ResponseFormat, Tool, ToolCallPlan, constraint, tools_message
+from pagedllm.gateway.structured import ResponseFormat, constraint
+from pagedllm.gateway.tools import Function, Tool, ToolCallPlan, plan_tools
 from pagedllm.serving.request import MAX_MESSAGES, MAX_PROMPT_BYTES
 
 MAX_STOP = 4
+MAX_TOOLS = 128
 MAX_CHOICES = 16  # n
 MAX_STREAMS = 64  # prompts x n: each choice is one engine stream, and they are built before admission
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat runs to the context's end
 UNSUPPORTED = {
-    "functions": "the legacy function calling (send tools)", "function_call": "the legacy function calling (send "
-    "tool_choice)", "logit_bias": "logit_bias", "suffix": "suffix", "best_of": "best_of",
+    "logit_bias": "logit_bias", "suffix": "suffix", "best_of": "best_of",
     "audio": "audio output", "modalities": "audio output", "prediction": "predicted outputs",
 }
 # Sampling fields passed to the engine under the same name, when the request sets them.
@@ -71,20 +73,37 @@ class _Common(_Body):
         return stops
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # an earlier answer's calls, sent back with their results
+    tool_calls: list[ToolCall] | None = None  # an earlier answer's calls, sent back with their results
     tool_call_id: str | None = None
+    function_call: FunctionCall | None = None  # the legacy shape of one call
 
     def text(self) -> str:
-        """The content the chat template sees: an earlier call is shown as the JSON the model wrote."""
-        if self.tool_calls:
-            return json.dumps([c.get("function", {}) for c in self.tool_calls], ensure_ascii=False)
+        """The content the chat template sees: earlier calls as the model wrote them, results in the tags
+        the tools' system message names."""
+        calls = [(c.function.name, c.function.arguments) for c in self.tool_calls or []]
+        calls += [(self.function_call.name, self.function_call.arguments)] if self.function_call else []
+        if calls and self.role == "assistant":
+            return "\n".join(filter(None, [self.content, tools.calls_text(calls)]))
+        if calls:
+            raise ValueError("tool_calls: only an assistant's message holds calls")
         if self.content is None:
             raise ValueError("content: is required unless the message is an assistant's tool_calls")
-        return self.content
+        return tools.result_text(self.content) if self.role in ("tool", "function") else self.content
 
     @field_validator("content")
     @classmethod
@@ -103,9 +122,11 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Tool] | None = Field(None, min_length=1, max_length=128)
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # one call per answer, whatever it says
+    parallel_tool_calls: bool | None = None
+    functions: list[Function] | None = Field(None, min_length=1, max_length=MAX_TOOLS)  # the legacy tools
+    function_call: str | dict[str, Any] | None = None  # the legacy tool_choice
 
 
 class CompletionRequest(_Common):
@@ -150,16 +171,17 @@ def parse(kind: Literal["chat", "completion"], body: Any) -> Plan:
     try:
         request = schema.model_validate(body)
     except ValidationError as e:
-        raise _field_error(e) from None
+        raise field_error_of(e) from None
     plan = _chat_plan(request) if kind == "chat" else _completion_plan(request)
     _check_sampling(plan)
     return plan
 
 
-def _field_error(error: ValidationError) -> InvalidRequestError:
+def field_error_of(error: ValidationError, within: str = "") -> InvalidRequestError:
+    """A validation error as a 400 naming the field (under `within`, where the body was a part)."""
     first = error.errors()[0]
     loc = [part for part in first["loc"] if part not in ("str", "list[str]", "list[dict[str,any]]")]
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    param = (within + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)).lstrip(".") or None
     message = "unknown field (not part of OpenAI's API or not supported)" if first["type"] == "extra_forbidden" \
         else first["msg"]
     return InvalidRequestError(f"{param}: {message}" if param else message, param)
@@ -175,19 +197,19 @@ def _sampling(request: _Common, max_tokens: int | None, structured: dict[str, An
     return values
 
 
-def _constraint(request: _Common) -> tuple[dict[str, Any] | None, ToolCallPlan | None, dict[str, str]]:
-    """The engine's structured_outputs, the tool call answered, and the request's name for the constraint."""
+def _constraint(request: _Common, tool_plan: ToolCallPlan | None = None) -> tuple[dict[str, Any] | None,
+                                                                                  dict[str, str]]:
+    """The engine's structured_outputs, and the request's name for the constraint."""
     extras = {name: getattr(request, name) for name in ("structured_outputs", *LEGACY_STRUCTURED_OUTPUTS)
               if getattr(request, name) is not None}
-    tools, choice = getattr(request, "tools", None), getattr(request, "tool_choice", None)
-    structured, tool_plan = constraint(extras, request.response_format, tools, choice)
+    structured = constraint(extras, request.response_format, tool_plan)
     if structured is None or "structured_outputs" in extras:
-        return structured, tool_plan, {}
+        return structured, {}
     kind = next(iter(structured))
-    source = "tools" if tool_plan else next(iter(extras), None)
+    source = ("functions" if tool_plan.legacy else "tools") if tool_plan else next(iter(extras), None)
     if request.response_format is not None:
         source = "response_format.json_schema.schema" if kind == "json" else "response_format"
-    return structured, tool_plan, {f"structured_outputs.{kind}": source}
+    return structured, {f"structured_outputs.{kind}": source}
 
 
 def _stream_flags(request: _Common) -> bool:
@@ -211,13 +233,15 @@ def _chat_plan(request: ChatCompletionRequest) -> Plan:
     if request.top_logprobs is not None and not request.logprobs:
         raise InvalidRequestError("top_logprobs: only allowed when logprobs is true", "top_logprobs")
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-    structured, tool_plan, constraint_names = _constraint(request)
+    tool_plan = plan_tools(request.tools, request.tool_choice, request.parallel_tool_calls, request.functions,
+                           request.function_call)
+    structured, constraint_names = _constraint(request, tool_plan)
     sampling = _sampling(request, max_tokens, structured)
     if request.logprobs:
         sampling["logprobs"] = request.top_logprobs or 0
     messages = _messages(request.messages)
     if tool_plan is not None:
-        messages = _with_system(messages, tools_message(request.tools, tool_plan))
+        messages = _with_system(messages, tools.system_prompt(tool_plan))
     renamed = {"logprobs": "top_logprobs", "prompt": "messages", "text_input": "messages", **constraint_names}
     if request.max_completion_tokens is not None:
         renamed["max_tokens"] = "max_completion_tokens"
@@ -231,8 +255,10 @@ def _messages(messages: list[Message]) -> list[dict[str, str]]:
         try:
             text = m.text()
         except ValueError as e:
-            raise InvalidRequestError(f"messages[{i}].{e}", f"messages[{i}].content") from None
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": text}
+            field = str(e).split(":")[0]
+            raise InvalidRequestError(f"messages[{i}].{e}", f"messages[{i}].{field}") from None
+        role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
+        out.append({"role": role, "content": text}
                    | ({"name": m.name} if m.name else {}))
     _check_bytes("messages", sum(len(m["content"].encode()) for m in out))
     return out
@@ -267,7 +293,7 @@ def _completion_plan(request: CompletionRequest) -> Plan:
     if request.echo and request.logprobs is not None:
         raise InvalidRequestError("echo: logprobs of the prompt are not supported; drop echo or logprobs", "echo")
     max_tokens = request.max_tokens if request.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-    structured, _, constraint_names = _constraint(request)
+    structured, constraint_names = _constraint(request)
     sampling = _sampling(request, max_tokens, structured)
     if request.logprobs is not None:
         sampling["logprobs"] = request.logprobs
