@@ -106,14 +106,15 @@ def test_constraints_become_the_engines_structured_outputs():
         "structured_outputs"] == {"regex": "a"}
 
 
-def test_tools_become_a_system_message_and_a_structural_tag():
+def test_tools_go_to_the_engine_with_a_structural_tag():
     auto = parse("chat", CHAT | {"tools": [TOOL]})
     assert auto.tool_call.mode == "auto" and auto.tool_call.parallel and auto.tool_call.names == ["get_weather"]
     assert auto.renamed["structured_outputs.structural_tag"] == "tools"
     tag = json.loads(auto.choices[0].sampling["structured_outputs"]["structural_tag"])
     assert tag["format"]["type"] == "sequence"
-    system = auto.choices[0].messages[0]
-    assert system["role"] == "system" and "get_weather" in system["content"] and "<tool_call>" in system["content"]
+    assert auto.choices[0].messages == CHAT["messages"]  # the engine shows the tools (tool_format.py)
+    assert auto.tool_call.tool_use().request_fields() == {"tools": [TOOL], "tool_choice": "auto",
+                                                          "parallel_tool_calls": True}
     named = parse("chat", CHAT | {"tools": [TOOL], "tool_choice": {"type": "function",
                                                                    "function": {"name": "get_weather"}}})
     assert named.tool_call.mode == "named" and not named.tool_call.parallel
@@ -150,7 +151,7 @@ def test_tool_answers_whole_and_streamed():
     assert cut["finish_reason"] == "length" and cut["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
 
 
-def test_earlier_calls_and_results_are_shown_to_the_model():
+def test_earlier_calls_and_results_go_to_the_engine_in_openais_current_shape():
     history = [{"role": "user", "content": "Weather in Oslo?"},
                {"role": "assistant", "content": None, "tool_calls": [
                    {"id": "call_1", "type": "function", "function": {"name": "get_weather",
@@ -159,11 +160,10 @@ def test_earlier_calls_and_results_are_shown_to_the_model():
                {"role": "assistant", "function_call": {"name": "get_weather", "arguments": "not json"}},
                {"role": "function", "name": "get_weather", "content": "4"}]
     messages = parse("chat", {"model": "m", "messages": history}).choices[0].messages
-    assert messages[1] == {"role": "assistant", "content": '<tool_call>\n{"name": "get_weather", "arguments": '
-                                                           '{"city": "Oslo"}}\n</tool_call>'}
-    assert messages[2] == {"role": "tool", "content": '<tool_response>\n{"celsius": 4}\n</tool_response>'}
-    assert '"arguments": "not json"}' in messages[3]["content"]
-    assert messages[4]["role"] == "tool"
+    assert messages[:3] == history[:3]
+    assert messages[3] == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": "not json"}}]}
+    assert messages[4] == {"role": "tool", "name": "get_weather", "content": "4"}
 
 
 def test_invalid_completions_name_the_field():

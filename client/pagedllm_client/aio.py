@@ -60,20 +60,20 @@ class AsyncClient(ClientSettings):
         self._session: Any = None
         self._batched: bool | None = None  # the model has max_batch_size > 0: inputs get a batch dimension
 
-    async def generate(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
+    async def generate(self, prompt: str | None = None, messages: list[dict[str, Any]] | None = None,
                        **sampling: Any) -> Completion:
         completion = Completion()
         async for chunk in self._chunks(request_fields(prompt, messages, sampling)):
             completion.add(chunk)
         return completion
 
-    async def stream(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
+    async def stream(self, prompt: str | None = None, messages: list[dict[str, Any]] | None = None,
                      **sampling: Any) -> AsyncIterator[str]:
         async for chunk in self._chunks(request_fields(prompt, messages, sampling)):
             if chunk.text:
                 yield chunk.text
 
-    async def chunks(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
+    async def chunks(self, prompt: str | None = None, messages: list[dict[str, Any]] | None = None,
                      **sampling: Any) -> AsyncIterator[Chunk]:
         """Every response as a Chunk: its text, and the finish reason, token counts and (when `logprobs` is
         given) logprobs the server sends with it."""

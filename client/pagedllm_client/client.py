@@ -34,14 +34,14 @@ class Client(ClientSettings):
         self._local = threading.local()
         self._connections: list[Any] = []
 
-    def generate(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
+    def generate(self, prompt: str | None = None, messages: list[dict[str, Any]] | None = None,
                  **sampling: Any) -> Completion:
         completion = Completion()
         for chunk in self._chunks(request_fields(prompt, messages, sampling)):
             completion.add(chunk)
         return completion
 
-    def stream(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
+    def stream(self, prompt: str | None = None, messages: list[dict[str, Any]] | None = None,
                **sampling: Any) -> Iterator[str]:
         """Yield text deltas as they are generated; leaving early cancels the request on the server."""
         for chunk in self._chunks(request_fields(prompt, messages, sampling)):

@@ -54,17 +54,25 @@ class Completion:
         self.latency = now
 
 
-def request_fields(prompt: str | None, messages: list[dict[str, str]] | None,
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")  # OpenAI's names, and the contract's inputs
+
+
+def request_fields(prompt: str | None, messages: list[dict[str, Any]] | None,
                    sampling: dict[str, Any]) -> dict[str, Any]:
-    """The inputs of one streamed request, as the vLLM-backend contract names them."""
+    """The inputs of one streamed request, as the vLLM-backend contract names them. `sampling` may also hold
+    a chat's tools, tool_choice and parallel_tool_calls, as OpenAI's chat API names them."""
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt or messages")
+    sampling = dict(sampling)
+    tools = {name: sampling.pop(name) for name in TOOL_FIELDS if sampling.get(name) is not None}
     fields: dict[str, Any] = {"stream": True, "exclude_input_in_output": True, "return_finish_reason": True,
                               "return_num_input_tokens": True, "return_num_output_tokens": True}
     if prompt is not None:
         fields["text_input"] = prompt
     else:
         fields["messages"] = json.dumps(messages)
+    for name, value in tools.items():
+        fields[name] = value if isinstance(value, (bool, str)) else json.dumps(value)
     if sampling:
         fields["sampling_parameters"] = json.dumps(sampling)
     if sampling.get("logprobs") is not None:

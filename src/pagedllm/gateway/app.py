@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -36,6 +36,7 @@ from pagedllm.gateway.quotas import KeyQuota, Ticket, estimate_tokens
 from pagedllm.gateway.replicas import ReplicaPool
 from pagedllm.gateway.responses_api import ResponseStore
 from pagedllm.gateway.responses_api import parse_request as parse_response_request
+from pagedllm.tool_format import chat_bytes
 
 logger = logging.getLogger("pagedllm.gateway")
 access_log = logging.getLogger("pagedllm.gateway.access")
@@ -278,9 +279,8 @@ class Gateway:
         return JSONResponse({"ready": bool(models), "models": models}, status_code=200 if models else 503)
 
 
-def _prompt_bytes(prompt: str | None, messages: list[dict[str, str]] | None) -> int:
-    texts = [prompt] if prompt is not None else [m["content"] for m in messages or []]
-    return sum(len(t.encode("utf-8")) for t in texts)
+def _prompt_bytes(prompt: str | None, messages: list[dict[str, Any]] | None) -> int:
+    return len(prompt.encode("utf-8")) if prompt is not None else chat_bytes(messages or [])
 
 
 def create_app(config: GatewayConfig) -> FastAPI:

@@ -28,12 +28,13 @@ class Generation:
 
     async def _choice(self, choice: Choice) -> AsyncIterator[Event]:
         tried: Replica | None = None
+        tools = self.plan.tool_call.tool_use().request_fields() if self.plan.tool_call else {}
         for attempt in (1, 2):
             replica = self._pick(tried)
             started = False
             replica.outstanding += 1
             try:
-                async for chunk in replica.client(self.model).chunks(choice.prompt, choice.messages,
+                async for chunk in replica.client(self.model).chunks(choice.prompt, choice.messages, **tools,
                                                                      **choice.sampling):
                     started = True
                     yield choice.index, chunk

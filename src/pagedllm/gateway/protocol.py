@@ -9,11 +9,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pagedllm.engine.sampling_params import LEGACY_STRUCTURED_OUTPUTS, SamplingParams
-from pagedllm.gateway import tools
 from pagedllm.gateway.errors import InvalidRequestError, field_error
 from pagedllm.gateway.structured import ResponseFormat, constraint
 from pagedllm.gateway.tools import Function, Tool, ToolCallPlan, plan_tools
 from pagedllm.serving.request import MAX_MESSAGES, MAX_PROMPT_BYTES
+from pagedllm.tool_format import chat_bytes
 
 MAX_STOP = 4
 MAX_TOOLS = 128
@@ -92,18 +92,19 @@ class Message(_Body):
     tool_call_id: str | None = None
     function_call: FunctionCall | None = None  # the legacy shape of one call
 
-    def text(self) -> str:
-        """The content the chat template sees: earlier calls as the model wrote them, results in the tags
-        the tools' system message names."""
-        calls = [(c.function.name, c.function.arguments) for c in self.tool_calls or []]
-        calls += [(self.function_call.name, self.function_call.arguments)] if self.function_call else []
-        if calls and self.role == "assistant":
-            return "\n".join(filter(None, [self.content, tools.calls_text(calls)]))
-        if calls:
+    def for_engine(self) -> dict[str, Any]:
+        """The message as the engine's chat rendering takes it (tool_format.py): OpenAI's current shape, the
+        legacy roles and call mapped onto it."""
+        calls = [c.model_dump() for c in self.tool_calls or []]
+        if self.function_call:
+            calls.append({"id": "call_0", "type": "function", "function": self.function_call.model_dump()})
+        if calls and self.role != "assistant":
             raise ValueError("tool_calls: only an assistant's message holds calls")
-        if self.content is None:
+        if self.content is None and not calls:
             raise ValueError("content: is required unless the message is an assistant's tool_calls")
-        return tools.result_text(self.content) if self.role in ("tool", "function") else self.content
+        role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
+        fields = {"name": self.name, "tool_calls": calls or None, "tool_call_id": self.tool_call_id}
+        return {"role": role, "content": self.content} | {k: v for k, v in fields.items() if v is not None}
 
     @field_validator("content")
     @classmethod
@@ -140,7 +141,7 @@ class Choice:
     """One engine request: the `index`-th choice of the answer."""
     index: int
     prompt: str | None
-    messages: list[dict[str, str]] | None
+    messages: list[dict[str, Any]] | None
     sampling: dict[str, Any]
 
 
@@ -218,7 +219,7 @@ def _stream_flags(request: _Common) -> bool:
     return bool(request.stream_options and request.stream_options.include_usage)
 
 
-def _fan_out(prompts: list[tuple[str | None, list[dict[str, str]] | None]], request: _Common,
+def _fan_out(prompts: list[tuple[str | None, list[dict[str, Any]] | None]], request: _Common,
              sampling: dict[str, Any]) -> list[Choice]:
     """n choices per prompt; with a seed, choice i of a prompt gets seed + i (distinct but reproducible)."""
     choices = []
@@ -240,8 +241,6 @@ def _chat_plan(request: ChatCompletionRequest) -> Plan:
     if request.logprobs:
         sampling["logprobs"] = request.top_logprobs or 0
     messages = _messages(request.messages)
-    if tool_plan is not None:
-        messages = _with_system(messages, tools.system_prompt(tool_plan))
     renamed = {"logprobs": "top_logprobs", "prompt": "messages", "text_input": "messages", **constraint_names}
     if request.max_completion_tokens is not None:
         renamed["max_tokens"] = "max_completion_tokens"
@@ -249,18 +248,15 @@ def _chat_plan(request: ChatCompletionRequest) -> Plan:
                 _stream_flags(request), request.logprobs, False, max_tokens, renamed, tool_plan)
 
 
-def _messages(messages: list[Message]) -> list[dict[str, str]]:
+def _messages(messages: list[Message]) -> list[dict[str, Any]]:
     out = []
     for i, m in enumerate(messages):
         try:
-            text = m.text()
+            out.append(m.for_engine())
         except ValueError as e:
             field = str(e).split(":")[0]
             raise InvalidRequestError(f"messages[{i}].{e}", f"messages[{i}].{field}") from None
-        role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
-        out.append({"role": role, "content": text}
-                   | ({"name": m.name} if m.name else {}))
-    _check_bytes("messages", sum(len(m["content"].encode()) for m in out))
+    _check_bytes("messages", chat_bytes(out))
     return out
 
 
@@ -274,13 +270,6 @@ def _check_streams(prompts: int, n: int) -> None:
 def _check_bytes(field: str, size: int) -> None:
     if size > MAX_PROMPT_BYTES:
         raise InvalidRequestError(f"{field}: {size} bytes of text is over the {MAX_PROMPT_BYTES}-byte limit", field)
-
-
-def _with_system(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
-    """`text` added to the system message, or as one before the others."""
-    if messages[0]["role"] == "system":
-        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + text}] + messages[1:]
-    return [{"role": "system", "content": text}] + messages
 
 
 def _completion_plan(request: CompletionRequest) -> Plan:

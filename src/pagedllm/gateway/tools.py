@@ -1,17 +1,12 @@
-"""Tool calling in OpenAI's chat API: the tools described to the model, the constraint that keeps its calls
-valid, earlier calls and their results shown back to it, and the calls read out of its output as it streams.
+"""Tool calling in OpenAI's chat API: which functions a request lets the model call and how, the constraint
+that keeps its calls valid, and the calls read out of its output as it streams. The call format, and how
+tools reach the model, are tool_format.py's.
 
-One call format for every model (the chat templates served here do not render tools), Hermes-style:
-
-    <tool_call>
-    {"name": "get_weather", "arguments": {"city": "Oslo"}}
-    </tool_call>
-
-A system message lists the tools and the format. The answer is constrained by an xgrammar structural tag:
-under "auto" free text, then optionally calls (separated by a newline) and nothing after them; under
-"required" or a named function, calls only. Once the model writes `<tool_call>`, the name must be one of the
-tools and the arguments must match its schema. The arguments are passed on as the model wrote them, so the
-streamed pieces add up to the whole answer's arguments byte for byte."""
+The answer is constrained by an xgrammar structural tag: under "auto" free text, then optionally calls
+(separated by a newline) and nothing after them; under "required" or a named function, calls only. Once the
+model writes `<tool_call>`, the name must be one of the tools and the arguments must match its schema. The
+arguments are passed on as the model wrote them, so the streamed pieces add up to the whole answer's
+arguments byte for byte."""
 from __future__ import annotations
 
 import json
@@ -22,12 +17,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pagedllm.gateway.errors import InvalidRequestError
+from pagedllm.tool_format import (
+    CALL_END,
+    CALL_SEPARATOR,
+    CALL_START,
+    HEAD_ARGUMENTS,
+    HEAD_NAME,
+    ToolUse,
+    call_head,
+    parameters,
+)
 
-CALL_START = "<tool_call>"
-CALL_END = "}\n</tool_call>"
-CALL_SEPARATOR = "\n"
-_HEAD_NAME = CALL_START + '\n{"name": "'
-_HEAD_ARGUMENTS = '", "arguments": '
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 MAX_NAME = 64
 
@@ -61,6 +61,10 @@ class ToolCallPlan:
     @property
     def names(self) -> list[str]:
         return [f.name for f in self.functions]
+
+    def tool_use(self) -> ToolUse:
+        """What the engine's chat rendering needs: the functions, the mode and `parallel`."""
+        return ToolUse(tuple(f.model_dump(exclude_none=True) for f in self.functions), self.mode, self.parallel)
 
 
 def plan_tools(tools: list[Tool] | None, tool_choice: str | dict[str, Any] | None, parallel: bool | None,
@@ -98,18 +102,10 @@ def plan_tools(tools: list[Tool] | None, tool_choice: str | dict[str, Any] | Non
     return ToolCallPlan([by_name[name]], "named", False, legacy)
 
 
-def _parameters(function: Function) -> dict[str, Any]:
-    return function.parameters or {"type": "object", "properties": {}}
-
-
-def _begin(name: str) -> str:
-    return f"{_HEAD_NAME}{name}{_HEAD_ARGUMENTS}"
-
-
 def constraint(plan: ToolCallPlan) -> dict[str, Any]:
     """The engine's structured_outputs for the plan: an xgrammar structural tag."""
-    tags = [{"type": "tag", "begin": _begin(f.name), "end": CALL_END,
-             "content": {"type": "json_schema", "json_schema": _parameters(f)}} for f in plan.functions]
+    tags = [{"type": "tag", "begin": call_head(f["name"]), "end": CALL_END,
+             "content": {"type": "json_schema", "json_schema": parameters(f)}} for f in plan.tool_use().functions]
     calls = {"type": "tags_with_separator", "tags": tags, "separator": CALL_SEPARATOR,
              "at_least_one": True, "stop_after_first": not plan.parallel}
     if plan.mode == "auto":
@@ -118,38 +114,6 @@ def constraint(plan: ToolCallPlan) -> dict[str, Any]:
     else:
         fmt = calls
     return {"structural_tag": json.dumps({"type": "structural_tag", "format": fmt}, ensure_ascii=False)}
-
-
-def system_prompt(plan: ToolCallPlan) -> str:
-    """The system message that tells the model its functions and how to call them."""
-    listed = "\n".join(json.dumps({"name": f.name, "description": f.description or "",
-                                   "parameters": _parameters(f)}, ensure_ascii=False) for f in plan.functions)
-    how = {"auto": "Call a function only when it helps to answer; otherwise answer in plain text.",
-           "required": "Answer with at least one function call.",
-           "named": f"Answer with a call of {plan.names[0]}."}[plan.mode]
-    many = ("You may write several calls, one after another." if plan.parallel and plan.mode != "named" else
-            "Write at most one call.")
-    return (f"You can call these functions (name, description, JSON schema of the arguments):\n<tools>\n{listed}\n"
-            f"</tools>\nTo call one, write exactly:\n{CALL_START}\n"
-            '{"name": <function name>, "arguments": <the arguments as a JSON object>}\n'
-            f"{CALL_END[1:]}\n{how} {many} The results come back in <tool_response> tags.")
-
-
-def calls_text(calls: list[tuple[str, str]]) -> str:
-    """Earlier calls (name, arguments as sent back by the client), written as the model writes them."""
-    return CALL_SEPARATOR.join(f"{_begin(name)}{_as_json_object(arguments)}{CALL_END}" for name, arguments in calls)
-
-
-def _as_json_object(arguments: str) -> str:
-    try:
-        return arguments if isinstance(json.loads(arguments), dict) else json.dumps(arguments)
-    except ValueError:
-        return json.dumps(arguments, ensure_ascii=False)
-
-
-def result_text(content: str) -> str:
-    """A tool's result, as the system prompt says it comes back."""
-    return f"<tool_response>\n{content}\n</tool_response>"
 
 
 @dataclass
@@ -260,18 +224,18 @@ def _partial_suffix(text: str, marker: str) -> int:
 def _read_head(text: str) -> tuple[str, int] | None | Literal[False]:
     """A call's head at the start of `text`: (name, length); None while it may still become one; False if
     it cannot."""
-    fixed = min(len(text), len(_HEAD_NAME))
-    if text[:fixed] != _HEAD_NAME[:fixed]:
+    fixed = min(len(text), len(HEAD_NAME))
+    if text[:fixed] != HEAD_NAME[:fixed]:
         return False
-    if len(text) <= len(_HEAD_NAME):
+    if len(text) <= len(HEAD_NAME):
         return None
-    end = len(_HEAD_NAME)
-    while end < len(text) and text[end] in _NAME_CHARS and end - len(_HEAD_NAME) < MAX_NAME:
+    end = len(HEAD_NAME)
+    while end < len(text) and text[end] in _NAME_CHARS and end - len(HEAD_NAME) < MAX_NAME:
         end += 1
-    name = text[len(_HEAD_NAME):end]
-    rest = text[end:end + len(_HEAD_ARGUMENTS)]
-    if not _HEAD_ARGUMENTS.startswith(rest) or (end < len(text) and not name):
+    name = text[len(HEAD_NAME):end]
+    rest = text[end:end + len(HEAD_ARGUMENTS)]
+    if not HEAD_ARGUMENTS.startswith(rest) or (end < len(text) and not name):
         return False
-    if len(rest) < len(_HEAD_ARGUMENTS):
+    if len(rest) < len(HEAD_ARGUMENTS):
         return None
-    return name, end + len(_HEAD_ARGUMENTS)
+    return name, end + len(HEAD_ARGUMENTS)

@@ -12,7 +12,7 @@ import numpy as np
 
 from pagedllm.engine.config import EngineConfig
 from pagedllm.engine.engine_process import EngineProcess
-from pagedllm.engine.tokenizer import load_tokenizer
+from pagedllm.engine.tokenizer import load_tokenizer, tools_reach_the_model_by
 from pagedllm.errors import ErrorCode, ModelConfigError, error_code
 from pagedllm.serving.metrics import ServingMetrics
 from pagedllm.serving.python_backend import PythonBackend
@@ -44,7 +44,8 @@ class LLMModel:
         token_text = functools.lru_cache(maxsize=1 << 16)(lambda token_id: self.tokenizer.decode([token_id]))
         self.backend.log_info(f"pagedllm {self.name}/{args['model_version']}: engine ready in process "
                               f"{self.loop.process.pid}, {self.loop.info['num_blocks']} KV blocks; "
-                              f"{self.loop.info['compute_path']}")
+                              f"{self.loop.info['compute_path']}; a chat's tools reach the model through "
+                              f"{tools_reach_the_model_by(self.tokenizer)}")
         self.prompt_limit = PromptLimit.for_tokenizer(self.tokenizer, self.loop.info["max_model_len"])
         self.metrics.on_stats(self.loop.info["stats"])  # gauges are right before the first request
         self.metrics.flush()

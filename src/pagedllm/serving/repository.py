@@ -24,6 +24,7 @@ CLIENT_INPUTS = [
     ("presence_penalty", "TYPE_FP32", [1]), ("frequency_penalty", "TYPE_FP32", [1]),
     ("random_seed", "TYPE_UINT64", [1]), ("stop_words", "TYPE_STRING", [-1]),
     ("guided_decoding_guide_type", "TYPE_STRING", [1]), ("guided_decoding_guide", "TYPE_STRING", [1]),
+    ("tools", "TYPE_STRING", [1]), ("tool_choice", "TYPE_STRING", [1]), ("parallel_tool_calls", "TYPE_BOOL", [1]),
 ]
 INTERNAL_INPUTS = [("input_ids", "TYPE_INT32", [-1]), (NORMALISED_REQUEST, "TYPE_STRING", [1])]
 OUTPUTS = [("text_output", "TYPE_STRING", [-1]), ("finish_reason", "TYPE_STRING", [-1]),

@@ -12,11 +12,15 @@ import numpy as np
 
 from pagedllm.engine.sampling_params import MAX_SEED, SamplingParams
 from pagedllm.errors import InvalidRequestError
+from pagedllm.tool_format import ToolUse
 
 NORMALISED_REQUEST = "request"  # the preprocessing -> llm tensor, in the ensemble
 MAX_PROMPT_BYTES = 1 << 20
 MAX_MESSAGES = 256
+MAX_TOOLS = 128  # functions in `tools`, and calls in one message's `tool_calls`
 ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id")
+FUNCTION_FIELDS = {"name": str, "description": str, "parameters": dict, "strict": bool}
 
 # TensorRT-LLM ensemble inputs -> SamplingParams fields.
 TYPED_INPUTS = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
@@ -62,8 +66,9 @@ class GenerateRequest:
     params: SamplingParams
     options: ResponseOptions
     text: str | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     input_ids: list[int] | None = None
+    tools: ToolUse | None = None  # the functions a chat may call, shown to the model with its messages
 
     def to_json(self) -> str:
         """The normalised request that preprocessing hands to the llm and postprocessing models."""
@@ -101,7 +106,10 @@ def parse_request(inputs: Mapping[str, np.ndarray], max_prompt_tokens: int | Non
     options = ResponseOptions(stream=_flag(inputs, "stream"), prompt_text=text or "",
                               **{name: _flag(inputs, name) for name in FLAGS})
     params = _sampling_params(inputs, options)
-    return GenerateRequest(params, options, text=text, messages=messages, input_ids=input_ids)
+    tools = _tool_use(inputs)
+    if tools is not None and messages is None:
+        raise InvalidRequestError("tools: only a chat (messages) can be given tools")
+    return GenerateRequest(params, options, text=text, messages=messages, input_ids=input_ids, tools=tools)
 
 
 def _scalar(inputs: Mapping[str, np.ndarray], name: str) -> Any:
@@ -137,24 +145,93 @@ def _flag(inputs: Mapping[str, np.ndarray], name: str) -> bool:
     raise InvalidRequestError(f"{name}: expected a BOOL")
 
 
-def _messages(arr: np.ndarray) -> list[dict[str, str]]:
-    raw = _decode(_scalar({"messages": arr}, "messages"), "messages")
+def _json(inputs: Mapping[str, np.ndarray], name: str) -> Any:
+    raw = _text(inputs, name)
     try:
-        messages = json.loads(raw)
+        return json.loads(raw)
     except json.JSONDecodeError as e:
-        raise InvalidRequestError(f"messages: is not valid JSON ({e.msg} at position {e.pos})") from None
+        raise InvalidRequestError(f"{name}: is not valid JSON ({e.msg} at position {e.pos})") from None
+
+
+def _messages(arr: np.ndarray) -> list[dict[str, Any]]:
+    """OpenAI's chat messages: text contents, and an assistant's `tool_calls` and `tool` results."""
+    messages = _json({"messages": arr}, "messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("messages: expected a non-empty JSON list of {role, content} objects")
     if len(messages) > MAX_MESSAGES:
         raise InvalidRequestError(f"messages: at most {MAX_MESSAGES} messages, got {len(messages)}")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or set(m) - {"role", "content", "name"} or "role" not in m or "content" not in m:
-            raise InvalidRequestError(f"messages[{i}]: expected an object with 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise InvalidRequestError(f"messages[{i}].role: {m['role']!r} is not one of {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise InvalidRequestError(f"messages[{i}].content: expected a string")
+        _message(m, f"messages[{i}]")
     return messages
+
+
+def _message(m: Any, where: str) -> None:
+    if not isinstance(m, dict) or "role" not in m or set(m) - set(MESSAGE_FIELDS):
+        raise InvalidRequestError(f"{where}: expected an object with 'role' and 'content' (and optionally "
+                                  "name, tool_calls, tool_call_id)")
+    if m["role"] not in ROLES:
+        raise InvalidRequestError(f"{where}.role: {m['role']!r} is not one of {', '.join(ROLES)}")
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if m["role"] != "assistant":
+            raise InvalidRequestError(f"{where}.tool_calls: only an assistant's message holds calls")
+        if not isinstance(calls, list) or not 0 < len(calls) <= MAX_TOOLS:
+            raise InvalidRequestError(f"{where}.tool_calls: expected a list of 1 to {MAX_TOOLS} calls")
+        for j, call in enumerate(calls):
+            _call(call, f"{where}.tool_calls[{j}]")
+    content = m.get("content")
+    if not isinstance(content, str) and not (content is None and calls):
+        raise InvalidRequestError(f"{where}.content: expected a string (null only beside an assistant's tool_calls)")
+    for name in ("name", "tool_call_id"):
+        if name in m and not isinstance(m[name], str):
+            raise InvalidRequestError(f"{where}.{name}: expected a string")
+
+
+def _call(call: Any, where: str) -> None:
+    function = call.get("function") if isinstance(call, dict) else None
+    if (not isinstance(function, dict) or set(call) - {"id", "type", "function"} or call.get("type") != "function"
+            or not isinstance(call.get("id"), str)):
+        raise InvalidRequestError(f"{where}: expected {{'id': ..., 'type': 'function', 'function': {{'name': ..., "
+                                  "'arguments': ...}}}")
+    if set(function) != {"name", "arguments"} or not all(isinstance(v, str) for v in function.values()):
+        raise InvalidRequestError(f"{where}.function: expected {{'name': a string, 'arguments': a JSON string}}")
+
+
+def _tool_use(inputs: Mapping[str, np.ndarray]) -> ToolUse | None:
+    """OpenAI's tools, tool_choice and parallel_tool_calls; None without tools or with tool_choice "none"."""
+    choice = _text(inputs, "tool_choice") if "tool_choice" in inputs else None
+    if "tools" not in inputs:
+        if choice not in (None, "none"):
+            raise InvalidRequestError("tool_choice: needs tools")
+        return None
+    tools = _json(inputs, "tools")
+    if not isinstance(tools, list) or not 0 < len(tools) <= MAX_TOOLS:
+        raise InvalidRequestError(f"tools: expected a JSON list of 1 to {MAX_TOOLS} tools")
+    functions = {}
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or set(tool) != {"type", "function"} or tool["type"] != "function":
+            raise InvalidRequestError(f"tools[{i}]: expected {{'type': 'function', 'function': {{...}}}}")
+        for key, value in function.items():
+            if not isinstance(value, FUNCTION_FIELDS.get(key, type(None))):
+                raise InvalidRequestError(f"tools[{i}].function.{key}: expected one of "
+                                          f"{', '.join(FUNCTION_FIELDS)}, each of its JSON type")
+        if not isinstance(function.get("name"), str) or function["name"] in functions:
+            raise InvalidRequestError(f"tools[{i}].function.name: every function needs a name of its own")
+        functions[function["name"]] = function
+    parallel = _flag(inputs, "parallel_tool_calls") if "parallel_tool_calls" in inputs else True
+    if choice is None or choice in ("auto", "required"):
+        return ToolUse(tuple(functions.values()), choice or "auto", parallel)
+    if choice == "none":
+        return None
+    try:
+        name = json.loads(choice)["function"]["name"]
+    except (ValueError, TypeError, KeyError):
+        name = None
+    if name not in functions:
+        raise InvalidRequestError(f"tool_choice: expected 'none', 'auto', 'required' or "
+                                  f"{{'type': 'function', 'function': {{'name': one of {sorted(functions)}}}}}")
+    return ToolUse((functions[name],), "named", False)
 
 
 def _input_ids(arr: np.ndarray, max_tokens: int | None, name: str = "input_ids") -> list[int]:

@@ -7,6 +7,7 @@ from typing import Any
 from pagedllm.engine.tokenizer import encode_chat, encode_text
 from pagedllm.errors import InvalidRequestError
 from pagedllm.serving.request import MAX_PROMPT_BYTES, GenerateRequest
+from pagedllm.tool_format import chat_bytes
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class PromptLimit:
 
     def check_text(self, req: GenerateRequest) -> None:
         if req.messages is not None:
-            name, size = "messages", sum(len(m["content"].encode("utf-8")) for m in req.messages)
+            name, size = "messages", chat_bytes(req.messages, req.tools)
         else:
             name, size = "text_input", len((req.text or "").encode("utf-8"))
         if size > self.max_bytes:
@@ -40,7 +41,7 @@ def tokenize_request(tokenizer: Any, req: GenerateRequest, limit: PromptLimit | 
             limit.check_text(req)
         try:
             if req.messages is not None:
-                req.options.prompt_text, req.input_ids = encode_chat(tokenizer, req.messages)
+                req.options.prompt_text, req.input_ids = encode_chat(tokenizer, req.messages, req.tools)
             else:
                 req.input_ids = encode_text(tokenizer, req.text or "")
         except ValueError as e:
