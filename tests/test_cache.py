@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from pagedllm.cache import cache_dir
+from pagedllm.cache import cache_dir, is_as_built, record_build
 from pagedllm.errors import CacheDirError
+from pagedllm.launcher import admin_key_shim
 
 
 def test_a_new_cache_is_private(tmp_path, monkeypatch):
@@ -34,3 +35,24 @@ def test_a_cache_owned_by_another_user_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("PAGEDLLM_CACHE", str(tmp_path))
     with pytest.raises(CacheDirError, match="belongs to user 65534"):
         cache_dir()
+
+
+def test_a_compiled_artifact_is_used_only_as_its_build_wrote_it(tmp_path):
+    artifact = tmp_path / "lib.so"
+    artifact.write_bytes(b"\x7fELF built")
+    assert not is_as_built(artifact)  # no record of its build: built again
+    record_build(artifact)
+    assert is_as_built(artifact)
+    artifact.write_bytes(b"\x7fELF changed")
+    assert not is_as_built(artifact)
+
+
+def test_a_changed_admin_key_shim_is_built_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAGEDLLM_CACHE", str(tmp_path / "cache"))
+    shim = admin_key_shim()
+    if shim is None:
+        pytest.skip("no C compiler here")
+    built = shim.read_bytes()
+    with shim.open("ab") as f:
+        f.write(b"appended")
+    assert admin_key_shim() == shim and shim.read_bytes() == built and is_as_built(shim)

@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pagedllm.cache import cache_dir
+from pagedllm.cache import build_lock, cache_dir, is_as_built, record_build
 from pagedllm.errors import TritonNotFoundError
 
 logger = logging.getLogger("pagedllm.launcher")
@@ -138,16 +138,16 @@ def admin_key_shim() -> Path | None:
     machine can read in /proc), built once per source into the cache; None where it cannot be built."""
     digest = hashlib.sha256(SHIM_SOURCE.read_bytes()).hexdigest()[:16]
     target = cache_dir() / "shims" / f"admin_key_shim-{digest}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f"{target.name}.{os.getpid()}")
+    with build_lock(target):
+        if target.exists() and is_as_built(target):
+            return target
         try:
-            subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", "-O2", "-o", str(partial),
+            subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", "-O2", "-o", str(target),
                             str(SHIM_SOURCE)], check=True, capture_output=True, timeout=120)
         except (OSError, subprocess.SubprocessError) as e:
             logger.warning("cannot build %s (%s): the admin key shows in tritonserver's arguments", SHIM_SOURCE, e)
             return None
-        partial.replace(target)
+        record_build(target)
     return target
 
 

@@ -17,6 +17,7 @@ class GatewayConfig:
     upstream_timeout: float = 600.0  # the longest wait for one response of a stream (queueing included)
     graceful_shutdown: float = 30.0  # SIGTERM: streams in flight get this long to finish
     max_connections: int = 1024  # open connections at once; beyond, 503 before the request is read
+    header_timeout: float = 10.0  # a request's headers must arrive within this long (slowloris)
     triton_dns: list[str] = field(default_factory=list)  # HOST:GRPC_PORT names whose every address is a replica
     # the Triton models served, where a replica has them ready (and the aliases' targets); checked by name, as
     # a server whose admin groups need a key does not list its repository

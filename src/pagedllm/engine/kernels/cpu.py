@@ -12,6 +12,7 @@ import functools
 import hashlib
 import logging
 import mmap
+import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -62,15 +63,27 @@ def _load(isa: CpuIsa) -> ModuleType:
 
 
 def build(directory: Path, isa: CpuIsa) -> ModuleType:
+    """The kernels built into `directory` (a folder per source and tier), or loaded from it when the library
+    there is exactly what an earlier build wrote."""
     from torch.utils.cpp_extension import load as compile_and_load
-    directory.mkdir(parents=True, exist_ok=True)
-    if not any(directory.glob("*.so")):
-        logger.info("building the CPU kernels for tier %s into %s (once per machine, about 30 s)", isa, directory)
-    try:
-        return compile_and_load(f"pagedllm_cpu_kernels_{isa.value}", [str(SOURCE)], extra_cflags=cpu_isa.cflags(isa),
-                                extra_ldflags=["-fopenmp"], build_directory=str(directory))
-    except Exception as e:  # a missing compiler or ninja: say so once, and run plain torch
-        raise KernelsUnavailable(f"building {SOURCE.name} for tier {isa} failed: {type(e).__name__}: {e}") from e
+
+    from pagedllm.cache import build_lock, is_as_built, record_build
+    name = f"pagedllm_cpu_kernels_{isa.value}"
+    library = directory / f"{name}.so"
+    with build_lock(directory):
+        if library.exists() and not is_as_built(library):
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if not library.exists():
+            logger.info("building the CPU kernels for tier %s into %s (once per machine, about 30 s)", isa, directory)
+        try:
+            module = compile_and_load(name, [str(SOURCE)], extra_cflags=cpu_isa.cflags(isa),
+                                      extra_ldflags=["-fopenmp"], build_directory=str(directory))
+        except Exception as e:  # a missing compiler or ninja: say so once, and run plain torch
+            raise KernelsUnavailable(f"building {SOURCE.name} for tier {isa} failed: {type(e).__name__}: {e}") from e
+        if not library.with_name(library.name + ".sha256").exists():
+            record_build(library)
+    return module
 
 
 def available(isa: CpuIsa | str | None = None) -> bool:
