@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from pagedllm.engine.config import declared_max_model_len
 from pagedllm.gateway import replicas
 from pagedllm.gateway.answers import Answer, ChoiceOutput
+from pagedllm.gateway.config import GatewayConfig, parse_lengths
 from pagedllm.gateway.errors import InvalidRequestError, RateLimitError, UpstreamError, from_upstream, param_of
 from pagedllm.gateway.keys import KeyFileError, KeyRing, Limits, load_keys
 from pagedllm.gateway.protocol import decode_body, parse
@@ -285,6 +287,31 @@ def test_quota_refuses_names_the_limit_and_settles_tokens():
         quota.admit(101)
     assert big.value.headers()["x-should-retry"] == "false"
     assert quota.headers()["x-ratelimit-limit-tokens"] == "100"
+
+
+def test_a_request_without_max_tokens_reserves_the_rest_of_the_context():
+    quota = KeyQuota(Limits(tokens_per_minute=10_000), Clock())
+    open_ended = quota.admit(100, up_to=8192)  # the prompt, up to the model's context
+    assert open_ended.reserved == 8192
+    with pytest.raises(RateLimitError, match="tokens_per_minute"):
+        quota.admit(100, up_to=8192)
+    open_ended.settle(150)  # what it used; the rest comes back
+    small = KeyQuota(Limits(tokens_per_minute=1_000), Clock())
+    assert small.admit(100, up_to=8192).reserved == 1_000  # a full bucket still admits it
+    assert KeyQuota(Limits(max_concurrent_requests=1), Clock()).admit(100, up_to=8192).reserved == 100
+
+
+def test_max_model_len_flags_and_the_repository_value(tmp_path):
+    assert parse_lengths(["llm=4096", "b=8"]) == {"llm": 4096, "b": 8}
+    for bad in (["llm"], ["llm=0"], ["llm=long"]):
+        with pytest.raises(ValueError, match="--max-model-len"):
+            parse_lengths(bad)
+    config = GatewayConfig(["h:1"], max_model_len={"llm": 4096})
+    assert config.context_length("llm") == 4096 and config.context_length("other") == config.default_max_model_len
+    assert declared_max_model_len(REPOSITORY / "llm") == 8192  # SmolLM2's positions: engine.json sets none
+    (tmp_path / "m" / "3").mkdir(parents=True)
+    (tmp_path / "m" / "3" / "engine.json").write_text('{"model": "default", "max_model_len": 2048}')
+    assert declared_max_model_len(tmp_path / "m") == 2048 and declared_max_model_len(tmp_path) is None
 
 
 def test_least_outstanding_with_ties_in_turn():

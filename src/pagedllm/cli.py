@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     gw.add_argument("--model", action="append", default=[], metavar="MODEL",
                     help="a Triton model to serve, where a replica has it ready (repeat; default: llm)")
     gw.add_argument("--max-body-bytes", type=int, default=GatewayConfig.max_body_bytes)
+    gw.add_argument("--max-model-len", action="append", default=[], metavar="MODEL=TOKENS",
+                    help="MODEL's max_model_len: quotas reserve the rest of it for requests without max_tokens "
+                         f"(default {GatewayConfig.default_max_model_len}; listed in /v1/models)")
     gen = sub.add_parser("generate", help="offline generation with the engine, no server")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="a local Hugging Face directory (default: embedded SmolLM2)")
@@ -79,6 +82,7 @@ def _server(args: argparse.Namespace, log_path: Path | None = None):
 
 def serve(args: argparse.Namespace) -> int:
     """tritonserver, and the gateway beside it with --openai-port, under pagedllm.supervisor."""
+    from pagedllm.engine.config import declared_max_model_len
     from pagedllm.gateway.replicas import llm_models_in
     from pagedllm.supervisor import Supervisor
 
@@ -92,6 +96,8 @@ def serve(args: argparse.Namespace) -> int:
         gateway_command += ["--api-keys", str(args.api_keys)] if args.api_keys else []
         for model in llm_models_in(args.model_repository):
             gateway_command += ["--model", model]
+            length = declared_max_model_len(args.model_repository / model)
+            gateway_command += ["--max-model-len", f"{model}={length}"] if length else []
 
     def ready() -> None:
         print(f"pagedllm ready\n  HTTP    http://{server.http_url}/v2/models/ensemble/generate_stream\n"
@@ -104,14 +110,15 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def gateway(args: argparse.Namespace) -> int:
-    from pagedllm.gateway.config import parse_aliases
+    from pagedllm.gateway.config import parse_lengths, parse_pairs
     from pagedllm.gateway.server import run
 
     try:
         models = {"models": args.model} if args.model else {}
         return run(GatewayConfig(args.triton, args.host, args.port, args.api_keys,
-                                 parse_aliases(args.served_model_name), args.max_body_bytes,
-                                 triton_dns=args.triton_dns, **models))
+                                 parse_pairs("--served-model-name", args.served_model_name, "NAME=MODEL"),
+                                 args.max_body_bytes, triton_dns=args.triton_dns,
+                                 max_model_len=parse_lengths(args.max_model_len), **models))
     except ValueError as e:  # a bad flag or keys file: the message names it
         raise SystemExit(str(e)) from None
 

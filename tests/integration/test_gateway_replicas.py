@@ -3,6 +3,7 @@ fails no request that had not started streaming, and it is re-admitted once it i
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import urllib.request
 
@@ -136,10 +137,13 @@ def test_a_killed_replica_fails_only_streams_already_begun_and_is_readmitted(rep
 def test_serve_with_openai_port_drains_streams_on_sigterm(tmp_path, tiny_model_dir):
     """`pagedllm serve --openai-port`: both start, the base URL is printed, SIGTERM lets a stream finish."""
     port = free_port()
-    with running_serve(tmp_path, tiny_model_dir("llama-tied"), "--openai-port", str(port)) as (serve, _):
+    model = tiny_model_dir("llama-tied")
+    with running_serve(tmp_path, model, "--openai-port", str(port)) as (serve, _):
         assert wait_for(lambda: answers_200(f"http://127.0.0.1:{port}/ready"), 60), serve.log_path.read_text()
         assert f"http://127.0.0.1:{port}/v1" in serve.log_path.read_text()
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        positions = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+        assert client.models.list().data[0].model_extra["max_model_len"] == positions  # serve told the gateway
         stream = client.completions.create(model="llm", prompt="Hello", max_tokens=150, stream=True,
                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         first = next(iter(stream))

@@ -11,7 +11,7 @@ import torch
 
 from pagedllm.engine.kernels import cpu_isa
 from pagedllm.engine.sampling_params import check_int
-from pagedllm.errors import UnsupportedModelError
+from pagedllm.errors import ModelNotFoundError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +239,24 @@ def num_blocks_for(config: EngineConfig, model: ModelConfig) -> int:
     itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
     per_block = 2 * model.num_hidden_layers * config.block_size * model.num_key_value_heads * model.head_dim * itemsize
     return max(1, config.kv_cache_memory // per_block)
+
+
+def declared_max_model_len(model_dir: Path) -> int | None:
+    """The max_model_len a Triton model's newest version asks for in its engine.json, or else its model's
+    positions; None where neither can be read. The engine may lower it further (a sliding window, a small KV
+    pool)."""
+    from pagedllm.weights import resolve_model_path
+    versions = sorted((int(p.parent.name), p) for p in model_dir.glob("*/engine.json") if p.parent.name.isdigit())
+    if not versions:
+        return None
+    try:
+        config = EngineConfig.from_json(versions[-1][1])
+        if config.max_model_len:
+            return config.max_model_len
+        hf = json.loads((resolve_model_path(config.model) / "config.json").read_text())
+        return int(hf["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError, ModelNotFoundError):
+        return None
 
 
 def resolve_max_model_len(config: EngineConfig, model: ModelConfig, num_blocks: int) -> int:

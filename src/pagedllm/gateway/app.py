@@ -88,7 +88,7 @@ class Gateway:
                 answer = Answer(parse(kind, body))
             plan = answer.plan
             record.model = self._model(plan.model, key)
-            ticket = self._admit(key, plan)
+            ticket = self._admit(key, plan, record.model)
             generation = Generation(self.pool, plan, record.model, self.metrics)
             events = generation.events()
             first = await self._first(events, generation, record)  # an error before any token: an HTTP error
@@ -200,13 +200,16 @@ class Gateway:
             key.check_model(model)
         return model
 
-    def _admit(self, key: ApiKey, plan: Plan) -> Ticket | None:
+    def _admit(self, key: ApiKey, plan: Plan, model: str) -> Ticket | None:
         quota = self.quotas.get(key.name)
         if quota is None:
             return None
-        reserve = sum(estimate_tokens(_prompt_bytes(c.prompt, c.messages)) + (plan.max_tokens or 0)
-                      for c in plan.choices)
-        return quota.admit(reserve)
+        prompts = [estimate_tokens(_prompt_bytes(c.prompt, c.messages)) for c in plan.choices]
+        if plan.max_tokens is not None:
+            return quota.admit(sum(prompts) + plan.max_tokens * len(prompts))
+        # each choice may run to the end of the context; a full bucket still admits such a request
+        context = self.config.context_length(model)
+        return quota.admit(sum(prompts), up_to=sum(max(p, context) for p in prompts))
 
     # ---- endings ------------------------------------------------------------------------------
     def _headers(self, record: RequestRecord, key: ApiKey | None = None) -> dict[str, str]:
@@ -262,8 +265,10 @@ class Gateway:
         names = sorted(served) + sorted(a for a, m in self.config.served_model_names.items() if m in served)
         allowed = [n for n in names if key.models is None or n in key.models
                    or self.config.served_model_names.get(n, n) in key.models]
+        lengths = {n: self.config.max_model_len.get(self.config.served_model_names.get(n, n)) for n in allowed}
         return JSONResponse({"object": "list", "data": [
-            {"id": n, "object": "model", "created": 0, "owned_by": "pagedllm"} for n in allowed]})
+            {"id": n, "object": "model", "created": 0, "owned_by": "pagedllm"}
+            | ({"max_model_len": lengths[n]} if lengths[n] else {}) for n in allowed]})
 
     def render_metrics(self, request: Request) -> Response:
         """Key names, usage and replica addresses: with --api-keys, for scrape keys only."""

@@ -24,6 +24,13 @@ class GatewayConfig:
     models: list[str] = field(default_factory=lambda: ["llm"])
     responses_stored: int = 1024  # /v1/responses kept for previous_response_id, per gateway, oldest dropped first
     responses_kept_seconds: float = 3600.0  # and for at most this long
+    # Triton model -> its max_model_len (`pagedllm serve` passes its repository's). A request without
+    # max_tokens may generate up to the rest of the context, so its quota reserves that much.
+    max_model_len: dict[str, int] = field(default_factory=dict)
+    default_max_model_len: int = 8192  # assumed for a model missing from max_model_len
+
+    def context_length(self, model: str) -> int:
+        return self.max_model_len.get(model, self.default_max_model_len)
 
     def __post_init__(self) -> None:
         if not self.triton and not self.triton_dns:
@@ -36,12 +43,20 @@ class GatewayConfig:
         self.models = list(dict.fromkeys([*self.models, *self.served_model_names.values()]))
 
 
-def parse_aliases(values: list[str]) -> dict[str, str]:
-    """`--served-model-name NAME=MODEL` entries."""
-    aliases = {}
+def parse_pairs(flag: str, values: list[str], shape: str) -> dict[str, str]:
+    """Repeated `--flag KEY=VALUE` entries (`--served-model-name NAME=MODEL`, `--max-model-len MODEL=TOKENS`)."""
+    pairs = {}
     for value in values:
         name, sep, model = value.partition("=")
         if not sep or not name or not model:
-            raise ValueError(f"--served-model-name: {value!r} is not NAME=MODEL")
-        aliases[name] = model
-    return aliases
+            raise ValueError(f"{flag}: {value!r} is not {shape}")
+        pairs[name] = model
+    return pairs
+
+
+def parse_lengths(values: list[str]) -> dict[str, int]:
+    """`--max-model-len MODEL=TOKENS` entries."""
+    lengths = parse_pairs("--max-model-len", values, "MODEL=TOKENS")
+    if not all(v.isdigit() and int(v) > 0 for v in lengths.values()):
+        raise ValueError(f"--max-model-len: {values} must be MODEL=TOKENS with TOKENS a positive integer")
+    return {model: int(tokens) for model, tokens in lengths.items()}

@@ -1,5 +1,6 @@
 """Per-key quotas: token buckets for requests and tokens per minute, and a count of concurrent requests.
-Tokens are reserved at admission (the prompt's estimate plus max_tokens for every choice) and settled
+Tokens are reserved at admission (the prompt's estimate plus max_tokens for every choice, or up to the rest of
+the model's context where max_tokens is not given) and settled
 when the request ends: the unused part comes back, a prompt longer than estimated is charged.
 Single-threaded by design: the gateway runs on one asyncio loop."""
 from __future__ import annotations
@@ -58,11 +59,14 @@ class KeyQuota:
         self.tokens = TokenBucket(limits.tokens_per_minute, clock) if limits.tokens_per_minute else None
         self.in_flight = 0
 
-    def admit(self, reserve_tokens: int) -> Ticket:
-        """Take one request and `reserve_tokens` tokens, or raise RateLimitError naming the limit."""
+    def admit(self, reserve_tokens: int, up_to: int | None = None) -> Ticket:
+        """Take one request and `reserve_tokens` tokens, or raise RateLimitError naming the limit. `up_to`:
+        reserve that many if the key's bucket can ever hold them, else as many as it holds when full."""
         concurrent = self.limits.max_concurrent_requests
         if concurrent is not None and self.in_flight >= concurrent:
             raise self._refused("max_concurrent_requests", f"{concurrent} requests already in flight", 1.0)
+        if up_to is not None and self.tokens is not None:
+            reserve_tokens = max(reserve_tokens, min(up_to, int(self.tokens.capacity)))
         if self.tokens is not None and reserve_tokens > self.tokens.capacity:
             raise RateLimitError(f"rate limit tokens_per_minute: this request needs {reserve_tokens} tokens (prompt "
                                  "estimate plus max_tokens per choice), more than the key's "
