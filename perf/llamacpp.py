@@ -39,12 +39,13 @@ def source() -> Path:
 
 
 # Builds by CPU tier: "native" is what this CPU has; "avx2" is llama.cpp's AVX2 + FMA + F16C build with every
-# AVX-512 and AMX option off, the peer of pagedllm's forced avx2 tier on an AVX-512 machine.
-_AVX512_OFF = ["-DGGML_AVX512=OFF", "-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX512_VNNI=OFF", "-DGGML_AVX512_BF16=OFF",
-               "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DGGML_AVX_VNNI=OFF"]
-BUILDS = {"native": ["-DGGML_NATIVE=ON"],
-          "avx2": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
-                   "-DGGML_BMI2=ON", *_AVX512_OFF]}
+# AVX-512 and AMX option off, the peer of pagedllm's forced avx2 tier on an AVX-512 machine; "avx512" adds
+# AVX-512F/BW/VL/DQ without its BF16, VNNI and VBMI extensions (Skylake-SP), the peer of the avx512 tier.
+_AVX512_EXTENSIONS_OFF = ["-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX512_VNNI=OFF", "-DGGML_AVX512_BF16=OFF",
+                          "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DGGML_AVX_VNNI=OFF"]
+_AVX2 = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON",
+         *_AVX512_EXTENSIONS_OFF]
+BUILDS = {"native": ["-DGGML_NATIVE=ON"], "avx2": [*_AVX2, "-DGGML_AVX512=OFF"], "avx512": [*_AVX2, "-DGGML_AVX512=ON"]}
 
 
 def binaries(build: str = "native") -> Path:
