@@ -13,7 +13,7 @@ llama.cpp's are those its tools print. "pagedllm torch" is the same engine on th
 (`attention_backend="torch"`), what ran before the CPU kernels (native tier only).
 
 `--isa avx2` (or avx512, portable) runs pagedllm's kernels of that tier and llama.cpp built for the same
-instruction set (its AVX2 build for portable, which it has no build of), and restricts torch to the same tier
+instruction set (for portable: SSE only), and restricts torch to the same tier
 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA), so that an AVX-512 BF16 machine measures what an older one would run.
 """
 from __future__ import annotations
@@ -81,11 +81,6 @@ def _once(llm: LLM, setting: str, seed: int) -> float:
         llm.generate(_prompts(1, 512, seed), SamplingParams(max_tokens=1), use_tqdm=False)
         return 512 / (time.perf_counter() - start)
     return _timed_generation(llm, _prompts(int(setting.split()[0]), 40, seed), 64)
-
-
-def peer_build(isa: str) -> str:
-    """llama.cpp's build for a forced tier: the same instruction set where it has one, else its AVX2 build."""
-    return isa if isa in llamacpp.BUILDS else "avx2"
 
 
 def peer(model: Path, setting: str, build: str) -> float:
@@ -207,7 +202,7 @@ def main() -> None:
     isa = cpu_isa.choose(args.isa, cpu_isa.host(), "--isa")
     if isa != native:
         _restrict_torch(isa.value)
-    args.isa, args.build = isa.value, "native" if isa == native else peer_build(isa.value)
+    args.isa, args.build = isa.value, "native" if isa == native else isa.value  # llama.cpp's build of that tier
     torch.set_num_threads(2)
     path = str(ensure_default_model())
     start_up_seconds, build_seconds = start_up(isa.value), kernel_build_seconds(isa.value)
@@ -264,8 +259,9 @@ def report(args, med, bandwidth, matmul, ppl, answers, llms, start) -> str:
         answer_rows.append(f"| {q} | {tok.decode(fast)!r} | {same} | {tok.decode(int8)!r} |")
     forced = args.build != "native"
     command = "`python -m perf.bench_llamacpp" + (f" --isa {args.isa}`" if forced else "`")
-    peer_isa = ("AVX-512F/BW/VL/DQ (no BF16, VNNI or VBMI) and no AMX" if args.build == "avx512" else
-                "AVX2 + FMA + F16C with every AVX-512 and AMX option off")
+    peer_isa = {"avx512": "AVX-512F/BW/VL/DQ (no BF16, VNNI or VBMI) and no AMX",
+                "portable": "x86-64 with SSE only (AVX, AVX2, FMA, F16C, AVX-512 and AMX off)"}.get(
+        args.build, "AVX2 + FMA + F16C with every AVX-512 and AMX option off")
     tier = (f"Tier: pagedllm's **{args.isa}** kernels forced on this CPU, torch held to the same instruction set, "
             f"against llama.cpp built\nfor {peer_isa}.\n\n" if forced else
             f"Tier: pagedllm's **{args.isa}** kernels (this CPU's best), llama.cpp built with `-DGGML_NATIVE=ON`.\n\n")

@@ -45,7 +45,10 @@ _AVX512_EXTENSIONS_OFF = ["-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX512_VNNI=OFF", "-
                           "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DGGML_AVX_VNNI=OFF"]
 _AVX2 = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON",
          *_AVX512_EXTENSIONS_OFF]
-BUILDS = {"native": ["-DGGML_NATIVE=ON"], "avx2": [*_AVX2, "-DGGML_AVX512=OFF"], "avx512": [*_AVX2, "-DGGML_AVX512=ON"]}
+BUILDS = {"native": ["-DGGML_NATIVE=ON"], "avx2": [*_AVX2, "-DGGML_AVX512=OFF"], "avx512": [*_AVX2, "-DGGML_AVX512=ON"],
+          # no x86 extension past x86-64's SSE2 (and SSE4.2), the peer of the portable tier
+          "portable": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=OFF", "-DGGML_AVX2=OFF", "-DGGML_FMA=OFF", "-DGGML_F16C=OFF",
+                       "-DGGML_BMI2=OFF", "-DGGML_AVX512=OFF", *_AVX512_EXTENSIONS_OFF]}
 
 
 def binaries(build: str = "native") -> Path:
