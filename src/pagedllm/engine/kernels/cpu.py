@@ -74,14 +74,15 @@ def build(directory: Path, isa: CpuIsa) -> ModuleType:
         if library.exists() and not is_as_built(library):
             shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if not library.exists():
+        building = not library.exists()
+        if building:
             logger.info("building the CPU kernels for tier %s into %s (once per machine, about 30 s)", isa, directory)
         try:
             module = compile_and_load(name, [str(SOURCE)], extra_cflags=cpu_isa.cflags(isa),
                                       extra_ldflags=["-fopenmp"], build_directory=str(directory))
         except Exception as e:  # a missing compiler or ninja: say so once, and run plain torch
             raise KernelsUnavailable(f"building {SOURCE.name} for tier {isa} failed: {type(e).__name__}: {e}") from e
-        if not library.with_name(library.name + ".sha256").exists():
+        if building:
             record_build(library)
     return module
 
