@@ -196,7 +196,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     ap.add_argument("--isa", default="auto", help="the kernels' tier (default: this CPU's best); a lower one is "
-                                                  "compared with llama.cpp's AVX2 build")
+                                                  "compared with llama.cpp built for the same instruction set")
     args = ap.parse_args()
     native = cpu_isa.choose("auto", cpu_isa.host())
     isa = cpu_isa.choose(args.isa, cpu_isa.host(), "--isa")

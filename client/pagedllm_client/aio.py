@@ -38,7 +38,7 @@ async def next_within(iterator: AsyncIterator[T], timeout: float) -> T:
         raise
     if not done:
         step.cancel()
-        raise asyncio.TimeoutError
+        raise TimeoutError
     return step.result()
 
 
@@ -127,7 +127,7 @@ class AsyncClient(ClientSettings):
             while not finished:
                 try:
                     result, error = await next_within(responses, self.timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise Timeout(f"{self.model}: no response within {self.timeout}s") from None
                 except StopAsyncIteration:
                     finished = True
@@ -158,7 +158,7 @@ class AsyncClient(ClientSettings):
                     chunk = chunk_from_sse(raw.decode("utf-8").rstrip("\r\n"))
                     if chunk is not None:
                         yield chunk
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Timeout(f"{self.model}: no response within {self.timeout}s") from None
         except aiohttp.ClientConnectionError as e:
             raise Overloaded(f"{self.url}: {e}") from None

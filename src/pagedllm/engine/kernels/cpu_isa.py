@@ -19,7 +19,7 @@ from pathlib import Path
 ENV = "PAGEDLLM_CPU_ISA"
 
 
-class CpuIsa(str, enum.Enum):
+class CpuIsa(enum.StrEnum):
     """A build of the kernels (vec.h's PAGEDLLM_ISA_* macro), best first within its architecture."""
 
     AVX512_BF16 = "avx512_bf16"  # AVX-512 F/BW/VL with BF16 dot products (Zen 4+, Cooper Lake, Sapphire Rapids+)
@@ -28,9 +28,6 @@ class CpuIsa(str, enum.Enum):
     NEON_BF16 = "neon_bf16"  # aarch64 with BFDOT (Graviton 3/4, Neoverse V1/V2/N2)
     NEON = "neon"  # any aarch64 (Graviton 2, Ampere Altra)
     PORTABLE = "portable"  # plain C++, no intrinsics: compiles anywhere
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
