@@ -56,3 +56,25 @@ def test_a_changed_admin_key_shim_is_built_again(tmp_path, monkeypatch):
     with shim.open("ab") as f:
         f.write(b"appended")
     assert admin_key_shim() == shim and shim.read_bytes() == built and is_as_built(shim)
+
+
+def test_a_build_killed_midway_does_not_block_the_next(tmp_path, monkeypatch):
+    """torch's build leaves its `lock` file when killed, and a later build would wait on it for ever; under
+    cpu.build's own lock that file is stale, so it is removed. (torch's compile is replaced: only the lock
+    handling is under test here; tests/test_cpu_isa.py builds the real kernels.)"""
+    import torch.utils.cpp_extension
+
+    from pagedllm.engine.kernels import cpu
+    from pagedllm.engine.kernels.cpu_isa import CpuIsa
+
+    def compile_and_load(name, sources, build_directory, **_):
+        if (tmp_path / "kernels" / "lock").exists():
+            raise TimeoutError("torch would wait on its baton for ever here")
+        (tmp_path / "kernels" / f"{name}.so").write_bytes(b"library")
+        return name
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", compile_and_load)
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "lock").touch()
+    assert cpu.build(tmp_path / "kernels", CpuIsa.PORTABLE) == "pagedllm_cpu_kernels_portable"
+    assert is_as_built(tmp_path / "kernels" / "pagedllm_cpu_kernels_portable.so")

@@ -74,6 +74,9 @@ def build(directory: Path, isa: CpuIsa) -> ModuleType:
         if library.exists() and not is_as_built(library):
             shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        # torch's own build baton: a build killed midway leaves it, and every later build would wait on it
+        # forever. Under our lock no other build runs, so one found here is always stale.
+        (directory / "lock").unlink(missing_ok=True)
         building = not library.exists()
         if building:
             logger.info("building the CPU kernels for tier %s into %s (once per machine, about 30 s)", isa, directory)
