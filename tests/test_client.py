@@ -8,26 +8,43 @@ from collections.abc import AsyncIterator
 import pytest
 
 from pagedllm_client.aio import next_within
-from pagedllm_client.errors import CircuitOpen, InvalidRequest, Overloaded, ServerError, Timeout, classify
+from pagedllm_client.errors import (
+    CircuitOpen,
+    EngineUnavailable,
+    ErrorCode,
+    InvalidRequest,
+    Overloaded,
+    ServerError,
+    Timeout,
+    classify,
+)
 from pagedllm_client.protocol import Completion, chunk_from_sse, http_error, request_fields
 from pagedllm_client.resilience import CircuitBreaker, RetryPolicy
 
 
-@pytest.mark.parametrize("message,status,kind", [
-    ("overloaded: 4 requests waiting; retry later", None, Overloaded),
-    ("overloaded: 4 requests waiting; retry later", "400", Overloaded),  # HTTP generate maps all to 400
-    ("sampling_parameters.temperature: -1 is out of range", None, InvalidRequest),
-    ("in ensemble 'ensemble', max_tokens: 0 is out of range", "400", InvalidRequest),
-    ("the engine loop is not running; the model is not ready", None, Overloaded),
-    ("engine failed: boom", None, ServerError),
-    ("Request for unknown model: 'x' is not found", "StatusCode.NOT_FOUND", InvalidRequest),
-    ("failed to connect to all addresses", "StatusCode.UNAVAILABLE", Overloaded),
-    ("deadline", "StatusCode.DEADLINE_EXCEEDED", Timeout),
-    ("something", "StatusCode.INTERNAL", ServerError),
+@pytest.mark.parametrize("message,status,kind,shown", [
+    ("[overloaded] 4 requests waiting; retry later", None, Overloaded, "4 requests waiting; retry later"),
+    ("[overloaded] 4 requests waiting", "400", Overloaded, "4 requests waiting"),  # HTTP generate: all 400
+    ("[invalid_argument] sampling_parameters.temperature: -1 is out of range", None, InvalidRequest,
+     "sampling_parameters.temperature: -1 is out of range"),
+    ("in ensemble 'ensemble', [invalid_argument] max_tokens: 0 is out of range", "400", InvalidRequest,
+     "in ensemble 'ensemble', max_tokens: 0 is out of range"),
+    ("[engine_unavailable] engine restarting: the engine process died; retry shortly", "400", EngineUnavailable,
+     "engine restarting: the engine process died; retry shortly"),
+    ("[internal] internal error in request 7", "400", ServerError, "internal error in request 7"),
+    ("[unknown_code] words", "400", InvalidRequest, "[unknown_code] words"),  # not a code: by the status
+    ("max_tokens: 0 is out of range", None, InvalidRequest, None),  # no code, no status: validation
+    ("Request for unknown model: 'x' is not found", "StatusCode.NOT_FOUND", InvalidRequest, None),
+    ("failed to connect to all addresses", "StatusCode.UNAVAILABLE", Overloaded, None),
+    ("model 'llm' is not ready", "400", Overloaded, None),  # Triton's own words: no code
+    ("deadline", "StatusCode.DEADLINE_EXCEEDED", Timeout, None),
+    ("something", "StatusCode.INTERNAL", ServerError, None),
 ])
-def test_classify(message, status, kind):
+def test_classify(message, status, kind, shown):
     error = classify(message, status)
-    assert type(error) is kind and str(error) == message
+    assert type(error) is kind and str(error) == (shown or message)
+    assert error.code == (ErrorCode(message.split("[")[1].split("]")[0]) if shown and "[unknown" not in message
+                          else None)
 
 
 def test_only_overload_is_retried_and_backoff_is_jittered_and_capped():
@@ -79,7 +96,7 @@ def test_wire_decoding():
     assert (chunk.text, chunk.final, chunk.finish_reason, chunk.num_output_tokens) == ("Hi", True, "stop", 3)
     assert chunk_from_sse(": keep-alive") is None
     with pytest.raises(Overloaded):
-        chunk_from_sse('data: {"error":"overloaded: full; retry later"}')
+        chunk_from_sse('data: {"error":"[overloaded] full; retry later"}')
     error = http_error(400, b'data: {"error":"max_tokens: 0 is out of range"}\n\n')
     assert isinstance(error, InvalidRequest) and str(error) == "max_tokens: 0 is out of range"
     assert isinstance(http_error(503, b"not json"), Overloaded)

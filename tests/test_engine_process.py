@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pagedllm.engine.config import EngineConfig
+from pagedllm.engine.config import EngineConfig, SupervisionConfig
 from pagedllm.engine.engine_process import EngineProcess
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.errors import EngineDeadError
@@ -46,7 +46,8 @@ def wait_until(predicate, timeout: float = 60.0) -> bool:
 @pytest.fixture
 def engine(tiny_model_dir):
     restarted = []
-    e = EngineProcess(config(tiny_model_dir, heartbeat_timeout=1.0), on_restart=lambda: restarted.append(1))
+    e = EngineProcess(config(tiny_model_dir), SupervisionConfig(heartbeat_timeout=1.0),
+                      on_restart=lambda: restarted.append(1))
     e.restarted = restarted
     yield e
     e.shutdown()
@@ -64,7 +65,7 @@ def test_a_killed_engine_fails_its_requests_as_retryable_and_comes_back(engine):
     os.kill(engine.process.pid, signal.SIGKILL)
     failed = [final(first), final(second)]
     assert time.monotonic() - start < 2.0
-    assert all(d.error_code == "UNAVAILABLE" and "engine died: killed by SIGKILL" in d.error for d in failed)
+    assert all(d.error_code == "engine_unavailable" and "engine died: killed by SIGKILL" in d.error for d in failed)
     with pytest.raises(EngineDeadError, match="engine restarting"):
         run(engine, "c")
     assert wait_until(lambda: engine.state == "up") and engine.restarted == [1]
@@ -76,14 +77,14 @@ def test_a_hung_engine_is_killed_by_the_heartbeat_and_restarted(engine):
     deltas.get(timeout=30)
     os.kill(engine.process.pid, signal.SIGSTOP)
     done = final(deltas, timeout=10)
-    assert done.error_code == "UNAVAILABLE" and "hung: no step for" in done.error
+    assert done.error_code == "engine_unavailable" and "hung: no step for" in done.error
     assert wait_until(lambda: engine.state == "up")
     assert final(run(engine, "b", SamplingParams(max_tokens=3))).error is None
 
 
 def test_an_engine_that_keeps_dying_stays_down(tiny_model_dir):
     gave_up = []
-    e = EngineProcess(config(tiny_model_dir, max_restarts=1, fault_injection={"exit_after_ms": 300}),
+    e = EngineProcess(config(tiny_model_dir, fault_injection={"exit_after_ms": 300}), SupervisionConfig(max_restarts=1),
                       on_give_up=gave_up.append)
     try:
         assert wait_until(lambda: e.state == "down", 60) and "exited with code 71" in gave_up[0]

@@ -182,7 +182,7 @@ def test_a_failed_step_fails_only_its_requests_and_the_engine_goes_on(tiny_model
     engine.add_request("waiting", [10, 11], greedy)  # max_num_seqs 2: not in the failed step
     deltas = engine.step()
     assert {d.request_id for d in deltas} == {"bad", "batched-with-bad"}
-    assert all(d.finished and d.error_code == "INTERNAL" and "engine step failed: InjectedFault" in d.error
+    assert all(d.finished and d.error_code == "internal" and "engine step failed: InjectedFault" in d.error
                for d in deltas)
     finished = {}
     while engine.has_unfinished_requests():
@@ -203,7 +203,7 @@ def test_a_dead_loop_fails_what_it_holds_refuses_new_work_and_reports_death(tiny
     loop.submit("killer", [7, 8], SamplingParams(temperature=0, max_tokens=2, seed=999), q.put)
     assert "kill_loop_seed" in str(died.get(timeout=30))
     errors = [q.get(timeout=5) for _ in range(2)]
-    assert all(d.finished and d.error_code == "INTERNAL" for d in errors)
+    assert all(d.finished and d.error_code == "internal" for d in errors)
     assert not loop.alive
     with pytest.raises(EngineDeadError, match="not ready"):
         loop.submit("late", [5], SamplingParams(max_tokens=1), q.put)

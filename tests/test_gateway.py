@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from pagedllm.gateway.keys import KeyFileError, KeyRing, Limits, load_keys
 from pagedllm.gateway.protocol import decode_body, parse
 from pagedllm.gateway.quotas import KeyQuota, TokenBucket
 from pagedllm.gateway.replicas import ReplicaPool, is_llm_model, llm_models_in
-from pagedllm_client import Overloaded
+from pagedllm_client import EngineUnavailable, Overloaded
 
 CHAT = {"model": "llm", "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -333,7 +335,7 @@ def test_a_replica_whose_engine_restarts_is_skipped_for_that_model(monkeypatch):
     now = [100.0]
     monkeypatch.setattr(replicas.time, "monotonic", lambda: now[0])
     a = pool.replicas[0]
-    a.failed(Overloaded("engine restarting: the engine process died; retry the request"), "llm")
+    a.failed(EngineUnavailable("engine restarting: the engine process died; retry the request"), "llm")
     assert {pool.pick("llm").url for _ in range(4)} == {"b:1"}
     assert {pool.pick("llm_tiny").url for _ in range(4)} == {"a:1", "b:1"}
     a.failed(Overloaded("overloaded: 8 requests waiting; retry later"), "llm_tiny")
@@ -442,3 +444,11 @@ def test_headers_sent_too_slowly_lose_the_connection():
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_the_gateway_and_the_client_import_no_torch():
+    """A gateway container needs none of the engine: importing it (and the client) loads no torch."""
+    code = ("import sys, pagedllm.gateway.server, pagedllm_client; "
+            "print(sorted(m for m in ('torch', 'transformers', 'xgrammar') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

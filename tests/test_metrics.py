@@ -33,7 +33,7 @@ class _Metric:
 
 
 def test_metrics_turn_engine_counters_into_increments():
-    from pagedllm.engine.llm_engine import EngineStats
+    from pagedllm.engine.wire import EngineStats
     m = ServingMetrics(_Family, "llm", "1")
     m.on_stats(EngineStats(2, 1, 0.5, 10, 20, prefix_cache_queries=100, prefix_cache_hits=40, num_preemptions=0))
     m.on_stats(EngineStats(1, 0, 0.25, 15, 20, prefix_cache_queries=130, prefix_cache_hits=70, num_preemptions=1))

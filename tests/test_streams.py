@@ -142,9 +142,9 @@ def test_an_abort_of_a_cancelled_stream_ends_it_with_the_final_flag_only(book):
 def test_an_error_delta_is_the_final_response(book):
     sender = FakeSender()
     book.open("a", sender, ResponseOptions(stream=True))
-    book.deliver(RequestDelta.failure("a", "engine died: killed; retry the request", ErrorCode.UNAVAILABLE))
+    book.deliver(RequestDelta.failure("a", "engine died: killed; retry the request", ErrorCode.ENGINE_UNAVAILABLE))
     book.run_once()
-    assert sender.sent == [(("error", "engine died: killed; retry the request", "UNAVAILABLE"), FINAL)]
+    assert sender.sent == [(("error", "engine died: killed; retry the request", "engine_unavailable"), FINAL)]
 
 
 @pytest.mark.parametrize("fault", ["building", "sending"])
@@ -154,7 +154,7 @@ def test_the_final_response_is_sent_whatever_raises(book, fault):
     book.open("a", sender, ResponseOptions())
     book.deliver(delta("a", "x", reason=FinishReason.STOP))
     book.run_once()
-    assert len(sender.finals) == 1 and sender.finals[0][0] == "error" and sender.finals[0][2] == "INTERNAL"
+    assert len(sender.finals) == 1 and sender.finals[0][0] == "error" and sender.finals[0][2] == "internal"
     assert len(book) == 0
     book.responses.fail_building = False
     other = FakeSender()
@@ -192,8 +192,8 @@ class _Backend:
         raise self.error_to_raise
 
 
-@pytest.mark.parametrize("error, code", [(InvalidRequestError("text_input: is empty"), "INVALID_ARG"),
-                                         (KeyError("surprise"), "INTERNAL")])
+@pytest.mark.parametrize("error, code", [(InvalidRequestError("text_input: is empty"), "invalid_argument"),
+                                         (KeyError("surprise"), "internal")])
 def test_the_llm_model_answers_every_request_it_cannot_accept(error, code):
     model = LLMModel()
     model.backend = _Backend(error)
@@ -202,7 +202,7 @@ def test_the_llm_model_answers_every_request_it_cannot_accept(error, code):
     model._accept(_Request(sender))
     assert len(sender.sent) == 1 and sender.sent[0][1] == FINAL and sender.sent[0][0][2] == code
     assert ("surprise" in sender.sent[0][0][1]) is False  # the server's own words stay in its log
-    assert (str(error) in sender.sent[0][0][1]) == (code != "INTERNAL")
+    assert (str(error) in sender.sent[0][0][1]) == (code != "internal")
     assert len(model.streams) == 0
 
 
@@ -211,7 +211,7 @@ def test_an_internal_error_reaches_the_client_as_the_request_id_only(book, caplo
     book.open("a", sender, ResponseOptions(stream=True))
     book.deliver(RequestDelta.failure("a", "engine failed: /srv/models/secret.bin: bad", ErrorCode.INTERNAL))
     book.run_once()
-    assert sender.sent == [(("error", "internal error in request a; the server's log has the detail", "INTERNAL"),
+    assert sender.sent == [(("error", "internal error in request a; the server's log has the detail", "internal"),
                             FINAL)]
     assert "/srv/models/secret.bin" in caplog.text
 

@@ -1,12 +1,28 @@
 """Typed client errors, and the one function that maps a server's error to them.
 
 Triton 2.51 gives no status code for an error inside a gRPC stream, and HTTP generate answers every model
-error with 400, so the message is classified too: pagedllm prefixes the errors worth retrying."""
+error with 400, so pagedllm's models lead each error's text with its code (`[overloaded] ...`); errors from
+Triton itself or the network carry none and are classified by their status and words."""
 from __future__ import annotations
+
+import enum
+import re
+
+
+class ErrorCode(enum.StrEnum):
+    """The server's codes (pagedllm.errors.ErrorCode, copied: this package imports nothing of the server's)."""
+    INVALID_ARGUMENT = "invalid_argument"
+    OVERLOADED = "overloaded"
+    ENGINE_UNAVAILABLE = "engine_unavailable"
+    INTERNAL = "internal"
 
 
 class ClientError(Exception):
-    """Base of every pagedllm client error."""
+    """Base of every pagedllm client error; `code` is the server's, where it gave one."""
+
+    def __init__(self, message: str = "", code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class InvalidRequest(ClientError):
@@ -15,6 +31,10 @@ class InvalidRequest(ClientError):
 
 class Overloaded(ClientError):
     """The server is overloaded or unavailable; retry later (the client does, with backoff)."""
+
+
+class EngineUnavailable(Overloaded):
+    """The model's engine process died or is restarting: retry, on another replica where there is one."""
 
 
 class CircuitOpen(Overloaded):
@@ -41,24 +61,29 @@ _BY_STATUS: dict[str, type[ClientError]] = {
     "400": InvalidRequest, "404": InvalidRequest, "429": Overloaded, "503": Overloaded,
     "500": ServerError, "502": Overloaded, "504": Timeout,
 }
-# Retryable whatever the status says (lowercase substrings of the message). ENGINE_DOWN_MARKS: the llm
-# model's engine process died or is restarting (the gateway then skips that replica for a while).
-ENGINE_DOWN_MARKS = ("engine died:", "engine restarting:")
-_UNAVAILABLE_MARKS = ("overloaded:", "engine loop is not running", "is not ready", "stub process is not healthy",
-                      "failed to connect", "connection refused", "socket closed", *ENGINE_DOWN_MARKS)
-_SERVER_MARKS = ("engine failed:", "internal:")
+_BY_CODE: dict[ErrorCode, type[ClientError]] = {
+    ErrorCode.INVALID_ARGUMENT: InvalidRequest, ErrorCode.OVERLOADED: Overloaded,
+    ErrorCode.ENGINE_UNAVAILABLE: EngineUnavailable, ErrorCode.INTERNAL: ServerError,
+}
+# The code leads the text; Triton puts "in ensemble 'name', " before an ensemble step's error.
+_CODED = re.compile(r"^(in ensemble '[^']*', )?\[(" + "|".join(ErrorCode) + r")\] ")
+# Triton's and the network's own words for a model or server that cannot answer now (no code): retryable.
+_UNAVAILABLE_MARKS = ("is not ready", "stub process is not healthy", "failed to connect", "connection refused",
+                      "socket closed")
 
 
 def classify(message: str, status: str | None = None) -> ClientError:
-    """The typed error for a server's message and (gRPC or HTTP) status, if it gave one."""
-    text = message.lower()
-    if any(mark in text for mark in _UNAVAILABLE_MARKS):
+    """The typed error for a server's message and (gRPC or HTTP) status, if it gave one: by the code that
+    leads a pagedllm model's message (shown without it), else by the status and Triton's words."""
+    coded = _CODED.match(message)
+    if coded is not None:
+        code = ErrorCode(coded.group(2))
+        return _BY_CODE[code]((coded.group(1) or "") + message[coded.end():], code)
+    if any(mark in message.lower() for mark in _UNAVAILABLE_MARKS):
         return Overloaded(message)
-    if any(mark in text for mark in _SERVER_MARKS):
-        return ServerError(message)
     if status:
         return _BY_STATUS.get(status, ServerError)(message)
-    return InvalidRequest(message)  # a stream error with no code: the model's validation, naming the field
+    return InvalidRequest(message)  # a stream error with no code or status: a validation error
 
 
 def from_triton(error: Exception) -> ClientError:

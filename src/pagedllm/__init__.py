@@ -1,13 +1,16 @@
 """pagedllm: a paged-KV, continuous-batching LLM engine served on NVIDIA Triton Inference Server."""
-from pagedllm.engine.config import EngineConfig
-from pagedllm.engine.sampling_params import SamplingParams
-from pagedllm.engine.sequence import RequestDelta, RequestOutput
+from importlib import import_module
 
 __all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput", "RequestDelta"]
 
+# Imported when first asked for: the engine's modules pull in torch, which the gateway and the CLI's
+# non-engine commands never need.
+_HOMES = {"LLM": "pagedllm.llm", "EngineConfig": "pagedllm.engine.config",
+          "SamplingParams": "pagedllm.engine.sampling_params", "RequestOutput": "pagedllm.engine.sequence",
+          "RequestDelta": "pagedllm.engine.sequence"}
 
-def __getattr__(name: str):  # LLM pulls in torch and transformers: import it only when asked
-    if name == "LLM":
-        from pagedllm.llm import LLM
-        return LLM
-    raise AttributeError(name)
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'pagedllm' has no attribute {name!r}")
+    return getattr(import_module(_HOMES[name]), name)

@@ -1,5 +1,5 @@
-"""Every error the server side raises (engine, serving models, launcher), and the one table that maps each
-to the Triton status code a client sees. The gateway's errors are in gateway/errors.py, the client's in
+"""Every error the server side raises (engine, serving models, launcher), the one table that maps each to
+its ErrorCode, and how a code travels over Triton. The gateway's errors are in gateway/errors.py, the client's in
 pagedllm_client/errors.py."""
 from __future__ import annotations
 
@@ -7,10 +7,25 @@ import enum
 
 
 class ErrorCode(enum.StrEnum):
-    """The Triton status codes pagedllm answers with (the names of `pb_utils.TritonError`'s codes)."""
-    INVALID_ARG = "INVALID_ARG"  # the request: its message names the field
-    UNAVAILABLE = "UNAVAILABLE"  # retry: overloaded, or the engine is restarting
-    INTERNAL = "INTERNAL"  # the engine failed
+    """What went wrong, in one word that every side reads: the engine's deltas carry it, Triton's error
+    responses lead with it (`for_triton`), and the client and the gateway decide retries and HTTP status from
+    it, never from the words. pagedllm_client.errors.ErrorCode is the client's copy (tests/test_errors.py)."""
+    INVALID_ARGUMENT = "invalid_argument"  # the request: the message starts with the field it names
+    OVERLOADED = "overloaded"  # admission is full: retry later
+    ENGINE_UNAVAILABLE = "engine_unavailable"  # the engine process died, restarts or stays down: retry elsewhere
+    INTERNAL = "internal"  # the server failed; its log has the detail
+
+    @property
+    def triton_status(self) -> str:
+        """The `pb_utils.TritonError` code this answers with (HTTP 400, 503, 500 where Triton maps them)."""
+        return {ErrorCode.INVALID_ARGUMENT: "INVALID_ARG", ErrorCode.INTERNAL: "INTERNAL"}.get(self, "UNAVAILABLE")
+
+
+def for_triton(code: ErrorCode, message: str) -> str:
+    """An error's text as Triton carries it: `[overloaded] 9 requests waiting ...`. Triton 2.51 gives no status
+    inside a gRPC stream and answers every model error on HTTP generate with 400, so the code travels in the
+    text, first, where pagedllm_client.errors.classify reads it."""
+    return f"[{code}] {message}"
 
 
 class InvalidRequestError(ValueError):
@@ -58,18 +73,18 @@ class TritonNotFoundError(FileNotFoundError):
 
 
 # Looked up along the exception's class hierarchy: a ValueError not named here is a validation error too.
-TRITON_STATUS: dict[type[BaseException], ErrorCode] = {
-    InvalidRequestError: ErrorCode.INVALID_ARG,
-    RequestRejectedError: ErrorCode.INVALID_ARG,
-    ValueError: ErrorCode.INVALID_ARG,
-    OverloadedError: ErrorCode.UNAVAILABLE,
-    EngineDeadError: ErrorCode.UNAVAILABLE,
+ERROR_CODES: dict[type[BaseException], ErrorCode] = {
+    InvalidRequestError: ErrorCode.INVALID_ARGUMENT,
+    RequestRejectedError: ErrorCode.INVALID_ARGUMENT,
+    ValueError: ErrorCode.INVALID_ARGUMENT,
+    OverloadedError: ErrorCode.OVERLOADED,
+    EngineDeadError: ErrorCode.ENGINE_UNAVAILABLE,
 }
 
 
 def error_code(error: BaseException) -> ErrorCode:
-    """The status code for `error`: the nearest class in TRITON_STATUS, else INTERNAL."""
+    """The code for `error`: the nearest class in ERROR_CODES, else INTERNAL."""
     for cls in type(error).__mro__:
-        if cls in TRITON_STATUS:
-            return TRITON_STATUS[cls]
+        if cls in ERROR_CODES:
+            return ERROR_CODES[cls]
     return ErrorCode.INTERNAL

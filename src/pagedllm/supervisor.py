@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from pagedllm.launcher import ADMIN_KEY_ENV, TritonServer
+from pagedllm.restart_policy import RestartPolicy
 
 POLL_SECONDS = 0.25
 
@@ -43,12 +44,11 @@ def dead_stub(parent_pid: int) -> int | None:
 
 
 class Supervisor:
-    def __init__(self, server: TritonServer, gateway_command: list[str] | None = None, max_restarts: int = 3,
-                 restart_window: float = 300.0) -> None:
+    def __init__(self, server: TritonServer, gateway_command: list[str] | None = None,
+                 restarts: RestartPolicy | None = None) -> None:
         self.server, self.gateway_command = server, gateway_command
         self.gateway: subprocess.Popen | None = None
-        self.max_restarts, self.restart_window = max_restarts, restart_window
-        self.restarts: list[float] = []
+        self.restarts = restarts or RestartPolicy()
         self.stopping = threading.Event()
 
     def children(self) -> list[subprocess.Popen]:
@@ -89,13 +89,11 @@ class Supervisor:
         return False
 
     def _restart_server(self, stub: int) -> bool:
-        now = time.monotonic()
-        self.restarts = [t for t in self.restarts if now - t < self.restart_window] + [now]
-        if len(self.restarts) > self.max_restarts:
-            _say(f"a Python stub died again ({len(self.restarts)} times within {self.restart_window:.0f} s); "
-                 "giving up")
+        delay = self.restarts.on_death(time.monotonic())
+        if delay is None:
+            _say(f"a Python stub died again ({len(self.restarts.deaths)} times within "
+                 f"{self.restarts.restart_window:.0f} s); giving up")
             return False
-        delay = 2.0 ** (len(self.restarts) - 1)
         _say(f"a model's Python stub (pid {stub}) died; Triton 2.51 cannot recover it: restarting tritonserver "
              f"in {delay:.0f} s")
         self.server.process.kill()

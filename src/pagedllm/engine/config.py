@@ -12,6 +12,7 @@ import torch
 from pagedllm.engine.kernels import cpu_isa
 from pagedllm.engine.sampling_params import check_int
 from pagedllm.errors import ModelNotFoundError, UnsupportedModelError
+from pagedllm.restart_policy import RestartPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +21,6 @@ BACKENDS = ("auto", "torch", "triton", "cpu")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPES = ("auto", *_DTYPES)
 CPU_ISAS = ("auto", *(isa.value for isa in cpu_isa.CpuIsa))
-
 
 
 @dataclass
@@ -161,12 +161,6 @@ class EngineConfig:
     # model (the step's requests fail, the engine goes on); {"kill_loop_seed": N} raises in the scheduler
     # phase, which ends the engine loop; {"exit_after_ms": N} ends the engine process N ms after it is ready.
     fault_injection: dict[str, int] | None = None
-    # Served, the engine runs in its own process (engine_process.py), restarted when it dies or hangs: work
-    # waiting and no step finished for `heartbeat_timeout` s. After `max_restarts` deaths within
-    # `restart_window` s it stays down.
-    heartbeat_timeout: float = 30.0
-    max_restarts: int = 3
-    restart_window: float = 300.0
     # vLLM's {"method": "ngram", "num_speculative_tokens": 5, ...}: drafts by prompt lookup (speculative.py)
     speculative_config: SpeculativeConfig | None = None
 
@@ -219,17 +213,44 @@ class EngineConfig:
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides: Any) -> EngineConfig:
-        data = json.loads(Path(path).read_text())
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{path}: unknown engine settings {sorted(unknown)}")
-        model = data.get("model")
-        if model and not Path(model).is_absolute() and (Path(path).parent / model).exists():
-            data["model"] = str((Path(path).parent / model).resolve())
-        return cls(**{**data, **overrides})
+        """The engine's settings in an engine.json (its supervision settings are read by read_engine_json)."""
+        return read_engine_json(path, **overrides)[0]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class SupervisionConfig:
+    """How the serving side watches the engine process (engine_process.py), from the same engine.json: work
+    waiting and no step finished for `heartbeat_timeout` s, and it is killed; a dead one is restarted after
+    1, 2, 4... s, and after `max_restarts` deaths within `restart_window` s it stays down."""
+    heartbeat_timeout: float = 30.0
+    max_restarts: int = 3
+    restart_window: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat_timeout", "restart_window"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        check_int("max_restarts", self.max_restarts, 0)
+
+    def restart_policy(self) -> RestartPolicy:
+        return RestartPolicy(self.max_restarts, self.restart_window)
+
+
+def read_engine_json(path: str | Path, **overrides: Any) -> tuple[EngineConfig, SupervisionConfig]:
+    """An engine.json's two parts: the engine's settings and the serving side's watch over it. A relative
+    `model` is taken from the file's folder; a key neither part knows is refused, naming it."""
+    data = {**json.loads(Path(path).read_text()), **overrides}
+    watch = {k: data.pop(k) for k in SupervisionConfig.__dataclass_fields__ if k in data}
+    unknown = set(data) - set(EngineConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{path}: unknown engine settings {sorted(unknown)}")
+    model = data.get("model")
+    if model and not Path(model).is_absolute() and (Path(path).parent / model).exists():
+        data["model"] = str((Path(path).parent / model).resolve())
+    return EngineConfig(**data), SupervisionConfig(**watch)
 
 
 def num_blocks_for(config: EngineConfig, model: ModelConfig) -> int:

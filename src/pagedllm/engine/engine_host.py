@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+from pagedllm.engine import wire
 from pagedllm.engine.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.loop import EngineLoop
@@ -31,63 +32,66 @@ class EngineHost:
         # whether it was aborted while its constraint compiled.
         self._compiling: dict[str, bool] = {}
         self._compiling_lock = threading.Lock()
-        self._constrained: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._constrained: queue.SimpleQueue[wire.Submit] = queue.SimpleQueue()
 
     def serve(self) -> None:
         try:
             self.loop = EngineLoop(lambda: LLMEngine(self.config), on_step=self._on_step,
-                                   on_death=lambda e: os._exit(70))  # a dead loop: the serving side restarts us
+                                   on_death=lambda e: os._exit(wire.EngineExit.LOOP_DIED))  # we are restarted
         except BaseException as e:  # noqa: BLE001 (the serving side reports it and fails the model's load)
-            self.conn.send(("failed", f"{type(e).__name__}: {e}"))
+            wire.send(self.conn, wire.StartFailed(f"{type(e).__name__}: {e}"))
             return
         engine = self.loop.engine
-        self.conn.send(("ready", {"num_blocks": engine.num_blocks, "max_model_len": engine.max_model_len,
-                                  "compute_path": engine.compute_path, "stats": engine.stats()}))
+        wire.send(self.conn, wire.Ready(engine.num_blocks, engine.max_model_len, engine.compute_path, engine.stats()))
         self._inject_exit()
         threading.Thread(target=self._submit_constrained, name="pagedllm-constraints", daemon=True).start()
         self._receive()
 
-    def _send(self, deltas: list[RequestDelta], stats: Any = None, last_step: float | None = None) -> None:
+    def _send(self, deltas: list[RequestDelta], stats: wire.EngineStats | None = None,
+              step_time: float | None = None) -> None:
         with self.send_lock:
-            self.conn.send(("deltas", deltas, stats, last_step))
+            wire.send(self.conn, wire.StepOutput(deltas, stats, step_time))
 
     def _receive(self) -> None:
         while True:
             try:
-                kind, *args = self.conn.recv()
+                message = wire.receive(self.conn, (wire.Submit, wire.Abort, wire.Shutdown))
             except (EOFError, OSError):
-                os._exit(0)  # the serving process is gone
-            if kind == "submit" and args[2].structured_outputs is not None:
+                os._exit(wire.EngineExit.SERVING_PROCESS_GONE)
+            if isinstance(message, wire.Submit) and message.params.structured_outputs is not None:
                 with self._compiling_lock:
-                    self._compiling[args[0]] = False
-                self._constrained.put(args)
-            elif kind == "submit":
-                self._submit(*args)
-            elif kind == "abort":
+                    self._compiling[message.request_id] = False
+                self._constrained.put(message)
+            elif isinstance(message, wire.Submit):
+                self._submit(message)
+            elif isinstance(message, wire.Abort):
                 with self._compiling_lock:
-                    if args[0] in self._compiling:
-                        self._compiling[args[0]] = True
-                self.loop.abort(args[0])
-            elif kind == "shutdown":
+                    if message.request_id in self._compiling:
+                        self._compiling[message.request_id] = True
+                self.loop.abort(message.request_id)
+            else:
                 self.loop.shutdown()
                 return
 
-    def _submit(self, request_id: str, prompt_ids: list[int], params: Any, arrival: float | None) -> None:
+    def _submit(self, submit: wire.Submit) -> None:
+        """No callback: every delta goes back with its step's (`_on_step`)."""
         try:
-            self.loop.submit(request_id, prompt_ids, params, _ignore, arrival_time=arrival)
+            self.loop.submit(submit.request_id, submit.prompt_token_ids, submit.params,
+                             arrival_time=submit.arrival_time)
         except Exception as e:  # the request fails, never the thread that reads the pipe
             if not isinstance(e, (OverloadedError, EngineDeadError, ValueError)):
-                logger.exception("submitting request %s failed", request_id)
-            self._send([RequestDelta.failure(request_id, str(e), error_code(e), len(prompt_ids))])
+                logger.exception("submitting request %s failed", submit.request_id)
+            self._send([RequestDelta.failure(submit.request_id, str(e), error_code(e),
+                                             len(submit.prompt_token_ids))])
 
     def _submit_constrained(self) -> None:
         while True:
-            args = self._constrained.get()
-            self._submit(*args)
+            submit = self._constrained.get()
+            self._submit(submit)
             with self._compiling_lock:
-                aborted = self._compiling.pop(args[0])
+                aborted = self._compiling.pop(submit.request_id)
             if aborted:  # its abort reached the loop before it did
-                self.loop.abort(args[0])
+                self.loop.abort(submit.request_id)
 
     def _on_step(self, engine: LLMEngine, deltas: list[RequestDelta]) -> None:
         self._send(deltas, engine.stats(), time.time())
@@ -96,8 +100,4 @@ class EngineHost:
         """Tests only: {"exit_after_ms": N} ends the engine process N ms after it is ready."""
         delay = (self.config.fault_injection or {}).get("exit_after_ms")
         if delay is not None:
-            threading.Timer(delay / 1000, lambda: os._exit(71)).start()
-
-
-def _ignore(delta: RequestDelta) -> None:
-    """Each request's callback: its deltas already went back with the step's (`_on_step`)."""
+            threading.Timer(delay / 1000, lambda: os._exit(wire.EngineExit.INJECTED_FAULT)).start()

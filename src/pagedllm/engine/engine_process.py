@@ -4,8 +4,8 @@ The engine process holds the weights and the KV cache, so it is the one the kern
 When it dies, the serving process is still there to end every request it held with a retryable error
 (Triton 2.51 cannot end the streams of a dead Python-backend stub: they stay open until each client
 times out). It is then restarted after 1, 2, 4... seconds; `max_restarts` deaths within
-`restart_window` seconds and it stays down. A hung engine (work waiting, no step for
-`heartbeat_timeout` seconds) is killed and handled the same way.
+`restart_window` seconds and it stays down (restart_policy.py). A hung engine (work waiting, no step for
+`heartbeat_timeout` seconds) is killed and handled the same way. Those settings are the SupervisionConfig.
 
 The serving side submits and aborts over a pipe; the engine process answers with deltas and, after
 each step, its stats (the heartbeat)."""
@@ -25,10 +25,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pagedllm.engine.config import EngineConfig
+from pagedllm.engine import wire
+from pagedllm.engine.config import EngineConfig, SupervisionConfig
 from pagedllm.engine.loop import DeltaCallback
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.sequence import RequestDelta
+from pagedllm.engine.wire import EngineState
 from pagedllm.errors import EngineDeadError, ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -39,14 +41,15 @@ class EngineProcess:
     """`submit` / `abort` / `shutdown` as EngineLoop's. `on_stats(stats, last_step_time)` after each step;
     `on_restart()` once a restarted engine is ready; `on_give_up(reason)` when it stays down."""
 
-    def __init__(self, config: EngineConfig, on_stats: Callable[[Any, float], None] | None = None,
+    def __init__(self, config: EngineConfig, supervision: SupervisionConfig | None = None,
+                 on_stats: Callable[[wire.EngineStats, float], None] | None = None,
                  on_restart: Callable[[], None] | None = None,
                  on_give_up: Callable[[str], None] | None = None) -> None:
-        self.config = config
+        self.config, self.supervision = config, supervision or SupervisionConfig()
         self.on_stats, self.on_restart, self.on_give_up = on_stats, on_restart, on_give_up
-        self.info: dict[str, Any] = {}  # from the engine process once ready: num_blocks, max_model_len, compute_path
-        self.restarts, self.deaths = 0, []  # death times (monotonic), for the restart window
-        self.state = "starting"  # starting | up | restarting | down | stopped
+        self.info: wire.Ready  # what the engine process said once ready (KV blocks, max_model_len, compute path)
+        self.restarts, self.policy = 0, self.supervision.restart_policy()
+        self.state = EngineState.STARTING
         self.reason = ""
         self._callbacks: dict[str, DeltaCallback] = {}
         self._lock = threading.Lock()
@@ -58,34 +61,34 @@ class EngineProcess:
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                callback: DeltaCallback, arrival_time: float | None = None) -> None:
         with self._lock:
-            if self.state != "up":
+            if self.state != EngineState.UP:
                 raise EngineDeadError(self._refusal())
             if not self._callbacks:
                 self._last_progress = time.monotonic()  # idle until now: the heartbeat starts with this work
             self._callbacks[request_id] = callback
-            self._send(("submit", request_id, list(prompt_token_ids), params, arrival_time))
+            self._send(wire.Submit(request_id, list(prompt_token_ids), params, arrival_time))
 
     def abort(self, request_id: str) -> None:
         with self._lock:
-            if self.state == "up":
-                self._send(("abort", request_id))
+            if self.state == EngineState.UP:
+                self._send(wire.Abort(request_id))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._lock:
-            self.state = "stopped"
-            self._send(("shutdown",))
+            self.state = EngineState.STOPPED
+            self._send(wire.Shutdown())
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()
 
     def _refusal(self) -> str:
-        if self.state == "down":
+        if self.state == EngineState.DOWN:
             return f"engine died: it stays down ({self.reason}); reload the model to try again"
         return f"engine restarting: the engine process died ({self.reason}); retry shortly"
 
-    def _send(self, message: tuple) -> None:
+    def _send(self, message: wire.ToEngine) -> None:
         try:
-            self.conn.send(message)
+            wire.send(self.conn, message)
         except (OSError, ValueError):
             pass  # the engine process is gone: the reader thread handles it
 
@@ -98,40 +101,40 @@ class EngineProcess:
                                    daemon=True)
         self.process.start()
         child.close()
-        kind, payload = self._recv_or_exit()
-        if kind != "ready":
+        first = self._recv_or_exit()
+        if not isinstance(first, wire.Ready):
             self.process.join(5)
-            raise RuntimeError(f"the engine process failed to start: {payload}")
-        self.info, self.state = payload, "up"
+            raise RuntimeError(f"the engine process failed to start: {first}")
+        self.info, self.state = first, EngineState.UP
         self._last_progress = time.monotonic()
         threading.Thread(target=self._read, args=(self.conn, self.process), name="pagedllm-engine-reader",
                          daemon=True).start()
 
-    def _recv_or_exit(self) -> tuple:
+    def _recv_or_exit(self) -> wire.Ready | str:
+        """Ready, or why the engine process did not start."""
         try:
-            return self.conn.recv()
+            message = wire.receive(self.conn, (wire.Ready, wire.StartFailed))
         except (EOFError, OSError):
             self.process.join(5)
-            return "exited", f"exit code {self.process.exitcode}"
+            return describe_exit(self.process.exitcode)
+        return message if isinstance(message, wire.Ready) else message.reason
 
     def _read(self, conn: Any, process: Any) -> None:
         while True:
             try:
-                kind, *payload = conn.recv()
+                self._deliver(wire.receive(conn, wire.StepOutput))
             except (EOFError, OSError):
                 break
-            if kind == "deltas":
-                self._deliver(*payload)
         process.join(5)
-        if self.state not in ("stopped",):
-            self._died(describe_exit(process.exitcode, self.reason if self.state == "hung" else ""))
+        if self.state != EngineState.STOPPED:
+            self._died(describe_exit(process.exitcode, self.reason if self.state == EngineState.HUNG else ""))
 
-    def _deliver(self, deltas: list[RequestDelta], stats: Any, last_step: float | None) -> None:
-        if last_step is not None:
+    def _deliver(self, output: wire.StepOutput) -> None:
+        if output.step_time is not None:
             self._last_progress = time.monotonic()
-            if self.on_stats is not None:
-                self.on_stats(stats, last_step)
-        for delta in deltas:
+            if self.on_stats is not None and output.stats is not None:
+                self.on_stats(output.stats, output.step_time)
+        for delta in output.deltas:
             with self._lock:
                 callback = (self._callbacks.pop if delta.finished else self._callbacks.get)(delta.request_id, None)
             if callback is not None:
@@ -140,30 +143,29 @@ class EngineProcess:
     # ---- death, restarts, and the heartbeat ------------------------------------------------------
     def _died(self, reason: str) -> None:
         with self._lock:
-            self.reason, self.state = reason, "restarting"
+            self.reason, self.state = reason, EngineState.RESTARTING
             failed, self._callbacks = self._callbacks, {}
-            now = time.monotonic()
-            self.deaths = [t for t in self.deaths if now - t < self.config.restart_window] + [now]
+            delay = self.policy.on_death(time.monotonic())
         logger.error("engine process died (%s); failing its %d requests", reason, len(failed))
         for request_id, callback in failed.items():
             callback(RequestDelta.failure(request_id, f"engine died: {reason}; retry the request",
-                                          ErrorCode.UNAVAILABLE))
-        if len(self.deaths) > self.config.max_restarts:
-            self.state = "down"
+                                          ErrorCode.ENGINE_UNAVAILABLE))
+        deaths, policy = len(self.policy.deaths), self.policy
+        if delay is None:
+            self.state = EngineState.DOWN
             logger.error("engine died %d times within %.0f s: it stays down; reload the model to try again",
-                         len(self.deaths), self.config.restart_window)
+                         deaths, policy.restart_window)
             if self.on_give_up is not None:
                 self.on_give_up(reason)
             return
-        delay = 2.0 ** (len(self.deaths) - 1)
         self._restart_at = time.monotonic() + delay
         logger.warning("restarting the engine process in %.0f s (death %d of at most %d within %.0f s)", delay,
-                       len(self.deaths), self.config.max_restarts, self.config.restart_window)
+                       deaths, policy.max_restarts, policy.restart_window)
 
     def _restart(self) -> None:
         """On the watch thread, which lives as long as this object: the engine process dies with the
         thread that started it (PR_SET_PDEATHSIG follows the thread)."""
-        self.state = "starting"
+        self.state = EngineState.STARTING
         try:
             self._start()
         except Exception as e:  # noqa: BLE001 (a failed start counts as one more death)
@@ -177,13 +179,14 @@ class EngineProcess:
     def _watch(self) -> None:
         """Restarts a dead engine when its backoff is over, and kills one that holds work and has not
         finished a step for `heartbeat_timeout` seconds."""
-        while self.state != "stopped":
+        while self.state != EngineState.STOPPED:
             time.sleep(WATCH_SECONDS)
-            if self.state == "restarting" and time.monotonic() >= self._restart_at:
+            if self.state == EngineState.RESTARTING and time.monotonic() >= self._restart_at:
                 self._restart()
             stalled = time.monotonic() - self._last_progress
-            if self.state == "up" and self._callbacks and stalled > self.config.heartbeat_timeout:
-                self.reason, self.state = f"hung: no step for {stalled:.1f} s with work waiting", "hung"
+            if self.state == EngineState.UP and self._callbacks and stalled > self.supervision.heartbeat_timeout:
+                self.reason = f"hung: no step for {stalled:.1f} s with work waiting"
+                self.state = EngineState.HUNG
                 logger.error("engine process %s; killing it", self.reason)
                 os.kill(self.process.pid, signal.SIGKILL)
                 os.kill(self.process.pid, signal.SIGCONT)  # a stopped process dies only once continued
@@ -194,6 +197,8 @@ def describe_exit(code: int | None, reason: str = "") -> str:
         return reason
     if code is not None and code < 0:
         return f"killed by {signal.Signals(-code).name}"
+    if code in wire.EngineExit._value2member_map_:
+        return f"exited with code {code} ({wire.EngineExit(code).name.lower().replace('_', ' ')})"
     return f"exited with code {code}"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,26 +27,11 @@ from pagedllm.engine.sequence import FinishReason, RequestDelta, Sequence, Seque
 from pagedllm.engine.speculative import NgramSpeculator
 from pagedllm.engine.structured_output import StructuredOutputs
 from pagedllm.engine.tokenizer import encode_chat, encode_text, load_tokenizer
+from pagedllm.engine.wire import EngineStats
 from pagedllm.errors import ErrorCode, InjectedFault, RequestRejectedError
 from pagedllm.weights import iter_safetensors, resolve_model_path
 
 logger = logging.getLogger(__name__)
-
-
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_free_blocks: int
-    num_blocks: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
-    num_draft_tokens: int = 0  # speculative decoding: drafts proposed, and of those, kept
-    num_accepted_tokens: int = 0
 
 
 class LLMEngine:

@@ -24,14 +24,12 @@ logger = logging.getLogger(__name__)
 DeltaCallback = Callable[[RequestDelta], None]
 
 
-
-
 @dataclass
 class _Submit:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    callback: DeltaCallback
+    callback: DeltaCallback | None
     arrival_time: float | None
 
 
@@ -68,8 +66,9 @@ class EngineLoop:
         return self._thread.is_alive() and self.error is None
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               callback: DeltaCallback, arrival_time: float | None = None) -> None:
-        """Validate and admit now (raising in the caller's thread), then queue for the next step."""
+               callback: DeltaCallback | None = None, arrival_time: float | None = None) -> None:
+        """Validate and admit now (raising in the caller's thread), then queue for the next step. Without a
+        `callback` the request's deltas reach only `on_step`."""
         self.engine.validate(prompt_token_ids, params)
         with self._cond:
             if not self.alive or self._stopping:
@@ -84,7 +83,7 @@ class EngineLoop:
         tokens = self._waiting_tokens + sum(len(item.prompt_token_ids) for item in queued) + num_tokens
         config = self.engine.config
         if waiting >= config.max_waiting_requests or tokens > config.max_queued_tokens:
-            raise OverloadedError(f"overloaded: {waiting} requests and {tokens} prompt tokens waiting (limits "
+            raise OverloadedError(f"{waiting} requests and {tokens} prompt tokens waiting (limits "
                                   f"{config.max_waiting_requests} and {config.max_queued_tokens}); retry later")
 
     def abort(self, request_id: str) -> None:
@@ -137,7 +136,8 @@ class EngineLoop:
                 continue
             try:
                 self.engine.add_request(item.request_id, item.prompt_token_ids, item.params, item.arrival_time)
-                self._callbacks[item.request_id] = item.callback
+                if item.callback is not None:
+                    self._callbacks[item.request_id] = item.callback
             except ValueError as e:
                 self._deliver([RequestDelta.failure(item.request_id, str(e), error_code(e),
                                                     len(item.prompt_token_ids))], item.callback)

@@ -100,7 +100,7 @@ class RequestDelta:
     num_output_tokens: int
     new_logprobs: list[TokenLogprobs] | None = None
     error: str | None = None
-    error_code: ErrorCode = ErrorCode.INVALID_ARG  # the Triton status code of `error`
+    error_code: ErrorCode = ErrorCode.INVALID_ARGUMENT  # what kind of error `error` is
     queue_time: float | None = None  # on the final delta: arrival to first scheduled
 
     @classmethod

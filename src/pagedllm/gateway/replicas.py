@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pagedllm_client import NO_RETRY, AsyncClient, CircuitBreaker
-from pagedllm_client.errors import ENGINE_DOWN_MARKS
+from pagedllm_client.errors import EngineUnavailable
 
 logger = logging.getLogger("pagedllm.gateway")
 _UNREACHABLE = ("failed to connect", "connection refused", "socket closed", "connect failed")
@@ -97,7 +97,7 @@ class Replica:
         if any(mark in text for mark in _UNREACHABLE) and self.healthy:
             logger.warning("replica %s ejected (unreachable: %s)", self.url, error)
             self.healthy = False
-        if any(mark in text for mark in ENGINE_DOWN_MARKS) and self.serves(model):
+        if isinstance(error, EngineUnavailable) and self.serves(model):
             logger.warning("replica %s: the engine of %s is down; skipped for %.0f s", self.url, model,
                            ENGINE_COOLDOWN_SECONDS)
             self.cooling[model] = time.monotonic() + ENGINE_COOLDOWN_SECONDS

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pagedllm.engine.config import EngineConfig
+from pagedllm.engine.config import read_engine_json
 from pagedllm.engine.engine_process import EngineProcess
 from pagedllm.engine.tokenizer import load_tokenizer, tools_reach_the_model_by
 from pagedllm.errors import ErrorCode, ModelConfigError, error_code
@@ -36,18 +36,19 @@ class LLMModel:
         self.backend = PythonBackend(args)
         self.name = args["model_name"]
         require_decoupled(self.backend.config, self.name)
-        engine_config = EngineConfig.from_json(Path(args["model_repository"]) / args["model_version"] / "engine.json")
+        engine_config, supervision = read_engine_json(Path(args["model_repository"]) / args["model_version"] /
+                                                      "engine.json")
         self.metrics = ServingMetrics(self.backend.pb.MetricFamily, self.name, args["model_version"])
         self.tokenizer = load_tokenizer(resolve_model_path(engine_config.model))
-        self.loop = EngineProcess(engine_config, on_stats=self.metrics.on_stats, on_restart=self.metrics.on_restart,
-                                  on_give_up=self._on_engine_death)
+        self.loop = EngineProcess(engine_config, supervision, on_stats=self.metrics.on_stats,
+                                  on_restart=self.metrics.on_restart, on_give_up=self._on_engine_death)
         token_text = functools.lru_cache(maxsize=1 << 16)(lambda token_id: self.tokenizer.decode([token_id]))
         self.backend.log_info(f"pagedllm {self.name}/{args['model_version']}: engine ready in process "
-                              f"{self.loop.process.pid}, {self.loop.info['num_blocks']} KV blocks; "
-                              f"{self.loop.info['compute_path']}; a chat's tools reach the model through "
+                              f"{self.loop.process.pid}, {self.loop.info.num_blocks} KV blocks; "
+                              f"{self.loop.info.compute_path}; a chat's tools reach the model through "
                               f"{tools_reach_the_model_by(self.tokenizer)}")
-        self.prompt_limit = PromptLimit.for_tokenizer(self.tokenizer, self.loop.info["max_model_len"])
-        self.metrics.on_stats(self.loop.info["stats"])  # gauges are right before the first request
+        self.prompt_limit = PromptLimit.for_tokenizer(self.tokenizer, self.loop.info.max_model_len)
+        self.metrics.on_stats(self.loop.info.stats)  # gauges are right before the first request
         self.metrics.flush()
         self.streams = Streams(self.backend, self.loop.abort, self.metrics, token_text)
         self.streams.start()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from pagedllm.engine.llm_engine import EngineStats
+from pagedllm.engine.wire import EngineStats
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from pagedllm.errors import ErrorCode
+from pagedllm.errors import ErrorCode, for_triton
 
 
 def backend() -> Any:
@@ -38,8 +38,8 @@ class PythonBackend:
     def response(self, tensors: dict[str, np.ndarray]) -> Any:
         return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(n, v) for n, v in tensors.items()])
 
-    def error(self, message: str, code: ErrorCode = ErrorCode.INVALID_ARG) -> Any:
-        error = self.pb.TritonError(message, getattr(self.pb.TritonError, code))
+    def error(self, message: str, code: ErrorCode = ErrorCode.INVALID_ARGUMENT) -> Any:
+        error = self.pb.TritonError(for_triton(code, message), getattr(self.pb.TritonError, code.triton_status))
         return self.pb.InferenceResponse(output_tensors=[], error=error)
 
     def parameter(self, key: str) -> str | None:

@@ -23,7 +23,7 @@ from pagedllm.serving.request import ResponseOptions
 from pagedllm.serving.response import RESPONSE_OPTIONS, RawResponse, requested_outputs, shape_response
 
 logger = logging.getLogger("pagedllm.serving")
-_LOST_FINAL = "internal: the final response could not be built; retry the request"
+_LOST_FINAL = "the final response could not be built; retry the request"
 
 
 class Responses(Protocol):
