@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pagedllm_client import NO_RETRY, AsyncClient, Chunk, CircuitBreaker, ClientError, Completion, ServerError
+from pagedllm_client import AsyncClient, Chunk, ClientError, Completion, ServerError
 from perf.workloads import mixed_workload
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -104,7 +104,7 @@ def new_client(url: str, model: str, protocol: str = "grpc") -> AsyncClient | Op
     if protocol == "openai":
         return OpenAIClient(url, model)
     # Measure the server as it is: no retries, no circuit breaker.
-    return AsyncClient(url, model, protocol, retry=NO_RETRY, breaker=CircuitBreaker(failure_threshold=1 << 30),
+    return AsyncClient(url, model, protocol, retry=None, breaker=None,
                        timeout=3600)
 
 

@@ -154,3 +154,17 @@ def test_next_within_times_out_on_a_silent_stream():
         yield 0
     with pytest.raises(asyncio.TimeoutError):
         asyncio.run(next_within(silent(), timeout=0.05))
+
+
+def test_retry_none_sends_once_and_breaker_none_never_refuses():
+    from pagedllm_client import Client
+    from pagedllm_client.resilience import NO_RETRY
+
+    off = Client("localhost:1", retry=None, breaker=None)
+    assert off.retry == NO_RETRY and off.breaker is None
+    for _ in range(100):  # a breaker would have opened long before
+        off._begin_attempt()
+        with pytest.raises(Overloaded):
+            off._retry_delay(Overloaded("x"), 1, started=False)
+    a, b = Client("localhost:1"), Client("localhost:1")
+    assert a.retry.max_attempts == 4 and isinstance(a.breaker, CircuitBreaker) and a.breaker is not b.breaker

@@ -95,11 +95,11 @@ class AsyncClient(ClientSettings):
                 await asyncio.sleep(self._retry_delay(error, attempt, started))
                 continue
             except (GeneratorExit, asyncio.CancelledError):
-                self.breaker.record(None)
+                self._record(None)
                 raise
             finally:
                 await chunks.aclose()
-            self.breaker.record(None)
+            self._record(None)
             return
 
     def _send(self, fields: dict[str, Any]) -> AsyncIterator[Chunk]:

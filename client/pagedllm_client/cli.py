@@ -7,11 +7,12 @@ from collections.abc import Iterator
 
 from pagedllm_client.client import Client
 from pagedllm_client.errors import ClientError
+from pagedllm_client.resilience import DEFAULT_URL
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="pagedllm-chat", description=__doc__)
-    ap.add_argument("--url", default="localhost:8001", help="server address (gRPC port, or HTTP with --protocol http)")
+    ap.add_argument("--url", default=DEFAULT_URL, help="server address (gRPC port, or HTTP with --protocol http)")
     ap.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     ap.add_argument("--model", default="ensemble")
     ap.add_argument("--once", metavar="QUESTION", help="ask one question, print the answer, exit")

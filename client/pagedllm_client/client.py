@@ -63,9 +63,9 @@ class Client(ClientSettings):
                     time.sleep(self._retry_delay(error, attempt, started))
                     continue
                 except GeneratorExit:  # the caller left early: the server was answering
-                    self.breaker.record(None)
+                    self._record(None)
                     raise
-            self.breaker.record(None)
+            self._record(None)
             return
 
     def _send(self, fields: dict[str, Any]) -> Iterator[Chunk]:

@@ -35,6 +35,12 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)
+DEFAULT_RETRY = RetryPolicy()
+DEFAULT_URL = "localhost:8001"  # Triton's gRPC port on this machine
+
+
+class _OwnBreaker:
+    """ClientSettings' default `breaker`: a CircuitBreaker of the client's own (None: no breaker)."""
 
 
 @dataclass
@@ -83,15 +89,17 @@ class CircuitBreaker:
 class ClientSettings:
     """What Client and AsyncClient share: where to send, how long to wait, and how to fail."""
 
-    def __init__(self, url: str = "localhost:8001", model: str = "ensemble", protocol: str = "grpc",
-                 timeout: float = 120.0, retry: RetryPolicy | None = None,
-                 breaker: CircuitBreaker | None = None, model_version: str = "") -> None:
+    def __init__(self, url: str = DEFAULT_URL, model: str = "ensemble", protocol: str = "grpc",
+                 timeout: float = 120.0, retry: RetryPolicy | None = DEFAULT_RETRY,
+                 breaker: CircuitBreaker | None | type[_OwnBreaker] = _OwnBreaker, model_version: str = "") -> None:
+        """`retry=None` sends each request once; `breaker=None` never refuses a call (a gateway that makes
+        its own choices does both)."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
         self.url, self.model, self.protocol, self.timeout = url, model, protocol, timeout
         self.model_version = model_version
-        self.retry = retry or RetryPolicy()
-        self.breaker = breaker or CircuitBreaker()
+        self.retry = retry or NO_RETRY
+        self.breaker = CircuitBreaker() if breaker is _OwnBreaker else breaker
         self.attempts = 0  # every attempt sent, retries included (for tests and logs)
         self._lock = threading.Lock()
         self._init_transport()
@@ -100,14 +108,20 @@ class ClientSettings:
         """Connections are made lazily; subclasses set up where they keep them."""
 
     def _begin_attempt(self) -> None:
-        self.breaker.before_call()
+        if self.breaker is not None:
+            self.breaker.before_call()
         with self._lock:
             self.attempts += 1
 
     def _retry_delay(self, error: ClientError, attempt: int, started: bool) -> float:
         """After a failed attempt: the backoff before the next one, or raise `error` when it is not retried
         (a stream that already yielded text is never restarted)."""
-        self.breaker.record(error)
+        self._record(error)
         if started or not self.retry.should_retry(error, attempt):
             raise error
         return self.retry.backoff(attempt)
+
+    def _record(self, error: ClientError | None) -> None:
+        """An attempt's outcome, for the breaker (None: it succeeded, or the caller left while it answered)."""
+        if self.breaker is not None:
+            self.breaker.record(error)

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pagedllm_client import NO_RETRY, AsyncClient, CircuitBreaker
+from pagedllm.gateway.config import GatewayConfig
+from pagedllm_client import AsyncClient
 from pagedllm_client.errors import EngineUnavailable
 
 logger = logging.getLogger("pagedllm.gateway")
@@ -44,7 +45,7 @@ def llm_models_in(repository: Path) -> list[str]:
 @dataclass
 class Replica:
     url: str
-    upstream_timeout: float = 600.0
+    upstream_timeout: float = GatewayConfig.upstream_timeout
     healthy: bool = False
     outstanding: int = 0
     models: set[str] = field(default_factory=set)  # the LLM models ready on it
@@ -56,8 +57,8 @@ class Replica:
     def client(self, model: str) -> AsyncClient:
         """One client per model (it learns the model's batching once); retries are the gateway's to make."""
         if model not in self._clients:
-            self._clients[model] = AsyncClient(self.url, model, timeout=self.upstream_timeout, retry=NO_RETRY,
-                                               breaker=CircuitBreaker(failure_threshold=1 << 30))
+            self._clients[model] = AsyncClient(self.url, model, timeout=self.upstream_timeout, retry=None,
+                                               breaker=None)
         return self._clients[model]
 
     async def check(self, names: list[str], timeout: float = 2.0) -> None:
@@ -135,7 +136,8 @@ class ReplicaPool:
     """`urls`: fixed replicas. `dns_names`: HOST:PORT names resolved before every health check, each
     address a replica; one that leaves the DNS answer leaves the pool (its streams in flight finish)."""
 
-    def __init__(self, urls: list[str], models: list[str], interval: float = 2.0, upstream_timeout: float = 600.0,
+    def __init__(self, urls: list[str], models: list[str], interval: float = GatewayConfig.health_interval,
+                 upstream_timeout: float = GatewayConfig.upstream_timeout,
                  dns_names: list[str] | None = None, resolver: Resolver = resolve) -> None:
         self.replicas = [Replica(url, upstream_timeout) for url in urls]
         self.names = models  # the Triton models to serve, where a replica has them ready
