@@ -86,7 +86,7 @@ def _cache_and_meta(geo: CacheGeometry, context_lens: list[int], dtype: torch.dt
              for t, c in zip(tables, context_lens)]
     groups = [QueryGroup(0, len(tables), 1, tables, context_lens)]
     return cache, build_metadata(slots, groups, geo, dtype, torch.device("cpu")), \
-        build_metadata(slots, groups, geo, dtype, torch.device("cpu"), "cpu").kernel
+        build_metadata(slots, groups, geo, dtype, torch.device("cpu"), kernel_only=True).kernel
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -73,7 +73,7 @@ def test_triton_kernel_backend_matches(tiny_model_dir):
     prompts.append(prompts[0][:12] + [7, 8, 9])  # a prefix hit
     llm, _ = _check(tiny_model_dir("llama3"), prompts, 8, block_size=4, max_num_batched_tokens=16,
                     attention_backend="triton")
-    assert llm.engine.runner.attention_backend == "triton"
+    assert llm.engine.runner.backend.name == "triton"
 
 
 @pytest.mark.parametrize("isa", RUNNABLE, ids=str)
@@ -86,7 +86,7 @@ def test_cpu_kernel_backend_matches(tiny_model_dir, isa):
     prompts.append(prompts[0][:12] + [7, 8, 9])
     llm, _ = _check(tiny_model_dir("qwen2"), prompts, 24, block_size=4, max_num_batched_tokens=16,
                     num_kv_blocks=40, attention_backend="cpu", cpu_isa=isa.value)
-    assert llm.engine.runner.attention_backend == "cpu" and llm.engine.runner.model.decode_layers
+    assert llm.engine.runner.backend.name == "cpu" and llm.engine.runner.model.decode_layers
 
 
 def test_torch_backend_matches(tiny_model_dir):

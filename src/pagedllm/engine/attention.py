@@ -74,11 +74,11 @@ def build_metadata(
     geo: CacheGeometry,
     dtype: torch.dtype,
     device: torch.device,
-    backend: str = "torch",
+    kernel_only: bool = False,
 ) -> AttentionMetadata:
-    """The "cpu" backend's C++ decode layers read the kernel metadata too, on steps where every query is
-    one token or a speculative run (each of its tokens a row of its own, its context ending at itself)."""
-    if backend == "triton" or (backend == "cpu" and all(g.query_len == 1 or g.speculative for g in groups)):
+    """Torch attention's metadata, or with `kernel_only` (the backend's call: Backend.kernel_metadata_only)
+    only the kernels'."""
+    if kernel_only:
         empty = torch.empty(0, dtype=torch.long, device=device)
         return AttentionMetadata(empty, empty, [], kernel_metadata(slot_mapping, groups, device))
     slots = torch.tensor(slot_mapping, dtype=torch.long, device=device)

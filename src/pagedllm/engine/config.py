@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from pagedllm.engine import backends
 from pagedllm.engine.kernels import cpu_isa
 from pagedllm.engine.sampling_params import check_int
 from pagedllm.errors import ModelNotFoundError, UnsupportedModelError
@@ -17,7 +18,7 @@ from pagedllm.restart_policy import RestartPolicy
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-BACKENDS = ("auto", "torch", "triton", "cpu")
+BACKENDS = ("auto", *backends.BACKENDS)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPES = ("auto", *_DTYPES)
 CPU_ISAS = ("auto", *(isa.value for isa in cpu_isa.CpuIsa))
@@ -198,13 +199,7 @@ class EngineConfig:
         return cpu_kernels.buildable(cpu_isa.plan_for(self.cpu_isa))
 
     def resolved_attention_backend(self) -> str:
-        if self.attention_backend != "auto":
-            return self.attention_backend
-        if self.resolved_device().type == "cuda":
-            import importlib.util
-            return "triton" if importlib.util.find_spec("triton") is not None else "torch"
-        from pagedllm.engine.kernels import cpu as cpu_kernels
-        return "cpu" if cpu_kernels.available(self.cpu_plan().isa) else "torch"
+        return backends.resolve(self).name
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -10,12 +10,10 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
+from pagedllm.engine import backends
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.config import EngineConfig, ModelConfig, num_blocks_for, resolve_max_model_len
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
-from pagedllm.engine.kernels import cpu as cpu_kernels
-from pagedllm.engine.kernels.cpu import linear_kind
-from pagedllm.engine.kernels.prepacked_linear import pack_linears
 from pagedllm.engine.model_runner import ModelRunner
 from pagedllm.engine.models import LlamaForCausalLM
 from pagedllm.engine.models.llama import RotaryEmbedding
@@ -45,12 +43,13 @@ class LLMEngine:
         self.num_blocks = num_blocks_for(config, self.model_config)
         self.max_model_len = resolve_max_model_len(config, self.model_config, self.num_blocks)
         self.eos_token_ids = _eos_ids(self.model_config, self.tokenizer)
-        backend = config.resolved_attention_backend()
-        if config.quantization and backend != "cpu":
+        backend = backends.resolve(config)
+        if config.quantization and not backend.runs_int8:
             raise ValueError(f"quantization: {config.quantization} runs on the CPU kernels only "
-                             f"(attention_backend cpu); this engine resolved to {backend}")
+                             f"(attention_backend cpu); this engine resolved to {backend.name}")
         model = _load_model(self.model_path, self.model_config, self.max_model_len, config.torch_dtype, self.device)
-        self.compute_path = _accelerate(model, backend, config)  # what runs the model, for the logs
+        self.compute_path = backend.install(model, config)  # what runs the model, for the logs
+        logger.info("%s", self.compute_path)
         self.runner = ModelRunner(model, self.model_config, self.num_blocks, config.block_size,
                                   config.torch_dtype, self.device, backend)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
@@ -222,22 +221,3 @@ def _dtype_label(config: EngineConfig) -> str:
     return config.dtype if config.dtype != "auto" else f"{config.resolved_dtype()} (dtype auto)"
 
 
-def _accelerate(model: LlamaForCausalLM, backend: str, config: EngineConfig) -> str:
-    """The fastest path this machine has: pagedllm's CPU kernels for its tier, else oneDNN's prepacked bf16
-    linears where the tier allows them, else plain torch. Returns what it chose, in words (also logged)."""
-    if config.resolved_device().type != "cpu":
-        return f"{config.resolved_device()}, attention backend {backend}"
-    plan = config.cpu_plan()
-    if config.torch_dtype == torch.bfloat16 and not plan.onednn_bf16:
-        for layer in model.layers:  # prefill attention: torch's bf16 bmm is a slow loop without oneDNN's bf16
-            layer.attn.compute_dtype = torch.float32
-    if backend == "cpu":
-        kind = linear_kind(config.torch_dtype, config.quantization)
-        model.use_cpu_kernels(kind, cpu_kernels.load(plan.isa))
-        path = f"{plan.describe()}; {kind} linears, decode steps in one C++ call"
-    elif plan.onednn_bf16 and pack_linears(model, batch_hint=64):
-        path = f"{plan.describe()}; CPU kernels off, linear layers prepacked for oneDNN (bfloat16)"
-    else:
-        path = f"{plan.describe()}; CPU kernels off, plain torch in {config.resolved_dtype()}"
-    logger.info("%s", path)
-    return path

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.engine.attention import AttentionMetadata, CacheGeometry, QueryGroup, build_metadata
+from pagedllm.engine.backends import BACKENDS, Backend
 from pagedllm.engine.config import ModelConfig
 from pagedllm.engine.models import LlamaForCausalLM
 from pagedllm.engine.sequence import Sequence
@@ -27,13 +28,9 @@ class ModelInput:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, attention_backend: str = "torch") -> None:
-        self.model, self.config = model, config
-        self.attention_backend = attention_backend
-        if attention_backend == "triton":
-            from pagedllm.engine.kernels.gpu_attention import GpuPagedAttention
-            for layer in model.layers:
-                layer.attn = GpuPagedAttention(layer.num_heads, layer.num_kv_heads, layer.head_dim)
+                 dtype: torch.dtype, device: torch.device, backend: Backend = BACKENDS["torch"]) -> None:
+        """`model` as `backend` installed it (backends.py)."""
+        self.model, self.config, self.backend = model, config, backend
         self.block_size, self.dtype, self.device = block_size, dtype, device
         self.geometry = CacheGeometry(config.num_attention_heads, config.num_key_value_heads, config.head_dim,
                                       num_blocks, block_size)
@@ -59,8 +56,9 @@ class ModelRunner:
                 rows.append(1 + len(seq.draft_token_ids))
                 sample_indices += range(len(ids) - rows[-1], len(ids))
                 sampling.append(seq)
-        meta = build_metadata(slots, self._groups(ordered), self.geometry, self.dtype, self.device,
-                              self.attention_backend)
+        groups = self._groups(ordered)
+        meta = build_metadata(slots, groups, self.geometry, self.dtype, self.device,
+                              self.backend.kernel_metadata_only(groups))
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         return ModelInput(as_long(ids), as_long(positions), meta, as_long(sample_indices), sampling, rows)
 

@@ -105,7 +105,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
 
 
 class GpuPagedAttention:
-    """TorchPagedAttention's interface over the kernels; reads `meta.kernel` (build_metadata(backend="triton"))."""
+    """TorchPagedAttention's interface over the kernels; reads `meta.kernel` (build_metadata(kernel_only=True))."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, num_splits: int = 4) -> None:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim

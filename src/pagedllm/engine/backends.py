@@ -1,0 +1,101 @@
+"""The compute backends: what runs a model's linear layers and attention on this machine, chosen once per
+engine (`resolve`, from engine.json's `attention_backend`). Everything that differs between them is here;
+the engine installs the chosen one into its model, and the model runner asks it which attention metadata a
+step needs. A new backend is one class and one entry in BACKENDS."""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from pagedllm.engine.attention import QueryGroup
+    from pagedllm.engine.config import EngineConfig
+    from pagedllm.engine.models import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+class Backend:
+    name = ""
+    runs_int8 = False  # int8 weights (quantization "int8") run here
+
+    def install(self, model: LlamaForCausalLM, config: EngineConfig) -> str:
+        """Fits `model` to this backend; returns what runs it, in words (the engine logs it)."""
+        raise NotImplementedError
+
+    def kernel_metadata_only(self, groups: list[QueryGroup]) -> bool:
+        """Whether a step of these query groups reads only the kernels' metadata (no torch attention)."""
+        return False
+
+
+class TorchBackend(Backend):
+    """Plain torch attention; on the CPU, bf16 linears prepacked for oneDNN where the tier has its bf16."""
+    name = "torch"
+
+    def install(self, model: LlamaForCausalLM, config: EngineConfig) -> str:
+        if config.resolved_device().type != "cpu":
+            return f"{config.resolved_device()}, attention backend {self.name}"
+        from pagedllm.engine.kernels.prepacked_linear import pack_linears
+        plan = _fit_cpu_prefill(model, config)
+        if plan.onednn_bf16 and pack_linears(model, batch_hint=64):
+            return f"{plan.describe()}; CPU kernels off, linear layers prepacked for oneDNN (bfloat16)"
+        return f"{plan.describe()}; CPU kernels off, plain torch in {config.resolved_dtype()}"
+
+
+class CpuKernelsBackend(Backend):
+    """pagedllm's C++ kernels for the CPU's tier: every linear, and whole decode steps in one call."""
+    name = "cpu"
+    runs_int8 = True
+
+    def install(self, model: LlamaForCausalLM, config: EngineConfig) -> str:
+        from pagedllm.engine.kernels import cpu as cpu_kernels
+        plan = _fit_cpu_prefill(model, config)
+        kind = cpu_kernels.linear_kind(config.torch_dtype, config.quantization)
+        model.use_cpu_kernels(kind, cpu_kernels.load(plan.isa))
+        return f"{plan.describe()}; {kind} linears, decode steps in one C++ call"
+
+    def kernel_metadata_only(self, groups: list[QueryGroup]) -> bool:
+        """The C++ decode layers take steps where every query is one token or a speculative run (each of its
+        tokens a row of its own, its context ending at itself); prefill chunks run torch attention."""
+        return all(g.query_len == 1 or g.speculative for g in groups)
+
+
+class TritonBackend(Backend):
+    """Attention in OpenAI Triton kernels over the paged cache (GPU; tested on the CPU in the interpreter)."""
+    name = "triton"
+
+    def install(self, model: LlamaForCausalLM, config: EngineConfig) -> str:
+        from pagedllm.engine.kernels.gpu_attention import GpuPagedAttention
+        for layer in model.layers:
+            layer.attn = GpuPagedAttention(layer.num_heads, layer.num_kv_heads, layer.head_dim)
+        return f"{config.resolved_device()}, attention backend {self.name}"
+
+    def kernel_metadata_only(self, groups: list[QueryGroup]) -> bool:
+        return True
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TorchBackend(), CpuKernelsBackend(), TritonBackend())}
+
+
+def resolve(config: EngineConfig) -> Backend:
+    """The backend asked for, or for "auto": Triton on a GPU where it is installed, the CPU kernels where they
+    build for this CPU's tier, else torch."""
+    if config.attention_backend != "auto":
+        return BACKENDS[config.attention_backend]
+    if config.resolved_device().type == "cuda":
+        import importlib.util
+        return BACKENDS["triton" if importlib.util.find_spec("triton") is not None else "torch"]
+    from pagedllm.engine.kernels import cpu as cpu_kernels
+    return BACKENDS["cpu" if cpu_kernels.available(config.cpu_plan().isa) else "torch"]
+
+
+def _fit_cpu_prefill(model: LlamaForCausalLM, config: EngineConfig):
+    """The CPU plan; bf16 prefill attention in float32 where the tier has no oneDNN bf16 (torch's bf16 bmm is
+    a slow loop without it)."""
+    plan = config.cpu_plan()
+    if config.torch_dtype == torch.bfloat16 and not plan.onednn_bf16:
+        for layer in model.layers:
+            layer.attn.compute_dtype = torch.float32
+    return plan
