@@ -12,6 +12,7 @@ import torch
 if TYPE_CHECKING:
     from pagedllm.engine.attention import QueryGroup
     from pagedllm.engine.config import EngineConfig
+    from pagedllm.engine.kernels.cpu_isa import CpuPlan
     from pagedllm.engine.models import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def resolve(config: EngineConfig) -> Backend:
     return BACKENDS["cpu" if cpu_kernels.available(config.cpu_plan().isa) else "torch"]
 
 
-def _fit_cpu_prefill(model: LlamaForCausalLM, config: EngineConfig):
+def _fit_cpu_prefill(model: LlamaForCausalLM, config: EngineConfig) -> CpuPlan:
     """The CPU plan; bf16 prefill attention in float32 where the tier has no oneDNN bf16 (torch's bf16 bmm is
     a slow loop without it)."""
     plan = config.cpu_plan()

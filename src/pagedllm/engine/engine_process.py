@@ -197,9 +197,8 @@ def describe_exit(code: int | None, reason: str = "") -> str:
         return reason
     if code is not None and code < 0:
         return f"killed by {signal.Signals(-code).name}"
-    if code in wire.EngineExit._value2member_map_:
-        return f"exited with code {code} ({wire.EngineExit(code).name.lower().replace('_', ' ')})"
-    return f"exited with code {code}"
+    named = {int(e): e.name.lower().replace("_", " ") for e in wire.EngineExit}
+    return f"exited with code {code}" + (f" ({named[code]})" if code in named else "")
 
 
 def python_executable() -> str:
