@@ -4,7 +4,6 @@ the engine installs the chosen one into its model, and the model runner asks it 
 step needs. A new backend is one class and one entry in BACKENDS."""
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,15 +14,19 @@ if TYPE_CHECKING:
     from pagedllm.engine.kernels.cpu_isa import CpuPlan
     from pagedllm.engine.models import LlamaForCausalLM
 
-logger = logging.getLogger(__name__)
-
 
 class Backend:
     name = ""
     runs_int8 = False  # int8 weights (quantization "int8") run here
 
     def install(self, model: LlamaForCausalLM, config: EngineConfig) -> str:
-        """Fits `model` to this backend; returns what runs it, in words (the engine logs it)."""
+        """Fits `model` to this backend; returns what runs it, in words (the engine logs it). Off the CPU
+        there is nothing to fit here."""
+        if config.resolved_device().type != "cpu":
+            return f"{config.resolved_device()}, attention backend {self.name}"
+        return self._install_on_cpu(model, config, _fit_cpu_prefill(model, config))
+
+    def _install_on_cpu(self, model: LlamaForCausalLM, config: EngineConfig, plan: CpuPlan) -> str:
         raise NotImplementedError
 
     def kernel_metadata_only(self, groups: list[QueryGroup]) -> bool:
@@ -35,11 +38,8 @@ class TorchBackend(Backend):
     """Plain torch attention; on the CPU, bf16 linears prepacked for oneDNN where the tier has its bf16."""
     name = "torch"
 
-    def install(self, model: LlamaForCausalLM, config: EngineConfig) -> str:
-        if config.resolved_device().type != "cpu":
-            return f"{config.resolved_device()}, attention backend {self.name}"
+    def _install_on_cpu(self, model: LlamaForCausalLM, config: EngineConfig, plan: CpuPlan) -> str:
         from pagedllm.engine.kernels.prepacked_linear import pack_linears
-        plan = _fit_cpu_prefill(model, config)
         if plan.onednn_bf16 and pack_linears(model, batch_hint=64):
             return f"{plan.describe()}; CPU kernels off, linear layers prepacked for oneDNN (bfloat16)"
         return f"{plan.describe()}; CPU kernels off, plain torch in {config.resolved_dtype()}"
@@ -50,9 +50,8 @@ class CpuKernelsBackend(Backend):
     name = "cpu"
     runs_int8 = True
 
-    def install(self, model: LlamaForCausalLM, config: EngineConfig) -> str:
+    def _install_on_cpu(self, model: LlamaForCausalLM, config: EngineConfig, plan: CpuPlan) -> str:
         from pagedllm.engine.kernels import cpu as cpu_kernels
-        plan = _fit_cpu_prefill(model, config)
         kind = cpu_kernels.linear_kind(config.torch_dtype, config.quantization)
         model.use_cpu_kernels(kind, cpu_kernels.load(plan.isa))
         return f"{plan.describe()}; {kind} linears, decode steps in one C++ call"
@@ -63,15 +62,17 @@ class CpuKernelsBackend(Backend):
         return all(g.query_len == 1 or g.speculative for g in groups)
 
 
-class TritonBackend(Backend):
-    """Attention in OpenAI Triton kernels over the paged cache (GPU; tested on the CPU in the interpreter)."""
+class TritonBackend(TorchBackend):
+    """Attention in OpenAI Triton kernels over the paged cache; linears as the torch backend runs them (GPU;
+    tested on the CPU in Triton's interpreter)."""
     name = "triton"
 
     def install(self, model: LlamaForCausalLM, config: EngineConfig) -> str:
         from pagedllm.engine.kernels.gpu_attention import GpuPagedAttention
+        path = super().install(model, config)
         for layer in model.layers:
             layer.attn = GpuPagedAttention(layer.num_heads, layer.num_kv_heads, layer.head_dim)
-        return f"{config.resolved_device()}, attention backend {self.name}"
+        return path
 
     def kernel_metadata_only(self, groups: list[QueryGroup]) -> bool:
         return True
