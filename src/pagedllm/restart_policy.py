@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagedllm.engine.sampling_params import check_int
+
 
 @dataclass
 class RestartPolicy:
@@ -15,9 +17,11 @@ class RestartPolicy:
     deaths: list[float] = field(default_factory=list)  # times (monotonic) of the deaths in the window
 
     def __post_init__(self) -> None:
-        if self.max_restarts < 0 or self.restart_window <= 0 or self.initial_backoff < 0:
-            raise ValueError("max_restarts must be >= 0, restart_window > 0 and initial_backoff >= 0 "
-                             f"(got {self.max_restarts}, {self.restart_window}, {self.initial_backoff})")
+        check_int("max_restarts", self.max_restarts, 0)
+        if not self.restart_window > 0:
+            raise ValueError(f"restart_window: must be positive, got {self.restart_window}")
+        if not self.initial_backoff >= 0:
+            raise ValueError(f"initial_backoff: must be >= 0, got {self.initial_backoff}")
 
     def on_death(self, now: float) -> float | None:
         """Records a death at `now`: the seconds to wait before the restart, or None to stay down."""

@@ -221,31 +221,36 @@ class SupervisionConfig:
     waiting and no step finished for `heartbeat_timeout` s, and it is killed; a dead one is restarted after
     1, 2, 4... s, and after `max_restarts` deaths within `restart_window` s it stays down."""
     heartbeat_timeout: float = 30.0
-    max_restarts: int = 3
-    restart_window: float = 300.0
+    max_restarts: int = RestartPolicy.max_restarts
+    restart_window: float = RestartPolicy.restart_window
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat_timeout", "restart_window"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
-        check_int("max_restarts", self.max_restarts, 0)
+        if not self.heartbeat_timeout > 0:
+            raise ValueError(f"heartbeat_timeout: must be positive, got {self.heartbeat_timeout}")
+        self.restart_policy()  # checks the rest, naming the field
 
     def restart_policy(self) -> RestartPolicy:
         return RestartPolicy(self.max_restarts, self.restart_window)
 
 
-def read_engine_json(path: str | Path, **overrides: Any) -> tuple[EngineConfig, SupervisionConfig]:
-    """An engine.json's two parts: the engine's settings and the serving side's watch over it. A relative
-    `model` is taken from the file's folder; a key neither part knows is refused, naming it."""
-    data = {**json.loads(Path(path).read_text()), **overrides}
-    watch = {k: data.pop(k) for k in SupervisionConfig.__dataclass_fields__ if k in data}
-    unknown = set(data) - set(EngineConfig.__dataclass_fields__)
+def engine_settings(settings: dict[str, Any],
+                    source: str = "engine.json") -> tuple[EngineConfig, SupervisionConfig]:
+    """engine.json's settings as its two parts: the engine's and the serving side's watch over it. A key
+    neither part knows is refused, naming it and `source`."""
+    unknown = set(settings) - set(EngineConfig.__dataclass_fields__) - set(SupervisionConfig.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"{path}: unknown engine settings {sorted(unknown)}")
+        raise ValueError(f"{source}: unknown engine settings {sorted(unknown)}")
+    watch = {k: v for k, v in settings.items() if k in SupervisionConfig.__dataclass_fields__}
+    return EngineConfig(**{k: v for k, v in settings.items() if k not in watch}), SupervisionConfig(**watch)
+
+
+def read_engine_json(path: str | Path, **overrides: Any) -> tuple[EngineConfig, SupervisionConfig]:
+    """An engine.json's two parts (engine_settings); a relative `model` is taken from the file's folder."""
+    data = {**json.loads(Path(path).read_text()), **overrides}
     model = data.get("model")
     if model and not Path(model).is_absolute() and (Path(path).parent / model).exists():
         data["model"] = str((Path(path).parent / model).resolve())
-    return EngineConfig(**data), SupervisionConfig(**watch)
+    return engine_settings(data, str(path))
 
 
 def num_blocks_for(config: EngineConfig, model: ModelConfig) -> int:

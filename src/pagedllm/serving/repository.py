@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-from pagedllm.engine.config import EngineConfig, SupervisionConfig
+from pagedllm.engine.config import engine_settings
 from pagedllm.serving.request import NORMALISED_REQUEST
 from pagedllm.serving.response import RESPONSE_OPTIONS
 
@@ -45,11 +45,9 @@ SHOWN_ENGINE_SETTINGS = ("model", "dtype", "kv_cache_memory", "max_num_seqs", "m
 def engine_json(overrides: dict) -> dict:
     """engine.json for `overrides` of EngineConfig and SupervisionConfig, the engine's defaults filled in for
     the shown settings."""
-    watched = {k: v for k, v in overrides.items() if k in SupervisionConfig.__dataclass_fields__}
-    supervision = SupervisionConfig(**watched)
-    config = EngineConfig(**{k: v for k, v in overrides.items() if k not in watched})
+    config, supervision = engine_settings(overrides)
     names = list(SHOWN_ENGINE_SETTINGS) + [k for k in overrides if k not in SHOWN_ENGINE_SETTINGS]
-    values = {name: getattr(supervision if name in watched else config, name) for name in names}
+    values = {name: getattr(supervision if hasattr(supervision, name) else config, name) for name in names}
     return {name: asdict(v) if is_dataclass(v) else v for name, v in values.items()}
 
 
