@@ -28,10 +28,12 @@ class Chunk:
 
 @dataclass
 class Completion:
+    """A request's answer folded from its chunks: the one folding rule, which the gateway's answers use too."""
     text: str = ""
     finish_reason: str | None = None
     num_input_tokens: int = 0
     num_output_tokens: int = 0
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # one entry per token, when asked for
     latency: float = 0.0
     time_to_first_token: float | None = None
     deltas: list[str] = field(default_factory=list)
@@ -42,6 +44,7 @@ class Completion:
     def add(self, chunk: Chunk) -> None:
         now = time.monotonic() - self._start
         if chunk.text:
+            self.text += chunk.text
             self.deltas.append(chunk.text)
             self.chunk_times.append(now)
             self.chunk_tokens.append(chunk.num_output_tokens or 1)
@@ -50,7 +53,7 @@ class Completion:
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.num_input_tokens = chunk.num_input_tokens or self.num_input_tokens
         self.num_output_tokens += chunk.num_output_tokens or 0  # each response counts its own tokens
-        self.text = "".join(self.deltas)
+        self.logprobs += chunk.logprobs or []
         self.latency = now
 
 

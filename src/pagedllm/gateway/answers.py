@@ -10,19 +10,10 @@ from typing import Any
 
 from pagedllm.gateway.protocol import Plan
 from pagedllm.gateway.tools import Piece, ToolCallParser
+from pagedllm_client import Chunk, Completion
 
 OBJECTS = {"chat": ("chatcmpl-", "chat.completion", "chat.completion.chunk"),
            "completion": ("cmpl-", "text_completion", "text_completion")}
-
-
-@dataclass
-class ChoiceOutput:
-    """What one choice has produced so far."""
-    text: str = ""
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    logprobs: list[dict[str, Any]] = field(default_factory=list)  # the engine's steps
 
 
 @dataclass
@@ -31,12 +22,12 @@ class Answer:
     plan: Plan
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
-    outputs: list[ChoiceOutput] = field(default_factory=list)
+    outputs: list[Completion] = field(default_factory=list)  # each choice's, folded as the client folds
     parsers: list[ToolCallParser] = field(default_factory=list)  # each choice's calls, as they stream
 
     def __post_init__(self) -> None:
         self.id = self.id or OBJECTS[self.plan.kind][0] + uuid.uuid4().hex
-        self.outputs = self.outputs or [ChoiceOutput() for _ in self.plan.choices]
+        self.outputs = self.outputs or [Completion() for _ in self.plan.choices]
         self.parsers = [ToolCallParser() for _ in self.outputs]
 
     def _head(self, obj: str) -> dict[str, Any]:
@@ -44,15 +35,22 @@ class Answer:
 
     def usage(self) -> dict[str, int]:
         """Each prompt counts once however many choices it has, as OpenAI counts it."""
-        prompt = sum(out.prompt_tokens for out in self.outputs[::self.plan.n])
-        completion = sum(out.completion_tokens for out in self.outputs)
+        prompt = sum(out.num_input_tokens for out in self.outputs[::self.plan.n])
+        completion = sum(out.num_output_tokens for out in self.outputs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def add(self, index: int, chunk: Chunk) -> list[dict[str, Any]]:
+        """Fold one engine response into choice `index`; the stream chunks it makes, if it says anything."""
+        self.outputs[index].add(chunk)
+        if not (chunk.text or chunk.logprobs or chunk.finish_reason):
+            return []
+        return self.chunks(index, chunk.text, chunk.logprobs or [], chunk.finish_reason)
 
     def whole(self) -> dict[str, Any]:
         choices = [self._choice(i, out) for i, out in enumerate(self.outputs)]
         return self._head(OBJECTS[self.plan.kind][1]) | {"choices": choices, "usage": self.usage()}
 
-    def _choice(self, index: int, out: ChoiceOutput) -> dict[str, Any]:
+    def _choice(self, index: int, out: Completion) -> dict[str, Any]:
         text = self._echo(index) + out.text
         if self.plan.tool_call is not None:
             return self._tool_choice(index, out)
@@ -65,7 +63,7 @@ class Answer:
     def _echo(self, index: int) -> str:
         return self.plan.choices[index].prompt or "" if self.plan.echo else ""
 
-    def _tool_choice(self, index: int, out: ChoiceOutput) -> dict[str, Any]:
+    def _tool_choice(self, index: int, out: Completion) -> dict[str, Any]:
         parser = ToolCallParser()
         parser.feed(out.text)
         parser.finish()

@@ -1,66 +1,34 @@
-"""The gateway's HTTP service (FastAPI): OpenAI's chat and completions endpoints, /v1/models, health,
-readiness and metrics. A request is authenticated, parsed, admitted by its key's quota, then run on the
-replicas (generation.py); every request ends in one JSON log line and the metrics."""
+"""The gateway's HTTP service (FastAPI): OpenAI's chat, completions and responses endpoints, /v1/models,
+health, readiness and metrics. A completion request is admitted (admission.py), run on the replicas
+(generation.py), folded into its answer (answers.py) and sent whole or as server-sent events (sse.py); however
+it ends, accounting.py settles its quota and writes its log line and metrics."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from pagedllm.gateway.accounting import Accounting, RequestRecord
+from pagedllm.gateway.admission import Admission, Admitted, Endpoint
 from pagedllm.gateway.answers import Answer
 from pagedllm.gateway.config import GatewayConfig
-from pagedllm.gateway.errors import (
-    ClientGoneError,
-    GatewayError,
-    InvalidRequestError,
-    NotFoundError,
-    RequestTooLargeError,
-    ServiceUnavailableError,
-    UpstreamError,
-)
+from pagedllm.gateway.errors import ClientGoneError, GatewayError, NotFoundError, UpstreamError
 from pagedllm.gateway.generation import Event, Generation
-from pagedllm.gateway.keys import ApiKey, KeyRing, load_keys
+from pagedllm.gateway.keys import KeyRing, load_keys
 from pagedllm.gateway.metrics import GatewayMetrics
-from pagedllm.gateway.protocol import Plan, decode_body, parse
-from pagedllm.gateway.quotas import KeyQuota, Ticket, estimate_tokens
+from pagedllm.gateway.quotas import KeyQuota
 from pagedllm.gateway.replicas import ReplicaPool
 from pagedllm.gateway.responses_api import ResponseStore
-from pagedllm.gateway.responses_api import parse_request as parse_response_request
-from pagedllm.tool_format import chat_bytes
+from pagedllm.gateway.sse import fold, internal_error, write_events
 
 logger = logging.getLogger("pagedllm.gateway")
-access_log = logging.getLogger("pagedllm.gateway.access")
 DISCONNECT_POLL_SECONDS = 0.5  # how often a non-streamed request checks that its client is still there
-DRAIN_FACTOR = 16  # a body over the limit is read (and dropped) up to this many times the limit, then cut
-
-
-@dataclass
-class RequestRecord:
-    """The request's log line: never the prompt or the output."""
-    request_id: str
-    key: str = "-"
-    model: str | None = None
-    replica: str | None = None
-    status: int = 200
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    time_to_first_token: float | None = None
-    duration: float = 0.0
-    finish_reason: str | None = None
-    cancelled: bool = False
-    error: str | None = None
-    error_detail: str | None = None  # what the server said of a 5xx it failed (never the prompt)
-    started: float = field(default_factory=time.monotonic, repr=False)
 
 
 class Gateway:
@@ -71,40 +39,36 @@ class Gateway:
         self.keys = KeyRing(load_keys(config.api_keys) if config.api_keys else None)
         self.quotas = {key.name: KeyQuota(key.limits) for key in self.keys.keys or []}
         self.metrics = GatewayMetrics(self.pool)
-        self.responses = ResponseStore(config.responses_stored, config.responses_kept_seconds)
+        self.accounting = Accounting(self.metrics)
+        self.admission = Admission(config, self.pool, self.keys, self.quotas,
+                                   ResponseStore(config.responses_stored, config.responses_kept_seconds))
 
     # ---- the completion endpoints -------------------------------------------------------------
-    async def complete(self, kind: Literal["chat", "completion", "responses"], request: Request) -> Response:
+    async def complete(self, endpoint: Endpoint, request: Request) -> Response:
         record = RequestRecord("req_" + uuid.uuid4().hex)
-        ticket: Ticket | None = None
-        answer: Answer | None = None
+        admitted: Admitted | None = None
         try:
-            key = self.keys.authenticate(request.headers.get("authorization"))
-            record.key = key.name
-            body = decode_body(await self._body(request))
-            if kind == "responses":
-                answer = parse_response_request(body, self.responses, key.name)
-            else:
-                answer = Answer(parse(kind, body))
-            plan = answer.plan
-            record.model = self._model(plan.model, key)
-            ticket = self._admit(key, plan, record.model)
-            generation = Generation(self.pool, plan, record.model, self.metrics)
+            admitted = await self.admission.admit(endpoint, request, record)
+            answer = admitted.answer
+            generation = Generation(self.pool, answer.plan, admitted.model, self.metrics)
             events = generation.events()
             first = await self._first(events, generation, record)  # an error before any token: an HTTP error
-            if plan.stream:
-                body = self._sse(answer, first, events, record, ticket)
-                return StreamingResponse(body, media_type="text/event-stream", headers=self._headers(record, key))
-            self._add(answer, *first, record)
+            if answer.plan.stream:
+                def finish(status: int, error: GatewayError | None) -> None:
+                    self.accounting.finish(record, admitted.ticket, answer, status, error)
+                body = write_events(answer, first, events, record, finish)
+                return StreamingResponse(body, media_type="text/event-stream", headers=self._headers(record, admitted))
+            fold(answer, first, record)
             if not await self._collect(answer, events, record, request):
                 return self._error(ClientGoneError("the client left before the answer was ready", None,
-                                                   "client_disconnected"), record, ticket, answer)
-            return self._json(answer.whole(), record, ticket, answer, key)
+                                                   "client_disconnected"), record, admitted)
+            self.accounting.finish(record, admitted.ticket, answer, 200)
+            return JSONResponse(answer.whole(), headers=self._headers(record, admitted))
         except GatewayError as e:
-            return self._error(e, record, ticket, answer)
+            return self._error(e, record, admitted)
         except Exception as e:  # a bug of ours: a 500 that says so, and the gateway keeps serving
             logger.exception("request %s failed", record.request_id)
-            return self._error(UpstreamError(f"internal gateway error ({type(e).__name__})"), record, ticket, answer)
+            return self._error(internal_error(e), record, admitted)
 
     async def _first(self, events: AsyncIterator[Event], generation: Generation, record: RequestRecord) -> Event:
         try:
@@ -119,8 +83,8 @@ class Gateway:
         """The rest of a non-streamed answer; False if the client left first (its engine requests are
         cancelled then, as a stream's are: nothing generates for nobody)."""
         async def rest() -> None:
-            async for index, chunk in events:
-                self._add(answer, index, chunk, record)
+            async for event in events:
+                fold(answer, event, record)
         task = asyncio.ensure_future(rest())
         while not task.done():
             await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
@@ -132,128 +96,15 @@ class Gateway:
         task.result()
         return True
 
-    async def _sse(self, answer: Answer, first: Event, events: AsyncIterator[Event], record: RequestRecord,
-                   ticket: Ticket | None) -> AsyncIterator[bytes]:
-        error: GatewayError | None = None
-        try:
-            for chunk in answer.opening_chunks():
-                yield answer.encode(chunk)
-            event: Event | None = first
-            while event is not None:
-                for chunk in self._add(answer, *event, record):
-                    yield answer.encode(chunk)
-                event = await anext(events, None)
-            for chunk in answer.closing_chunks():
-                yield answer.encode(chunk)
-        except Exception as e:  # after streaming began: an error event, and the stream ends
-            if not isinstance(e, GatewayError):
-                logger.exception("request %s failed", record.request_id)
-            error = e if isinstance(e, GatewayError) else UpstreamError(f"internal gateway error ({type(e).__name__})")
-            yield answer.encode(answer.error_event(error.body()))
-        except BaseException:  # the client left: the engine requests are cancelled as the streams close
-            record.cancelled = True
-            raise
-        finally:
-            await events.aclose()
-            self._finish(record, ticket, answer, error.status if error else 200, error)
-
-    def _add(self, answer: Answer, index: int, chunk, record: RequestRecord) -> list[dict]:
-        """Fold one engine response into the answer; the stream chunks it makes, if it says anything."""
-        out = answer.outputs[index]
-        out.text += chunk.text
-        out.completion_tokens += chunk.num_output_tokens or 0
-        out.prompt_tokens = chunk.num_input_tokens or out.prompt_tokens
-        out.logprobs += chunk.logprobs or []
-        out.finish_reason = chunk.finish_reason or out.finish_reason
-        if chunk.text and record.time_to_first_token is None:
-            record.time_to_first_token = time.monotonic() - record.started
-        if not (chunk.text or chunk.logprobs or chunk.finish_reason):
-            return []
-        return answer.chunks(index, chunk.text, chunk.logprobs or [], chunk.finish_reason)
-
-    # ---- admission ----------------------------------------------------------------------------
-    async def _body(self, request: Request) -> bytes:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "application/json":
-            raise InvalidRequestError(f"Content-Type: expected application/json, got {content_type or 'none'!r}",
-                                      None, "unsupported_content_type")
-        limit, body, size = self.config.max_body_bytes, bytearray(), 0
-        async for part in request.stream():
-            size += len(part)
-            if size <= limit:
-                body += part
-            elif size > limit * DRAIN_FACTOR:
-                break
-        if size > limit:
-            raise RequestTooLargeError(f"the request body is over the gateway's limit of {limit} bytes", None,
-                                       "request_too_large")
-        return bytes(body)
-
-    def _model(self, name: str, key: ApiKey) -> str:
-        model = self.config.served_model_names.get(name, name)
-        if not any(r.healthy for r in self.pool.replicas):
-            raise ServiceUnavailableError("no healthy replica; retry shortly", None, "no_healthy_replica", 1.0)
-        if model not in self.pool.models():
-            raise NotFoundError(f"model: {name!r} does not exist; GET /v1/models lists the models served",
-                                "model", "model_not_found")
-        if key.models is not None and name not in key.models:
-            key.check_model(model)
-        return model
-
-    def _admit(self, key: ApiKey, plan: Plan, model: str) -> Ticket | None:
-        quota = self.quotas.get(key.name)
-        if quota is None:
-            return None
-        prompts = [estimate_tokens(_prompt_bytes(c.prompt, c.messages)) for c in plan.choices]
-        if plan.max_tokens is not None:
-            return quota.admit(sum(prompts) + plan.max_tokens * len(prompts))
-        # each choice may run to the end of the context; a full bucket still admits such a request
-        context = self.config.context_length(model)
-        return quota.admit(sum(prompts), up_to=sum(max(p, context) for p in prompts))
-
-    # ---- endings ------------------------------------------------------------------------------
-    def _headers(self, record: RequestRecord, key: ApiKey | None = None) -> dict[str, str]:
-        quota = self.quotas.get(key.name) if key else None
+    def _headers(self, record: RequestRecord, admitted: Admitted) -> dict[str, str]:
+        quota = self.quotas.get(admitted.key.name)
         return {"x-request-id": record.request_id} | (quota.headers() if quota else {})
 
-    def _json(self, body: dict, record: RequestRecord, ticket: Ticket | None, answer: Answer,
-              key: ApiKey) -> Response:
-        self._finish(record, ticket, answer, 200)
-        return JSONResponse(body, headers=self._headers(record, key))
-
-    def _error(self, error: GatewayError, record: RequestRecord, ticket: Ticket | None,
-               answer: Answer | None) -> Response:
-        self._finish(record, ticket, answer, error.status, error)
+    def _error(self, error: GatewayError, record: RequestRecord, admitted: Admitted | None) -> Response:
+        ticket, answer = (admitted.ticket, admitted.answer) if admitted else (None, None)
+        self.accounting.finish(record, ticket, answer, error.status, error)
         return JSONResponse(error.body(), status_code=error.status,
                             headers=error.headers() | {"x-request-id": record.request_id})
-
-    def _finish(self, record: RequestRecord, ticket: Ticket | None, answer: Answer | None, status: int,
-                error: GatewayError | None = None) -> None:
-        record.status, record.duration = status, time.monotonic() - record.started
-        if answer is not None:
-            usage = answer.usage()
-            record.prompt_tokens, record.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
-            reasons = {out.finish_reason for out in answer.outputs if out.finish_reason}
-            record.finish_reason = ",".join(sorted(reasons)) or None
-        if ticket is not None:
-            ticket.settle(record.prompt_tokens + record.completion_tokens)
-        if error is not None:
-            record.error = error.code or type(error).__name__
-            record.error_detail = getattr(error, "detail", None)
-            if status in (401, 403, 413, 429, 503):
-                self.metrics.rejections.labels(record.error).inc()
-        self._observe(record)
-        access_log.info(json.dumps({k: v for k, v in asdict(record).items() if k != "started"}))
-
-    def _observe(self, record: RequestRecord) -> None:
-        m, model = self.metrics, record.model or "-"
-        m.requests.labels(record.key, model, str(record.status)).inc()
-        m.tokens.labels(record.key, "prompt").inc(record.prompt_tokens)
-        m.tokens.labels(record.key, "completion").inc(record.completion_tokens)
-        if record.status == 200 and not record.cancelled:
-            m.e2e.labels(model).observe(record.duration)
-            if record.time_to_first_token is not None:
-                m.ttft.labels(model).observe(record.time_to_first_token)
 
     # ---- the other endpoints ------------------------------------------------------------------
     def list_models(self, request: Request) -> Response:
@@ -282,10 +133,6 @@ class Gateway:
     def ready(self) -> Response:
         models = sorted(self.pool.models())
         return JSONResponse({"ready": bool(models), "models": models}, status_code=200 if models else 503)
-
-
-def _prompt_bytes(prompt: str | None, messages: list[dict[str, Any]] | None) -> int:
-    return len(prompt.encode("utf-8")) if prompt is not None else chat_bytes(messages or [])
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
