@@ -25,10 +25,11 @@ from pagedllm_client.resilience import CircuitBreaker, RetryPolicy
 @pytest.mark.parametrize("message,status,kind,shown", [
     ("[overloaded] 4 requests waiting; retry later", None, Overloaded, "4 requests waiting; retry later"),
     ("[overloaded] 4 requests waiting", "400", Overloaded, "4 requests waiting"),  # HTTP generate: all 400
-    ("[invalid_argument] sampling_parameters.temperature: -1 is out of range", None, InvalidRequest,
+    ("[invalid_argument field=sampling_parameters.temperature] -1 is out of range", None, InvalidRequest,
      "sampling_parameters.temperature: -1 is out of range"),
-    ("in ensemble 'ensemble', [invalid_argument] max_tokens: 0 is out of range", "400", InvalidRequest,
-     "in ensemble 'ensemble', max_tokens: 0 is out of range"),
+    ("in ensemble 'ensemble', [invalid_argument field=max_tokens] 0 is out of range", "400", InvalidRequest,
+     "max_tokens: 0 is out of range"),
+    ("[invalid_argument] the prompt is empty", None, InvalidRequest, "the prompt is empty"),
     ("[engine_unavailable] engine restarting: the engine process died; retry shortly", "400", EngineUnavailable,
      "engine restarting: the engine process died; retry shortly"),
     ("[internal] internal error in request 7", "400", ServerError, "internal error in request 7"),
@@ -43,7 +44,8 @@ from pagedllm_client.resilience import CircuitBreaker, RetryPolicy
 def test_classify(message, status, kind, shown):
     error = classify(message, status)
     assert type(error) is kind and str(error) == (shown or message)
-    assert error.code == (ErrorCode(message.split("[")[1].split("]")[0]) if shown and "[unknown" not in message
+    assert error.code == (ErrorCode(message.split("[")[1].split("]")[0].split(" ")[0])
+                          if shown and "[unknown" not in message
                           else None)
 
 

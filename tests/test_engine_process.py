@@ -65,7 +65,7 @@ def test_a_killed_engine_fails_its_requests_as_retryable_and_comes_back(engine):
     os.kill(engine.process.pid, signal.SIGKILL)
     failed = [final(first), final(second)]
     assert time.monotonic() - start < 2.0
-    assert all(d.error_code == "engine_unavailable" and "engine died: killed by SIGKILL" in d.error for d in failed)
+    assert all(d.error.code == "engine_unavailable" and "engine died: killed by SIGKILL" in d.error.message for d in failed)
     with pytest.raises(EngineDeadError, match="engine restarting"):
         run(engine, "c")
     assert wait_until(lambda: engine.state == "up") and engine.restarted == [1]
@@ -77,7 +77,7 @@ def test_a_hung_engine_is_killed_by_the_heartbeat_and_restarted(engine):
     deltas.get(timeout=30)
     os.kill(engine.process.pid, signal.SIGSTOP)
     done = final(deltas, timeout=10)
-    assert done.error_code == "engine_unavailable" and "hung: no step for" in done.error
+    assert done.error.code == "engine_unavailable" and "hung: no step for" in done.error.message
     assert wait_until(lambda: engine.state == "up")
     assert final(run(engine, "b", SamplingParams(max_tokens=3))).error is None
 

@@ -115,7 +115,7 @@ def test_a_failed_step_fails_only_its_requests_and_the_engine_goes_on(tiny_model
     engine.add_request("waiting", [10, 11], greedy)  # max_num_seqs 2: not in the failed step
     deltas = engine.step()
     assert {d.request_id for d in deltas} == {"bad", "batched-with-bad"}
-    assert all(d.finished and d.error_code == "internal" and "engine step failed: InjectedFault" in d.error
+    assert all(d.finished and d.error.code == "internal" and "engine step failed: InjectedFault" in d.error.message
                for d in deltas)
     finished = {}
     while engine.has_unfinished_requests():

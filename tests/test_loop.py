@@ -109,7 +109,7 @@ def test_a_dead_loop_fails_what_it_holds_refuses_new_work_and_reports_death(tiny
     loop.submit("killer", [7, 8], SamplingParams(temperature=0, max_tokens=2, seed=999), q.put)
     assert "kill_loop_seed" in str(died.get(timeout=30))
     errors = [q.get(timeout=5) for _ in range(2)]
-    assert all(d.finished and d.error_code == "internal" for d in errors)
+    assert all(d.finished and d.error.code == "internal" for d in errors)
     assert not loop.alive
     with pytest.raises(EngineDeadError, match="not ready"):
         loop.submit("late", [5], SamplingParams(max_tokens=1), q.put)

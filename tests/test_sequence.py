@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pagedllm.engine.sequence import FinishReason, RequestDelta, coalesce
+from pagedllm.errors import ErrorCode, RequestError
 
 
 def test_coalesce_merges_each_requests_deltas_in_order():
@@ -14,7 +15,7 @@ def test_coalesce_merges_each_requests_deltas_in_order():
 
 
 def test_a_finished_delta_is_not_merged_with_a_later_one():
-    first = RequestDelta.failure("a", "overloaded", "overloaded")
+    first = RequestDelta.failure("a", RequestError(ErrorCode.OVERLOADED, "9 waiting"))
     later = RequestDelta(request_id="a", new_token_ids=[1], new_text="x", finish_reason=None, num_prompt_tokens=1,
                          num_output_tokens=1)
     assert coalesce([first, later]) == [later]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pagedllm.engine.sequence import FinishReason, RequestDelta
-from pagedllm.errors import ErrorCode, InvalidRequestError
+from pagedllm.errors import ErrorCode, InvalidRequestError, RequestError
 from pagedllm.serving.llm import LLMModel, require_decoupled
 from pagedllm.serving.request import ResponseOptions
 from pagedllm.serving.response import RESPONSE_OPTIONS
@@ -24,8 +24,8 @@ class FakeResponses:
             raise RuntimeError("building failed")
         return ("response", tensors)
 
-    def error(self, message, code):
-        return ("error", message, code)
+    def error(self, error):
+        return ("error", str(error), error.code)
 
 
 class FakeSender:
@@ -142,7 +142,8 @@ def test_an_abort_of_a_cancelled_stream_ends_it_with_the_final_flag_only(book):
 def test_an_error_delta_is_the_final_response(book):
     sender = FakeSender()
     book.open("a", sender, ResponseOptions(stream=True))
-    book.deliver(RequestDelta.failure("a", "engine died: killed; retry the request", ErrorCode.ENGINE_UNAVAILABLE))
+    died = RequestError(ErrorCode.ENGINE_UNAVAILABLE, "engine died: killed; retry the request")
+    book.deliver(RequestDelta.failure("a", died))
     book.run_once()
     assert sender.sent == [(("error", "engine died: killed; retry the request", "engine_unavailable"), FINAL)]
 
@@ -192,7 +193,7 @@ class _Backend:
         raise self.error_to_raise
 
 
-@pytest.mark.parametrize("error, code", [(InvalidRequestError("text_input: is empty"), "invalid_argument"),
+@pytest.mark.parametrize("error, code", [(InvalidRequestError("text_input", "is empty"), "invalid_argument"),
                                          (KeyError("surprise"), "internal")])
 def test_the_llm_model_answers_every_request_it_cannot_accept(error, code):
     model = LLMModel()
@@ -209,11 +210,11 @@ def test_the_llm_model_answers_every_request_it_cannot_accept(error, code):
 def test_an_internal_error_reaches_the_client_as_the_request_id_only(book, caplog):
     sender = FakeSender()
     book.open("a", sender, ResponseOptions(stream=True))
-    book.deliver(RequestDelta.failure("a", "engine failed: /srv/models/secret.bin: bad", ErrorCode.INTERNAL))
+    book.deliver(RequestDelta.failure("a", RequestError(ErrorCode.INTERNAL, "engine failed: /srv/secret.bin: bad")))
     book.run_once()
     assert sender.sent == [(("error", "internal error in request a; the server's log has the detail", "internal"),
                             FINAL)]
-    assert "/srv/models/secret.bin" in caplog.text
+    assert "/srv/secret.bin" in caplog.text
 
 
 def test_the_llm_model_must_be_decoupled():

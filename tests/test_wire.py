@@ -10,7 +10,7 @@ from pagedllm.engine import wire
 from pagedllm.engine.engine_process import describe_exit
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.sequence import FinishReason, RequestDelta
-from pagedllm.errors import ErrorCode
+from pagedllm.errors import ErrorCode, RequestError
 
 STATS = wire.EngineStats(1, 2, 0.5, 10, 20, 3, 1, 0)
 
@@ -23,7 +23,7 @@ STATS = wire.EngineStats(1, 2, 0.5, 10, 20, 3, 1, 0)
     wire.StartFailed("ValueError: no model"),
     wire.StepOutput([RequestDelta(request_id="r1", new_token_ids=[7], new_text="hi", finish_reason=FinishReason.LENGTH,
                                    num_prompt_tokens=3, num_output_tokens=1)], STATS, 1.0),
-    wire.StepOutput([RequestDelta.failure("r2", "overloaded", ErrorCode.OVERLOADED, 3)]),
+    wire.StepOutput([RequestDelta.failure("r2", RequestError(ErrorCode.OVERLOADED, "9 waiting"), 3)]),
 ], ids=lambda m: type(m).__name__)
 def test_each_message_crosses_a_pipe_as_itself(message):
     sender, receiver = multiprocessing.Pipe()

@@ -1,7 +1,8 @@
 """Typed client errors, and the one function that maps a server's error to them.
 
 Triton 2.51 gives no status code for an error inside a gRPC stream, and HTTP generate answers every model
-error with 400, so pagedllm's models lead each error's text with its code (`[overloaded] ...`); errors from
+error with 400, so pagedllm's models lead each error's text with its code (`[overloaded] ...`), and a request
+error with the field at fault (`[invalid_argument field=sampling_parameters.temperature] ...`); errors from
 Triton itself or the network carry none and are classified by their status and words."""
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ class ErrorCode(enum.StrEnum):
 
 
 class ClientError(Exception):
-    """Base of every pagedllm client error; `code` is the server's, where it gave one."""
+    """Base of every pagedllm client error; `code` is the server's, where it gave one. `field` is the request
+    field at fault, where the server named one, and `reason` what it said of it; the text is then
+    `field: reason`."""
 
-    def __init__(self, message: str = "", code: ErrorCode | None = None) -> None:
-        super().__init__(message)
-        self.code = code
+    def __init__(self, message: str = "", code: ErrorCode | None = None, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.code, self.field, self.reason = code, field, message
 
 
 class InvalidRequest(ClientError):
@@ -65,8 +68,9 @@ _BY_CODE: dict[ErrorCode, type[ClientError]] = {
     ErrorCode.INVALID_ARGUMENT: InvalidRequest, ErrorCode.OVERLOADED: Overloaded,
     ErrorCode.ENGINE_UNAVAILABLE: EngineUnavailable, ErrorCode.INTERNAL: ServerError,
 }
-# The code leads the text; Triton puts "in ensemble 'name', " before an ensemble step's error.
-_CODED = re.compile(r"^(in ensemble '[^']*', )?\[(" + "|".join(ErrorCode) + r")\] ")
+# The code (and the field, if any) leads the text; Triton puts "in ensemble 'name', " before an ensemble
+# step's error, which the client drops: the field names what the client sent.
+_CODED = re.compile(r"^(?:in ensemble '[^']*', )?\[(" + "|".join(ErrorCode) + r")(?: field=(\S+?))?\] ")
 # Triton's and the network's own words for a model or server that cannot answer now (no code): retryable.
 _UNAVAILABLE_MARKS = ("is not ready", "stub process is not healthy", "failed to connect", "connection refused",
                       "socket closed")
@@ -77,8 +81,8 @@ def classify(message: str, status: str | None = None) -> ClientError:
     leads a pagedllm model's message (shown without it), else by the status and Triton's words."""
     coded = _CODED.match(message)
     if coded is not None:
-        code = ErrorCode(coded.group(2))
-        return _BY_CODE[code]((coded.group(1) or "") + message[coded.end():], code)
+        code = ErrorCode(coded.group(1))
+        return _BY_CODE[code](message[coded.end():], code, coded.group(2))
     if any(mark in message.lower() for mark in _UNAVAILABLE_MARKS):
         return Overloaded(message)
     if status:

@@ -15,7 +15,7 @@ from pagedllm.engine.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.loop import EngineLoop
 from pagedllm.engine.sequence import RequestDelta
-from pagedllm.errors import EngineDeadError, OverloadedError, error_code
+from pagedllm.errors import EngineDeadError, OverloadedError, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class EngineHost:
         except Exception as e:  # the request fails, never the thread that reads the pipe
             if not isinstance(e, (OverloadedError, EngineDeadError, ValueError)):
                 logger.exception("submitting request %s failed", submit.request_id)
-            self._send([RequestDelta.failure(submit.request_id, str(e), error_code(e),
+            self._send([RequestDelta.failure(submit.request_id, RequestError.of(e),
                                              len(submit.prompt_token_ids))])
 
     def _submit_constrained(self) -> None:

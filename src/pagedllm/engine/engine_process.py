@@ -31,7 +31,7 @@ from pagedllm.engine.loop import DeltaCallback
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.sequence import RequestDelta
 from pagedllm.engine.wire import EngineState
-from pagedllm.errors import EngineDeadError, ErrorCode
+from pagedllm.errors import EngineDeadError, ErrorCode, RequestError
 
 logger = logging.getLogger(__name__)
 WATCH_SECONDS = 0.25
@@ -148,8 +148,8 @@ class EngineProcess:
             delay = self.policy.on_death(time.monotonic())
         logger.error("engine process died (%s); failing its %d requests", reason, len(failed))
         for request_id, callback in failed.items():
-            callback(RequestDelta.failure(request_id, f"engine died: {reason}; retry the request",
-                                          ErrorCode.ENGINE_UNAVAILABLE))
+            callback(RequestDelta.failure(request_id, RequestError(ErrorCode.ENGINE_UNAVAILABLE,
+                                                                   f"engine died: {reason}; retry the request")))
         deaths, policy = len(self.policy.deaths), self.policy
         if delay is None:
             self.state = EngineState.DOWN

@@ -41,15 +41,15 @@ class GrammarWorker:
             self._send.send((kind, source))
             if not self._conn.poll(self.timeout):
                 self._stop()
-                raise RequestRejectedError(f"structured_outputs.{kind}: did not compile within {self.timeout:g} s; "
+                raise RequestRejectedError(f"structured_outputs.{kind}", f"did not compile within {self.timeout:g} s; "
                                            "send a smaller or simpler constraint")
             try:
                 status, result = self._conn.recv()
             except (EOFError, OSError):
                 self._stop()
-                raise RequestRejectedError(f"structured_outputs.{kind}: the compiler failed on it") from None
+                raise RequestRejectedError(f"structured_outputs.{kind}", "the compiler failed on it") from None
         if status == "error":
-            raise RequestRejectedError(f"structured_outputs.{kind}: does not compile ({result})")
+            raise RequestRejectedError(f"structured_outputs.{kind}", f"does not compile ({result})")
         return result
 
     def _start(self) -> None:

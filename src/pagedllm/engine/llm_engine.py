@@ -26,7 +26,7 @@ from pagedllm.engine.speculative import NgramSpeculator
 from pagedllm.engine.structured_output import StructuredOutputs
 from pagedllm.engine.tokenizer import encode_chat, encode_text, load_tokenizer
 from pagedllm.engine.wire import EngineStats
-from pagedllm.errors import ErrorCode, InjectedFault, RequestRejectedError
+from pagedllm.errors import ErrorCode, InjectedFault, RequestError, RequestRejectedError
 from pagedllm.weights import iter_safetensors, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -75,19 +75,19 @@ class LLMEngine:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise RequestRejectedError naming the field if the request can never run; touches no state."""
         if not isinstance(params, SamplingParams):
-            raise RequestRejectedError("sampling_parameters: expected SamplingParams")
+            raise RequestRejectedError("sampling_parameters", "expected SamplingParams")
         if not prompt_token_ids:
-            raise RequestRejectedError("prompt: is empty")
+            raise RequestRejectedError("prompt", "is empty")
         vocab = self.model_config.vocab_size
         if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_token_ids):
-            raise RequestRejectedError(f"prompt_token_ids: every id must be an integer in [0, {vocab})")
+            raise RequestRejectedError("prompt_token_ids", f"every id must be an integer in [0, {vocab})")
         if len(prompt_token_ids) >= self.max_model_len:
             raise RequestRejectedError(
-                f"prompt: {len(prompt_token_ids)} tokens leave no room to generate within max_model_len "
+                "prompt", f"{len(prompt_token_ids)} tokens leave no room to generate within max_model_len "
                 f"{self.max_model_len}")
         if params.max_tokens is not None and len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise RequestRejectedError(
-                f"max_tokens: {params.max_tokens} with a prompt of {len(prompt_token_ids)} tokens is over "
+                "max_tokens", f"{params.max_tokens} with a prompt of {len(prompt_token_ids)} tokens is over "
                 f"max_model_len {self.max_model_len}; ask for at most {self.max_model_len - len(prompt_token_ids)}")
         if params.structured_outputs is not None:
             self.structured.compile(params.structured_outputs)  # compiled here, in the caller's thread, and cached
@@ -95,7 +95,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:
         if request_id in self.requests:
-            raise RequestRejectedError(f"request_id: {request_id!r} is already in use")
+            raise RequestRejectedError("request_id", f"{request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
         if params.max_tokens is None:
             params = replace(params, max_tokens=self.max_model_len - len(prompt_token_ids))
@@ -144,7 +144,7 @@ class LLMEngine:
         seq.draft_token_ids = []
         if not seq.finished:
             self._finish(seq, FinishReason.ABORT)
-        return replace(self.output.take_delta(seq), error=message, error_code=ErrorCode.INTERNAL)
+        return replace(self.output.take_delta(seq), error=RequestError(ErrorCode.INTERNAL, message))
 
     def _inject(self, kind: str, out: SchedulerOutput) -> None:
         seed = (self.config.fault_injection or {}).get(kind)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.sequence import RequestDelta
-from pagedllm.errors import EngineDeadError, ErrorCode, OverloadedError, error_code
+from pagedllm.errors import EngineDeadError, ErrorCode, OverloadedError, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class EngineLoop:
                 if item.callback is not None:
                     self._callbacks[item.request_id] = item.callback
             except ValueError as e:
-                self._deliver([RequestDelta.failure(item.request_id, str(e), error_code(e),
+                self._deliver([RequestDelta.failure(item.request_id, RequestError.of(e),
                                                     len(item.prompt_token_ids))], item.callback)
 
     def _deliver(self, deltas: list[RequestDelta], callback: DeltaCallback | None = None) -> None:
@@ -154,7 +154,7 @@ class EngineLoop:
 
     def _fail_all(self, message: str) -> None:
         for request_id, callback in list(self._callbacks.items()):
-            _safe_call(callback, RequestDelta.failure(request_id, message, ErrorCode.INTERNAL))
+            _safe_call(callback, RequestDelta.failure(request_id, RequestError(ErrorCode.INTERNAL, message)))
         self._callbacks.clear()
 
 

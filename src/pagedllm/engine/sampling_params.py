@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from pagedllm.errors import FieldError
+
 MAX_STOP_STRINGS = 32
 MAX_SEED = 2 ** 64 - 1
 MAX_CHOICES = 256
@@ -33,26 +35,26 @@ class StructuredOutputsParams:
     def __post_init__(self) -> None:
         given = [f.name for f in fields(self) if getattr(self, f.name) is not None]
         if len(given) != 1:
-            raise ValueError("structured_outputs: give exactly one of json, regex, choice, grammar, json_object, "
+            raise FieldError("structured_outputs", "give exactly one of json, regex, choice, grammar, json_object, "
                              "structural_tag"
                              + (f" (got {', '.join(given)})" if given else ""))
         if self.json is not None and not isinstance(self.json, (dict, str)):
-            raise ValueError("structured_outputs.json: must be a JSON schema (an object, or a string holding one)")
+            raise FieldError("structured_outputs.json", "must be a JSON schema (an object, or a string holding one)")
         for name in ("regex", "grammar", "structural_tag"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f"structured_outputs.{name}: must be a non-empty string")
+                raise FieldError(f"structured_outputs.{name}", "must be a non-empty string")
         if self.choice is not None and (not isinstance(self.choice, list) or not self.choice or len(self.choice)
                                         > MAX_CHOICES or not all(isinstance(c, str) and c for c in self.choice)):
-            raise ValueError(f"structured_outputs.choice: must be a list of 1 to {MAX_CHOICES} non-empty strings")
+            raise FieldError("structured_outputs.choice", f"must be a list of 1 to {MAX_CHOICES} non-empty strings")
         if self.json_object is not None and self.json_object is not True:
-            raise ValueError("structured_outputs.json_object: must be true when given")
+            raise FieldError("structured_outputs.json_object", "must be true when given")
         size = len(self.source.encode("utf-8", "surrogatepass"))
         if size > MAX_CONSTRAINT_BYTES:
-            raise ValueError(f"structured_outputs.{self.kind}: {size} bytes is over the {MAX_CONSTRAINT_BYTES}-byte "
+            raise FieldError(f"structured_outputs.{self.kind}", f"{size} bytes is over the {MAX_CONSTRAINT_BYTES}-byte "
                              "limit for a constraint")
         if self.grammar is not None and self.grammar.count("::=") > MAX_GRAMMAR_RULES:
-            raise ValueError(f"structured_outputs.grammar: more than {MAX_GRAMMAR_RULES} rules")
+            raise FieldError("structured_outputs.grammar", f"more than {MAX_GRAMMAR_RULES} rules")
 
     @property
     def kind(self) -> str:
@@ -72,10 +74,11 @@ class StructuredOutputsParams:
     @classmethod
     def from_dict(cls, data: Any) -> StructuredOutputsParams:
         if not isinstance(data, dict):
-            raise ValueError("structured_outputs: must be an object such as {\"json\": {...}} or {\"regex\": \"...\"}")
+            raise FieldError("structured_outputs",
+                             "must be an object such as {\"json\": {...}} or {\"regex\": \"...\"}")
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"structured_outputs: unknown keys {unknown}; known keys: "
+            raise FieldError("structured_outputs", f"unknown keys {unknown}; known keys: "
                              f"{[f.name for f in fields(cls)]}")
         return cls(**data)
 
@@ -87,7 +90,7 @@ def move_legacy_structured_outputs(data: dict[str, Any]) -> dict[str, Any]:
     if not legacy:
         return data
     if "structured_outputs" in data or len(legacy) > 1:
-        raise ValueError(f"structured_outputs: give one constraint, got {', '.join(sorted(legacy))}"
+        raise FieldError("structured_outputs", f"give one constraint, got {', '.join(sorted(legacy))}"
                          + (" and structured_outputs" if "structured_outputs" in data else ""))
     (key, value), = legacy.items()
     rest = {k: v for k, v in data.items() if k != key}
@@ -120,7 +123,7 @@ class SamplingParams:
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         if self.structured_outputs is not None and self.min_tokens:
-            raise ValueError("min_tokens: cannot be combined with structured_outputs, whose grammar decides "
+            raise FieldError("min_tokens", "cannot be combined with structured_outputs, whose grammar decides "
                              "where the output may end")
         if self.max_tokens is not None:
             check_int("max_tokens", self.max_tokens, low=1)
@@ -140,16 +143,16 @@ class SamplingParams:
 
     def _check_stops(self) -> None:
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError("stop: must be a list of non-empty strings")
+            raise FieldError("stop", "must be a list of non-empty strings")
         if len(self.stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+            raise FieldError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         if not isinstance(self.stop_token_ids, list):
-            raise ValueError("stop_token_ids: must be a list of token ids")
+            raise FieldError("stop_token_ids", "must be a list of token ids")
         for token in self.stop_token_ids:
             check_int("stop_token_ids", token, low=0)
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}: must be true or false")
+                raise FieldError(name, "must be true or false")
 
     @property
     def greedy(self) -> bool:
@@ -158,30 +161,30 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
         if not isinstance(data, dict):
-            raise ValueError("sampling_parameters: must be a JSON object")
+            raise FieldError("sampling_parameters", "must be a JSON object")
         data = move_legacy_structured_outputs(data)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"sampling_parameters: unknown keys {unknown}; known keys: {sorted(known)}")
+            raise FieldError("sampling_parameters", f"unknown keys {unknown}; known keys: {sorted(known)}")
         try:
             return cls(**data)
         except TypeError as e:
-            raise ValueError(f"sampling_parameters: {e}") from None
+            raise FieldError("sampling_parameters", f"{e}") from None
 
 
 def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}: must be an integer, got {value!r}")
+        raise FieldError(name, f"must be an integer, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name}: {value} is out of range [{low}, {high if high is not None else 'inf'}]")
+        raise FieldError(name, f"{value} is out of range [{low}, {high if high is not None else 'inf'}]")
 
 
 def _check_float(name: str, value: Any, low: float | None = None, high: float | None = None,
                  low_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+        raise FieldError(name, f"must be a finite number, got {value!r}")
     too_low = low is not None and (value <= low if low_open else value < low)
     if too_low or (high is not None and value > high):
         bracket = "(" if low_open else "["
-        raise ValueError(f"{name}: {value} is out of range {bracket}{low}, {high if high is not None else 'inf'}]")
+        raise FieldError(name, f"{value} is out of range {bracket}{low}, {high if high is not None else 'inf'}]")

@@ -9,7 +9,7 @@ import torch
 
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.sampling_params import SamplingParams
-from pagedllm.errors import ErrorCode
+from pagedllm.errors import RequestError
 
 
 class FinishReason(enum.StrEnum):
@@ -99,15 +99,14 @@ class RequestDelta:
     num_prompt_tokens: int
     num_output_tokens: int
     new_logprobs: list[TokenLogprobs] | None = None
-    error: str | None = None
-    error_code: ErrorCode = ErrorCode.INVALID_ARGUMENT  # what kind of error `error` is
+    error: RequestError | None = None
     queue_time: float | None = None  # on the final delta: arrival to first scheduled
 
     @classmethod
-    def failure(cls, request_id: str, error: str, error_code: ErrorCode, num_prompt_tokens: int = 0) -> RequestDelta:
+    def failure(cls, request_id: str, error: RequestError, num_prompt_tokens: int = 0) -> RequestDelta:
         """The final delta of a request that ends with an error."""
         return cls(request_id=request_id, new_token_ids=[], new_text="", finish_reason=FinishReason.ABORT,
-                   num_prompt_tokens=num_prompt_tokens, num_output_tokens=0, error=error, error_code=error_code)
+                   num_prompt_tokens=num_prompt_tokens, num_output_tokens=0, error=error)
 
     @property
     def finished(self) -> bool:

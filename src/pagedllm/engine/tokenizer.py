@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
+from pagedllm.errors import FieldError
 from pagedllm.tool_format import ToolUse, chat_for_model, renders_tools
 
 
@@ -22,11 +23,11 @@ def encode_text(tokenizer: Any, text: str, add_special_tokens: bool = True) -> l
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
     """The model's chat template applied, ready for the assistant's turn; errors name `messages`."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("messages: this model has no chat template; send text_input instead")
+        raise FieldError("messages", "this model has no chat template; send text_input instead")
     try:
         return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # jinja raises on templates' own checks (role order, ...)
-        raise ValueError(f"messages: the chat template rejected them ({e})") from None
+        raise FieldError("messages", f"the chat template rejected them ({e})") from None
 
 
 def tools_reach_the_model_by(tokenizer: Any) -> str:
@@ -47,7 +48,7 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, Any]],
         spelled = json.dumps([tools, [m.get("tool_calls") for m in messages]], ensure_ascii=False)
         token = next((t for t in specials if t in spelled), None)
         if token is not None:
-            raise ValueError(f"tools: a tool or an earlier call holds {token!r}, this model's special token; "
+            raise FieldError("tools", f"a tool or an earlier call holds {token!r}, this model's special token; "
                              "remove it")
     text = render_chat(tokenizer, messages, tools)
     held = next(((i, t) for i, m in enumerate(messages) for t in specials if t in str(m.get("content") or "")), None)
@@ -59,7 +60,7 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, Any]],
                                      for m, mark in zip(messages, marks)], tools)
     parts = re.split("(\ue000\\d+\ue001)", marked)
     if "".join(contents.get(p, p) for p in parts) != text:  # the template rewrites contents (trims them, ...)
-        raise ValueError(f"messages[{held[0]}].content: holds {held[1]!r}, this model's special token, which its "
+        raise FieldError(f"messages[{held[0]}].content", f"holds {held[1]!r}, this model's special token, which its "
                          "chat template cannot keep apart from its own markup; remove it")
     ids = []
     for part in parts:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 
 from pagedllm_client import ClientError, InvalidRequest, Overloaded, Timeout
 
@@ -88,35 +87,34 @@ STATUS: dict[type[GatewayError], tuple[int, str]] = {
 }
 
 OVERLOAD_RETRY_SECONDS = 1.0
-# The llm model's names for fields the OpenAI request names differently.
+# The llm model's names for fields the OpenAI request names differently; `sampling_parameters` is the
+# contract's envelope of OpenAI's sampling fields.
 _ENGINE_FIELDS = {"text_input": "prompt", "prompt_token_ids": "prompt"}
-_FIELD = re.compile(r"^(?:sampling_parameters\.)?([A-Za-z_][\w.\[\]]*): ")
+_ENVELOPE = "sampling_parameters"
 
 
-def param_of(message: str) -> str | None:
-    """The field a server (or SamplingParams) message names: `sampling_parameters.temperature: ...` ->
-    `temperature`, `messages[0].role: ...` -> `messages[0].role`."""
-    match = _FIELD.match(message)
-    if match is None:
+def request_field(engine_field: str, renamed: dict[str, str] | None = None) -> str | None:
+    """The request's name for a field the engine named (`sampling_parameters.temperature` -> `temperature`;
+    `renamed`: engine field -> the request's name); None for the envelope itself, which the request never
+    named."""
+    if engine_field == _ENVELOPE:
         return None
-    name = match.group(1)
-    return None if name == "sampling_parameters" else _ENGINE_FIELDS.get(name, name)
+    name = engine_field.removeprefix(_ENVELOPE + ".")
+    name = _ENGINE_FIELDS.get(name, name)
+    return (renamed or {}).get(name, name)
 
 
-def field_error(message: str, renamed: dict[str, str] | None = None) -> InvalidRequestError:
-    """An engine's field-naming message, with the field as the request named it (`renamed`: engine field ->
-    the request's name), in the message and in `param`."""
-    param = param_of(message)
-    if param is None:
-        return InvalidRequestError(message)
-    name = (renamed or {}).get(param, param)
-    return InvalidRequestError(f"{name}: {message.split(': ', 1)[1]}", name)
+def field_error(field: str | None, reason: str, renamed: dict[str, str] | None = None) -> InvalidRequestError:
+    """A 400 for the field the engine (or SamplingParams) named, as the request named it, in `param` and first
+    in the message."""
+    name = request_field(field, renamed) if field else None
+    return InvalidRequestError(f"{name}: {reason}" if name else reason, name)
 
 
 def from_upstream(error: ClientError, renamed: dict[str, str] | None = None) -> GatewayError:
     """The gateway error for what the client package raised."""
     if isinstance(error, InvalidRequest):
-        return field_error(str(error), renamed)
+        return field_error(error.field, error.reason, renamed)
     if isinstance(error, Overloaded):
         return ServiceUnavailableError(str(error), code="overloaded", retry_after=OVERLOAD_RETRY_SECONDS)
     if isinstance(error, Timeout):

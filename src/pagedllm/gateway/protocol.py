@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pagedllm.engine.sampling_params import LEGACY_STRUCTURED_OUTPUTS, SamplingParams
+from pagedllm.errors import FieldError
 from pagedllm.gateway.errors import InvalidRequestError, field_error
 from pagedllm.gateway.structured import ResponseFormat, constraint
 from pagedllm.gateway.tools import Function, Tool, ToolCallPlan, plan_tools
@@ -296,8 +297,8 @@ def _check_sampling(plan: Plan) -> None:
     try:
         for choice in (plan.choices[0], plan.choices[-1]):  # they differ only in the seed
             SamplingParams.from_dict(dict(choice.sampling))
-    except ValueError as e:
-        raise field_error(str(e), plan.renamed) from None
+    except FieldError as e:
+        raise field_error(e.field, e.reason, plan.renamed) from None
 
 
 def decode_body(raw: bytes) -> Any:

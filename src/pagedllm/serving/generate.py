@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from pagedllm.errors import ErrorCode
+from pagedllm.errors import ErrorCode, RequestError
 from pagedllm.serving.python_backend import PythonBackend
 
 
@@ -32,5 +32,5 @@ class GenerateModel:
             if response.output_tensors():
                 answer = response
         if answer is None:
-            return self.backend.error(f"{self.target} returned no answer", ErrorCode.INTERNAL)
+            return self.backend.error(RequestError(ErrorCode.INTERNAL, f"{self.target} returned no answer"))
         return pb.InferenceResponse(output_tensors=answer.output_tensors())

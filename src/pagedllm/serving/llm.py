@@ -13,7 +13,7 @@ import numpy as np
 from pagedllm.engine.config import read_engine_json
 from pagedllm.engine.engine_process import EngineProcess
 from pagedllm.engine.tokenizer import load_tokenizer, tools_reach_the_model_by
-from pagedllm.errors import ErrorCode, ModelConfigError, error_code
+from pagedllm.errors import ErrorCode, ModelConfigError, RequestError
 from pagedllm.serving.metrics import ServingMetrics
 from pagedllm.serving.python_backend import PythonBackend
 from pagedllm.serving.request import NORMALISED_REQUEST, GenerateRequest, parse_request
@@ -69,10 +69,10 @@ class LLMModel:
             stream = self.streams.open(request_id, sender, req.options, response_options)
             self.loop.submit(request_id, prompt_ids, req.params, self.streams.deliver, arrival_time=stream.arrival)
         except Exception as e:  # every request gets its one final response, whatever raised
-            code = error_code(e)
-            if code is ErrorCode.INTERNAL:
+            error = RequestError.of(e)
+            if error.code is ErrorCode.INTERNAL:
                 logger.exception("accepting request %s failed", request_id)
-            self.streams.refuse(request_id, sender, str(e), code)  # an internal error's words go to the log only
+            self.streams.refuse(request_id, sender, error)  # an internal error's words go to the log only
 
     def _parse(self, inputs: dict[str, np.ndarray]) -> tuple[GenerateRequest, bool]:
         """The request, and whether it came from preprocessing (in the ensemble) rather than a client."""

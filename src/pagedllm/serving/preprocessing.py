@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 
 from pagedllm.engine.tokenizer import load_tokenizer
-from pagedllm.errors import InvalidRequestError
+from pagedllm.errors import FieldError, RequestError
 from pagedllm.serving.python_backend import PythonBackend
 from pagedllm.serving.request import NORMALISED_REQUEST, parse_request
 from pagedllm.serving.tokenization import PromptLimit, tokenize_request
@@ -31,7 +31,7 @@ class PreprocessingModel:
         try:
             req = parse_request(self.backend.inputs(request), self.prompt_limit.max_tokens)
             ids = tokenize_request(self.tokenizer, req, self.prompt_limit)
-        except InvalidRequestError as e:
-            return self.backend.error(str(e))
+        except FieldError as e:
+            return self.backend.error(RequestError.of(e))
         return self.backend.response({"input_ids": np.array(ids, dtype=np.int32),
                                       NORMALISED_REQUEST: np.array([req.to_json().encode()], dtype=np.object_)})

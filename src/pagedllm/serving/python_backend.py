@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from pagedllm.errors import ErrorCode, for_triton
+from pagedllm.errors import RequestError, for_triton
 
 
 def backend() -> Any:
@@ -38,9 +38,9 @@ class PythonBackend:
     def response(self, tensors: dict[str, np.ndarray]) -> Any:
         return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(n, v) for n, v in tensors.items()])
 
-    def error(self, message: str, code: ErrorCode = ErrorCode.INVALID_ARGUMENT) -> Any:
-        error = self.pb.TritonError(for_triton(code, message), getattr(self.pb.TritonError, code.triton_status))
-        return self.pb.InferenceResponse(output_tensors=[], error=error)
+    def error(self, error: RequestError) -> Any:
+        status = getattr(self.pb.TritonError, error.code.triton_status)
+        return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(for_triton(error), status))
 
     def parameter(self, key: str) -> str | None:
         """A `parameters { key: ... value: { string_value: ... } }` entry of config.pbtxt, if set."""

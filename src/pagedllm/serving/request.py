@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from pagedllm.engine.sampling_params import MAX_SEED, SamplingParams
-from pagedllm.errors import InvalidRequestError
+from pagedllm.errors import FieldError, InvalidRequestError
 from pagedllm.tool_format import ToolUse
 
 NORMALISED_REQUEST = "request"  # the preprocessing -> llm tensor, in the ensemble
@@ -52,11 +52,11 @@ class ResponseOptions:
     def from_dict(cls, data: Any) -> ResponseOptions:
         """Checked as strictly as a client's inputs: the normalised request can come from a client too."""
         if not isinstance(data, dict) or set(data) - {f.name for f in fields(cls)}:
-            raise InvalidRequestError(f"{NORMALISED_REQUEST}: options must be an object with keys among "
+            raise InvalidRequestError(NORMALISED_REQUEST, f"options must be an object with keys among "
                                       f"{[f.name for f in fields(cls)]}")
         for f in fields(cls):
             if f.name in data and type(data[f.name]) is not type(f.default):
-                raise InvalidRequestError(f"{NORMALISED_REQUEST}: options.{f.name} must be a "
+                raise InvalidRequestError(NORMALISED_REQUEST, f"options.{f.name} must be a "
                                           f"{type(f.default).__name__}")
         return cls(**data)
 
@@ -86,7 +86,7 @@ class GenerateRequest:
                 raise ValueError("expected an object with params and options")
             params = SamplingParams.from_dict(obj["params"])
         except (ValueError, TypeError) as e:
-            raise InvalidRequestError(f"{NORMALISED_REQUEST}: malformed normalised request ({e})") from None
+            raise InvalidRequestError(NORMALISED_REQUEST, f"malformed normalised request ({e})") from None
         return cls(params, ResponseOptions.from_dict(obj["options"]), input_ids=input_ids)
 
 
@@ -99,37 +99,37 @@ def parse_request(inputs: Mapping[str, np.ndarray], max_prompt_tokens: int | Non
     fields = (("text_input", text), ("messages", messages), ("input_ids", input_ids))
     given = [name for name, value in fields if value is not None]
     if len(given) != 1:
-        raise InvalidRequestError("text_input: give exactly one of text_input, messages or input_ids"
+        raise InvalidRequestError("text_input", "give exactly one of text_input, messages or input_ids"
                                   + (f" (got {', '.join(given)})" if given else ""))
     if text is not None and not text:
-        raise InvalidRequestError("text_input: is empty")
+        raise InvalidRequestError("text_input", "is empty")
     options = ResponseOptions(stream=_flag(inputs, "stream"), prompt_text=text or "",
                               **{name: _flag(inputs, name) for name in FLAGS})
     params = _sampling_params(inputs, options)
     tools = _tool_use(inputs)
     if tools is not None and messages is None:
-        raise InvalidRequestError("tools: only a chat (messages) can be given tools")
+        raise InvalidRequestError("tools", "only a chat (messages) can be given tools")
     return GenerateRequest(params, options, text=text, messages=messages, input_ids=input_ids, tools=tools)
 
 
 def _scalar(inputs: Mapping[str, np.ndarray], name: str) -> Any:
     arr = np.asarray(inputs[name])
     if arr.size != 1:
-        raise InvalidRequestError(f"{name}: expected exactly one value (batch size 1), got shape {list(arr.shape)}")
+        raise InvalidRequestError(name, f"expected exactly one value (batch size 1), got shape {list(arr.shape)}")
     return arr.reshape(-1)[0]
 
 
 def _decode(value: Any, name: str) -> str:
     if isinstance(value, bytes):
         if len(value) > MAX_PROMPT_BYTES:
-            raise InvalidRequestError(f"{name}: {len(value)} bytes is over the {MAX_PROMPT_BYTES}-byte limit")
+            raise InvalidRequestError(name, f"{len(value)} bytes is over the {MAX_PROMPT_BYTES}-byte limit")
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise InvalidRequestError(f"{name}: is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            raise InvalidRequestError(name, f"is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     if isinstance(value, str):
         return value
-    raise InvalidRequestError(f"{name}: expected a string")
+    raise InvalidRequestError(name, "expected a string")
 
 
 def _text(inputs: Mapping[str, np.ndarray], name: str) -> str | None:
@@ -142,7 +142,7 @@ def _flag(inputs: Mapping[str, np.ndarray], name: str) -> bool:
     value = _scalar(inputs, name)
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
-    raise InvalidRequestError(f"{name}: expected a BOOL")
+    raise InvalidRequestError(name, "expected a BOOL")
 
 
 def _json(inputs: Mapping[str, np.ndarray], name: str) -> Any:
@@ -150,16 +150,16 @@ def _json(inputs: Mapping[str, np.ndarray], name: str) -> Any:
     try:
         return json.loads(raw)
     except json.JSONDecodeError as e:
-        raise InvalidRequestError(f"{name}: is not valid JSON ({e.msg} at position {e.pos})") from None
+        raise InvalidRequestError(name, f"is not valid JSON ({e.msg} at position {e.pos})") from None
 
 
 def _messages(arr: np.ndarray) -> list[dict[str, Any]]:
     """OpenAI's chat messages: text contents, and an assistant's `tool_calls` and `tool` results."""
     messages = _json({"messages": arr}, "messages")
     if not isinstance(messages, list) or not messages:
-        raise InvalidRequestError("messages: expected a non-empty JSON list of {role, content} objects")
+        raise InvalidRequestError("messages", "expected a non-empty JSON list of {role, content} objects")
     if len(messages) > MAX_MESSAGES:
-        raise InvalidRequestError(f"messages: at most {MAX_MESSAGES} messages, got {len(messages)}")
+        raise InvalidRequestError("messages", f"at most {MAX_MESSAGES} messages, got {len(messages)}")
     for i, m in enumerate(messages):
         _message(m, f"messages[{i}]")
     return messages
@@ -167,34 +167,34 @@ def _messages(arr: np.ndarray) -> list[dict[str, Any]]:
 
 def _message(m: Any, where: str) -> None:
     if not isinstance(m, dict) or "role" not in m or set(m) - set(MESSAGE_FIELDS):
-        raise InvalidRequestError(f"{where}: expected an object with 'role' and 'content' (and optionally "
+        raise InvalidRequestError(where, "expected an object with 'role' and 'content' (and optionally "
                                   "name, tool_calls, tool_call_id)")
     if m["role"] not in ROLES:
-        raise InvalidRequestError(f"{where}.role: {m['role']!r} is not one of {', '.join(ROLES)}")
+        raise InvalidRequestError(f"{where}.role", f"{m['role']!r} is not one of {', '.join(ROLES)}")
     calls = m.get("tool_calls")
     if calls is not None:
         if m["role"] != "assistant":
-            raise InvalidRequestError(f"{where}.tool_calls: only an assistant's message holds calls")
+            raise InvalidRequestError(f"{where}.tool_calls", "only an assistant's message holds calls")
         if not isinstance(calls, list) or not 0 < len(calls) <= MAX_TOOLS:
-            raise InvalidRequestError(f"{where}.tool_calls: expected a list of 1 to {MAX_TOOLS} calls")
+            raise InvalidRequestError(f"{where}.tool_calls", f"expected a list of 1 to {MAX_TOOLS} calls")
         for j, call in enumerate(calls):
             _call(call, f"{where}.tool_calls[{j}]")
     content = m.get("content")
     if not isinstance(content, str) and not (content is None and calls):
-        raise InvalidRequestError(f"{where}.content: expected a string (null only beside an assistant's tool_calls)")
+        raise InvalidRequestError(f"{where}.content", "expected a string (null only beside an assistant's tool_calls)")
     for name in ("name", "tool_call_id"):
         if name in m and not isinstance(m[name], str):
-            raise InvalidRequestError(f"{where}.{name}: expected a string")
+            raise InvalidRequestError(f"{where}.{name}", "expected a string")
 
 
 def _call(call: Any, where: str) -> None:
     function = call.get("function") if isinstance(call, dict) else None
     if (not isinstance(function, dict) or set(call) - {"id", "type", "function"} or call.get("type") != "function"
             or not isinstance(call.get("id"), str)):
-        raise InvalidRequestError(f"{where}: expected {{'id': ..., 'type': 'function', 'function': {{'name': ..., "
+        raise InvalidRequestError(where, "expected {'id': ..., 'type': 'function', 'function': {'name': ..., "
                                   "'arguments': ...}}}")
     if set(function) != {"name", "arguments"} or not all(isinstance(v, str) for v in function.values()):
-        raise InvalidRequestError(f"{where}.function: expected {{'name': a string, 'arguments': a JSON string}}")
+        raise InvalidRequestError(f"{where}.function", "expected {'name': a string, 'arguments': a JSON string}")
 
 
 def _tool_use(inputs: Mapping[str, np.ndarray]) -> ToolUse | None:
@@ -202,22 +202,22 @@ def _tool_use(inputs: Mapping[str, np.ndarray]) -> ToolUse | None:
     choice = _text(inputs, "tool_choice") if "tool_choice" in inputs else None
     if "tools" not in inputs:
         if choice not in (None, "none"):
-            raise InvalidRequestError("tool_choice: needs tools")
+            raise InvalidRequestError("tool_choice", "needs tools")
         return None
     tools = _json(inputs, "tools")
     if not isinstance(tools, list) or not 0 < len(tools) <= MAX_TOOLS:
-        raise InvalidRequestError(f"tools: expected a JSON list of 1 to {MAX_TOOLS} tools")
+        raise InvalidRequestError("tools", f"expected a JSON list of 1 to {MAX_TOOLS} tools")
     functions = {}
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or set(tool) != {"type", "function"} or tool["type"] != "function":
-            raise InvalidRequestError(f"tools[{i}]: expected {{'type': 'function', 'function': {{...}}}}")
+            raise InvalidRequestError(f"tools[{i}]", "expected {'type': 'function', 'function': {...}}")
         for key, value in function.items():
             if not isinstance(value, FUNCTION_FIELDS.get(key, type(None))):
-                raise InvalidRequestError(f"tools[{i}].function.{key}: expected one of "
+                raise InvalidRequestError(f"tools[{i}].function.{key}", f"expected one of "
                                           f"{', '.join(FUNCTION_FIELDS)}, each of its JSON type")
         if not isinstance(function.get("name"), str) or function["name"] in functions:
-            raise InvalidRequestError(f"tools[{i}].function.name: every function needs a name of its own")
+            raise InvalidRequestError(f"tools[{i}].function.name", "every function needs a name of its own")
         functions[function["name"]] = function
     parallel = _flag(inputs, "parallel_tool_calls") if "parallel_tool_calls" in inputs else True
     if choice is None or choice in ("auto", "required"):
@@ -229,7 +229,7 @@ def _tool_use(inputs: Mapping[str, np.ndarray]) -> ToolUse | None:
     except (ValueError, TypeError, KeyError):
         name = None
     if name not in functions:
-        raise InvalidRequestError(f"tool_choice: expected 'none', 'auto', 'required' or "
+        raise InvalidRequestError("tool_choice", f"expected 'none', 'auto', 'required' or "
                                   f"{{'type': 'function', 'function': {{'name': one of {sorted(functions)}}}}}")
     return ToolUse((functions[name],), "named", False)
 
@@ -237,9 +237,9 @@ def _tool_use(inputs: Mapping[str, np.ndarray]) -> ToolUse | None:
 def _input_ids(arr: np.ndarray, max_tokens: int | None, name: str = "input_ids") -> list[int]:
     arr = np.asarray(arr)
     if arr.dtype.kind not in "iu":
-        raise InvalidRequestError(f"{name}: expected an integer tensor")
+        raise InvalidRequestError(name, "expected an integer tensor")
     if max_tokens is not None and arr.size > max_tokens:
-        raise InvalidRequestError(f"{name}: {arr.size} tokens is over the model's max_model_len {max_tokens}")
+        raise InvalidRequestError(name, f"{arr.size} tokens is over the model's max_model_len {max_tokens}")
     return arr.reshape(-1).tolist()
 
 
@@ -258,22 +258,19 @@ def _sampling_params(inputs: Mapping[str, np.ndarray], options: ResponseOptions)
         data["logprobs"] = 0
     try:
         return SamplingParams.from_dict(data)
-    except ValueError as e:
-        field_name, _, rest = str(e).partition(":")
-        if field_name in source:
-            raise InvalidRequestError(f"{source[field_name]}:{rest}") from None
-        raise InvalidRequestError(str(e)) from None
+    except FieldError as e:  # named as the client sent it
+        raise InvalidRequestError(source.get(e.field, e.field), e.reason) from None
 
 
 def _guide(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
     kind = _text(inputs, "guided_decoding_guide_type")
     if kind not in GUIDE_TYPES:
-        raise InvalidRequestError(f"guided_decoding_guide_type: {kind!r} is not one of {', '.join(GUIDE_TYPES)}")
+        raise InvalidRequestError("guided_decoding_guide_type", f"{kind!r} is not one of {', '.join(GUIDE_TYPES)}")
     if kind == "json":
         return {"json_object": True}
     guide = _text(inputs, "guided_decoding_guide")
     if not guide:
-        raise InvalidRequestError(f"guided_decoding_guide: is required with guided_decoding_guide_type {kind}")
+        raise InvalidRequestError("guided_decoding_guide", f"is required with guided_decoding_guide_type {kind}")
     return {GUIDE_TYPES[kind]: guide}
 
 
@@ -284,9 +281,9 @@ def _sampling_json(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
     try:
         data = json.loads(raw) if raw.strip() else {}
     except json.JSONDecodeError as e:
-        raise InvalidRequestError(f"sampling_parameters: is not valid JSON ({e.msg} at position {e.pos})") from None
+        raise InvalidRequestError("sampling_parameters", f"is not valid JSON ({e.msg} at position {e.pos})") from None
     if not isinstance(data, dict):
-        raise InvalidRequestError("sampling_parameters: expected a JSON object")
+        raise InvalidRequestError("sampling_parameters", "expected a JSON object")
     return {k: _coerce(k, v) for k, v in data.items()}
 
 
@@ -303,7 +300,8 @@ def _coerce(key: str, value: Any) -> Any:
         if kind.startswith("float"):
             return float(value)
     except (ValueError, KeyError):
-        raise InvalidRequestError(f"sampling_parameters.{key}: {value!r} is not a valid {kind.split(' ')[0]}") from None
+        raise InvalidRequestError(f"sampling_parameters.{key}",
+                                  f"{value!r} is not a valid {kind.split(' ')[0]}") from None
     return value
 
 
@@ -311,10 +309,10 @@ def _typed_number(inputs: Mapping[str, np.ndarray], name: str) -> int | float:
     value = _scalar(inputs, name)
     if isinstance(value, (np.floating, float)):
         if not math.isfinite(float(value)):
-            raise InvalidRequestError(f"{name}: must be a finite number")
+            raise InvalidRequestError(name, "must be a finite number")
         return float(value)
     if isinstance(value, (np.integer, int)) and not isinstance(value, (bool, np.bool_)):
         if name == "random_seed" and not 0 <= int(value) <= MAX_SEED:
-            raise InvalidRequestError(f"{name}: out of range")
+            raise InvalidRequestError(name, "out of range")
         return int(value)
-    raise InvalidRequestError(f"{name}: expected a number")
+    raise InvalidRequestError(name, "expected a number")

@@ -18,12 +18,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from pagedllm.engine.sequence import FinishReason, RequestDelta, TokenLogprobs, coalesce
-from pagedllm.errors import ErrorCode
+from pagedllm.errors import ErrorCode, RequestError
 from pagedllm.serving.request import ResponseOptions
 from pagedllm.serving.response import RESPONSE_OPTIONS, RawResponse, requested_outputs, shape_response
 
 logger = logging.getLogger("pagedllm.serving")
-_LOST_FINAL = "the final response could not be built; retry the request"
+_LOST_FINAL = RequestError(ErrorCode.INTERNAL, "the final response could not be built; retry the request")
 
 
 class Responses(Protocol):
@@ -31,7 +31,7 @@ class Responses(Protocol):
 
     def response(self, tensors: dict[str, np.ndarray]) -> Any: ...
 
-    def error(self, message: str, code: ErrorCode) -> Any: ...
+    def error(self, error: RequestError) -> Any: ...
 
 
 @dataclass
@@ -71,12 +71,11 @@ class Streams:
             self._open[request_id] = stream
         return stream
 
-    def refuse(self, request_id: str, sender: Any, message: str, code: ErrorCode) -> None:
+    def refuse(self, request_id: str, sender: Any, error: RequestError) -> None:
         """The request's one and final response is an error (it never reached the engine)."""
         self._forget(request_id)
         try:
-            sender.send(self.responses.error(for_client(request_id, message, code), code),
-                        flags=self.responses.final_flag)
+            sender.send(self.responses.error(for_client(request_id, error)), flags=self.responses.final_flag)
         except Exception:
             logger.exception("refusing request %s failed", request_id)
 
@@ -161,8 +160,7 @@ class Streams:
     def _respond(self, stream: Stream, delta: RequestDelta) -> None:
         flags = self.responses.final_flag if delta.finished else 0
         if delta.error is not None:
-            message = for_client(delta.request_id, delta.error, delta.error_code)
-            stream.sender.send(self.responses.error(message, delta.error_code), flags=flags)
+            stream.sender.send(self.responses.error(for_client(delta.request_id, delta.error)), flags=flags)
             return
         response = self._response_for(stream, delta)
         if response is not None and not (delta.finish_reason is FinishReason.ABORT and stream.sender.is_cancelled()):
@@ -173,7 +171,7 @@ class Streams:
     def _send_lost_final(self, stream: Stream) -> None:
         """Building or sending the final response raised: the client still gets a final one."""
         try:
-            stream.sender.send(self.responses.error(_LOST_FINAL, ErrorCode.INTERNAL), flags=self.responses.final_flag)
+            stream.sender.send(self.responses.error(_LOST_FINAL), flags=self.responses.final_flag)
         except Exception:
             logger.exception("the final response of request %s could not be sent", stream.request_id)
 
@@ -209,10 +207,10 @@ class Streams:
                                    now - stream.arrival, delta.queue_time)
 
 
-def for_client(request_id: str, message: str, code: ErrorCode) -> str:
+def for_client(request_id: str, error: RequestError) -> RequestError:
     """What a client reads of an error: the server's own failures (INTERNAL) are logged and named only by the
     request's id; their words may hold paths and internals."""
-    if code is not ErrorCode.INTERNAL:
-        return message
-    logger.error("request %s failed: %s", request_id, message)
-    return f"internal error in request {request_id}; the server's log has the detail"
+    if error.code is not ErrorCode.INTERNAL:
+        return error
+    logger.error("request %s failed: %s", request_id, error)
+    return RequestError(ErrorCode.INTERNAL, f"internal error in request {request_id}; the server's log has the detail")

@@ -29,7 +29,7 @@ class PromptLimit:
         else:
             name, size = "text_input", len((req.text or "").encode("utf-8"))
         if size > self.max_bytes:
-            raise InvalidRequestError(f"{name}: {size} bytes of text is more than the model's max_model_len "
+            raise InvalidRequestError(name, f"{size} bytes of text is more than the model's max_model_len "
                                       f"{self.max_tokens} tokens can hold; send at most {self.max_bytes} bytes")
 
 
@@ -39,13 +39,10 @@ def tokenize_request(tokenizer: Any, req: GenerateRequest, limit: PromptLimit | 
     if req.input_ids is None:
         if limit is not None:
             limit.check_text(req)
-        try:
-            if req.messages is not None:
-                req.options.prompt_text, req.input_ids = encode_chat(tokenizer, req.messages, req.tools)
-            else:
-                req.input_ids = encode_text(tokenizer, req.text or "")
-        except ValueError as e:
-            raise InvalidRequestError(str(e)) from None
+        if req.messages is not None:  # a chat the template refuses is a FieldError naming messages or tools
+            req.options.prompt_text, req.input_ids = encode_chat(tokenizer, req.messages, req.tools)
+        else:
+            req.input_ids = encode_text(tokenizer, req.text or "")
     if not req.input_ids:
-        raise InvalidRequestError("text_input: encodes to no tokens")
+        raise InvalidRequestError("text_input", "encodes to no tokens")
     return req.input_ids
