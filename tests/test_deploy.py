@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,21 @@ def test_the_gateway_deployment_passes_flags_the_gateway_takes():
         assert flag.split("=")[0] in usage, flag
     headless = next(d for d in manifest if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None")
     assert f"--triton-dns={headless['metadata']['name']}:8001" in args
+
+
+def test_the_gateway_installs_and_ships_without_the_engine():
+    """`pip install "pagedllm[gateway]" ./client` and the gateway image carry no torch (importing the gateway
+    loads none either: tests/gateway/test_server.py)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    client = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
+    needed = project["dependencies"] + project["optional-dependencies"]["gateway"] + client["dependencies"]
+    names = {re.split(r"[<>=!~\[ ;]", d)[0].lower() for d in needed}
+    assert not names & {"torch", "transformers", "xgrammar", "safetensors", "pagedllm"}, names
+    assert "torch" in str(project["optional-dependencies"]["engine"])
+    stage = (ROOT / "Dockerfile").read_text().split(" AS gateway\n")[1].split("\nFROM ")[0]
+    assert 'pip install ".[gateway]" ./client' in stage and "torch" not in stage and "USER 10001" in stage
+    manifest = next(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "gateway.yaml").read_text()))
+    assert manifest["spec"]["template"]["spec"]["containers"][0]["image"] == "pagedllm-gateway:latest"
 
 
 def debian_tool(name: str, package: str) -> str:
