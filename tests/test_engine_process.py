@@ -12,6 +12,7 @@ import pytest
 
 from pagedllm.engine.config import EngineConfig, SupervisionConfig
 from pagedllm.engine.engine_process import EngineProcess
+from pagedllm.engine.faults import Faults
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.errors import EngineDeadError
 
@@ -65,7 +66,8 @@ def test_a_killed_engine_fails_its_requests_as_retryable_and_comes_back(engine):
     os.kill(engine.process.pid, signal.SIGKILL)
     failed = [final(first), final(second)]
     assert time.monotonic() - start < 2.0
-    assert all(d.error.code == "engine_unavailable" and "engine died: killed by SIGKILL" in d.error.message for d in failed)
+    assert all(d.error.code == "engine_unavailable" and "engine died: killed by SIGKILL" in d.error.message
+               for d in failed)
     with pytest.raises(EngineDeadError, match="engine restarting"):
         run(engine, "c")
     assert wait_until(lambda: engine.state == "up") and engine.restarted == [1]
@@ -84,8 +86,8 @@ def test_a_hung_engine_is_killed_by_the_heartbeat_and_restarted(engine):
 
 def test_an_engine_that_keeps_dying_stays_down(tiny_model_dir):
     gave_up = []
-    e = EngineProcess(config(tiny_model_dir, fault_injection={"exit_after_ms": 300}), SupervisionConfig(max_restarts=1),
-                      on_give_up=gave_up.append)
+    e = EngineProcess(config(tiny_model_dir), SupervisionConfig(max_restarts=1), on_give_up=gave_up.append,
+                      faults=Faults(exit_after_ms=300))
     try:
         assert wait_until(lambda: e.state == "down", 60) and "exited with code 71" in gave_up[0]
         with pytest.raises(EngineDeadError, match="stays down"):

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from pagedllm import SamplingParams
 from pagedllm.engine.config import EngineConfig
+from pagedllm.engine.faults import Faults
 from pagedllm.engine.llm_engine import LLMEngine
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2}
@@ -108,7 +109,7 @@ def test_stream_interval_must_be_positive():
 
 def test_a_failed_step_fails_only_its_requests_and_the_engine_goes_on(tiny_model_dir):
     engine = LLMEngine(EngineConfig(model=str(tiny_model_dir("llama3")), dtype="float32", block_size=4,
-                                    num_kv_blocks=40, max_num_seqs=2, fault_injection={"fail_step_seed": 666}))
+                                    num_kv_blocks=40, max_num_seqs=2), Faults(fail_step_seed=666))
     greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     engine.add_request("bad", [5, 6, 7], SamplingParams(temperature=0, max_tokens=4, seed=666))
     engine.add_request("batched-with-bad", [8, 9], greedy)

@@ -10,6 +10,7 @@ import pytest
 
 from pagedllm import SamplingParams
 from pagedllm.engine.config import EngineConfig
+from pagedllm.engine.faults import Faults
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.loop import EngineLoop
 
@@ -101,7 +102,7 @@ def test_admission_refuses_past_the_bound_and_serves_what_it_took(tiny_model_dir
 def test_a_dead_loop_fails_what_it_holds_refuses_new_work_and_reports_death(tiny_model_dir):
     from pagedllm.errors import EngineDeadError
     engine = LLMEngine(EngineConfig(model=str(tiny_model_dir("llama3")), dtype="float32", block_size=4,
-                                    num_kv_blocks=40, fault_injection={"kill_loop_seed": 999}))
+                                    num_kv_blocks=40), Faults(kill_loop_seed=999))
     died = queue.Queue()
     loop = EngineLoop(lambda: engine, on_death=died.put)
     q = queue.Queue()

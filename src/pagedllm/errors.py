@@ -78,7 +78,7 @@ class EngineDeadError(RuntimeError):
 
 
 class InjectedFault(RuntimeError):
-    """Raised by EngineConfig.fault_injection, to test that failures stay contained."""
+    """Raised by the faults a test injects (engine/faults.py), to show that failures stay contained."""
 
 
 class UnsupportedModelError(ValueError):

@@ -2,6 +2,7 @@
 with streams in flight, an engine that keeps dying, and `pagedllm serve` stopped or losing tritonserver."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -13,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 
+from pagedllm.engine.faults import FAULTS_ENV
 from pagedllm.launcher import free_port
 from pagedllm.serving.repository import SERVED_ENGINE, write_llm
 from tests.integration.conftest import (
@@ -46,9 +48,10 @@ def table():
 def faults_server(request, tmp_path_factory, tiny_model_dir):
     repo = tmp_path_factory.mktemp("faults")
     write_llm(repo, "llm", {**SERVED_ENGINE, "kv_cache_memory": 128 << 20, "heartbeat_timeout": 2.0})
-    write_llm(repo, "llm_dying", {**tiny_engine(tiny_model_dir("llama-tied")), "max_restarts": 1,
-                                  "fault_injection": {"exit_after_ms": 1500}})
-    srv = start_server(repo, repo.parent / "tritonserver-faults.log", "explicit")
+    write_llm(repo, "llm_dying", {**tiny_engine(tiny_model_dir("llama-tied")), "max_restarts": 1})
+    with pytest.MonkeyPatch.context() as env:  # the server's environment: its engines read their faults there
+        env.setenv(FAULTS_ENV, json.dumps({"llm_dying": {"exit_after_ms": 1500}}))
+        srv = start_server(repo, repo.parent / "tritonserver-faults.log", "explicit")
     srv.ready_at = time.monotonic()
     yield srv
     srv.stop()

@@ -19,6 +19,7 @@ import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pagedllm.engine.faults import FAULTS_ENV
 from pagedllm.launcher import ADMIN_HEADER, ServerOptions, TritonServer, free_port
 from pagedllm.serving.repository import write_llm
 from pagedllm_client import NO_RETRY, AsyncClient, CircuitBreaker, ClientError
@@ -39,7 +40,7 @@ def report():
 
 def tiny_repository(root, tiny_dir) -> None:
     write_llm(root, "llm_tiny", tiny_engine(tiny_dir))
-    write_llm(root, "llm_faulty", {**tiny_engine(tiny_dir), "max_num_seqs": 2, "fault_injection": FAULTY})
+    write_llm(root, "llm_faulty", {**tiny_engine(tiny_dir), "max_num_seqs": 2})
     write_llm(root, "llm_soak", {**tiny_engine(tiny_dir), "max_num_seqs": 8, "max_waiting_requests": 256})
 
 
@@ -48,7 +49,9 @@ def start_tiny(tmp_path, tiny_dir) -> TritonServer:
     tiny_repository(repo, tiny_dir)
     opts = ServerOptions(repo, free_port(), free_port(), free_port(), "explicit", exit_timeout_secs=20,
                          admin_key=ADMIN_KEY)
-    return TritonServer(opts, tmp_path / "tritonserver.log").start_ready(300)
+    with pytest.MonkeyPatch.context() as env:  # the server's environment: llm_faulty's engine reads FAULTY there
+        env.setenv(FAULTS_ENV, json.dumps({"llm_faulty": FAULTY}))
+        return TritonServer(opts, tmp_path / "tritonserver.log").start_ready(300)
 
 
 @pytest.fixture(scope="module")

@@ -158,10 +158,6 @@ class EngineConfig:
     # The longest a structured-output constraint may compile (in the grammar worker's process) before its
     # request is refused; a large JSON schema compiles in well under a second on a small CPU.
     constraint_compile_timeout: float = 10.0
-    # Tests only: {"fail_step_seed": N} makes a step that runs a request with seed N raise inside the
-    # model (the step's requests fail, the engine goes on); {"kill_loop_seed": N} raises in the scheduler
-    # phase, which ends the engine loop; {"exit_after_ms": N} ends the engine process N ms after it is ready.
-    fault_injection: dict[str, int] | None = None
     # vLLM's {"method": "ngram", "num_speculative_tokens": 5, ...}: drafts by prompt lookup (speculative.py)
     speculative_config: SpeculativeConfig | None = None
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from pagedllm.engine import wire
 from pagedllm.engine.config import EngineConfig
+from pagedllm.engine.faults import Faults
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.loop import EngineLoop
 from pagedllm.engine.sequence import RequestDelta
@@ -24,8 +25,8 @@ class EngineHost:
     """Every step's deltas go back as one message, with the stats, from the engine thread itself: no
     queue and no extra thread between the step and the pipe (each hop costs on a small machine)."""
 
-    def __init__(self, config: EngineConfig, conn: Any) -> None:
-        self.config, self.conn = config, conn
+    def __init__(self, config: EngineConfig, conn: Any, faults: Faults | None = None) -> None:
+        self.config, self.conn, self.faults = config, conn, faults or Faults()
         self.send_lock = threading.Lock()  # the engine thread and the receiving thread both send
         # Submits whose constraint compiles (up to the engine's constraint_compile_timeout) wait on their own
         # thread, so the pipe keeps being read: other submits and aborts go through meanwhile. Request id ->
@@ -36,7 +37,7 @@ class EngineHost:
 
     def serve(self) -> None:
         try:
-            self.loop = EngineLoop(lambda: LLMEngine(self.config), on_step=self._on_step,
+            self.loop = EngineLoop(lambda: LLMEngine(self.config, self.faults), on_step=self._on_step,
                                    on_death=lambda e: os._exit(wire.EngineExit.LOOP_DIED))  # we are restarted
         except BaseException as e:  # noqa: BLE001 (the serving side reports it and fails the model's load)
             wire.send(self.conn, wire.StartFailed(f"{type(e).__name__}: {e}"))
@@ -97,7 +98,6 @@ class EngineHost:
         self._send(deltas, engine.stats(), time.time())
 
     def _inject_exit(self) -> None:
-        """Tests only: {"exit_after_ms": N} ends the engine process N ms after it is ready."""
-        delay = (self.config.fault_injection or {}).get("exit_after_ms")
+        delay = self.faults.exit_after_ms
         if delay is not None:
             threading.Timer(delay / 1000, lambda: os._exit(wire.EngineExit.INJECTED_FAULT)).start()

@@ -27,6 +27,7 @@ from typing import Any
 
 from pagedllm.engine import wire
 from pagedllm.engine.config import EngineConfig, SupervisionConfig
+from pagedllm.engine.faults import Faults
 from pagedllm.engine.loop import DeltaCallback
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.sequence import RequestDelta
@@ -44,8 +45,8 @@ class EngineProcess:
     def __init__(self, config: EngineConfig, supervision: SupervisionConfig | None = None,
                  on_stats: Callable[[wire.EngineStats, float], None] | None = None,
                  on_restart: Callable[[], None] | None = None,
-                 on_give_up: Callable[[str], None] | None = None) -> None:
-        self.config, self.supervision = config, supervision or SupervisionConfig()
+                 on_give_up: Callable[[str], None] | None = None, faults: Faults | None = None) -> None:
+        self.config, self.supervision, self.faults = config, supervision or SupervisionConfig(), faults
         self.on_stats, self.on_restart, self.on_give_up = on_stats, on_restart, on_give_up
         self.info: wire.Ready  # what the engine process said once ready (KV blocks, max_model_len, compute path)
         self.restarts, self.policy = 0, self.supervision.restart_policy()
@@ -97,8 +98,8 @@ class EngineProcess:
         ctx = multiprocessing.get_context("spawn")
         ctx.set_executable(python_executable())
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=run_engine, args=(asdict(self.config), child), name="pagedllm-engine",
-                                   daemon=True)
+        self.process = ctx.Process(target=run_engine, args=(asdict(self.config), child, self.faults),
+                                   name="pagedllm-engine", daemon=True)
         self.process.start()
         child.close()
         first = self._recv_or_exit()
@@ -211,12 +212,12 @@ def python_executable() -> str:
 
 
 # ---- inside the engine process ---------------------------------------------------------------------
-def run_engine(config: dict[str, Any], conn: Any) -> None:
+def run_engine(config: dict[str, Any], conn: Any, faults: Faults | None = None) -> None:
     _die_with_parent()
     for sig in (signal.SIGINT, signal.SIGTERM):  # a Ctrl-C or stop sent to the group: the serving side decides
         signal.signal(sig, signal.SIG_IGN)
     from pagedllm.engine.engine_host import EngineHost
-    EngineHost(EngineConfig(**config), conn).serve()
+    EngineHost(EngineConfig(**config), conn, faults).serve()
 
 
 def _die_with_parent() -> None:

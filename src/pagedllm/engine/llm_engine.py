@@ -14,6 +14,7 @@ from pagedllm.engine import backends
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.config import EngineConfig, ModelConfig, num_blocks_for, resolve_max_model_len
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.engine.faults import Faults
 from pagedllm.engine.model_runner import ModelRunner
 from pagedllm.engine.models import LlamaForCausalLM
 from pagedllm.engine.models.llama import RotaryEmbedding
@@ -33,8 +34,8 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
-        self.config = config
+    def __init__(self, config: EngineConfig, faults: Faults | None = None) -> None:
+        self.config, self.faults = config, faults or Faults()
         self.model_path = resolve_model_path(config.model)
         hf_config = AutoConfig.from_pretrained(self.model_path)
         self.model_config = ModelConfig.from_hf(hf_config)
@@ -147,7 +148,7 @@ class LLMEngine:
         return replace(self.output.take_delta(seq), error=RequestError(ErrorCode.INTERNAL, message))
 
     def _inject(self, kind: str, out: SchedulerOutput) -> None:
-        seed = (self.config.fault_injection or {}).get(kind)
+        seed = getattr(self.faults, kind)
         if seed is not None and any(seq.params.seed == seed for seq, _ in out.scheduled):
             raise InjectedFault(f"{kind} {seed}")
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from pagedllm.engine.config import read_engine_json
 from pagedllm.engine.engine_process import EngineProcess
+from pagedllm.engine.faults import Faults
 from pagedllm.engine.tokenizer import load_tokenizer, tools_reach_the_model_by
 from pagedllm.errors import ErrorCode, ModelConfigError, RequestError
 from pagedllm.serving.metrics import ServingMetrics
@@ -41,7 +42,8 @@ class LLMModel:
         self.metrics = ServingMetrics(self.backend.pb.MetricFamily, self.name, args["model_version"])
         self.tokenizer = load_tokenizer(resolve_model_path(engine_config.model))
         self.loop = EngineProcess(engine_config, supervision, on_stats=self.metrics.on_stats,
-                                  on_restart=self.metrics.on_restart, on_give_up=self._on_engine_death)
+                                  on_restart=self.metrics.on_restart, on_give_up=self._on_engine_death,
+                                  faults=Faults.for_model(self.name))
         token_text = functools.lru_cache(maxsize=1 << 16)(lambda token_id: self.tokenizer.decode([token_id]))
         self.backend.log_info(f"pagedllm {self.name}/{args['model_version']}: engine ready in process "
                               f"{self.loop.process.pid}, {self.loop.info.num_blocks} KV blocks; "
