@@ -78,7 +78,7 @@ class StructuredOutputsParams:
                              "must be an object such as {\"json\": {...}} or {\"regex\": \"...\"}")
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
-            raise FieldError("structured_outputs", f"unknown keys {unknown}; known keys: "
+            raise FieldError(f"structured_outputs.{unknown[0]}", f"unknown keys {unknown}; known keys: "
                              f"{[f.name for f in fields(cls)]}")
         return cls(**data)
 
@@ -165,8 +165,8 @@ class SamplingParams:
         data = move_legacy_structured_outputs(data)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
-        if unknown:
-            raise FieldError("sampling_parameters", f"unknown keys {unknown}; known keys: {sorted(known)}")
+        if unknown:  # named as a field of its own, so that each API names it as its request did
+            raise FieldError(unknown[0], f"unknown keys {unknown}; known keys: {sorted(known)}")
         try:
             return cls(**data)
         except TypeError as e:
