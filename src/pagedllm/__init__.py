@@ -5,7 +5,7 @@ __all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput", "RequestDel
 
 # Imported when first asked for: the engine's modules pull in torch, which the gateway and the CLI's
 # non-engine commands never need.
-_HOMES = {"LLM": "pagedllm.llm", "EngineConfig": "pagedllm.engine.config",
+_HOMES = {"LLM": "pagedllm.offline", "EngineConfig": "pagedllm.engine.config",
           "SamplingParams": "pagedllm.engine.sampling_params", "RequestOutput": "pagedllm.engine.sequence",
           "RequestDelta": "pagedllm.engine.sequence"}
 

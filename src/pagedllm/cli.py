@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pagedllm.launcher import ADMIN_KEY_ENV, CONTROL_MODES, ServerOptions
 
 DEFAULT_REPOSITORY = Path("model_repository")
 SERVER_DEFAULTS = ServerOptions(DEFAULT_REPOSITORY)
+ENGINE_MODULES = ("torch", "transformers", "xgrammar")  # what the engine extra brings
 DEMO_QUESTION = "What is the capital of France? Answer in one sentence, then give one fun fact about it."
 
 
@@ -57,7 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     args = ap.parse_args(argv)
+    if args.command != "gateway":
+        require_engine(args.command)
     return {"serve": serve, "gateway": gateway, "demo": demo, "generate": generate}[args.command](args)
+
+
+def require_engine(command: str) -> None:
+    """Every command but `gateway` runs the engine, which a gateway install (`pagedllm[gateway]`) lacks."""
+    missing = [name for name in ENGINE_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"pagedllm {command} runs the engine, which needs {', '.join(missing)}: "
+                         f"pip install 'pagedllm[serve]' (this install has the gateway only)")
 
 
 def _server(args: argparse.Namespace, log_path: Path | None = None):

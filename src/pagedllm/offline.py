@@ -1,4 +1,4 @@
-"""LLM: the offline interface, in vLLM's shape."""
+"""LLM: the offline interface (many prompts in, their outputs back, no server), in vLLM's shape."""
 from __future__ import annotations
 
 import itertools
