@@ -168,8 +168,7 @@ def test_fuzzed_requests_get_an_answer_or_an_error_naming_a_field(tiny_server, r
         if r.status_code != 200:
             assert r.status_code == 400, r.text
             message = r.json()["error"]
-            assert re.match(r"\[invalid_argument field=(sampling_parameters\.\w+|text_input|prompt)\] ", message), \
-                message
+            assert re.match(r"\[invalid_argument field=[\w.\[\]]+\] ", message), message  # the field, as data
             assert "engine step failed" not in message, message
         assert tiny_server.is_ready()
     check()

@@ -90,12 +90,14 @@ def test_by_default_serve_listens_on_loopback_and_nothing_loads_or_administers(t
         post = lambda body: requests.post(generate, json=body, timeout=120)  # noqa: E731
 
         long_text = post({"text_input": "word " * 40_000})  # 200 KB: refused before it is tokenized
-        assert long_text.status_code == 400 and "text_input: 200000 bytes of text is more than the model's " \
-            "max_model_len" in long_text.json()["error"], long_text.text
+        assert long_text.status_code == 400 and "[invalid_argument field=text_input] 200000 bytes of text is more " \
+            "than the model's max_model_len" in long_text.json()["error"], long_text.text
         forged = post({"request": json.dumps({"params": {}, "options": {"prompt_text": ["x"]}}), "input_ids": [1, 2]})
-        assert forged.status_code == 400 and "request: options.prompt_text must be a str" in forged.json()["error"]
+        assert forged.status_code == 400, forged.text
+        assert "field=request] options.prompt_text must be a str" in forged.json()["error"]
         too_many_ids = post({"input_ids": [1] * 100_000})
-        assert too_many_ids.status_code == 400 and "input_ids: 100000 tokens is over" in too_many_ids.json()["error"]
+        assert too_many_ids.status_code == 400, too_many_ids.text
+        assert "field=input_ids] 100000 tokens is over" in too_many_ids.json()["error"]
 
         with ThreadPoolExecutor(1) as pool:  # a constraint compiling past its budget holds up no one else
             slow = pool.submit(post, {"text_input": "Hi", "sampling_parameters": json.dumps(
@@ -104,7 +106,7 @@ def test_by_default_serve_listens_on_loopback_and_nothing_loads_or_administers(t
             quick = post({"text_input": "Hello", "sampling_parameters": json.dumps({"max_tokens": 3})})
             assert quick.status_code == 200 and not slow.done()
             refused = slow.result()
-        assert refused.status_code == 400 and "structured_outputs.grammar: did not compile within 2 s" in refused.text
+        assert refused.status_code == 400 and "field=structured_outputs.grammar] did not compile within 2 s" in refused.text
 
         rng = random.Random(29)
         for _ in range(40):  # random bytes, and random JSON-ish bytes, at the generate endpoint
