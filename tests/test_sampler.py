@@ -1,4 +1,5 @@
-"""Sampling: exactly the allowed tokens survive top-k / top-p / min-p; penalties; seeds."""
+"""Sampling: exactly the allowed tokens survive top-k / top-p / min-p, looked for among the most likely tokens
+or in the full sort alike; draws follow the filtered distribution; penalties; seeds."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.engine.sampler import _filter_row, apply_penalties
+from pagedllm.engine.sampler import CANDIDATES, Sampler, _filter_row, _Limits, apply_penalties
 
 LOGITS = torch.log(torch.tensor([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02]))
 
@@ -38,9 +39,12 @@ def test_filters_compose():
 
 
 class _Seq:
+    generator = None
+
     def __init__(self, tokens, n_prompt, params):
         self.token_ids, self.params = tokens, params
         self.output_token_ids = tokens[n_prompt:]
+        self.num_output_tokens = len(self.output_token_ids)
 
 
 def test_penalties_follow_vllm_semantics():
@@ -104,3 +108,58 @@ def test_min_tokens_on_the_engine_path(tiny_model_dir):
     llm = LLM(str(tiny_model_dir("llama-tied")), dtype="float32", block_size=4)
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=1, min_tokens=1), use_tqdm=False)[0]
     assert len(out.token_ids) == 1 and out.finish_reason == "length"
+
+
+# ---- the sampler that never sorts: the same kept set and distribution as the sorted definition -----------
+@pytest.mark.parametrize("params", [{"top_k": 5}, {"top_p": 0.9}, {"min_p": 0.05}, {"top_k": 200, "top_p": 0.5},
+                                    {"top_k": 30, "top_p": 0.8, "min_p": 0.1}])
+@pytest.mark.parametrize("spread", [0.3, 3.0, 8.0])  # 0.3: flat, past the candidates; 8.0: peaked
+def test_candidates_keep_exactly_what_the_full_sort_keeps(params, spread):
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(int(spread * 10))) * spread
+    limits = _Limits.of([_Seq([], 0, SamplingParams(**params))] * 6, 500)
+    lse = logits.logsumexp(dim=-1, keepdim=True)
+    full_values, full_ids = logits.sort(dim=-1, descending=True)
+    _, full_keep, _ = limits.keep(full_values, lse)
+    values, ids = logits.topk(max(CANDIDATES, params.get("top_k", 0)), dim=-1)  # the sampler's width
+    _, keep, covered = limits.keep(values, lse)
+    for row in range(6):
+        expected = set(full_ids[row][full_keep[row]].tolist())
+        assert set(_filter_row(logits[row], params.get("top_k", 0), params.get("top_p", 1.0),
+                               params.get("min_p", 0.0)).isfinite().nonzero().flatten().tolist()) == expected
+        if covered[row]:  # else the kept set may run past the candidates, and the sampler sorts the row in full
+            assert set(ids[row][keep[row]].tolist()) == expected
+    if spread == 0.3 and params == {"top_p": 0.9}:
+        assert not covered.any()  # flat: the full sort's path is the one taken
+    if spread == 8.0:
+        assert covered.all()
+
+
+@pytest.mark.parametrize("params", [{"temperature": 0.7}, {"temperature": 1.0, "top_p": 0.8},
+                                    {"temperature": 1.3, "top_k": 3, "min_p": 0.2},
+                                    {"temperature": 1.0, "min_p": 0.001}])  # flat enough for the full sort
+def test_draws_follow_the_filtered_distribution(params):
+    logits = torch.log(torch.tensor([0.3, 0.2, 0.15, 0.1, 0.08, 0.07, 0.05, 0.03, 0.02])).repeat(2000, 1)
+    seqs = [_Seq([], 0, SamplingParams(**params)) for _ in range(2000)]
+    sampler = Sampler(seed=3)
+    counts = torch.zeros(9)
+    for _ in range(5):
+        counts += torch.bincount(torch.tensor(sampler(logits, seqs, []).token_ids), minlength=9)
+    p = params
+    row = _filter_row(logits[0] / p["temperature"], p.get("top_k", 0), p.get("top_p", 1.0), p.get("min_p", 0.0))
+    expected = row.softmax(dim=-1) * counts.sum()
+    assert (counts[expected == 0] == 0).all()
+    kept = expected > 0
+    chi2 = float((((counts - expected) ** 2)[kept] / expected[kept]).sum())
+    assert chi2 < 30.0, (counts, expected)  # 8 degrees of freedom at most: p < 0.001 of failing by chance
+
+
+def test_rows_that_look_further_still_draw_only_kept_tokens():
+    """A batch of peaked rows (done among the first candidates), middling ones (1,024) and flat ones (the
+    whole vocabulary): every draw is a token its row keeps."""
+    gen = torch.Generator().manual_seed(5)
+    spreads = torch.tensor([12.0, 12.0, 2.5, 2.5, 0.2, 0.2]).repeat(20)
+    logits = torch.randn(len(spreads), 3000, generator=gen) * spreads[:, None]
+    params = SamplingParams(temperature=1.0, top_p=0.9, min_p=0.01)
+    tokens = Sampler(seed=1)(logits, [_Seq([], 0, params) for _ in spreads], []).token_ids
+    for row, token in enumerate(tokens):
+        assert _filter_row(logits[row], 0, 0.9, 0.01)[token].isfinite(), row

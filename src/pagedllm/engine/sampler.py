@@ -1,5 +1,11 @@
 """Turns the logits of the sampling rows into tokens: penalties, greedy or temperature sampling with
-top-k / top-p / min-p, per-request seeds, and top-N logprobs of the raw model distribution."""
+top-k / top-p / min-p, per-request seeds, and top-N logprobs of the raw model distribution.
+
+Nothing sorts the vocabulary: each sampled row draws one uniform number and inverts its distribution's
+cumulative sum. A row with top-k, top-p or min-p looks at its 64 most likely tokens (one `topk` for the batch),
+which hold every token those filters keep unless the distribution is flat; a row whose kept set may run
+further is detected and looks at 1,024, then at the whole vocabulary. The kept set is always exactly the
+sorted definition's, drawn in the same order however far the row looked."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.engine.sequence import Sequence, TokenLogprobs
+
+# How far a filtered row looks, widening for the rows whose kept set runs further; the whole vocabulary last.
+# Top-p 0.95 over SmolLM2's chat answers at temperature 0.8 keeps a few to a few dozen tokens, now and then
+# hundreds.
+WIDTHS = (64, 1024)
+CANDIDATES = WIDTHS[0]
 
 
 @dataclass
@@ -23,21 +35,160 @@ class Sampler:
         raw_logprobs = logits.log_softmax(dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
         logits = apply_penalties(logits, seqs)
         _mask_stops_before_min_tokens(logits, seqs, eos_token_ids)
-        if all(s.params.greedy for s in seqs):
-            token_ids = logits.argmax(dim=-1).tolist()
-        else:
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if len(sampled) == len(seqs):  # no copies of the logits where every row samples, nor an argmax
             token_ids = self._sample(logits, seqs)
+        else:
+            token_ids = logits.argmax(dim=-1)
+            if sampled:
+                rows = torch.tensor(sampled)
+                token_ids[rows] = self._sample(logits[rows], [seqs[i] for i in sampled])
+        token_ids = token_ids.tolist()
         return SamplerOutput(token_ids, _token_logprobs(raw_logprobs, token_ids, seqs))
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], dtype=logits.dtype)
-        probs = filter_logits(logits / temps[:, None], seqs).softmax(dim=-1)
-        noise = torch.empty_like(probs)
-        for row, seq in enumerate(seqs):
-            noise[row].exponential_(generator=seq.generator or self.generator)
-        sampled = (probs / noise).argmax(dim=-1)  # the exponential race: an exact draw from `probs`
-        greedy = torch.tensor([s.params.greedy for s in seqs])
-        return torch.where(greedy, logits.argmax(dim=-1), sampled).tolist()
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """One token per row, drawn from the row's temperature-scaled, filtered distribution."""
+        temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype)[:, None]
+        uniform = self._uniforms(seqs)
+        filtered = [_filters(s, logits.shape[-1]) for s in seqs]
+        if not any(filtered):
+            return _draw_unfiltered(logits, temps, uniform)
+        if all(filtered):
+            return _sample_filtered(logits, temps, seqs, uniform)
+        out = torch.empty(len(seqs), dtype=torch.long)
+        rows = torch.tensor(filtered)
+        plain = (~rows).nonzero().flatten()
+        out[plain] = _draw_unfiltered(logits[plain], temps[plain], uniform[plain])
+        rows = rows.nonzero().flatten()
+        out[rows] = _sample_filtered(logits[rows], temps[rows], [seqs[i] for i in rows.tolist()], uniform[rows])
+        return out
+
+    def _uniforms(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One number in [0, 1) per row: from the request's own generator where it set a seed (so its tokens
+        do not depend on what it is batched with), else from the engine's."""
+        uniform = torch.rand(len(seqs), generator=self.generator, dtype=torch.float64)
+        for i, seq in enumerate(seqs):
+            if seq.generator is not None:
+                uniform[i] = torch.rand(1, generator=seq.generator, dtype=torch.float64)
+        return uniform
+
+
+def _filters(seq: Sequence, vocab: int) -> bool:
+    return _top_k(seq, vocab) > 0 or seq.params.top_p < 1.0 or seq.params.min_p > 0.0
+
+
+def _top_k(seq: Sequence, vocab: int) -> int:
+    """The request's top-k, 0 where it keeps the whole vocabulary (vLLM's -1 and 0, or k >= vocab)."""
+    return seq.params.top_k if 0 < seq.params.top_k < vocab else 0
+
+
+def _draw_unfiltered(logits: torch.Tensor, temps: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """From the whole vocabulary: exp((logits - max) / T) is each row's distribution, unnormalized."""
+    weights = logits - logits.amax(dim=-1, keepdim=True)
+    return _draw(weights.div_(temps).exp_(), uniform)
+
+
+def _draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row, index i with probability weights[i] / sum(weights) (`weights` is overwritten): the first index
+    whose cumulative sum passes uniform x total, which is never one of zero weight (the sum does not grow
+    there), the total itself excluded."""
+    cdf = weights.cumsum_(dim=-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniform[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).flatten()
+
+
+def _sample_filtered(logits: torch.Tensor, temps: torch.Tensor, seqs: list[Sequence],
+                     uniform: torch.Tensor) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    limits = _Limits.of(seqs, vocab)
+    out = torch.empty(len(seqs), dtype=torch.long)
+    rows, norm = torch.arange(len(seqs)), None
+    for width in (*WIDTHS, vocab):  # the rows whose kept set runs past the candidates look further
+        width = min(vocab, max(width, int(limits.top_k[rows].max())))
+        values, ids = _take(logits, rows).topk(width, dim=-1)  # sorted; a temperature keeps the order
+        values = values / _take(temps, rows)
+        if norm is None:
+            norm = _normalizers(logits, temps, values[:, :1], limits)
+        probs, keep, covered = limits.pick(rows).keep(values, norm[rows])
+        if width == vocab or covered.all():  # the usual case: every row done at the first look
+            out[rows] = ids.gather(1, _draw(probs * keep, uniform[rows])[:, None]).flatten()
+            return out
+        done = covered.nonzero().flatten()
+        drawn = _draw(probs[done] * keep[done], uniform[rows[done]])
+        out[rows[done]] = ids[done].gather(1, drawn[:, None]).flatten()
+        rows = rows[~covered]
+    return out
+
+
+def _take(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return tensor if len(rows) == len(tensor) else tensor[rows]
+
+
+def _normalizers(logits: torch.Tensor, temps: torch.Tensor, top: torch.Tensor, limits: _Limits) -> torch.Tensor:
+    """What each row's probabilities are taken relative to. Top-p over the whole vocabulary needs the true
+    log-normalizer, a pass over all of it; top-k renormalizes over its own tokens and min-p compares ratios,
+    for which the most likely token's logit serves (and is the same however far a row looks)."""
+    norm = top.clone()
+    whole = (limits.top_k == 0) & (limits.top_p < 1.0)
+    if whole.any():
+        rows = whole.nonzero().flatten()
+        norm[rows] = _log_normalizer(_take(logits, rows), _take(temps, rows), top[rows])
+    return norm
+
+
+def _log_normalizer(logits: torch.Tensor, temps: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """log(sum(exp(logits / T))) per row, `top` being each row's largest logits / T."""
+    return top + (logits - top * temps).div_(temps).exp_().sum(dim=-1, keepdim=True).log_()
+
+
+@dataclass
+class _Limits:
+    """Per row: top-k (0: off), top-p and min-p."""
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+
+    @classmethod
+    def of(cls, seqs: list[Sequence], vocab: int) -> _Limits:
+        return cls(torch.tensor([_top_k(s, vocab) for s in seqs]),
+                   torch.tensor([s.params.top_p for s in seqs], dtype=torch.float64),
+                   torch.tensor([s.params.min_p for s in seqs], dtype=torch.float64))
+
+    def pick(self, rows: torch.Tensor) -> _Limits:
+        return _Limits(self.top_k[rows], self.top_p[rows], self.min_p[rows])
+
+    def keep(self, values: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For each row's most likely tokens (`values`, sorted; `lse`: the row's logsumexp): their probabilities
+        as top-p and min-p see them (renormalized over the top-k), which of them the three filters keep, and
+        whether every token they keep is among these."""
+        width = values.shape[-1]
+        top_k = self.top_k[:, None]
+        in_top_k = (top_k == 0) | (torch.arange(width)[None, :] < top_k)
+        probs = (values - lse).exp().to(torch.float64) * in_top_k
+        probs = torch.where(top_k > 0, probs / probs.sum(dim=-1, keepdim=True), probs)
+        before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
+        keep = in_top_k & ((self.top_p[:, None] >= 1.0) | (before < self.top_p[:, None]))
+        keep &= probs >= self.min_p[:, None] * probs[:, :1]
+        keep[:, 0] = True
+        # The tokens past these are less likely still: top-k drops them all if it ends here, top-p if these
+        # reach its mass, min-p if the last of these is already below its bar. (A top-k past them leaves its
+        # mass, and so every probability above, unknown.)
+        covered = (self.top_k <= width) & ((self.top_k > 0)
+                                           | ((self.top_p < 1.0) & (before[:, -1] + probs[:, -1] >= self.top_p))
+                                           | ((self.min_p > 0.0) & (probs[:, -1] < self.min_p * probs[:, 0])))
+        return probs, keep, covered
+
+
+def _filter_row(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """`row` with -inf for every token top-k, top-p and min-p exclude (the sorted definition, in full)."""
+    values, ids = row[None].sort(dim=-1, descending=True)
+    limits = _Limits(torch.tensor([top_k if 0 < top_k < row.shape[-1] else 0]),
+                     torch.tensor([top_p], dtype=torch.float64), torch.tensor([min_p], dtype=torch.float64))
+    _, keep, _ = limits.keep(values, row.logsumexp(dim=-1, keepdim=True)[None])
+    out = torch.full_like(row, float("-inf"))
+    out[ids[keep]] = values[keep]
+    return out
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -69,33 +220,6 @@ def _mask_stops_before_min_tokens(logits: torch.Tensor, seqs: list[Sequence], eo
             banned = seq.params.stop_token_ids + ([] if seq.params.ignore_eos else eos)
             if banned:
                 logits[i, banned] = float("-inf")
-
-
-def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Set to -inf every token that top-k, top-p or min-p excludes (rows are already temperature-scaled)."""
-    logits = logits.clone()
-    for i, seq in enumerate(seqs):
-        p = seq.params
-        if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0:
-            logits[i] = _filter_row(logits[i], p.top_k, p.top_p, p.min_p)
-    return logits
-
-
-def _filter_row(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    sorted_logits, order = row.sort(descending=True)
-    keep = torch.ones_like(sorted_logits, dtype=torch.bool)
-    if 0 < top_k < row.shape[0]:
-        keep[top_k:] = False
-    probs = sorted_logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
-    if top_p < 1.0:
-        before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
-        keep &= before < top_p
-    if min_p > 0.0:
-        keep &= probs >= min_p * probs[0]
-    keep[0] = True
-    out = torch.full_like(row, float("-inf"))
-    out[order[keep]] = sorted_logits[keep]
-    return out
 
 
 def _token_logprobs(logp: torch.Tensor | None, token_ids: list[int],
