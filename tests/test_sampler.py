@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.engine.sampler import CANDIDATES, Sampler, _filter_row, _Limits, apply_penalties
+from pagedllm.engine.sampler import WIDTHS, Sampler, _filter_row, _Limits, apply_penalties
 
 LOGITS = torch.log(torch.tensor([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02]))
 
@@ -120,7 +120,7 @@ def test_candidates_keep_exactly_what_the_full_sort_keeps(params, spread):
     lse = logits.logsumexp(dim=-1, keepdim=True)
     full_values, full_ids = logits.sort(dim=-1, descending=True)
     _, full_keep, _ = limits.keep(full_values, lse)
-    values, ids = logits.topk(max(CANDIDATES, params.get("top_k", 0)), dim=-1)  # the sampler's width
+    values, ids = logits.topk(max(WIDTHS[0], params.get("top_k", 0)), dim=-1)  # the sampler's first width
     _, keep, covered = limits.keep(values, lse)
     for row in range(6):
         expected = set(full_ids[row][full_keep[row]].tolist())
