@@ -8,9 +8,19 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.engine.sampler import WIDTHS, Sampler, _filter_row, _Limits, apply_penalties
+from pagedllm.engine.sampler import WIDTHS, Sampler, _Limits, apply_penalties
 
 LOGITS = torch.log(torch.tensor([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02]))
+
+
+def _filter_row(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """`row` with -inf for every token top-k, top-p and min-p exclude: the sorted definition, in full."""
+    values, ids = row[None].sort(dim=-1, descending=True)
+    limits = _Limits.of([SamplingParams(top_k=top_k, top_p=top_p, min_p=min_p)], row.shape[-1])
+    _, keep, _ = limits.keep(values, row.logsumexp(dim=-1, keepdim=True)[None])
+    out = torch.full_like(row, float("-inf"))
+    out[ids[keep]] = values[keep]
+    return out
 
 
 def _kept(top_k=0, top_p=1.0, min_p=0.0) -> set[int]:
@@ -116,7 +126,7 @@ def test_min_tokens_on_the_engine_path(tiny_model_dir):
 @pytest.mark.parametrize("spread", [0.3, 3.0, 8.0])  # 0.3: flat, past the candidates; 8.0: peaked
 def test_candidates_keep_exactly_what_the_full_sort_keeps(params, spread):
     logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(int(spread * 10))) * spread
-    limits = _Limits.of([_Seq([], 0, SamplingParams(**params))] * 6, 500)
+    limits = _Limits.of([SamplingParams(**params)] * 6, 500)
     lse = logits.logsumexp(dim=-1, keepdim=True)
     full_values, full_ids = logits.sort(dim=-1, descending=True)
     _, full_keep, _ = limits.keep(full_values, lse)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.sequence import Sequence, TokenLogprobs
 
 # How far a filtered row looks, widening for the rows whose kept set runs further; the whole vocabulary last.
@@ -73,12 +74,12 @@ class Sampler:
 
 
 def _filters(seq: Sequence, vocab: int) -> bool:
-    return _top_k(seq, vocab) > 0 or seq.params.top_p < 1.0 or seq.params.min_p > 0.0
+    return _top_k(seq.params, vocab) > 0 or seq.params.top_p < 1.0 or seq.params.min_p > 0.0
 
 
-def _top_k(seq: Sequence, vocab: int) -> int:
+def _top_k(params: SamplingParams, vocab: int) -> int:
     """The request's top-k, 0 where it keeps the whole vocabulary (vLLM's -1 and 0, or k >= vocab)."""
-    return seq.params.top_k if 0 < seq.params.top_k < vocab else 0
+    return params.top_k if 0 < params.top_k < vocab else 0
 
 
 def _draw_unfiltered(logits: torch.Tensor, temps: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,7 @@ def _draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 def _sample_filtered(logits: torch.Tensor, temps: torch.Tensor, seqs: list[Sequence],
                      uniform: torch.Tensor) -> torch.Tensor:
     vocab = logits.shape[-1]
-    limits = _Limits.of(seqs, vocab)
+    limits = _Limits.of([s.params for s in seqs], vocab)
     out = torch.empty(len(seqs), dtype=torch.long)
     rows, norm = torch.arange(len(seqs)), None
     for width in (*WIDTHS, vocab):  # the rows whose kept set runs past the candidates look further
@@ -149,10 +150,10 @@ class _Limits:
     min_p: torch.Tensor
 
     @classmethod
-    def of(cls, seqs: list[Sequence], vocab: int) -> _Limits:
-        return cls(torch.tensor([_top_k(s, vocab) for s in seqs]),
-                   torch.tensor([s.params.top_p for s in seqs], dtype=torch.float64),
-                   torch.tensor([s.params.min_p for s in seqs], dtype=torch.float64))
+    def of(cls, params: list[SamplingParams], vocab: int) -> _Limits:
+        return cls(torch.tensor([_top_k(p, vocab) for p in params]),
+                   torch.tensor([p.top_p for p in params], dtype=torch.float64),
+                   torch.tensor([p.min_p for p in params], dtype=torch.float64))
 
     def pick(self, rows: torch.Tensor) -> _Limits:
         return _Limits(self.top_k[rows], self.top_p[rows], self.min_p[rows])
@@ -177,17 +178,6 @@ class _Limits:
                                            | ((self.top_p < 1.0) & (before[:, -1] + probs[:, -1] >= self.top_p))
                                            | ((self.min_p > 0.0) & (probs[:, -1] < self.min_p * probs[:, 0])))
         return probs, keep, covered
-
-
-def _filter_row(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """`row` with -inf for every token top-k, top-p and min-p exclude (the sorted definition, in full)."""
-    values, ids = row[None].sort(dim=-1, descending=True)
-    limits = _Limits(torch.tensor([top_k if 0 < top_k < row.shape[-1] else 0]),
-                     torch.tensor([top_p], dtype=torch.float64), torch.tensor([min_p], dtype=torch.float64))
-    _, keep, _ = limits.keep(values, row.logsumexp(dim=-1, keepdim=True)[None])
-    out = torch.full_like(row, float("-inf"))
-    out[ids[keep]] = values[keep]
-    return out
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
