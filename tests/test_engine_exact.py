@@ -78,7 +78,7 @@ def test_triton_kernel_backend_matches(tiny_model_dir):
 
 @pytest.mark.parametrize("isa", RUNNABLE, ids=str)
 def test_cpu_kernel_backend_matches(tiny_model_dir, isa):
-    """The C++ CPU kernels of every tier this CPU executes (decode steps fused per layer, the linears
+    """The C++ CPU kernels of every tier this CPU executes (every step fused per layer, the linears
     at::linear in float32): chunked prefill, decode, a prefix hit, preemption; greedy token-exact against
     transformers."""
     ops_for(isa)
@@ -86,14 +86,14 @@ def test_cpu_kernel_backend_matches(tiny_model_dir, isa):
     prompts.append(prompts[0][:12] + [7, 8, 9])
     llm, _ = _check(tiny_model_dir("qwen2"), prompts, 24, block_size=4, max_num_batched_tokens=16,
                     num_kv_blocks=40, attention_backend="cpu", cpu_isa=isa.value)
-    assert llm.engine.runner.backend.name == "cpu" and llm.engine.runner.model.decode_layers
+    assert llm.engine.runner.backend.name == "cpu" and llm.engine.runner.model.kernel_layers
 
 
 def test_torch_backend_matches(tiny_model_dir):
     """The plain-torch path, which machines without the CPU kernels run."""
     prompts = _prompts(4, (5, 40), 49152, seed=6)
     llm, _ = _check(tiny_model_dir("llama3"), prompts, 12, block_size=4, attention_backend="torch")
-    assert llm.engine.runner.model.decode_layers is None
+    assert llm.engine.runner.model.kernel_layers is None
 
 
 @pytest.mark.parametrize("isa", RUNNABLE, ids=str)

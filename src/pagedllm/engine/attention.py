@@ -22,7 +22,6 @@ class QueryGroup:
     query_len: int
     block_tables: list[list[int]]
     context_lens: list[int]
-    speculative: bool = False  # a sequence's next token and its drafts: decode-like, whatever its length
 
 
 @dataclass
@@ -76,7 +75,7 @@ def build_metadata(
     device: torch.device,
     kernel_only: bool = False,
 ) -> AttentionMetadata:
-    """Torch attention's metadata, or with `kernel_only` (the backend's call: Backend.kernel_metadata_only)
+    """Torch attention's metadata, or with `kernel_only` (the backend's: Backend.kernel_metadata_only)
     only the kernels'."""
     if kernel_only:
         empty = torch.empty(0, dtype=torch.long, device=device)

@@ -58,7 +58,7 @@ class ModelRunner:
                 sampling.append(seq)
         groups = self._groups(ordered)
         meta = build_metadata(slots, groups, self.geometry, self.dtype, self.device,
-                              self.backend.kernel_metadata_only(groups))
+                              self.backend.kernel_metadata_only)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         return ModelInput(as_long(ids), as_long(positions), meta, as_long(sample_indices), sampling, rows)
 
@@ -71,8 +71,7 @@ class ModelRunner:
                                      [s.num_computed_tokens + 1 for s in decodes]))
         start = len(decodes)
         for seq, n in ordered[len(decodes):]:
-            groups.append(QueryGroup(start, 1, n, [seq.block_table], [seq.num_computed_tokens + n],
-                                     speculative=bool(seq.draft_token_ids)))
+            groups.append(QueryGroup(start, 1, n, [seq.block_table], [seq.num_computed_tokens + n]))
             start += n
         return groups
 

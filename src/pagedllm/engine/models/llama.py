@@ -99,24 +99,24 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.rotary = RotaryEmbedding(config, max_positions)
-        self.decode_layers: list | None = None  # the C++ decoder layers, once use_cpu_kernels ran
+        self.kernel_layers: list | None = None  # the C++ decoder layers, once use_cpu_kernels ran
         self.cpu_isa: str | None = None  # the kernels' tier, likewise
 
     def use_cpu_kernels(self, linear_kind: str, ops: ModuleType) -> None:
         """Run on pagedllm's CPU kernels (`ops`, one tier's build): every linear on packed weights of
-        `linear_kind` (kernels/cpu.py), and decode-only steps as one C++ call for all layers. The LM head gets
-        its own packed copy."""
+        `linear_kind` (kernels/cpu.py), and every step as one C++ call for all layers. The LM head gets its own
+        packed copy."""
         from pagedllm.engine.kernels import cpu as cpu_kernels
         cpu_kernels.swap_linears(self, linear_kind, ops)
         self.cpu_isa = ops.isa
         c = self.config
-        self.decode_layers = [
+        self.kernel_layers = [
             ops.DecoderLayer(layer.qkv_proj.op, layer.o_proj.op, layer.gate_up_proj.op, layer.down_proj.op,
                              layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
                              c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps,
                              c.head_dim ** -0.5)
             for layer in self.layers]
-        self._decode = ops.decode_layers
+        self._forward_layers = ops.forward_layers
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -127,12 +127,11 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata, sample_indices: torch.Tensor) -> torch.Tensor:
         """Flat, unpadded batch in; float32 logits out for the `sample_indices` rows only."""
         x = self.embed_tokens(input_ids)
-        if self.decode_layers is not None and meta.kernel is not None:  # a decode-only step, in C++
+        if self.kernel_layers is not None and meta.kernel is not None:  # the whole step in C++
             k = meta.kernel
-            # one block-table row per token: a speculative run's tokens are rows of their own
             tables = k.block_tables if len(k.block_tables) == len(x) else k.block_tables.index_select(0, k.token_seq)
-            self._decode(self.decode_layers, x, self.rotary.cos, self.rotary.sin, positions, k.slot_mapping,
-                         kv_caches, tables, k.context_lens)
+            self._forward_layers(self.kernel_layers, x, self.rotary.cos, self.rotary.sin, positions, k.slot_mapping,
+                                 kv_caches, tables, k.token_seq, k.context_lens)
         else:
             rope = self.rotary(positions, x.dtype)
             for layer, kv in zip(self.layers, kv_caches):

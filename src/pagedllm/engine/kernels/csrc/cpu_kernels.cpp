@@ -1,6 +1,6 @@
-// pagedllm's CPU kernels bound to torch tensors: a linear layer on packed weights, the ops of a decode step, and
-// decode_layers, which runs every decoder layer of a decode step in one call (one OpenMP region, a barrier
-// between ops), so a step costs no Python per op. The kernels themselves are kernels.h, over the vector layer
+// pagedllm's CPU kernels bound to torch tensors: a linear layer on packed weights, the ops of a layer, and
+// forward_layers, which runs every decoder layer of a step (decodes, prefill chunks, or both) in one call (one
+// OpenMP region, a barrier between ops), so a step costs no Python per op. The kernels themselves are kernels.h, over the vector layer
 // of the tier this build is for (vec.h); cpu.py builds one module per tier. Every op is tested against the
 // plain-torch path on every tier this CPU runs (tests/test_cpu_kernels.py).
 #include <torch/extension.h>
@@ -36,8 +36,15 @@ Tensor empty_out(const Tensor& x, int64_t N) {
   return torch::empty(sizes, x.options());
 }
 
-AttentionPlan plan_for(const Tensor& context_lens, int64_t H, int64_t KVH, int64_t D, int64_t BS) {
-  return AttentionPlan(context_lens.data_ptr<int32_t>(), context_lens.numel(), H, KVH, D, BS, at::get_num_threads());
+// The rows of token_seq's runs of one sequence: short ones one by one, prefill chunks in tiles (kernels.h).
+AttentionWork work_for(const c10::optional<Tensor>& token_seq, const Tensor& context_lens) {
+  TORCH_CHECK(!token_seq || token_seq->numel() == context_lens.numel(), "attention: a token_seq entry per row");
+  return AttentionWork(token_seq ? token_seq->data_ptr<int32_t>() : nullptr, context_lens.data_ptr<int32_t>(),
+                       context_lens.numel());
+}
+
+AttentionPlan plan_for(const AttentionWork& work, int64_t H, int64_t KVH, int64_t D, int64_t BS) {
+  return AttentionPlan(work.row_ctx.data(), int64_t(work.row_ctx.size()), H, KVH, D, BS, at::get_num_threads());
 }
 
 }  // namespace
@@ -120,18 +127,21 @@ Tensor rope_and_write_kv(const Tensor& qkv, const Tensor& cos, const Tensor& sin
   return q;
 }
 
-// Attention of one query token per sequence over its first context_lens[b] cached positions.
-Tensor paged_attention(const Tensor& q, const Tensor& kv_cache, const Tensor& block_tables, const Tensor& context_lens,
-                       int64_t H, int64_t KVH, int64_t D, double scale) {
+// Attention of each query row q [T, H * D] over the first context_lens[t] cached positions of its block table
+// (block_tables [T, max_blocks]); rows of one sequence (token_seq, if given) in runs long enough go in tiles.
+Tensor paged_attention(const Tensor& q, const Tensor& kv_cache, const Tensor& block_tables,
+                       const c10::optional<Tensor>& token_seq, const Tensor& context_lens, int64_t H, int64_t KVH,
+                       int64_t D, double scale) {
   TORCH_CHECK(H / KVH <= kMaxGroup && D <= kMaxHeadDim, "paged_attention: at most 16 query heads per KV head, head_dim 256");
   Tensor out = torch::empty_like(q);
-  AttentionPlan plan = plan_for(context_lens, H, KVH, D, kv_cache.size(3));
+  AttentionWork work = work_for(token_seq, context_lens);
+  AttentionPlan plan = plan_for(work, H, KVH, D, kv_cache.size(3));
   Tensor scratch = torch::empty({plan.scratch_floats}, q.options().dtype(at::kFloat));
   DISPATCH_FLOAT_BF16(q.scalar_type(), "paged_attention", [&] {
-    paged_attention_decode<scalar_t>(ptr<scalar_t>(q), ptr<scalar_t>(kv_cache), block_tables.data_ptr<int32_t>(),
-                                     block_tables.size(1), context_lens.data_ptr<int32_t>(), ptr<scalar_t>(out),
-                                     q.size(0), H, KVH, D, kv_cache.size(3), kv_cache.size(2) * kv_cache.size(3),
-                                     (float)scale, plan, scratch.data_ptr<float>(), Par{});
+    paged_attention_step<scalar_t>(ptr<scalar_t>(q), ptr<scalar_t>(kv_cache), block_tables.data_ptr<int32_t>(),
+                                   block_tables.size(1), context_lens.data_ptr<int32_t>(), ptr<scalar_t>(out), H, KVH, D,
+                                   kv_cache.size(3), kv_cache.size(2) * kv_cache.size(3), (float)scale, work, plan,
+                                   scratch.data_ptr<float>(), Par{});
   });
   return out;
 }
@@ -145,7 +155,7 @@ Tensor silu_mul(const Tensor& gate_up) {
   return out;
 }
 
-// One Llama decoder layer's weights and shape; decode_layers runs a list of them.
+// One Llama decoder layer's weights and shape; forward_layers runs a list of them.
 struct DecoderLayer {
   Linear qkv, o, gate_up, down;
   Tensor input_norm, post_attention_norm;
@@ -153,11 +163,11 @@ struct DecoderLayer {
   double eps, scale;
 };
 
-// Buffers of a decode step, allocated once for all layers.
-struct DecodeBuffers {
+// Buffers of a step, allocated once for all layers.
+struct StepBuffers {
   Tensor normed, qkv, q, attn, o, gate_up, act, mlp, wide, scratch;
 
-  DecodeBuffers(const Tensor& hidden, const DecoderLayer& l, const AttentionPlan& plan) {
+  StepBuffers(const Tensor& hidden, const DecoderLayer& l, const AttentionPlan& plan) {
     const int64_t B = hidden.size(0), I = l.down.in_features();
     auto make = [&](int64_t n) { return torch::empty({B, n}, hidden.options()); };
     normed = make(hidden.size(1)), qkv = make(l.qkv.out_features), q = make(l.H * l.D), attn = make(l.H * l.D);
@@ -178,10 +188,10 @@ struct DecodeBuffers {
 
 // `next`: the layer after this one, if any (its first weights are fetched during this one's last linear).
 template <typename T>
-void decode_layer(const DecoderLayer& l, const DecoderLayer* next, DecodeBuffers& buf, Tensor& hidden,
-                  const Tensor& cos, const Tensor& sin, const Tensor& positions, const Tensor& slot_mapping,
-                  Tensor& kv_cache, const Tensor& block_tables, const Tensor& context_lens, const AttentionPlan& plan,
-                  const Par& par) {
+void forward_layer(const DecoderLayer& l, const DecoderLayer* next, StepBuffers& buf, Tensor& hidden,
+                   const Tensor& cos, const Tensor& sin, const Tensor& positions, const Tensor& slot_mapping,
+                   Tensor& kv_cache, const Tensor& block_tables, const Tensor& context_lens, const AttentionWork& work,
+                   const AttentionPlan& plan, const Par& par) {
   const int64_t B = hidden.size(0), hidden_size = hidden.size(1), I = l.down.in_features();
   T* h = ptr<T>(hidden);
   const int64_t BS = kv_cache.size(3), cache_rows = kv_cache.size(2) * BS;
@@ -189,9 +199,9 @@ void decode_layer(const DecoderLayer& l, const DecoderLayer* next, DecodeBuffers
   l.qkv.run(buf.normed, buf.widened(l.qkv, buf.normed, par), buf.qkv, par, &l.o);
   rope_write_kv<T>(ptr<T>(buf.qkv), ptr<T>(buf.q), ptr<T>(kv_cache), cos.data_ptr<float>(), sin.data_ptr<float>(),
                    positions.data_ptr<int64_t>(), slot_mapping.data_ptr<int32_t>(), B, l.H, l.KVH, l.D, cache_rows, par);
-  paged_attention_decode<T>(ptr<T>(buf.q), ptr<T>(kv_cache), block_tables.data_ptr<int32_t>(), block_tables.size(1),
-                            context_lens.data_ptr<int32_t>(), ptr<T>(buf.attn), B, l.H, l.KVH, l.D, BS, cache_rows,
-                            l.scale, plan, buf.scratch.data_ptr<float>(), par);
+  paged_attention_step<T>(ptr<T>(buf.q), ptr<T>(kv_cache), block_tables.data_ptr<int32_t>(), block_tables.size(1),
+                          context_lens.data_ptr<int32_t>(), ptr<T>(buf.attn), l.H, l.KVH, l.D, BS, cache_rows, l.scale,
+                          work, plan, buf.scratch.data_ptr<float>(), par);
   l.o.run(buf.attn, buf.widened(l.o, buf.attn, par), buf.o, par, &l.gate_up);
   rms_norm_rows<T>(ptr<T>(buf.o), h, ptr<T>(l.post_attention_norm), ptr<T>(buf.normed), B, hidden_size, l.eps, par);
   l.gate_up.run(buf.normed, buf.widened(l.gate_up, buf.normed, par), buf.gate_up, par, &l.down);
@@ -200,25 +210,27 @@ void decode_layer(const DecoderLayer& l, const DecoderLayer* next, DecodeBuffers
   add_into<T>(h, ptr<T>(buf.mlp), B * hidden_size, par);
 }
 
-// Every decoder layer for a batch of decoding sequences (one new token each), `hidden` [B, hidden] updated in
-// place: the computation of models/llama.py's DecoderLayer with TorchPagedAttention, in one OpenMP region for
-// the whole step.
-void decode_layers(const std::vector<DecoderLayer>& layers, Tensor& hidden, const Tensor& cos, const Tensor& sin,
-                   const Tensor& positions, const Tensor& slot_mapping, std::vector<Tensor>& kv_caches,
-                   const Tensor& block_tables, const Tensor& context_lens) {
-  TORCH_CHECK(!layers.empty() && hidden.is_contiguous() && hidden.dim() == 2, "decode_layers: hidden [B, hidden]");
+// Every decoder layer for a step's flat batch of T new tokens (decodes, speculative runs, prefill chunks), `hidden`
+// [T, hidden] updated in place: the computation of models/llama.py's DecoderLayer with TorchPagedAttention, in one
+// OpenMP region for the whole step. Row t is token_seq[t]'s token, seeing context_lens[t] positions through its
+// block table block_tables[t].
+void forward_layers(const std::vector<DecoderLayer>& layers, Tensor& hidden, const Tensor& cos, const Tensor& sin,
+                    const Tensor& positions, const Tensor& slot_mapping, std::vector<Tensor>& kv_caches,
+                    const Tensor& block_tables, const Tensor& token_seq, const Tensor& context_lens) {
+  TORCH_CHECK(!layers.empty() && hidden.is_contiguous() && hidden.dim() == 2, "forward_layers: hidden [T, hidden]");
   const DecoderLayer& first = layers[0];
-  TORCH_CHECK(first.H / first.KVH <= kMaxGroup && first.D <= kMaxHeadDim, "decode_layers: head shape unsupported");
-  AttentionPlan plan = plan_for(context_lens, first.H, first.KVH, first.D, kv_caches[0].size(3));
-  DecodeBuffers buf(hidden, first, plan);
+  TORCH_CHECK(first.H / first.KVH <= kMaxGroup && first.D <= kMaxHeadDim, "forward_layers: head shape unsupported");
+  AttentionWork work = work_for(token_seq, context_lens);
+  AttentionPlan plan = plan_for(work, first.H, first.KVH, first.D, kv_caches[0].size(3));
+  StepBuffers buf(hidden, first, plan);
   const int threads = at::get_num_threads();
-  DISPATCH_FLOAT_BF16(hidden.scalar_type(), "decode_layers", [&] {
+  DISPATCH_FLOAT_BF16(hidden.scalar_type(), "forward_layers", [&] {
 #pragma omp parallel num_threads(threads)
     {
       Par par{omp_get_thread_num(), omp_get_num_threads()};
       for (size_t i = 0; i < layers.size(); ++i)
-        decode_layer<scalar_t>(layers[i], i + 1 < layers.size() ? &layers[i + 1] : nullptr, buf, hidden, cos, sin,
-                               positions, slot_mapping, kv_caches[i], block_tables, context_lens, plan, par);
+        forward_layer<scalar_t>(layers[i], i + 1 < layers.size() ? &layers[i + 1] : nullptr, buf, hidden, cos, sin,
+                                positions, slot_mapping, kv_caches[i], block_tables, context_lens, work, plan, par);
     }
   });
 }
@@ -234,5 +246,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", &Linear::operator());
   py::class_<DecoderLayer>(m, "DecoderLayer", py::module_local())
       .def(py::init<Linear, Linear, Linear, Linear, Tensor, Tensor, int64_t, int64_t, int64_t, double, double>());
-  m.def("decode_layers", &decode_layers, py::call_guard<py::gil_scoped_release>());
+  m.def("forward_layers", &forward_layers, py::call_guard<py::gil_scoped_release>());
 }

@@ -19,7 +19,7 @@
 namespace pagedllm {
 
 // ---- where an op's items go ---------------------------------------------------------------------------------
-// Across threads (a standalone op, `tid` < 0), or, inside decode_layers' one parallel region, this thread's even
+// Across threads (a standalone op, `tid` < 0), or, inside forward_layers' one parallel region, this thread's even
 // share of them, followed by a barrier. PAGEDLLM_WITH_ATEN: standalone ops use torch's own thread pool.
 template <typename F>
 inline void parallel_for(int64_t n, int64_t grain, const F& f) {
@@ -49,8 +49,17 @@ struct Par {
 #pragma omp barrier
   }
 
-  // The first of n items this thread takes (inside decode_layers' region).
+  // The first of n items this thread takes (inside forward_layers' region).
   int64_t first_of(int64_t n) const { return std::min<int64_t>(n, std::max(tid, 0) * ((n + threads - 1) / threads)); }
+
+  // Items of uneven cost, costliest first: inside the region each thread takes the next one as it frees up (an even
+  // split of a prefill's causal tiles left one of two threads idle for a third of the attention), then a barrier.
+  template <typename F>
+  void each_dynamic(int64_t n, const F& f) const {
+    if (tid < 0) return parallel_for(n, 1, [&](int64_t begin, int64_t end) { for (int64_t i = begin; i < end; ++i) f(i); });
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n; ++i) f(i);
+  }
 };
 
 // ---- linear on packed weights -------------------------------------------------------------------------------
@@ -408,7 +417,8 @@ struct AttentionPlan {
   AttentionPlan(const int32_t* ctx, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t threads) {
     int64_t longest = 1;
     for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, ctx[b]);
-    splits = std::max<int64_t>(1, std::min<int64_t>({(longest + 255) / 256, (16 * threads + B * KVH - 1) / (B * KVH), 64}));
+    const int64_t items = std::max<int64_t>(1, B * KVH);
+    splits = std::max<int64_t>(1, std::min<int64_t>({(longest + 255) / 256, (16 * threads + items - 1) / items, 64}));
     split_len = ((longest + splits - 1) / splits + BS - 1) / BS * BS;
     splits = (longest + split_len - 1) / split_len;
     scratch_floats = B * H * splits * (D + 2);
@@ -573,19 +583,21 @@ inline FixedSplit fixed_split(int64_t group, int64_t D) {
   return D == 64 ? fixed_for_group<64>(group) : D == 128 ? fixed_for_group<128>(group) : nullptr;
 }
 
+// `rows`: which rows of q, out, tables and context_lens the B items are (nullptr: rows 0 to B - 1).
 template <typename T>
 void paged_attention_decode(const T* q, const T* cache, const int32_t* tables, int64_t max_blocks,
                             const int32_t* context_lens, T* out, int64_t B, int64_t H, int64_t KVH, int64_t D,
                             int64_t BS, int64_t cache_rows, float scale, const AttentionPlan& plan, float* scratch,
-                            const Par& par) {
+                            const Par& par, const int32_t* rows = nullptr) {
   const int64_t group = H / KVH, splits = plan.splits;
+  auto row_of = [rows](int64_t b) -> int64_t { return rows ? rows[b] : b; };
   float* ml = scratch;                                  // [item][2 * group]: running max, then sum
   float* acc = scratch + B * KVH * splits * group * 2;  // [item][group][D]
   FixedSplit fast = nullptr;
   if constexpr (std::is_same<T, bf16>::value) fast = BS % kChunk == 0 ? fixed_split(group, D) : nullptr;
   par(B * KVH * splits, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / (KVH * splits), h = item / splits % KVH, s = item % splits;
+      const int64_t b = row_of(item / (KVH * splits)), h = item / splits % KVH, s = item % splits;
       const int64_t first = s * plan.split_len, last = std::min<int64_t>(first + plan.split_len, context_lens[b]);
       float* m = ml + item * group * 2;
       if (first >= last) {
@@ -607,6 +619,7 @@ void paged_attention_decode(const T* q, const T* cache, const int32_t* tables, i
     float weights[64];  // at most 64 splits
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H / group, g = bh % group, base = (b * KVH + h) * splits;
+      T* o_row = out + (row_of(b) * H + bh % H) * D;
       float m_all = -INFINITY, l_all = 0.f;
       for (int64_t s = 0; s < splits; ++s) m_all = std::max(m_all, ml[(base + s) * group * 2 + g]);
       for (int64_t s = 0; s < splits; ++s) {
@@ -618,10 +631,153 @@ void paged_attention_decode(const T* q, const T* cache, const int32_t* tables, i
         VecF o = zero();
         for (int64_t s = 0; s < splits; ++s)
           if (weights[s] != 0.f) o = fma(load_n(acc + ((base + s) * group + g) * D + d, D - d), set1(weights[s]), o);
-        store_n(out + bh * D + d, div(o, set1(l_all)), D - d);
+        store_n(o_row + d, div(o, set1(l_all)), D - d);
       }
     }
   });
+}
+
+// ---- paged attention for prefill chunks: a sequence's run of new tokens, attended in query tiles ------------
+// A step's rows are grouped into runs of one sequence (token_seq). Short runs (decodes, speculative drafts) go one
+// row at a time through paged_attention_decode, which splits long contexts across threads; longer runs (prefill
+// chunks) in tiles of kQueryTile tokens, which read each key and value once for the whole tile instead of once
+// per token. Within a tile, a chunk of kChunk keys is transposed into float32 K^T [D][kChunk] once, and every
+// row (a token and one query head of the KV head's group) scores it as broadcast q[d] times K^T[d]: one vector of
+// scores per instruction, no horizontal sums. Row i of a tile sees its own context only (causal), and chunks past
+// the tile's last token are never read. Scores are float32 (bf16 products are exact there), as in decode.
+constexpr int64_t kQueryTile = 16, kMinTiledRun = 8;
+
+struct QueryTile {
+  int32_t row0, rows;  // rows [row0, row0 + rows) of one sequence, their contexts ascending
+};
+
+// Which rows a step attends one by one and which in tiles (costliest first, for Par::each_dynamic).
+struct AttentionWork {
+  std::vector<int32_t> rows, row_ctx;  // attended one by one, and their context lengths
+  std::vector<QueryTile> tiles;
+
+  // token_seq [T]: each row's sequence (nullptr: every row its own); ctx [T]: positions each row sees.
+  AttentionWork(const int32_t* token_seq, const int32_t* ctx, int64_t T) {
+    for (int64_t r0 = 0; r0 < T;) {
+      int64_t r1 = r0 + 1;
+      while (token_seq && r1 < T && token_seq[r1] == token_seq[r0]) ++r1;
+      if (r1 - r0 < kMinTiledRun) {
+        for (int64_t r = r0; r < r1; ++r) rows.push_back(int32_t(r)), row_ctx.push_back(ctx[r]);
+      } else {
+        for (int64_t t = r0; t < r1; t += kQueryTile) tiles.push_back({int32_t(t), int32_t(std::min(kQueryTile, r1 - t))});
+      }
+      r0 = r1;
+    }
+    std::stable_sort(tiles.begin(), tiles.end(), [ctx](const QueryTile& a, const QueryTile& b) {
+      return ctx[a.row0 + a.rows - 1] > ctx[b.row0 + b.rows - 1];
+    });
+  }
+};
+
+inline float as_float(float x) { return x; }
+inline float as_float(bf16 x) { return bf16_to_float(x); }
+
+// RB rows' scores against one transposed chunk: scores[r][t] = scale * sum_d q[r][d] * kt[d][t].
+template <int RB>
+inline void score_rows(const float* q, int64_t D, const float* kt, float scale, float* scores) {
+  constexpr int V = int(kChunk / kLanes);
+  VecF s[RB][V];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < V; ++v) s[r][v] = zero();
+  for (int64_t d = 0; d < D; ++d) {
+    VecF k[V];
+    for (int v = 0; v < V; ++v) k[v] = load(kt + d * kChunk + v * kLanes);
+    for (int r = 0; r < RB; ++r) {
+      const VecF qd = set1(q[r * D + d]);
+      for (int v = 0; v < V; ++v) s[r][v] = fma(qd, k[v], s[r][v]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < V; ++v) store(scores + r * kChunk + v * kLanes, mul(s[r][v], set1(scale)));
+}
+
+// One tile for KV head h. q, out: [T, H * D]; table: the sequence's block table; ctx: per row.
+template <typename T>
+void attend_tile(const T* q, const T* cache, const int32_t* table, const int32_t* ctx, const QueryTile& tile,
+                 int64_t h, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t cache_rows, float scale, T* out) {
+  const int64_t G = H / KVH, n = tile.rows, R = n * G;
+  thread_local std::vector<float> scratch;
+  const int64_t need = 2 * R * D + R * (kChunk + 2) + 2 * kChunk * D;
+  if (int64_t(scratch.size()) < need) scratch.resize(need);
+  float* qf = scratch.data();      // [R][D]: row i * G + g is token row0 + i, query head h * G + g
+  float* acc = qf + R * D;         // [R][D]: weighted values so far
+  float* m = acc + R * D;          // [R]: running max
+  float* l = m + R;                // [R]: running sum
+  float* scores = l + R;           // [R][kChunk]
+  float* kt = scores + R * kChunk; // [D][kChunk]: the chunk's keys, transposed
+  float* vf = kt + D * kChunk;     // [kChunk][D]: its values
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = i * G + g;
+      const T* src = q + ((tile.row0 + i) * H + h * G + g) * D;
+      for (int64_t d = 0; d < D; d += kLanes) {
+        store_n(qf + r * D + d, load_n(src + d, D - d), D - d);
+        store_n(acc + r * D + d, zero(), D - d);
+      }
+      m[r] = -INFINITY, l[r] = 0.f;
+    }
+  const T* keys = cache + h * cache_rows * D;
+  const T* values = cache + (KVH + h) * cache_rows * D;
+  const int64_t last = ctx[tile.row0 + n - 1];
+  for (int64_t pos0 = 0; pos0 < last; pos0 += kChunk) {
+    const int64_t nt = std::min<int64_t>(kChunk, last - pos0);
+    for (int64_t t = 0; t < kChunk; ++t) {
+      if (t < nt) {
+        const int64_t p = pos0 + t, row = int64_t(table[p / BS]) * BS + p % BS;
+        const T* k = keys + row * D;
+        const T* v = values + row * D;
+        for (int64_t d = 0; d < D; ++d) kt[d * kChunk + t] = as_float(k[d]);
+        for (int64_t d = 0; d < D; d += kLanes) store_n(vf + t * D + d, load_n(v + d, D - d), D - d);
+      } else {  // zeros, not garbage: a masked weight is 0 and 0 * NaN is not
+        for (int64_t d = 0; d < D; ++d) kt[d * kChunk + t] = 0.f;
+        for (int64_t d = 0; d < D; d += kLanes) store_n(vf + t * D + d, zero(), D - d);
+      }
+    }
+    int64_t first_row = 0;  // the tile's rows before it see none of this chunk
+    while (ctx[tile.row0 + first_row] <= pos0) ++first_row;
+    int64_t r = first_row * G;
+    for (; r + 4 <= R; r += 4) score_rows<4>(qf + r * D, D, kt, scale, scores + r * kChunk);
+    for (; r < R; ++r) score_rows<1>(qf + r * D, D, kt, scale, scores + r * kChunk);
+    for (r = first_row * G; r < R; ++r) {
+      const int64_t visible = std::min<int64_t>(nt, ctx[tile.row0 + r / G] - pos0);
+      const VecF correction = set1(softmax_update(scores + r * kChunk, visible, m[r], l[r]));
+      const float* w = scores + r * kChunk;
+      for (int64_t d = 0; d < D; d += kLanes) {
+        VecF a = mul(load_n(acc + r * D + d, D - d), correction);
+        for (int64_t t = 0; t < visible; ++t) a = fma(set1(w[t]), load_n(vf + t * D + d, D - d), a);
+        store_n(acc + r * D + d, a, D - d);
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    T* dst = out + ((tile.row0 + r / G) * H + h * G + r % G) * D;
+    const VecF inv = set1(1.f / l[r]);
+    for (int64_t d = 0; d < D; d += kLanes) store_n(dst + d, mul(load_n(acc + r * D + d, D - d), inv), D - d);
+  }
+}
+
+// A step's attention: the tiles of its prefill runs, then its single rows (paged_attention_decode).
+// tables: [T, max_blocks], each row's sequence's block table.
+template <typename T>
+void paged_attention_step(const T* q, const T* cache, const int32_t* tables, int64_t max_blocks,
+                          const int32_t* context_lens, T* out, int64_t H, int64_t KVH, int64_t D, int64_t BS,
+                          int64_t cache_rows, float scale, const AttentionWork& work, const AttentionPlan& plan,
+                          float* scratch, const Par& par) {
+  const int64_t num_tiles = int64_t(work.tiles.size());
+  if (num_tiles > 0)
+    par.each_dynamic(num_tiles * KVH, [&](int64_t item) {
+      const QueryTile& tile = work.tiles[item / KVH];  // its last row's table covers every position it reads
+      attend_tile<T>(q, cache, tables + int64_t(tile.row0 + tile.rows - 1) * max_blocks, context_lens, tile,
+                     item % KVH, H, KVH, D, BS, cache_rows, scale, out);
+    });
+  if (!work.rows.empty())
+    paged_attention_decode<T>(q, cache, tables, max_blocks, context_lens, out, int64_t(work.rows.size()), H, KVH, D,
+                              BS, cache_rows, scale, plan, scratch, par, work.rows.data());
 }
 
 // ---- the rest of a layer --------------------------------------------------------------------------------------

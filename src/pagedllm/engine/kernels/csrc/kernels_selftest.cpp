@@ -142,9 +142,11 @@ void check_norm_and_silu() {
   expect_close("silu_mul", act, silu, 1e-5);
 }
 
-// Decode attention over a paged cache [2, KVH, blocks * BS, D] against a scalar softmax.
+// Attention over a paged cache [2, KVH, blocks * BS, D] against a scalar softmax: each row its own sequence
+// (decode), or with `one_sequence` every row a token of one prefill chunk (same block table, contexts ascending),
+// attended in query tiles.
 template <typename T>
-void check_attention(int64_t H, int64_t KVH, int64_t D, int64_t BS, std::vector<int32_t> ctx) {
+void check_attention(int64_t H, int64_t KVH, int64_t D, int64_t BS, std::vector<int32_t> ctx, bool one_sequence = false) {
   const int64_t B = ctx.size(), blocks = 64, rows = blocks * BS, group = H / KVH;
   std::vector<float> cache_f = randn(2 * KVH * rows * D), q_f = randn(B * H * D);
   std::vector<T> cache(cache_f.size()), q(q_f.size()), out(q_f.size());
@@ -156,12 +158,15 @@ void check_attention(int64_t H, int64_t KVH, int64_t D, int64_t BS, std::vector<
   for (int32_t c : ctx) max_blocks = std::max<int64_t>(max_blocks, (c + BS - 1) / BS);
   std::vector<int32_t> tables(B * max_blocks, 0);
   for (int64_t b = 0, next = 0; b < B; ++b)
-    for (int64_t i = 0; i < (ctx[b] + BS - 1) / BS; ++i) tables[b * max_blocks + i] = int32_t((next++ * 7) % blocks);
+    for (int64_t i = 0; i < (ctx[b] + BS - 1) / BS; ++i)
+      tables[b * max_blocks + i] = one_sequence ? int32_t((i * 7) % blocks) : int32_t((next++ * 7) % blocks);
   const float scale = 1.f / std::sqrt(float(D));
-  AttentionPlan plan(ctx.data(), B, H, KVH, D, BS, 2);
+  std::vector<int32_t> token_seq(B, 0);
+  AttentionWork work(one_sequence ? token_seq.data() : nullptr, ctx.data(), B);
+  AttentionPlan plan(work.row_ctx.data(), int64_t(work.row_ctx.size()), H, KVH, D, BS, 2);
   std::vector<float> scratch(plan.scratch_floats);
-  paged_attention_decode<T>(q.data(), cache.data(), tables.data(), max_blocks, ctx.data(), out.data(), B, H, KVH, D,
-                            BS, rows, scale, plan, scratch.data(), Par{});
+  paged_attention_step<T>(q.data(), cache.data(), tables.data(), max_blocks, ctx.data(), out.data(), H, KVH, D, BS,
+                          rows, scale, work, plan, scratch.data(), Par{});
   std::vector<float> got(out.size());
   std::vector<double> want(out.size());
   for (size_t i = 0; i < out.size(); ++i) got[i] = from_t(out[i]);
@@ -185,8 +190,9 @@ void check_attention(int64_t H, int64_t KVH, int64_t D, int64_t BS, std::vector<
         want[(b * H + h) * D + d] = o / sum;
       }
     }
-  expect_close(std::is_same<T, bf16>::value ? "paged attention (bf16)" : "paged attention (float32)", got, want,
-               std::is_same<T, bf16>::value ? 1e-2 : 1e-5);
+  const char* what = one_sequence ? (std::is_same<T, bf16>::value ? "prefill attention (bf16)" : "prefill attention (float32)")
+                                  : (std::is_same<T, bf16>::value ? "paged attention (bf16)" : "paged attention (float32)");
+  expect_close(what, got, want, std::is_same<T, bf16>::value ? 1e-2 : 1e-5);
 }
 
 }  // namespace
@@ -201,6 +207,10 @@ int main() {
     check_attention<bf16>(6, 2, 32, 8, ctx);
     check_attention<bf16>(9, 3, 64, 16, ctx);  // the register-resident split
   }
+  std::vector<int32_t> chunk(37);  // a prefill chunk of 37 tokens after 60 cached positions: three query tiles
+  for (int32_t i = 0; i < 37; ++i) chunk[i] = 61 + i;
+  check_attention<float>(6, 2, 32, 8, chunk, true);
+  check_attention<bf16>(9, 3, 64, 12, chunk, true);
   std::printf("kernels_selftest %s: %d of %d checks passed\n", kIsaName, checks - failures, checks);
   return failures ? 1 : 0;
 }
