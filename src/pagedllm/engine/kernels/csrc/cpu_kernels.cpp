@@ -66,10 +66,11 @@ struct Linear {
   // Whether a call of M rows reads x as float32: int8 always, bf16 on the strip path (kernels.h).
   bool needs_float(int64_t M) const { return kind == "int8" || (kind == "bf16" && uses_strips(M)); }
 
-  // The kernels' view of this layer (packed kinds), for x (float32 as `x_float` where needs_float) into y.
-  LinearArgs args(const void* x, const float* x_float, void* y) const {
-    return LinearArgs{kind == "int8" ? x_float : x, x_float, in_features(), weight.data_ptr(),
-                      kind == "int8" ? scale.data_ptr<float>() : nullptr,
+  // The kernels' view of this layer (packed kinds), for x (float32 as `x_float` where needs_float; bf16 as
+  // `x_bf16` where it is) into y.
+  LinearArgs args(const void* x, const float* x_float, void* y, const void* x_bf16 = nullptr) const {
+    return LinearArgs{kind == "int8" ? x_float : x, x_float, kind == "int8" ? x_bf16 : nullptr, in_features(),
+                      weight.data_ptr(), kind == "int8" ? scale.data_ptr<float>() : nullptr,
                       bias ? bias->data_ptr<float>() : nullptr, y, out_features};
   }
 
@@ -84,7 +85,8 @@ struct Linear {
       }
       return;
     }
-    LinearArgs a = args(x.data_ptr(), x_float.defined() ? x_float.data_ptr<float>() : nullptr, y.data_ptr());
+    LinearArgs a = args(x.data_ptr(), x_float.defined() ? x_float.data_ptr<float>() : nullptr, y.data_ptr(),
+                        x.scalar_type() == at::kBFloat16 ? x.data_ptr() : nullptr);
     if (next && next->kind != "plain") a.then = first_group(next->args(nullptr, nullptr, nullptr), M, par);
     if (y.scalar_type() == at::kBFloat16) linear<bf16>(a, M, par);
     else linear<float>(a, M, par);

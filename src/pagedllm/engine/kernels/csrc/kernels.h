@@ -81,10 +81,11 @@ constexpr int64_t kPrefetch = 4096;  // bytes ahead on each weight stream
 
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
-// x: bf16 pairs as 32-bit words, [rows, K/2] with stride x_stride; w: one group, [K/2, 48] words.
+// x: bf16 pairs as 32-bit words, [rows, K/2] with stride x_stride; w: one group, [K/2, 48] words; `scale`: a
+// factor per channel (int8 codes run as bf16 pairs), or none.
 template <int MR, typename Out>
-void bf16_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t K2, const float* bias, Out* y,
-               int64_t y_stride, int64_t n0, int64_t N) {
+void bf16_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t K2, const float* scale,
+               const float* bias, Out* y, int64_t y_stride, int64_t n0, int64_t N) {
   VecF acc[MR][kGroupVecs];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < kGroupVecs; ++j) acc[i][j] = zero();
@@ -101,7 +102,12 @@ void bf16_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t K
     const int64_t n = n0 + kLanes * j;
     if (n >= N) continue;  // the last group's padding
     const VecF b = bias ? load_n(bias + n, N - n) : zero();
-    PAGEDLLM_UNROLL for (int i = 0; i < MR; ++i) store_n(y + i * y_stride + n, add(acc[i][j], b), N - n);
+    if (scale) {
+      const VecF s = load_n(scale + n, N - n);
+      PAGEDLLM_UNROLL for (int i = 0; i < MR; ++i) store_n(y + i * y_stride + n, fma(acc[i][j], s, b), N - n);
+    } else {
+      PAGEDLLM_UNROLL for (int i = 0; i < MR; ++i) store_n(y + i * y_stride + n, add(acc[i][j], b), N - n);
+    }
   }
 }
 
@@ -205,6 +211,7 @@ void run_strip_rows(const float* x, int64_t K, const W* w, const float* scale, c
 struct LinearArgs {
   const void* x;          // bf16 [M, K] (bf16 weights) or float32 [M, K] (int8 weights)
   const float* x_float;   // x as float32, where uses_strips() (else unused)
+  const void* x_bf16;     // int8 weights: x as bf16 where the activations are (else nullptr)
   int64_t K;
   const void* w;
   const float* scale;     // int8: a float32 scale per channel; bf16: nullptr
@@ -308,13 +315,17 @@ void linear_strips(const LinearArgs& a, int64_t M, const Par& par) {
   });
 }
 
+// `paired`: group g's int8 codes as bf16 pairs (int8_as_bf16), or nullptr.
 template <typename Out, int MR>
-void run_tile(const LinearArgs& a, int64_t m0, int64_t g) {
+void run_tile(const LinearArgs& a, int64_t m0, int64_t g, const uint32_t* paired) {
   Out* y = static_cast<Out*>(a.y) + m0 * a.N;
-  if (a.scale == nullptr) {
+  if (paired) {
+    bf16_tile<MR>(static_cast<const uint32_t*>(a.x_bf16) + m0 * (a.K / 2), a.K / 2, paired, a.K / 2, a.scale, a.bias,
+                  y, a.N, g * kGroupChannels, a.N);
+  } else if (a.scale == nullptr) {
     bf16_tile<MR>(static_cast<const uint32_t*>(a.x) + m0 * (a.K / 2), a.K / 2,
-                  static_cast<const uint32_t*>(a.w) + g * (a.K / 2) * kGroupChannels, a.K / 2, a.bias, y, a.N,
-                  g * kGroupChannels, a.N);
+                  static_cast<const uint32_t*>(a.w) + g * (a.K / 2) * kGroupChannels, a.K / 2, nullptr, a.bias, y,
+                  a.N, g * kGroupChannels, a.N);
   } else {
     int8_tile<MR>(static_cast<const float*>(a.x) + m0 * a.K, a.K,
                   static_cast<const int8_t*>(a.w) + g * a.K * kGroupChannels, a.K, a.scale, a.bias, y, a.N,
@@ -323,25 +334,47 @@ void run_tile(const LinearArgs& a, int64_t m0, int64_t g) {
 }
 
 template <typename Out, int MR = kMaxRows>
-void run_rows(const LinearArgs& a, int64_t m0, int64_t rows, int64_t g) {
+void run_rows(const LinearArgs& a, int64_t m0, int64_t rows, int64_t g, const uint32_t* paired) {
   if constexpr (MR == 1) {
-    run_tile<Out, 1>(a, m0, g);
+    run_tile<Out, 1>(a, m0, g, paired);
   } else {
-    if (rows >= MR) return run_tile<Out, MR>(a, m0, g);
-    run_rows<Out, MR - 1>(a, m0, rows, g);
+    if (rows >= MR) return run_tile<Out, MR>(a, m0, g, paired);
+    run_rows<Out, MR - 1>(a, m0, rows, g, paired);
   }
 }
 
+// int8 weights, bf16 activations and many rows (prefill) on a CPU with a bf16 dot product (AVX-512 BF16): each
+// thread turns a group's codes into bf16 pairs once (codes of at most 127 are exact in bf16) and runs the bf16
+// tiles on them for every row tile, the scale applied to the sums: twice the products per instruction of
+// widening codes to float32 for every row tile (a 512-token prompt: int8 at 0.6x of bf16 before).
+inline bool int8_as_bf16(const LinearArgs& a, int64_t M) {
+  return kHasBf16Dot && kLanes == 16 && a.scale && a.x_bf16 && a.K % 2 == 0 && M >= 4 * kMaxRows;
+}
+
+inline void pair_group(const int8_t* w, int64_t K, uint32_t* out) {  // int8 codes [K, 48] -> bf16 pairs [K/2, 48]
+  for (int64_t k = 0; k < K; k += 2, w += 2 * kGroupChannels, out += kGroupChannels)
+    for (int j = 0; j < kGroupVecs; ++j)
+      store_words(out + j * kLanes, bf16_pairs(load(w + j * kLanes), load(w + kGroupChannels + j * kLanes)));
+}
+
 // Few rows: threads split the channel groups, and the row tiles too, walking rows fastest so a group's weights
-// stay in cache while every row tile reads them. Many rows: linear_strips.
+// stay in cache while every row tile reads them. Many rows: linear_strips on narrow tiers.
 template <typename Out>
 void linear(const LinearArgs& a, int64_t M, const Par& par) {
   if (uses_strips(M)) return linear_strips<Out>(a, M, par);
   const int64_t groups = (a.N + kGroupChannels - 1) / kGroupChannels, mtiles = (M + kMaxRows - 1) / kMaxRows;
+  const bool paired = int8_as_bf16(a, M);
   par(groups * mtiles, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<uint32_t> panel;
+    int64_t converted = -1;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / mtiles, m0 = t % mtiles * kMaxRows;
-      run_rows<Out>(a, m0, std::min<int64_t>(kMaxRows, M - m0), g);
+      if (paired && g != converted) {
+        panel.resize(a.K / 2 * kGroupChannels);
+        pair_group(reinterpret_cast<const int8_t*>(a.group_at(g)), a.K, panel.data());
+        converted = g;
+      }
+      run_rows<Out>(a, m0, std::min<int64_t>(kMaxRows, M - m0), g, paired ? panel.data() : nullptr);
     }
   });
 }

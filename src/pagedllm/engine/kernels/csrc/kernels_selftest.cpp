@@ -90,7 +90,8 @@ void check_linears() {
       }
     std::vector<float> xw(M * K);  // x as the bf16 kind's strip path reads it
     for (int64_t i = 0; i < M * K; ++i) xw[i] = bf16_to_float(xb[i]);
-    linear<float>(LinearArgs{xb.data(), xw.data(), K, packed.data(), nullptr, bias.data(), y.data(), N}, M, Par{});
+    linear<float>(LinearArgs{xb.data(), xw.data(), nullptr, K, packed.data(), nullptr, bias.data(), y.data(), N}, M,
+                  Par{});
     expect_close("bf16 linear", y, want, 1e-4);
 
     // int8: per-channel codes and scales, float32 activations
@@ -111,8 +112,20 @@ void check_linears() {
         for (int64_t k = 0; k < K; ++k) s += double(w[n * K + k]) * x[m * K + k];
         want[m * N + n] = s * scale[n] + bias[n];
       }
-    linear<float>(LinearArgs{x.data(), x.data(), K, codes.data(), scale.data(), bias.data(), y.data(), N}, M, Par{});
+    linear<float>(LinearArgs{x.data(), x.data(), nullptr, K, codes.data(), scale.data(), bias.data(), y.data(), N},
+                  M, Par{});
     expect_close("int8 linear", y, want, 1e-4);
+
+    // int8 with bf16 activations (a bf16 model's): from 32 rows on a bf16 dot, the codes run as bf16 pairs
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        double s = 0;
+        for (int64_t k = 0; k < K; ++k) s += double(w[n * K + k]) * xw[m * K + k];
+        want[m * N + n] = s * scale[n] + bias[n];
+      }
+    linear<float>(LinearArgs{xw.data(), xw.data(), xb.data(), K, codes.data(), scale.data(), bias.data(), y.data(), N},
+                  M, Par{});
+    expect_close("int8 linear, bf16 activations", y, want, 1e-4);
   }
 }
 

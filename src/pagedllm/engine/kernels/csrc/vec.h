@@ -284,6 +284,16 @@ inline VecF round_like<bf16>(VecF v) {
   return load(tmp);
 }
 
+// Two vectors of floats with at most 8 significant bits (int8 codes) as bf16 pairs, lo's in the low halves:
+// exact by truncation.
+inline VecW bf16_pairs(VecF lo, VecF hi) {
+  uint32_t l[kLanes], h[kLanes], w[kLanes];
+  std::memcpy(l, &lo, sizeof l), std::memcpy(h, &hi, sizeof h);
+  for (int i = 0; i < kLanes; ++i) w[i] = (l[i] >> 16) | (h[i] & 0xFFFF0000u);
+  return load_words(w);
+}
+inline void store_words(uint32_t* p, VecW w) { std::memcpy(p, &w, sizeof w); }
+
 // The x side of dot2 is bf16 pairs too: broadcast from one pair (a linear's input), or a vector of pairs (a
 // query against keys).
 using PairX = VecW;
