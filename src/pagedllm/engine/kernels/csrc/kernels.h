@@ -729,11 +729,58 @@ inline void score_rows(const float* q, int64_t D, const float* kt, float scale, 
     for (int v = 0; v < V; ++v) store(scores + r * kChunk + v * kLanes, mul(s[r][v], set1(scale)));
 }
 
+// The same with bf16 pairs, where the CPU has a bf16 dot: q [RB][D/2] and the chunk's keys kt [D/2][kChunk] as
+// pairs of bf16 (a key's pair d is its 32-bit word d, so the transpose moves words), half the instructions.
+template <int RB>
+inline void score_rows(const uint32_t* q, int64_t D2, const uint32_t* kt, float scale, float* scores) {
+  constexpr int V = int(kChunk / kLanes);
+  VecF s[RB][V];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < V; ++v) s[r][v] = zero();
+  for (int64_t d = 0; d < D2; ++d) {
+    VecW k[V];
+    for (int v = 0; v < V; ++v) k[v] = load_words(kt + d * kChunk + v * kLanes);
+    for (int r = 0; r < RB; ++r) {
+      const PairX qd = broadcast_pair(q[r * D2 + d]);
+      for (int v = 0; v < V; ++v) s[r][v] = dot2(s[r][v], k[v], qd);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < V; ++v) store(scores + r * kChunk + v * kLanes, mul(s[r][v], set1(scale)));
+}
+
+// RB rows' weighted values over one chunk: acc[r] = acc[r] * correction[r] + sum_t w[r][t] * v[t], for head
+// sizes of whole 4-vector runs (64 and 128 on AVX-512): each value vector loaded once for RB rows.
+constexpr int kValueRows = kLanes == 16 ? 4 : 2;  // RB x 4 accumulators, 4 values and a weight in registers
+
+template <int RB>
+inline void accumulate_rows(float* acc, int64_t D, const float* w, const float* correction, const float* vf,
+                            int64_t nt) {
+  for (int64_t d = 0; d < D; d += 4 * kLanes) {
+    VecF a[RB][4];
+    for (int r = 0; r < RB; ++r) {
+      const VecF c = set1(correction[r]);
+      for (int j = 0; j < 4; ++j) a[r][j] = mul(load(acc + r * D + d + j * kLanes), c);
+    }
+    for (int64_t t = 0; t < nt; ++t) {
+      VecF v[4];
+      for (int j = 0; j < 4; ++j) v[j] = load(vf + t * D + d + j * kLanes);
+      for (int r = 0; r < RB; ++r) {
+        const VecF p = set1(w[r * kChunk + t]);
+        for (int j = 0; j < 4; ++j) a[r][j] = fma(p, v[j], a[r][j]);
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int j = 0; j < 4; ++j) store(acc + r * D + d + j * kLanes, a[r][j]);
+  }
+}
+
 // One tile for KV head h. q, out: [T, H * D]; table: the sequence's block table; ctx: per row.
 template <typename T>
 void attend_tile(const T* q, const T* cache, const int32_t* table, const int32_t* ctx, const QueryTile& tile,
                  int64_t h, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t cache_rows, float scale, T* out) {
   const int64_t G = H / KVH, n = tile.rows, R = n * G;
+  constexpr bool pairs = kHasBf16Dot && std::is_same<T, bf16>::value;  // else keys widened to float32
   thread_local std::vector<float> scratch;
   const int64_t need = 2 * R * D + R * (kChunk + 2) + 2 * kChunk * D;
   if (int64_t(scratch.size()) < need) scratch.resize(need);
@@ -742,14 +789,18 @@ void attend_tile(const T* q, const T* cache, const int32_t* table, const int32_t
   float* m = acc + R * D;          // [R]: running max
   float* l = m + R;                // [R]: running sum
   float* scores = l + R;           // [R][kChunk]
+  float corrections[kMaxGroup * kQueryTile];
   float* kt = scores + R * kChunk; // [D][kChunk]: the chunk's keys, transposed
   float* vf = kt + D * kChunk;     // [kChunk][D]: its values
+  uint32_t* qw = reinterpret_cast<uint32_t*>(qf);  // pairs: q [R][D/2] and kt [D/2][kChunk] as bf16 pairs
+  uint32_t* ktw = reinterpret_cast<uint32_t*>(kt);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t g = 0; g < G; ++g) {
       const int64_t r = i * G + g;
       const T* src = q + ((tile.row0 + i) * H + h * G + g) * D;
+      if constexpr (pairs) std::memcpy(qw + r * (D / 2), src, D * sizeof(T));
       for (int64_t d = 0; d < D; d += kLanes) {
-        store_n(qf + r * D + d, load_n(src + d, D - d), D - d);
+        if constexpr (!pairs) store_n(qf + r * D + d, load_n(src + d, D - d), D - d);
         store_n(acc + r * D + d, zero(), D - d);
       }
       m[r] = -INFINITY, l[r] = 0.f;
@@ -764,25 +815,42 @@ void attend_tile(const T* q, const T* cache, const int32_t* table, const int32_t
         const int64_t p = pos0 + t, row = int64_t(table[p / BS]) * BS + p % BS;
         const T* k = keys + row * D;
         const T* v = values + row * D;
-        for (int64_t d = 0; d < D; ++d) kt[d * kChunk + t] = as_float(k[d]);
+        if constexpr (pairs) {
+          uint32_t words[kMaxHeadDim / 2];
+          std::memcpy(words, k, D * sizeof(T));
+          for (int64_t d = 0; d < D / 2; ++d) ktw[d * kChunk + t] = words[d];
+        } else {
+          for (int64_t d = 0; d < D; ++d) kt[d * kChunk + t] = as_float(k[d]);
+        }
         for (int64_t d = 0; d < D; d += kLanes) store_n(vf + t * D + d, load_n(v + d, D - d), D - d);
       } else {  // zeros, not garbage: a masked weight is 0 and 0 * NaN is not
-        for (int64_t d = 0; d < D; ++d) kt[d * kChunk + t] = 0.f;
+        for (int64_t d = 0; d < D; ++d) kt[d * kChunk + t] = 0.f;  // as many words as pairs need, and more
         for (int64_t d = 0; d < D; d += kLanes) store_n(vf + t * D + d, zero(), D - d);
       }
     }
     int64_t first_row = 0;  // the tile's rows before it see none of this chunk
     while (ctx[tile.row0 + first_row] <= pos0) ++first_row;
     int64_t r = first_row * G;
-    for (; r + 4 <= R; r += 4) score_rows<4>(qf + r * D, D, kt, scale, scores + r * kChunk);
-    for (; r < R; ++r) score_rows<1>(qf + r * D, D, kt, scale, scores + r * kChunk);
-    for (r = first_row * G; r < R; ++r) {
-      const int64_t visible = std::min<int64_t>(nt, ctx[tile.row0 + r / G] - pos0);
-      const VecF correction = set1(softmax_update(scores + r * kChunk, visible, m[r], l[r]));
+    if constexpr (pairs) {
+      for (; r + 4 <= R; r += 4) score_rows<4>(qw + r * (D / 2), D / 2, ktw, scale, scores + r * kChunk);
+      for (; r < R; ++r) score_rows<1>(qw + r * (D / 2), D / 2, ktw, scale, scores + r * kChunk);
+    } else {
+      for (; r + 4 <= R; r += 4) score_rows<4>(qf + r * D, D, kt, scale, scores + r * kChunk);
+      for (; r < R; ++r) score_rows<1>(qf + r * D, D, kt, scale, scores + r * kChunk);
+    }
+    auto visible = [&](int64_t row) { return std::min<int64_t>(nt, ctx[tile.row0 + row / G] - pos0); };
+    for (r = first_row * G; r < R; ++r)  // weights past a row's own position are 0 from here
+      corrections[r] = softmax_update(scores + r * kChunk, visible(r), m[r], l[r]);
+    r = first_row * G;
+    if (D % (4 * kLanes) == 0)  // rows ascend in context: a block's last row sees the most of the chunk
+      for (; r + kValueRows <= R; r += kValueRows)
+        accumulate_rows<kValueRows>(acc + r * D, D, scores + r * kChunk, corrections + r, vf, visible(r + kValueRows - 1));
+    for (; r < R; ++r) {
+      const VecF correction = set1(corrections[r]);
       const float* w = scores + r * kChunk;
       for (int64_t d = 0; d < D; d += kLanes) {
         VecF a = mul(load_n(acc + r * D + d, D - d), correction);
-        for (int64_t t = 0; t < visible; ++t) a = fma(set1(w[t]), load_n(vf + t * D + d, D - d), a);
+        for (int64_t t = 0; t < visible(r); ++t) a = fma(set1(w[t]), load_n(vf + t * D + d, D - d), a);
         store_n(acc + r * D + d, a, D - d);
       }
     }
