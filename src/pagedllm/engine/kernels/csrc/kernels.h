@@ -440,6 +440,7 @@ void rope_write_kv(const T* qkv, T* q_out, T* cache, const float* cos, const flo
 // of its group, keeping a running max, sum and weighted values (flash-decoding); splits are merged afterwards.
 // q, out: [B, H * D]; block tables: [B, max_blocks] int32; context_lens: [B] int32.
 constexpr int64_t kMaxGroup = 16, kMaxHeadDim = 256, kChunk = 16;  // positions scored before each softmax update
+static_assert(kChunk == 16, "reduce_add_16 sums a chunk of scores");
 constexpr int64_t kMaxPairs = kMaxHeadDim / (2 * kLanes);          // bf16-pair vectors in a head
 
 // How a decode batch's contexts are split: enough splits that threads share the work evenly at batch 1, none
@@ -499,6 +500,24 @@ inline void scores_of_key(const float (*qf)[kMaxHeadDim], const PairX (*)[kMaxPa
   }
 }
 
+// Blocks are wherever the allocator put them, so the hardware prefetcher loses the stream where a block does not
+// follow the one before: the keys and values kFetchBlocks blocks ahead are then fetched by hand, a row of each per
+// key. Measured on Zen 4, decode at 4,096 positions with 30 layers' caches read in turn (from memory): scattered
+// blocks 181 against 258 us a layer; consecutive ones are left to the hardware (fetched too: 114 against 94 us).
+constexpr int64_t kFetchBlocks = 2;
+
+template <typename T>
+inline void fetch_row(const T* p, int64_t D) {
+  for (int64_t b = 0; b < D * int64_t(sizeof(T)); b += 64) prefetch(reinterpret_cast<const char*>(p) + b);
+}
+
+// The first cache row of the block kFetchBlocks after the one at `pos`, or -1 where there is none or it follows
+// its predecessor in memory.
+inline int64_t fetch_block(const int32_t* table, int64_t pos, int64_t last, int64_t BS) {
+  const int64_t ahead = pos + kFetchBlocks * BS, i = ahead / BS;
+  return ahead < last && table[i] != table[i - 1] + 1 ? int64_t(table[i]) * BS : -1;
+}
+
 template <typename T>
 void attend_split(const T* q, const T* cache, const int32_t* table, int64_t first, int64_t last, int64_t BS,
                   int64_t D, int64_t group, int64_t cache_rows, int64_t kv_head, int64_t KVH, float scale,
@@ -528,7 +547,9 @@ void attend_split(const T* q, const T* cache, const int32_t* table, int64_t firs
         float* acc = acc_out + g * D;
         for (int64_t d = 0; d < D; d += kLanes) store_n(acc + d, mul(load_n(acc + d, D - d), correction), D - d);
       }
+      const int64_t ahead = fetch_block(table, pos, last, BS);
       for (int64_t t = 0; t < nt; ++t) {
+        if (ahead >= 0) fetch_row(keys + (ahead + t0 + t) * D, D), fetch_row(values + (ahead + t0 + t) * D, D);
         const T* v = values + (row0 + t0 + t) * D;
         for (int64_t d = 0; d < D; d += kLanes) {
           const VecF vv = load_n(v + d, D - d);
@@ -565,21 +586,24 @@ void attend_split_fixed(const bf16* q, const bf16* cache, const int32_t* table, 
     const int64_t n = std::min(BS, last - pos), row0 = int64_t(table[pos / BS]) * BS;
     for (int64_t t0 = 0; t0 < n; t0 += kChunk) {
       const int64_t nt = std::min<int64_t>(kChunk, n - t0);
-      for (int64_t t = 0; t < nt; ++t) {
-        const bf16* k = keys + (row0 + t0 + t) * D;
-        VecW kw[NC];
-        for (int c = 0; c < NC; ++c) kw[c] = load_words(k + 2 * kLanes * c);
-        for (int g = 0; g < G; ++g) {
-          VecF sum = zero();
-          for (int c = 0; c < NC; ++c) sum = dot2(sum, kw[c], qp[g][c]);
-          scores[g][t] = reduce_add(sum) * scale;
+      for (int g = 0; g < G; ++g) {  // a chunk's products per query head, then their sums at once
+        VecF sums[kChunk];
+        for (int64_t t = 0; t < kChunk; ++t) {
+          sums[t] = zero();
+          if (t >= nt) continue;
+          const bf16* k = keys + (row0 + t0 + t) * D;
+          for (int c = 0; c < NC; ++c) sums[t] = dot2(sums[t], load_words(k + 2 * kLanes * c), qp[g][c]);
         }
+        reduce_add_16(sums, scores[g]);
+        for (int64_t t = 0; t < kChunk; t += kLanes) store(scores[g] + t, mul(load(scores[g] + t), set1(scale)));
       }
       for (int g = 0; g < G; ++g) {
         const VecF correction = set1(softmax_update(scores[g], nt, m[g], l[g]));
         for (int c = 0; c < ND; ++c) acc[g][c] = mul(acc[g][c], correction);
       }
+      const int64_t ahead = fetch_block(table, pos, last, BS);
       for (int64_t t = 0; t < nt; ++t) {
+        if (ahead >= 0) fetch_row(keys + (ahead + t0 + t) * D, D), fetch_row(values + (ahead + t0 + t) * D, D);
         const bf16* v = values + (row0 + t0 + t) * D;
         VecF vv[ND];
         for (int c = 0; c < ND; ++c) vv[c] = load(v + kLanes * c);
