@@ -37,7 +37,7 @@ from perf import llamacpp
 from perf.results import write_section
 
 PARALLEL = [1, 8, 32, 64]
-SETTINGS = ["decode b1", "decode b1 at 4096", "prompt 512"] + [f"{n} parallel" for n in PARALLEL]
+SETTINGS = ["decode b1", "decode b1 at 4096", "prompt 512", "prompt 4096"] + [f"{n} parallel" for n in PARALLEL]
 _ids = itertools.count()
 
 
@@ -76,10 +76,11 @@ def _once(llm: LLM, setting: str, seed: int) -> float:
         return _timed_generation(llm, _prompts(1, 40, seed), 64)
     if setting == "decode b1 at 4096":
         return _timed_generation(llm, _prompts(1, 4096, seed), 64)
-    if setting == "prompt 512":
+    if setting.startswith("prompt"):  # its time to first token
+        length = int(setting.split()[1])
         start = time.perf_counter()
-        llm.generate(_prompts(1, 512, seed), SamplingParams(max_tokens=1), use_tqdm=False)
-        return 512 / (time.perf_counter() - start)
+        llm.generate(_prompts(1, length, seed), SamplingParams(max_tokens=1), use_tqdm=False)
+        return length / (time.perf_counter() - start)
     return _timed_generation(llm, _prompts(int(setting.split()[0]), 40, seed), 64)
 
 
@@ -88,8 +89,8 @@ def peer(model: Path, setting: str, build: str) -> float:
         return llamacpp.bench(model, "-p", "0", "-n", "64", build=build)
     if setting == "decode b1 at 4096":
         return llamacpp.bench(model, "-p", "0", "-n", "64", "-d", "4096", build=build)
-    if setting == "prompt 512":
-        return llamacpp.bench(model, "-p", "512", "-n", "0", build=build)
+    if setting.startswith("prompt"):
+        return llamacpp.bench(model, "-p", setting.split()[1], "-n", "0", build=build)
     n = int(setting.split()[0])
     return llamacpp.batched_generation(model, [n], build=build)[n]
 
@@ -140,7 +141,7 @@ def perplexity(llm: LLM, text: str, window: int = 512) -> float:
         bs = runner.block_size
         blocks = list(range(-(-n // bs)))
         meta = build_metadata(list(range(n)), [QueryGroup(0, 1, n, [blocks], [n])], runner.geometry, runner.dtype,
-                              runner.device, "torch")
+                              runner.device, runner.backend.kernel_metadata_only)
         x = torch.tensor(chunk[:-1])
         logits = runner.model(x, torch.arange(n), runner.kv_caches, meta, torch.arange(n))
         nll += torch.nn.functional.cross_entropy(logits, torch.tensor(chunk[1:]), reduction="sum").item()
@@ -271,9 +272,9 @@ def report(args, med, bandwidth, matmul, ppl, answers, llms, start) -> str:
             "medians of\n"
             f"{args.rounds} alternating rounds. Decode: 64 new tokens after a 40-token prompt "
             "(`llama-bench -p 0 -n 64`, and\n"
-            "`-d 4096` for a 4,096-token context); prompt 512: `llama-bench -p 512 -n 0` against pagedllm's time "
+            "`-d 4096` for a 4,096-token context); prompt N: `llama-bench -p N -n 0` against pagedllm's time "
             "to first token of\n"
-            "a 512-token prompt; N parallel: generation tokens/s of N sequences, 40-token prompts, 64 new tokens "
+            "an N-token prompt; N parallel: generation tokens/s of N sequences, 40-token prompts, 64 new tokens "
             "each\n"
             "(`llama-batched-bench -npp 40 -ntg 64 -npl N`, S_TG)."
             + (" pagedllm torch is the plain-torch path (before the CPU kernels).\n" if not forced else "\n") +

@@ -136,7 +136,7 @@ class EngineConfig:
     dtype: str = "bfloat16"
     device: str = "auto"
     # auto: the Triton kernels on CUDA (when triton is installed); on a CPU, "cpu": pagedllm's C++ kernels
-    # (packed linears, a decode step in one call) when they build; else plain torch.
+    # (packed linears, each step in one call) when they build; else plain torch.
     attention_backend: str = "auto"
     # The CPU kernels' tier: "auto" (PAGEDLLM_CPU_ISA if set, else the best this CPU runs), or one of
     # avx512_bf16, avx512, avx2, neon_bf16, neon, portable that this CPU can execute (cpu_isa.py).

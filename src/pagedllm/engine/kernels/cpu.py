@@ -1,10 +1,11 @@
 """The CPU fast path: pagedllm's C++ kernels (kernels/csrc/), built once per machine and CPU tier into the cache.
 
-The engine runs its linear layers on packed bfloat16 or int8 weights and a decode step as one C++ call for all
-decoder layers (norms, rotary embedding, KV write, paged attention, activation): at batch 1 the step is bound by
-reading the weights, not by Python per op. One source serves every tier (cpu_isa.py): AVX-512 BF16 multiplies
-bf16 pairs directly, the others widen bf16 weights to float32 in registers. Where the kernels cannot be built
-(no compiler) or `attention_backend: "torch"` is asked for, the plain-torch model runs instead."""
+The engine runs its linear layers on packed bfloat16 or int8 weights and each step (decodes and prefill chunks)
+as one C++ call for all decoder layers (norms, rotary embedding, KV write, paged attention, activation): at batch
+1 the step is bound by reading the weights, not by Python per op. One source serves every tier (cpu_isa.py):
+AVX-512 BF16 multiplies bf16 pairs directly, the others widen bf16 weights to float32 in registers. Where the
+kernels cannot be built (no compiler) or `attention_backend: "torch"` is asked for, the plain-torch model runs
+instead."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,6 +1,6 @@
 // pagedllm's CPU kernels on raw pointers, written once over the vector layer (vec.h) for every CPU tier:
-// linear layers on packed bf16 or int8 weights, and the ops of a decode step (RMSNorm, rotary embedding with
-// the KV-cache write, paged attention, SiLU-and-multiply). Nothing here needs torch: cpu_kernels.cpp binds
+// linear layers on packed bf16 or int8 weights, and the ops of a step (RMSNorm, rotary embedding with the
+// KV-cache write, paged attention for decodes and prefill chunks, SiLU-and-multiply). Nothing here needs torch: cpu_kernels.cpp binds
 // these to tensors, and kernels_selftest.cpp runs them alone (the Arm build under qemu).
 #pragma once
 
