@@ -121,32 +121,33 @@ def test_paged_attention_matches_torch(ops, dtype, context_lens, heads, kv_heads
     q = torch.randn(len(context_lens), heads * head_dim, dtype=dtype)
     attention = TorchPagedAttention(heads, kv_heads, head_dim)
     expected = torch.cat([attention._attend_group(q.view(-1, heads, head_dim), cache, g) for g in meta.groups])
-    out = ops.paged_attention(q, cache, kernel.block_tables, kernel.token_seq, kernel.context_lens, heads, kv_heads,
-                              head_dim, head_dim ** -0.5)
+    out = ops.paged_attention(q, cache, kernel.block_tables, kernel.token_seq, kernel.prefill_seqs, kernel.context_lens,
+                              heads, kv_heads, head_dim, head_dim ** -0.5)
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(out.float(), expected.float(), **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("runs", [
-    [(40, 40)],  # a first chunk: (new tokens, context after them)
-    [(1, 9), (37, 100), (1, 300), (8, 8), (7, 20)],  # decodes, a later chunk, the shortest tiled run, one below it
-    [(300, 1100)],  # a long chunk past many earlier positions: tiles of uneven cost
+    [(40, 40, True)],  # a first chunk: (new tokens, context after them, prompt tokens)
+    # decodes, a later chunk, a prompt's last token alone (after a prefix hit), a speculative run (decode rows)
+    [(1, 9, False), (37, 100, True), (1, 300, False), (1, 8, True), (5, 20, False)],
+    [(300, 1100, True)],  # a long chunk past many earlier positions: tiles of uneven cost
 ])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(6, 2, 32, 8), (9, 3, 64, 16), (8, 2, 128, 12)])
 def test_prefill_attention_matches_torch(ops, dtype, runs, heads, kv_heads, head_dim, block_size):
-    """Prefill chunks (runs of one sequence's new tokens, causal within the run) attended in query tiles beside
+    """Prefill chunks (runs of one sequence's prompt tokens, causal within the run) attended in query tiles beside
     decode rows in the same step, against torch attention with its causal bias; a block size that is not a
     multiple of the key chunk (12) included."""
     geo = CacheGeometry(heads, kv_heads, head_dim, num_blocks=200, block_size=block_size)
-    cache, _, _ = _cache_and_meta(geo, [ctx for _, ctx in runs], dtype, seed=len(runs))
+    cache, _, _ = _cache_and_meta(geo, [ctx for _, ctx, _ in runs], dtype, seed=len(runs))
     torch.manual_seed(len(runs))
     perm, tables, used = torch.randperm(geo.num_blocks).tolist(), [], 0
     groups, start = [], 0
-    for n, ctx in runs:
+    for n, ctx, prefill in runs:
         tables.append(perm[used:used + -(-ctx // block_size)])
         used += len(tables[-1])
-        groups.append(QueryGroup(start, 1, n, [tables[-1]], [ctx]))
+        groups.append(QueryGroup(start, 1, n, [tables[-1]], [ctx], prefill=prefill))
         start += n
     slots = [0] * start  # nothing is written: the cache already holds every position
     meta = build_metadata(slots, groups, geo, dtype, torch.device("cpu"))
@@ -156,7 +157,7 @@ def test_prefill_attention_matches_torch(ops, dtype, runs, heads, kv_heads, head
     attention.compute_dtype = torch.float32
     expected = torch.cat([attention._attend_group(q.view(-1, heads, head_dim), cache, g) for g in meta.groups])
     out = ops.paged_attention(q, cache, kernel.block_tables.index_select(0, kernel.token_seq), kernel.token_seq,
-                              kernel.context_lens, heads, kv_heads, head_dim, head_dim ** -0.5)
+                              kernel.prefill_seqs, kernel.context_lens, heads, kv_heads, head_dim, head_dim ** -0.5)
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(out.float(), expected.float(), **tol)
 

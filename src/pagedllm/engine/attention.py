@@ -22,6 +22,9 @@ class QueryGroup:
     query_len: int
     block_tables: list[list[int]]
     context_lens: list[int]
+    # Prompt tokens (or a preempted sequence's recompute), however few: the CPU kernels attend them in prefill tiles,
+    # so a prompt's last token gets the same result whether it came with its prompt or after a prefix-cache hit.
+    prefill: bool = False
 
 
 @dataclass
@@ -44,6 +47,7 @@ class KernelMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
     token_seq: torch.Tensor  # [num_tokens] int32
     context_lens: torch.Tensor  # [num_tokens] int32: positions the token sees, itself included
+    prefill_seqs: torch.Tensor  # [num_seqs] bool: whose tokens are prompt tokens (QueryGroup.prefill)
 
 
 @dataclass
@@ -91,15 +95,18 @@ def kernel_metadata(slot_mapping: list[int], groups: list[QueryGroup], device: t
     tables: list[list[int]] = []
     token_seq: list[int] = []
     context_lens: list[int] = []
+    prefill: list[bool] = []
     for g in groups:  # tokens are laid out sequence by sequence
         for table, ctx in zip(g.block_tables, g.context_lens):
             token_seq += [len(tables)] * g.query_len
             context_lens += range(ctx - g.query_len + 1, ctx + 1)
             tables.append(table)
+            prefill.append(g.prefill)
     width = max(len(t) for t in tables)
     as_int = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
     return KernelMetadata(as_int(slot_mapping), as_int([t + [0] * (width - len(t)) for t in tables]),
-                          as_int(token_seq), as_int(context_lens))
+                          as_int(token_seq), as_int(context_lens),
+                          torch.tensor(prefill, dtype=torch.bool, device=device))
 
 
 def _group(g: QueryGroup, rows: torch.Tensor, geo: CacheGeometry, dtype: torch.dtype,

@@ -39,7 +39,7 @@ class ModelRunner:
                           for _ in range(config.num_hidden_layers)]
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> ModelInput:
-        ordered = sorted(scheduled, key=lambda item: item[1] != 1)  # stable: decodes first
+        ordered = sorted(scheduled, key=lambda item: not _decodes(*item))  # stable: decodes first
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -64,16 +64,27 @@ class ModelRunner:
 
     @staticmethod
     def _groups(ordered: list[tuple[Sequence, int]]) -> list[QueryGroup]:
-        decodes = [seq for seq, n in ordered if n == 1]
+        decodes = [seq for seq, n in ordered if _decodes(seq, n)]
         groups = []
         if decodes:
             groups.append(QueryGroup(0, len(decodes), 1, [s.block_table for s in decodes],
                                      [s.num_computed_tokens + 1 for s in decodes]))
         start = len(decodes)
         for seq, n in ordered[len(decodes):]:
-            groups.append(QueryGroup(start, 1, n, [seq.block_table], [seq.num_computed_tokens + n]))
+            groups.append(QueryGroup(start, 1, n, [seq.block_table], [seq.num_computed_tokens + n],
+                                     prefill=_is_prefill(seq)))
             start += n
         return groups
 
     def execute(self, inp: ModelInput) -> torch.Tensor:
         return self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, inp.sample_indices).cpu()
+
+
+def _is_prefill(seq: Sequence) -> bool:
+    """Its next tokens are prompt tokens (a preempted sequence recomputes from its start)."""
+    return seq.num_computed_tokens < seq.num_prompt_tokens
+
+
+def _decodes(seq: Sequence, n: int) -> bool:
+    """It computes one generated token this step (a prompt's last token is prefill, even alone)."""
+    return n == 1 and not _is_prefill(seq)

@@ -131,7 +131,7 @@ class LlamaForCausalLM(nn.Module):
             k = meta.kernel
             tables = k.block_tables if len(k.block_tables) == len(x) else k.block_tables.index_select(0, k.token_seq)
             self._forward_layers(self.kernel_layers, x, self.rotary.cos, self.rotary.sin, positions, k.slot_mapping,
-                                 kv_caches, tables, k.token_seq, k.context_lens)
+                                 kv_caches, tables, k.token_seq, k.prefill_seqs, k.context_lens)
         else:
             rope = self.rotary(positions, x.dtype)
             for layer, kv in zip(self.layers, kv_caches):

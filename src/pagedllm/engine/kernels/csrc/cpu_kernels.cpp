@@ -36,10 +36,14 @@ Tensor empty_out(const Tensor& x, int64_t N) {
   return torch::empty(sizes, x.options());
 }
 
-// The rows of token_seq's runs of one sequence: short ones one by one, prefill chunks in tiles (kernels.h).
-AttentionWork work_for(const c10::optional<Tensor>& token_seq, const Tensor& context_lens) {
+// The rows of token_seq's runs of one sequence: decodes one by one, prompt tokens (prefill_seqs) in tiles.
+AttentionWork work_for(const c10::optional<Tensor>& token_seq, const c10::optional<Tensor>& prefill_seqs,
+                       const Tensor& context_lens) {
   TORCH_CHECK(!token_seq || token_seq->numel() == context_lens.numel(), "attention: a token_seq entry per row");
-  return AttentionWork(token_seq ? token_seq->data_ptr<int32_t>() : nullptr, context_lens.data_ptr<int32_t>(),
+  TORCH_CHECK(!prefill_seqs || (token_seq && prefill_seqs->scalar_type() == at::kBool), "attention: prefill_seqs "
+              "is a bool per sequence of token_seq");
+  return AttentionWork(token_seq ? token_seq->data_ptr<int32_t>() : nullptr,
+                       prefill_seqs ? prefill_seqs->data_ptr<bool>() : nullptr, context_lens.data_ptr<int32_t>(),
                        context_lens.numel());
 }
 
@@ -130,13 +134,13 @@ Tensor rope_and_write_kv(const Tensor& qkv, const Tensor& cos, const Tensor& sin
 }
 
 // Attention of each query row q [T, H * D] over the first context_lens[t] cached positions of its block table
-// (block_tables [T, max_blocks]); rows of one sequence (token_seq, if given) in runs long enough go in tiles.
+// (block_tables [T, max_blocks]); the rows of a sequence marked in prefill_seqs (token_seq's index) in tiles.
 Tensor paged_attention(const Tensor& q, const Tensor& kv_cache, const Tensor& block_tables,
-                       const c10::optional<Tensor>& token_seq, const Tensor& context_lens, int64_t H, int64_t KVH,
-                       int64_t D, double scale) {
+                       const c10::optional<Tensor>& token_seq, const c10::optional<Tensor>& prefill_seqs,
+                       const Tensor& context_lens, int64_t H, int64_t KVH, int64_t D, double scale) {
   TORCH_CHECK(H / KVH <= kMaxGroup && D <= kMaxHeadDim, "paged_attention: at most 16 query heads per KV head, head_dim 256");
   Tensor out = torch::empty_like(q);
-  AttentionWork work = work_for(token_seq, context_lens);
+  AttentionWork work = work_for(token_seq, prefill_seqs, context_lens);
   AttentionPlan plan = plan_for(work, H, KVH, D, kv_cache.size(3));
   Tensor scratch = torch::empty({plan.scratch_floats}, q.options().dtype(at::kFloat));
   DISPATCH_FLOAT_BF16(q.scalar_type(), "paged_attention", [&] {
@@ -214,15 +218,16 @@ void forward_layer(const DecoderLayer& l, const DecoderLayer* next, StepBuffers&
 
 // Every decoder layer for a step's flat batch of T new tokens (decodes, speculative runs, prefill chunks), `hidden`
 // [T, hidden] updated in place: the computation of models/llama.py's DecoderLayer with TorchPagedAttention, in one
-// OpenMP region for the whole step. Row t is token_seq[t]'s token, seeing context_lens[t] positions through its
-// block table block_tables[t].
+// OpenMP region for the whole step. Row t is token_seq[t]'s token (a prompt token where prefill_seqs says so),
+// seeing context_lens[t] positions through its block table block_tables[t].
 void forward_layers(const std::vector<DecoderLayer>& layers, Tensor& hidden, const Tensor& cos, const Tensor& sin,
                     const Tensor& positions, const Tensor& slot_mapping, std::vector<Tensor>& kv_caches,
-                    const Tensor& block_tables, const Tensor& token_seq, const Tensor& context_lens) {
+                    const Tensor& block_tables, const Tensor& token_seq, const Tensor& prefill_seqs,
+                    const Tensor& context_lens) {
   TORCH_CHECK(!layers.empty() && hidden.is_contiguous() && hidden.dim() == 2, "forward_layers: hidden [T, hidden]");
   const DecoderLayer& first = layers[0];
   TORCH_CHECK(first.H / first.KVH <= kMaxGroup && first.D <= kMaxHeadDim, "forward_layers: head shape unsupported");
-  AttentionWork work = work_for(token_seq, context_lens);
+  AttentionWork work = work_for(token_seq, prefill_seqs, context_lens);
   AttentionPlan plan = plan_for(work, first.H, first.KVH, first.D, kv_caches[0].size(3));
   StepBuffers buf(hidden, first, plan);
   const int threads = at::get_num_threads();

@@ -695,14 +695,16 @@ void paged_attention_decode(const T* q, const T* cache, const int32_t* tables, i
 }
 
 // ---- paged attention for prefill chunks: a sequence's run of new tokens, attended in query tiles ------------
-// A step's rows are grouped into runs of one sequence (token_seq). Short runs (decodes, speculative drafts) go one
-// row at a time through paged_attention_decode, which splits long contexts across threads; longer runs (prefill
-// chunks) in tiles of kQueryTile tokens, which read each key and value once for the whole tile instead of once
-// per token. Within a tile, a chunk of kChunk keys is transposed into float32 K^T [D][kChunk] once, and every
-// row (a token and one query head of the KV head's group) scores it as broadcast q[d] times K^T[d]: one vector of
-// scores per instruction, no horizontal sums. Row i of a tile sees its own context only (causal), and chunks past
-// the tile's last token are never read. Scores are float32 (bf16 products are exact there), as in decode.
-constexpr int64_t kQueryTile = 16, kMinTiledRun = 8;
+// A step's rows are grouped into runs of one sequence (token_seq). Decode rows (a generated token, or one with its
+// speculative drafts) go one row at a time through paged_attention_decode, which splits long contexts across
+// threads; prompt tokens (prefill chunks, however short) in tiles of kQueryTile tokens, which read each key and
+// value once for the whole tile instead of once per token. Within a tile, a chunk of kChunk keys is transposed
+// into K^T [D][kChunk] once, and every row (a token and one query head of the KV head's group) scores it as
+// broadcast q[d] times K^T[d]: one vector of scores per instruction, no horizontal sums. Row i of a tile sees its
+// own context only (causal), and chunks past the tile's last token are never read. A row's result does not depend
+// on the other rows of its tile, so a prompt's last token comes out the same whether its prompt was computed with
+// it or found in the prefix cache. Scores are float32 (bf16 products are exact there), as in decode.
+constexpr int64_t kQueryTile = 16;
 
 struct QueryTile {
   int32_t row0, rows;  // rows [row0, row0 + rows) of one sequence, their contexts ascending
@@ -713,15 +715,16 @@ struct AttentionWork {
   std::vector<int32_t> rows, row_ctx;  // attended one by one, and their context lengths
   std::vector<QueryTile> tiles;
 
-  // token_seq [T]: each row's sequence (nullptr: every row its own); ctx [T]: positions each row sees.
-  AttentionWork(const int32_t* token_seq, const int32_t* ctx, int64_t T) {
+  // token_seq [T]: each row's sequence (nullptr: every row its own); prefill [num_seqs]: whose rows are prompt
+  // tokens (nullptr: none); ctx [T]: positions each row sees.
+  AttentionWork(const int32_t* token_seq, const bool* prefill, const int32_t* ctx, int64_t T) {
     for (int64_t r0 = 0; r0 < T;) {
       int64_t r1 = r0 + 1;
       while (token_seq && r1 < T && token_seq[r1] == token_seq[r0]) ++r1;
-      if (r1 - r0 < kMinTiledRun) {
-        for (int64_t r = r0; r < r1; ++r) rows.push_back(int32_t(r)), row_ctx.push_back(ctx[r]);
-      } else {
+      if (token_seq && prefill && prefill[token_seq[r0]]) {
         for (int64_t t = r0; t < r1; t += kQueryTile) tiles.push_back({int32_t(t), int32_t(std::min(kQueryTile, r1 - t))});
+      } else {
+        for (int64_t r = r0; r < r1; ++r) rows.push_back(int32_t(r)), row_ctx.push_back(ctx[r]);
       }
       r0 = r1;
     }

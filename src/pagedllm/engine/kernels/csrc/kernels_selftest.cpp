@@ -175,7 +175,8 @@ void check_attention(int64_t H, int64_t KVH, int64_t D, int64_t BS, std::vector<
       tables[b * max_blocks + i] = one_sequence ? int32_t((i * 7) % blocks) : int32_t((next++ * 7) % blocks);
   const float scale = 1.f / std::sqrt(float(D));
   std::vector<int32_t> token_seq(B, 0);
-  AttentionWork work(one_sequence ? token_seq.data() : nullptr, ctx.data(), B);
+  const bool prefill[1] = {true};
+  AttentionWork work(one_sequence ? token_seq.data() : nullptr, one_sequence ? prefill : nullptr, ctx.data(), B);
   AttentionPlan plan(work.row_ctx.data(), int64_t(work.row_ctx.size()), H, KVH, D, BS, 2);
   std::vector<float> scratch(plan.scratch_floats);
   paged_attention_step<T>(q.data(), cache.data(), tables.data(), max_blocks, ctx.data(), out.data(), H, KVH, D, BS,
