@@ -1,8 +1,8 @@
 """Builds one flat, unpadded batch per step and runs the model on it.
 
-Order in the flat batch: every sequence computing one token (decodes) first, attended as one group;
-then each prefill chunk, attended as a group of its own. Logits are computed only for the rows that
-sample (sequences whose every token is computed after this step)."""
+Order in the flat batch: every sequence computing one generated token (decodes) first, attended as one
+group; then each prefill chunk (a prompt's last token alone included) or speculative run, a group of its own.
+Logits are computed only for the rows that sample (sequences whose every token is computed after this step)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
