@@ -1,7 +1,7 @@
 // pagedllm's CPU kernels on raw pointers, written once over the vector layer (vec.h) for every CPU tier:
 // linear layers on packed bf16 or int8 weights, and the ops of a step (RMSNorm, rotary embedding with the
-// KV-cache write, paged attention for decodes and prefill chunks, SiLU-and-multiply). Nothing here needs torch: cpu_kernels.cpp binds
-// these to tensors, and kernels_selftest.cpp runs them alone (the Arm build under qemu).
+// KV-cache write, paged attention for decodes and prefill chunks, SiLU-and-multiply). Nothing here needs torch:
+// cpu_kernels.cpp binds these to tensors, and kernels_selftest.cpp runs them alone (the Arm build under qemu).
 #pragma once
 
 #include <algorithm>
@@ -737,39 +737,29 @@ struct AttentionWork {
 inline float as_float(float x) { return x; }
 inline float as_float(bf16 x) { return bf16_to_float(x); }
 
-// RB rows' scores against one transposed chunk: scores[r][t] = scale * sum_d q[r][d] * kt[d][t].
-template <int RB>
-inline void score_rows(const float* q, int64_t D, const float* kt, float scale, float* scores) {
-  constexpr int V = int(kChunk / kLanes);
-  VecF s[RB][V];
-  for (int r = 0; r < RB; ++r)
-    for (int v = 0; v < V; ++v) s[r][v] = zero();
-  for (int64_t d = 0; d < D; ++d) {
-    VecF k[V];
-    for (int v = 0; v < V; ++v) k[v] = load(kt + d * kChunk + v * kLanes);
-    for (int r = 0; r < RB; ++r) {
-      const VecF qd = set1(q[r * D + d]);
-      for (int v = 0; v < V; ++v) s[r][v] = fma(qd, k[v], s[r][v]);
-    }
-  }
-  for (int r = 0; r < RB; ++r)
-    for (int v = 0; v < V; ++v) store(scores + r * kChunk + v * kLanes, mul(s[r][v], set1(scale)));
-}
+// A chunk's keys and the queries, one step of d at a time: float32 (one d), or bf16 pairs where the CPU has a
+// bf16 dot (two d; a key's pair is its 32-bit word, so the transpose moves words), half the instructions.
+inline VecF key_step(const float* kt) { return load(kt); }
+inline VecW key_step(const uint32_t* kt) { return load_words(kt); }
+inline VecF query_step(float q) { return set1(q); }
+inline PairX query_step(uint32_t q) { return broadcast_pair(q); }
+inline VecF multiply_add(VecF acc, VecF k, VecF q) { return fma(q, k, acc); }
+inline VecF multiply_add(VecF acc, VecW k, PairX q) { return dot2(acc, k, q); }
 
-// The same with bf16 pairs, where the CPU has a bf16 dot: q [RB][D/2] and the chunk's keys kt [D/2][kChunk] as
-// pairs of bf16 (a key's pair d is its 32-bit word d, so the transpose moves words), half the instructions.
-template <int RB>
-inline void score_rows(const uint32_t* q, int64_t D2, const uint32_t* kt, float scale, float* scores) {
+// RB rows' scores against one transposed chunk: scores[r][t] = scale * sum_d q[r][d] * kt[d][t], over `steps`
+// steps of d (q [RB][steps], kt [steps][kChunk], as float32 or bf16 pairs).
+template <int RB, typename E>
+inline void score_rows(const E* q, int64_t steps, const E* kt, float scale, float* scores) {
   constexpr int V = int(kChunk / kLanes);
   VecF s[RB][V];
   for (int r = 0; r < RB; ++r)
     for (int v = 0; v < V; ++v) s[r][v] = zero();
-  for (int64_t d = 0; d < D2; ++d) {
-    VecW k[V];
-    for (int v = 0; v < V; ++v) k[v] = load_words(kt + d * kChunk + v * kLanes);
+  for (int64_t d = 0; d < steps; ++d) {
+    decltype(key_step(kt)) k[V];
+    for (int v = 0; v < V; ++v) k[v] = key_step(kt + d * kChunk + v * kLanes);
     for (int r = 0; r < RB; ++r) {
-      const PairX qd = broadcast_pair(q[r * D2 + d]);
-      for (int v = 0; v < V; ++v) s[r][v] = dot2(s[r][v], k[v], qd);
+      const auto qd = query_step(q[r * steps + d]);
+      for (int v = 0; v < V; ++v) s[r][v] = multiply_add(s[r][v], k[v], qd);
     }
   }
   for (int r = 0; r < RB; ++r)
