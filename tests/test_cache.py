@@ -78,3 +78,33 @@ def test_a_build_killed_midway_does_not_block_the_next(tmp_path, monkeypatch):
     (tmp_path / "kernels" / "lock").touch()
     assert cpu.build(tmp_path / "kernels", CpuIsa.PORTABLE) == "pagedllm_cpu_kernels_portable"
     assert is_as_built(tmp_path / "kernels" / "pagedllm_cpu_kernels_portable.so")
+
+
+def test_the_kernels_build_with_this_environments_ninja(tmp_path, monkeypatch):
+    """A system ninja first on PATH (where the environment is not active) hashes a build's command otherwise than
+    the environment's (1.11 against 1.12 and later), and each took the other's build for a stale one: the
+    build runs with the environment's ninja whatever PATH says, and PATH is as it was afterwards."""
+    import shutil
+
+    import ninja
+    import torch.utils.cpp_extension
+
+    from pagedllm.engine.kernels import cpu
+    from pagedllm.engine.kernels.cpu_isa import CpuIsa
+
+    system = tmp_path / "system-bin"
+    system.mkdir()
+    (system / "ninja").write_text("#!/bin/sh\nexit 1\n")
+    (system / "ninja").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{system}{os.pathsep}{os.environ['PATH']}")
+    found = []
+
+    def compile_and_load(name, sources, build_directory, **_):
+        found.append(shutil.which("ninja"))
+        (tmp_path / "kernels" / f"{name}.so").write_bytes(b"library")
+        return name
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", compile_and_load)
+    cpu.build(tmp_path / "kernels", CpuIsa.PORTABLE)
+    assert found == [os.path.join(ninja.BIN_DIR, "ninja")]
+    assert shutil.which("ninja") == str(system / "ninja")

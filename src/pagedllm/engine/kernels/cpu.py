@@ -8,12 +8,15 @@ kernels cannot be built (no compiler) or `attention_backend: "torch"` is asked f
 instead."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import logging
 import mmap
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -71,7 +74,7 @@ def build(directory: Path, isa: CpuIsa) -> ModuleType:
     from pagedllm.cache import build_lock, is_as_built, record_build
     name = f"pagedllm_cpu_kernels_{isa.value}"
     library = directory / f"{name}.so"
-    with build_lock(directory):
+    with build_lock(directory), _environment_ninja():
         if library.exists() and not is_as_built(library):
             shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -89,6 +92,21 @@ def build(directory: Path, isa: CpuIsa) -> ModuleType:
         if building:
             record_build(library)
     return module
+
+
+@contextlib.contextmanager
+def _environment_ninja() -> Iterator[None]:
+    """torch runs the `ninja` first on PATH, which is this environment's only where the environment is active (the
+    served engine) and may be the system's elsewhere. Ninja 1.12 changed how it hashes a build's command, so each
+    of the two took the other's build for a stale one and built the kernels again (35 s, at every alternation):
+    this environment's ninja (a dependency) always runs them."""
+    import ninja
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
 
 
 def available(isa: CpuIsa | str | None = None) -> bool:
