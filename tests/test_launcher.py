@@ -22,7 +22,13 @@ INSTALL = TritonInstall(Path("/opt/tritonserver/bin/tritonserver"))
 
 
 def flags(opts: ServerOptions) -> dict[str, str]:
-    return dict(arg[2:].split("=", 1) for arg in server_command(INSTALL, opts)[1:])
+    return dict((*arg[2:].split("=", 1), "")[:2] for arg in server_command(INSTALL, opts)[1:])
+
+
+def test_models_load_from_their_own_complete_configs():
+    """Each Python model's config.pbtxt is whole, so Triton does not start a stub per model first to ask for
+    the rest (auto-complete): a warm `pagedllm serve` was ready in 10 s instead of 15 on 2 cores."""
+    assert "disable-auto-complete-config" in flags(ServerOptions(Path("repo")))
 
 
 def test_every_listener_is_on_loopback_unless_opened():

@@ -121,7 +121,8 @@ def server_command(install: TritonInstall, opts: ServerOptions) -> list[str]:
            f"--http-address={opts.host}", f"--grpc-address={opts.host}", f"--metrics-address={opts.host}",
            f"--http-port={opts.http_port}", f"--grpc-port={opts.grpc_port}", f"--metrics-port={opts.metrics_port}",
            f"--model-control-mode={mode}", f"--exit-timeout-secs={opts.exit_timeout_secs}",
-           f"--log-verbose={opts.log_verbose}", "--allow-gpu-metrics=false"]
+           f"--log-verbose={opts.log_verbose}", "--allow-gpu-metrics=false",
+           "--disable-auto-complete-config"]  # our configs are whole: no stub per model first to complete them
     if install.backend_dir is not None:
         cmd.append(f"--backend-directory={install.backend_dir}")
     if mode == "poll":
