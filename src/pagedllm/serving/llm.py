@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,13 @@ class LLMModel:
         engine_config, supervision = read_engine_json(Path(args["model_repository"]) / args["model_version"] /
                                                       "engine.json")
         self.metrics = ServingMetrics(self.backend.pb.MetricFamily, self.name, args["model_version"])
-        self.tokenizer = load_tokenizer(resolve_model_path(engine_config.model))
-        self.loop = EngineProcess(engine_config, supervision, on_stats=self.metrics.on_stats,
-                                  on_restart=self.metrics.on_restart, on_give_up=self._on_engine_death,
-                                  faults=Faults.for_model(self.name))
+        # The tokenizer loads (about 1 s) while the engine process starts: waiting for it holds no GIL.
+        with ThreadPoolExecutor(1) as pool:
+            tokenizer = pool.submit(load_tokenizer, resolve_model_path(engine_config.model))
+            self.loop = EngineProcess(engine_config, supervision, on_stats=self.metrics.on_stats,
+                                      on_restart=self.metrics.on_restart, on_give_up=self._on_engine_death,
+                                      faults=Faults.for_model(self.name))
+            self.tokenizer = tokenizer.result()
         token_text = functools.lru_cache(maxsize=1 << 16)(lambda token_id: self.tokenizer.decode([token_id]))
         self.backend.log_info(f"pagedllm {self.name}/{args['model_version']}: engine ready in process "
                               f"{self.loop.process.pid}, {self.loop.info.num_blocks} KV blocks; "
