@@ -31,9 +31,11 @@ from pathlib import Path
 import torch
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.cache import cache_dir
 from pagedllm.engine.kernels import cpu_isa
 from pagedllm.weights import ensure_default_model
 from perf import llamacpp
+from perf.bench_startup import offline_start
 from perf.results import write_section
 
 PARALLEL = [1, 8, 32, 64]
@@ -163,16 +165,6 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
-def start_up(isa: str) -> float:
-    """Seconds from LLM() to the first token of a one-token answer in a new process, model and kernels
-    already cached (imports not counted)."""
-    code = ("import sys, time; from pagedllm import LLM, SamplingParams; t = time.perf_counter(); "
-            "LLM(cpu_isa=sys.argv[1]).generate([[1, 2, 3]], SamplingParams(max_tokens=1), use_tqdm=False); "
-            "print(time.perf_counter() - t)")
-    return float(subprocess.run([sys.executable, "-c", code, isa], check=True, capture_output=True,
-                                text=True).stdout)
-
-
 def kernel_build_seconds(isa: str) -> float:
     """A cold build of the CPU kernels in a new process, into a scratch folder (the cached build stays)."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -206,7 +198,8 @@ def main() -> None:
     args.isa, args.build = isa.value, "native" if isa == native else isa.value  # llama.cpp's build of that tier
     torch.set_num_threads(2)
     path = str(ensure_default_model())
-    start_up_seconds, build_seconds = start_up(isa.value), kernel_build_seconds(isa.value)
+    warm = offline_start(cache_dir(), isa.value)
+    start_up_seconds, build_seconds = warm.first_token - warm.imports, kernel_build_seconds(isa.value)
     llms = {"pagedllm bf16": LLM(path, dtype="bfloat16", cpu_isa=isa.value),
             "pagedllm int8": LLM(path, dtype="bfloat16", quantization="int8", cpu_isa=isa.value)}
     if isa == native:  # below it, torch's bf16 linears would take hours at batch 64
