@@ -104,12 +104,13 @@ class LlamaForCausalLM(nn.Module):
         self.tie_weights()
         self.rotary = RotaryEmbedding(config, max_positions)
         self.kernel_layers: list | None = None  # the C++ decoder layers, once use_cpu_kernels ran
+        self.kernel_head = None  # and the C++ final norm and LM head
         self.cpu_isa: str | None = None  # the kernels' tier, likewise
 
     def use_cpu_kernels(self, linear_kind: str, ops: ModuleType) -> None:
         """Run on pagedllm's CPU kernels (`ops`, one tier's build): every linear on packed weights of
         `linear_kind` (kernels/cpu.py), and every step as one C++ call for all layers. The LM head gets its own
-        packed copy."""
+        packed copy; the final norm and the LM head run in the same call."""
         from pagedllm.engine.kernels import cpu as cpu_kernels
         cpu_kernels.swap_linears(self, linear_kind, ops)
         self.cpu_isa = ops.isa
@@ -120,6 +121,7 @@ class LlamaForCausalLM(nn.Module):
                              c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps,
                              c.head_dim ** -0.5)
             for layer in self.layers]
+        self.kernel_head = ops.ModelHead(self.norm.weight.detach(), self.lm_head.op, c.rms_norm_eps)
         self._forward_layers = ops.forward_layers
 
     def tie_weights(self) -> None:
@@ -134,12 +136,12 @@ class LlamaForCausalLM(nn.Module):
         if self.kernel_layers is not None and meta.kernel is not None:  # the whole step in C++
             k = meta.kernel
             tables = k.block_tables if len(k.block_tables) == len(x) else k.block_tables.index_select(0, k.token_seq)
-            self._forward_layers(self.kernel_layers, x, self.rotary.cos, self.rotary.sin, positions, k.slot_mapping,
-                                 kv_caches, tables, k.token_seq, k.prefill_seqs, k.context_lens)
-        else:
-            rope = self.rotary(positions, x.dtype)
-            for layer, kv in zip(self.layers, kv_caches):
-                x = layer(x, rope, kv, meta)
+            return self._forward_layers(self.kernel_layers, self.kernel_head, x, self.rotary.cos, self.rotary.sin,
+                                        positions, k.slot_mapping, kv_caches, tables, k.token_seq, k.prefill_seqs,
+                                        k.context_lens, sample_indices)
+        rope = self.rotary(positions, x.dtype)
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, rope, kv, meta)
         x = self.norm(x.index_select(0, sample_indices))
         return self.lm_head(x).float()
 

@@ -169,6 +169,13 @@ struct DecoderLayer {
   double eps, scale;
 };
 
+// The model's end, for the rows a step samples from: the final RMSNorm and the LM head.
+struct ModelHead {
+  Tensor norm;
+  Linear lm_head;
+  double eps;
+};
+
 // Buffers of a step, allocated once for all layers.
 struct StepBuffers {
   Tensor normed, qkv, q, attn, o, gate_up, act, mlp, wide, scratch;
@@ -192,9 +199,9 @@ struct StepBuffers {
   }
 };
 
-// `next`: the layer after this one, if any (its first weights are fetched during this one's last linear).
+// `then`: the linear after this layer's last (its first weights are fetched during that one).
 template <typename T>
-void forward_layer(const DecoderLayer& l, const DecoderLayer* next, StepBuffers& buf, Tensor& hidden,
+void forward_layer(const DecoderLayer& l, const Linear* then, StepBuffers& buf, Tensor& hidden,
                    const Tensor& cos, const Tensor& sin, const Tensor& positions, const Tensor& slot_mapping,
                    Tensor& kv_cache, const Tensor& block_tables, const Tensor& context_lens, const AttentionWork& work,
                    const AttentionPlan& plan, const Par& par) {
@@ -212,34 +219,59 @@ void forward_layer(const DecoderLayer& l, const DecoderLayer* next, StepBuffers&
   rms_norm_rows<T>(ptr<T>(buf.o), h, ptr<T>(l.post_attention_norm), ptr<T>(buf.normed), B, hidden_size, l.eps, par);
   l.gate_up.run(buf.normed, buf.widened(l.gate_up, buf.normed, par), buf.gate_up, par, &l.down);
   silu_and_mul<T>(ptr<T>(buf.gate_up), ptr<T>(buf.act), B, I, par);
-  l.down.run(buf.act, buf.widened(l.down, buf.act, par), buf.mlp, par, next ? &next->qkv : nullptr);
+  l.down.run(buf.act, buf.widened(l.down, buf.act, par), buf.mlp, par, then);
   add_into<T>(h, ptr<T>(buf.mlp), B * hidden_size, par);
 }
 
-// Every decoder layer for a step's flat batch of T new tokens (decodes, speculative runs, prefill chunks), `hidden`
-// [T, hidden] updated in place: the computation of models/llama.py's DecoderLayer with TorchPagedAttention, in one
-// OpenMP region for the whole step. Row t is token_seq[t]'s token (a prompt token where prefill_seqs says so),
-// seeing context_lens[t] positions through its block table block_tables[t].
-void forward_layers(const std::vector<DecoderLayer>& layers, Tensor& hidden, const Tensor& cos, const Tensor& sin,
-                    const Tensor& positions, const Tensor& slot_mapping, std::vector<Tensor>& kv_caches,
-                    const Tensor& block_tables, const Tensor& token_seq, const Tensor& prefill_seqs,
-                    const Tensor& context_lens) {
+// The sampled rows' logits: `hidden`'s rows at `sample_indices`, normed and through the LM head into `rounded`
+// (the model's dtype, as torch's path rounds them), then widened into `logits` (the same tensor for float32).
+template <typename T>
+void apply_head(const ModelHead& head, StepBuffers& buf, const Tensor& hidden, const Tensor& sample_indices,
+                Tensor& rounded, Tensor& logits, const Par& par) {
+  const int64_t S = sample_indices.size(0), width = hidden.size(1);
+  const int64_t* index = sample_indices.data_ptr<int64_t>();
+  T* rows = ptr<T>(buf.o);  // free once the layers are done
+  par(S, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) std::memcpy(rows + r * width, ptr<T>(hidden) + index[r] * width, width * sizeof(T));
+  });
+  rms_norm_rows<T>(rows, nullptr, ptr<T>(head.norm), ptr<T>(buf.normed), S, width, float(head.eps), par);
+  Tensor normed = buf.normed.narrow(0, 0, S);
+  head.lm_head.run(normed, buf.widened(head.lm_head, normed, par), rounded, par);
+  if constexpr (std::is_same<T, bf16>::value) widen(ptr<bf16>(rounded), logits.data_ptr<float>(), logits.numel(), par);
+}
+
+// A step for a flat batch of T new tokens (decodes, speculative runs, prefill chunks): every decoder layer, `hidden`
+// [T, hidden] updated in place (the computation of models/llama.py's DecoderLayer with TorchPagedAttention), then
+// the head on the rows at `sample_indices`; returns their float32 logits [S, vocab]. One OpenMP region for the
+// whole step. Row t is token_seq[t]'s token (a prompt token where prefill_seqs says so), seeing context_lens[t]
+// positions through its block table block_tables[t].
+Tensor forward_layers(const std::vector<DecoderLayer>& layers, const ModelHead& head, Tensor& hidden,
+                      const Tensor& cos, const Tensor& sin, const Tensor& positions, const Tensor& slot_mapping,
+                      std::vector<Tensor>& kv_caches, const Tensor& block_tables, const Tensor& token_seq,
+                      const Tensor& prefill_seqs, const Tensor& context_lens, const Tensor& sample_indices) {
   TORCH_CHECK(!layers.empty() && hidden.is_contiguous() && hidden.dim() == 2, "forward_layers: hidden [T, hidden]");
   const DecoderLayer& first = layers[0];
   TORCH_CHECK(first.H / first.KVH <= kMaxGroup && first.D <= kMaxHeadDim, "forward_layers: head shape unsupported");
   AttentionWork work = work_for(token_seq, prefill_seqs, context_lens);
   AttentionPlan plan = plan_for(work, first.H, first.KVH, first.D, kv_caches[0].size(3));
+  TORCH_CHECK(sample_indices.scalar_type() == at::kLong && sample_indices.size(0) <= hidden.size(0),
+              "forward_layers: sample_indices, int64 rows of hidden");
   StepBuffers buf(hidden, first, plan);
+  Tensor logits = torch::empty({sample_indices.size(0), head.lm_head.out_features}, hidden.options().dtype(at::kFloat));
+  Tensor rounded = hidden.scalar_type() == at::kFloat ? logits : torch::empty(logits.sizes(), hidden.options());
   const int threads = at::get_num_threads();
   DISPATCH_FLOAT_BF16(hidden.scalar_type(), "forward_layers", [&] {
 #pragma omp parallel num_threads(threads)
     {
       Par par{omp_get_thread_num(), omp_get_num_threads()};
       for (size_t i = 0; i < layers.size(); ++i)
-        forward_layer<scalar_t>(layers[i], i + 1 < layers.size() ? &layers[i + 1] : nullptr, buf, hidden, cos, sin,
-                                positions, slot_mapping, kv_caches[i], block_tables, context_lens, work, plan, par);
+        forward_layer<scalar_t>(layers[i], i + 1 < layers.size() ? &layers[i + 1].qkv : &head.lm_head, buf, hidden,
+                                cos, sin, positions, slot_mapping, kv_caches[i], block_tables, context_lens, work, plan,
+                                par);
+      apply_head<scalar_t>(head, buf, hidden, sample_indices, rounded, logits, par);
     }
   });
+  return logits;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -253,5 +285,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", &Linear::operator());
   py::class_<DecoderLayer>(m, "DecoderLayer", py::module_local())
       .def(py::init<Linear, Linear, Linear, Linear, Tensor, Tensor, int64_t, int64_t, int64_t, double, double>());
+  py::class_<ModelHead>(m, "ModelHead", py::module_local()).def(py::init<Tensor, Linear, double>());
   m.def("forward_layers", &forward_layers, py::call_guard<py::gil_scoped_release>());
 }
