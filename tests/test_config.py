@@ -57,3 +57,18 @@ def test_a_model_folder_declares_its_newest_versions_length(tmp_path):
         (tmp_path / str(version) / "engine.json").write_text(json.dumps({"model": "x", "max_model_len": length}))
     assert declared_max_model_len(tmp_path) == 2048
     assert declared_max_model_len(tmp_path / "3") is None  # no versions below it
+
+
+def test_the_llm_stub_starts_its_engine_before_importing_torch():
+    """The llm model's Triton stub reads engine.json and starts the engine process first, loading transformers
+    and torch (with the tokenizer) while the engine builds: its code and the config import neither."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    engine_json = Path(__file__).resolve().parents[1] / "model_repository" / "llm" / "1" / "engine.json"
+    code = ("import sys; from pathlib import Path; import pagedllm.serving.llm; "
+            "from pagedllm.engine.config import read_engine_json; read_engine_json(Path(sys.argv[1])); "
+            "print(*[m for m in ('torch', 'transformers', 'xgrammar') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code, str(engine_json)], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""

@@ -7,12 +7,15 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 
 from pagedllm.cache import cache_dir
 from pagedllm.errors import ModelNotFoundError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ def ensure_default_model() -> Path:
 
 def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
     """De-quantize the GGUF to float32 safetensors with transformers, once; written atomically."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     logger.info("converting %s to safetensors in %s (one time)", gguf_file, target)

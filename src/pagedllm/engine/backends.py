@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 if TYPE_CHECKING:
     from pagedllm.engine.config import EngineConfig
     from pagedllm.engine.kernels.cpu_isa import CpuPlan
@@ -91,6 +89,7 @@ def resolve(config: EngineConfig) -> Backend:
 def _fit_cpu_prefill(model: LlamaForCausalLM, config: EngineConfig) -> CpuPlan:
     """The CPU plan; bf16 prefill attention in float32 where the tier has no oneDNN bf16 (torch's bf16 bmm is
     a slow loop without it)."""
+    import torch  # not at import: config.py says why
     plan = config.cpu_plan()
     if config.torch_dtype == torch.bfloat16 and not plan.onednn_bf16:
         for layer in model.layers:

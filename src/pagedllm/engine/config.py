@@ -1,13 +1,14 @@
-"""Engine configuration: plain dataclasses that flow from one place (EngineConfig)."""
+"""Engine configuration: plain dataclasses that flow from one place (EngineConfig).
+
+No torch at import (nor in the modules imported here): the llm model's Triton stub reads engine.json and starts
+the engine process first, and imports the rest while the engine builds."""
 from __future__ import annotations
 
 import json
 import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pagedllm.engine import backends
 from pagedllm.engine.kernels import cpu_isa
@@ -15,12 +16,15 @@ from pagedllm.engine.sampling_params import check_int
 from pagedllm.errors import ModelNotFoundError, UnsupportedModelError
 from pagedllm.restart_policy import RestartPolicy
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 BACKENDS = ("auto", *backends.BACKENDS)
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DTYPES = ("auto", *_DTYPES)
+_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}  # per value of each dtype
+DTYPES = ("auto", *_BYTES)
 CPU_ISAS = ("auto", *(isa.value for isa in cpu_isa.CpuIsa))
 
 
@@ -179,7 +183,8 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.resolved_dtype()]
+        import torch
+        return getattr(torch, self.resolved_dtype())
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":
@@ -198,6 +203,7 @@ class EngineConfig:
         return backends.resolve(self).name
 
     def resolved_device(self) -> torch.device:
+        import torch
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -253,8 +259,8 @@ def num_blocks_for(config: EngineConfig, model: ModelConfig) -> int:
     """KV blocks that fit in `kv_cache_memory` unless `num_kv_blocks` is given."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
-    per_block = 2 * model.num_hidden_layers * config.block_size * model.num_key_value_heads * model.head_dim * itemsize
+    per_block = 2 * model.num_hidden_layers * config.block_size * model.num_key_value_heads * model.head_dim
+    per_block *= _BYTES[config.resolved_dtype()]
     return max(1, config.kv_cache_memory // per_block)
 
 

@@ -28,9 +28,8 @@ from typing import Any
 from pagedllm.engine import wire
 from pagedllm.engine.config import EngineConfig, SupervisionConfig
 from pagedllm.engine.faults import Faults
-from pagedllm.engine.loop import DeltaCallback
 from pagedllm.engine.sampling_params import SamplingParams
-from pagedllm.engine.sequence import RequestDelta
+from pagedllm.engine.sequence import DeltaCallback, RequestDelta
 from pagedllm.engine.wire import EngineState
 from pagedllm.errors import EngineDeadError, ErrorCode, RequestError
 

@@ -16,12 +16,10 @@ from dataclasses import dataclass
 
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.sampling_params import SamplingParams
-from pagedllm.engine.sequence import RequestDelta
+from pagedllm.engine.sequence import DeltaCallback, RequestDelta
 from pagedllm.errors import EngineDeadError, ErrorCode, OverloadedError, RequestError
 
 logger = logging.getLogger(__name__)
-
-DeltaCallback = Callable[[RequestDelta], None]
 
 
 @dataclass

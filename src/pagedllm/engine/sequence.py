@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.errors import RequestError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class FinishReason(enum.StrEnum):
@@ -148,3 +150,6 @@ class RequestOutput:
         return cls(seq.request_id, list(seq.prompt_token_ids), seq.output_token_ids, seq.detokenizer.output_text,
                    seq.finish_reason, seq.logprobs if seq.params.logprobs is not None else None,
                    seq.arrival_time, seq.first_token_time, seq.finish_time, seq.num_cached_tokens)
+
+
+DeltaCallback = Callable[[RequestDelta], None]  # where a request's deltas go

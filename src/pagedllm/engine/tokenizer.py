@@ -6,13 +6,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer
-
 from pagedllm.errors import FieldError
 from pagedllm.tool_format import ToolUse, chat_for_model, renders_tools
 
 
 def load_tokenizer(model_path: Path) -> Any:
+    from transformers import AutoTokenizer  # here: transformers brings torch, which a Triton stub loads late
     return AutoTokenizer.from_pretrained(model_path)
 
 

@@ -41,7 +41,8 @@ class LLMModel:
         engine_config, supervision = read_engine_json(Path(args["model_repository"]) / args["model_version"] /
                                                       "engine.json")
         self.metrics = ServingMetrics(self.backend.pb.MetricFamily, self.name, args["model_version"])
-        # The tokenizer loads (about 1 s) while the engine process starts: waiting for it holds no GIL.
+        # The tokenizer (and with it transformers and torch, which this stub does not import before) loads while
+        # the engine process starts: waiting for the engine holds no GIL.
         with ThreadPoolExecutor(1) as pool:
             tokenizer = pool.submit(load_tokenizer, resolve_model_path(engine_config.model))
             self.loop = EngineProcess(engine_config, supervision, on_stats=self.metrics.on_stats,
