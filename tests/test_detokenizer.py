@@ -2,6 +2,8 @@
 are matched across token boundaries."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -78,3 +80,14 @@ def test_stop_string_across_token_boundaries(tokenizer, include):
     deltas, detok = _stream(tokenizer, ids, stop=["wo. EN", "never"], include_stop=include)
     expected = "The answer is forty-two. EN" if include else "The answer is forty-t"
     assert "".join(deltas) == detok.output_text == expected
+
+
+def test_a_tokenizer_that_cleans_up_spaces_streams_what_its_decode_returns(tokenizer):
+    """The Rust tokenizer is called directly only where transformers' decode adds nothing to it (the embedded
+    model's, above); one that may clean up spaces before punctuation streams through its own decode."""
+    assert not tokenizer.clean_up_tokenization_spaces
+    cleaning = copy.deepcopy(tokenizer)
+    cleaning.clean_up_tokenization_spaces = True
+    ids = cleaning.encode("Hello , world . It is n't", add_special_tokens=False)
+    deltas, detok = _stream(cleaning, ids)
+    assert "".join(deltas) == cleaning.decode(ids) and detok._decoder is cleaning

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.engine.sampler import WIDTHS, Sampler, _Limits, apply_penalties
+from pagedllm.engine.sampler import WIDTHS, Sampler, _Limits, apply_penalties, greedy
 
 LOGITS = torch.log(torch.tensor([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02]))
 
@@ -173,3 +173,13 @@ def test_rows_that_look_further_still_draw_only_kept_tokens():
     tokens = Sampler(seed=1)(logits, [_Seq([], 0, params) for _ in spreads], []).token_ids
     for row, token in enumerate(tokens):
         assert _filter_row(logits[row], 0, 0.9, 0.01)[token].isfinite(), row
+
+
+def test_greedy_takes_the_first_of_equal_maxima_as_torch_does():
+    logits = torch.randn(5, 1000)
+    logits[1, [3, 700]] = 50.0  # a tie
+    logits[4] = 0.0  # all equal
+    assert greedy(logits).tolist() == logits.argmax(dim=-1).tolist()
+    assert greedy(logits)[1] == 3 and greedy(logits)[4] == 0
+    strided = logits[:, ::2]
+    assert greedy(strided).tolist() == strided.argmax(dim=-1).tolist()

@@ -14,6 +14,11 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], stop: list[str],
                  skip_special_tokens: bool = True, include_stop: bool = False) -> None:
         self.tokenizer = tokenizer
+        # A fast tokenizer that cleans up no spaces decodes as its Rust tokenizer does; called directly, without
+        # transformers' wrapper around it (15-20 us a call, two calls a token).
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        plain = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+        self._decoder = backend if plain else tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop, self.include_stop = stop, include_stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
@@ -55,4 +60,4 @@ class IncrementalDetokenizer:
         return True
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self._decoder.decode(ids, skip_special_tokens=self.skip_special_tokens)
