@@ -68,4 +68,7 @@ def test_tokens_wasted_after_cancel(server, path):
         f.write(json.dumps(record) + "\n")
     assert wasted <= MAX_TOKENS  # the bound on every path: the request's own max_tokens
     if path == "grpc/llm":
-        assert wasted <= 10, record  # cancelled inside the engine within a couple of steps
+        # cancelled inside the engine within one cancellation poll of the stub (50 ms: 8-9 tokens at batch 1's 170
+        # tok/s) and the step in flight, counted here in engine.json's stream_interval of 4: 5, 9 or 13 (10 held
+        # while decode ran at 110-160 tok/s)
+        assert wasted <= 4 * 4, record
