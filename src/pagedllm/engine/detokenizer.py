@@ -13,7 +13,6 @@ _REPLACEMENT = "\ufffd"
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], stop: list[str],
                  skip_special_tokens: bool = True, include_stop: bool = False) -> None:
-        self.tokenizer = tokenizer
         # A fast tokenizer that cleans up no spaces decodes as its Rust tokenizer does; called directly, without
         # transformers' wrapper around it (15-20 us a call, two calls a token).
         backend = getattr(tokenizer, "backend_tokenizer", None)
