@@ -120,3 +120,17 @@ def test_int8_matches_transformers_on_the_same_codes(tiny_model_dir, tmp_path, i
               cpu_isa=isa.value)
     outs = llm.generate(prompts, SamplingParams(max_tokens=16, **GREEDY), use_tqdm=False)
     assert [o.token_ids for o in outs] == hf_greedy(tmp_path, prompts, 16)
+
+
+def test_a_sample_row_outside_the_step_is_refused_by_the_kernels(tiny_model_dir):
+    """The C++ head copies the sampled rows without torch's index checks: an index past the step's rows is an
+    error naming it, not a read past the hidden states."""
+    llm = LLM(str(tiny_model_dir("llama3")), dtype="float32", attention_backend="cpu", block_size=4)
+    model = llm.engine.runner.model
+    calls = []
+    forward_layers = model._forward_layers
+    model._forward_layers = lambda *args: calls.append(args) or forward_layers(*args)
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=1, **GREEDY), use_tqdm=False)
+    *args, sample_indices = calls[0]
+    with pytest.raises(RuntimeError, match=r"sample_indices\[0\] = 3 is not a row of hidden \(3 rows\)"):
+        forward_layers(*args, sample_indices + 1)

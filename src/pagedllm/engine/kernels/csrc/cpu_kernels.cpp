@@ -254,8 +254,13 @@ Tensor forward_layers(const std::vector<DecoderLayer>& layers, const ModelHead& 
   TORCH_CHECK(first.H / first.KVH <= kMaxGroup && first.D <= kMaxHeadDim, "forward_layers: head shape unsupported");
   AttentionWork work = work_for(token_seq, prefill_seqs, context_lens);
   AttentionPlan plan = plan_for(work, first.H, first.KVH, first.D, kv_caches[0].size(3));
-  TORCH_CHECK(sample_indices.scalar_type() == at::kLong && sample_indices.size(0) <= hidden.size(0),
+  TORCH_CHECK(sample_indices.scalar_type() == at::kLong && sample_indices.dim() == 1 &&
+              sample_indices.is_contiguous() && sample_indices.size(0) <= hidden.size(0),
               "forward_layers: sample_indices, int64 rows of hidden");
+  const int64_t* sampled = sample_indices.data_ptr<int64_t>();
+  for (int64_t r = 0; r < sample_indices.size(0); ++r)  // apply_head copies these rows unchecked
+    TORCH_CHECK(sampled[r] >= 0 && sampled[r] < hidden.size(0), "forward_layers: sample_indices[", r, "] = ",
+                sampled[r], " is not a row of hidden (", hidden.size(0), " rows)");
   StepBuffers buf(hidden, first, plan);
   Tensor logits = torch::empty({sample_indices.size(0), head.lm_head.out_features}, hidden.options().dtype(at::kFloat));
   Tensor rounded = hidden.scalar_type() == at::kFloat ? logits : torch::empty(logits.sizes(), hidden.options());
