@@ -8,13 +8,16 @@
   tritonserver. Triton 2.51 cannot recover such a stub: the streams it held stay open, its version never
   finishes unloading, and shutdown waits out the exit timeout. So tritonserver is killed (every stream ends
   at once with a connection error, which clients retry) and started again. That happens after 1, 2, 4... s,
-  and after `max_restarts` within `restart_window` s serve gives up and exits 1.
+  and after `max_restarts` within `restart_window` s serve gives up and exits 1. A killed stub that held the
+  backend's IPC mutex makes tritonserver abort (boost's lock_exception) within milliseconds, before any poll
+  would see the zombie; so serve holds a pidfd of every stub and of tritonserver and wakes on the first exit.
 
 The signal handler only sets a flag. Waiting on a child inside it, while the main thread waits on the same
 child, deadlocks on Popen's lock."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -26,10 +29,13 @@ from pagedllm.launcher import ADMIN_KEY_ENV, TritonServer
 from pagedllm.restart_policy import RestartPolicy
 
 POLL_SECONDS = 0.25
+UNLOAD_GRACE_SECONDS = 0.2  # a stub's exit to tritonserver reaping it, when its model is unloaded
 
 
-def dead_stub(parent_pid: int) -> int | None:
-    """A Python-backend stub of `parent_pid` that died and was not reaped (its comm is cut to 15 chars)."""
+def python_stubs(parent_pid: int) -> dict[int, str]:
+    """The Python-backend stubs among `parent_pid`'s children, with their state ("Z": died, not reaped).
+    Their comm is cut to 15 chars."""
+    stubs = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -38,9 +44,55 @@ def dead_stub(parent_pid: int) -> int | None:
         except (OSError, ValueError):
             continue
         state, ppid = rest.split()[:2]
-        if state == "Z" and int(ppid) == parent_pid and comm.endswith("triton_python_b"):
-            return int(proc.name)
-    return None
+        if int(ppid) == parent_pid and comm.endswith("triton_python_b"):
+            stubs[int(proc.name)] = state
+    return stubs
+
+
+def dead_stub(parent_pid: int) -> int | None:
+    """A Python-backend stub of `parent_pid` that died and was not reaped."""
+    return next((pid for pid, state in python_stubs(parent_pid).items() if state == "Z"), None)
+
+
+class ExitWatch:
+    """Wakes the moment tritonserver or one of its Python stubs exits (a pidfd turns readable at exit), so a
+    stub's death is seen even when tritonserver aborts because of it a few milliseconds later."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.fds = {server_pid: os.pidfd_open(server_pid)}
+
+    def add_stubs(self) -> None:
+        for pid in python_stubs(self.server_pid):
+            if pid not in self.fds:
+                try:
+                    self.fds[pid] = os.pidfd_open(pid)
+                except ProcessLookupError:  # gone already; dead_stub() or the server's exit will tell
+                    pass
+
+    def wait(self, timeout: float) -> int | None:
+        """A stub that died, after the first exit or `timeout` s. A stub that tritonserver reaps (its model
+        unloaded) is not one: it is gone from /proc within the grace, while a dead stub stays a zombie or
+        takes tritonserver down with it."""
+        exited = self._exited(timeout)
+        stubs = [pid for pid in exited if pid != self.server_pid]
+        if not stubs:
+            return None
+        server_died = self.server_pid in exited or bool(self._exited(UNLOAD_GRACE_SECONDS, [self.server_pid]))
+        zombies = {pid for pid, state in python_stubs(self.server_pid).items() if state == "Z"}
+        for pid in stubs:
+            os.close(self.fds.pop(pid))
+        return next((pid for pid in stubs if server_died or pid in zombies), None)
+
+    def _exited(self, timeout: float, pids: list[int] | None = None) -> list[int]:
+        fds = {pid: self.fds[pid] for pid in (pids or self.fds)}
+        ready, _, _ = select.select(list(fds.values()), [], [], timeout)
+        return [pid for pid, fd in fds.items() if fd in ready]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
 
 class Supervisor:
@@ -72,11 +124,21 @@ class Supervisor:
         if self.gateway_command:
             env = {k: v for k, v in os.environ.items() if k != ADMIN_KEY_ENV}  # the gateway has no use for it
             self.gateway = subprocess.Popen(self.gateway_command, env=env)
-        while not self.stopping.is_set() and all(child.poll() is None for child in self.children()):
-            self.stopping.wait(POLL_SECONDS)
-            stub = dead_stub(self.server.process.pid)
-            if stub is not None and not self._restart_server(stub):
-                return self._stop(gave_up=True)
+        watch = ExitWatch(self.server.process.pid)
+        try:
+            while not self.stopping.is_set() and all(child.poll() is None for child in self.children()):
+                watch.add_stubs()
+                stub = watch.wait(POLL_SECONDS) or dead_stub(self.server.process.pid)
+                if stub is None:
+                    continue
+                watch.close()
+                if not self._restart_server(stub):
+                    return self._stop(gave_up=True)
+                if self.stopping.is_set():
+                    break
+                watch = ExitWatch(self.server.process.pid)
+        finally:
+            watch.close()
         return self._stop()
 
     def _wait_ready(self) -> bool:
