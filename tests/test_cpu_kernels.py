@@ -9,6 +9,7 @@ from torch import nn
 
 from pagedllm.engine.attention import CacheGeometry, QueryGroup, TorchPagedAttention, build_metadata
 from pagedllm.engine.kernels import cpu as cpu_kernels
+from pagedllm.engine.kernels.cpu import from_kernel_layout, to_kernel_layout
 from pagedllm.engine.models.llama import RMSNorm, apply_rope
 from tests.support.kernel_tiers import RUNNABLE, ops_for
 
@@ -89,6 +90,19 @@ def _cache_and_meta(geo: CacheGeometry, context_lens: list[int], dtype: torch.dt
         build_metadata(slots, groups, geo, dtype, torch.device("cpu"), kernel_only=True).kernel
 
 
+def test_bf16_cache_layout_pairs_dims_of_keys_and_positions_of_values():
+    """kernels.h kv_index: in a block, bf16 keys are K^T in pairs of dims, values pairs of positions."""
+    cache = torch.arange(2 * 1 * 2 * 4 * 6, dtype=torch.float32).view(2, 1, 2, 4, 6).to(torch.bfloat16)
+    laid = to_kernel_layout(cache)
+    keys, values = laid[0, 0, 1].flatten(), laid[1, 0, 1].flatten()  # block 1 of KV head 0
+    k, v = cache[0, 0, 1], cache[1, 0, 1]  # [position, dim]
+    assert keys[:4].tolist() == [k[0, 0], k[0, 1], k[1, 0], k[1, 1]]
+    assert values[:4].tolist() == [v[0, 0], v[1, 0], v[0, 1], v[1, 1]]
+    assert torch.equal(from_kernel_layout(laid), cache)
+    floats = cache.float()
+    assert torch.equal(to_kernel_layout(floats), floats)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (9, 3, 64)])
 def test_rope_and_kv_write_match_torch(ops, dtype, heads, kv_heads, head_dim):
@@ -104,27 +118,45 @@ def test_rope_and_kv_write_match_torch(ops, dtype, heads, kv_heads, head_dim):
     expected_cache = cache.clone()
     TorchPagedAttention(heads, kv_heads, head_dim).write_kv(
         torch.cat((rotated[:, heads:], view[:, heads + kv_heads:]), 1).to(dtype), expected_cache, meta)
+    cache = to_kernel_layout(cache)
     q = ops.rope_and_write_kv(qkv, cos, sin, positions, kernel.slot_mapping, cache, heads, kv_heads, head_dim)
     tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {}
     torch.testing.assert_close(q.float(), rotated[:, :heads].reshape(3, -1), **tol)
-    torch.testing.assert_close(cache.float(), expected_cache.float(), **tol)
+    torch.testing.assert_close(from_kernel_layout(cache).float(), expected_cache.float(), **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("context_lens", [[1], [5, 16, 33], [700], [300, 1100]])
-@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(6, 2, 32, 8), (9, 3, 64, 16), (8, 2, 128, 16)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size",
+                         [(6, 2, 32, 8), (9, 3, 64, 16), (8, 2, 128, 16), (10, 2, 80, 12)])
 def test_paged_attention_matches_torch(ops, dtype, context_lens, heads, kv_heads, head_dim, block_size):
     """Short contexts, block boundaries, and long ones that the kernel splits and merges; the generic
-    loop and (bf16, head_dim 64 or 128) the one with registers for its accumulators."""
+    loop and (bf16, head_dim 64 or 128) the one with registers for its accumulators; a group of 5, head_dim 80
+    and blocks of 12 on the general one."""
     geo = CacheGeometry(heads, kv_heads, head_dim, num_blocks=200, block_size=block_size)
     cache, meta, kernel = _cache_and_meta(geo, context_lens, dtype, seed=len(context_lens))
     q = torch.randn(len(context_lens), heads * head_dim, dtype=dtype)
     attention = TorchPagedAttention(heads, kv_heads, head_dim)
     expected = torch.cat([attention._attend_group(q.view(-1, heads, head_dim), cache, g) for g in meta.groups])
-    out = ops.paged_attention(q, cache, kernel.block_tables, kernel.token_seq, kernel.prefill_seqs, kernel.context_lens,
+    out = ops.paged_attention(q, to_kernel_layout(cache), kernel.block_tables, kernel.token_seq, kernel.prefill_seqs,
+                              kernel.context_lens,
                               heads, kv_heads, head_dim, head_dim ** -0.5)
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(out.float(), expected.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_positions_past_the_context_never_reach_the_output(ops, dtype):
+    """A freed block's old keys and values may be anything: inf and NaN past a context of 7 (an odd one, whose
+    last bf16 value pair holds position 7 too) leave the result as it was."""
+    geo = CacheGeometry(9, 3, 64, num_blocks=4, block_size=16)
+    cache, _, kernel = _cache_and_meta(geo, [7], dtype)
+    q = torch.randn(1, 9 * 64, dtype=dtype)
+    args = (kernel.block_tables, kernel.token_seq, kernel.prefill_seqs, kernel.context_lens, 9, 3, 64, 0.125)
+    clean = ops.paged_attention(q, to_kernel_layout(cache), *args)
+    block = kernel.block_tables[0, 0]
+    cache[0, :, block, 7:], cache[1, :, block, 7:] = float("inf"), float("nan")
+    torch.testing.assert_close(ops.paged_attention(q, to_kernel_layout(cache), *args), clean, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -156,7 +188,8 @@ def test_prefill_attention_matches_torch(ops, dtype, runs, heads, kv_heads, head
     attention = TorchPagedAttention(heads, kv_heads, head_dim)
     attention.compute_dtype = torch.float32
     expected = torch.cat([attention._attend_group(q.view(-1, heads, head_dim), cache, g) for g in meta.groups])
-    out = ops.paged_attention(q, cache, kernel.block_tables.index_select(0, kernel.token_seq), kernel.token_seq,
+    tables = kernel.block_tables.index_select(0, kernel.token_seq)
+    out = ops.paged_attention(q, to_kernel_layout(cache), tables, kernel.token_seq,
                               kernel.prefill_seqs, kernel.context_lens, heads, kv_heads, head_dim, head_dim ** -0.5)
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(out.float(), expected.float(), **tol)

@@ -134,3 +134,9 @@ def test_a_sample_row_outside_the_step_is_refused_by_the_kernels(tiny_model_dir)
     *args, sample_indices = calls[0]
     with pytest.raises(RuntimeError, match=r"sample_indices\[0\] = 3 is not a row of hidden \(3 rows\)"):
         forward_layers(*args, sample_indices + 1)
+
+
+def test_an_odd_block_size_with_a_bf16_cache_on_the_kernels_is_refused(tiny_model_dir):
+    """The kernels keep a bf16 cache's values in pairs of positions (kernels.h kv_index)."""
+    with pytest.raises(ValueError, match="block_size: 5 is odd"):
+        LLM(str(tiny_model_dir("llama3")), dtype="bfloat16", attention_backend="cpu", block_size=5)

@@ -41,7 +41,8 @@ class TorchBackend(Backend):
 
 
 class CpuKernelsBackend(Backend):
-    """pagedllm's C++ kernels for the CPU's tier: every linear, and whole steps in one call."""
+    """pagedllm's C++ kernels for the CPU's tier: every linear, and whole steps in one call. A bfloat16 cache is
+    in the kernels' own layout within each block (kernels.h kv_index; cpu.to_kernel_layout)."""
     name = "cpu"
     runs_int8 = True
     # every step, prefill chunks included (attended in query tiles): a 2,048-token prompt takes 2.0 s against 6.1 s
@@ -49,7 +50,12 @@ class CpuKernelsBackend(Backend):
     kernel_metadata_only = True
 
     def _install_on_cpu(self, model: LlamaForCausalLM, config: EngineConfig, plan: CpuPlan) -> str:
+        import torch  # not at import: config.py says why
+
         from pagedllm.engine.kernels import cpu as cpu_kernels
+        if config.torch_dtype == torch.bfloat16 and config.block_size % 2:
+            raise ValueError(f"block_size: {config.block_size} is odd; the CPU kernels keep a bfloat16 cache's values "
+                             "in pairs of positions (kernels.h kv_index): use an even block_size (the default is 16)")
         kind = cpu_kernels.linear_kind(config.torch_dtype, config.quantization)
         model.use_cpu_kernels(kind, cpu_kernels.load(plan.isa))
         return f"{plan.describe()}; {kind} linears, each step in one C++ call"

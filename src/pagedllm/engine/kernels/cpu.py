@@ -154,6 +154,28 @@ def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
     return _padded(weight, torch.bfloat16).view(-1, GROUP, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
+def to_kernel_layout(cache: torch.Tensor) -> torch.Tensor:
+    """A layer's cache [2, KVH, blocks, BS, D], row-major within each block (the torch backend's), in the layout the
+    kernels read and write (kernels.h kv_index): bf16 keys as K^T in pairs of dims, [D/2, BS, 2] per block, and
+    values in pairs of positions, [BS/2, D, 2]; float32 as it is."""
+    if cache.dtype != torch.bfloat16:
+        return cache.clone()
+    two, kvh, blocks, bs, d = cache.shape
+    keys = cache[0].view(kvh, blocks, bs, d // 2, 2).permute(0, 1, 3, 2, 4)
+    values = cache[1].view(kvh, blocks, bs // 2, 2, d).permute(0, 1, 2, 4, 3)
+    return torch.stack((keys.reshape(kvh, blocks, bs, d), values.reshape(kvh, blocks, bs, d)))
+
+
+def from_kernel_layout(cache: torch.Tensor) -> torch.Tensor:
+    """to_kernel_layout undone: the kernels' cache, row-major within each block."""
+    if cache.dtype != torch.bfloat16:
+        return cache.clone()
+    two, kvh, blocks, bs, d = cache.shape
+    keys = cache[0].reshape(kvh, blocks, d // 2, bs, 2).permute(0, 1, 3, 2, 4)
+    values = cache[1].reshape(kvh, blocks, bs // 2, d, 2).permute(0, 1, 2, 4, 3)
+    return torch.stack((keys.reshape(kvh, blocks, bs, d), values.reshape(kvh, blocks, bs, d)))
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: (codes [N, K] int8, scale [N] float32), weight ~ codes * scale."""
     w = weight.float()

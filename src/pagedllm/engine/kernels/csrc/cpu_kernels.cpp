@@ -128,7 +128,7 @@ Tensor rope_and_write_kv(const Tensor& qkv, const Tensor& cos, const Tensor& sin
   DISPATCH_FLOAT_BF16(qkv.scalar_type(), "rope_and_write_kv", [&] {
     rope_write_kv<scalar_t>(ptr<scalar_t>(qkv), ptr<scalar_t>(q), ptr<scalar_t>(kv_cache), cos.data_ptr<float>(),
                             sin.data_ptr<float>(), positions.data_ptr<int64_t>(), slot_mapping.data_ptr<int32_t>(), T, H,
-                            KVH, D, kv_cache.size(2) * kv_cache.size(3), Par{});
+                            KVH, D, kv_cache.size(3), kv_cache.size(2) * kv_cache.size(3), Par{});
   });
   return q;
 }
@@ -211,7 +211,8 @@ void forward_layer(const DecoderLayer& l, const Linear* then, StepBuffers& buf, 
   rms_norm_rows<T>(h, nullptr, ptr<T>(l.input_norm), ptr<T>(buf.normed), B, hidden_size, l.eps, par);
   l.qkv.run(buf.normed, buf.widened(l.qkv, buf.normed, par), buf.qkv, par, &l.o);
   rope_write_kv<T>(ptr<T>(buf.qkv), ptr<T>(buf.q), ptr<T>(kv_cache), cos.data_ptr<float>(), sin.data_ptr<float>(),
-                   positions.data_ptr<int64_t>(), slot_mapping.data_ptr<int32_t>(), B, l.H, l.KVH, l.D, cache_rows, par);
+                   positions.data_ptr<int64_t>(), slot_mapping.data_ptr<int32_t>(), B, l.H, l.KVH, l.D, BS, cache_rows,
+                   par);
   paged_attention_step<T>(ptr<T>(buf.q), ptr<T>(kv_cache), block_tables.data_ptr<int32_t>(), block_tables.size(1),
                           context_lens.data_ptr<int32_t>(), ptr<T>(buf.attn), l.H, l.KVH, l.D, BS, cache_rows, l.scale,
                           work, plan, buf.scratch.data_ptr<float>(), par);

@@ -412,33 +412,56 @@ void rms_norm_rows(T* x, T* residual, const T* w, T* out, int64_t rows, int64_t 
   });
 }
 
+constexpr int64_t kMaxGroup = 16, kMaxHeadDim = 256, kChunk = 16;  // positions scored before each softmax update
+
+// ---- the KV cache's layout --------------------------------------------------------------------------------
+// A layer's cache is [2 (keys, values), KVH, blocks, BS, D]; within one block of BS positions, where dim d of
+// position s goes. float32: row-major, [BS][D]. bf16: each operand as the bf16 dot product reads it (dot2 pairs
+// two bf16 of a 32-bit word): keys as K^T in pairs of dims, [D/2][BS] words (word (c, s) holds dims 2c and 2c+1
+// of position s), so a chunk of positions is scored by broadcast query pairs with no transposes or horizontal
+// sums; values in pairs of positions, [BS/2][D] words (word (u, d) holds dim d of positions 2u and 2u+1), so
+// two positions' weights go into one instruction. BS is even for bf16 (backends.py checks it). vLLM's and
+// SGLang's CPU attention transpose K per block likewise.
+template <typename T>
+inline int64_t kv_index(bool value, int64_t row, int64_t d, int64_t D, int64_t BS) {
+  if constexpr (std::is_same<T, float>::value) return row * D + d;
+  const int64_t block = row / BS * BS * D, s = row % BS;
+  return block + (value ? (s / 2 * D + d) * 2 + s % 2 : (d / 2 * BS + s) * 2 + d % 2);
+}
+
+inline const uint32_t* words(const bf16* p) { return reinterpret_cast<const uint32_t*>(p); }
+
 // ---- rotary embedding of queries and keys, and the keys and values written into the paged cache ----------
-// qkv: [T, (H + 2 KVH) * D]; cache: [2, KVH, num_blocks * block_size, D]; cos/sin: [max_positions, D].
+// qkv: [T, (H + 2 KVH) * D]; cache: [2, KVH, num_blocks * block_size, D] as kv_index lays it out; cos/sin: [max_positions, D].
 template <typename T>
 void rope_write_kv(const T* qkv, T* q_out, T* cache, const float* cos, const float* sin, const int64_t* positions,
-                   const int32_t* slots, int64_t tokens, int64_t H, int64_t KVH, int64_t D, int64_t cache_rows,
-                   const Par& par) {
+                   const int32_t* slots, int64_t tokens, int64_t H, int64_t KVH, int64_t D, int64_t BS,
+                   int64_t cache_rows, const Par& par) {
   const int64_t half = D / 2, width = (H + 2 * KVH) * D;
   par(tokens * (H + 2 * KVH), 256, [&](int64_t begin, int64_t end) {
+    T row[kMaxHeadDim];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t tok = t / (H + 2 * KVH), head = t % (H + 2 * KVH);
       const T* src = qkv + tok * width + head * D;
-      T* dst = head < H ? q_out + (tok * H + head) * D
-                        : cache + ((head - H) * cache_rows + slots[tok]) * D;  // keys then values, by head
-      if (head >= H + KVH) {  // values are copied as they are
-        for (int64_t i = 0; i < D; i += kLanes) store_n(dst + i, load_n(src + i, D - i), D - i);
-        continue;
+      const bool query = head < H, value = head >= H + KVH;
+      T* dst = query ? q_out + (tok * H + head) * D : row;
+      if (value) {
+        std::memcpy(row, src, D * sizeof(T));
+      } else {
+        const float* c = cos + positions[tok] * D;
+        const float* s = sin + positions[tok] * D;
+        for (int64_t i = 0; i < half; i += kLanes) {
+          const int64_t n = half - i;
+          const VecF lo = load_n(src + i, n), hi = load_n(src + half + i, n);
+          const VecF lo_out = fma(lo, load_n(c + i, n), sub(zero(), mul(hi, load_n(s + i, n))));
+          const VecF hi_out = fma(hi, load_n(c + half + i, n), mul(lo, load_n(s + half + i, n)));
+          store_n(dst + i, lo_out, n);
+          store_n(dst + half + i, hi_out, n);
+        }
       }
-      const float* c = cos + positions[tok] * D;
-      const float* s = sin + positions[tok] * D;
-      for (int64_t i = 0; i < half; i += kLanes) {
-        const int64_t n = half - i;
-        const VecF lo = load_n(src + i, n), hi = load_n(src + half + i, n);
-        const VecF lo_out = fma(lo, load_n(c + i, n), sub(zero(), mul(hi, load_n(s + i, n))));
-        const VecF hi_out = fma(hi, load_n(c + half + i, n), mul(lo, load_n(s + half + i, n)));
-        store_n(dst + i, lo_out, n);
-        store_n(dst + half + i, hi_out, n);
-      }
+      if (query) continue;
+      T* head_cache = cache + (head - H) * cache_rows * D;  // keys then values, by head
+      for (int64_t d = 0; d < D; ++d) head_cache[kv_index<T>(value, slots[tok], d, D, BS)] = row[d];
     }
   });
 }
@@ -447,9 +470,7 @@ void rope_write_kv(const T* qkv, T* q_out, T* cache, const float* cos, const flo
 // Each work item is (sequence, KV head, split): it reads its share of the context once for all the query heads
 // of its group, keeping a running max, sum and weighted values (flash-decoding); splits are merged afterwards.
 // q, out: [B, H * D]; block tables: [B, max_blocks] int32; context_lens: [B] int32.
-constexpr int64_t kMaxGroup = 16, kMaxHeadDim = 256, kChunk = 16;  // positions scored before each softmax update
 static_assert(kChunk == 16, "reduce_add_16 sums a chunk of scores");
-constexpr int64_t kMaxPairs = kMaxHeadDim / (2 * kLanes);          // bf16-pair vectors in a head
 
 // How a decode batch's contexts are split: enough splits that threads share the work evenly at batch 1, none
 // shorter than 256 positions, each a whole number of blocks; and the float32 scratch the splits need.
@@ -486,21 +507,9 @@ inline float softmax_update(float* scores, int64_t nt, float& m, float& l) {
   return correction;
 }
 
-// scores[g][t] = q_g . k * scale for every query head g of the group: bf16 keys against the queries as bf16
-// pairs (exact products, float32 sums: what a bf16 matmul computes); float32 keys against the scaled queries.
-inline void scores_of_key(const float (*)[kMaxHeadDim], const PairX (*qp)[kMaxPairs], const bf16* k, int64_t D,
-                          int64_t group, float scale, float (*scores)[kChunk], int64_t t) {
-  VecW kw[kMaxPairs];
-  for (int64_t c = 0; c * 2 * kLanes < D; ++c) kw[c] = load_words_n(k + 2 * kLanes * c, D - 2 * kLanes * c);
-  for (int64_t g = 0; g < group; ++g) {
-    VecF s = zero();
-    for (int64_t c = 0; c * 2 * kLanes < D; ++c) s = dot2(s, kw[c], qp[g][c]);
-    scores[g][t] = reduce_add(s) * scale;
-  }
-}
-
-inline void scores_of_key(const float (*qf)[kMaxHeadDim], const PairX (*)[kMaxPairs], const float* k, int64_t D,
-                          int64_t group, float, float (*scores)[kChunk], int64_t t) {
+// scores[g][t] = q_g . k for every query head g of the group (the queries scaled): float32 caches.
+inline void scores_of_key(const float (*qf)[kMaxHeadDim], const float* k, int64_t D, int64_t group,
+                          float (*scores)[kChunk], int64_t t) {
   for (int64_t g = 0; g < group; ++g) {
     VecF s = zero();
     for (int64_t d = 0; d < D; d += kLanes) s = fma(load_n(qf[g] + d, D - d), load_n(k + d, D - d), s);
@@ -526,30 +535,27 @@ inline int64_t fetch_block(const int32_t* table, int64_t pos, int64_t last, int6
   return ahead < last && table[i] != table[i - 1] + 1 ? int64_t(table[i]) * BS : -1;
 }
 
-template <typename T>
-void attend_split(const T* q, const T* cache, const int32_t* table, int64_t first, int64_t last, int64_t BS,
+// One split of a float32 cache for the query heads of KV head kv_head's group.
+void attend_split(const float* q, const float* cache, const int32_t* table, int64_t first, int64_t last, int64_t BS,
                   int64_t D, int64_t group, int64_t cache_rows, int64_t kv_head, int64_t KVH, float scale,
                   float* m_out, float* l_out, float* acc_out) {
-  const T* keys = cache + kv_head * cache_rows * D;
-  const T* values = cache + (KVH + kv_head) * cache_rows * D;
-  alignas(64) float qf[kMaxGroup][kMaxHeadDim];  // float32 caches: the scaled queries
-  PairX qp[kMaxGroup][kMaxPairs];                // bf16 caches: the queries as bf16 pairs
+  const float* keys = cache + kv_head * cache_rows * D;
+  const float* values = cache + (KVH + kv_head) * cache_rows * D;
+  alignas(64) float qf[kMaxGroup][kMaxHeadDim];  // the scaled queries
   float m[kMaxGroup], l[kMaxGroup];
   for (int64_t g = 0; g < group; ++g) {
     m[g] = -INFINITY, l[g] = 0.f;
     for (int64_t d = 0; d < D; d += kLanes) {
-      if constexpr (std::is_same<T, float>::value) store_n(qf[g] + d, mul(load_n(q + g * D + d, D - d), set1(scale)), D - d);
+      store_n(qf[g] + d, mul(load_n(q + g * D + d, D - d), set1(scale)), D - d);
       store_n(acc_out + g * D + d, zero(), D - d);
     }
-    if constexpr (std::is_same<T, bf16>::value)
-      for (int64_t c = 0; c * 2 * kLanes < D; ++c) qp[g][c] = pair_of(load_words_n(q + g * D + 2 * kLanes * c, D - 2 * kLanes * c));
   }
   alignas(64) float scores[kMaxGroup][kChunk];
   for (int64_t pos = first; pos < last; pos += BS) {
     const int64_t n = std::min(BS, last - pos), row0 = int64_t(table[pos / BS]) * BS;
     for (int64_t t0 = 0; t0 < n; t0 += kChunk) {
       const int64_t nt = std::min<int64_t>(kChunk, n - t0);
-      for (int64_t t = 0; t < nt; ++t) scores_of_key(qf, qp, keys + (row0 + t0 + t) * D, D, group, scale, scores, t);
+      for (int64_t t = 0; t < nt; ++t) scores_of_key(qf, keys + (row0 + t0 + t) * D, D, group, scores, t);
       for (int64_t g = 0; g < group; ++g) {
         const VecF correction = set1(softmax_update(scores[g], nt, m[g], l[g]));
         float* acc = acc_out + g * D;
@@ -558,7 +564,7 @@ void attend_split(const T* q, const T* cache, const int32_t* table, int64_t firs
       const int64_t ahead = fetch_block(table, pos, last, BS);
       for (int64_t t = 0; t < nt; ++t) {
         if (ahead >= 0) fetch_row(keys + (ahead + t0 + t) * D, D), fetch_row(values + (ahead + t0 + t) * D, D);
-        const T* v = values + (row0 + t0 + t) * D;
+        const float* v = values + (row0 + t0 + t) * D;
         for (int64_t d = 0; d < D; d += kLanes) {
           const VecF vv = load_n(v + d, D - d);
           for (int64_t g = 0; g < group; ++g) {
@@ -572,80 +578,148 @@ void attend_split(const T* q, const T* cache, const int32_t* table, int64_t firs
   for (int64_t g = 0; g < group; ++g) m_out[g] = m[g], l_out[g] = l[g];
 }
 
-// attend_split for a bf16 cache whose group size G and head_dim are known at compile time: the queries and the
-// weighted values stay in registers (where they fit) instead of being reloaded for every position.
+// The first n words at p as a vector, the rest zero (n may be 0 or less).
+inline VecW load_words_upto(const uint32_t* p, int64_t n) {
+  return n >= kLanes ? load_words(p) : load_words_n(reinterpret_cast<const bf16*>(p), 2 * std::max<int64_t>(n, 0));
+}
+
+constexpr int kChunkVecs = int(kChunk / kLanes);  // a chunk's scores in vectors
+
+// One split of a bf16 cache in its block layout (kv_index) for the query heads of KV head kv_head's group. Per
+// chunk of up to kChunk positions of one block: every head's scores as vectors over the positions (dot2 of K^T's
+// rows against the query's pairs, broadcast), the running max raised only where the chunk passes it, the weights
+// rounded to bf16 pairs and the values accumulated two positions per dot2 (torch's bf16 flash attention rounds its
+// weights to bf16 for the same product). G and HEAD_DIM fixed (> 0): the accumulators stay in registers; 0: any
+// group and head_dim, from the arguments (accumulators in memory). In L3 on Zen 4 (9 heads, 3 KV heads, head_dim
+// 64, one thread), a 16-position chunk took 130 ns against 190-235 ns for row-major keys and values (the keys'
+// horizontal sums, the values widened to float32 and one float32 FMA per position).
 template <int G, int HEAD_DIM>
-void attend_split_fixed(const bf16* q, const bf16* cache, const int32_t* table, int64_t first, int64_t last,
-                        int64_t BS, int64_t cache_rows, int64_t kv_head, int64_t KVH, float scale, float* m_out,
-                        float* l_out, float* acc_out) {
-  constexpr int64_t D = HEAD_DIM, ND = D / kLanes, NC = D / (2 * kLanes);
-  const bf16* keys = cache + kv_head * cache_rows * D;
-  const bf16* values = cache + (KVH + kv_head) * cache_rows * D;
-  PairX qp[G][NC];
-  VecF acc[G][ND];
-  float m[G], l[G];
-  for (int g = 0; g < G; ++g) {
-    m[g] = -INFINITY, l[g] = 0.f;
-    for (int c = 0; c < NC; ++c) qp[g][c] = pair_of(load_words(q + g * D + 2 * kLanes * c));
-    for (int c = 0; c < ND; ++c) acc[g][c] = zero();
+void attend_pairs(const bf16* q, const bf16* cache, const int32_t* table, int64_t first, int64_t last, int64_t BS,
+                  int64_t head_dim, int64_t group_size, int64_t cache_rows, int64_t kv_head, int64_t KVH, float scale,
+                  float* m_out, float* l_out, float* acc_out) {
+  constexpr bool fixed = G > 0;
+  constexpr int GM = fixed ? G : int(kMaxGroup), NDM = fixed ? HEAD_DIM / kLanes : int(kMaxHeadDim / kLanes);
+  constexpr int NA = GM * kChunkVecs >= 8 ? 1 : 2;  // score accumulators per vector: chains of dot2 to overlap
+  const int64_t group = fixed ? G : group_size, D = fixed ? HEAD_DIM : head_dim;
+  const int64_t NC = D / 2, ND = (D + kLanes - 1) / kLanes;
+  const uint32_t* keys = words(cache + kv_head * cache_rows * D);
+  const uint32_t* values = words(cache + (KVH + kv_head) * cache_rows * D);
+  const uint32_t* qw = words(q);  // [group][NC] pairs
+  VecF acc[GM][NDM], lsum[GM][kChunkVecs];
+  float m[GM];
+  for (int g = 0; g < group; ++g) {
+    m[g] = -INFINITY;
+    for (int v = 0; v < kChunkVecs; ++v) lsum[g][v] = zero();
+    for (int i = 0; i < ND; ++i) acc[g][i] = zero();
   }
-  alignas(64) float scores[G][kChunk];
+  alignas(64) bf16 weights[GM][kChunk];
+  alignas(64) float tail[kChunk];
+  alignas(64) uint32_t last_pair[kMaxHeadDim];
   for (int64_t pos = first; pos < last; pos += BS) {
-    const int64_t n = std::min(BS, last - pos), row0 = int64_t(table[pos / BS]) * BS;
+    const int64_t n = std::min(BS, last - pos), block = int64_t(table[pos / BS]) * BS * NC;  // in words
+    const uint32_t* kb = keys + block;
+    const uint32_t* vb = values + block;
+    const int64_t ahead = fetch_block(table, pos, last, BS);
     for (int64_t t0 = 0; t0 < n; t0 += kChunk) {
       const int64_t nt = std::min<int64_t>(kChunk, n - t0);
-      for (int g = 0; g < G; ++g) {  // a chunk's products per query head, then their sums at once
-        VecF sums[kChunk];
-        for (int64_t t = 0; t < kChunk; ++t) {
-          sums[t] = zero();
-          if (t >= nt) continue;
-          const bf16* k = keys + (row0 + t0 + t) * D;
-          for (int c = 0; c < NC; ++c) sums[t] = dot2(sums[t], load_words(k + 2 * kLanes * c), qp[g][c]);
+      if (ahead >= 0)  // the block ahead's share of this chunk, keys and values
+        for (int64_t b = 0; b < nt * D * int64_t(sizeof(bf16)); b += 64)
+          prefetch(reinterpret_cast<const char*>(keys + ahead * NC + t0 * NC) + b),
+              prefetch(reinterpret_cast<const char*>(values + ahead * NC + t0 * NC) + b);
+      VecF s[GM][kChunkVecs][NA];
+      for (int g = 0; g < group; ++g)
+        for (int v = 0; v < kChunkVecs; ++v)
+          for (int a = 0; a < NA; ++a) s[g][v][a] = zero();
+      for (int64_t c0 = 0; c0 < NC; c0 += NA) {  // NA is 2 for the fixed shapes only, whose NC is even
+        PAGEDLLM_UNROLL
+        for (int a = 0; a < NA; ++a) {
+          const int64_t c = c0 + a;
+          VecW k[kChunkVecs];
+          for (int v = 0; v < kChunkVecs; ++v)
+            k[v] = nt == kChunk ? load_words(kb + c * BS + t0 + v * kLanes)
+                                : load_words_upto(kb + c * BS + t0 + v * kLanes, nt - v * kLanes);
+          PAGEDLLM_UNROLL
+          for (int g = 0; g < group; ++g) {
+            const PairX x = broadcast_pair(qw[g * NC + c]);
+            for (int v = 0; v < kChunkVecs; ++v) s[g][v][a] = dot2(s[g][v][a], k[v], x);
+          }
         }
-        reduce_add_16(sums, scores[g]);
-        for (int64_t t = 0; t < kChunk; t += kLanes) store(scores[g] + t, mul(load(scores[g] + t), set1(scale)));
       }
-      for (int g = 0; g < G; ++g) {
-        const VecF correction = set1(softmax_update(scores[g], nt, m[g], l[g]));
-        for (int c = 0; c < ND; ++c) acc[g][c] = mul(acc[g][c], correction);
+      for (int g = 0; g < group; ++g) {
+        VecF sc[kChunkVecs], top = set1(-INFINITY);
+        for (int v = 0; v < kChunkVecs; ++v) {
+          sc[v] = s[g][v][0];
+          for (int a = 1; a < NA; ++a) sc[v] = add(sc[v], s[g][v][a]);
+          sc[v] = mul(sc[v], set1(scale));
+        }
+        if (nt < kChunk) {  // positions past the chunk score -inf
+          for (int v = 0; v < kChunkVecs; ++v) store(tail + v * kLanes, sc[v]);
+          for (int64_t t = nt; t < kChunk; ++t) tail[t] = -INFINITY;
+          for (int v = 0; v < kChunkVecs; ++v) sc[v] = load(tail + v * kLanes);
+        }
+        for (int v = 0; v < kChunkVecs; ++v) top = max(top, sc[v]);
+        const float chunk_max = reduce_max(top);
+        if (chunk_max > m[g]) {
+          const VecF correction = exp(set1(m[g] - chunk_max));
+          for (int i = 0; i < ND; ++i) acc[g][i] = mul(acc[g][i], correction);
+          for (int v = 0; v < kChunkVecs; ++v) lsum[g][v] = mul(lsum[g][v], correction);
+          m[g] = chunk_max;
+        }
+        for (int v = 0; v < kChunkVecs; ++v) {
+          VecF p = exp(sub(sc[v], set1(m[g])));
+          if (nt < kChunk) {  // exactly 0, not exp's floor
+            store(tail, p);
+            for (int64_t t = std::max<int64_t>(nt - v * kLanes, 0); t < kLanes; ++t) tail[t] = 0.f;
+            p = load(tail);
+          }
+          lsum[g][v] = add(lsum[g][v], p);
+          store(weights[g] + v * kLanes, p);
+        }
       }
-      const int64_t ahead = fetch_block(table, pos, last, BS);
-      for (int64_t t = 0; t < nt; ++t) {
-        if (ahead >= 0) fetch_row(keys + (ahead + t0 + t) * D, D), fetch_row(values + (ahead + t0 + t) * D, D);
-        const bf16* v = values + (row0 + t0 + t) * D;
-        VecF vv[ND];
-        for (int c = 0; c < ND; ++c) vv[c] = load(v + kLanes * c);
-        for (int g = 0; g < G; ++g) {
-          const VecF w = set1(scores[g][t]);
-          for (int c = 0; c < ND; ++c) acc[g][c] = fma(w, vv[c], acc[g][c]);
+      const int64_t pairs = (nt + 1) / 2;
+      for (int64_t u = 0; u < pairs; ++u) {
+        const uint32_t* row = vb + (t0 / 2 + u) * D;
+        if (nt % 2 == 1 && u == pairs - 1) {  // the position past the chunk may hold anything: 0 * inf is NaN
+          for (int64_t d = 0; d < D; ++d) last_pair[d] = row[d] & 0xFFFFu;
+          row = last_pair;
+        }
+        VecW vv[NDM];
+        for (int i = 0; i < ND; ++i) vv[i] = load_words_upto(row + i * kLanes, D - i * kLanes);
+        for (int g = 0; g < group; ++g) {
+          const PairX x = broadcast_pair(words(weights[g])[u]);
+          for (int i = 0; i < ND; ++i) acc[g][i] = dot2(acc[g][i], vv[i], x);
         }
       }
     }
   }
-  for (int g = 0; g < G; ++g) {
-    m_out[g] = m[g], l_out[g] = l[g];
-    for (int c = 0; c < ND; ++c) store(acc_out + g * D + kLanes * c, acc[g][c]);
+  for (int g = 0; g < group; ++g) {
+    VecF l = lsum[g][0];
+    for (int v = 1; v < kChunkVecs; ++v) l = add(l, lsum[g][v]);
+    m_out[g] = m[g], l_out[g] = reduce_add(l);
+    for (int i = 0; i < ND; ++i) store_n(acc_out + g * D + i * kLanes, acc[g][i], D - i * kLanes);
   }
 }
 
-using FixedSplit = void (*)(const bf16*, const bf16*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                            int64_t, float, float*, float*, float*);
+using PairsSplit = void (*)(const bf16*, const bf16*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                            int64_t, int64_t, int64_t, float, float*, float*, float*);
 
 template <int HEAD_DIM>
-FixedSplit fixed_for_group(int64_t group) {
+PairsSplit pairs_for_group(int64_t group) {
   switch (group) {
-    case 1: return attend_split_fixed<1, HEAD_DIM>;
-    case 2: return attend_split_fixed<2, HEAD_DIM>;
-    case 3: return attend_split_fixed<3, HEAD_DIM>;
-    case 4: return attend_split_fixed<4, HEAD_DIM>;
-    case 8: return attend_split_fixed<8, HEAD_DIM>;
-    default: return nullptr;
+    case 1: return attend_pairs<1, HEAD_DIM>;
+    case 2: return attend_pairs<2, HEAD_DIM>;
+    case 3: return attend_pairs<3, HEAD_DIM>;
+    case 4: return attend_pairs<4, HEAD_DIM>;
+    case 8: return attend_pairs<8, HEAD_DIM>;
+    default: return attend_pairs<0, 0>;
   }
 }
 
-// The register-resident split for the shapes of common models (head_dim 64 or 128), else none.
-inline FixedSplit fixed_split(int64_t group, int64_t D) {
-  return D == 64 ? fixed_for_group<64>(group) : D == 128 ? fixed_for_group<128>(group) : nullptr;
+// The split with registers for the shapes of common models (head_dim 64 or 128), else the general one.
+inline PairsSplit pairs_split(int64_t group, int64_t D) {
+  if (D % kLanes == 0 && D == 64) return pairs_for_group<64>(group);
+  if (D % kLanes == 0 && D == 128) return pairs_for_group<128>(group);
+  return attend_pairs<0, 0>;
 }
 
 // `rows`: which rows of q, out, tables and context_lens the B items are (nullptr: rows 0 to B - 1).
@@ -658,8 +732,8 @@ void paged_attention_decode(const T* q, const T* cache, const int32_t* tables, i
   auto row_of = [rows](int64_t b) -> int64_t { return rows ? rows[b] : b; };
   float* ml = scratch;                                  // [item][2 * group]: running max, then sum
   float* acc = scratch + B * KVH * splits * group * 2;  // [item][group][D]
-  FixedSplit fast = nullptr;
-  if constexpr (std::is_same<T, bf16>::value) fast = BS % kChunk == 0 ? fixed_split(group, D) : nullptr;
+  PairsSplit split_pairs = nullptr;
+  if constexpr (std::is_same<T, bf16>::value) split_pairs = pairs_split(group, D);
   par(B * KVH * splits, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = row_of(item / (KVH * splits)), h = item / splits % KVH, s = item % splits;
@@ -669,15 +743,12 @@ void paged_attention_decode(const T* q, const T* cache, const int32_t* tables, i
         for (int64_t g = 0; g < group; ++g) m[g] = -INFINITY, m[group + g] = 0.f;
         continue;
       }
-      if constexpr (std::is_same<T, bf16>::value) {
-        if (fast != nullptr) {
-          fast(q + (b * H + h * group) * D, cache, tables + b * max_blocks, first, last, BS, cache_rows, h, KVH,
-               scale, m, m + group, acc + item * group * D);
-          continue;
-        }
-      }
-      attend_split(q + (b * H + h * group) * D, cache, tables + b * max_blocks, first, last, BS, D, group,
-                   cache_rows, h, KVH, scale, m, m + group, acc + item * group * D);
+      if constexpr (std::is_same<T, bf16>::value)
+        split_pairs(q + (b * H + h * group) * D, cache, tables + b * max_blocks, first, last, BS, D, group,
+                    cache_rows, h, KVH, scale, m, m + group, acc + item * group * D);
+      else
+        attend_split(q + (b * H + h * group) * D, cache, tables + b * max_blocks, first, last, BS, D, group,
+                     cache_rows, h, KVH, scale, m, m + group, acc + item * group * D);
     }
   });
   par(B * H, 16, [&](int64_t begin, int64_t end) {
@@ -755,16 +826,16 @@ inline VecF multiply_add(VecF acc, VecF k, VecF q) { return fma(q, k, acc); }
 inline VecF multiply_add(VecF acc, VecW k, PairX q) { return dot2(acc, k, q); }
 
 // RB rows' scores against one transposed chunk: scores[r][t] = scale * sum_d q[r][d] * kt[d][t], over `steps`
-// steps of d (q [RB][steps], kt [steps][kChunk], as float32 or bf16 pairs).
+// steps of d (q [RB][steps], kt [steps][kChunk] with rows kt_stride apart, as float32 or bf16 pairs).
 template <int RB, typename E>
-inline void score_rows(const E* q, int64_t steps, const E* kt, float scale, float* scores) {
+inline void score_rows(const E* q, int64_t steps, const E* kt, int64_t kt_stride, float scale, float* scores) {
   constexpr int V = int(kChunk / kLanes);
   VecF s[RB][V];
   for (int r = 0; r < RB; ++r)
     for (int v = 0; v < V; ++v) s[r][v] = zero();
   for (int64_t d = 0; d < steps; ++d) {
     decltype(key_step(kt)) k[V];
-    for (int v = 0; v < V; ++v) k[v] = key_step(kt + d * kChunk + v * kLanes);
+    for (int v = 0; v < V; ++v) k[v] = key_step(kt + d * kt_stride + v * kLanes);
     for (int r = 0; r < RB; ++r) {
       const auto qd = query_step(q[r * steps + d]);
       for (int v = 0; v < V; ++v) s[r][v] = multiply_add(s[r][v], k[v], qd);
@@ -835,19 +906,34 @@ void attend_tile(const T* q, const T* cache, const int32_t* table, const int32_t
   const int64_t last = ctx[tile.row0 + n - 1];
   for (int64_t pos0 = 0; pos0 < last; pos0 += kChunk) {
     const int64_t nt = std::min<int64_t>(kChunk, last - pos0);
+    // bf16 pairs in blocks of whole chunks: the chunk's K^T rows are read where they are (past nt they may hold
+    // anything; softmax_update masks those scores), else gathered into ktw.
+    const uint32_t* kt_rows = ktw;
+    int64_t kt_stride = kChunk;
+    if constexpr (pairs) {
+      if (BS % kChunk == 0) {
+        kt_rows = words(keys) + kv_index<T>(false, int64_t(table[pos0 / BS]) * BS + pos0 % BS, 0, D, BS) / 2;
+        kt_stride = BS;
+      }
+    }
     for (int64_t t = 0; t < kChunk; ++t) {
-      if (t < nt) {
+      if (t < nt) {  // gathered through the cache's layout (kv_index)
         const int64_t p = pos0 + t, row = int64_t(table[p / BS]) * BS + p % BS;
-        const T* k = keys + row * D;
-        const T* v = values + row * D;
         if constexpr (pairs) {
-          uint32_t words[kMaxHeadDim / 2];
-          std::memcpy(words, k, D * sizeof(T));
-          for (int64_t d = 0; d < D / 2; ++d) ktw[d * kChunk + t] = words[d];
+          if (kt_rows == ktw)
+            for (int64_t c = 0; c < D / 2; ++c) ktw[c * kChunk + t] = words(keys)[kv_index<T>(false, row, 2 * c, D, BS) / 2];
         } else {
-          for (int64_t d = 0; d < D; ++d) kt[d * kChunk + t] = as_float(k[d]);
+          for (int64_t d = 0; d < D; ++d) kt[d * kChunk + t] = as_float(keys[kv_index<T>(false, row, d, D, BS)]);
         }
-        for (int64_t d = 0; d < D; d += kLanes) store_n(vf + t * D + d, load_n(v + d, D - d), D - d);
+        if constexpr (std::is_same<T, float>::value) {
+          for (int64_t d = 0; d < D; d += kLanes) store_n(vf + t * D + d, load_n(values + row * D + d, D - d), D - d);
+        } else {  // the position's half of its pair's words
+          const uint32_t* pair = words(values) + kv_index<T>(true, row, 0, D, BS) / 2;
+          for (int64_t d = 0; d < D; d += kLanes) {
+            const VecW w = load_words_upto(pair + d, D - d);
+            store_n(vf + t * D + d, row % 2 ? high_halves(w) : low_halves(w), D - d);
+          }
+        }
       } else {  // zeros, not garbage: a masked weight is 0 and 0 * NaN is not
         for (int64_t d = 0; d < D; ++d) kt[d * kChunk + t] = 0.f;  // as many words as pairs need, and more
         for (int64_t d = 0; d < D; d += kLanes) store_n(vf + t * D + d, zero(), D - d);
@@ -857,11 +943,11 @@ void attend_tile(const T* q, const T* cache, const int32_t* table, const int32_t
     while (ctx[tile.row0 + first_row] <= pos0) ++first_row;
     int64_t r = first_row * G;
     if constexpr (pairs) {
-      for (; r + 4 <= R; r += 4) score_rows<4>(qw + r * (D / 2), D / 2, ktw, scale, scores + r * kChunk);
-      for (; r < R; ++r) score_rows<1>(qw + r * (D / 2), D / 2, ktw, scale, scores + r * kChunk);
+      for (; r + 4 <= R; r += 4) score_rows<4>(qw + r * (D / 2), D / 2, kt_rows, kt_stride, scale, scores + r * kChunk);
+      for (; r < R; ++r) score_rows<1>(qw + r * (D / 2), D / 2, kt_rows, kt_stride, scale, scores + r * kChunk);
     } else {
-      for (; r + 4 <= R; r += 4) score_rows<4>(qf + r * D, D, kt, scale, scores + r * kChunk);
-      for (; r < R; ++r) score_rows<1>(qf + r * D, D, kt, scale, scores + r * kChunk);
+      for (; r + 4 <= R; r += 4) score_rows<4>(qf + r * D, D, kt, kChunk, scale, scores + r * kChunk);
+      for (; r < R; ++r) score_rows<1>(qf + r * D, D, kt, kChunk, scale, scores + r * kChunk);
     }
     auto visible = [&](int64_t row) { return std::min<int64_t>(nt, ctx[tile.row0 + row / G] - pos0); };
     for (r = first_row * G; r < R; ++r)  // weights past a row's own position are 0 from here

@@ -155,7 +155,7 @@ void check_norm_and_silu() {
   expect_close("silu_mul", act, silu, 1e-5);
 }
 
-// Attention over a paged cache [2, KVH, blocks * BS, D] against a scalar softmax: each row its own sequence
+// Attention over a paged cache [2, KVH, blocks * BS, D] (as kv_index lays it out) against a scalar softmax: each row its own sequence
 // (decode), or with `one_sequence` every row a token of one prefill chunk (same block table, contexts ascending),
 // attended in query tiles.
 template <typename T>
@@ -189,18 +189,19 @@ void check_attention(int64_t H, int64_t KVH, int64_t D, int64_t BS, std::vector<
       const int64_t kvh = h / group;
       std::vector<double> p(ctx[b]);
       double mx = -1e300, sum = 0;
-      auto row = [&](int64_t kv, int64_t pos) {
-        return (kv * KVH + kvh) * rows + int64_t(tables[b * max_blocks + pos / BS]) * BS + pos % BS;
+      auto at = [&](int64_t kv, int64_t pos, int64_t d) {  // through the cache's layout
+        const int64_t row = int64_t(tables[b * max_blocks + pos / BS]) * BS + pos % BS;
+        return from_t(cache[(kv * KVH + kvh) * rows * D + kv_index<T>(kv == 1, row, d, D, BS)]);
       };
       for (int64_t t = 0; t < ctx[b]; ++t) {
         double s = 0;
-        for (int64_t d = 0; d < D; ++d) s += double(from_t(q[(b * H + h) * D + d])) * from_t(cache[row(0, t) * D + d]);
+        for (int64_t d = 0; d < D; ++d) s += double(from_t(q[(b * H + h) * D + d])) * at(0, t, d);
         p[t] = s * scale, mx = std::max(mx, p[t]);
       }
       for (auto& v : p) v = std::exp(v - mx), sum += v;
       for (int64_t d = 0; d < D; ++d) {
         double o = 0;
-        for (int64_t t = 0; t < ctx[b]; ++t) o += p[t] * from_t(cache[row(1, t) * D + d]);
+        for (int64_t t = 0; t < ctx[b]; ++t) o += p[t] * at(1, t, d);
         want[(b * H + h) * D + d] = o / sum;
       }
     }
@@ -220,11 +221,13 @@ int main() {
     check_attention<float>(6, 2, 32, 8, ctx);
     check_attention<bf16>(6, 2, 32, 8, ctx);
     check_attention<bf16>(9, 3, 64, 16, ctx);  // the register-resident split
+    check_attention<bf16>(10, 2, 80, 16, ctx);  // the general one (group 5, head_dim 80)
   }
   std::vector<int32_t> chunk(37);  // a prefill chunk of 37 tokens after 60 cached positions: three query tiles
   for (int32_t i = 0; i < 37; ++i) chunk[i] = 61 + i;
   check_attention<float>(6, 2, 32, 8, chunk, true);
-  check_attention<bf16>(9, 3, 64, 12, chunk, true);
+  check_attention<bf16>(9, 3, 64, 12, chunk, true);  // keys gathered into K^T
+  check_attention<bf16>(9, 3, 64, 16, chunk, true);  // K^T read in place
   std::printf("kernels_selftest %s: %d of %d checks passed\n", kIsaName, checks - failures, checks);
   return failures ? 1 : 0;
 }
