@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.engine.sampler import WIDTHS, Sampler, _Limits, apply_penalties, greedy
+from pagedllm.engine.sampler import WIDTHS, Sampler, _draw_unfiltered, _Limits, apply_penalties, greedy
+from tests.support.kernel_tiers import RUNNABLE, ops_for
 
 LOGITS = torch.log(torch.tensor([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02]))
 
@@ -144,13 +145,19 @@ def test_candidates_keep_exactly_what_the_full_sort_keeps(params, spread):
         assert covered.all()
 
 
+@pytest.fixture(params=["torch", *RUNNABLE], ids=str)
+def kernels(request):
+    """The sampler's passes over whole rows: torch's, or a tier of the CPU kernels'."""
+    return None if request.param == "torch" else ops_for(request.param)
+
+
 @pytest.mark.parametrize("params", [{"temperature": 0.7}, {"temperature": 1.0, "top_p": 0.8},
                                     {"temperature": 1.3, "top_k": 3, "min_p": 0.2},
                                     {"temperature": 1.0, "min_p": 0.001}])  # flat enough for the full sort
-def test_draws_follow_the_filtered_distribution(params):
+def test_draws_follow_the_filtered_distribution(params, kernels):
     logits = torch.log(torch.tensor([0.3, 0.2, 0.15, 0.1, 0.08, 0.07, 0.05, 0.03, 0.02])).repeat(2000, 1)
     seqs = [_Seq([], 0, SamplingParams(**params)) for _ in range(2000)]
-    sampler = Sampler(seed=3)
+    sampler = Sampler(seed=3, kernels=kernels)
     counts = torch.zeros(9)
     for _ in range(5):
         counts += torch.bincount(torch.tensor(sampler(logits, seqs, []).token_ids), minlength=9)
@@ -163,14 +170,14 @@ def test_draws_follow_the_filtered_distribution(params):
     assert chi2 < 30.0, (counts, expected)  # 8 degrees of freedom at most: p < 0.001 of failing by chance
 
 
-def test_rows_that_look_further_still_draw_only_kept_tokens():
+def test_rows_that_look_further_still_draw_only_kept_tokens(kernels):
     """A batch of peaked rows (done among the first candidates), middling ones (1,024) and flat ones (the
     whole vocabulary): every draw is a token its row keeps."""
     gen = torch.Generator().manual_seed(5)
     spreads = torch.tensor([12.0, 12.0, 2.5, 2.5, 0.2, 0.2]).repeat(20)
     logits = torch.randn(len(spreads), 3000, generator=gen) * spreads[:, None]
     params = SamplingParams(temperature=1.0, top_p=0.9, min_p=0.01)
-    tokens = Sampler(seed=1)(logits, [_Seq([], 0, params) for _ in spreads], []).token_ids
+    tokens = Sampler(seed=1, kernels=kernels)(logits, [_Seq([], 0, params) for _ in spreads], []).token_ids
     for row, token in enumerate(tokens):
         assert _filter_row(logits[row], 0, 0.9, 0.01)[token].isfinite(), row
 
@@ -183,3 +190,32 @@ def test_greedy_takes_the_first_of_equal_maxima_as_torch_does():
     assert greedy(logits)[1] == 3 and greedy(logits)[4] == 0
     strided = logits[:, ::2]
     assert greedy(strided).tolist() == strided.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("isa", RUNNABLE, ids=str)
+def test_the_kernels_draw_as_the_cumulative_sum_does(isa):
+    """The same uniform picks the same token as torch's cumsum and searchsorted, but where float32 sums in another
+    order move a boundary; never a token of zero weight (the tail of -inf logits here)."""
+    ops = ops_for(isa)
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(400, 1003, generator=gen) * torch.tensor([0.5, 3.0, 9.0]).repeat(134)[:400, None]
+    logits[:, 990:] = float("-inf")
+    temps = torch.rand(400, 1, generator=gen) + 0.3
+    uniform = torch.rand(400, generator=gen, dtype=torch.float64)
+    uniform[:4] = torch.tensor([0.0, 0.5, 1 - 1e-12, 1 - 1e-16], dtype=torch.float64)
+    ours, theirs = _draw_unfiltered(logits, temps, uniform, ops), _draw_unfiltered(logits, temps, uniform)
+    assert (ours == theirs).float().mean() > 0.99
+    assert (ours < 990).all()
+
+
+@pytest.mark.parametrize("isa", RUNNABLE, ids=str)
+def test_the_kernels_candidates_are_torchs_topk(isa):
+    ops = ops_for(isa)
+    logits = torch.randn(5, 3001, generator=torch.Generator().manual_seed(4)) * 4
+    temps = torch.tensor([0.5, 0.8, 1.0, 1.3, 2.0])[:, None]
+    values, ids, lse = ops.top_candidates(logits, (1 / temps).flatten(), 64)
+    expected_values, expected_ids = logits.topk(64, dim=-1)
+    assert torch.equal(values, expected_values) and torch.equal(ids, expected_ids)
+    torch.testing.assert_close(lse, (logits / temps).logsumexp(dim=-1, keepdim=True))
+    with pytest.raises(RuntimeError, match="width 3002 is not in"):
+        ops.top_candidates(logits, (1 / temps).flatten(), 3002)

@@ -55,7 +55,7 @@ class LLMEngine:
                                   config.torch_dtype, self.device, backend)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.sampler = Sampler(config.seed)
+        self.sampler = Sampler(config.seed, model.kernel_ops)
         self.output = OutputProcessor(self.eos_token_ids, self.max_model_len, config.stream_interval)
         self.speculator = (NgramSpeculator(config.speculative_config, self.max_model_len)
                            if config.speculative_config is not None else None)

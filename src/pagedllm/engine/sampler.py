@@ -5,10 +5,15 @@ Nothing sorts the vocabulary: each sampled row draws one uniform number and inve
 cumulative sum. A row with top-k, top-p or min-p looks at its 64 most likely tokens (one `topk` for the batch),
 which hold every token those filters keep unless the distribution is flat; a row whose kept set may run
 further is detected and looks at 1,024, then at the whole vocabulary. The kept set is always exactly the
-sorted definition's, drawn in the same order however far the row looked."""
+sorted definition's, drawn in the same order however far the row looked.
+
+Where the engine runs on the CPU kernels, the passes over a whole row are theirs (kernels.h draw_token and
+row_candidates: a row's draw, its first candidates and its log-normalizer, one row per thread); the torch code
+beside them is the path of the other backends and the definition the kernels are tested against."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -28,8 +33,10 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, kernels: ModuleType | None = None) -> None:
+        """`kernels`: the CPU kernels' module where the engine runs on them (kernels/cpu.py load), else None."""
         self.generator = torch.Generator().manual_seed(seed)
+        self.kernels = kernels
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int]) -> SamplerOutput:
         raw_logprobs = logits.log_softmax(dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
@@ -52,15 +59,16 @@ class Sampler:
         uniform = self._uniforms(seqs)
         filtered = [_filters(s, logits.shape[-1]) for s in seqs]
         if not any(filtered):
-            return _draw_unfiltered(logits, temps, uniform)
+            return _draw_unfiltered(logits, temps, uniform, self.kernels)
         if all(filtered):
-            return _sample_filtered(logits, temps, seqs, uniform)
+            return _sample_filtered(logits, temps, seqs, uniform, self.kernels)
         out = torch.empty(len(seqs), dtype=torch.long)
         rows = torch.tensor(filtered)
         plain = (~rows).nonzero().flatten()
-        out[plain] = _draw_unfiltered(logits[plain], temps[plain], uniform[plain])
+        out[plain] = _draw_unfiltered(logits[plain], temps[plain], uniform[plain], self.kernels)
         rows = rows.nonzero().flatten()
-        out[rows] = _sample_filtered(logits[rows], temps[rows], [seqs[i] for i in rows.tolist()], uniform[rows])
+        out[rows] = _sample_filtered(logits[rows], temps[rows], [seqs[i] for i in rows.tolist()], uniform[rows],
+                                     self.kernels)
         return out
 
     def _uniforms(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -90,9 +98,12 @@ def _top_k(params: SamplingParams, vocab: int) -> int:
     return params.top_k if 0 < params.top_k < vocab else 0
 
 
-def _draw_unfiltered(logits: torch.Tensor, temps: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+def _draw_unfiltered(logits: torch.Tensor, temps: torch.Tensor, uniform: torch.Tensor,
+                     kernels: ModuleType | None = None) -> torch.Tensor:
     """From the whole vocabulary: exp((logits - max) / T) is each row's distribution, unnormalized."""
     scale = 1 / temps  # one fused pass for (logits - max) / T: 1.2-1.4 ms at 32 x 49,152 against 2.5-3.5 ms
+    if kernels is not None:
+        return kernels.draw_tokens(logits.float().contiguous(), scale.flatten().float(), uniform.double())
     return _draw(torch.addcmul(-logits.amax(dim=-1, keepdim=True) * scale, logits, scale).exp_(), uniform)
 
 
@@ -106,16 +117,21 @@ def _draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).flatten()
 
 
-def _sample_filtered(logits: torch.Tensor, temps: torch.Tensor, seqs: list[Sequence],
-                     uniform: torch.Tensor) -> torch.Tensor:
+def _sample_filtered(logits: torch.Tensor, temps: torch.Tensor, seqs: list[Sequence], uniform: torch.Tensor,
+                     kernels: ModuleType | None = None) -> torch.Tensor:
     vocab = logits.shape[-1]
     limits = _Limits.of([s.params for s in seqs], vocab)
     out = torch.empty(len(seqs), dtype=torch.long)
     rows, norm = torch.arange(len(seqs)), None
     for width in (*WIDTHS, vocab):  # the rows whose kept set runs past the candidates look further
         width = min(vocab, max(width, int(limits.top_k[rows].max())))
-        values, ids = _take(logits, rows).topk(width, dim=-1)  # sorted; a temperature keeps the order
-        values = values / _take(temps, rows)
+        if norm is None and kernels is not None:  # the first look, every row: the candidates and normalizers at once
+            values, ids, lse = kernels.top_candidates(logits.float().contiguous(), (1 / temps).flatten().float(), width)
+            values = values / temps
+            norm = torch.where(limits.whole_vocabulary()[:, None], lse, values[:, :1])
+        else:
+            values, ids = _take(logits, rows).topk(width, dim=-1)  # sorted; a temperature keeps the order
+            values = values / _take(temps, rows)
         if norm is None:
             norm = _normalizers(logits, temps, values[:, :1], limits)
         probs, keep, covered = limits.pick(rows).keep(values, norm[rows])
@@ -138,7 +154,7 @@ def _normalizers(logits: torch.Tensor, temps: torch.Tensor, top: torch.Tensor, l
     log-normalizer, a pass over all of it; top-k renormalizes over its own tokens and min-p compares ratios,
     for which the most likely token's logit serves (and is the same however far a row looks)."""
     norm = top.clone()
-    whole = (limits.top_k == 0) & (limits.top_p < 1.0)
+    whole = limits.whole_vocabulary()
     if whole.any():
         rows = whole.nonzero().flatten()
         norm[rows] = _log_normalizer(_take(logits, rows), _take(temps, rows), top[rows])
@@ -162,6 +178,10 @@ class _Limits:
         return cls(torch.tensor([_top_k(p, vocab) for p in params]),
                    torch.tensor([p.top_p for p in params], dtype=torch.float64),
                    torch.tensor([p.min_p for p in params], dtype=torch.float64))
+
+    def whole_vocabulary(self) -> torch.Tensor:
+        """The rows whose top-p is of the whole vocabulary's mass (no top-k): they need the true normalizer."""
+        return (self.top_k == 0) & (self.top_p < 1.0)
 
     def pick(self, rows: torch.Tensor) -> _Limits:
         return _Limits(self.top_k[rows], self.top_p[rows], self.min_p[rows])

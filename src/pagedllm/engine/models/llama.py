@@ -106,6 +106,7 @@ class LlamaForCausalLM(nn.Module):
         self.kernel_layers: list | None = None  # the C++ decoder layers, once use_cpu_kernels ran
         self.kernel_head = None  # and the C++ final norm and LM head
         self.cpu_isa: str | None = None  # the kernels' tier, likewise
+        self.kernel_ops: ModuleType | None = None  # and their module (the sampler's passes over whole rows too)
 
     def use_cpu_kernels(self, linear_kind: str, ops: ModuleType) -> None:
         """Run on pagedllm's CPU kernels (`ops`, one tier's build): every linear on packed weights of
@@ -113,7 +114,7 @@ class LlamaForCausalLM(nn.Module):
         packed copy; the final norm and the LM head run in the same call."""
         from pagedllm.engine.kernels import cpu as cpu_kernels
         cpu_kernels.swap_linears(self, linear_kind, ops)
-        self.cpu_isa = ops.isa
+        self.cpu_isa, self.kernel_ops = ops.isa, ops
         c = self.config
         self.kernel_layers = [
             ops.DecoderLayer(layer.qkv_proj.op, layer.o_proj.op, layer.gate_up_proj.op, layer.down_proj.op,

@@ -280,12 +280,56 @@ Tensor forward_layers(const std::vector<DecoderLayer>& layers, const ModelHead& 
   return logits;
 }
 
+// One token per row of logits [n, V] (float32), drawn at temperature 1 / inv_temperatures[r] with uniform[r] in
+// [0, 1) (float64): kernels.h draw_token.
+Tensor draw_tokens(const Tensor& logits, const Tensor& inv_temperatures, const Tensor& uniform) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
+              "draw_tokens: logits must be contiguous float32 [rows, vocab]");
+  TORCH_CHECK(inv_temperatures.scalar_type() == at::kFloat && uniform.scalar_type() == at::kDouble &&
+                  inv_temperatures.numel() == logits.size(0) && uniform.numel() == logits.size(0),
+              "draw_tokens: one float32 inverse temperature and one float64 uniform per row");
+  const int64_t n = logits.size(0), V = logits.size(1);
+  Tensor out = torch::empty({n}, logits.options().dtype(at::kLong));
+  const float* x = logits.data_ptr<float>();
+  const float* inv_t = inv_temperatures.contiguous().data_ptr<float>();
+  const double* u = uniform.contiguous().data_ptr<double>();
+  int64_t* tokens = out.data_ptr<int64_t>();
+  Par{}(n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) tokens[r] = draw_token(x + r * V, V, inv_t[r], u[r]);
+  });
+  return out;
+}
+
+// Each row's `width` largest logits (values and ids, descending) and log(sum(exp(logits * inv_temperature))):
+// kernels.h row_candidates.
+std::tuple<Tensor, Tensor, Tensor> top_candidates(const Tensor& logits, const Tensor& inv_temperatures, int64_t width) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
+              "top_candidates: logits must be contiguous float32 [rows, vocab]");
+  TORCH_CHECK(inv_temperatures.scalar_type() == at::kFloat && inv_temperatures.numel() == logits.size(0),
+              "top_candidates: one float32 inverse temperature per row");
+  const int64_t n = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(width >= 1 && width <= V, "top_candidates: width ", width, " is not in [1, ", V, "]");
+  Tensor values = torch::empty({n, width}, logits.options());
+  Tensor ids = torch::empty({n, width}, logits.options().dtype(at::kLong));
+  Tensor lse = torch::empty({n, 1}, logits.options());
+  const float* x = logits.data_ptr<float>();
+  const float* inv_t = inv_temperatures.contiguous().data_ptr<float>();
+  Par{}(n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      row_candidates(x + r * V, V, width, inv_t[r], values.data_ptr<float>() + r * width,
+                               ids.data_ptr<int64_t>() + r * width, lse.data_ptr<float>() + r);
+  });
+  return {values, ids, lse};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("isa") = kIsaName;  // the tier this module was built for
   m.def("rms_norm", &rms_norm);
   m.def("rope_and_write_kv", &rope_and_write_kv);
   m.def("paged_attention", &paged_attention);
   m.def("silu_mul", &silu_mul);
+  m.def("draw_tokens", &draw_tokens);
+  m.def("top_candidates", &top_candidates);
   py::class_<Linear>(m, "Linear", py::module_local())  // one per tier in a process
       .def(py::init<Tensor, Tensor, c10::optional<Tensor>, int64_t, std::string>())
       .def("__call__", &Linear::operator());

@@ -1019,4 +1019,100 @@ inline void widen(const bf16* x, float* out, int64_t n, const Par& par) {  // bf
   });
 }
 
+// ---- sampling: one row of logits [V] at temperature 1 / inv_t ----------------------------------------------------
+// Weights exp((x - max) * inv_t), piece by piece: kLanes logits at a time, the last piece padded with zero weights.
+// exp() stops at e^-87 (2^n stays a normal float); the weights start there, so a logit of -inf, or 87 / inv_t
+// below the largest, weighs exactly 0 (torch's float32 exp reaches 0 at e^-104).
+struct RowWeights {
+  const float* x;
+  int64_t V;
+  float max_logit, inv_t;
+
+  RowWeights(const float* x_, int64_t V_, float inv_t_) : x(x_), V(V_), max_logit(-INFINITY), inv_t(inv_t_) {
+    VecF top = set1(-INFINITY);
+    int64_t i = 0;
+    for (; i + kLanes <= V; i += kLanes) top = max(top, load(x + i));
+    max_logit = reduce_max(top);
+    for (; i < V; ++i) max_logit = std::max(max_logit, x[i]);
+  }
+  int64_t pieces() const { return (V + kLanes - 1) / kLanes; }
+  // The piece's weights into w (zero past V); returns their sum.
+  float piece(int64_t k, float* w) const {
+    const int64_t i = k * kLanes, n = std::min<int64_t>(kLanes, V - i);
+    const VecF floor = exp(set1(-87.f));
+    const VecF e = max(sub(exp(mul(sub(load_n(x + i, n), set1(max_logit)), set1(inv_t))), floor), zero());
+    store(w, e);
+    for (int64_t j = n; j < kLanes; ++j) w[j] = 0.f;
+    return n == kLanes ? reduce_add(e) : reduce_add(load(w));
+  }
+};
+
+// Token i with probability exp(x_i * inv_t) / sum: the first whose cumulative weight passes u * total (u in
+// [0, 1)), as torch's cumsum and searchsorted draw it; the sums in double, piece by piece, so the scan meets the
+// total exactly; where rounding inside the piece that passes leaves its lanes short, that piece's last token of
+// nonzero weight (never one of zero weight). The weights are computed twice rather than stored: two passes over
+// a row of 49,152 in L2 cost less than writing and reading 196 KB.
+inline int64_t draw_token(const float* x, int64_t V, float inv_t, double u) {
+  const RowWeights row(x, V, inv_t);
+  alignas(64) float w[kLanes];
+  double total = 0;
+  for (int64_t k = 0; k < row.pieces(); ++k) total += row.piece(k, w);
+  const double target = u * total;
+  double run = 0;
+  for (int64_t k = 0; k < row.pieces(); ++k) {
+    const float s = row.piece(k, w);
+    if (run + s <= target && k + 1 < row.pieces()) {
+      run += s;
+      continue;
+    }
+    int64_t last = -1;
+    for (int j = 0; j < kLanes; ++j) {
+      if (w[j] <= 0.f) continue;
+      run += w[j], last = k * kLanes + j;
+      if (run > target) return last;
+    }
+    if (last >= 0) return last;
+  }
+  return int64_t(std::max_element(x, x + V) - x);  // every weight zero: cannot happen with a finite max
+}
+
+// row_candidates: the `width` largest logits of a row, descending (the lower index first among equals), and the row's
+// log(sum(exp(x * inv_t))). A min-heap of the best so far: past its first fill, nearly every logit fails the
+// comparison with its worst and costs nothing more.
+inline void row_candidates(const float* x, int64_t V, int64_t width, float inv_t, float* values, int64_t* ids,
+                           float* logsumexp) {
+  std::vector<std::pair<float, int64_t>> heap;
+  heap.reserve(width);
+  auto better = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  auto offer = [&](int64_t i) {
+    if (int64_t(heap.size()) < width) {
+      heap.emplace_back(x[i], i);
+      std::push_heap(heap.begin(), heap.end(), better);
+    } else if (x[i] > heap.front().first) {  // the worst of the best is at the front
+      std::pop_heap(heap.begin(), heap.end(), better);
+      heap.back() = {x[i], i};
+      std::push_heap(heap.begin(), heap.end(), better);
+    }
+  };
+  constexpr int64_t kRun = 4 * kLanes;  // a run of logits whose largest does not beat the worst kept is skipped
+  int64_t i = 0;
+  for (; i + kRun <= V; i += kRun) {
+    if (int64_t(heap.size()) == width) {
+      const VecF top = max(max(load(x + i), load(x + i + kLanes)), max(load(x + i + 2 * kLanes), load(x + i + 3 * kLanes)));
+      if (reduce_max(top) <= heap.front().first) continue;
+    }
+    for (int64_t j = i; j < i + kRun; ++j) offer(j);
+  }
+  for (; i < V; ++i) offer(i);
+  std::sort(heap.begin(), heap.end(), better);
+  for (int64_t j = 0; j < width; ++j) values[j] = heap[j].first, ids[j] = heap[j].second;
+  const RowWeights row(x, V, inv_t);
+  alignas(64) float w[kLanes];
+  double total = 0;
+  for (int64_t k = 0; k < row.pieces(); ++k) total += row.piece(k, w);
+  *logsumexp = float(double(row.max_logit) * inv_t + std::log(total));
+}
+
 }  // namespace pagedllm

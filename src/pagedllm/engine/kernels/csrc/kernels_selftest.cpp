@@ -210,6 +210,38 @@ void check_attention(int64_t H, int64_t KVH, int64_t D, int64_t BS, std::vector<
   expect_close(what, got, want, std::is_same<T, bf16>::value ? 1e-2 : 1e-5);
 }
 
+// Sampling against scalar references: the draw inverts the cumulative weights in double, the candidates are a
+// partial sort, the log-normalizer a plain sum.
+void check_sampling() {
+  const int64_t V = 1003;  // not a whole number of vectors
+  std::vector<float> x = randn(V);
+  for (auto& v : x) v *= 3.f;
+  const float inv_t = 1.f / 0.7f;
+  std::vector<double> cdf(V);
+  const float mx = *std::max_element(x.begin(), x.end());
+  double total = 0;
+  for (int64_t i = 0; i < V; ++i) cdf[i] = total += std::exp(double(x[i] - mx) * inv_t);
+  ++checks;
+  for (double u : {0.0, 0.1, 0.5, 0.93, 0.999999}) {
+    const int64_t want = std::upper_bound(cdf.begin(), cdf.end(), u * total) - cdf.begin();
+    const int64_t got = draw_token(x.data(), V, inv_t, u);
+    if (std::llabs(got - want) > 1) {  // float32 weights against double: a boundary may move by one token
+      std::printf("FAIL draw_token at u = %g: token %lld, expected %lld\n", u, (long long)got, (long long)want);
+      ++failures;
+    }
+  }
+  std::vector<int64_t> order(V);
+  for (int64_t i = 0; i < V; ++i) order[i] = i;
+  std::partial_sort(order.begin(), order.begin() + 64, order.end(), [&](int64_t a, int64_t b) { return x[a] > x[b]; });
+  std::vector<float> values(64);
+  std::vector<int64_t> ids(64);
+  float lse;
+  row_candidates(x.data(), V, 64, inv_t, values.data(), ids.data(), &lse);
+  ++checks;
+  if (!std::equal(ids.begin(), ids.end(), order.begin())) std::printf("FAIL row_candidates: ids\n"), ++failures;
+  expect_close("row_candidates: logsumexp", {lse}, {double(mx) * inv_t + std::log(total)}, 1e-5);
+}
+
 }  // namespace
 
 int main() {
@@ -217,6 +249,7 @@ int main() {
   check_exp();
   check_linears();
   check_norm_and_silu();
+  check_sampling();
   for (auto ctx : {std::vector<int32_t>{1}, std::vector<int32_t>{5, 16, 33}, std::vector<int32_t>{700}}) {
     check_attention<float>(6, 2, 32, 8, ctx);
     check_attention<bf16>(6, 2, 32, 8, ctx);
