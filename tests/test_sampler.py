@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.engine.sampler import WIDTHS, Sampler, _draw_unfiltered, _Limits, apply_penalties, greedy
+from pagedllm.engine.sampler import (
+    WIDTHS,
+    Sampler,
+    _draw,
+    _draw_unfiltered,
+    _Limits,
+    _sample_filtered,
+    apply_penalties,
+    greedy,
+)
 from tests.support.kernel_tiers import RUNNABLE, ops_for
 
 LOGITS = torch.log(torch.tensor([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02]))
@@ -209,13 +218,31 @@ def test_the_kernels_draw_as_the_cumulative_sum_does(isa):
 
 
 @pytest.mark.parametrize("isa", RUNNABLE, ids=str)
-def test_the_kernels_candidates_are_torchs_topk(isa):
+@pytest.mark.parametrize("params", [{"top_k": 5}, {"top_p": 0.9}, {"min_p": 0.05}, {"top_k": 200, "top_p": 0.5},
+                                    {"top_k": 30, "top_p": 0.8, "min_p": 0.1}, {"top_p": 0.95, "min_p": 0.01}])
+def test_the_kernels_filtered_draw_is_the_torch_one(isa, params):
+    """The kernels' first look keeps what _Limits.keep keeps and draws what _draw draws with the same uniform,
+    over peaked rows (done there) and flat ones (sent back, -1, to look further)."""
     ops = ops_for(isa)
-    logits = torch.randn(5, 3001, generator=torch.Generator().manual_seed(4)) * 4
-    temps = torch.tensor([0.5, 0.8, 1.0, 1.3, 2.0])[:, None]
-    values, ids, lse = ops.top_candidates(logits, (1 / temps).flatten(), 64)
-    expected_values, expected_ids = logits.topk(64, dim=-1)
-    assert torch.equal(values, expected_values) and torch.equal(ids, expected_ids)
-    torch.testing.assert_close(lse, (logits / temps).logsumexp(dim=-1, keepdim=True))
-    with pytest.raises(RuntimeError, match="width 3002 is not in"):
-        ops.top_candidates(logits, (1 / temps).flatten(), 3002)
+    gen = torch.Generator().manual_seed(4)
+    spreads = torch.tensor([12.0, 6.0, 3.0, 0.3]).repeat(50)
+    logits = torch.randn(len(spreads), 5000, generator=gen) * spreads[:, None]
+    temps = (torch.rand(len(spreads), 1, generator=gen) + 0.5)
+    uniform = torch.rand(len(spreads), generator=gen, dtype=torch.float64)
+    seqs = [_Seq([], 0, SamplingParams(temperature=float(t), **params)) for t in temps]
+    limits = _Limits.of([s.params for s in seqs], 5000)
+    width = max(WIDTHS[0], params.get("top_k", 0))
+    first = ops.draw_filtered_tokens(logits, (1 / temps).flatten(), limits.top_k, limits.top_p, limits.min_p,
+                                     uniform, width)
+    values, ids = logits.topk(width, dim=-1)
+    values = values / temps
+    whole = limits.whole_vocabulary()[:, None]
+    norm = torch.where(whole, (logits / temps).logsumexp(dim=-1, keepdim=True), values[:, :1])
+    probs, keep, covered = limits.keep(values, norm)
+    assert torch.equal(first >= 0, covered)
+    expected = ids.gather(1, _draw(probs * keep, uniform)[:, None]).flatten()
+    assert (first[covered] == expected[covered]).float().mean() > 0.99
+    assert (_sample_filtered(logits, temps, seqs, uniform, ops) >= 0).all()  # the rows sent back drawn too
+    with pytest.raises(RuntimeError, match="width 5001 is not in"):
+        ops.draw_filtered_tokens(logits, (1 / temps).flatten(), limits.top_k, limits.top_p, limits.min_p, uniform,
+                                 5001)

@@ -7,9 +7,10 @@ which hold every token those filters keep unless the distribution is flat; a row
 further is detected and looks at 1,024, then at the whole vocabulary. The kept set is always exactly the
 sorted definition's, drawn in the same order however far the row looked.
 
-Where the engine runs on the CPU kernels, the passes over a whole row are theirs (kernels.h draw_token and
-row_candidates: a row's draw, its first candidates and its log-normalizer, one row per thread); the torch code
-beside them is the path of the other backends and the definition the kernels are tested against."""
+Where the engine runs on the CPU kernels, a row's draw at temperature and its first look at 64 candidates are
+theirs (kernels.h draw_token and draw_filtered, one row per thread; a row whose kept set runs further comes back
+to the torch code here); the torch code is the path of the other backends and the definition the kernels are
+tested against."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -121,27 +122,31 @@ def _sample_filtered(logits: torch.Tensor, temps: torch.Tensor, seqs: list[Seque
                      kernels: ModuleType | None = None) -> torch.Tensor:
     vocab = logits.shape[-1]
     limits = _Limits.of([s.params for s in seqs], vocab)
-    out = torch.empty(len(seqs), dtype=torch.long)
-    rows, norm = torch.arange(len(seqs)), None
-    for width in (*WIDTHS, vocab):  # the rows whose kept set runs past the candidates look further
+    rows, widths = torch.arange(len(seqs)), (*WIDTHS, vocab)
+    if kernels is not None:  # the first look in C++: each row drawn there where its kept set is among its candidates
+        width = min(vocab, max(WIDTHS[0], int(limits.top_k.max())))
+        out = kernels.draw_filtered_tokens(logits.float().contiguous(), (1 / temps).flatten().float(), limits.top_k,
+                                           limits.top_p, limits.min_p, uniform.double(), width)
+        rows, widths = (out < 0).nonzero().flatten(), widths[1:]
+        if not len(rows):
+            return out
+    else:
+        out = torch.empty(len(seqs), dtype=torch.long)
+    norm = None
+    for width in widths:  # the rows whose kept set runs past the candidates look further
         width = min(vocab, max(width, int(limits.top_k[rows].max())))
-        if norm is None and kernels is not None:  # the first look, every row: the candidates and normalizers at once
-            values, ids, lse = kernels.top_candidates(logits.float().contiguous(), (1 / temps).flatten().float(), width)
-            values = values / temps
-            norm = torch.where(limits.whole_vocabulary()[:, None], lse, values[:, :1])
-        else:
-            values, ids = _take(logits, rows).topk(width, dim=-1)  # sorted; a temperature keeps the order
-            values = values / _take(temps, rows)
+        values, ids = _take(logits, rows).topk(width, dim=-1)  # sorted; a temperature keeps the order
+        values = values / _take(temps, rows)
         if norm is None:
-            norm = _normalizers(logits, temps, values[:, :1], limits)
-        probs, keep, covered = limits.pick(rows).keep(values, norm[rows])
+            norm = _normalizers(_take(logits, rows), _take(temps, rows), values[:, :1], limits.pick(rows))
+        probs, keep, covered = limits.pick(rows).keep(values, norm)
         if width == vocab or covered.all():  # the usual case: every row done at the first look
             out[rows] = ids.gather(1, _draw(probs * keep, uniform[rows])[:, None]).flatten()
             return out
         done = covered.nonzero().flatten()
         drawn = _draw(probs[done] * keep[done], uniform[rows[done]])
         out[rows[done]] = ids[done].gather(1, drawn[:, None]).flatten()
-        rows = rows[~covered]
+        rows, norm = rows[~covered], norm[~covered]
     return out
 
 

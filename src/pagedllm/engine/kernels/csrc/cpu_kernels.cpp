@@ -300,26 +300,32 @@ Tensor draw_tokens(const Tensor& logits, const Tensor& inv_temperatures, const T
   return out;
 }
 
-// Each row's `width` largest logits (values and ids, descending) and log(sum(exp(logits * inv_temperature))):
-// kernels.h row_candidates.
-std::tuple<Tensor, Tensor, Tensor> top_candidates(const Tensor& logits, const Tensor& inv_temperatures, int64_t width) {
+// One token per row of logits [n, V] (float32) at temperature 1 / inv_temperatures[r], filtered by top_k (int64,
+// 0: off), top_p and min_p (float64) among each row's `width` most likely tokens, drawn with uniform[r]; -1 for a
+// row whose kept set may run past them: kernels.h draw_filtered.
+Tensor draw_filtered_tokens(const Tensor& logits, const Tensor& inv_temperatures, const Tensor& top_k,
+                            const Tensor& top_p, const Tensor& min_p, const Tensor& uniform, int64_t width) {
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
-              "top_candidates: logits must be contiguous float32 [rows, vocab]");
-  TORCH_CHECK(inv_temperatures.scalar_type() == at::kFloat && inv_temperatures.numel() == logits.size(0),
-              "top_candidates: one float32 inverse temperature per row");
+              "draw_filtered_tokens: logits must be contiguous float32 [rows, vocab]");
   const int64_t n = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(width >= 1 && width <= V, "top_candidates: width ", width, " is not in [1, ", V, "]");
-  Tensor values = torch::empty({n, width}, logits.options());
-  Tensor ids = torch::empty({n, width}, logits.options().dtype(at::kLong));
-  Tensor lse = torch::empty({n, 1}, logits.options());
+  TORCH_CHECK(inv_temperatures.scalar_type() == at::kFloat && top_k.scalar_type() == at::kLong &&
+                  top_p.scalar_type() == at::kDouble && min_p.scalar_type() == at::kDouble &&
+                  uniform.scalar_type() == at::kDouble && inv_temperatures.numel() == n && top_k.numel() == n &&
+                  top_p.numel() == n && min_p.numel() == n && uniform.numel() == n,
+              "draw_filtered_tokens: per row a float32 inverse temperature, an int64 top_k and float64 top_p, min_p "
+              "and uniform");
+  TORCH_CHECK(width >= 1 && width <= V, "draw_filtered_tokens: width ", width, " is not in [1, ", V, "]");
+  Tensor out = torch::empty({n}, logits.options().dtype(at::kLong));
   const float* x = logits.data_ptr<float>();
-  const float* inv_t = inv_temperatures.contiguous().data_ptr<float>();
+  const Tensor t = inv_temperatures.contiguous(), k = top_k.contiguous(), p = top_p.contiguous(),
+               m = min_p.contiguous(), u = uniform.contiguous();
+  int64_t* tokens = out.data_ptr<int64_t>();
   Par{}(n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
-      row_candidates(x + r * V, V, width, inv_t[r], values.data_ptr<float>() + r * width,
-                               ids.data_ptr<int64_t>() + r * width, lse.data_ptr<float>() + r);
+      tokens[r] = draw_filtered(x + r * V, V, width, t.data_ptr<float>()[r], k.data_ptr<int64_t>()[r],
+                                p.data_ptr<double>()[r], m.data_ptr<double>()[r], u.data_ptr<double>()[r]);
   });
-  return {values, ids, lse};
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -329,7 +335,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention);
   m.def("silu_mul", &silu_mul);
   m.def("draw_tokens", &draw_tokens);
-  m.def("top_candidates", &top_candidates);
+  m.def("draw_filtered_tokens", &draw_filtered_tokens);
   py::class_<Linear>(m, "Linear", py::module_local())  // one per tier in a process
       .def(py::init<Tensor, Tensor, c10::optional<Tensor>, int64_t, std::string>())
       .def("__call__", &Linear::operator());

@@ -921,7 +921,8 @@ void attend_tile(const T* q, const T* cache, const int32_t* table, const int32_t
         const int64_t p = pos0 + t, row = int64_t(table[p / BS]) * BS + p % BS;
         if constexpr (pairs) {
           if (kt_rows == ktw)
-            for (int64_t c = 0; c < D / 2; ++c) ktw[c * kChunk + t] = words(keys)[kv_index<T>(false, row, 2 * c, D, BS) / 2];
+            for (int64_t c = 0; c < D / 2; ++c)
+              ktw[c * kChunk + t] = words(keys)[kv_index<T>(false, row, 2 * c, D, BS) / 2];
         } else {
           for (int64_t d = 0; d < D; ++d) kt[d * kChunk + t] = as_float(keys[kv_index<T>(false, row, d, D, BS)]);
         }
@@ -1076,9 +1077,9 @@ inline int64_t draw_token(const float* x, int64_t V, float inv_t, double u) {
   return int64_t(std::max_element(x, x + V) - x);  // every weight zero: cannot happen with a finite max
 }
 
-// row_candidates: the `width` largest logits of a row, descending (the lower index first among equals), and the row's
-// log(sum(exp(x * inv_t))). A min-heap of the best so far: past its first fill, nearly every logit fails the
-// comparison with its worst and costs nothing more.
+// row_candidates: the `width` largest logits of a row, descending (the lower index first among equals), and the
+// row's log(sum(exp(x * inv_t))) where `logsumexp` is not null. A min-heap of the best so far: past its first fill,
+// nearly every logit fails the comparison with its worst and costs nothing more.
 inline void row_candidates(const float* x, int64_t V, int64_t width, float inv_t, float* values, int64_t* ids,
                            float* logsumexp) {
   std::vector<std::pair<float, int64_t>> heap;
@@ -1100,7 +1101,8 @@ inline void row_candidates(const float* x, int64_t V, int64_t width, float inv_t
   int64_t i = 0;
   for (; i + kRun <= V; i += kRun) {
     if (int64_t(heap.size()) == width) {
-      const VecF top = max(max(load(x + i), load(x + i + kLanes)), max(load(x + i + 2 * kLanes), load(x + i + 3 * kLanes)));
+      const VecF top = max(max(load(x + i), load(x + i + kLanes)),
+                           max(load(x + i + 2 * kLanes), load(x + i + 3 * kLanes)));
       if (reduce_max(top) <= heap.front().first) continue;
     }
     for (int64_t j = i; j < i + kRun; ++j) offer(j);
@@ -1108,11 +1110,52 @@ inline void row_candidates(const float* x, int64_t V, int64_t width, float inv_t
   for (; i < V; ++i) offer(i);
   std::sort(heap.begin(), heap.end(), better);
   for (int64_t j = 0; j < width; ++j) values[j] = heap[j].first, ids[j] = heap[j].second;
+  if (logsumexp == nullptr) return;
   const RowWeights row(x, V, inv_t);
   alignas(64) float w[kLanes];
   double total = 0;
   for (int64_t k = 0; k < row.pieces(); ++k) total += row.piece(k, w);
   *logsumexp = float(double(row.max_logit) * inv_t + std::log(total));
+}
+
+// A filtered draw, as sampler.py's _Limits.keep and _draw define it: the row's `width` most likely tokens
+// (row_candidates), their probabilities relative to the row's normalizer (its log-sum-exp where top-p covers the
+// whole vocabulary, else its top logit: top-k renormalizes over its own and min-p compares ratios), which of them
+// top-k (0: off), top-p and min-p keep, and the draw of u among the kept ones by their cumulative sum; -1 where
+// the kept set may run past the candidates (the caller looks further).
+inline int64_t draw_filtered(const float* x, int64_t V, int64_t width, float inv_t, int64_t top_k, double top_p,
+                             double min_p, double u) {
+  std::vector<float> values(width);
+  std::vector<int64_t> ids(width);
+  const bool whole = top_k == 0 && top_p < 1.0;  // top-p of the whole vocabulary's mass: its log-sum-exp
+  float lse = 0.f;
+  row_candidates(x, V, width, inv_t, values.data(), ids.data(), whole ? &lse : nullptr);
+  const float norm = whole ? lse : values[0] * inv_t;
+  std::vector<double> probs(width), before(width);
+  double mass = 0;
+  for (int64_t j = 0; j < width; ++j) {
+    probs[j] = top_k == 0 || j < top_k ? double(std::exp(values[j] * inv_t - norm)) : 0.0;
+    mass += probs[j];
+  }
+  if (top_k > 0)
+    for (auto& p : probs) p /= mass;
+  double run = 0;
+  for (int64_t j = 0; j < width; ++j) run += probs[j], before[j] = run - probs[j];
+  const double last = probs[width - 1];
+  const bool covered = top_k <= width && (top_k > 0 || (top_p < 1.0 && before[width - 1] + last >= top_p) ||
+                                          (min_p > 0.0 && last < min_p * probs[0]));
+  if (!covered) return -1;
+  double total = 0;
+  for (int64_t j = 0; j < width; ++j) {
+    const bool keep = j == 0 || ((top_k == 0 || j < top_k) && (top_p >= 1.0 || before[j] < top_p) &&
+                                 probs[j] >= min_p * probs[0]);
+    total += keep ? probs[j] : 0.0;
+    before[j] = total;  // now the kept tokens' cumulative sum
+  }
+  const double target = std::min(u * total, std::nextafter(total, 0.0));
+  for (int64_t j = 0; j < width; ++j)
+    if (before[j] > target) return ids[j];
+  return ids[0];
 }
 
 }  // namespace pagedllm
