@@ -233,7 +233,7 @@ def test_the_kernels_filtered_draw_is_the_torch_one(isa, params):
     limits = _Limits.of([s.params for s in seqs], 5000)
     width = max(WIDTHS[0], params.get("top_k", 0))
     first = ops.draw_filtered_tokens(logits, (1 / temps).flatten(), limits.top_k, limits.top_p, limits.min_p,
-                                     uniform, width)
+                                     uniform, width, 0)  # the first look only
     values, ids = logits.topk(width, dim=-1)
     values = values / temps
     whole = limits.whole_vocabulary()[:, None]
@@ -242,7 +242,18 @@ def test_the_kernels_filtered_draw_is_the_torch_one(isa, params):
     assert torch.equal(first >= 0, covered)
     expected = ids.gather(1, _draw(probs * keep, uniform)[:, None]).flatten()
     assert (first[covered] == expected[covered]).float().mean() > 0.99
+    both = ops.draw_filtered_tokens(logits, (1 / temps).flatten(), limits.top_k, limits.top_p, limits.min_p,
+                                    uniform, width, 1024)  # and the second, for the rows the first sent back
+    assert torch.equal(both[covered], first[covered])
+    values, ids = logits.topk(1024, dim=-1)
+    values = values / temps
+    probs, keep, wider = limits.keep(values, torch.where(whole, norm, values[:, :1]))
+    second = ~covered & wider
+    assert torch.equal(both[~covered] >= 0, wider[~covered])
+    if second.any():
+        expected = ids.gather(1, _draw(probs * keep, uniform)[:, None]).flatten()
+        assert (both[second] == expected[second]).float().mean() > 0.95
     assert (_sample_filtered(logits, temps, seqs, uniform, ops) >= 0).all()  # the rows sent back drawn too
-    with pytest.raises(RuntimeError, match="width 5001 is not in"):
+    with pytest.raises(RuntimeError, match="width 5001 and wider 1024 must be in"):
         ops.draw_filtered_tokens(logits, (1 / temps).flatten(), limits.top_k, limits.top_p, limits.min_p, uniform,
-                                 5001)
+                                 5001, 1024)

@@ -7,7 +7,7 @@ which hold every token those filters keep unless the distribution is flat; a row
 further is detected and looks at 1,024, then at the whole vocabulary. The kept set is always exactly the
 sorted definition's, drawn in the same order however far the row looked.
 
-Where the engine runs on the CPU kernels, a row's draw at temperature and its first look at 64 candidates are
+Where the engine runs on the CPU kernels, a row's draw at temperature and its looks at 64 and 1,024 candidates are
 theirs (kernels.h draw_token and draw_filtered, one row per thread; a row whose kept set runs further comes back
 to the torch code here); the torch code is the path of the other backends and the definition the kernels are
 tested against."""
@@ -123,11 +123,11 @@ def _sample_filtered(logits: torch.Tensor, temps: torch.Tensor, seqs: list[Seque
     vocab = logits.shape[-1]
     limits = _Limits.of([s.params for s in seqs], vocab)
     rows, widths = torch.arange(len(seqs)), (*WIDTHS, vocab)
-    if kernels is not None:  # the first look in C++: each row drawn there where its kept set is among its candidates
+    if kernels is not None:  # the first two looks in C++: each row drawn there where its kept set is among them
         width = min(vocab, max(WIDTHS[0], int(limits.top_k.max())))
         out = kernels.draw_filtered_tokens(logits.float().contiguous(), (1 / temps).flatten().float(), limits.top_k,
-                                           limits.top_p, limits.min_p, uniform.double(), width)
-        rows, widths = (out < 0).nonzero().flatten(), widths[1:]
+                                           limits.top_p, limits.min_p, uniform.double(), width, min(vocab, WIDTHS[1]))
+        rows, widths = (out < 0).nonzero().flatten(), widths[2:]
         if not len(rows):
             return out
     else:

@@ -301,10 +301,11 @@ Tensor draw_tokens(const Tensor& logits, const Tensor& inv_temperatures, const T
 }
 
 // One token per row of logits [n, V] (float32) at temperature 1 / inv_temperatures[r], filtered by top_k (int64,
-// 0: off), top_p and min_p (float64) among each row's `width` most likely tokens, drawn with uniform[r]; -1 for a
-// row whose kept set may run past them: kernels.h draw_filtered.
+// 0: off), top_p and min_p (float64) among each row's `width`, then `wider`, most likely tokens, drawn with
+// uniform[r]; -1 for a row whose kept set may run past them: kernels.h draw_filtered.
 Tensor draw_filtered_tokens(const Tensor& logits, const Tensor& inv_temperatures, const Tensor& top_k,
-                            const Tensor& top_p, const Tensor& min_p, const Tensor& uniform, int64_t width) {
+                            const Tensor& top_p, const Tensor& min_p, const Tensor& uniform, int64_t width,
+                            int64_t wider) {
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
               "draw_filtered_tokens: logits must be contiguous float32 [rows, vocab]");
   const int64_t n = logits.size(0), V = logits.size(1);
@@ -314,7 +315,8 @@ Tensor draw_filtered_tokens(const Tensor& logits, const Tensor& inv_temperatures
                   top_p.numel() == n && min_p.numel() == n && uniform.numel() == n,
               "draw_filtered_tokens: per row a float32 inverse temperature, an int64 top_k and float64 top_p, min_p "
               "and uniform");
-  TORCH_CHECK(width >= 1 && width <= V, "draw_filtered_tokens: width ", width, " is not in [1, ", V, "]");
+  TORCH_CHECK(width >= 1 && width <= V && wider <= V, "draw_filtered_tokens: width ", width, " and wider ", wider,
+              " must be in [1, ", V, "]");
   Tensor out = torch::empty({n}, logits.options().dtype(at::kLong));
   const float* x = logits.data_ptr<float>();
   const Tensor t = inv_temperatures.contiguous(), k = top_k.contiguous(), p = top_p.contiguous(),
@@ -322,7 +324,7 @@ Tensor draw_filtered_tokens(const Tensor& logits, const Tensor& inv_temperatures
   int64_t* tokens = out.data_ptr<int64_t>();
   Par{}(n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
-      tokens[r] = draw_filtered(x + r * V, V, width, t.data_ptr<float>()[r], k.data_ptr<int64_t>()[r],
+      tokens[r] = draw_filtered(x + r * V, V, width, wider, t.data_ptr<float>()[r], k.data_ptr<int64_t>()[r],
                                 p.data_ptr<double>()[r], m.data_ptr<double>()[r], u.data_ptr<double>()[r]);
   });
   return out;

@@ -1118,19 +1118,13 @@ inline void row_candidates(const float* x, int64_t V, int64_t width, float inv_t
   *logsumexp = float(double(row.max_logit) * inv_t + std::log(total));
 }
 
-// A filtered draw, as sampler.py's _Limits.keep and _draw define it: the row's `width` most likely tokens
-// (row_candidates), their probabilities relative to the row's normalizer (its log-sum-exp where top-p covers the
-// whole vocabulary, else its top logit: top-k renormalizes over its own and min-p compares ratios), which of them
-// top-k (0: off), top-p and min-p keep, and the draw of u among the kept ones by their cumulative sum; -1 where
-// the kept set may run past the candidates (the caller looks further).
-inline int64_t draw_filtered(const float* x, int64_t V, int64_t width, float inv_t, int64_t top_k, double top_p,
-                             double min_p, double u) {
-  std::vector<float> values(width);
-  std::vector<int64_t> ids(width);
-  const bool whole = top_k == 0 && top_p < 1.0;  // top-p of the whole vocabulary's mass: its log-sum-exp
-  float lse = 0.f;
-  row_candidates(x, V, width, inv_t, values.data(), ids.data(), whole ? &lse : nullptr);
-  const float norm = whole ? lse : values[0] * inv_t;
+// A filtered draw among a row's `width` most likely tokens (values descending, as logits): as sampler.py's
+// _Limits.keep and _draw define it, their probabilities relative to `norm` (the row's log-sum-exp where top-p covers
+// the whole vocabulary, else its top logit: top-k renormalizes over its own and min-p compares ratios), which of
+// them top-k (0: off), top-p and min-p keep, and the draw of u among the kept ones by their cumulative sum; -1
+// where the kept set may run past them, unless they are the whole row.
+inline int64_t draw_among(const float* values, const int64_t* ids, int64_t width, bool whole_row, float inv_t,
+                          float norm, int64_t top_k, double top_p, double min_p, double u) {
   std::vector<double> probs(width), before(width);
   double mass = 0;
   for (int64_t j = 0; j < width; ++j) {
@@ -1144,7 +1138,7 @@ inline int64_t draw_filtered(const float* x, int64_t V, int64_t width, float inv
   const double last = probs[width - 1];
   const bool covered = top_k <= width && (top_k > 0 || (top_p < 1.0 && before[width - 1] + last >= top_p) ||
                                           (min_p > 0.0 && last < min_p * probs[0]));
-  if (!covered) return -1;
+  if (!covered && !whole_row) return -1;
   double total = 0;
   for (int64_t j = 0; j < width; ++j) {
     const bool keep = j == 0 || ((top_k == 0 || j < top_k) && (top_p >= 1.0 || before[j] < top_p) &&
@@ -1156,6 +1150,26 @@ inline int64_t draw_filtered(const float* x, int64_t V, int64_t width, float inv
   for (int64_t j = 0; j < width; ++j)
     if (before[j] > target) return ids[j];
   return ids[0];
+}
+
+// A row's filtered draw: among its `width` most likely tokens (row_candidates), then, where its kept set may run
+// past them, among its `wider` most likely; -1 where it may run past those too (the caller looks at the whole row).
+inline int64_t draw_filtered(const float* x, int64_t V, int64_t width, int64_t wider, float inv_t, int64_t top_k,
+                             double top_p, double min_p, double u) {
+  const bool whole = top_k == 0 && top_p < 1.0;  // top-p of the whole vocabulary's mass: its log-sum-exp
+  float lse = 0.f;
+  std::vector<float> values(std::max(width, wider));
+  std::vector<int64_t> ids(values.size());
+  const int64_t looks[2] = {width, wider};
+  for (int look = 0; look < 2; ++look) {
+    const int64_t w = looks[look];
+    if (look == 1 && w <= width) break;
+    row_candidates(x, V, w, inv_t, values.data(), ids.data(), whole && w == width ? &lse : nullptr);
+    const int64_t token = draw_among(values.data(), ids.data(), w, w == V, inv_t, whole ? lse : values[0] * inv_t,
+                                     top_k, top_p, min_p, u);
+    if (token >= 0) return token;
+  }
+  return -1;
 }
 
 }  // namespace pagedllm
