@@ -49,9 +49,13 @@ def python_stubs(parent_pid: int) -> dict[int, str]:
     return stubs
 
 
+def dead_stubs(parent_pid: int) -> list[int]:
+    """The Python-backend stubs of `parent_pid` that died and were not reaped."""
+    return [pid for pid, state in python_stubs(parent_pid).items() if state == "Z"]
+
+
 def dead_stub(parent_pid: int) -> int | None:
-    """A Python-backend stub of `parent_pid` that died and was not reaped."""
-    return next((pid for pid, state in python_stubs(parent_pid).items() if state == "Z"), None)
+    return next(iter(dead_stubs(parent_pid)), None)
 
 
 class ExitWatch:
@@ -79,7 +83,7 @@ class ExitWatch:
         if not stubs:
             return None
         server_died = self.server_pid in exited or bool(self._exited(UNLOAD_GRACE_SECONDS, [self.server_pid]))
-        zombies = {pid for pid, state in python_stubs(self.server_pid).items() if state == "Z"}
+        zombies = dead_stubs(self.server_pid)
         for pid in stubs:
             os.close(self.fds.pop(pid))
         return next((pid for pid in stubs if server_died or pid in zombies), None)

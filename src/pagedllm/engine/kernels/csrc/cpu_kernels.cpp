@@ -280,11 +280,15 @@ Tensor forward_layers(const std::vector<DecoderLayer>& layers, const ModelHead& 
   return logits;
 }
 
+static void check_logits(const Tensor& logits, const char* op) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(), op,
+              ": logits must be contiguous float32 [rows, vocab]");
+}
+
 // One token per row of logits [n, V] (float32), drawn at temperature 1 / inv_temperatures[r] with uniform[r] in
 // [0, 1) (float64): kernels.h draw_token.
 Tensor draw_tokens(const Tensor& logits, const Tensor& inv_temperatures, const Tensor& uniform) {
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
-              "draw_tokens: logits must be contiguous float32 [rows, vocab]");
+  check_logits(logits, "draw_tokens");
   TORCH_CHECK(inv_temperatures.scalar_type() == at::kFloat && uniform.scalar_type() == at::kDouble &&
                   inv_temperatures.numel() == logits.size(0) && uniform.numel() == logits.size(0),
               "draw_tokens: one float32 inverse temperature and one float64 uniform per row");
@@ -306,8 +310,7 @@ Tensor draw_tokens(const Tensor& logits, const Tensor& inv_temperatures, const T
 Tensor draw_filtered_tokens(const Tensor& logits, const Tensor& inv_temperatures, const Tensor& top_k,
                             const Tensor& top_p, const Tensor& min_p, const Tensor& uniform, int64_t width,
                             int64_t wider) {
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
-              "draw_filtered_tokens: logits must be contiguous float32 [rows, vocab]");
+  check_logits(logits, "draw_filtered_tokens");
   const int64_t n = logits.size(0), V = logits.size(1);
   TORCH_CHECK(inv_temperatures.scalar_type() == at::kFloat && top_k.scalar_type() == at::kLong &&
                   top_p.scalar_type() == at::kDouble && min_p.scalar_type() == at::kDouble &&

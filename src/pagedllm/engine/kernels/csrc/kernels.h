@@ -636,8 +636,7 @@ void attend_pairs(const bf16* q, const bf16* cache, const int32_t* table, int64_
           const int64_t c = c0 + a;
           VecW k[kChunkVecs];
           for (int v = 0; v < kChunkVecs; ++v)
-            k[v] = nt == kChunk ? load_words(kb + c * BS + t0 + v * kLanes)
-                                : load_words_upto(kb + c * BS + t0 + v * kLanes, nt - v * kLanes);
+            k[v] = load_words_upto(kb + c * BS + t0 + v * kLanes, nt - v * kLanes);
           PAGEDLLM_UNROLL
           for (int g = 0; g < group; ++g) {
             const PairX x = broadcast_pair(qw[g * NC + c]);
@@ -717,9 +716,7 @@ PairsSplit pairs_for_group(int64_t group) {
 
 // The split with registers for the shapes of common models (head_dim 64 or 128), else the general one.
 inline PairsSplit pairs_split(int64_t group, int64_t D) {
-  if (D % kLanes == 0 && D == 64) return pairs_for_group<64>(group);
-  if (D % kLanes == 0 && D == 128) return pairs_for_group<128>(group);
-  return attend_pairs<0, 0>;
+  return D == 64 ? pairs_for_group<64>(group) : D == 128 ? pairs_for_group<128>(group) : attend_pairs<0, 0>;
 }
 
 // `rows`: which rows of q, out, tables and context_lens the B items are (nullptr: rows 0 to B - 1).
@@ -1028,6 +1025,7 @@ struct RowWeights {
   const float* x;
   int64_t V;
   float max_logit, inv_t;
+  VecF floor = exp(set1(-87.f));
 
   RowWeights(const float* x_, int64_t V_, float inv_t_) : x(x_), V(V_), max_logit(-INFINITY), inv_t(inv_t_) {
     VecF top = set1(-INFINITY);
@@ -1040,11 +1038,17 @@ struct RowWeights {
   // The piece's weights into w (zero past V); returns their sum.
   float piece(int64_t k, float* w) const {
     const int64_t i = k * kLanes, n = std::min<int64_t>(kLanes, V - i);
-    const VecF floor = exp(set1(-87.f));
     const VecF e = max(sub(exp(mul(sub(load_n(x + i, n), set1(max_logit)), set1(inv_t))), floor), zero());
     store(w, e);
     for (int64_t j = n; j < kLanes; ++j) w[j] = 0.f;
     return n == kLanes ? reduce_add(e) : reduce_add(load(w));
+  }
+  // Every piece's sum, added in double in the order draw_token's scan adds them.
+  double total() const {
+    alignas(64) float w[kLanes];
+    double sum = 0;
+    for (int64_t k = 0; k < pieces(); ++k) sum += piece(k, w);
+    return sum;
   }
 };
 
@@ -1056,9 +1060,7 @@ struct RowWeights {
 inline int64_t draw_token(const float* x, int64_t V, float inv_t, double u) {
   const RowWeights row(x, V, inv_t);
   alignas(64) float w[kLanes];
-  double total = 0;
-  for (int64_t k = 0; k < row.pieces(); ++k) total += row.piece(k, w);
-  const double target = u * total;
+  const double target = u * row.total();
   double run = 0;
   for (int64_t k = 0; k < row.pieces(); ++k) {
     const float s = row.piece(k, w);
@@ -1112,10 +1114,7 @@ inline void row_candidates(const float* x, int64_t V, int64_t width, float inv_t
   for (int64_t j = 0; j < width; ++j) values[j] = heap[j].first, ids[j] = heap[j].second;
   if (logsumexp == nullptr) return;
   const RowWeights row(x, V, inv_t);
-  alignas(64) float w[kLanes];
-  double total = 0;
-  for (int64_t k = 0; k < row.pieces(); ++k) total += row.piece(k, w);
-  *logsumexp = float(double(row.max_logit) * inv_t + std::log(total));
+  *logsumexp = float(double(row.max_logit) * inv_t + std::log(row.total()));
 }
 
 // A filtered draw among a row's `width` most likely tokens (values descending, as logits): as sampler.py's
