@@ -131,9 +131,9 @@ def test_a_sample_row_outside_the_step_is_refused_by_the_kernels(tiny_model_dir)
     forward_layers = model._forward_layers
     model._forward_layers = lambda *args: calls.append(args) or forward_layers(*args)
     llm.generate([[5, 6, 7]], SamplingParams(max_tokens=1, **GREEDY), use_tqdm=False)
-    *args, sample_indices = calls[0]
+    *args, sample_indices, lora_layers, lora_slots = calls[0]
     with pytest.raises(RuntimeError, match=r"sample_indices\[0\] = 3 is not a row of hidden \(3 rows\)"):
-        forward_layers(*args, sample_indices + 1)
+        forward_layers(*args, sample_indices + 1, lora_layers, lora_slots)
 
 
 def test_an_odd_block_size_with_a_bf16_cache_on_the_kernels_is_refused(tiny_model_dir):

@@ -1,8 +1,8 @@
 """Fixed-size KV blocks: a free list, reference counts and automatic prefix caching.
 
-A full block is identified by a hash chained over every token before it; a hit is verified against
-the block's stored token ids. Free blocks keep their contents and stay findable until evicted,
-least recently freed first.
+A full block is identified by a hash chained over every token before it, from its sequence's adapter
+(`Sequence.cache_root`: adapters never share KV); a hit is verified against the block's stored token ids.
+Free blocks keep their contents and stay findable until evicted, least recently freed first.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         limit = (len(seq.token_ids) - 1) // self.block_size
-        parent: int | None = None
+        parent = seq.cache_root
         for i in range(limit):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             h = chain_hash(parent, tokens)
@@ -81,7 +81,7 @@ class BlockManager:
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         for i in range(len(seq.block_hashes), full):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else seq.cache_root, tokens)
             seq.block_hashes.append(h)
             block = self.blocks[seq.block_table[i]]
             if h not in self.cached and block.block_hash is None:

@@ -164,6 +164,12 @@ class EngineConfig:
     constraint_compile_timeout: float = 10.0
     # vLLM's {"method": "ngram", "num_speculative_tokens": 5, ...}: drafts by prompt lookup (speculative.py)
     speculative_config: SpeculativeConfig | None = None
+    # LoRA adapters (lora.py): off unless asked for; `max_loras` resident at once (a step's rows may use them all),
+    # each of rank up to `max_lora_rank` (vLLM's names and defaults, but 4 slots: an adapter of rank 16 costs this
+    # model 20 MB in float32)
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if isinstance(self.speculative_config, dict):
@@ -174,6 +180,10 @@ class EngineConfig:
             raise ValueError(f"cpu_isa: {self.cpu_isa!r} is not one of {', '.join(CPU_ISAS)}")
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend: {self.attention_backend!r} is not one of {', '.join(BACKENDS)}")
+        check_int("max_loras", self.max_loras, low=1, high=64)
+        check_int("max_lora_rank", self.max_lora_rank, low=1, high=512)
+        if not isinstance(self.enable_lora, bool):
+            raise ValueError(f"enable_lora: must be true or false, got {self.enable_lora!r}")
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization: {self.quantization!r} is not supported; supported: int8")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "stream_interval",

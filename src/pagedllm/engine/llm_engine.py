@@ -15,6 +15,8 @@ from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.config import EngineConfig, ModelConfig, num_blocks_for, resolve_max_model_len
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.faults import Faults
+from pagedllm.engine.lora import FIELD as LORA_FIELD
+from pagedllm.engine.lora import Adapter, LoRABank, LoRARequest
 from pagedllm.engine.model_runner import ModelRunner
 from pagedllm.engine.models import LlamaForCausalLM
 from pagedllm.engine.models.llama import RotaryEmbedding
@@ -51,10 +53,14 @@ class LLMEngine:
         model = _load_model(self.model_path, self.model_config, self.max_model_len, config.torch_dtype, self.device)
         self.compute_path = backend.install(model, config)  # what runs the model, for the logs
         logger.info("%s", self.compute_path)
+        self.lora = LoRABank(self.model_config, config.max_loras, config.max_lora_rank) if config.enable_lora else None
+        if self.lora is not None:
+            model.use_lora(self.lora)
         self.runner = ModelRunner(model, self.model_config, self.num_blocks, config.block_size,
-                                  config.torch_dtype, self.device, backend)
+                                  config.torch_dtype, self.device, backend, self.lora)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.lora)
         self.sampler = Sampler(config.seed, model.kernel_ops)
         self.output = OutputProcessor(self.eos_token_ids, self.max_model_len, config.stream_interval)
         self.speculator = (NgramSpeculator(config.speculative_config, self.max_model_len)
@@ -94,20 +100,41 @@ class LLMEngine:
             self.structured.compile(params.structured_outputs)  # compiled here, in the caller's thread, and cached
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> None:
+        """`lora_request`: the adapter it runs with (read from its path the first time), None for the base model."""
         if request_id in self.requests:
             raise RequestRejectedError("request_id", f"{request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
+        adapter = self.load_lora(lora_request) if lora_request is not None else None
         if params.max_tokens is None:
             params = replace(params, max_tokens=self.max_model_len - len(prompt_token_ids))
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop,
                                        params.skip_special_tokens, params.include_stop_str_in_output)
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         seq = Sequence(request_id, list(prompt_token_ids), params, detok,
-                       arrival_time if arrival_time is not None else time.monotonic(), generator)
+                       arrival_time if arrival_time is not None else time.monotonic(), generator,
+                       lora_name=adapter and adapter.name, cache_root=adapter and adapter.cache_root)
         self.structured.start(seq)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
+
+    def load_lora(self, request: LoRARequest, pinned: bool = False) -> Adapter:
+        """Register the adapter `request` names (read and checked the first time; RequestRejectedError naming
+        lora_request otherwise); a pinned one keeps its slot once it has one."""
+        if self.lora is None:
+            raise RequestRejectedError(LORA_FIELD, "this engine runs without LoRA adapters; start it with "
+                                                   "enable_lora")
+        return self.lora.register(request, pinned)
+
+    def unload_lora(self, name: str) -> None:
+        """Forget adapter `name` (refused while requests run with it)."""
+        if self.lora is None:
+            raise RequestRejectedError(LORA_FIELD, "this engine runs without LoRA adapters")
+        users = sum(seq.lora_name == name for seq in self.requests.values())
+        if users:
+            raise RequestRejectedError(f"{LORA_FIELD}.name", f"adapter {name!r} has {users} requests in the engine; "
+                                                             "unload it once they finish")
+        self.lora.unregister(name)
 
     def abort(self, request_id: str) -> RequestDelta | None:
         seq = self.requests.get(request_id)

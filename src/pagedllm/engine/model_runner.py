@@ -12,6 +12,7 @@ import torch
 from pagedllm.engine.attention import AttentionMetadata, CacheGeometry, QueryGroup, build_metadata
 from pagedllm.engine.backends import BACKENDS, Backend
 from pagedllm.engine.config import ModelConfig
+from pagedllm.engine.lora import LoRABank, LoRARows
 from pagedllm.engine.models import LlamaForCausalLM
 from pagedllm.engine.sequence import Sequence
 
@@ -24,13 +25,15 @@ class ModelInput:
     sample_indices: torch.Tensor
     sampling_seqs: list[Sequence]
     num_sample_rows: list[int]  # per sampling sequence: 1, plus one per draft token
+    lora: LoRARows | None = None  # the rows that run with an adapter, where any does
 
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, backend: Backend = BACKENDS["torch"]) -> None:
-        """`model` as `backend` installed it (backends.py)."""
-        self.model, self.config, self.backend = model, config, backend
+                 dtype: torch.dtype, device: torch.device, backend: Backend = BACKENDS["torch"],
+                 lora: LoRABank | None = None) -> None:
+        """`model` as `backend` installed it (backends.py); `lora`: the adapters' bank, where the engine has one."""
+        self.model, self.config, self.backend, self.lora = model, config, backend, lora
         self.block_size, self.dtype, self.device = block_size, dtype, device
         self.geometry = CacheGeometry(config.num_attention_heads, config.num_key_value_heads, config.head_dim,
                                       num_blocks, block_size)
@@ -46,7 +49,10 @@ class ModelRunner:
         sample_indices: list[int] = []
         sampling: list[Sequence] = []
         rows: list[int] = []
+        lora_slots: list[int] = []
         for seq, n in ordered:
+            if self.lora is not None:
+                lora_slots += [self.lora.slot_of(seq.lora_name) if seq.lora_name else -1] * n
             start, tokens = seq.num_computed_tokens, seq.tokens_with_drafts()
             ids += tokens[start:start + n]
             positions += range(start, start + n)
@@ -60,7 +66,8 @@ class ModelRunner:
         meta = build_metadata(slots, groups, self.geometry, self.dtype, self.device,
                               self.backend.kernel_metadata_only)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        return ModelInput(as_long(ids), as_long(positions), meta, as_long(sample_indices), sampling, rows)
+        return ModelInput(as_long(ids), as_long(positions), meta, as_long(sample_indices), sampling, rows,
+                          LoRARows.of(lora_slots))
 
     @staticmethod
     def _groups(ordered: list[tuple[Sequence, int]]) -> list[QueryGroup]:
@@ -77,7 +84,7 @@ class ModelRunner:
         return groups
 
     def execute(self, inp: ModelInput) -> torch.Tensor:
-        return self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, inp.sample_indices).cpu()
+        return self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, inp.sample_indices, inp.lora).cpu()
 
 
 def _is_prefill(seq: Sequence) -> bool:

@@ -1,6 +1,7 @@
 """Iteration-level scheduling: every step, running requests first (decodes and prefill chunks), then
 waiting ones, within a token budget; the newest running requests are preempted (recomputed later)
-when KV blocks run out."""
+when KV blocks run out. A request with a LoRA adapter starts only once its adapter holds a slot (lora.py), which
+it keeps while it runs."""
 from __future__ import annotations
 
 import time
@@ -8,6 +9,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.lora import LoRABank
 from pagedllm.engine.sequence import Sequence, SequenceStatus
 
 
@@ -26,8 +28,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
-        self.block_manager = block_manager
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 lora: LoRABank | None = None) -> None:
+        self.block_manager, self.lora = block_manager, lora
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -48,6 +51,7 @@ class Scheduler:
         """Take a finished or aborted sequence out and release its blocks."""
         if seq in self.running:
             self.running.remove(seq)
+            self._release_adapter(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free_sequence(seq)
@@ -84,7 +88,7 @@ class Scheduler:
             if not seq.block_table:
                 self.block_manager.match_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, n):
+            if not self.block_manager.can_allocate(seq, n) or (seq.lora_name and not self.lora.acquire(seq.lora_name)):
                 self.block_manager.free_sequence(seq)
                 break
             self.block_manager.allocate(seq, n)
@@ -98,7 +102,12 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         seq.draft_token_ids = []
         self.block_manager.free_sequence(seq)
+        self._release_adapter(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         out.num_preempted += 1
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.lora_name:
+            self.lora.release(seq.lora_name)

@@ -61,6 +61,8 @@ class Sequence:
     # and kept, up to the first one the model disagrees with, only once verified.
     draft_token_ids: list[int] = field(default_factory=list)
     grammar: Any = None  # a constrained sequence's xgrammar matcher, at the end of its output (structured_output.py)
+    lora_name: str | None = None  # the adapter it runs with (lora.py), None for the base model
+    cache_root: int | None = None  # where its prefix-cache hash chain starts: its adapter's (lora.py), else None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -11,6 +11,7 @@ from torch import nn
 
 from pagedllm.engine.attention import AttentionMetadata, TorchPagedAttention
 from pagedllm.engine.config import ModelConfig
+from pagedllm.engine.lora import MODULES, BankModule, LoRABank, LoRARows, add_lora
 
 
 class RMSNorm(nn.Module):
@@ -78,17 +79,25 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
         self.attn = TorchPagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+        self.lora: dict[str, BankModule] | None = None  # this layer's adapter slots (lora.py), if any
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, lora: LoRARows | None = None) -> torch.Tensor:
         heads, kv_heads = self.num_heads, self.num_kv_heads
-        qkv = self.qkv_proj(self.input_layernorm(x)).view(x.shape[0], heads + 2 * kv_heads, self.head_dim)
+        qkv = self._linear("qkv_proj", self.input_layernorm(x), lora).view(x.shape[0], heads + 2 * kv_heads,
+                                                                             self.head_dim)
         qk = apply_rope(qkv[:, :heads + kv_heads], *rope)  # queries and keys rotated in one pass
         kv = torch.cat((qk[:, heads:], qkv[:, heads + kv_heads:]), dim=1)
         attn = self.attn.forward(qk[:, :heads], kv, kv_cache, meta)
-        x = x + self.o_proj(attn)
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        x = x + self._linear("o_proj", attn, lora)
+        gate, up = self._linear("gate_up_proj", self.post_attention_layernorm(x), lora).chunk(2, dim=-1)
+        return x + self._linear("down_proj", F.silu(gate) * up, lora)
+
+    def _linear(self, name: str, x: torch.Tensor, lora: LoRARows | None) -> torch.Tensor:
+        y = getattr(self, name)(x)
+        if lora is not None:
+            add_lora(y, x, self.lora[name], lora)
+        return y
 
 
 class LlamaForCausalLM(nn.Module):
@@ -107,6 +116,7 @@ class LlamaForCausalLM(nn.Module):
         self.kernel_head = None  # and the C++ final norm and LM head
         self.cpu_isa: str | None = None  # the kernels' tier, likewise
         self.kernel_ops: ModuleType | None = None  # and their module (the sampler's passes over whole rows too)
+        self.kernel_lora: list | None = None  # the C++ view of the LoRA bank's layers, once use_lora ran on kernels
 
     def use_cpu_kernels(self, linear_kind: str, ops: ModuleType) -> None:
         """Run on pagedllm's CPU kernels (`ops`, one tier's build): every linear on packed weights of
@@ -125,24 +135,35 @@ class LlamaForCausalLM(nn.Module):
         self.kernel_head = ops.ModelHead(self.norm.weight.detach(), self.lm_head.op, c.rms_norm_eps)
         self._forward_layers = ops.forward_layers
 
+    def use_lora(self, bank: LoRABank) -> None:
+        """Apply the adapters of `bank`'s slots to the rows a step names them for."""
+        for layer, modules in zip(self.layers, bank.layers):
+            layer.lora = modules
+        if self.kernel_ops is not None:
+            ops = self.kernel_ops
+            self.kernel_lora = [ops.LoRALayer(*(ops.LoRAModule(m.a, m.bt, m.slice_ends) for m in
+                                                (modules[name] for name in MODULES))) for modules in bank.layers]
+
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata, sample_indices: torch.Tensor) -> torch.Tensor:
-        """Flat, unpadded batch in; float32 logits out for the `sample_indices` rows only."""
+                meta: AttentionMetadata, sample_indices: torch.Tensor, lora: LoRARows | None = None) -> torch.Tensor:
+        """Flat, unpadded batch in; float32 logits out for the `sample_indices` rows only. `lora`: the rows that
+        run with an adapter (use_lora), None where none does."""
         x = self.embed_tokens(input_ids)
         if self.kernel_layers is not None and meta.kernel is not None:  # the whole step in C++
             k = meta.kernel
             tables = k.block_tables if len(k.block_tables) == len(x) else k.block_tables.index_select(0, k.token_seq)
+            lora_args = (self.kernel_lora, lora.slots) if lora is not None else ([], None)
             return self._forward_layers(self.kernel_layers, self.kernel_head, x, self.rotary.cos, self.rotary.sin,
                                         positions, k.slot_mapping, kv_caches, tables, k.token_seq, k.prefill_seqs,
-                                        k.context_lens, sample_indices)
+                                        k.context_lens, sample_indices, *lora_args)
         rope = self.rotary(positions, x.dtype)
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv, meta)
+            x = layer(x, rope, kv, meta, lora)
         x = self.norm(x.index_select(0, sample_indices))
         return self.lm_head(x).float()
 

@@ -176,6 +176,41 @@ struct ModelHead {
   double eps;
 };
 
+// A fused linear's LoRA slots (engine/lora.py BankModule), and a layer's four.
+struct LoRAModule {
+  Tensor a, bt;
+  std::vector<int64_t> slice_ends;
+
+  LoRAModule(Tensor a_, Tensor bt_, std::vector<int64_t> ends) : a(a_), bt(bt_), slice_ends(ends) {
+    TORCH_CHECK(a.dim() == 3 && bt.dim() == 3 && a.scalar_type() == at::kFloat && bt.scalar_type() == at::kFloat &&
+                a.is_contiguous() && bt.is_contiguous() && !ends.empty() && a.size(0) == bt.size(0) &&
+                a.size(1) == int64_t(ends.size()) * bt.size(1) && bt.size(2) == ends.back(),
+                "LoRAModule: a [slots, slices * rank, in] and bt [slots, rank, out] float32, slice_ends up to out");
+  }
+
+  LoRAArgs args() const { return LoRAArgs{a.data_ptr<float>(), bt.data_ptr<float>(), slice_ends.data(),
+                                          int64_t(slice_ends.size()), bt.size(1)}; }
+  int64_t scratch() const { return a.size(1); }  // floats of t per row
+};
+
+struct LoRALayer {
+  LoRAModule qkv, o, gate_up, down;
+};
+
+// A step's adapters: the layers' slots and each row's slot (-1: none), with the scratch of the shrink.
+struct LoRAStep {
+  const std::vector<LoRALayer>* layers = nullptr;
+  const int32_t* slots = nullptr;
+  float* t = nullptr;
+
+  template <typename T>
+  void apply(const LoRAModule LoRALayer::*module, size_t layer, const Tensor& x, Tensor& y, const Par& par) const {
+    if (!layers) return;
+    const LoRAModule& m = (*layers)[layer].*module;
+    apply_lora<T>(m.args(), ptr<T>(x), x.size(1), ptr<T>(y), y.size(1), slots, x.size(0), t, par);
+  }
+};
+
 // Buffers of a step, allocated once for all layers.
 struct StepBuffers {
   Tensor normed, qkv, q, attn, o, gate_up, act, mlp, wide, scratch;
@@ -204,12 +239,13 @@ template <typename T>
 void forward_layer(const DecoderLayer& l, const Linear* then, StepBuffers& buf, Tensor& hidden,
                    const Tensor& cos, const Tensor& sin, const Tensor& positions, const Tensor& slot_mapping,
                    Tensor& kv_cache, const Tensor& block_tables, const Tensor& context_lens, const AttentionWork& work,
-                   const AttentionPlan& plan, const Par& par) {
+                   const AttentionPlan& plan, const LoRAStep& lora, size_t index, const Par& par) {
   const int64_t B = hidden.size(0), hidden_size = hidden.size(1), I = l.down.in_features();
   T* h = ptr<T>(hidden);
   const int64_t BS = kv_cache.size(3), cache_rows = kv_cache.size(2) * BS;
   rms_norm_rows<T>(h, nullptr, ptr<T>(l.input_norm), ptr<T>(buf.normed), B, hidden_size, l.eps, par);
   l.qkv.run(buf.normed, buf.widened(l.qkv, buf.normed, par), buf.qkv, par, &l.o);
+  lora.apply<T>(&LoRALayer::qkv, index, buf.normed, buf.qkv, par);
   rope_write_kv<T>(ptr<T>(buf.qkv), ptr<T>(buf.q), ptr<T>(kv_cache), cos.data_ptr<float>(), sin.data_ptr<float>(),
                    positions.data_ptr<int64_t>(), slot_mapping.data_ptr<int32_t>(), B, l.H, l.KVH, l.D, BS, cache_rows,
                    par);
@@ -217,10 +253,13 @@ void forward_layer(const DecoderLayer& l, const Linear* then, StepBuffers& buf, 
                           context_lens.data_ptr<int32_t>(), ptr<T>(buf.attn), l.H, l.KVH, l.D, BS, cache_rows, l.scale,
                           work, plan, buf.scratch.data_ptr<float>(), par);
   l.o.run(buf.attn, buf.widened(l.o, buf.attn, par), buf.o, par, &l.gate_up);
+  lora.apply<T>(&LoRALayer::o, index, buf.attn, buf.o, par);
   rms_norm_rows<T>(ptr<T>(buf.o), h, ptr<T>(l.post_attention_norm), ptr<T>(buf.normed), B, hidden_size, l.eps, par);
   l.gate_up.run(buf.normed, buf.widened(l.gate_up, buf.normed, par), buf.gate_up, par, &l.down);
+  lora.apply<T>(&LoRALayer::gate_up, index, buf.normed, buf.gate_up, par);
   silu_and_mul<T>(ptr<T>(buf.gate_up), ptr<T>(buf.act), B, I, par);
   l.down.run(buf.act, buf.widened(l.down, buf.act, par), buf.mlp, par, then);
+  lora.apply<T>(&LoRALayer::down, index, buf.act, buf.mlp, par);
   add_into<T>(h, ptr<T>(buf.mlp), B * hidden_size, par);
 }
 
@@ -249,7 +288,8 @@ void apply_head(const ModelHead& head, StepBuffers& buf, const Tensor& hidden, c
 Tensor forward_layers(const std::vector<DecoderLayer>& layers, const ModelHead& head, Tensor& hidden,
                       const Tensor& cos, const Tensor& sin, const Tensor& positions, const Tensor& slot_mapping,
                       std::vector<Tensor>& kv_caches, const Tensor& block_tables, const Tensor& token_seq,
-                      const Tensor& prefill_seqs, const Tensor& context_lens, const Tensor& sample_indices) {
+                      const Tensor& prefill_seqs, const Tensor& context_lens, const Tensor& sample_indices,
+                      const std::vector<LoRALayer>& lora_layers, const c10::optional<Tensor>& lora_slots) {
   TORCH_CHECK(!layers.empty() && hidden.is_contiguous() && hidden.dim() == 2, "forward_layers: hidden [T, hidden]");
   const DecoderLayer& first = layers[0];
   TORCH_CHECK(first.H / first.KVH <= kMaxGroup && first.D <= kMaxHeadDim, "forward_layers: head shape unsupported");
@@ -263,6 +303,20 @@ Tensor forward_layers(const std::vector<DecoderLayer>& layers, const ModelHead& 
     TORCH_CHECK(sampled[r] >= 0 && sampled[r] < hidden.size(0), "forward_layers: sample_indices[", r, "] = ",
                 sampled[r], " is not a row of hidden (", hidden.size(0), " rows)");
   StepBuffers buf(hidden, first, plan);
+  LoRAStep lora;
+  Tensor lora_scratch;
+  if (lora_slots) {  // each row's adapter slot, -1 for none (engine/lora.py LoRARows)
+    TORCH_CHECK(lora_layers.size() == layers.size() && lora_slots->scalar_type() == at::kInt &&
+                lora_slots->is_contiguous() && lora_slots->numel() == hidden.size(0),
+                "forward_layers: lora_slots, an int32 slot per row of hidden, with a LoRALayer per layer");
+    const LoRALayer& l = lora_layers[0];
+    const int32_t* slots = lora_slots->data_ptr<int32_t>();
+    for (int64_t r = 0; r < hidden.size(0); ++r)
+      TORCH_CHECK(slots[r] < l.qkv.a.size(0), "forward_layers: lora_slots[", r, "] = ", slots[r], " is not a slot");
+    const int64_t width = std::max({l.qkv.scratch(), l.o.scratch(), l.gate_up.scratch(), l.down.scratch()});
+    lora_scratch = torch::empty({hidden.size(0) * width}, hidden.options().dtype(at::kFloat));
+    lora = LoRAStep{&lora_layers, slots, lora_scratch.data_ptr<float>()};
+  }
   Tensor logits = torch::empty({sample_indices.size(0), head.lm_head.out_features}, hidden.options().dtype(at::kFloat));
   Tensor rounded = hidden.scalar_type() == at::kFloat ? logits : torch::empty(logits.sizes(), hidden.options());
   const int threads = at::get_num_threads();
@@ -273,7 +327,7 @@ Tensor forward_layers(const std::vector<DecoderLayer>& layers, const ModelHead& 
       for (size_t i = 0; i < layers.size(); ++i)
         forward_layer<scalar_t>(layers[i], i + 1 < layers.size() ? &layers[i + 1].qkv : &head.lm_head, buf, hidden,
                                 cos, sin, positions, slot_mapping, kv_caches[i], block_tables, context_lens, work, plan,
-                                par);
+                                lora, i, par);
       apply_head<scalar_t>(head, buf, hidden, sample_indices, rounded, logits, par);
     }
   });
@@ -347,5 +401,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecoderLayer>(m, "DecoderLayer", py::module_local())
       .def(py::init<Linear, Linear, Linear, Linear, Tensor, Tensor, int64_t, int64_t, int64_t, double, double>());
   py::class_<ModelHead>(m, "ModelHead", py::module_local()).def(py::init<Tensor, Linear, double>());
+  py::class_<LoRAModule>(m, "LoRAModule", py::module_local()).def(py::init<Tensor, Tensor, std::vector<int64_t>>());
+  py::class_<LoRALayer>(m, "LoRALayer", py::module_local())
+      .def(py::init<LoRAModule, LoRAModule, LoRAModule, LoRAModule>());
   m.def("forward_layers", &forward_layers, py::call_guard<py::gil_scoped_release>());
 }

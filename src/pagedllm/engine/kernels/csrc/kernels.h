@@ -414,6 +414,62 @@ void rms_norm_rows(T* x, T* residual, const T* w, T* out, int64_t rows, int64_t 
 
 constexpr int64_t kMaxGroup = 16, kMaxHeadDim = 256, kChunk = 16;  // positions scored before each softmax update
 
+// ---- LoRA: each row's adapter added to a linear's output (engine/lora.py add_lora is the definition) ---------
+// a [slots, S * R, K] float32: slot s's A of each of the S slices in R rows (zeros past the adapter's rank);
+// bt [slots, R, N] float32: B transposed, the scaling folded in; slice_ends: the slices' cumulative outputs. Row m
+// of x [M, K] with slots[m] >= 0 gets y[m, n] += sum_j bt[slot, j, n] t[m, slice of n, j], t = a[slot] x[m], in
+// float32, rounded to y once. `t`: M * S * R floats of scratch. Rows with slots[m] < 0 are left as they are.
+inline float as_float(float x) { return x; }
+inline float as_float(bf16 x) { return bf16_to_float(x); }
+inline void put(float* p, float x) { *p = x; }
+inline void put(bf16* p, float x) { *p = float_to_bf16(x); }
+
+struct LoRAArgs {
+  const float *a, *bt;
+  const int64_t* slice_ends;
+  int64_t slices, rank;  // S, R
+};
+
+template <typename X>
+inline float dot_floats(const X* x, const float* w, int64_t n) {
+  VecF acc = zero();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc = fma(load(x + i), load(w + i), acc);
+  if (i < n) acc = fma(load_n(x + i, n - i), load_n(w + i, n - i), acc);
+  return reduce_add(acc);
+}
+
+constexpr int64_t kLoRAColumns = 64;  // the outputs of a row an expand item covers
+
+template <typename T>
+void apply_lora(const LoRAArgs& l, const T* x, int64_t K, T* y, int64_t N, const int32_t* slots, int64_t M, float* t,
+                const Par& par) {
+  const int64_t SR = l.slices * l.rank, pieces = (N + kLoRAColumns - 1) / kLoRAColumns;
+  par(M * SR, 64, [&](int64_t begin, int64_t end) {  // shrink: t = A x
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t m = i / SR, j = i % SR;
+      if (slots[m] >= 0) t[i] = dot_floats(x + m * K, l.a + (slots[m] * SR + j) * K, K);
+    }
+  });
+  par(M * pieces, 4, [&](int64_t begin, int64_t end) {  // expand: y += B t, a vector of outputs at a time
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t m = i / pieces, last = std::min(N, (i % pieces + 1) * kLoRAColumns);
+      if (slots[m] < 0) continue;
+      const float* bt = l.bt + slots[m] * l.rank * N;
+      int64_t s = 0;
+      for (int64_t n = (i % pieces) * kLoRAColumns; n < last;) {
+        while (n >= l.slice_ends[s]) ++s;
+        const int64_t width = std::min<int64_t>(kLanes, std::min(last, l.slice_ends[s]) - n);
+        const float* ts = t + m * SR + s * l.rank;
+        VecF acc = load_n(y + m * N + n, width);
+        for (int64_t j = 0; j < l.rank; ++j) acc = fma(set1(ts[j]), load_n(bt + j * N + n, width), acc);
+        store_n(y + m * N + n, acc, width);
+        n += width;
+      }
+    }
+  });
+}
+
 // ---- the KV cache's layout --------------------------------------------------------------------------------
 // A layer's cache is [2 (keys, values), KVH, blocks, BS, D]; within one block of BS positions, where dim d of
 // position s goes. float32: row-major, [BS][D]. bf16: each operand as the bf16 dot product reads it (dot2 pairs
@@ -809,9 +865,6 @@ struct AttentionWork {
     });
   }
 };
-
-inline float as_float(float x) { return x; }
-inline float as_float(bf16 x) { return bf16_to_float(x); }
 
 // A chunk's keys and the queries, one step of d at a time: float32 (one d), or bf16 pairs where the CPU has a
 // bf16 dot (two d; a key's pair is its 32-bit word, so the transpose moves words), half the instructions.

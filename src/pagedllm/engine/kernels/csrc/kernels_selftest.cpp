@@ -155,6 +155,43 @@ void check_norm_and_silu() {
   expect_close("silu_mul", act, silu, 1e-5);
 }
 
+// LoRA over three slices of unequal width and rank 5 in slots of 6 (tails past the lanes in both products), rows
+// on two slots and none, against a scalar y + B (A x) per slice; in bf16 the output is rounded once.
+template <typename T>
+void check_lora() {
+  const int64_t K = 37, slots = 2, S = 3, R = 6, rank = 5, M = 3;
+  const int64_t ends[S] = {20, 29, 100}, N = ends[S - 1];  // the last slice across two expand items
+  std::vector<float> a(slots * S * R * K, 0.f), bt(slots * R * N, 0.f), xf = randn(M * K), y0 = randn(M * N);
+  for (int64_t s = 0; s < slots; ++s)
+    for (int64_t j = 0; j < S * R; ++j)
+      for (int64_t k = 0; k < K; ++k) a[(s * S * R + j) * K + k] = j % R < rank ? normal() : 0.f;
+  for (int64_t s = 0; s < slots; ++s)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < rank; ++j) bt[(s * R + j) * N + n] = normal();
+  std::vector<T> x(M * K), y(M * N);
+  for (int64_t i = 0; i < M * K; ++i) put(&x[i], xf[i]), xf[i] = as_float(x[i]);
+  for (int64_t i = 0; i < M * N; ++i) put(&y[i], y0[i]), y0[i] = as_float(y[i]);
+  const int32_t row_slots[M] = {1, -1, 0};
+  std::vector<double> want(M * N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t s = n < ends[0] ? 0 : n < ends[1] ? 1 : 2;
+      double delta = 0;
+      for (int64_t j = 0; j < rank && row_slots[m] >= 0; ++j) {
+        double t = 0;
+        for (int64_t k = 0; k < K; ++k) t += double(xf[m * K + k]) * a[((row_slots[m] * S + s) * R + j) * K + k];
+        delta += t * bt[(row_slots[m] * R + j) * N + n];
+      }
+      want[m * N + n] = y0[m * N + n] + delta;
+    }
+  std::vector<float> t(M * S * R);
+  apply_lora<T>(LoRAArgs{a.data(), bt.data(), ends, S, R}, x.data(), K, y.data(), N, row_slots, M, t.data(), Par{});
+  std::vector<float> got(M * N);
+  for (int64_t i = 0; i < M * N; ++i) got[i] = as_float(y[i]);
+  expect_close(std::is_same<T, bf16>::value ? "lora bf16" : "lora float", got, want,
+               std::is_same<T, bf16>::value ? 1e-2 : 1e-5);
+}
+
 // Attention over a paged cache [2, KVH, blocks * BS, D] (as kv_index lays it out) against a scalar softmax: each row its own sequence
 // (decode), or with `one_sequence` every row a token of one prefill chunk (same block table, contexts ascending),
 // attended in query tiles.
@@ -250,6 +287,8 @@ int main() {
   check_linears();
   check_norm_and_silu();
   check_sampling();
+  check_lora<float>();
+  check_lora<bf16>();
   for (auto ctx : {std::vector<int32_t>{1}, std::vector<int32_t>{5, 16, 33}, std::vector<int32_t>{700}}) {
     check_attention<float>(6, 2, 32, 8, ctx);
     check_attention<bf16>(6, 2, 32, 8, ctx);
