@@ -9,6 +9,7 @@
 #define PAGEDLLM_WITH_ATEN 1
 #include "kernels.h"
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -197,17 +198,17 @@ struct LoRALayer {
   LoRAModule qkv, o, gate_up, down;
 };
 
-// A step's adapters: the layers' slots and each row's slot (-1: none), with the scratch of the shrink.
+// A step's adapters: the layers' slots and the step's rows by slot, with the scratch of the shrink.
 struct LoRAStep {
   const std::vector<LoRALayer>* layers = nullptr;
-  const int32_t* slots = nullptr;
+  std::unique_ptr<LoRARowGroups> groups;
   float* t = nullptr;
 
   template <typename T>
   void apply(const LoRAModule LoRALayer::*module, size_t layer, const Tensor& x, Tensor& y, const Par& par) const {
     if (!layers) return;
     const LoRAModule& m = (*layers)[layer].*module;
-    apply_lora<T>(m.args(), ptr<T>(x), x.size(1), ptr<T>(y), y.size(1), slots, x.size(0), t, par);
+    apply_lora<T>(m.args(), ptr<T>(x), x.size(1), ptr<T>(y), y.size(1), *groups, t, par);
   }
 };
 
@@ -315,7 +316,9 @@ Tensor forward_layers(const std::vector<DecoderLayer>& layers, const ModelHead& 
       TORCH_CHECK(slots[r] < l.qkv.a.size(0), "forward_layers: lora_slots[", r, "] = ", slots[r], " is not a slot");
     const int64_t width = std::max({l.qkv.scratch(), l.o.scratch(), l.gate_up.scratch(), l.down.scratch()});
     lora_scratch = torch::empty({hidden.size(0) * width}, hidden.options().dtype(at::kFloat));
-    lora = LoRAStep{&lora_layers, slots, lora_scratch.data_ptr<float>()};
+    lora.layers = &lora_layers;
+    lora.groups = std::make_unique<LoRARowGroups>(slots, hidden.size(0));
+    lora.t = lora_scratch.data_ptr<float>();
   }
   Tensor logits = torch::empty({sample_indices.size(0), head.lm_head.out_features}, hidden.options().dtype(at::kFloat));
   Tensor rounded = hidden.scalar_type() == at::kFloat ? logits : torch::empty(logits.sizes(), hidden.options());

@@ -159,8 +159,8 @@ void check_norm_and_silu() {
 // on two slots and none, against a scalar y + B (A x) per slice; in bf16 the output is rounded once.
 template <typename T>
 void check_lora() {
-  const int64_t K = 37, slots = 2, S = 3, R = 6, rank = 5, M = 3;
-  const int64_t ends[S] = {20, 29, 100}, N = ends[S - 1];  // the last slice across two expand items
+  const int64_t K = 37, slots = 2, S = 3, R = 6, rank = 5, M = 4;
+  const int64_t ends[S] = {20, 29, 160}, N = ends[S - 1];  // whole expand items in the last slice, and parts
   std::vector<float> a(slots * S * R * K, 0.f), bt(slots * R * N, 0.f), xf = randn(M * K), y0 = randn(M * N);
   for (int64_t s = 0; s < slots; ++s)
     for (int64_t j = 0; j < S * R; ++j)
@@ -171,7 +171,7 @@ void check_lora() {
   std::vector<T> x(M * K), y(M * N);
   for (int64_t i = 0; i < M * K; ++i) put(&x[i], xf[i]), xf[i] = as_float(x[i]);
   for (int64_t i = 0; i < M * N; ++i) put(&y[i], y0[i]), y0[i] = as_float(y[i]);
-  const int32_t row_slots[M] = {1, -1, 0};
+  const int32_t row_slots[M] = {1, -1, 0, 1};
   std::vector<double> want(M * N);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
@@ -185,7 +185,8 @@ void check_lora() {
       want[m * N + n] = y0[m * N + n] + delta;
     }
   std::vector<float> t(M * S * R);
-  apply_lora<T>(LoRAArgs{a.data(), bt.data(), ends, S, R}, x.data(), K, y.data(), N, row_slots, M, t.data(), Par{});
+  apply_lora<T>(LoRAArgs{a.data(), bt.data(), ends, S, R}, x.data(), K, y.data(), N, LoRARowGroups(row_slots, M),
+                t.data(), Par{});
   std::vector<float> got(M * N);
   for (int64_t i = 0; i < M * N; ++i) got[i] = as_float(y[i]);
   expect_close(std::is_same<T, bf16>::value ? "lora bf16" : "lora float", got, want,
