@@ -8,45 +8,17 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
-from pagedllm import LLM, LoRARequest, SamplingParams
+from pagedllm import LLM, EngineConfig, LoRARequest, SamplingParams
+from pagedllm.engine.lora import read_multi_lora
 from pagedllm.errors import RequestRejectedError
 from tests.support.kernel_tiers import RUNNABLE, ops_for
+from tests.support.lora import make_adapter, peft_greedy
 
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=12)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = [*ATTENTION, "gate_proj", "up_proj", "down_proj"]
-
-
-def make_adapter(model_dir: Path, out: Path, rank: int, targets: list[str], seed: int, **config) -> Path:
-    """A PEFT adapter with seeded random A and B (init_lora_weights=False: B is not zero)."""
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    peft = get_peft_model(base, LoraConfig(r=rank, lora_alpha=config.pop("lora_alpha", 2 * rank),
-                                           target_modules=targets, init_lora_weights=False, **config))
-    peft.save_pretrained(out)
-    return out
-
-
-def peft_greedy(model_dir: Path, adapter: Path | None, prompts: list[list[int]], n: int, merged: bool = False):
-    """The oracle: transformers generate on the PEFT model (or on the merged one), one prompt at a time."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
-        if merged:
-            model = model.merge_and_unload()
-    outs = []
-    with torch.inference_mode():
-        for ids in prompts:
-            x = torch.tensor([ids])
-            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                               pad_token_id=0, eos_token_id=None)
-            outs.append(y[0, len(ids):].tolist())
-    return outs
 
 
 def _prompts(n: int, lengths: tuple[int, int], seed: int, vocab: int = 49152) -> list[list[int]]:
@@ -220,3 +192,25 @@ def test_the_bank_lends_a_free_slot_then_the_least_recently_used_idle_unpinned_o
     for another in (b, LoRARequest("d", str(paths["qv-r6-rs"]))):
         with pytest.raises(RequestRejectedError, match="all 2 slots"):
             bank.register(another, pinned=True)
+
+
+def test_multi_lora_json_names_folders_beside_it(tmp_path):
+    (tmp_path / "multi_lora.json").write_text(json.dumps({"sql": "adapters/sql", "abs": "/srv/a"}))
+    assert read_multi_lora(tmp_path) == {"sql": str(tmp_path / "adapters" / "sql"), "abs": "/srv/a"}
+    assert read_multi_lora(tmp_path / "none") == {}
+    for bad in ('["sql"]', '{"../x": "a"}', '{"sql": 3}', "{"):
+        (tmp_path / "multi_lora.json").write_text(bad)
+        with pytest.raises(ValueError, match="multi_lora.json"):
+            read_multi_lora(tmp_path)
+
+
+def test_lora_modules_load_at_start_and_a_bad_one_fails_it_naming_it(adapters, tmp_path):
+    model_dir, paths = adapters
+    with pytest.raises(ValueError, match="lora_modules: 1 adapters given with enable_lora false"):
+        EngineConfig(model=str(model_dir), lora_modules={"a": str(paths["attn-r8"])})
+    with pytest.raises(ValueError, match="lora_modules.broken: .*is missing"):
+        _engine(model_dir, lora_modules={"broken": str(tmp_path)})
+    llm = _engine(model_dir, lora_modules={"a": str(paths["attn-r8"])})
+    prompt = _prompts(1, (5, 10), seed=8)
+    out = llm.generate(prompt, GREEDY, use_tqdm=False, lora_request=LoRARequest("a"))
+    assert out[0].token_ids == peft_greedy(model_dir, paths["attn-r8"], prompt, 12)[0]

@@ -118,3 +118,15 @@ def test_fuzzed_inputs_parse_or_raise_an_error_naming_a_field(inputs):
         assert field in set(inputs) | {"text_input", "messages", "sampling_parameters", "max_tokens", "temperature",
                                        "top_p", "top_k", "seed", "stop", "min_tokens", "ignore_eos", "stream",
                                        "request", "nope"} or "messages" in str(e), str(e)
+
+
+def test_lora_name_is_read_from_sampling_parameters_and_travels_in_the_normalised_request():
+    req = parse_request({"text_input": s("Hi"), "sampling_parameters": s('{"lora_name": "sql", "max_tokens": 3}')})
+    assert req.lora_name == "sql" and req.params.max_tokens == 3
+    again = GenerateRequest.from_inputs({"request": s(req.to_json()), "input_ids": np.array([1, 2], np.int32)})
+    assert again.lora_name == "sql"
+    assert parse_request({"text_input": s("Hi")}).lora_name is None
+    for bad in ("", "../x", 7, "a" * 200):
+        with pytest.raises(InvalidRequestError) as e:
+            parse_request({"text_input": s("Hi"), "sampling_parameters": s(json.dumps({"lora_name": bad}))})
+        assert e.value.field == "sampling_parameters.lora_name"

@@ -30,6 +30,19 @@ SESSION_LLM_MODELS = ("llm", "llm_tiny", "llm_spec")  # the session server's LLM
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
 
+TINY_ADAPTERS = {"sql": (8, ["q_proj", "v_proj", "down_proj"]),
+                 "poet": (4, ["k_proj", "o_proj", "gate_proj", "up_proj"])}
+
+
+def write_adapters(version_dir: Path, model_dir: Path) -> None:
+    """llm_tiny's adapters (PEFT's files, seeded) and the multi_lora.json that serves them, as Triton's vLLM
+    backend reads it."""
+    from tests.support.lora import make_adapter
+    for seed, (name, (rank, targets)) in enumerate(TINY_ADAPTERS.items()):
+        make_adapter(model_dir, version_dir / "adapters" / name, rank, targets, seed=20 + seed)
+    (version_dir / "multi_lora.json").write_text(json.dumps({name: f"adapters/{name}" for name in TINY_ADAPTERS}))
+
+
 def tiny_engine(model_dir: Path) -> dict:
     return {"model": str(model_dir), "dtype": "float32", "block_size": 4, "num_kv_blocks": 128,
             "max_num_seqs": 4, "max_num_batched_tokens": 256, "max_waiting_requests": 4}
@@ -48,7 +61,9 @@ def start_server(repo: Path, log: Path, mode: str = "none") -> TritonServer:
 def server(request, tmp_path_factory, tiny_model_dir, smollm_dir):
     repo = tmp_path_factory.mktemp("repo")
     write_repository(repo, {**SERVED_ENGINE, "kv_cache_memory": 256 << 20, "max_num_seqs": 32})
-    write_llm(repo, "llm_tiny", tiny_engine(tiny_model_dir("llama-tied")))
+    write_llm(repo, "llm_tiny", {**tiny_engine(tiny_model_dir("llama-tied")), "enable_lora": True, "max_loras": 2,
+                                 "max_lora_rank": 8})
+    write_adapters(repo / "llm_tiny" / "1", tiny_model_dir("llama-tied"))
     write_llm(repo, "llm_spec", {**tiny_engine(tiny_model_dir("llama-tied", vocab_size=16)), "stream_interval": 3,
                                  "speculative_config": SPEC})
     write_baselines(repo, str(tiny_model_dir("llama-tied")), max_batch_size=4, dtype="float32")  # perf/compare.py's

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,6 +170,9 @@ class EngineConfig:
     enable_lora: bool = False
     max_loras: int = 4
     max_lora_rank: int = 16
+    # adapters registered at start, name -> folder of PEFT's files (vLLM's --lora-modules; a Triton model's
+    # multi_lora.json, as Triton's vLLM backend reads it); each loads into a slot when a request first names it
+    lora_modules: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.speculative_config, dict):
@@ -184,6 +187,12 @@ class EngineConfig:
         check_int("max_lora_rank", self.max_lora_rank, low=1, high=512)
         if not isinstance(self.enable_lora, bool):
             raise ValueError(f"enable_lora: must be true or false, got {self.enable_lora!r}")
+        if not isinstance(self.lora_modules, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.lora_modules.items()):
+            raise ValueError("lora_modules: must map adapter names to folders, such as {\"sql\": \"/adapters/sql\"}")
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError(f"lora_modules: {len(self.lora_modules)} adapters given with enable_lora false; "
+                             "set enable_lora to true to serve them")
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization: {self.quantization!r} is not supported; supported: int8")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "stream_interval",

@@ -78,7 +78,7 @@ class EngineHost:
         """No callback: every delta goes back with its step's (`_on_step`)."""
         try:
             self.loop.submit(submit.request_id, submit.prompt_token_ids, submit.params,
-                             arrival_time=submit.arrival_time)
+                             arrival_time=submit.arrival_time, lora_name=submit.lora_name)
         except Exception as e:  # the request fails, never the thread that reads the pipe
             if not isinstance(e, (OverloadedError, EngineDeadError, ValueError)):
                 logger.exception("submitting request %s failed", submit.request_id)

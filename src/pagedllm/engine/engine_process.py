@@ -59,14 +59,14 @@ class EngineProcess:
 
     # ---- the serving side's calls ---------------------------------------------------------------
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               callback: DeltaCallback, arrival_time: float | None = None) -> None:
+               callback: DeltaCallback, arrival_time: float | None = None, lora_name: str | None = None) -> None:
         with self._lock:
             if self.state != EngineState.UP:
                 raise EngineDeadError(self._refusal())
             if not self._callbacks:
                 self._last_progress = time.monotonic()  # idle until now: the heartbeat starts with this work
             self._callbacks[request_id] = callback
-            self._send(wire.Submit(request_id, list(prompt_token_ids), params, arrival_time))
+            self._send(wire.Submit(request_id, list(prompt_token_ids), params, arrival_time, lora_name))
 
     def abort(self, request_id: str) -> None:
         with self._lock:

@@ -56,6 +56,11 @@ class LLMEngine:
         self.lora = LoRABank(self.model_config, config.max_loras, config.max_lora_rank) if config.enable_lora else None
         if self.lora is not None:
             model.use_lora(self.lora)
+            for name, path in config.lora_modules.items():  # a bad one fails the start, naming it
+                try:
+                    self.lora.register(LoRARequest(name, path))
+                except RequestRejectedError as e:
+                    raise ValueError(f"lora_modules.{name}: {e.reason}") from None
         self.runner = ModelRunner(model, self.model_config, self.num_blocks, config.block_size,
                                   config.torch_dtype, self.device, backend, self.lora)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.engine.lora import LoRARequest
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.sequence import DeltaCallback, RequestDelta
 from pagedllm.errors import EngineDeadError, ErrorCode, OverloadedError, RequestError
@@ -29,6 +30,7 @@ class _Submit:
     params: SamplingParams
     callback: DeltaCallback | None
     arrival_time: float | None
+    lora_name: str | None = None
 
 
 @dataclass
@@ -64,7 +66,8 @@ class EngineLoop:
         return self._thread.is_alive() and self.error is None
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               callback: DeltaCallback | None = None, arrival_time: float | None = None) -> None:
+               callback: DeltaCallback | None = None, arrival_time: float | None = None,
+               lora_name: str | None = None) -> None:
         """Validate and admit now (raising in the caller's thread), then queue for the next step. Without a
         `callback` the request's deltas reach only `on_step`."""
         self.engine.validate(prompt_token_ids, params)
@@ -72,7 +75,7 @@ class EngineLoop:
             if not self.alive or self._stopping:
                 raise EngineDeadError("the engine loop is not running; the model is not ready")
             self._admit(len(prompt_token_ids))
-            self._inbox.append(_Submit(request_id, list(prompt_token_ids), params, callback, arrival_time))
+            self._inbox.append(_Submit(request_id, list(prompt_token_ids), params, callback, arrival_time, lora_name))
             self._cond.notify()
 
     def _admit(self, num_tokens: int) -> None:
@@ -133,7 +136,8 @@ class EngineLoop:
                     self._deliver([delta])
                 continue
             try:
-                self.engine.add_request(item.request_id, item.prompt_token_ids, item.params, item.arrival_time)
+                self.engine.add_request(item.request_id, item.prompt_token_ids, item.params, item.arrival_time,
+                                        LoRARequest(item.lora_name) if item.lora_name else None)
                 if item.callback is not None:
                     self._callbacks[item.request_id] = item.callback
             except ValueError as e:

@@ -31,17 +31,35 @@ if TYPE_CHECKING:
 
 FIELD = "lora_request"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+MULTI_LORA = "multi_lora.json"  # a Triton model version's adapters, as Triton's vLLM backend reads them
 # PEFT's module name -> (our fused linear, its slice)
 TARGETS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2), "o_proj": ("o_proj", 0),
            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0)}
 MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 # adapter_config.json settings that change what the weights mean: only their defaults are supported
 _DEFAULTS = {"peft_type": "LORA", "bias": "none", "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
              "lora_bias": False, "layer_replication": None, "rank_pattern": {}, "alpha_pattern": {},
              "use_qalora": False, "alora_invocation_tokens": None, "trainable_token_indices": None}
 _registrations = itertools.count(1)
+
+
+def read_multi_lora(version_dir: Path) -> dict[str, str]:
+    """The adapters of a Triton model version's multi_lora.json ({name: folder}, a relative folder taken from the
+    version's), or {} without one; ValueError naming the file if it is not such an object."""
+    file = version_dir / MULTI_LORA
+    if not file.exists():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: not readable JSON ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and NAME.match(k) and isinstance(v, str)
+                                             for k, v in data.items()):
+        raise ValueError(f"{file}: must map adapter names (letters, digits, ._:/-) to folders, such as "
+                         "{\"sql\": \"adapters/sql\"}")
+    return {name: str((version_dir / path).resolve()) for name, path in data.items()}
 
 
 @dataclass(frozen=True)
@@ -193,7 +211,7 @@ class LoRABank:
         lora_request if it cannot be used)."""
         if not isinstance(request, LoRARequest):
             raise RequestRejectedError(FIELD, "expected LoRARequest(name, path)")
-        if not isinstance(request.name, str) or not _NAME.match(request.name):
+        if not isinstance(request.name, str) or not NAME.match(request.name):
             raise RequestRejectedError(f"{FIELD}.name", "must be 1-128 letters, digits or ._:/- characters")
         adapter = self.adapters.get(request.name)
         if adapter is not None and request.path is not None and Path(request.path) != adapter.path:

@@ -52,6 +52,7 @@ class Submit:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float | None = None
+    lora_name: str | None = None  # one of the engine's adapters (lora_modules), None for the base model
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 one's deltas streamed back by `Streams`."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import uuid
@@ -14,8 +15,9 @@ import numpy as np
 from pagedllm.engine.config import read_engine_json
 from pagedllm.engine.engine_process import EngineProcess
 from pagedllm.engine.faults import Faults
+from pagedllm.engine.lora import read_multi_lora
 from pagedllm.engine.tokenizer import load_tokenizer, tools_reach_the_model_by
-from pagedllm.errors import ErrorCode, ModelConfigError, RequestError
+from pagedllm.errors import ErrorCode, InvalidRequestError, ModelConfigError, RequestError
 from pagedllm.serving.metrics import ServingMetrics
 from pagedllm.serving.python_backend import PythonBackend
 from pagedllm.serving.request import NORMALISED_REQUEST, GenerateRequest, parse_request
@@ -38,8 +40,14 @@ class LLMModel:
         self.backend = PythonBackend(args)
         self.name = args["model_name"]
         require_decoupled(self.backend.config, self.name)
-        engine_config, supervision = read_engine_json(Path(args["model_repository"]) / args["model_version"] /
-                                                      "engine.json")
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        engine_config, supervision = read_engine_json(version_dir / "engine.json")
+        try:  # the adapters of multi_lora.json beside engine.json, as Triton's vLLM backend serves them
+            engine_config = dataclasses.replace(engine_config, lora_modules={**engine_config.lora_modules,
+                                                                             **read_multi_lora(version_dir)})
+        except ValueError as e:
+            raise ModelConfigError(f"{self.name}: {e}") from None
+        self.adapters = sorted(engine_config.lora_modules)
         self.metrics = ServingMetrics(self.backend.pb.MetricFamily, self.name, args["model_version"])
         # The tokenizer (and with it transformers and torch, which this stub does not import before) loads while
         # the engine process starts: waiting for the engine holds no GIL.
@@ -70,11 +78,15 @@ class LLMModel:
         request_id = uuid.uuid4().hex
         try:
             req, in_ensemble = self._parse(self.backend.inputs(request))
+            if req.lora_name is not None and req.lora_name not in self.adapters:
+                raise InvalidRequestError("sampling_parameters.lora_name", f"no adapter {req.lora_name!r} here; "
+                                          f"this model serves {', '.join(self.adapters) or 'no adapters'}")
             prompt_ids = tokenize_request(self.tokenizer, req, self.prompt_limit)
             response_options = (np.array([req.options.to_json().encode()], dtype=np.object_)
                                 if in_ensemble and prepends_prompt(req.options) else None)
             stream = self.streams.open(request_id, sender, req.options, response_options)
-            self.loop.submit(request_id, prompt_ids, req.params, self.streams.deliver, arrival_time=stream.arrival)
+            self.loop.submit(request_id, prompt_ids, req.params, self.streams.deliver, arrival_time=stream.arrival,
+                             lora_name=req.lora_name)
         except Exception as e:  # every request gets its one final response, whatever raised
             error = RequestError.of(e)
             if error.code is ErrorCode.INTERNAL:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from pagedllm.engine.lora import NAME as LORA_NAME
 from pagedllm.engine.sampling_params import MAX_SEED, SamplingParams
 from pagedllm.errors import FieldError, InvalidRequestError
 from pagedllm.tool_format import ToolUse
@@ -69,10 +70,11 @@ class GenerateRequest:
     messages: list[dict[str, Any]] | None = None
     input_ids: list[int] | None = None
     tools: ToolUse | None = None  # the functions a chat may call, shown to the model with its messages
+    lora_name: str | None = None  # sampling_parameters.lora_name: the adapter it runs with (Triton's vLLM backend)
 
     def to_json(self) -> str:
         """The normalised request that preprocessing hands to the llm and postprocessing models."""
-        return json.dumps({"params": asdict(self.params), "options": asdict(self.options)})
+        return json.dumps({"params": asdict(self.params), "options": asdict(self.options), "lora_name": self.lora_name})
 
     @classmethod
     def from_inputs(cls, inputs: Mapping[str, np.ndarray], max_prompt_tokens: int | None = None) -> GenerateRequest:
@@ -82,12 +84,13 @@ class GenerateRequest:
         input_ids = _input_ids(inputs.get("input_ids", np.zeros(0, np.int32)), max_prompt_tokens, "prompt")
         try:
             obj = json.loads(data)
-            if not isinstance(obj, dict) or set(obj) != {"params", "options"}:
-                raise ValueError("expected an object with params and options")
+            if not isinstance(obj, dict) or set(obj) - {"lora_name"} != {"params", "options"}:
+                raise ValueError("expected an object with params, options and lora_name")
             params = SamplingParams.from_dict(obj["params"])
         except (ValueError, TypeError) as e:
             raise InvalidRequestError(NORMALISED_REQUEST, f"malformed normalised request ({e})") from None
-        return cls(params, ResponseOptions.from_dict(obj["options"]), input_ids=input_ids)
+        return cls(params, ResponseOptions.from_dict(obj["options"]), input_ids=input_ids,
+                   lora_name=_lora_name(obj.get("lora_name")))
 
 
 def parse_request(inputs: Mapping[str, np.ndarray], max_prompt_tokens: int | None = None) -> GenerateRequest:
@@ -105,11 +108,12 @@ def parse_request(inputs: Mapping[str, np.ndarray], max_prompt_tokens: int | Non
         raise InvalidRequestError("text_input", "is empty")
     options = ResponseOptions(stream=_flag(inputs, "stream"), prompt_text=text or "",
                               **{name: _flag(inputs, name) for name in FLAGS})
-    params = _sampling_params(inputs, options)
+    params, lora_name = _sampling_params(inputs, options)
     tools = _tool_use(inputs)
     if tools is not None and messages is None:
         raise InvalidRequestError("tools", "only a chat (messages) can be given tools")
-    return GenerateRequest(params, options, text=text, messages=messages, input_ids=input_ids, tools=tools)
+    return GenerateRequest(params, options, text=text, messages=messages, input_ids=input_ids, tools=tools,
+                           lora_name=lora_name)
 
 
 def _scalar(inputs: Mapping[str, np.ndarray], name: str) -> Any:
@@ -243,8 +247,17 @@ def _input_ids(arr: np.ndarray, max_tokens: int | None, name: str = "input_ids")
     return arr.reshape(-1).tolist()
 
 
-def _sampling_params(inputs: Mapping[str, np.ndarray], options: ResponseOptions) -> SamplingParams:
+def _lora_name(value: Any) -> str | None:
+    if value is not None and not (isinstance(value, str) and LORA_NAME.match(value)):
+        raise InvalidRequestError("sampling_parameters.lora_name", "must be an adapter's name: 1-128 letters, "
+                                  "digits or ._:/- characters")
+    return value
+
+
+def _sampling_params(inputs: Mapping[str, np.ndarray], options: ResponseOptions) -> tuple[SamplingParams, str | None]:
+    """The sampling parameters, and the adapter sampling_parameters names (lora_name, as Triton's vLLM backend)."""
     data = _sampling_json(inputs)
+    lora_name = _lora_name(data.pop("lora_name", None))
     source = {key: f"sampling_parameters.{key}" for key in data}  # field -> what the client called it
     for name, target in TYPED_INPUTS.items():
         if name in inputs:
@@ -257,7 +270,7 @@ def _sampling_params(inputs: Mapping[str, np.ndarray], options: ResponseOptions)
     if options.return_logprobs and data.get("logprobs") is None:
         data["logprobs"] = 0
     try:
-        return SamplingParams.from_dict(data)
+        return SamplingParams.from_dict(data), lora_name
     except FieldError as e:  # named as the client sent it
         raise InvalidRequestError(source.get(e.field, e.field), e.reason) from None
 

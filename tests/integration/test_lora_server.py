@@ -1,0 +1,53 @@
+"""LoRA adapters through a real tritonserver: `llm_tiny` serves two adapters from its multi_lora.json, named by
+`sampling_parameters.lora_name` as Triton's vLLM backend takes it; each answers as transformers running its PEFT
+model, the base model as itself, and an unknown name is a 400 naming the field."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pagedllm.engine.tokenizer import encode_text
+from tests.integration.conftest import TINY_ADAPTERS, stream, texts
+from tests.support.lora import peft_greedy
+
+pytestmark = pytest.mark.integration
+PROMPT = "Write a haiku about the sea"
+SAMPLING = {"temperature": 0.0, "max_tokens": 8, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def oracle(server, tiny_model_dir, tokenizer):
+    model_dir = tiny_model_dir("llama-tied")
+    ids = encode_text(tokenizer, PROMPT)
+    version = server.opts.model_repository / "llm_tiny" / "1" / "adapters"
+    answers = {name: peft_greedy(model_dir, version / name, [ids], 8)[0] for name in TINY_ADAPTERS}
+    answers[None] = peft_greedy(model_dir, None, [ids], 8)[0]
+    return {name: tokenizer.decode(tokens, skip_special_tokens=True) for name, tokens in answers.items()}
+
+
+@pytest.mark.parametrize("lora_name", [*TINY_ADAPTERS, None])
+def test_each_adapter_and_the_base_answer_as_their_oracle(server, oracle, lora_name):
+    sampling = {**SAMPLING, **({"lora_name": lora_name} if lora_name else {})}
+    out, error = stream(server.grpc_url, "llm_tiny", {"text_input": PROMPT, "sampling_parameters": sampling})
+    assert error is None
+    assert texts(out) == oracle[lora_name]
+    assert len(set(oracle.values())) == 3  # the adapters change the answer
+
+
+def test_the_adapters_interleave_in_one_batch(server, oracle):
+    from concurrent.futures import ThreadPoolExecutor
+    names = [*TINY_ADAPTERS, None] * 2
+    with ThreadPoolExecutor(len(names)) as pool:
+        outs = list(pool.map(lambda n: stream(server.grpc_url, "llm_tiny", {
+            "text_input": PROMPT, "sampling_parameters": {**SAMPLING, **({"lora_name": n} if n else {})}}), names))
+    assert [texts(out) for out, _ in outs] == [oracle[n] for n in names]
+
+
+@pytest.mark.parametrize("model", ["llm_tiny", "llm", "ensemble"])  # the ensemble carries it to llm
+def test_an_unknown_adapter_is_refused_naming_the_field(server, model):
+    out, error = stream(server.grpc_url, model, {"text_input": PROMPT,
+                                                 "sampling_parameters": json.dumps({"lora_name": "nope"})})
+    assert error is not None and "sampling_parameters.lora_name" in error and "nope" in error
+    out, error = stream(server.grpc_url, model, {"text_input": PROMPT, "sampling_parameters": {"max_tokens": 2}})
+    assert error is None and texts(out)  # the model serves on
