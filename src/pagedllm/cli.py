@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="serve MODEL under NAME too")
     gw.add_argument("--model", action="append", default=[], metavar="MODEL",
                     help="a Triton model to serve, where a replica has it ready (repeat; default: llm)")
+    gw.add_argument("--lora-adapter", action="append", default=[], metavar="NAME=MODEL",
+                    help="a LoRA adapter MODEL serves (its multi_lora.json), requested as model NAME (repeat)")
     gw.add_argument("--max-body-bytes", type=int, default=GatewayConfig.max_body_bytes)
     gw.add_argument("--max-model-len", action="append", default=[], metavar="MODEL=TOKENS",
                     help="MODEL's max_model_len: quotas reserve the rest of it for requests without max_tokens "
@@ -94,7 +96,7 @@ def _server(args: argparse.Namespace, log_path: Path | None = None):
 
 def serve(args: argparse.Namespace) -> int:
     """tritonserver, and the gateway beside it with --openai-port, under pagedllm.supervisor."""
-    from pagedllm.engine.config import declared_max_model_len
+    from pagedllm.engine.config import declared_adapters, declared_max_model_len
     from pagedllm.gateway.replicas import llm_models_in
     from pagedllm.supervisor import Supervisor
 
@@ -110,6 +112,8 @@ def serve(args: argparse.Namespace) -> int:
             gateway_command += ["--model", model]
             length = declared_max_model_len(args.model_repository / model)
             gateway_command += ["--max-model-len", f"{model}={length}"] if length else []
+            for adapter in declared_adapters(args.model_repository / model):
+                gateway_command += ["--lora-adapter", f"{adapter}={model}"]
 
     def ready() -> None:
         print(f"pagedllm ready\n  HTTP    http://{server.http_url}/v2/models/ensemble/generate_stream\n"
@@ -130,7 +134,9 @@ def gateway(args: argparse.Namespace) -> int:
         return run(GatewayConfig(args.triton, args.host, args.port, args.api_keys,
                                  parse_pairs("--served-model-name", args.served_model_name, "NAME=MODEL"),
                                  args.max_body_bytes, triton_dns=args.triton_dns,
-                                 max_model_len=parse_lengths(args.max_model_len), **models))
+                                 max_model_len=parse_lengths(args.max_model_len),
+                                 lora_adapters=parse_pairs("--lora-adapter", args.lora_adapter, "NAME=MODEL"),
+                                 **models))
     except ValueError as e:  # a bad flag or keys file: the message names it
         raise SystemExit(str(e)) from None
 

@@ -10,7 +10,7 @@ from starlette.requests import Request
 
 from pagedllm.gateway.accounting import RequestRecord
 from pagedllm.gateway.admission import DRAIN_FACTOR, Admission, read_body
-from pagedllm.gateway.config import GatewayConfig
+from pagedllm.gateway.config import GatewayConfig, Route
 from pagedllm.gateway.errors import GatewayError
 from pagedllm.gateway.keys import ApiKey, KeyRing, Limits, digest
 from pagedllm.gateway.protocol import parse
@@ -97,3 +97,12 @@ def test_the_quota_reserves_max_tokens_per_choice_or_the_rest_of_the_context():
     open_ended = gate.reserve(KEY, parse("chat", CHAT), "llm")
     assert open_ended.reserved == 2048  # the prompt may run to the end of the context
     assert gate.reserve(ApiKey("other", "0" * 64), parse("chat", CHAT), "llm") is None  # no quota for the key
+
+
+def test_an_adapter_is_routed_to_its_base_model_and_the_key_must_list_it():
+    record = RequestRecord("req_2")
+    gate = admission(lora_adapters={"chat": "llm", "sql": "llm"}, served_model_names={})
+    admitted = asyncio.run(gate.admit("chat", request(json.dumps(CHAT | {"model": "chat"}).encode()), record))
+    assert admitted.route == Route("llm", "chat") and (record.model, record.adapter) == ("llm", "chat")
+    error = refused(gate.admit("chat", request(json.dumps(CHAT | {"model": "sql"}).encode()), RequestRecord("r")))
+    assert (error.status, error.param) == (403, "model")  # the key lists llm, not the adapter sql

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 
+import openai
 import pytest
+import requests
 
 from pagedllm.engine.tokenizer import encode_text
-from tests.integration.conftest import TINY_ADAPTERS, stream, texts
+from tests.integration.conftest import TINY_ADAPTERS, GatewayProcess, stream, texts
 from tests.support.lora import peft_greedy
 
 pytestmark = pytest.mark.integration
@@ -51,3 +53,28 @@ def test_an_unknown_adapter_is_refused_naming_the_field(server, model):
     assert error is not None and "sampling_parameters.lora_name" in error and "nope" in error
     out, error = stream(server.grpc_url, model, {"text_input": PROMPT, "sampling_parameters": {"max_tokens": 2}})
     assert error is None and texts(out)  # the model serves on
+
+
+@pytest.fixture(scope="module")
+def gateway(server, tmp_path_factory):
+    """An open gateway (no keys) that serves llm_tiny's adapters by name, as `pagedllm serve` passes them."""
+    folder = tmp_path_factory.mktemp("lora-gateway")
+    adapters = [arg for name in TINY_ADAPTERS for arg in ("--lora-adapter", f"{name}=llm_tiny")]
+    gw = GatewayProcess([server.grpc_url], folder / "gateway.log", None, *adapters).wait_ready()
+    yield gw
+    gw.stop()
+
+
+def test_the_gateway_serves_each_adapter_as_a_model_of_its_own(server, gateway):
+    client = openai.OpenAI(base_url=gateway.base_url, api_key="none")
+    listed = {m.id: m for m in client.models.list().data}
+    assert {name: getattr(listed[name], "parent", None) for name in TINY_ADAPTERS} == {n: "llm_tiny"
+                                                                                      for n in TINY_ADAPTERS}
+    for name in [*TINY_ADAPTERS, "llm_tiny"]:
+        reply = client.completions.create(model=name, prompt=PROMPT, max_tokens=8, temperature=0)
+        lora = {"lora_name": name} if name in TINY_ADAPTERS else {}
+        direct, error = stream(server.grpc_url, "llm_tiny", {"text_input": PROMPT, "sampling_parameters": {
+            "temperature": 0.0, "max_tokens": 8, **lora}})
+        assert error is None and reply.model == name and reply.choices[0].text == texts(direct)
+    metrics = requests.get(f"{gateway.url}/metrics", timeout=10).text
+    assert 'pagedllm_gateway_adapter_requests_total{adapter="sql",status="200"} 1.0' in metrics

@@ -301,6 +301,20 @@ def declared_max_model_len(model_dir: Path) -> int | None:
         return None
 
 
+def declared_adapters(model_dir: Path) -> list[str]:
+    """The LoRA adapters a Triton model's newest version serves (its engine.json's lora_modules and its
+    multi_lora.json), for the gateway to route by name; [] where none can be read."""
+    from pagedllm.engine.lora import read_multi_lora
+    versions = sorted((int(p.parent.name), p) for p in model_dir.glob("*/engine.json") if p.parent.name.isdigit())
+    if not versions:
+        return []
+    try:
+        config = EngineConfig.from_json(versions[-1][1])
+        return sorted({*config.lora_modules, *read_multi_lora(versions[-1][1].parent)}) if config.enable_lora else []
+    except (OSError, ValueError):
+        return []
+
+
 def resolve_max_model_len(config: EngineConfig, model: ModelConfig, num_blocks: int) -> int:
     """The longest sequence the engine accepts: no longer than the model, its window, or the whole KV pool."""
     limit = config.max_model_len or model.max_position_embeddings

@@ -22,6 +22,7 @@ class RequestRecord:
     request_id: str
     key: str = "-"
     model: str | None = None
+    adapter: str | None = None  # the LoRA adapter it ran with
     replica: str | None = None
     status: int = 200
     prompt_tokens: int = 0
@@ -65,6 +66,8 @@ class Accounting:
     def _observe(self, record: RequestRecord) -> None:
         m, model = self.metrics, record.model or "-"
         m.requests.labels(record.key, model, str(record.status)).inc()
+        if record.adapter:
+            m.adapter_requests.labels(record.adapter, str(record.status)).inc()
         m.tokens.labels(record.key, "prompt").inc(record.prompt_tokens)
         m.tokens.labels(record.key, "completion").inc(record.completion_tokens)
         if record.status == 200 and not record.cancelled:

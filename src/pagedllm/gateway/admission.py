@@ -10,7 +10,7 @@ from fastapi import Request
 
 from pagedllm.gateway.accounting import RequestRecord
 from pagedllm.gateway.answers import Answer
-from pagedllm.gateway.config import GatewayConfig
+from pagedllm.gateway.config import GatewayConfig, Route
 from pagedllm.gateway.errors import InvalidRequestError, NotFoundError, RequestTooLargeError, ServiceUnavailableError
 from pagedllm.gateway.keys import ApiKey, KeyRing
 from pagedllm.gateway.protocol import Plan, decode_body, parse
@@ -26,11 +26,16 @@ DRAIN_FACTOR = 16  # a body over the limit is read (and dropped) up to this many
 
 @dataclass
 class Admitted:
-    """A request let through: who sent it, the answer it will get, the model that runs it, its quota ticket."""
+    """A request let through: who sent it, the answer it will get, the model (and adapter) that runs it, its quota
+    ticket."""
     key: ApiKey
     answer: Answer
-    model: str
+    route: Route
     ticket: Ticket | None
+
+    @property
+    def model(self) -> str:
+        return self.route.model
 
 
 class Admission:
@@ -47,20 +52,23 @@ class Admission:
             answer = parse_response_request(body, self.responses, key.name)
         else:
             answer = Answer(parse(endpoint, body))
-        record.model = self.model(answer.plan.model, key)
-        return Admitted(key, answer, record.model, self.reserve(key, answer.plan, record.model))
+        route = self.route(answer.plan.model, key)
+        record.model, record.adapter = route
+        return Admitted(key, answer, route, self.reserve(key, answer.plan, route.model))
 
-    def model(self, name: str, key: ApiKey) -> str:
-        """The served model `name` stands for, if it is served and `key` may use it."""
-        model = self.config.served_model_names.get(name, name)
+    def route(self, name: str, key: ApiKey) -> Route:
+        """The served model (and adapter) `name` stands for, if it is served and `key` may use it. A key's list
+        names an adapter itself: its base model's name does not grant it."""
+        route = self.config.route(name)
+        model = route.model
         if not any(r.healthy for r in self.pool.replicas):
             raise ServiceUnavailableError("no healthy replica; retry shortly", None, "no_healthy_replica", 1.0)
         if model not in self.pool.models():
             raise NotFoundError(f"model: {name!r} does not exist; GET /v1/models lists the models served",
                                 "model", "model_not_found")
         if key.models is not None and name not in key.models:
-            key.check_model(model)
-        return model
+            key.check_model(name if route.lora_name else model)
+        return route
 
     def reserve(self, key: ApiKey, plan: Plan, model: str) -> Ticket | None:
         """The key's tokens for this plan taken from its quota (settled with the real count at the end)."""

@@ -50,7 +50,7 @@ class Gateway:
         try:
             admitted = await self.admission.admit(endpoint, request, record)
             answer = admitted.answer
-            generation = Generation(self.pool, answer.plan, admitted.model, self.metrics)
+            generation = Generation(self.pool, answer.plan, admitted.model, self.metrics, admitted.route.lora_name)
             events = generation.events()
             first = await self._first(events, generation, record)  # an error before any token: an HTTP error
             if answer.plan.stream:
@@ -112,13 +112,16 @@ class Gateway:
             key = self.keys.authenticate(request.headers.get("authorization"))
         except GatewayError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        served = self.pool.models()
-        names = sorted(served) + sorted(a for a, m in self.config.served_model_names.items() if m in served)
+        served, config = self.pool.models(), self.config
+        names = sorted(served) + sorted(a for a, m in config.served_model_names.items() if m in served)
+        names += sorted(a for a, m in config.lora_adapters.items() if m in served)
         allowed = [n for n in names if key.models is None or n in key.models
-                   or self.config.served_model_names.get(n, n) in key.models]
-        lengths = {n: self.config.max_model_len.get(self.config.served_model_names.get(n, n)) for n in allowed}
-        return JSONResponse({"object": "list", "data": [
+                   or (n not in config.lora_adapters and config.route(n).model in key.models)]
+        routes = {n: config.route(n) for n in allowed}
+        lengths = {n: config.max_model_len.get(routes[n].model) for n in allowed}
+        return JSONResponse({"object": "list", "data": [  # an adapter's parent is its base model, as vLLM lists it
             {"id": n, "object": "model", "created": 0, "owned_by": "pagedllm"}
+            | ({"parent": routes[n].model} if routes[n].lora_name else {})
             | ({"max_model_len": lengths[n]} if lengths[n] else {}) for n in allowed]})
 
     def render_metrics(self, request: Request) -> Response:

@@ -3,6 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
+
+
+class Route(NamedTuple):
+    """Where a request's `model` goes: the Triton model, and the LoRA adapter it runs with there (or None)."""
+    model: str
+    lora_name: str | None = None
 
 
 @dataclass
@@ -28,9 +35,18 @@ class GatewayConfig:
     # max_tokens may generate up to the rest of the context, so its quota reserves that much.
     max_model_len: dict[str, int] = field(default_factory=dict)
     default_max_model_len: int = 8192  # assumed for a model missing from max_model_len
+    # LoRA adapter -> the Triton model that serves it (its base; `pagedllm serve` passes its repository's
+    # multi_lora.json names): requests name the adapter as `model`, as with vLLM
+    lora_adapters: dict[str, str] = field(default_factory=dict)
 
     def context_length(self, model: str) -> int:
         return self.max_model_len.get(model, self.default_max_model_len)
+
+    def route(self, name: str) -> Route:
+        """The Triton model (and adapter) a request's `model` names: an adapter, a served name or the model."""
+        if name in self.lora_adapters:
+            return Route(self.lora_adapters[name], name)
+        return Route(self.served_model_names.get(name, name))
 
     def __post_init__(self) -> None:
         if not self.triton and not self.triton_dns:
@@ -40,7 +56,12 @@ class GatewayConfig:
                 host, _, port = url.rpartition(":")
                 if not host or not port.isdigit():
                     raise ValueError(f"{flag}: {url!r} is not HOST:GRPC_PORT")
-        self.models = list(dict.fromkeys([*self.models, *self.served_model_names.values()]))
+        clash = set(self.lora_adapters) & {*self.served_model_names, *self.models}
+        if clash:
+            raise ValueError(f"--lora-adapter: {sorted(clash)[0]!r} is a model's name already; give the adapter "
+                             "another")
+        self.models = list(dict.fromkeys([*self.models, *self.served_model_names.values(),
+                                          *self.lora_adapters.values()]))
 
 
 def parse_pairs(flag: str, values: list[str], shape: str) -> dict[str, str]:

@@ -18,8 +18,10 @@ _DONE = object()
 
 
 class Generation:
-    def __init__(self, pool: ReplicaPool, plan: Plan, model: str, metrics: GatewayMetrics) -> None:
+    def __init__(self, pool: ReplicaPool, plan: Plan, model: str, metrics: GatewayMetrics,
+                 lora_name: str | None = None) -> None:
         self.pool, self.plan, self.model, self.metrics = pool, plan, model, metrics
+        self.adapter = {"lora_name": lora_name} if lora_name else {}  # sampling_parameters.lora_name
         self.replicas: list[str] = []  # where each attempt went, for the request log
 
     def events(self) -> AsyncIterator[Event]:
@@ -35,7 +37,7 @@ class Generation:
             replica.outstanding += 1
             try:
                 async for chunk in replica.client(self.model).chunks(choice.prompt, choice.messages, **tools,
-                                                                     **choice.sampling):
+                                                                     **choice.sampling, **self.adapter):
                     started = True
                     yield choice.index, chunk
                 return

@@ -16,6 +16,8 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter("pagedllm_gateway_requests", "Requests answered, by key, model and HTTP status",
                                 ["key", "model", "status"], registry=r)
+        self.adapter_requests = Counter("pagedllm_gateway_adapter_requests", "Requests answered with a LoRA "
+                                        "adapter, by adapter and HTTP status", ["adapter", "status"], registry=r)
         self.tokens = Counter("pagedllm_gateway_tokens", "Tokens used, by key and kind (prompt or completion)",
                               ["key", "kind"], registry=r)
         self.rejections = Counter("pagedllm_gateway_rejections", "Requests refused, by reason",
