@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from pagedllm.engine.tokenizer import encode_text
-from tests.integration.conftest import TINY_ADAPTERS, GatewayProcess, stream, texts
+from tests.integration.conftest import TINY_ADAPTERS, GatewayProcess, metric, stream, texts, wait_for
 from tests.support.lora import peft_greedy
 
 pytestmark = pytest.mark.integration
@@ -39,10 +39,13 @@ def test_each_adapter_and_the_base_answer_as_their_oracle(server, oracle, lora_n
 
 def test_the_adapters_interleave_in_one_batch(server, oracle):
     from concurrent.futures import ThreadPoolExecutor
-    names = [*TINY_ADAPTERS, None] * 2
+    names = [*TINY_ADAPTERS, None, "sql"]  # llm_tiny runs 4 at once (max_num_seqs) and queues 4
+    idle = ("pagedllm_num_requests_running", "pagedllm_num_requests_waiting")
+    assert wait_for(lambda: all(metric(server, name, model="llm_tiny") == 0 for name in idle), timeout=60)
     with ThreadPoolExecutor(len(names)) as pool:
         outs = list(pool.map(lambda n: stream(server.grpc_url, "llm_tiny", {
             "text_input": PROMPT, "sampling_parameters": {**SAMPLING, **({"lora_name": n} if n else {})}}), names))
+    assert [error for _, error in outs] == [None] * len(names)
     assert [texts(out) for out, _ in outs] == [oracle[n] for n in names]
 
 
