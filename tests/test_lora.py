@@ -4,6 +4,7 @@ kernels of every tier; the bank's slots; every bad adapter refused naming lora_r
 from __future__ import annotations
 
 import json
+import queue
 import random
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from pagedllm import LLM, EngineConfig, LoRARequest, SamplingParams
+from pagedllm.engine import wire
+from pagedllm.engine.loop import EngineLoop
 from pagedllm.engine.lora import read_multi_lora
 from pagedllm.errors import RequestRejectedError
 from tests.support.kernel_tiers import RUNNABLE, ops_for
@@ -214,3 +217,21 @@ def test_lora_modules_load_at_start_and_a_bad_one_fails_it_naming_it(adapters, t
     prompt = _prompts(1, (5, 10), seed=8)
     out = llm.generate(prompt, GREEDY, use_tqdm=False, lora_request=LoRARequest("a"))
     assert out[0].token_ids == peft_greedy(model_dir, paths["attn-r8"], prompt, 12)[0]
+
+
+def test_the_loop_changes_adapters_on_its_own_thread_and_answers_each_change_once(adapters):
+    model_dir, paths = adapters
+    seen: queue.Queue = queue.Queue()
+    loop = EngineLoop(lambda: _engine(model_dir).engine, on_step=lambda e, deltas: [seen.put(d) for d in deltas])
+    try:
+        loop.change_adapters(wire.LoadAdapter("c1", "a", str(paths["attn-r8"])))
+        loaded = seen.get(timeout=30)
+        assert (loaded.request_id, loaded.finish_reason, loaded.error) == ("c1", "stop", None)
+        assert "a" in loop.engine.lora.adapters
+        loop.change_adapters(wire.LoadAdapter("c2", "b", "/nowhere"))
+        refused = seen.get(timeout=30)
+        assert refused.request_id == "c2" and refused.error.field == "lora_request"
+        loop.change_adapters(wire.UnloadAdapter("c3", "a"))
+        assert seen.get(timeout=30).error is None and "a" not in loop.engine.lora.adapters
+    finally:
+        loop.shutdown()

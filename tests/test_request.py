@@ -130,3 +130,17 @@ def test_lora_name_is_read_from_sampling_parameters_and_travels_in_the_normalise
         with pytest.raises(InvalidRequestError) as e:
             parse_request({"text_input": s("Hi"), "sampling_parameters": s(json.dumps({"lora_name": bad}))})
         assert e.value.field == "sampling_parameters.lora_name"
+
+
+def test_lora_control_loads_from_a_path_and_unloads_by_name():
+    from pagedllm.serving.request import LoRAControl, parse_lora_control
+    load = {"lora_control": s(json.dumps({"action": "load", "lora_name": "sql", "lora_path": "/a/sql"}))}
+    assert parse_lora_control(load) == LoRAControl("load", "sql", "/a/sql")
+    assert parse_lora_control({"lora_control": s('{"action": "unload", "lora_name": "sql"}')}).path is None
+    for bad, field in (('{"action": "drop", "lora_name": "x"}', "lora_control"), ("{", "lora_control"),
+                       ('{"action": "load", "lora_name": "x"}', "lora_control.lora_path"),
+                       ('{"action": "unload", "lora_name": "x", "lora_path": "/p"}', "lora_control.lora_path"),
+                       ('{"action": "unload", "lora_name": ""}', "lora_control.lora_name")):
+        with pytest.raises(InvalidRequestError) as e:
+            parse_lora_control({"lora_control": s(bad)})
+        assert e.value.field == field

@@ -102,6 +102,13 @@ class AsyncClient(ClientSettings):
             self._record(None)
             return
 
+    async def change_adapter(self, action: str, lora_name: str, lora_path: str | None = None) -> None:
+        """Load ("load", from `lora_path`, a folder inside the model's engine.json lora_dir) or unload ("unload")
+        a LoRA adapter on this server's llm model while it runs; ClientError (naming the field) if refused."""
+        control = {"action": action, "lora_name": lora_name} | ({"lora_path": lora_path} if lora_path else {})
+        async for _ in self._send({"stream": True, "lora_control": json.dumps(control)}):
+            pass
+
     def _send(self, fields: dict[str, Any]) -> AsyncIterator[Chunk]:
         return self._send_grpc(fields) if self.protocol == "grpc" else self._send_http(fields)
 

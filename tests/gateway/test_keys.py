@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from pagedllm.gateway.errors import GatewayError
 from pagedllm.gateway.keys import KeyFileError, KeyRing, Limits, load_keys
 
 
@@ -36,3 +37,19 @@ def test_keys_file_and_authentication(tmp_path):
         path.write_text(json.dumps(bad))
         with pytest.raises(KeyFileError, match="--api-keys"):
             load_keys(path)
+
+
+def test_only_an_admin_key_may_change_adapters(tmp_path):
+    entries = [{"name": "ops", "sha256": hashlib.sha256(b"sk-ops").hexdigest(), "admin": True},
+               {"name": "app", "sha256": hashlib.sha256(b"sk-app").hexdigest()}]
+    (tmp_path / "keys.json").write_text(json.dumps({"keys": entries}))
+    ring = KeyRing(load_keys(tmp_path / "keys.json"))
+    ring.authenticate("Bearer sk-ops").check_admin()
+    for who, words in ((ring.authenticate("Bearer sk-app"), "key 'app' may not"),
+                       (KeyRing(None).authenticate(None), "start the gateway with --api-keys")):
+        with pytest.raises(GatewayError, match=words) as e:
+            who.check_admin()
+        assert e.value.status == 403
+    (tmp_path / "keys.json").write_text(json.dumps({"keys": [{**entries[0], "admin": "yes"}]}))
+    with pytest.raises(KeyFileError, match=r"keys\[0\].admin"):
+        load_keys(tmp_path / "keys.json")

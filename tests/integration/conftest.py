@@ -34,11 +34,14 @@ TINY_ADAPTERS = {"sql": (8, ["q_proj", "v_proj", "down_proj"]),
                  "poet": (4, ["k_proj", "o_proj", "gate_proj", "up_proj"])}
 
 
+LATE_ADAPTER = "late"
+
+
 def write_adapters(version_dir: Path, model_dir: Path) -> None:
     """llm_tiny's adapters (PEFT's files, seeded) and the multi_lora.json that serves them, as Triton's vLLM
-    backend reads it."""
+    backend reads it; and one more in its lora_dir that none lists, for loading while it runs."""
     from tests.support.lora import make_adapter
-    for seed, (name, (rank, targets)) in enumerate(TINY_ADAPTERS.items()):
+    for seed, (name, (rank, targets)) in enumerate({**TINY_ADAPTERS, LATE_ADAPTER: (2, ["v_proj"])}.items()):
         make_adapter(model_dir, version_dir / "adapters" / name, rank, targets, seed=20 + seed)
     (version_dir / "multi_lora.json").write_text(json.dumps({name: f"adapters/{name}" for name in TINY_ADAPTERS}))
 
@@ -62,7 +65,7 @@ def server(request, tmp_path_factory, tiny_model_dir, smollm_dir):
     repo = tmp_path_factory.mktemp("repo")
     write_repository(repo, {**SERVED_ENGINE, "kv_cache_memory": 256 << 20, "max_num_seqs": 32})
     write_llm(repo, "llm_tiny", {**tiny_engine(tiny_model_dir("llama-tied")), "enable_lora": True, "max_loras": 2,
-                                 "max_lora_rank": 8})
+                                 "max_lora_rank": 8, "lora_dir": "adapters"})
     write_adapters(repo / "llm_tiny" / "1", tiny_model_dir("llama-tied"))
     write_llm(repo, "llm_spec", {**tiny_engine(tiny_model_dir("llama-tied", vocab_size=16)), "stream_interval": 3,
                                  "speculative_config": SPEC})

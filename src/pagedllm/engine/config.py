@@ -173,6 +173,9 @@ class EngineConfig:
     # adapters registered at start, name -> folder of PEFT's files (vLLM's --lora-modules; a Triton model's
     # multi_lora.json, as Triton's vLLM backend reads it); each loads into a slot when a request first names it
     lora_modules: dict[str, str] = field(default_factory=dict)
+    # the folder whose adapters the server may load and unload while it runs (the llm model's lora_control,
+    # the gateway's POST /v1/load_lora_adapter); None: runtime loading off, as vLLM has it by default
+    lora_dir: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.speculative_config, dict):
@@ -190,6 +193,8 @@ class EngineConfig:
         if not isinstance(self.lora_modules, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in self.lora_modules.items()):
             raise ValueError("lora_modules: must map adapter names to folders, such as {\"sql\": \"/adapters/sql\"}")
+        if self.lora_dir is not None and not (self.enable_lora and isinstance(self.lora_dir, str)):
+            raise ValueError("lora_dir: a folder, with enable_lora true")
         if self.lora_modules and not self.enable_lora:
             raise ValueError(f"lora_modules: {len(self.lora_modules)} adapters given with enable_lora false; "
                              "set enable_lora to true to serve them")
@@ -266,11 +271,18 @@ def engine_settings(settings: dict[str, Any],
 
 
 def read_engine_json(path: str | Path, **overrides: Any) -> tuple[EngineConfig, SupervisionConfig]:
-    """An engine.json's two parts (engine_settings); a relative `model` is taken from the file's folder."""
+    """An engine.json's two parts (engine_settings); a relative `model` (where it exists there), `lora_dir` and
+    `lora_modules` folder are taken from the file's folder."""
     data = {**json.loads(Path(path).read_text()), **overrides}
+    here = Path(path).parent
     model = data.get("model")
-    if model and not Path(model).is_absolute() and (Path(path).parent / model).exists():
-        data["model"] = str((Path(path).parent / model).resolve())
+    if model and not Path(model).is_absolute() and (here / model).exists():
+        data["model"] = str((here / model).resolve())
+    if isinstance(data.get("lora_dir"), str):
+        data["lora_dir"] = str((here / data["lora_dir"]).resolve())
+    if isinstance(data.get("lora_modules"), dict):
+        data["lora_modules"] = {k: str((here / v).resolve()) if isinstance(v, str) else v
+                                for k, v in data["lora_modules"].items()}
     return engine_settings(data, str(path))
 
 

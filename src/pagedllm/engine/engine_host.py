@@ -56,7 +56,8 @@ class EngineHost:
     def _receive(self) -> None:
         while True:
             try:
-                message = wire.receive(self.conn, (wire.Submit, wire.Abort, wire.Shutdown))
+                message = wire.receive(self.conn, (wire.Submit, wire.LoadAdapter, wire.UnloadAdapter, wire.Abort,
+                                                   wire.Shutdown))
             except (EOFError, OSError):
                 os._exit(wire.EngineExit.SERVING_PROCESS_GONE)
             if isinstance(message, wire.Submit) and message.params.structured_outputs is not None:
@@ -65,6 +66,8 @@ class EngineHost:
                 self._constrained.put(message)
             elif isinstance(message, wire.Submit):
                 self._submit(message)
+            elif isinstance(message, (wire.LoadAdapter, wire.UnloadAdapter)):
+                self.loop.change_adapters(message)
             elif isinstance(message, wire.Abort):
                 with self._compiling_lock:
                     if message.request_id in self._compiling:

@@ -68,6 +68,14 @@ class EngineProcess:
             self._callbacks[request_id] = callback
             self._send(wire.Submit(request_id, list(prompt_token_ids), params, arrival_time, lora_name))
 
+    def change_adapters(self, change: wire.LoadAdapter | wire.UnloadAdapter, callback: DeltaCallback) -> None:
+        """Load or unload a LoRA adapter; `callback` gets the one final delta that says how it went."""
+        with self._lock:
+            if self.state != EngineState.UP:
+                raise EngineDeadError(self._refusal())
+            self._callbacks[change.request_id] = callback
+            self._send(change)
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             if self.state == EngineState.UP:

@@ -14,10 +14,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pagedllm.engine import wire
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.lora import LoRARequest
 from pagedllm.engine.sampling_params import SamplingParams
-from pagedllm.engine.sequence import DeltaCallback, RequestDelta
+from pagedllm.engine.sequence import DeltaCallback, FinishReason, RequestDelta
 from pagedllm.errors import EngineDeadError, ErrorCode, OverloadedError, RequestError
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,12 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _AdapterChange:
+    """wire.LoadAdapter or wire.UnloadAdapter, made on the engine thread (the bank's slots are its)."""
+    change: wire.LoadAdapter | wire.UnloadAdapter
+
+
 class EngineLoop:
     """`build` makes the engine on the loop's thread; the constructor returns once it is ready, or raises
     what building it raised."""
@@ -48,7 +55,7 @@ class EngineLoop:
         self.on_step = on_step
         self.on_death = on_death
         self._callbacks: dict[str, DeltaCallback] = {}
-        self._inbox: list[_Submit | _Abort] = []
+        self._inbox: list[_Submit | _Abort | _AdapterChange] = []
         self._cond = threading.Condition()
         self._stopping = False
         self._waiting, self._waiting_tokens = 0, 0  # the engine's queue as of its last step
@@ -92,6 +99,12 @@ class EngineLoop:
             self._inbox.append(_Abort(request_id))
             self._cond.notify()
 
+    def change_adapters(self, change: wire.LoadAdapter | wire.UnloadAdapter) -> None:
+        """A wire.LoadAdapter or wire.UnloadAdapter, made before the next step; its final delta reaches on_step."""
+        with self._cond:
+            self._inbox.append(_AdapterChange(change))
+            self._cond.notify()
+
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._cond:
             self._stopping = True
@@ -130,6 +143,9 @@ class EngineLoop:
         with self._cond:
             inbox, self._inbox = self._inbox, []
         for item in inbox:
+            if isinstance(item, _AdapterChange):
+                self._deliver([self._change_adapters(item.change)])
+                continue
             if isinstance(item, _Abort):
                 delta = self.engine.abort(item.request_id)
                 if delta is not None:
@@ -143,6 +159,17 @@ class EngineLoop:
             except ValueError as e:
                 self._deliver([RequestDelta.failure(item.request_id, RequestError.of(e),
                                                     len(item.prompt_token_ids))], item.callback)
+
+    def _change_adapters(self, change: wire.LoadAdapter | wire.UnloadAdapter) -> RequestDelta:
+        try:
+            if isinstance(change, wire.LoadAdapter):
+                self.engine.load_lora(LoRARequest(change.name, change.path))
+            else:
+                self.engine.unload_lora(change.name)
+        except ValueError as e:
+            return RequestDelta.failure(change.request_id, RequestError.of(e))
+        return RequestDelta(request_id=change.request_id, new_token_ids=[], new_text="",
+                            finish_reason=FinishReason.STOP, num_prompt_tokens=0, num_output_tokens=0)
 
     def _deliver(self, deltas: list[RequestDelta], callback: DeltaCallback | None = None) -> None:
         """`on_step` sees every delta handed out (with the stats), then each request's callback gets its own."""

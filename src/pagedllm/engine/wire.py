@@ -56,6 +56,22 @@ class Submit:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadAdapter:
+    """Register LoRA adapter `name` from `path` (checked by the serving side to be inside lora_dir); answered,
+    as a request is, by one final delta under `request_id`: an error if it cannot be used."""
+    request_id: str
+    name: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class UnloadAdapter:
+    """Forget LoRA adapter `name`; answered as LoadAdapter."""
+    request_id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class Abort:
     request_id: str
 
@@ -90,7 +106,7 @@ class StepOutput:
     step_time: float | None = None  # wall-clock time the step ended
 
 
-ToEngine = Submit | Abort | Shutdown
+ToEngine = Submit | LoadAdapter | UnloadAdapter | Abort | Shutdown
 FromEngine = Ready | StartFailed | StepOutput
 
 

@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from pagedllm.gateway.accounting import Accounting, RequestRecord
+from pagedllm.gateway.adapters import AdapterAdmin
 from pagedllm.gateway.admission import Admission, Admitted, Endpoint
 from pagedllm.gateway.answers import Answer
 from pagedllm.gateway.config import GatewayConfig
@@ -42,6 +43,16 @@ class Gateway:
         self.accounting = Accounting(self.metrics)
         self.admission = Admission(config, self.pool, self.keys, self.quotas,
                                    ResponseStore(config.responses_stored, config.responses_kept_seconds))
+        self.adapters = AdapterAdmin(config, self.pool, self.keys)
+
+    async def change_adapters(self, request: Request, action: str) -> Response:
+        """POST /v1/load_lora_adapter and /v1/unload_lora_adapter: vLLM's plain-text answer, or the error."""
+        try:
+            text = await (self.adapters.load(request) if action == "load" else self.adapters.unload(request))
+        except GatewayError as e:
+            return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
+        logger.info("LoRA adapter %s: %s", action, text)
+        return PlainTextResponse(text)
 
     # ---- the completion endpoints -------------------------------------------------------------
     async def complete(self, endpoint: Endpoint, request: Request) -> Response:
@@ -163,6 +174,14 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
         return await gateway.complete("responses", request)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> Response:
+        return await gateway.change_adapters(request, "load")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> Response:
+        return await gateway.change_adapters(request, "unload")
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

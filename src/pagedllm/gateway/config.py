@@ -42,6 +42,10 @@ class GatewayConfig:
     def context_length(self, model: str) -> int:
         return self.max_model_len.get(model, self.default_max_model_len)
 
+    def route_names(self) -> set[str]:
+        """Every name a request's `model` may give."""
+        return {*self.models, *self.served_model_names, *self.lora_adapters}
+
     def route(self, name: str) -> Route:
         """The Triton model (and adapter) a request's `model` names: an adapter, a served name or the model."""
         if name in self.lora_adapters:

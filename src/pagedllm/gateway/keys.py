@@ -29,6 +29,13 @@ class ApiKey:
     models: frozenset[str] | None = None  # None: every model
     limits: Limits = Limits()
     metrics: bool = False  # may read /metrics (key names, usage and replica addresses): a scrape key
+    admin: bool = False  # may load and unload LoRA adapters (POST /v1/load_lora_adapter, /v1/unload_lora_adapter)
+
+    def check_admin(self) -> None:
+        if not self.admin:
+            how = ("start the gateway with --api-keys" if self.name == OPEN else f"key {self.name!r} may not")
+            raise PermissionDeniedError(f"loading and unloading adapters needs an admin key: {how}; give a key "
+                                        'whose entry has "admin": true', None, "admin_only")
 
     def check_metrics(self) -> None:
         if not self.metrics:
@@ -68,7 +75,7 @@ def _key(i: int, entry: object) -> ApiKey:
     where = f"--api-keys: keys[{i}]"
     if not isinstance(entry, dict):
         raise KeyFileError(f"{where}: expected an object")
-    unknown = set(entry) - {"name", "sha256", "models", "metrics", *Limits.__dataclass_fields__}
+    unknown = set(entry) - {"name", "sha256", "models", "metrics", "admin", *Limits.__dataclass_fields__}
     if unknown:
         raise KeyFileError(f"{where}: unknown fields {sorted(unknown)}")
     name, digest = entry.get("name"), entry.get("sha256")
@@ -83,11 +90,12 @@ def _key(i: int, entry: object) -> ApiKey:
         value = entry.get(limit)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise KeyFileError(f"{where}.{limit}: expected a positive integer")
-    if not isinstance(entry.get("metrics", False), bool):
-        raise KeyFileError(f"{where}.metrics: expected true or false")
+    for flag in ("metrics", "admin"):
+        if not isinstance(entry.get(flag, False), bool):
+            raise KeyFileError(f"{where}.{flag}: expected true or false")
     limits = Limits(**{k: entry[k] for k in Limits.__dataclass_fields__ if entry.get(k) is not None})
     return ApiKey(name, digest.lower(), frozenset(models) if models is not None else None, limits,
-                  entry.get("metrics", False))
+                  entry.get("metrics", False), entry.get("admin", False))
 
 
 def digest(key: str) -> str:

@@ -12,15 +12,25 @@ from typing import Any
 
 import numpy as np
 
+from pagedllm.engine import wire
 from pagedllm.engine.config import read_engine_json
 from pagedllm.engine.engine_process import EngineProcess
 from pagedllm.engine.faults import Faults
 from pagedllm.engine.lora import read_multi_lora
+from pagedllm.engine.sequence import RequestDelta
 from pagedllm.engine.tokenizer import load_tokenizer, tools_reach_the_model_by
 from pagedllm.errors import ErrorCode, InvalidRequestError, ModelConfigError, RequestError
 from pagedllm.serving.metrics import ServingMetrics
 from pagedllm.serving.python_backend import PythonBackend
-from pagedllm.serving.request import NORMALISED_REQUEST, GenerateRequest, parse_request
+from pagedllm.serving.request import (
+    LORA_CONTROL,
+    NORMALISED_REQUEST,
+    GenerateRequest,
+    LoRAControl,
+    ResponseOptions,
+    parse_lora_control,
+    parse_request,
+)
 from pagedllm.serving.response import prepends_prompt
 from pagedllm.serving.streams import Streams
 from pagedllm.serving.tokenization import PromptLimit, tokenize_request
@@ -47,7 +57,8 @@ class LLMModel:
                                                                              **read_multi_lora(version_dir)})
         except ValueError as e:
             raise ModelConfigError(f"{self.name}: {e}") from None
-        self.adapters = sorted(engine_config.lora_modules)
+        self.adapters = set(engine_config.lora_modules)
+        self.lora_dir = Path(engine_config.lora_dir).resolve() if engine_config.lora_dir else None
         self.metrics = ServingMetrics(self.backend.pb.MetricFamily, self.name, args["model_version"])
         # The tokenizer (and with it transformers and torch, which this stub does not import before) loads while
         # the engine process starts: waiting for the engine holds no GIL.
@@ -77,10 +88,13 @@ class LLMModel:
         sender = request.get_response_sender()
         request_id = uuid.uuid4().hex
         try:
-            req, in_ensemble = self._parse(self.backend.inputs(request))
+            inputs = self.backend.inputs(request)
+            if LORA_CONTROL in inputs:
+                return self._change_adapters(request_id, sender, parse_lora_control(inputs))
+            req, in_ensemble = self._parse(inputs)
             if req.lora_name is not None and req.lora_name not in self.adapters:
                 raise InvalidRequestError("sampling_parameters.lora_name", f"no adapter {req.lora_name!r} here; "
-                                          f"this model serves {', '.join(self.adapters) or 'no adapters'}")
+                                          f"this model serves {', '.join(sorted(self.adapters)) or 'no adapters'}")
             prompt_ids = tokenize_request(self.tokenizer, req, self.prompt_limit)
             response_options = (np.array([req.options.to_json().encode()], dtype=np.object_)
                                 if in_ensemble and prepends_prompt(req.options) else None)
@@ -92,6 +106,36 @@ class LLMModel:
             if error.code is ErrorCode.INTERNAL:
                 logger.exception("accepting request %s failed", request_id)
             self.streams.refuse(request_id, sender, error)  # an internal error's words go to the log only
+
+    def _change_adapters(self, request_id: str, sender: Any, control: LoRAControl) -> None:
+        """Load or unload an adapter in the engine; the request's one final response says how it went. Loads come
+        only from folders inside engine.json's lora_dir. A restarted engine registers what is loaded then."""
+        if self.lora_dir is None:
+            raise InvalidRequestError(LORA_CONTROL, "runtime adapter loading is off for this model; set lora_dir "
+                                                    "(and enable_lora) in its engine.json")
+        if control.action == "load":
+            path = Path(control.path).resolve()
+            if not path.is_relative_to(self.lora_dir):
+                raise InvalidRequestError(f"{LORA_CONTROL}.lora_path", f"must be a folder inside lora_dir "
+                                                                       f"{self.lora_dir}")
+            change = wire.LoadAdapter(request_id, control.name, str(path))
+        else:
+            change = wire.UnloadAdapter(request_id, control.name)
+        self.streams.open(request_id, sender, ResponseOptions())
+
+        def done(delta: RequestDelta) -> None:
+            if delta.error is None:
+                modules = dict(self.loop.config.lora_modules)
+                if control.action == "load":
+                    modules[control.name] = str(path)
+                    self.adapters.add(control.name)
+                else:
+                    modules.pop(control.name, None)
+                    self.adapters.discard(control.name)
+                self.loop.config = dataclasses.replace(self.loop.config, lora_modules=modules)
+            self.streams.deliver(delta)
+
+        self.loop.change_adapters(change, done)
 
     def _parse(self, inputs: dict[str, np.ndarray]) -> tuple[GenerateRequest, bool]:
         """The request, and whether it came from preprocessing (in the ensemble) rather than a client."""

@@ -16,6 +16,7 @@ from pagedllm.errors import FieldError, InvalidRequestError
 from pagedllm.tool_format import ToolUse
 
 NORMALISED_REQUEST = "request"  # the preprocessing -> llm tensor, in the ensemble
+LORA_CONTROL = "lora_control"  # the llm model's: {"action": "load" | "unload", "lora_name": ..., "lora_path": ...}
 MAX_PROMPT_BYTES = 1 << 20
 MAX_MESSAGES = 256
 MAX_TOOLS = 128  # functions in `tools`, and calls in one message's `tool_calls`
@@ -91,6 +92,34 @@ class GenerateRequest:
             raise InvalidRequestError(NORMALISED_REQUEST, f"malformed normalised request ({e})") from None
         return cls(params, ResponseOptions.from_dict(obj["options"]), input_ids=input_ids,
                    lora_name=_lora_name(obj.get("lora_name")))
+
+
+@dataclass(frozen=True)
+class LoRAControl:
+    """A request to load (from `path`) or unload LoRA adapter `name` while the model runs, as vLLM's
+    /v1/load_lora_adapter and /v1/unload_lora_adapter take it."""
+    action: str  # "load" or "unload"
+    name: str
+    path: str | None = None
+
+
+def parse_lora_control(inputs: Mapping[str, np.ndarray]) -> LoRAControl:
+    raw = _text(inputs, LORA_CONTROL) or ""
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(LORA_CONTROL, f"is not valid JSON ({e.msg} at position {e.pos})") from None
+    if not isinstance(data, dict) or data.get("action") not in ("load", "unload") or \
+            set(data) - {"action", "lora_name", "lora_path"}:
+        raise InvalidRequestError(LORA_CONTROL, 'expected {"action": "load", "lora_name": ..., "lora_path": ...} '
+                                                'or {"action": "unload", "lora_name": ...}')
+    name = data.get("lora_name")
+    if not isinstance(name, str) or not LORA_NAME.match(name):
+        raise InvalidRequestError(f"{LORA_CONTROL}.lora_name", "must be 1-128 letters, digits or ._:/- characters")
+    path = data.get("lora_path")
+    if (data["action"] == "load") != isinstance(path, str) or (path is not None and not path):
+        raise InvalidRequestError(f"{LORA_CONTROL}.lora_path", "a load needs the adapter's folder; an unload none")
+    return LoRAControl(data["action"], name, path)
 
 
 def parse_request(inputs: Mapping[str, np.ndarray], max_prompt_tokens: int | None = None) -> GenerateRequest:
