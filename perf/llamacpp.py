@@ -78,6 +78,16 @@ def gguf(outtype: str) -> Path:
     return target
 
 
+def lora_gguf(adapter: Path, outfile: Path) -> Path:
+    """A PEFT adapter of the embedded model as a GGUF LoRA (llama.cpp's --lora), float32, by llama.cpp's converter."""
+    gguf("bf16")  # the converter's venv
+    src = source()
+    _run([str(home() / "venv" / "bin" / "python"), str(src / "convert_lora_to_gguf.py"), str(adapter), "--base",
+          str(ensure_default_model()), "--outtype", "f32", "--outfile", str(outfile)],
+         env={**os.environ, "PYTHONPATH": str(src / "gguf-py")})
+    return outfile
+
+
 def bench(model: Path, *args: str, build: str = "native") -> float:
     """llama-bench's tokens/s for one test (e.g. `-p 0 -n 64`, `-p 512 -n 0`, `-d 4096`), 2 threads."""
     out = _run([str(binaries(build) / "llama-bench"), "-m", str(model), "-t", "2", "-r", "3", "-o", "json", *args])
@@ -85,11 +95,12 @@ def bench(model: Path, *args: str, build: str = "native") -> float:
 
 
 def batched_generation(model: Path, parallel: list[int], prompt: int = 40, generate: int = 64,
-                       build: str = "native") -> dict[int, float]:
-    """llama-batched-bench's generation tokens/s (S_TG) at each number of parallel sequences."""
+                       build: str = "native", lora: Path | None = None) -> dict[int, float]:
+    """llama-batched-bench's generation tokens/s (S_TG) at each number of parallel sequences; with `lora`, every
+    sequence runs with that adapter (the one mode it has)."""
     ctx = max(parallel) * (prompt + generate) + 256
     out = _run([str(binaries(build) / "llama-batched-bench"), "-m", str(model), "-t", "2", "-tb", "2", "-c", str(ctx),
                 "-npp", str(prompt), "-ntg", str(generate), "-npl", ",".join(map(str, parallel)),
-                "--output-format", "jsonl"])
+                "--output-format", "jsonl", *(["--lora", str(lora)] if lora else [])])
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return {row["pl"]: row["speed_tg"] for row in rows}
