@@ -235,3 +235,31 @@ def test_the_loop_changes_adapters_on_its_own_thread_and_answers_each_change_onc
         assert seen.get(timeout=30).error is None and "a" not in loop.engine.lora.adapters
     finally:
         loop.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_speculative_drafts_are_verified_with_their_adapter(tiny_model_dir, tmp_path, backend):
+    """n-gram drafts run as extra rows of their sequence, with its adapter: the output is still PEFT's."""
+    model_dir = tiny_model_dir("llama-tied", vocab_size=16)  # repetitive output: drafts hit and miss
+    adapter = make_adapter(model_dir, tmp_path / "a", 4, ALL, seed=9, lora_alpha=1)
+    prompts = _prompts(3, (8, 20), seed=9, vocab=16)
+    llm = _engine(model_dir, attention_backend=backend, speculative_config={
+        "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2})
+    request = LoRARequest("a", str(adapter))
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=[request, None, request])
+    assert llm.engine.speculator.num_draft_tokens > 0
+    for prompt, out, lora in zip(prompts, outs, [adapter, None, adapter]):
+        assert out.token_ids == peft_greedy(model_dir, lora, [prompt], 12)[0]
+
+
+def test_int8_weights_take_adapters_too(adapters):
+    """The adapters' products follow the int8 kernels' linears as they follow the others (checked against the
+    torch path on the same int8 model would need its codes: here, that an adapter changes the answer and the base
+    rows in the same batch keep theirs)."""
+    model_dir, paths = adapters
+    llm = LLM(str(model_dir), dtype="bfloat16", quantization="int8", enable_lora=True, max_lora_rank=8)
+    prompt = _prompts(1, (10, 20), seed=10)
+    alone = llm.generate(prompt, GREEDY, use_tqdm=False)
+    request = LoRARequest("a", str(paths["all-r2"]))
+    mixed = llm.generate(prompt * 2, GREEDY, use_tqdm=False, lora_request=[None, request])
+    assert mixed[0].token_ids == alone[0].token_ids and mixed[1].token_ids != alone[0].token_ids
