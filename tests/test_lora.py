@@ -224,10 +224,10 @@ def test_the_loop_changes_adapters_on_its_own_thread_and_answers_each_change_onc
     seen: queue.Queue = queue.Queue()
     loop = EngineLoop(lambda: _engine(model_dir).engine, on_step=lambda e, deltas: [seen.put(d) for d in deltas])
     try:
-        loop.change_adapters(wire.LoadAdapter("c1", "a", str(paths["attn-r8"])))
+        loop.change_adapters(wire.LoadAdapter("c1", "a", str(paths["attn-r8"]), pinned=True))
         loaded = seen.get(timeout=30)
         assert (loaded.request_id, loaded.finish_reason, loaded.error) == ("c1", "stop", None)
-        assert "a" in loop.engine.lora.adapters
+        assert loop.engine.lora.adapters["a"].pinned
         loop.change_adapters(wire.LoadAdapter("c2", "b", "/nowhere"))
         refused = seen.get(timeout=30)
         assert refused.request_id == "c2" and refused.error.field == "lora_request"

@@ -137,10 +137,13 @@ def test_lora_control_loads_from_a_path_and_unloads_by_name():
     load = {"lora_control": s(json.dumps({"action": "load", "lora_name": "sql", "lora_path": "/a/sql"}))}
     assert parse_lora_control(load) == LoRAControl("load", "sql", "/a/sql")
     assert parse_lora_control({"lora_control": s('{"action": "unload", "lora_name": "sql"}')}).path is None
+    pinned = {"lora_control": s(json.dumps({"action": "load", "lora_name": "a", "lora_path": "/a", "pinned": True}))}
+    assert parse_lora_control(pinned).pinned
     for bad, field in (('{"action": "drop", "lora_name": "x"}', "lora_control"), ("{", "lora_control"),
                        ('{"action": "load", "lora_name": "x"}', "lora_control.lora_path"),
                        ('{"action": "unload", "lora_name": "x", "lora_path": "/p"}', "lora_control.lora_path"),
-                       ('{"action": "unload", "lora_name": ""}', "lora_control.lora_name")):
+                       ('{"action": "unload", "lora_name": ""}', "lora_control.lora_name"),
+                       ('{"action": "unload", "lora_name": "x", "pinned": true}', "lora_control.pinned")):
         with pytest.raises(InvalidRequestError) as e:
             parse_lora_control({"lora_control": s(bad)})
         assert e.value.field == field

@@ -102,10 +102,13 @@ class AsyncClient(ClientSettings):
             self._record(None)
             return
 
-    async def change_adapter(self, action: str, lora_name: str, lora_path: str | None = None) -> None:
-        """Load ("load", from `lora_path`, a folder inside the model's engine.json lora_dir) or unload ("unload")
-        a LoRA adapter on this server's llm model while it runs; ClientError (naming the field) if refused."""
+    async def change_adapter(self, action: str, lora_name: str, lora_path: str | None = None,
+                             pinned: bool = False) -> None:
+        """Load ("load", from `lora_path`, a folder inside the model's engine.json lora_dir; `pinned`: it keeps its
+        slot) or unload ("unload") a LoRA adapter on this server's llm model while it runs; ClientError (naming the
+        field) if refused."""
         control = {"action": action, "lora_name": lora_name} | ({"lora_path": lora_path} if lora_path else {})
+        control |= {"pinned": True} if pinned else {}
         async for _ in self._send({"stream": True, "lora_control": json.dumps(control)}):
             pass
 

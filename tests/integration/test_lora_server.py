@@ -131,7 +131,7 @@ def test_an_adapter_loads_and_unloads_in_the_llm_model_while_it_runs(server, tin
 def test_the_gateway_loads_and_unloads_under_traffic_with_no_failed_request(server, gateway):
     adapters = server.opts.model_repository / "llm_tiny" / "1" / "adapters"
     admin = {"Authorization": f"Bearer {KEYS['admin']}"}
-    body = {"lora_name": "late-gw", "lora_path": str(adapters / LATE_ADAPTER), "model": "llm_tiny"}
+    body = {"lora_name": "late-gw", "lora_path": str(adapters / LATE_ADAPTER), "model": "llm_tiny", "pinned": True}
     user = requests.post(f"{gateway.base_url}/load_lora_adapter", json=body,
                          headers={"Authorization": f"Bearer {KEYS['user']}"}, timeout=30)
     assert user.status_code == 403 and user.json()["error"]["code"] == "admin_only"

@@ -163,7 +163,7 @@ class EngineLoop:
     def _change_adapters(self, change: wire.LoadAdapter | wire.UnloadAdapter) -> RequestDelta:
         try:
             if isinstance(change, wire.LoadAdapter):
-                self.engine.load_lora(LoRARequest(change.name, change.path))
+                self.engine.load_lora(LoRARequest(change.name, change.path), change.pinned)
             else:
                 self.engine.unload_lora(change.name)
         except ValueError as e:

@@ -62,6 +62,7 @@ class LoadAdapter:
     request_id: str
     name: str
     path: str
+    pinned: bool = False  # keeps its slot once it has one (lora.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,8 @@ from pagedllm_client import ClientError
 MAX_BODY_BYTES = 4096
 # the fields the servers name (the llm model's lora_control, the engine's lora_request) as this API names them
 RENAMED = {"lora_control.lora_name": "lora_name", "lora_control.lora_path": "lora_path", "lora_control": "lora_path",
-           "lora_request": "lora_path", "lora_request.path": "lora_path", "lora_request.name": "lora_name"}
+           "lora_control.pinned": "pinned", "lora_request": "lora_path", "lora_request.path": "lora_path",
+           "lora_request.name": "lora_name"}
 
 
 class AdapterAdmin:
@@ -28,13 +29,15 @@ class AdapterAdmin:
         self.config, self.pool, self.keys = config, pool, keys
 
     async def load(self, request: Request) -> str:
-        body = await self._body(request, ("lora_name", "lora_path", "model"))
+        body = await self._body(request, ("lora_name", "lora_path", "model", "pinned"))
         name, model = body["lora_name"], self._base(body.get("model"))
         if not isinstance(body.get("lora_path"), str) or not body["lora_path"]:
             raise InvalidRequestError("lora_path: the adapter's folder on the servers", "lora_path")
+        if not isinstance(body.get("pinned", False), bool):
+            raise InvalidRequestError("pinned: true or false", "pinned")
         if name in self.config.route_names() and self.config.lora_adapters.get(name) != model:
             raise InvalidRequestError(f"lora_name: {name!r} is a model's name already", "lora_name")
-        await self._each_replica(model, "load", name, body["lora_path"])
+        await self._each_replica(model, "load", name, body["lora_path"], body.get("pinned", False))
         self.config.lora_adapters[name] = model
         return f"Success: LoRA adapter '{name}' added successfully."
 
@@ -71,13 +74,14 @@ class AdapterAdmin:
             raise NotFoundError(f"model: {model!r} is not served here", "model", "model_not_found")
         return model
 
-    async def _each_replica(self, model: str, action: str, name: str, path: str | None = None) -> None:
+    async def _each_replica(self, model: str, action: str, name: str, path: str | None = None,
+                            pinned: bool = False) -> None:
         replicas = [r for r in self.pool.replicas if r.healthy and r.serves(model)]
         if not replicas:
             raise ServiceUnavailableError(f"no healthy replica has model {model!r} ready; retry shortly", None,
                                           "no_healthy_replica", 1.0)
         for replica in replicas:
             try:
-                await replica.client(model).change_adapter(action, name, path)
+                await replica.client(model).change_adapter(action, name, path, pinned)
             except ClientError as e:
                 raise from_upstream(e, RENAMED) from None

@@ -118,7 +118,7 @@ class LLMModel:
             if not path.is_relative_to(self.lora_dir):
                 raise InvalidRequestError(f"{LORA_CONTROL}.lora_path", f"must be a folder inside lora_dir "
                                                                        f"{self.lora_dir}")
-            change = wire.LoadAdapter(request_id, control.name, str(path))
+            change = wire.LoadAdapter(request_id, control.name, str(path), control.pinned)
         else:
             change = wire.UnloadAdapter(request_id, control.name)
         self.streams.open(request_id, sender, ResponseOptions())

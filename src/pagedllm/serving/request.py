@@ -16,7 +16,8 @@ from pagedllm.errors import FieldError, InvalidRequestError
 from pagedllm.tool_format import ToolUse
 
 NORMALISED_REQUEST = "request"  # the preprocessing -> llm tensor, in the ensemble
-LORA_CONTROL = "lora_control"  # the llm model's: {"action": "load" | "unload", "lora_name": ..., "lora_path": ...}
+# the llm model's: {"action": "load" | "unload", "lora_name": ..., "lora_path": ..., "pinned": false}
+LORA_CONTROL = "lora_control"
 MAX_PROMPT_BYTES = 1 << 20
 MAX_MESSAGES = 256
 MAX_TOOLS = 128  # functions in `tools`, and calls in one message's `tool_calls`
@@ -101,6 +102,7 @@ class LoRAControl:
     action: str  # "load" or "unload"
     name: str
     path: str | None = None
+    pinned: bool = False  # a load's adapter keeps its slot once it has one
 
 
 def parse_lora_control(inputs: Mapping[str, np.ndarray]) -> LoRAControl:
@@ -110,7 +112,7 @@ def parse_lora_control(inputs: Mapping[str, np.ndarray]) -> LoRAControl:
     except json.JSONDecodeError as e:
         raise InvalidRequestError(LORA_CONTROL, f"is not valid JSON ({e.msg} at position {e.pos})") from None
     if not isinstance(data, dict) or data.get("action") not in ("load", "unload") or \
-            set(data) - {"action", "lora_name", "lora_path"}:
+            set(data) - {"action", "lora_name", "lora_path", "pinned"}:
         raise InvalidRequestError(LORA_CONTROL, 'expected {"action": "load", "lora_name": ..., "lora_path": ...} '
                                                 'or {"action": "unload", "lora_name": ...}')
     name = data.get("lora_name")
@@ -119,7 +121,10 @@ def parse_lora_control(inputs: Mapping[str, np.ndarray]) -> LoRAControl:
     path = data.get("lora_path")
     if (data["action"] == "load") != isinstance(path, str) or (path is not None and not path):
         raise InvalidRequestError(f"{LORA_CONTROL}.lora_path", "a load needs the adapter's folder; an unload none")
-    return LoRAControl(data["action"], name, path)
+    pinned = data.get("pinned", False)
+    if not isinstance(pinned, bool) or (pinned and data["action"] != "load"):
+        raise InvalidRequestError(f"{LORA_CONTROL}.pinned", "true or false, for a load")
+    return LoRAControl(data["action"], name, path, pinned)
 
 
 def parse_request(inputs: Mapping[str, np.ndarray], max_prompt_tokens: int | None = None) -> GenerateRequest:
