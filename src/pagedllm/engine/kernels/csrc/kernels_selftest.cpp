@@ -159,7 +159,7 @@ void check_norm_and_silu() {
 // on two slots and none, against a scalar y + B (A x) per slice; in bf16 the output is rounded once.
 template <typename T>
 void check_lora() {
-  const int64_t K = 37, slots = 2, S = 3, R = 6, rank = 5, M = 4;
+  const int64_t K = 37, slots = 2, S = 3, R = 6, rank = 5, M = 5;
   const int64_t ends[S] = {20, 29, 160}, N = ends[S - 1];  // whole expand items in the last slice, and parts
   std::vector<float> a(slots * S * R * K, 0.f), bt(slots * R * N, 0.f), xf = randn(M * K), y0 = randn(M * N);
   for (int64_t s = 0; s < slots; ++s)
@@ -171,7 +171,7 @@ void check_lora() {
   std::vector<T> x(M * K), y(M * N);
   for (int64_t i = 0; i < M * K; ++i) put(&x[i], xf[i]), xf[i] = as_float(x[i]);
   for (int64_t i = 0; i < M * N; ++i) put(&y[i], y0[i]), y0[i] = as_float(y[i]);
-  const int32_t row_slots[M] = {1, -1, 0, 1};
+  const int32_t row_slots[M] = {1, -1, 0, 1, 1};  // slot 1: a pair of rows and one more
   std::vector<double> want(M * N);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
