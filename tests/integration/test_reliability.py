@@ -283,12 +283,13 @@ def repository_call(server, action: str, model: str, key: str | None = ADMIN_KEY
 
 
 def test_a_failed_step_fails_only_its_requests(tiny_server, report):
-    url, long = tiny_server.grpc_url, {"max_tokens": 300, "ignore_eos": True}
+    url, long = tiny_server.grpc_url, {"max_tokens": 480, "ignore_eos": True}
     results = {}
     first = threading.Thread(target=lambda: results.setdefault(
         "batched", stream(url, "llm_faulty", {"text_input": "Hello", "sampling_parameters": long})))
     first.start()
-    time.sleep(0.3)
+    # running before the faulty one comes (a fixed 0.3 s was too short once, in the full suite's load)
+    assert wait_for(lambda: metric(tiny_server, "pagedllm_num_requests_running", model="llm_faulty") >= 1, 20)
     results["faulty"] = stream(url, "llm_faulty", {"text_input": "Hi", "sampling_parameters": {"seed": 666}})
     first.join()
     for name in ("batched", "faulty"):  # the client reads the request's id; the server's log, what failed

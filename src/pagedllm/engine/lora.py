@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import re
 from collections import OrderedDict
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
     from pagedllm.engine.config import ModelConfig
 
+logger = logging.getLogger(__name__)
 FIELD = "lora_request"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 MULTI_LORA = "multi_lora.json"  # a Triton model version's adapters, as Triton's vLLM backend reads them
@@ -224,6 +226,8 @@ class LoRABank:
             raise RequestRejectedError(FIELD, f"all {self.max_loras} slots (max_loras) are pinned already")
         if adapter is None:
             adapter = self.adapters[request.name] = read_adapter(request, self.model, self.max_rank)
+            logger.info("LoRA adapter %s registered from %s: rank %d, %d modules", adapter.name, adapter.path,
+                        adapter.rank, len(adapter.weights))
         adapter.pinned = adapter.pinned or pinned
         return adapter
 
