@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import threading
 
 import openai
@@ -16,6 +18,7 @@ from tests.integration.conftest import (
     LATE_ADAPTER,
     TINY_ADAPTERS,
     GatewayProcess,
+    engine_pid,
     metric,
     stream,
     texts,
@@ -168,3 +171,17 @@ def test_the_gateway_loads_and_unloads_under_traffic_with_no_failed_request(serv
     bad = requests.post(f"{gateway.base_url}/load_lora_adapter", headers=admin, timeout=30,
                         json={**body, "lora_path": "/etc"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "lora_path"
+
+
+def test_a_restarted_engine_still_serves_the_adapters_loaded_while_it_ran(server, tiny_model_dir, tokenizer):
+    adapters = server.opts.model_repository / "llm_tiny" / "1" / "adapters"
+    assert control(server, "llm_tiny", action="load", lora_name="kept", lora_path=str(adapters / LATE_ADAPTER)) is None
+    pid = engine_pid(server, "llm_tiny")
+    os.kill(pid, signal.SIGKILL)
+    sampling = {**SAMPLING, "lora_name": "kept"}
+    assert wait_for(lambda: stream(server.grpc_url, "llm_tiny", {"text_input": PROMPT})[1] is None, 120)
+    assert engine_pid(server, "llm_tiny") not in (None, pid)
+    out, error = stream(server.grpc_url, "llm_tiny", {"text_input": PROMPT, "sampling_parameters": sampling})
+    oracle = peft_greedy(tiny_model_dir("llama-tied"), adapters / LATE_ADAPTER, [encode_text(tokenizer, PROMPT)], 8)
+    assert error is None and texts(out) == tokenizer.decode(oracle[0], skip_special_tokens=True)
+    assert control(server, "llm_tiny", action="unload", lora_name="kept") is None
