@@ -295,16 +295,22 @@ def num_blocks_for(config: EngineConfig, model: ModelConfig) -> int:
     return max(1, config.kv_cache_memory // per_block)
 
 
+def newest_engine_json(model_dir: Path) -> Path | None:
+    """The engine.json of a Triton model's newest version, None where it has none."""
+    versions = sorted((int(p.parent.name), p) for p in model_dir.glob("*/engine.json") if p.parent.name.isdigit())
+    return versions[-1][1] if versions else None
+
+
 def declared_max_model_len(model_dir: Path) -> int | None:
     """The max_model_len a Triton model's newest version asks for in its engine.json, or else its model's
     positions; None where neither can be read. The engine may lower it further (a sliding window, a small KV
     pool)."""
     from pagedllm.weights import resolve_model_path
-    versions = sorted((int(p.parent.name), p) for p in model_dir.glob("*/engine.json") if p.parent.name.isdigit())
-    if not versions:
+    engine_json = newest_engine_json(model_dir)
+    if engine_json is None:
         return None
     try:
-        config = EngineConfig.from_json(versions[-1][1])
+        config = EngineConfig.from_json(engine_json)
         if config.max_model_len:
             return config.max_model_len
         hf = json.loads((resolve_model_path(config.model) / "config.json").read_text())
@@ -317,12 +323,12 @@ def declared_adapters(model_dir: Path) -> list[str]:
     """The LoRA adapters a Triton model's newest version serves (its engine.json's lora_modules and its
     multi_lora.json), for the gateway to route by name; [] where none can be read."""
     from pagedllm.engine.lora import read_multi_lora
-    versions = sorted((int(p.parent.name), p) for p in model_dir.glob("*/engine.json") if p.parent.name.isdigit())
-    if not versions:
+    engine_json = newest_engine_json(model_dir)
+    if engine_json is None:
         return []
     try:
-        config = EngineConfig.from_json(versions[-1][1])
-        return sorted({*config.lora_modules, *read_multi_lora(versions[-1][1].parent)}) if config.enable_lora else []
+        config = EngineConfig.from_json(engine_json)
+        return sorted({*config.lora_modules, *read_multi_lora(engine_json.parent)}) if config.enable_lora else []
     except (OSError, ValueError):
         return []
 

@@ -13,6 +13,7 @@ The prefix cache keys each adapter's blocks apart: a sequence's first block hash
 `cache_root`, new at every registration, so an adapter never reuses another's KV (or its own earlier weights')."""
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -40,6 +41,7 @@ TARGETS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv
 MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+NAME_RULE = "must be an adapter's name: 1-128 letters, digits or ._:/- characters"
 # adapter_config.json settings that change what the weights mean: only their defaults are supported
 _DEFAULTS = {"peft_type": "LORA", "bias": "none", "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
              "lora_bias": False, "layer_replication": None, "rank_pattern": {}, "alpha_pattern": {},
@@ -214,7 +216,7 @@ class LoRABank:
         if not isinstance(request, LoRARequest):
             raise RequestRejectedError(FIELD, "expected LoRARequest(name, path)")
         if not isinstance(request.name, str) or not NAME.match(request.name):
-            raise RequestRejectedError(f"{FIELD}.name", "must be 1-128 letters, digits or ._:/- characters")
+            raise RequestRejectedError(f"{FIELD}.name", NAME_RULE)
         adapter = self.adapters.get(request.name)
         if adapter is not None and request.path is not None and Path(request.path) != adapter.path:
             raise RequestRejectedError(f"{FIELD}.path", f"adapter {request.name!r} is loaded from {adapter.path}; "
@@ -288,10 +290,10 @@ class LoRABank:
 
 @dataclass
 class LoRARows:
-    """A step's rows by adapter: `slots` per row (-1: the base model), and the rows of each slot in use."""
+    """A step's rows by adapter: `slots` per row (-1: the base model); `groups`, the rows of each slot in use, for
+    the torch path (the kernels group the rows themselves: kernels.h LoRARowGroups)."""
 
     slots: torch.Tensor  # [rows] int32
-    groups: list[tuple[int, torch.Tensor]]  # (slot, its rows as int64)
 
     @classmethod
     def of(cls, row_slots: list[int]) -> LoRARows | None:
@@ -299,9 +301,12 @@ class LoRARows:
         import torch
         if all(s < 0 for s in row_slots):
             return None
-        slots = torch.tensor(row_slots, dtype=torch.int32)
-        groups = [(s, (slots == s).nonzero().flatten()) for s in sorted(set(row_slots)) if s >= 0]
-        return cls(slots, groups)
+        return cls(torch.tensor(row_slots, dtype=torch.int32))
+
+    @functools.cached_property
+    def groups(self) -> list[tuple[int, torch.Tensor]]:
+        """(slot, its rows as int64) for each slot in use."""
+        return [(s, (self.slots == s).nonzero().flatten()) for s in sorted(set(self.slots.tolist())) if s >= 0]
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, module: BankModule, rows: LoRARows) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from pagedllm.engine.lora import NAME as LORA_NAME
+from pagedllm.engine.lora import NAME_RULE as LORA_NAME_RULE
 from pagedllm.engine.sampling_params import MAX_SEED, SamplingParams
 from pagedllm.errors import FieldError, InvalidRequestError
 from pagedllm.tool_format import ToolUse
@@ -115,9 +116,7 @@ def parse_lora_control(inputs: Mapping[str, np.ndarray]) -> LoRAControl:
             set(data) - {"action", "lora_name", "lora_path", "pinned"}:
         raise InvalidRequestError(LORA_CONTROL, 'expected {"action": "load", "lora_name": ..., "lora_path": ...} '
                                                 'or {"action": "unload", "lora_name": ...}')
-    name = data.get("lora_name")
-    if not isinstance(name, str) or not LORA_NAME.match(name):
-        raise InvalidRequestError(f"{LORA_CONTROL}.lora_name", "must be 1-128 letters, digits or ._:/- characters")
+    name = _adapter_name(data.get("lora_name"), f"{LORA_CONTROL}.lora_name")
     path = data.get("lora_path")
     if (data["action"] == "load") != isinstance(path, str) or (path is not None and not path):
         raise InvalidRequestError(f"{LORA_CONTROL}.lora_path", "a load needs the adapter's folder; an unload none")
@@ -282,9 +281,12 @@ def _input_ids(arr: np.ndarray, max_tokens: int | None, name: str = "input_ids")
 
 
 def _lora_name(value: Any) -> str | None:
-    if value is not None and not (isinstance(value, str) and LORA_NAME.match(value)):
-        raise InvalidRequestError("sampling_parameters.lora_name", "must be an adapter's name: 1-128 letters, "
-                                  "digits or ._:/- characters")
+    return None if value is None else _adapter_name(value, "sampling_parameters.lora_name")
+
+
+def _adapter_name(value: Any, field: str) -> str:
+    if not (isinstance(value, str) and LORA_NAME.match(value)):
+        raise InvalidRequestError(field, LORA_NAME_RULE)
     return value
 
 

@@ -479,6 +479,25 @@ struct LoRARowGroups {
   int64_t count() const { return int64_t(slot_of.size()); }
 };
 
+// out[p][0 .. kLoRAVectors * kLanes) += sum_j bt[j * N + ...] ts[p][j] for XR rows: a piece of outputs within one
+// slice, one chain per vector and row, each B vector loaded once for the XR rows.
+template <int XR, typename T>
+inline void expand_whole(const float* bt, int64_t N, int64_t rank, const float* const* ts, T* const* out) {
+  VecF acc[XR][kLoRAVectors];
+  for (int p = 0; p < XR; ++p)
+    for (int64_t v = 0; v < kLoRAVectors; ++v) acc[p][v] = load(out[p] + v * kLanes);
+  for (int64_t j = 0; j < rank; ++j) {
+    VecF tj[XR];
+    for (int p = 0; p < XR; ++p) tj[p] = set1(ts[p][j]);
+    for (int64_t v = 0; v < kLoRAVectors; ++v) {
+      const VecF b = load(bt + j * N + v * kLanes);
+      for (int p = 0; p < XR; ++p) acc[p][v] = fma(tj[p], b, acc[p][v]);
+    }
+  }
+  for (int p = 0; p < XR; ++p)
+    for (int64_t v = 0; v < kLoRAVectors; ++v) store(out[p] + v * kLanes, acc[p][v]);
+}
+
 template <typename T>
 void apply_lora(const LoRAArgs& l, const T* x, int64_t K, T* y, int64_t N, const LoRARowGroups& g, float* t,
                 const Par& par) {
@@ -510,38 +529,25 @@ void apply_lora(const LoRAArgs& l, const T* x, int64_t K, T* y, int64_t N, const
       int64_t s0 = 0;
       while (first >= l.slice_ends[s0]) ++s0;
       const bool whole = last - first == columns && last <= l.slice_ends[s0];  // in one slice: independent chains
+      const float* ts0 = t + s0 * l.rank;  // a row's ranks of the piece's slice, past its t
       int64_t r = g.starts[group];
-      for (; whole && r + 2 <= g.starts[group + 1]; r += 2) {  // two rows at a time, each B vector loaded once
-        T* out[2] = {y + g.rows[r] * N + first, y + g.rows[r + 1] * N + first};
-        const float* ts[2] = {t + g.rows[r] * SR + s0 * l.rank, t + g.rows[r + 1] * SR + s0 * l.rank};
-        VecF acc[2][kLoRAVectors];
-        for (int p = 0; p < 2; ++p)
-          for (int64_t v = 0; v < kLoRAVectors; ++v) acc[p][v] = load(out[p] + v * kLanes);
-        for (int64_t j = 0; j < l.rank; ++j) {
-          const VecF t0 = set1(ts[0][j]), t1 = set1(ts[1][j]);
-          for (int64_t v = 0; v < kLoRAVectors; ++v) {
-            const VecF b = load(bt + j * N + first + v * kLanes);
-            acc[0][v] = fma(t0, b, acc[0][v]);
-            acc[1][v] = fma(t1, b, acc[1][v]);
-          }
+      const int64_t end_r = g.starts[group + 1];
+      if (whole) {
+        for (; r + 2 <= end_r; r += 2) {  // two rows at a time, each B vector loaded once
+          T* out[2] = {y + g.rows[r] * N + first, y + g.rows[r + 1] * N + first};
+          const float* ts[2] = {ts0 + g.rows[r] * SR, ts0 + g.rows[r + 1] * SR};
+          expand_whole<2>(bt + first, N, l.rank, ts, out);
         }
-        for (int p = 0; p < 2; ++p)
-          for (int64_t v = 0; v < kLoRAVectors; ++v) store(out[p] + v * kLanes, acc[p][v]);
+        if (r < end_r) {
+          T* out[1] = {y + g.rows[r] * N + first};
+          const float* ts[1] = {ts0 + g.rows[r] * SR};
+          expand_whole<1>(bt + first, N, l.rank, ts, out);
+        }
+        continue;
       }
-      for (; r < g.starts[group + 1]; ++r) {
+      for (; r < end_r; ++r) {
         const int64_t m = g.rows[r];
         T* out = y + m * N;
-        if (whole) {
-          const float* ts = t + m * SR + s0 * l.rank;
-          VecF acc[kLoRAVectors];
-          for (int64_t v = 0; v < kLoRAVectors; ++v) acc[v] = load(out + first + v * kLanes);
-          for (int64_t j = 0; j < l.rank; ++j) {
-            const VecF tj = set1(ts[j]);
-            for (int64_t v = 0; v < kLoRAVectors; ++v) acc[v] = fma(tj, load(bt + j * N + first + v * kLanes), acc[v]);
-          }
-          for (int64_t v = 0; v < kLoRAVectors; ++v) store(out + first + v * kLanes, acc[v]);
-          continue;
-        }
         for (int64_t n = first, s = s0; n < last;) {  // a piece's tail, or across slices
           while (n >= l.slice_ends[s]) ++s;
           const int64_t width = std::min<int64_t>(kLanes, std::min(last, l.slice_ends[s]) - n);
