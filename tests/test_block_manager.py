@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pagedllm.engine.block_manager import BlockManager, chain_hash
+from pagedllm.engine.block_manager import BlockManager
+from pagedllm.kv_events import block_hashes
 from tests.support.fakes import fake_sequence
 
 BLOCK = 4
@@ -46,11 +47,7 @@ def first_blocks(bm: BlockManager, tokens: list[int]) -> list[int]:
 
 
 def _hashes(tokens: list[int]) -> list[int]:
-    hashes, parent = [], None
-    for i in range(0, len(tokens) - len(tokens) % BLOCK, BLOCK):
-        parent = chain_hash(parent, tuple(tokens[i:i + BLOCK]))
-        hashes.append(parent)
-    return hashes
+    return block_hashes(tokens, BLOCK)
 
 
 def test_the_last_prompt_token_is_always_recomputed():
@@ -98,3 +95,27 @@ def test_without_prefix_caching_nothing_is_shared():
     again = fake_sequence("b", list(range(9)))
     bm.match_prefix(again)
     assert again.block_table == [] and not bm.cached
+
+
+def test_blocks_made_findable_and_evicted_are_reported_once_as_the_net_change():
+    bm = BlockManager(4, BLOCK)
+    assert bm.take_events() is None
+    first = computed(bm, fake_sequence("a", list(range(10))))  # two full blocks, one partial
+    events = bm.take_events()
+    assert events.stored == tuple(_hashes(list(range(8)))) and events.evicted == ()
+    assert bm.take_events() is None
+    bm.free_sequence(first)
+    assert bm.take_events() is None  # freed blocks stay findable
+    computed(bm, fake_sequence("b", list(range(100, 116))))  # needs all 4 blocks: both cached ones are evicted
+    events = bm.take_events()
+    assert set(events.evicted) == set(_hashes(list(range(8))))
+    assert events.stored == tuple(_hashes(list(range(100, 116))))
+    assert set(bm.cached) == set(events.stored)
+
+
+def test_a_block_stored_and_evicted_within_one_step_is_reported_evicted():
+    bm = BlockManager(1, BLOCK)
+    bm.free_sequence(computed(bm, fake_sequence("a", [1, 2, 3, 4])))
+    computed(bm, fake_sequence("b", [5, 6, 7, 8]))
+    events = bm.take_events()
+    assert events.evicted == tuple(_hashes([1, 2, 3, 4])) and events.stored == tuple(_hashes([5, 6, 7, 8]))

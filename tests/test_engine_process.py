@@ -15,6 +15,7 @@ from pagedllm.engine.engine_process import EngineProcess
 from pagedllm.engine.faults import Faults
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.errors import EngineDeadError
+from pagedllm.kv_events import block_hashes
 
 LONG = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
 
@@ -59,9 +60,22 @@ def test_serves_across_the_pipe(engine):
     assert done.finish_reason == "length" and done.num_output_tokens == 8 and done.error is None
 
 
+def test_the_prefix_blocks_it_holds_are_reported_as_they_change(engine):
+    prompt = list(range(5, 18))
+    deltas: queue.Queue = queue.Queue()
+    engine.submit("p", prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), deltas.put)
+    final(deltas)
+    state = engine.cache_state(None, 0)
+    assert state.reset and state.block_size == 4 and set(block_hashes(prompt, 4)) <= set(state.stored)
+    assert state.load.num_blocks == 256 and state.load.num_running == 0
+    again = engine.cache_state(state.epoch, state.seq)
+    assert not again.reset and again.stored == again.evicted == []
+
+
 def test_a_killed_engine_fails_its_requests_as_retryable_and_comes_back(engine):
     first, second = run(engine, "a"), run(engine, "b")
     first.get(timeout=30)  # streaming
+    before = engine.cache_state(None, 0)
     start = time.monotonic()
     os.kill(engine.process.pid, signal.SIGKILL)
     failed = [final(first), final(second)]
@@ -71,6 +85,8 @@ def test_a_killed_engine_fails_its_requests_as_retryable_and_comes_back(engine):
     with pytest.raises(EngineDeadError, match="engine restarting"):
         run(engine, "c")
     assert wait_until(lambda: engine.state == "up") and engine.restarted == [1]
+    restarted = engine.cache_state(before.epoch, before.seq)  # its blocks died with it: a reader starts over
+    assert restarted.reset and restarted.epoch != before.epoch and restarted.stored == []
     assert final(run(engine, "d", SamplingParams(max_tokens=3))).error is None
 
 

@@ -11,6 +11,7 @@ from pagedllm.engine.engine_process import describe_exit
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.sequence import FinishReason, RequestDelta
 from pagedllm.errors import ErrorCode, RequestError
+from pagedllm.kv_events import BlockEvents
 
 STATS = wire.EngineStats(1, 2, 0.5, 10, 20, 3, 1, 0)
 
@@ -19,10 +20,11 @@ STATS = wire.EngineStats(1, 2, 0.5, 10, 20, 3, 1, 0)
     wire.Submit("r1", [1, 2, 3], SamplingParams(max_tokens=4), 12.5),
     wire.Abort("r1"),
     wire.Shutdown(),
-    wire.Ready(num_blocks=64, max_model_len=512, compute_path="cpu kernels", stats=STATS),
+    wire.Ready(num_blocks=64, max_model_len=512, compute_path="cpu kernels", stats=STATS, block_size=16),
     wire.StartFailed("ValueError: no model"),
     wire.StepOutput([RequestDelta(request_id="r1", new_token_ids=[7], new_text="hi", finish_reason=FinishReason.LENGTH,
                                    num_prompt_tokens=3, num_output_tokens=1)], STATS, 1.0),
+    wire.StepOutput([], STATS, 2.0, BlockEvents(stored=(1, 2**64 - 1), evicted=(5,))),
     wire.StepOutput([RequestDelta.failure("r2", RequestError(ErrorCode.OVERLOADED, "9 waiting"), 3)]),
 ], ids=lambda m: type(m).__name__)
 def test_each_message_crosses_a_pipe_as_itself(message):

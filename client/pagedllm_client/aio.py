@@ -112,6 +112,14 @@ class AsyncClient(ClientSettings):
         async for _ in self._send({"stream": True, "lora_control": json.dumps(control)}):
             pass
 
+    async def cache_state(self, epoch: str | None = None, since: int = 0) -> str:
+        """Which prefix blocks the llm model's engine holds, and its load, as JSON (pagedllm's kv_events.CacheState):
+        what changed since `since` within `epoch`, or all of it. For routers; ClientError if refused."""
+        text = ""
+        async for chunk in self._send({"cache_state": json.dumps({"epoch": epoch, "since": since})}):
+            text += chunk.text
+        return text
+
     def _send(self, fields: dict[str, Any]) -> AsyncIterator[Chunk]:
         return self._send_grpc(fields) if self.protocol == "grpc" else self._send_http(fields)
 

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pagedllm.gateway.config import GatewayConfig
+from pagedllm.gateway.config import POLICIES, GatewayConfig, RoutingConfig
 from pagedllm.launcher import ADMIN_KEY_ENV, CONTROL_MODES, ServerOptions
 
 DEFAULT_REPOSITORY = Path("model_repository")
@@ -54,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     gw.add_argument("--max-model-len", action="append", default=[], metavar="MODEL=TOKENS",
                     help="MODEL's max_model_len: quotas reserve the rest of it for requests without max_tokens "
                          f"(default {GatewayConfig.default_max_model_len}; listed in /v1/models)")
+    gw.add_argument("--routing", choices=POLICIES, default=RoutingConfig.policy,
+                    help="cache-aware: the replica holding most of the prompt's head in its prefix cache, weighed "
+                         "against load (needs --tokenizer for the model); least-outstanding: the least loaded")
+    gw.add_argument("--tokenizer", action="append", default=[], metavar="MODEL=PATH",
+                    help="MODEL's tokenizer (its Hugging Face folder), for cache-aware routing; pagedllm serve "
+                         "passes each model's")
     gen = sub.add_parser("generate", help="offline generation with the engine, no server")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="a local Hugging Face directory (default: embedded SmolLM2)")
@@ -96,7 +102,7 @@ def _server(args: argparse.Namespace, log_path: Path | None = None):
 
 def serve(args: argparse.Namespace) -> int:
     """tritonserver, and the gateway beside it with --openai-port, under pagedllm.supervisor."""
-    from pagedllm.engine.config import declared_adapters, declared_max_model_len
+    from pagedllm.engine.config import declared_adapters, declared_max_model_len, declared_model_path
     from pagedllm.gateway.replicas import llm_models_in
     from pagedllm.supervisor import Supervisor
 
@@ -112,6 +118,8 @@ def serve(args: argparse.Namespace) -> int:
             gateway_command += ["--model", model]
             length = declared_max_model_len(args.model_repository / model)
             gateway_command += ["--max-model-len", f"{model}={length}"] if length else []
+            path = declared_model_path(args.model_repository / model)
+            gateway_command += ["--tokenizer", f"{model}={path}"] if path else []
             for adapter in declared_adapters(args.model_repository / model):
                 gateway_command += ["--lora-adapter", f"{adapter}={model}"]
 
@@ -136,6 +144,8 @@ def gateway(args: argparse.Namespace) -> int:
                                  args.max_body_bytes, triton_dns=args.triton_dns,
                                  max_model_len=parse_lengths(args.max_model_len),
                                  lora_adapters=parse_pairs("--lora-adapter", args.lora_adapter, "NAME=MODEL"),
+                                 routing=RoutingConfig(args.routing,
+                                                       parse_pairs("--tokenizer", args.tokenizer, "MODEL=PATH")),
                                  **models))
     except ValueError as e:  # a bad flag or keys file: the message names it
         raise SystemExit(str(e)) from None

@@ -11,7 +11,10 @@ from pagedllm.gateway.generation import Generation, merge
 from pagedllm.gateway.metrics import GatewayMetrics
 from pagedllm.gateway.protocol import parse
 from pagedllm.gateway.replicas import ReplicaPool
+from pagedllm.gateway.routing import Prompt
 from tests.gateway.bodies import CHAT
+
+NO_PROMPT = Prompt(None)
 
 
 def test_merge_interleaves_streams_and_the_first_error_cancels_the_others():
@@ -55,11 +58,11 @@ def pool(*serving: set[str]) -> ReplicaPool:
 def test_a_retry_goes_elsewhere_or_back_to_the_only_replica_with_the_model():
     plan = parse("chat", CHAT)
     two = Generation(pool({"llm"}, {"llm"}), plan, "llm", GatewayMetrics(pool()))
-    first = two._pick(None)
-    assert two._pick(first) is not first and sorted(two.replicas) == ["r0:1", "r1:1"]
+    first = two._pick(None, NO_PROMPT)
+    assert two._pick(first, NO_PROMPT) is not first and sorted(two.replicas) == ["r0:1", "r1:1"]
     one = Generation(pool({"llm"}, {"other"}), plan, "llm", GatewayMetrics(pool()))
-    only = one._pick(None)
-    assert one._pick(only) is only
+    only = one._pick(None, NO_PROMPT)
+    assert one._pick(only, NO_PROMPT) is only
     with pytest.raises(ServiceUnavailableError) as e:
-        Generation(pool({"other"}), plan, "llm", GatewayMetrics(pool()))._pick(None)
+        Generation(pool({"other"}), plan, "llm", GatewayMetrics(pool()))._pick(None, NO_PROMPT)
     assert e.value.status == 503 and e.value.retry_after is not None

@@ -14,10 +14,10 @@ def test_least_outstanding_with_ties_in_turn():
     for r in pool.replicas:
         r.healthy, r.models = True, {"llm"}
     pool.replicas[2].outstanding = 1
-    picked = [pool.pick("llm").url for _ in range(4)]
+    picked = [pool.pick("llm").replica.url for _ in range(4)]
     assert set(picked) == {"a:1", "b:1"} and picked[0] != picked[1]
     pool.replicas[0].healthy = False
-    assert pool.pick("llm").url == "b:1" and pool.pick("llm", exclude=pool.replicas[1]).url == "c:1"
+    assert pool.pick("llm").replica.url == "b:1" and pool.pick("llm", exclude=pool.replicas[1]).replica.url == "c:1"
     assert pool.pick("other") is None
 
 
@@ -29,12 +29,12 @@ def test_a_replica_whose_engine_restarts_is_skipped_for_that_model(monkeypatch):
     monkeypatch.setattr(replicas.time, "monotonic", lambda: now[0])
     a = pool.replicas[0]
     a.failed(EngineUnavailable("engine restarting: the engine process died; retry the request"), "llm")
-    assert {pool.pick("llm").url for _ in range(4)} == {"b:1"}
-    assert {pool.pick("llm_tiny").url for _ in range(4)} == {"a:1", "b:1"}
+    assert {pool.pick("llm").replica.url for _ in range(4)} == {"b:1"}
+    assert {pool.pick("llm_tiny").replica.url for _ in range(4)} == {"a:1", "b:1"}
     a.failed(Overloaded("overloaded: 8 requests waiting; retry later"), "llm_tiny")
     assert a.serves("llm_tiny") and a.healthy
     now[0] += replicas.ENGINE_COOLDOWN_SECONDS
-    assert {pool.pick("llm").url for _ in range(4)} == {"a:1", "b:1"}
+    assert {pool.pick("llm").replica.url for _ in range(4)} == {"a:1", "b:1"}
 
 
 def test_a_dns_name_gives_one_replica_per_address_and_follows_the_answer():

@@ -1,10 +1,13 @@
-"""Two tritonservers behind one gateway: requests spread by outstanding count, a replica killed mid-run
+"""Two tritonservers behind one gateway: requests spread by outstanding count, requests sharing a prompt's head
+go to the replica that caches it (and stop going there once its engine restarts), a replica killed mid-run
 fails no request that had not started streaming, and it is re-admitted once it is back."""
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import time
 import urllib.request
 
 import openai
@@ -16,7 +19,9 @@ from tests.integration.conftest import (
     GatewayProcess,
     answers_200,
     descendants,
+    engine_pid,
     kill_all,
+    metric,
     running_serve,
     start_server,
     tiny_engine,
@@ -104,6 +109,49 @@ def test_requests_go_to_the_replica_with_fewest_outstanding(replicas):
     assert all(r["error"] is None for r in mixed)
     used = {r["replica"] for r in gateway.records()[-20:]}
     assert used == {s.grpc_url for s in servers}
+
+
+def test_requests_sharing_a_prompts_head_go_to_the_replica_that_caches_it(replicas, tmp_path, tiny_model_dir):
+    """Two tenants, each with its own long prompt head, four rounds: after each tenant's first request every
+    later one goes to the replica that computed its head (the replicas' own prefix-cache hits say so). Once that
+    replica's engine is killed and restarted, its cache is gone and the gateway no longer routes there for it."""
+    servers, _ = replicas
+    gateway = GatewayProcess([s.grpc_url for s in servers], tmp_path / "gateway.log", None,
+                             "--tokenizer", f"llm_tiny={tiny_model_dir('llama-tied')}").wait_ready()
+    by_url = {s.grpc_url: s for s in servers}
+
+    def hits() -> dict[str, float]:
+        return {url: metric(s, "pagedllm_prefix_cache_hits_total", "llm_tiny") for url, s in by_url.items()}
+
+    try:
+        client = openai.OpenAI(base_url=gateway.base_url, api_key="none", max_retries=0)
+        heads = {t: f"Tenant {t} house rules. " + " ".join(f"{t.lower()}{i}" for i in range(100)) for t in "AB"}
+        before = hits()
+        for turn in range(4):
+            for tenant in "AB":
+                client.completions.create(model="llm_tiny", prompt=f"{heads[tenant]} Question {turn}?", max_tokens=2)
+            time.sleep(1.0)  # past a poll: later turns follow the engines' reports, not only what was sent
+        records = gateway.records()[-8:]
+        for tenant, own in (("A", records[0::2]), ("B", records[1::2])):
+            assert len({r["replica"] for r in own}) == 1, (tenant, own)
+            assert own[0]["route"]["reason"] == "cache_miss"
+            assert all(r["route"]["reason"] == "cache_hit" and r["route"]["cached_tokens"] >= 100 for r in own[1:])
+        home = records[0]["replica"]
+        cached = sum(r["route"]["cached_tokens"] for r in records if r["replica"] == home) - \
+            records[0]["route"]["cached_tokens"]
+        assert wait_for(lambda: hits()[home] - before[home] >= cached - 4 * 4, 10), (hits(), before, cached)
+
+        server = by_url[home]
+        old = engine_pid(server, "llm_tiny")
+        os.kill(old, signal.SIGKILL)
+        assert wait_for(lambda: engine_pid(server, "llm_tiny") not in (None, old), 60)
+        assert wait_for(lambda: answers_200(f"http://{server.http_url}/v2/models/llm_tiny/ready"), 60)
+        time.sleep(2.0)  # the engine's first answers, and a poll
+        client.completions.create(model="llm_tiny", prompt=f"{heads['A']} Question after?", max_tokens=2)
+        assert gateway.records()[-1]["route"]["reason"] == "cache_miss"
+        client.close()
+    finally:
+        gateway.stop()
 
 
 def test_a_killed_replica_fails_only_streams_already_begun_and_is_readmitted(replicas):

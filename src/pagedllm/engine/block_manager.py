@@ -1,8 +1,9 @@
 """Fixed-size KV blocks: a free list, reference counts and automatic prefix caching.
 
-A full block is identified by a hash chained over every token before it, from its sequence's adapter
-(`Sequence.cache_root`: adapters never share KV); a hit is verified against the block's stored token ids.
-Free blocks keep their contents and stay findable until evicted, least recently freed first.
+A full block is identified by a hash chained over every token before it (kv_events.chain_hash, the one the
+gateway computes too), from its sequence's adapter (`Sequence.cache_root`: adapters never share KV); a hit is
+verified against the block's stored token ids. Free blocks keep their contents and stay findable until evicted,
+least recently freed first. Each block that becomes findable or is evicted is noted for `take_events`.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from pagedllm.engine.sequence import Sequence
+from pagedllm.kv_events import BlockEvents, chain_hash
 
 
 @dataclass
@@ -18,10 +20,6 @@ class Block:
     ref_count: int = 0
     block_hash: int | None = None
     token_ids: tuple[int, ...] = ()
-
-
-def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((parent, token_ids))
 
 
 class BlockManager:
@@ -33,6 +31,7 @@ class BlockManager:
         self.cached: dict[int, int] = {}
         self.prefix_queries = 0  # prompt tokens looked up in the cache
         self.prefix_hits = 0  # of those, tokens found
+        self._changes: dict[int, bool] = {}  # block hash -> findable, since the last take_events
 
     @property
     def num_free_blocks(self) -> int:
@@ -87,6 +86,14 @@ class BlockManager:
             if h not in self.cached and block.block_hash is None:
                 block.block_hash, block.token_ids = h, tokens
                 self.cached[h] = block.block_id
+                self._changes[h] = True
+
+    def take_events(self) -> BlockEvents | None:
+        """The blocks that became findable or were evicted since the last call (None: no change)."""
+        if not self._changes:
+            return None
+        events, self._changes = BlockEvents.of(self._changes), {}
+        return events
 
     def trim(self, seq: Sequence) -> None:
         """Release the blocks past the sequence's computed tokens: they held only rejected drafts."""
@@ -121,5 +128,6 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.block_hash is not None and self.cached.get(block.block_hash) == block_id:
             del self.cached[block.block_hash]
+            self._changes[block.block_hash] = False
         block.block_hash, block.token_ids, block.ref_count = None, (), 1
         return block_id

@@ -301,11 +301,21 @@ def newest_engine_json(model_dir: Path) -> Path | None:
     return versions[-1][1] if versions else None
 
 
+def declared_model_path(model_dir: Path) -> Path | None:
+    """The model folder (weights, tokenizer) a Triton model's newest version serves, per its engine.json; None
+    where it cannot be read or found."""
+    from pagedllm.weights import resolve_model_path
+    engine_json = newest_engine_json(model_dir)
+    try:
+        return resolve_model_path(EngineConfig.from_json(engine_json).model) if engine_json else None
+    except (OSError, ValueError, ModelNotFoundError):
+        return None
+
+
 def declared_max_model_len(model_dir: Path) -> int | None:
     """The max_model_len a Triton model's newest version asks for in its engine.json, or else its model's
     positions; None where neither can be read. The engine may lower it further (a sliding window, a small KV
     pool)."""
-    from pagedllm.weights import resolve_model_path
     engine_json = newest_engine_json(model_dir)
     if engine_json is None:
         return None
@@ -313,9 +323,9 @@ def declared_max_model_len(model_dir: Path) -> int | None:
         config = EngineConfig.from_json(engine_json)
         if config.max_model_len:
             return config.max_model_len
-        hf = json.loads((resolve_model_path(config.model) / "config.json").read_text())
-        return int(hf["max_position_embeddings"])
-    except (OSError, ValueError, KeyError, TypeError, ModelNotFoundError):
+        path = declared_model_path(model_dir)
+        return int(json.loads((path / "config.json").read_text())["max_position_embeddings"]) if path else None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 

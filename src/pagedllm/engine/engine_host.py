@@ -17,6 +17,7 @@ from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.loop import EngineLoop
 from pagedllm.engine.sequence import RequestDelta
 from pagedllm.errors import EngineDeadError, OverloadedError, RequestError
+from pagedllm.kv_events import BlockEvents
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +44,16 @@ class EngineHost:
             wire.send(self.conn, wire.StartFailed(f"{type(e).__name__}: {e}"))
             return
         engine = self.loop.engine
-        wire.send(self.conn, wire.Ready(engine.num_blocks, engine.max_model_len, engine.compute_path, engine.stats()))
+        wire.send(self.conn, wire.Ready(engine.num_blocks, engine.max_model_len, engine.compute_path, engine.stats(),
+                                        engine.block_manager.block_size))
         self._inject_exit()
         threading.Thread(target=self._submit_constrained, name="pagedllm-constraints", daemon=True).start()
         self._receive()
 
     def _send(self, deltas: list[RequestDelta], stats: wire.EngineStats | None = None,
-              step_time: float | None = None) -> None:
+              step_time: float | None = None, block_events: BlockEvents | None = None) -> None:
         with self.send_lock:
-            wire.send(self.conn, wire.StepOutput(deltas, stats, step_time))
+            wire.send(self.conn, wire.StepOutput(deltas, stats, step_time, block_events))
 
     def _receive(self) -> None:
         while True:
@@ -98,7 +100,7 @@ class EngineHost:
                 self.loop.abort(submit.request_id)
 
     def _on_step(self, engine: LLMEngine, deltas: list[RequestDelta]) -> None:
-        self._send(deltas, engine.stats(), time.time())
+        self._send(deltas, engine.stats(), time.time(), engine.block_manager.take_events())
 
     def _inject_exit(self) -> None:
         delay = self.faults.exit_after_ms

@@ -8,7 +8,8 @@ times out). It is then restarted after 1, 2, 4... seconds; `max_restarts` deaths
 `heartbeat_timeout` seconds) is killed and handled the same way. Those settings are the SupervisionConfig.
 
 The serving side submits and aborts over a pipe; the engine process answers with deltas and, after
-each step, its stats (the heartbeat)."""
+each step, its stats (the heartbeat) and the prefix blocks it made findable or evicted, kept in a
+`BlockLog` (kv_events.py) that starts empty, under a new epoch, whenever the engine does."""
 from __future__ import annotations
 
 import ctypes
@@ -32,6 +33,7 @@ from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.sequence import DeltaCallback, RequestDelta
 from pagedllm.engine.wire import EngineState
 from pagedllm.errors import EngineDeadError, ErrorCode, RequestError
+from pagedllm.kv_events import BlockLog, CacheState, ReplicaLoad
 
 logger = logging.getLogger(__name__)
 WATCH_SECONDS = 0.25
@@ -76,6 +78,12 @@ class EngineProcess:
             self._callbacks[change.request_id] = callback
             self._send(change)
 
+    def cache_state(self, epoch: str | None, since: int) -> CacheState:
+        """The prefix blocks the engine holds, as changes since (epoch, since) or whole (kv_events.py)."""
+        stats = self.stats
+        return self.blocks.answer(epoch, since, ReplicaLoad(stats.num_running, stats.num_waiting,
+                                                            stats.kv_cache_usage, stats.num_blocks))
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             if self.state == EngineState.UP:
@@ -113,7 +121,8 @@ class EngineProcess:
         if not isinstance(first, wire.Ready):
             self.process.join(5)
             raise RuntimeError(f"the engine process failed to start: {first}")
-        self.info, self.state = first, EngineState.UP
+        self.info, self.stats, self.blocks = first, first.stats, BlockLog(first.block_size)
+        self.state = EngineState.UP
         self._last_progress = time.monotonic()
         threading.Thread(target=self._read, args=(self.conn, self.process), name="pagedllm-engine-reader",
                          daemon=True).start()
@@ -138,8 +147,11 @@ class EngineProcess:
             self._died(describe_exit(process.exitcode, self.reason if self.state == EngineState.HUNG else ""))
 
     def _deliver(self, output: wire.StepOutput) -> None:
+        if output.block_events is not None:
+            self.blocks.record(output.block_events)
         if output.step_time is not None:
             self._last_progress = time.monotonic()
+            self.stats = output.stats or self.stats
             if self.on_stats is not None and output.stats is not None:
                 self.on_stats(output.stats, output.step_time)
         for delta in output.deltas:
@@ -153,6 +165,7 @@ class EngineProcess:
         with self._lock:
             self.reason, self.state = reason, EngineState.RESTARTING
             failed, self._callbacks = self._callbacks, {}
+            self.blocks = BlockLog(self.blocks.block_size)  # its cache died with it: readers start over
             delay = self.policy.on_death(time.monotonic())
         logger.error("engine process died (%s); failing its %d requests", reason, len(failed))
         for request_id, callback in failed.items():

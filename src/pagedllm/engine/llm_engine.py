@@ -30,6 +30,7 @@ from pagedllm.engine.structured_output import StructuredOutputs
 from pagedllm.engine.tokenizer import encode_chat, encode_text, load_tokenizer
 from pagedllm.engine.wire import EngineStats
 from pagedllm.errors import ErrorCode, InjectedFault, RequestError, RequestRejectedError
+from pagedllm.kv_events import ROOT
 from pagedllm.weights import iter_safetensors, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class LLMEngine:
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         seq = Sequence(request_id, list(prompt_token_ids), params, detok,
                        arrival_time if arrival_time is not None else time.monotonic(), generator,
-                       lora_name=adapter and adapter.name, cache_root=adapter and adapter.cache_root)
+                       lora_name=adapter and adapter.name, cache_root=adapter.cache_root if adapter else ROOT)
         self.structured.start(seq)
         self.requests[request_id] = seq
         self.scheduler.add(seq)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.errors import RequestError
+from pagedllm.kv_events import ROOT
 
 if TYPE_CHECKING:
     import torch
@@ -62,7 +63,7 @@ class Sequence:
     draft_token_ids: list[int] = field(default_factory=list)
     grammar: Any = None  # a constrained sequence's xgrammar matcher, at the end of its output (structured_output.py)
     lora_name: str | None = None  # the adapter it runs with (lora.py), None for the base model
-    cache_root: int | None = None  # where its prefix-cache hash chain starts: its adapter's (lora.py), else None
+    cache_root: int = ROOT  # where its prefix-cache hash chain starts: its adapter's (lora.py), else the base model's
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -11,6 +11,7 @@ from typing import Any
 
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.sequence import RequestDelta
+from pagedllm.kv_events import BlockEvents
 
 
 class EngineState(enum.StrEnum):
@@ -90,6 +91,7 @@ class Ready:
     max_model_len: int
     compute_path: str
     stats: EngineStats
+    block_size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,7 @@ class StepOutput:
     deltas: list[RequestDelta]
     stats: EngineStats | None = None
     step_time: float | None = None  # wall-clock time the step ended
+    block_events: BlockEvents | None = None  # prefix blocks made findable or evicted by the step (kv_events.py)
 
 
 ToEngine = Submit | LoadAdapter | UnloadAdapter | Abort | Shutdown

@@ -30,13 +30,14 @@ from pagedllm.gateway.sse import fold, internal_error, write_events
 
 logger = logging.getLogger("pagedllm.gateway")
 DISCONNECT_POLL_SECONDS = 0.5  # how often a non-streamed request checks that its client is still there
+SESSION_HEADER = "x-session-id"  # keeps a session's requests on one replica when routing finds them equal
 
 
 class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.pool = ReplicaPool(config.triton, config.models, config.health_interval, config.upstream_timeout,
-                                config.triton_dns)
+                                config.triton_dns, routing=config.routing)
         self.keys = KeyRing(load_keys(config.api_keys) if config.api_keys else None)
         self.quotas = {key.name: KeyQuota(key.limits) for key in self.keys.keys or []}
         self.metrics = GatewayMetrics(self.pool)
@@ -61,7 +62,8 @@ class Gateway:
         try:
             admitted = await self.admission.admit(endpoint, request, record)
             answer = admitted.answer
-            generation = Generation(self.pool, answer.plan, admitted.model, self.metrics, admitted.route.lora_name)
+            generation = Generation(self.pool, answer.plan, admitted.model, self.metrics, admitted.route.lora_name,
+                                    request.headers.get(SESSION_HEADER))
             events = generation.events()
             first = await self._first(events, generation, record)  # an error before any token: an HTTP error
             if answer.plan.stream:
@@ -88,6 +90,7 @@ class Gateway:
             raise UpstreamError("the server ended the stream without a response") from None
         finally:
             record.replica = ",".join(dict.fromkeys(generation.replicas)) or None
+            record.route = generation.routes[0].log() if generation.routes else None
 
     async def _collect(self, answer: Answer, events: AsyncIterator[Event], record: RequestRecord,
                        request: Request) -> bool:

@@ -13,6 +13,29 @@ class Route(NamedTuple):
 
 
 @dataclass
+class RoutingConfig:
+    """How a request's replica is chosen (routing.py). "cache-aware": the replica whose engine holds most of the
+    prompt's head in its prefix cache, against its load; "least-outstanding": the fewest requests in flight."""
+    policy: str = "cache-aware"
+    tokenizers: dict[str, str] = field(default_factory=dict)  # Triton model -> its tokenizer (folder or hub id)
+    poll_interval: float = 0.5  # how often each replica is asked which blocks changed (and its load)
+    min_prefix_tokens: int = 64  # less of the prompt cached anywhere: routed by load alone
+    # a cached token saves its prefill; a request already in flight on the replica costs this many of them
+    load_cost_tokens: int = 512
+    # a replica is never given a request while it has more than ratio x the least loaded one's, plus slack
+    imbalance_ratio: float = 2.0
+    imbalance_slack: int = 2
+    pending_seconds: float = 60.0  # a prompt just sent counts as cached there this long (until its engine says)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"--routing: {self.policy!r} is not one of {', '.join(POLICIES)}")
+
+
+POLICIES = ("cache-aware", "least-outstanding")
+
+
+@dataclass
 class GatewayConfig:
     triton: list[str]  # HOST:GRPC_PORT of each tritonserver replica
     host: str = "127.0.0.1"
@@ -38,6 +61,7 @@ class GatewayConfig:
     # LoRA adapter -> the Triton model that serves it (its base; `pagedllm serve` passes its repository's
     # multi_lora.json names): requests name the adapter as `model`, as with vLLM
     lora_adapters: dict[str, str] = field(default_factory=dict)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def context_length(self, model: str) -> int:
         return self.max_model_len.get(model, self.default_max_model_len)

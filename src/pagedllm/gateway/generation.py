@@ -1,7 +1,7 @@
-"""Running a plan on the replicas: each choice is one gRPC stream to the `llm` model of the replica with
-the fewest outstanding requests. A choice that fails before its first token (unreachable, or the engine
-shedding load) is retried once on another replica; after that its error ends the answer. The choices'
-chunks are merged into one stream of (choice index, Chunk)."""
+"""Running a plan on the replicas: each choice is one gRPC stream to the `llm` model of the replica routing.py
+chooses. A choice that fails before its first token (unreachable, or the engine shedding load) is retried once
+on another replica; after that its error ends the answer. The choices' chunks are merged into one stream of
+(choice index, Chunk)."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +11,7 @@ from pagedllm.gateway.errors import OVERLOAD_RETRY_SECONDS, GatewayError, Servic
 from pagedllm.gateway.metrics import GatewayMetrics
 from pagedllm.gateway.protocol import Choice, Plan
 from pagedllm.gateway.replicas import Replica, ReplicaPool
+from pagedllm.gateway.routing import Prompt, Route
 from pagedllm_client import Chunk, ClientError, Overloaded
 
 Event = tuple[int, Chunk]
@@ -19,10 +20,16 @@ _DONE = object()
 
 class Generation:
     def __init__(self, pool: ReplicaPool, plan: Plan, model: str, metrics: GatewayMetrics,
-                 lora_name: str | None = None) -> None:
+                 lora_name: str | None = None, affinity: str | None = None) -> None:
         self.pool, self.plan, self.model, self.metrics = pool, plan, model, metrics
+        self.lora_name, self.affinity = lora_name, affinity if affinity is not None else plan.user
         self.adapter = {"lora_name": lora_name} if lora_name else {}  # sampling_parameters.lora_name
-        self.replicas: list[str] = []  # where each attempt went, for the request log
+        self.routes: list[Route] = []  # where each attempt went and why, for the request log
+        self._prompts: dict[tuple[str | None, int], Prompt] = {}  # the n choices of a prompt share its tokens
+
+    @property
+    def replicas(self) -> list[str]:
+        return [route.replica.url for route in self.routes]
 
     def events(self) -> AsyncIterator[Event]:
         streams = [self._choice(choice) for choice in self.plan.choices]
@@ -30,9 +37,11 @@ class Generation:
 
     async def _choice(self, choice: Choice) -> AsyncIterator[Event]:
         tried: Replica | None = None
-        tools = self.plan.tool_call.tool_use().request_fields() if self.plan.tool_call else {}
+        tool_use = self.plan.tool_call.tool_use() if self.plan.tool_call else None
+        tools = tool_use.request_fields() if tool_use else {}
+        prompt = await self._prompt(choice, tool_use)
         for attempt in (1, 2):
-            replica = self._pick(tried)
+            replica = self._pick(tried, prompt)
             started = False
             replica.outstanding += 1
             try:
@@ -52,15 +61,24 @@ class Generation:
             finally:
                 replica.outstanding -= 1
 
-    def _pick(self, tried: Replica | None) -> Replica:
-        replica = self.pool.pick(self.model, exclude=tried)
-        if replica is None and tried is not None and tried.serves(self.model):
-            replica = tried  # the only replica with the model: the retry goes back to it
-        if replica is None:
+    async def _prompt(self, choice: Choice, tool_use: object) -> Prompt:
+        key = (choice.prompt, id(choice.messages))
+        if key not in self._prompts:
+            self._prompts[key] = await self.pool.router.prompt(self.model, choice.prompt, choice.messages, tool_use,
+                                                               self.lora_name, self.affinity)
+        return self._prompts[key]
+
+    def _pick(self, tried: Replica | None, prompt: Prompt) -> Replica:
+        route = self.pool.pick(self.model, prompt, exclude=tried)
+        if route is None and tried is not None and tried.serves(self.model):
+            route = self.pool.pick(self.model, prompt)  # the only replica with the model: the retry goes back to it
+        if route is None:
             raise ServiceUnavailableError(f"no healthy replica has model {self.model!r} ready; retry shortly",
                                           None, "no_healthy_replica", OVERLOAD_RETRY_SECONDS)
-        self.replicas.append(replica.url)
-        return replica
+        self.routes.append(route)
+        self.metrics.routes.labels(self.model, route.reason.value).inc()
+        self.metrics.routed_cached_tokens.labels(self.model).inc(route.cached_tokens)
+        return route.replica
 
 
 async def merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[Event]:

@@ -22,6 +22,12 @@ class GatewayMetrics:
                               ["key", "kind"], registry=r)
         self.rejections = Counter("pagedllm_gateway_rejections", "Requests refused, by reason",
                                   ["reason"], registry=r)
+        self.routes = Counter("pagedllm_gateway_routes", "Engine requests routed, by model and reason (cache_hit, "
+                              "cache_miss, load, no_index, least_outstanding: gateway/routing.py)",
+                              ["model", "reason"], registry=r)
+        self.routed_cached_tokens = Counter("pagedllm_gateway_routed_cached_tokens", "Prompt tokens the chosen "
+                                            "replica held in its prefix cache when the request was routed there",
+                                            ["model"], registry=r)
         self.retries = Counter("pagedllm_gateway_retries", "Requests retried on another replica before their "
                                "first token", registry=r)
         self.ttft = Histogram("pagedllm_gateway_time_to_first_token_seconds", "Arrival at the gateway to the "

@@ -160,6 +160,7 @@ class Plan:
     max_tokens: int | None
     renamed: dict[str, str] = field(default_factory=dict)  # engine field -> the request's name for it
     tool_call: ToolCallPlan | None = None  # the answer is a tool call
+    user: str | None = None  # the end user the client names: keeps a user's requests on one replica when all else ties
 
 
 def parse(kind: Literal["chat", "completion"], body: Any) -> Plan:
@@ -246,7 +247,7 @@ def _chat_plan(request: ChatCompletionRequest) -> Plan:
     if request.max_completion_tokens is not None:
         renamed["max_tokens"] = "max_completion_tokens"
     return Plan("chat", request.model, _fan_out([(None, messages)], request, sampling), request.n, request.stream,
-                _stream_flags(request), request.logprobs, False, max_tokens, renamed, tool_plan)
+                _stream_flags(request), request.logprobs, False, max_tokens, renamed, tool_plan, request.user)
 
 
 def _messages(messages: list[Message]) -> list[dict[str, Any]]:
@@ -289,7 +290,7 @@ def _completion_plan(request: CompletionRequest) -> Plan:
         sampling["logprobs"] = request.logprobs
     choices = _fan_out([(p, None) for p in prompts], request, sampling)
     return Plan("completion", request.model, choices, request.n, request.stream, _stream_flags(request),
-                request.logprobs is not None, request.echo, max_tokens, constraint_names)
+                request.logprobs is not None, request.echo, max_tokens, constraint_names, user=request.user)
 
 
 def _check_sampling(plan: Plan) -> None:

@@ -1,6 +1,6 @@
 """The tritonservers behind the gateway: health checks every few seconds (server ready, and which of the
-configured LLM models are ready), ejection and re-admission, and the choice of replica for each request: the healthy
-one with the model ready and the fewest outstanding requests, ties taken in turn."""
+configured LLM models are ready), ejection and re-admission, and the choice of replica for each request among the
+healthy ones with the model ready, by routing.py's Router (which polls each replica's prefix cache)."""
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pagedllm.gateway.config import GatewayConfig
+from pagedllm.gateway.config import GatewayConfig, RoutingConfig
+from pagedllm.gateway.routing import PrefixIndex, Prompt, Route, Router
 from pagedllm_client import AsyncClient
 from pagedllm_client.errors import EngineUnavailable
 
@@ -53,6 +54,12 @@ class Replica:
     _kinds: dict[str, bool] = field(default_factory=dict)  # model name -> is an LLM model (from its config)
     _clients: dict[str, AsyncClient] = field(default_factory=dict)
     _admin: Any = None
+    _prefix: dict[str, PrefixIndex] = field(default_factory=dict)  # model -> its engine's prefix blocks
+
+    def prefix_index(self, model: str) -> PrefixIndex:
+        if model not in self._prefix:
+            self._prefix[model] = PrefixIndex()
+        return self._prefix[model]
 
     def client(self, model: str) -> AsyncClient:
         """One client per model (it learns the model's batching once); retries are the gateway's to make."""
@@ -138,14 +145,15 @@ class ReplicaPool:
 
     def __init__(self, urls: list[str], models: list[str], interval: float = GatewayConfig.health_interval,
                  upstream_timeout: float = GatewayConfig.upstream_timeout,
-                 dns_names: list[str] | None = None, resolver: Resolver = resolve) -> None:
+                 dns_names: list[str] | None = None, resolver: Resolver = resolve,
+                 routing: RoutingConfig | None = None) -> None:
         self.replicas = [Replica(url, upstream_timeout) for url in urls]
+        self.router = Router(routing or RoutingConfig())
         self.names = models  # the Triton models to serve, where a replica has them ready
         self.interval, self.upstream_timeout = interval, upstream_timeout
         self.dns_names, self.resolver = dns_names or [], resolver
         self._found: dict[str, set[str]] = {}  # DNS name -> the replicas it gave
-        self._turn = 0
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     async def check_all(self) -> None:
         await self.discover()
@@ -170,26 +178,30 @@ class ReplicaPool:
 
     async def start(self) -> None:
         await self.check_all()
-        self._task = asyncio.create_task(self._checks())
+        await self.router.poll(self.replicas, self.names)
+        self._tasks = [asyncio.create_task(self._checks()), asyncio.create_task(self._polls())]
 
     async def _checks(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             await self.check_all()
 
+    async def _polls(self) -> None:
+        while True:
+            await asyncio.sleep(self.router.config.poll_interval)
+            await self.router.poll(self.replicas, self.names)
+
     def models(self) -> set[str]:
         return set().union(*(r.models for r in self.replicas if r.healthy))
 
-    def pick(self, model: str, exclude: Replica | None = None) -> Replica | None:
+    def pick(self, model: str, prompt: Prompt | None = None, exclude: Replica | None = None) -> Route | None:
+        """The replica for a request of `model` (None: no healthy replica serves it), and why."""
         candidates = [r for r in self.replicas if r.serves(model) and r is not exclude]
         if not candidates:
             return None
-        fewest = min(r.outstanding for r in candidates)
-        tied = [r for r in candidates if r.outstanding == fewest]
-        self._turn += 1
-        return tied[self._turn % len(tied)]
+        return self.router.choose(candidates, model, prompt or Prompt(None))
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
         await asyncio.gather(*(r.close() for r in self.replicas))

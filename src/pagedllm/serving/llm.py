@@ -23,11 +23,13 @@ from pagedllm.errors import ErrorCode, InvalidRequestError, ModelConfigError, Re
 from pagedllm.serving.metrics import ServingMetrics
 from pagedllm.serving.python_backend import PythonBackend
 from pagedllm.serving.request import (
+    CACHE_STATE,
     LORA_CONTROL,
     NORMALISED_REQUEST,
     GenerateRequest,
     LoRAControl,
     ResponseOptions,
+    parse_cache_query,
     parse_lora_control,
     parse_request,
 )
@@ -91,6 +93,8 @@ class LLMModel:
             inputs = self.backend.inputs(request)
             if LORA_CONTROL in inputs:
                 return self._change_adapters(request_id, sender, parse_lora_control(inputs))
+            if CACHE_STATE in inputs:
+                return self._answer_cache_state(sender, *parse_cache_query(inputs))
             req, in_ensemble = self._parse(inputs)
             if req.lora_name is not None and req.lora_name not in self.adapters:
                 raise InvalidRequestError("sampling_parameters.lora_name", f"no adapter {req.lora_name!r} here; "
@@ -106,6 +110,13 @@ class LLMModel:
             if error.code is ErrorCode.INTERNAL:
                 logger.exception("accepting request %s failed", request_id)
             self.streams.refuse(request_id, sender, error)  # an internal error's words go to the log only
+
+    def _answer_cache_state(self, sender: Any, epoch: str | None, since: int) -> None:
+        """Which prefix blocks the engine holds, as one final response whose text_output is a
+        kv_events.CacheState's JSON; answered here, without waiting for the engine's step."""
+        state = self.loop.cache_state(epoch, since).to_json()
+        sender.send(self.backend.response({"text_output": np.array([state.encode()], dtype=np.object_)}),
+                    flags=self.backend.final_flag)
 
     def _change_adapters(self, request_id: str, sender: Any, control: LoRAControl) -> None:
         """Load or unload an adapter in the engine; the request's one final response says how it went. Loads come

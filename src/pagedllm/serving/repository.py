@@ -10,7 +10,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from pagedllm.engine.config import engine_settings
-from pagedllm.serving.request import LORA_CONTROL, NORMALISED_REQUEST
+from pagedllm.serving.request import CACHE_STATE, LORA_CONTROL, NORMALISED_REQUEST
 from pagedllm.serving.response import RESPONSE_OPTIONS
 
 # (name, Triton type, dims) for every client-facing input; all optional but one of the prompt fields.
@@ -28,7 +28,8 @@ CLIENT_INPUTS = [
 ]
 INTERNAL_INPUTS = [("input_ids", "TYPE_INT32", [-1]), (NORMALISED_REQUEST, "TYPE_STRING", [1])]
 # the llm model's alone: load or unload a LoRA adapter while it runs (request.py LoRAControl; engine.json lora_dir)
-LORA_CONTROL_INPUTS = [(LORA_CONTROL, "TYPE_STRING", [1])]
+# and: which prefix blocks its engine holds, for the gateway's cache-aware routing (kv_events.py)
+CONTROL_INPUTS = [(LORA_CONTROL, "TYPE_STRING", [1]), (CACHE_STATE, "TYPE_STRING", [1])]
 OUTPUTS = [("text_output", "TYPE_STRING", [-1]), ("finish_reason", "TYPE_STRING", [-1]),
            ("num_input_tokens", "TYPE_UINT32", [1]), ("num_output_tokens", "TYPE_UINT32", [1]),
            ("logprobs", "TYPE_STRING", [-1])]
@@ -75,7 +76,7 @@ def _python_config(name: str, inputs: str, outputs: str, decoupled: bool = False
 
 def llm_config(name: str) -> str:
     # Two versions stay loaded: new traffic goes to the newest, clients pinned to the previous one keep it.
-    return (_python_config(name, _tensors("input", CLIENT_INPUTS + INTERNAL_INPUTS + LORA_CONTROL_INPUTS, True),
+    return (_python_config(name, _tensors("input", CLIENT_INPUTS + INTERNAL_INPUTS + CONTROL_INPUTS, True),
                            _tensors("output", OUTPUTS + RESPONSE_OPTIONS_OUTPUT, False), decoupled=True)
             + "version_policy: { latest: { num_versions: 2 } }\n")
 

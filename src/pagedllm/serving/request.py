@@ -14,11 +14,13 @@ from pagedllm.engine.lora import NAME as LORA_NAME
 from pagedllm.engine.lora import NAME_RULE as LORA_NAME_RULE
 from pagedllm.engine.sampling_params import MAX_SEED, SamplingParams
 from pagedllm.errors import FieldError, InvalidRequestError
+from pagedllm.kv_events import parse_query
 from pagedllm.tool_format import ToolUse
 
 NORMALISED_REQUEST = "request"  # the preprocessing -> llm tensor, in the ensemble
 # the llm model's: {"action": "load" | "unload", "lora_name": ..., "lora_path": ..., "pinned": false}
 LORA_CONTROL = "lora_control"
+CACHE_STATE = "cache_state"
 MAX_PROMPT_BYTES = 1 << 20
 MAX_MESSAGES = 256
 MAX_TOOLS = 128  # functions in `tools`, and calls in one message's `tool_calls`
@@ -124,6 +126,14 @@ def parse_lora_control(inputs: Mapping[str, np.ndarray]) -> LoRAControl:
     if not isinstance(pinned, bool) or (pinned and data["action"] != "load"):
         raise InvalidRequestError(f"{LORA_CONTROL}.pinned", "true or false, for a load")
     return LoRAControl(data["action"], name, path, pinned)
+
+
+def parse_cache_query(inputs: Mapping[str, np.ndarray]) -> tuple[str | None, int]:
+    """A cache_state query's (epoch, since): kv_events.py."""
+    try:
+        return parse_query(_text(inputs, CACHE_STATE) or "{}")
+    except ValueError as e:
+        raise InvalidRequestError(CACHE_STATE, str(e)) from None
 
 
 def parse_request(inputs: Mapping[str, np.ndarray], max_prompt_tokens: int | None = None) -> GenerateRequest:
