@@ -5,7 +5,8 @@
 #   docker run --gpus all --shm-size=1g -p 127.0.0.1:8000:8000 -p 127.0.0.1:8001:8001 -p 127.0.0.1:8002:8002 \
 #     -e PAGEDLLM_ADMIN_KEY=... pagedllm      # without the key, models load at start and none through the API
 
-# The OpenAI gateway alone (deploy/k8s/gateway.yaml): no torch and no engine.
+# The OpenAI gateway alone (deploy/k8s/gateway.yaml): no torch and no engine; transformers for the tokenizers
+# its cache-aware routing needs.
 #   docker build --target gateway -t pagedllm-gateway .
 FROM python:3.11-slim AS gateway
 
@@ -16,7 +17,7 @@ WORKDIR /opt/pagedllm
 COPY pyproject.toml README.md ./
 COPY src ./src
 COPY client ./client
-RUN python3 -m pip install ".[gateway]" ./client \
+RUN python3 -m pip install ".[gateway,routing]" ./client \
     && useradd --system --no-log-init --uid 10001 --home-dir /opt/pagedllm pagedllm
 USER 10001
 

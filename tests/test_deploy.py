@@ -43,10 +43,11 @@ def test_tritonserver_pods_run_pagedllm_serve_and_only_the_gateway_reaches_them(
     for flag in args[2:]:
         assert flag.split("=")[0] in usage, flag
     policy = yaml.safe_load((ROOT / "deploy" / "k8s" / "networkpolicy.yaml").read_text())
-    inference, metrics = policy["spec"]["ingress"]
+    inference, openai, metrics = policy["spec"]["ingress"]
     assert policy["spec"]["podSelector"]["matchLabels"] == {"app": "pagedllm"}
     assert inference["from"] == [{"podSelector": {"matchLabels": {"app": "pagedllm-gateway"}}}]
     assert {p["port"] for p in inference["ports"]} == {8000, 8001} and "from" not in metrics
+    assert [p["port"] for p in openai["ports"]] == [9000] and len(openai["from"]) == 2
 
 
 def test_kubernetes_manifests_validate():
@@ -55,6 +56,33 @@ def test_kubernetes_manifests_validate():
     assert done.returncode == 0, done.stdout + done.stderr
     resources = sum(1 for m in manifests for doc in yaml.safe_load_all((ROOT / m).read_text()) if doc)
     assert done.stdout.count("passed") == resources
+
+
+def test_the_inference_pool_validates_against_its_pinned_crd_and_selects_the_pods_openai_port():
+    import jsonschema
+    folder = ROOT / "deploy" / "k8s" / "inference-extension"
+    crd = yaml.safe_load((folder / "crd" / "inferencepools.inference.networking.k8s.io.yaml").read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    pool = yaml.safe_load((folder / "inferencepool.yaml").read_text())
+    assert (pool["apiVersion"], pool["kind"]) == (f"{crd['spec']['group']}/v1", crd["spec"]["names"]["kind"])
+    jsonschema.validate(pool, schema)
+    with pytest.raises(jsonschema.ValidationError):  # the schema is really applied
+        jsonschema.validate({**pool, "spec": {**pool["spec"], "targetPorts": []}}, schema)
+    pod = yaml.safe_load((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())["spec"]["template"]
+    assert pool["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    port = pool["spec"]["targetPorts"][0]["number"]
+    server = pod["spec"]["containers"][0]
+    assert f"--openai-port={port}" in server["args"] and port in [p["containerPort"] for p in server["ports"]]
+    done = run("kubernetes-validate", "--strict", str((folder / "epp.yaml").relative_to(ROOT)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    epp = [d for d in yaml.safe_load_all((folder / "epp.yaml").read_text()) if d]
+    service = next(d for d in epp if d["kind"] == "Service")
+    assert service["metadata"]["name"] == pool["spec"]["endpointPickerRef"]["name"]
+    assert pool["spec"]["endpointPickerRef"]["port"]["number"] in [p["port"] for p in service["spec"]["ports"]]
+    config = yaml.safe_load(next(d for d in epp if d["kind"] == "ConfigMap")["data"]["default-plugins.yaml"])
+    plugins = {p["type"] for p in config["plugins"]}
+    assert "prefix-cache-scorer" in plugins
+    assert {p["pluginRef"] for p in config["schedulingProfiles"][0]["plugins"]} <= plugins
 
 
 def test_autoscaling_metric_is_one_the_engine_exports():
@@ -78,16 +106,17 @@ def test_the_gateway_deployment_passes_flags_the_gateway_takes():
 
 
 def test_the_gateway_installs_and_ships_without_the_engine():
-    """`pip install "pagedllm[gateway]" ./client` and the gateway image carry no torch (importing the gateway
-    loads none either: tests/gateway/test_server.py)."""
+    """`pip install "pagedllm[gateway,routing]" ./client` and the gateway image carry no torch (importing the
+    gateway loads none either: tests/gateway/test_server.py); routing brings transformers, for tokenizers only."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     client = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
-    needed = project["dependencies"] + project["optional-dependencies"]["gateway"] + client["dependencies"]
+    extras = project["optional-dependencies"]
+    needed = project["dependencies"] + extras["gateway"] + extras["routing"] + client["dependencies"]
     names = {re.split(r"[<>=!~\[ ;]", d)[0].lower() for d in needed}
-    assert not names & {"torch", "transformers", "xgrammar", "safetensors", "pagedllm"}, names
-    assert "torch" in str(project["optional-dependencies"]["engine"])
+    assert not names & {"torch", "xgrammar", "safetensors", "pagedllm"}, names
+    assert "torch" in str(extras["engine"]) and "transformers" not in str(extras["gateway"])
     stage = (ROOT / "Dockerfile").read_text().split(" AS gateway\n")[1].split("\nFROM ")[0]
-    assert 'pip install ".[gateway]" ./client' in stage and "torch" not in stage and "USER 10001" in stage
+    assert 'pip install ".[gateway,routing]" ./client' in stage and "torch" not in stage and "USER 10001" in stage
     manifest = next(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "gateway.yaml").read_text()))
     assert manifest["spec"]["template"]["spec"]["containers"][0]["image"] == "pagedllm-gateway:latest"
 

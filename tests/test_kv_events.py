@@ -35,7 +35,8 @@ def test_a_prompt_has_a_hash_per_full_block_each_chained_on_the_last():
 
 
 def test_a_state_crosses_json_exactly():
-    state = CacheState("e1", 3, 16, False, [0, 2**64 - 1], [5], ReplicaLoad(2, 1, 0.25, 64))
+    load = ReplicaLoad(2, 1, 0.25, 64, 4, ("sql",), ("poet", "sql"))
+    state = CacheState("e1", 3, 16, False, [0, 2**64 - 1], [5], load)
     assert CacheState.from_json(state.to_json()) == state
     with pytest.raises(ValueError, match="not a cache state"):
         CacheState.from_json('{"epoch": "e1"}')

@@ -21,7 +21,7 @@ import uuid
 from array import array
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 ROOT = 0  # the base model's chain starts here
@@ -60,11 +60,14 @@ class BlockEvents:
 
 @dataclass(frozen=True, slots=True)
 class ReplicaLoad:
-    """The engine's queues and cache after its last step, sent with each cache state."""
+    """The engine's queues, cache and LoRA adapters after its last step, sent with each cache state."""
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
     num_blocks: int = 0
+    max_loras: int = 0  # adapter slots (0: LoRA off)
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,9 +93,14 @@ class CacheState:
             data = json.loads(text)
             return cls(str(data["epoch"]), int(data["seq"]), int(data["block_size"]), bool(data["reset"]),
                        [int(h, 16) for h in data["stored"]], [int(h, 16) for h in data["evicted"]],
-                       ReplicaLoad(**data["load"]))
+                       _load(data["load"]))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"not a cache state: {e}") from None
+
+
+def _load(data: dict[str, Any]) -> ReplicaLoad:
+    load = ReplicaLoad(**data)
+    return replace(load, running_adapters=tuple(load.running_adapters), waiting_adapters=tuple(load.waiting_adapters))
 
 
 def parse_query(text: str) -> tuple[str | None, int]:

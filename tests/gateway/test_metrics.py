@@ -1,8 +1,10 @@
-"""The gateway's metrics read each replica's health and load at scrape time."""
+"""The gateway's metrics read each replica's health and load at scrape time, and publish the engines' own load
+under vLLM's names."""
 from __future__ import annotations
 
 from pagedllm.gateway.metrics import GatewayMetrics
 from pagedllm.gateway.replicas import ReplicaPool
+from pagedllm.kv_events import CacheState, ReplicaLoad
 
 
 def test_replica_gauges_are_current_at_every_scrape():
@@ -16,3 +18,23 @@ def test_replica_gauges_are_current_at_every_scrape():
     pool.replicas[0].healthy, pool.replicas[0].outstanding = False, 0
     text = metrics.render().decode()
     assert 'in_flight_requests{replica="a:1"} 0.0' in text and 'replica_healthy{replica="a:1"} 0.0' in text
+
+
+def test_the_engines_load_is_published_under_vllms_names_for_an_endpoint_picker():
+    pool = ReplicaPool(["a:1", "b:1", "c:1"], ["llm"])
+    metrics = GatewayMetrics(pool)
+    loads = [ReplicaLoad(3, 1, 0.5, 100, 4, ("sql",), ("poet",)), ReplicaLoad(1, 0, 0.25, 100, 4, ("poet",), ())]
+    for replica, load in zip(pool.replicas, loads):
+        replica.healthy, replica.models = True, {"llm"}
+        replica.prefix_index("llm").update(CacheState("e", 1, 16, True, [], [], load))
+    pool.replicas[2].healthy, pool.replicas[2].models = True, {"llm"}  # not reporting: left out
+    text = metrics.render().decode()
+    assert 'vllm:num_requests_running{model_name="llm"} 4.0' in text
+    assert 'vllm:num_requests_waiting{model_name="llm"} 1.0' in text
+    assert 'vllm:kv_cache_usage_perc{model_name="llm"} 0.375' in text
+    assert 'vllm:gpu_cache_usage_perc{model_name="llm"} 0.375' in text
+    assert 'vllm:cache_config_info{block_size="16",enable_prefix_caching="True",model_name="llm",' \
+           'num_gpu_blocks="200"} 1.0' in text
+    lora = next(line for line in text.splitlines() if line.startswith("vllm:lora_requests_info{"))
+    assert 'max_lora="4"' in lora and 'running_lora_adapters="poet,sql"' in lora
+    assert 'waiting_lora_adapters="poet"' in lora

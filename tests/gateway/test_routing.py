@@ -6,7 +6,7 @@ from __future__ import annotations
 from pagedllm.gateway.config import RoutingConfig
 from pagedllm.gateway.replicas import Replica
 from pagedllm.gateway.routing import Prompt, Router, RouteReason
-from pagedllm.kv_events import CacheState, block_hashes
+from pagedllm.kv_events import CacheState, ReplicaLoad, block_hashes
 
 BLOCK = 16
 SYSTEM = list(range(1000, 1000 + 40 * BLOCK))  # a 640-token shared head
@@ -49,7 +49,7 @@ def test_the_replica_holding_the_prompts_head_is_chosen_over_an_idle_one():
 def test_load_outweighs_a_prefix_worth_less_than_the_requests_in_flight():
     a, b = replicas()
     holding(b, SYSTEM)
-    b.outstanding = 2  # 2 x 512 tokens of load against 640 cached
+    a.outstanding, b.outstanding = 1, 4  # b: 4 x 256 tokens of load, a: 1 x 256 and 640 to compute
     route = router().choose([a, b], "llm", prompt(SYSTEM + [1]), NOW)
     assert route.replica is a and route.reason is RouteReason.LOAD and route.cached_tokens == 0
 
@@ -137,3 +137,49 @@ def test_least_outstanding_policy_ignores_the_cache():
     b.outstanding = 1
     route = router(policy="least-outstanding").choose([a, b], "llm", prompt(SYSTEM), NOW)
     assert route.replica is a and route.reason is RouteReason.LEAST_OUTSTANDING
+
+
+def test_the_gateway_tokenizes_a_prompt_as_the_replica_will(tiny_model_dir):
+    """A chat with tools, through the gateway's plan and the client's fields, and the stub's own parsing and
+    tokenizing: the same ids, so the same block hashes. Text prompts too, and adapters are not matched."""
+    import asyncio
+
+    import numpy as np
+
+    from pagedllm.engine.tokenizer import load_tokenizer
+    from pagedllm.gateway.protocol import parse
+    from pagedllm.serving.request import parse_request
+    from pagedllm.serving.tokenization import tokenize_request
+    from pagedllm_client.protocol import request_fields
+
+    path = tiny_model_dir("llama-tied")
+    r = Router(RoutingConfig(tokenizers={"llm": str(path)}))
+    body = {"model": "llm", "messages": [{"role": "system", "content": "You help with the weather. " * 20},
+                                         {"role": "user", "content": "Rain in Oslo? <|im_end|> tell me"}],
+            "tools": [{"type": "function", "function": {"name": "forecast", "parameters": {
+                "type": "object", "properties": {"city": {"type": "string"}}}}}]}
+    plan = parse("chat", body)
+    tool_use = plan.tool_call.tool_use()
+    choice = plan.choices[0]
+    gateway = asyncio.run(r.prompt("llm", choice.prompt, choice.messages, tool_use))
+    fields = request_fields(None, choice.messages, {**tool_use.request_fields(), "max_tokens": 4})
+    inputs = {k: np.array([v] if isinstance(v, bool) else [v.encode()], dtype=None if isinstance(v, bool) else object)
+              for k, v in fields.items()}
+    replica = tokenize_request(load_tokenizer(path), parse_request(inputs))
+    assert gateway.token_ids == replica and len(replica) > 100
+    text = asyncio.run(r.prompt("llm", "Once upon a time", None))
+    assert text.token_ids == load_tokenizer(path).encode("Once upon a time")
+    assert asyncio.run(r.prompt("llm", "x", None, lora_name="sql")).token_ids is None
+    assert asyncio.run(r.prompt("other", "x", None)).token_ids is None
+
+
+def test_a_replica_whose_kv_cache_is_full_gets_no_request_for_its_prefix_while_another_has_room():
+    a, b = replicas()
+    holding(b, SYSTEM)
+    index = b.prefix_index("llm")
+    index.update(CacheState("e", index.held.seq + 1, BLOCK, False, [], [], ReplicaLoad(kv_cache_usage=0.97)))
+    route = router().choose([a, b], "llm", prompt(SYSTEM + [1]), NOW)
+    assert route.replica is a and route.reason is RouteReason.LOAD
+    full = ReplicaLoad(kv_cache_usage=0.99)
+    a.prefix_index("llm").update(CacheState("e", 9, BLOCK, False, [], [], full))
+    assert router().choose([a, b], "llm", prompt(SYSTEM + [1]), NOW).replica is b  # both full: the prefix decides

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 import urllib.request
@@ -192,6 +193,15 @@ def test_serve_with_openai_port_drains_streams_on_sigterm(tmp_path, tiny_model_d
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         positions = json.loads((model / "config.json").read_text())["max_position_embeddings"]
         assert client.models.list().data[0].model_extra["max_model_len"] == positions  # serve told the gateway
+        # the pod's Model Server Protocol (Gateway API Inference Extension): vLLM's names on the gateway's /metrics
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            scraped = r.read().decode()
+        for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+                     "vllm:gpu_cache_usage_perc"):
+            assert f'{name}{{model_name="llm"}} ' in scraped, name
+        assert re.search(r'^vllm:cache_config_info\{block_size="4",[^}]*model_name="llm"', scraped, re.M), scraped
+        log = serve.log_path.read_text()
+        assert "--tokenizer" not in log or "routed by load alone" not in log  # serve gave the gateway its tokenizer
         stream = client.completions.create(model="llm", prompt="Hello", max_tokens=150, stream=True,
                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         first = next(iter(stream))

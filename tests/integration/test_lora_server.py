@@ -71,7 +71,7 @@ def test_an_unknown_adapter_is_refused_naming_the_field(server, model):
     assert error is None and texts(out)  # the model serves on
 
 
-KEYS = {"admin": "sk-lora-admin-1", "user": "sk-lora-user-2"}
+KEYS = {"admin": "sk-lora-admin-1", "user": "sk-lora-user-2", "scraper": "sk-lora-metrics-3"}
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +79,8 @@ def gateway(server, tmp_path_factory):
     """A gateway with an admin key and a user key, serving llm_tiny's adapters by name as `pagedllm serve` passes
     them."""
     folder = tmp_path_factory.mktemp("lora-gateway")
-    keys = [{"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest(), "admin": name == "admin"}
-            for name, key in KEYS.items()]
+    keys = [{"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest(), "admin": name == "admin",
+             "metrics": name == "scraper"} for name, key in KEYS.items()]
     (folder / "keys.json").write_text(json.dumps({"keys": keys}))
     adapters = [arg for name in TINY_ADAPTERS for arg in ("--lora-adapter", f"{name}=llm_tiny")]
     gw = GatewayProcess([server.grpc_url], folder / "gateway.log", folder / "keys.json", *adapters).wait_ready()
@@ -105,6 +105,31 @@ def test_the_gateway_serves_each_adapter_as_a_model_of_its_own(server, gateway):
     scrape = requests.get(f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {KEYS['admin']}"},
                           timeout=10)
     assert scrape.status_code == 403  # not a scrape key: the count itself is checked in the gateway's unit tests
+
+
+def test_the_adapters_in_use_are_published_as_vllm_lora_requests_info(server, gateway):
+    """The Model Server Protocol's LoRA metric, on the gateway beside the server: an endpoint picker's LoRA
+    affinity reads which adapters run and how many slots there are."""
+    stop = threading.Event()
+
+    def traffic() -> None:  # sql requests back to back, so one is running whenever the gateway polls
+        while not stop.is_set():
+            stream(server.grpc_url, "llm_tiny", {"text_input": PROMPT, "sampling_parameters": {
+                "temperature": 0.0, "max_tokens": 200, "ignore_eos": True, "lora_name": "sql"}})
+
+    def lora_line() -> str:
+        scrape = requests.get(f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {KEYS['scraper']}"},
+                              timeout=10)
+        return next((line for line in scrape.text.splitlines() if line.startswith("vllm:lora_requests_info{")), "")
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        assert wait_for(lambda: 'running_lora_adapters="sql"' in lora_line(), 30), lora_line()
+        assert 'max_lora="2"' in lora_line() and 'model_name="llm_tiny"' in lora_line()
+    finally:
+        stop.set()
+        thread.join()
 
 
 def control(server, model: str, **fields) -> str | None:

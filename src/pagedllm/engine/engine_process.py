@@ -81,8 +81,9 @@ class EngineProcess:
     def cache_state(self, epoch: str | None, since: int) -> CacheState:
         """The prefix blocks the engine holds, as changes since (epoch, since) or whole (kv_events.py)."""
         stats = self.stats
-        return self.blocks.answer(epoch, since, ReplicaLoad(stats.num_running, stats.num_waiting,
-                                                            stats.kv_cache_usage, stats.num_blocks))
+        return self.blocks.answer(epoch, since, ReplicaLoad(
+            stats.num_running, stats.num_waiting, stats.kv_cache_usage, stats.num_blocks,
+            self.config.max_loras if self.config.enable_lora else 0, stats.running_adapters, stats.waiting_adapters))
 
     def abort(self, request_id: str) -> None:
         with self._lock:

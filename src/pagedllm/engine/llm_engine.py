@@ -227,9 +227,15 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         bm = self.block_manager
         spec = self.speculator
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.usage, bm.num_free_blocks,
+        running, waiting = self.scheduler.running, self.scheduler.waiting
+        return EngineStats(len(running), len(waiting), bm.usage, bm.num_free_blocks,
                            bm.num_blocks, bm.prefix_queries, bm.prefix_hits, self.num_preemptions,
-                           spec.num_draft_tokens if spec else 0, spec.num_accepted_tokens if spec else 0)
+                           spec.num_draft_tokens if spec else 0, spec.num_accepted_tokens if spec else 0,
+                           *((_adapters(running), _adapters(waiting)) if self.lora else ()))
+
+
+def _adapters(sequences: Any) -> tuple[str, ...]:
+    return tuple(sorted({s.lora_name for s in sequences if s.lora_name}))
 
 
 def _eos_ids(config: ModelConfig, tokenizer: Any) -> list[int]:

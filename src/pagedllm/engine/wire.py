@@ -44,6 +44,8 @@ class EngineStats:
     num_preemptions: int
     num_draft_tokens: int = 0  # speculative decoding: drafts proposed, and of those, kept
     num_accepted_tokens: int = 0
+    running_adapters: tuple[str, ...] = ()  # the LoRA adapters of the running sequences, and of the waiting ones
+    waiting_adapters: tuple[str, ...] = ()
 
 
 # ---- serving process -> engine process ----------------------------------------------------------------------

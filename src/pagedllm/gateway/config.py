@@ -20,11 +20,13 @@ class RoutingConfig:
     tokenizers: dict[str, str] = field(default_factory=dict)  # Triton model -> its tokenizer (folder or hub id)
     poll_interval: float = 0.5  # how often each replica is asked which blocks changed (and its load)
     min_prefix_tokens: int = 64  # less of the prompt cached anywhere: routed by load alone
-    # a cached token saves its prefill; a request already in flight on the replica costs this many of them
-    load_cost_tokens: int = 512
+    # a cached token saves its prefill; a request already in flight on the replica costs this many of them (one thread
+    # of this project's CPUs: a 1,500-token prefill takes 4-5 s, a 16-token answer about 0.6 s, perf/bench_routing.py)
+    load_cost_tokens: int = 256
     # a replica is never given a request while it has more than ratio x the least loaded one's, plus slack
     imbalance_ratio: float = 2.0
     imbalance_slack: int = 2
+    kv_full: float = 0.95  # nor while its engine reports its KV cache this full and another has room
     pending_seconds: float = 60.0  # a prompt just sent counts as cached there this long (until its engine says)
 
     def __post_init__(self) -> None:

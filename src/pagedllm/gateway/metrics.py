@@ -1,6 +1,13 @@
 """The gateway's Prometheus metrics, as its clients see the service: requests, tokens, latencies,
-rejections, and each replica's health and load. Served on the gateway's own GET /metrics."""
+rejections, routing, and each replica's health and load. Served on the gateway's own GET /metrics.
+
+Beside them, the engines' own queues and cache under vLLM's names and meaning (summed over the replicas that
+report them, per model): the Model Server Protocol that the Gateway API Inference Extension's endpoint picker
+schedules by, so a pod running `pagedllm serve --openai-port` can sit in an InferencePool
+(deploy/k8s/inference-extension/)."""
 from __future__ import annotations
+
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -38,9 +45,50 @@ class GatewayMetrics:
                                ["replica"], registry=r)
         self.healthy = Gauge("pagedllm_gateway_replica_healthy", "1 when the replica passed its last health "
                              "check", ["replica"], registry=r)
+        self.engine = EngineGauges(r)
 
     def render(self) -> bytes:
         for replica in self.pool.replicas:  # read at scrape time: always current, nothing to keep in step
             self.in_flight.labels(replica.url).set(replica.outstanding)
             self.healthy.labels(replica.url).set(1 if replica.healthy else 0)
+        self.engine.update(self.pool)
         return generate_latest(self.registry)
+
+
+class EngineGauges:
+    """vLLM's metrics, from the loads the replicas report with their prefix caches (routing.py polls them)."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        label = ["model_name"]
+        self.running = Gauge("vllm:num_requests_running", "Requests running in the engines", label, registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting in the engines", label, registry=r)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV cache usage, 1 is full (mean over replicas)", label,
+                              registry=r)
+        self.gpu_kv_usage = Gauge("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc's older name", label,
+                                  registry=r)
+        self.cache_config = Gauge("vllm:cache_config_info", "The KV cache's configuration", [
+            "model_name", "block_size", "num_gpu_blocks", "enable_prefix_caching"], registry=r)
+        self.lora = Gauge("vllm:lora_requests_info", "LoRA adapters in use; the value is when it was read", [
+            "model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
+
+    def update(self, pool: ReplicaPool) -> None:
+        self.cache_config.clear()
+        self.lora.clear()
+        for model in pool.names:
+            indexes = [r.prefix_index(model) for r in pool.replicas if r.serves(model)]
+            loads = [i.held.load for i in indexes if i.reporting]
+            if not loads:
+                continue
+            self.running.labels(model).set(sum(load.num_running for load in loads))
+            self.waiting.labels(model).set(sum(load.num_waiting for load in loads))
+            usage = sum(load.kv_cache_usage for load in loads) / len(loads)
+            self.kv_usage.labels(model).set(usage)
+            self.gpu_kv_usage.labels(model).set(usage)
+            block_size = next(i.held.block_size for i in indexes if i.reporting)
+            self.cache_config.labels(model, str(block_size), str(sum(load.num_blocks for load in loads)),
+                                     "True").set(1)
+            if any(load.max_loras for load in loads):
+                running = sorted({a for load in loads for a in load.running_adapters})
+                waiting = sorted({a for load in loads for a in load.waiting_adapters})
+                self.lora.labels(model, str(max(load.max_loras for load in loads)), ",".join(running),
+                                 ",".join(waiting)).set(time.time())

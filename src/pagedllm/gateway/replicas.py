@@ -178,6 +178,7 @@ class ReplicaPool:
 
     async def start(self) -> None:
         await self.check_all()
+        await self.router.load_tokenizers()
         await self.router.poll(self.replicas, self.names)
         self._tasks = [asyncio.create_task(self._checks()), asyncio.create_task(self._polls())]
 

@@ -10,7 +10,8 @@ burst of requests sharing a new system prompt follows the first one instead of c
 
 The choice, among the healthy replicas that serve the model:
 1. A replica with more than `imbalance_ratio` x the least loaded one's outstanding requests, plus
-   `imbalance_slack`, is not a candidate: prefix hits never pile requests onto one replica.
+   `imbalance_slack`, is not a candidate: prefix hits never pile requests onto one replica. Nor is one whose
+   engine reports its KV cache `kv_full` while another's has room (a new request there would wait or preempt).
 2. If no candidate holds `min_prefix_tokens` of the prompt, or the prompt cannot be hashed (no tokenizer for the
    model, a LoRA adapter's request, a replica that does not report blocks), the least loaded one is chosen.
 3. Otherwise the one with the lowest cost: the prompt tokens it would have to compute, plus `load_cost_tokens`
@@ -140,6 +141,12 @@ class Router:
         self.cache_aware = config.policy == "cache-aware"
         self._turn = 0
 
+    async def load_tokenizers(self) -> None:
+        """At start: loading one takes seconds (transformers' import), which no request should wait for."""
+        if self.cache_aware:
+            for model in self.config.tokenizers:
+                await asyncio.to_thread(self.tokenizers.get, model)
+
     async def prompt(self, model: str, prompt: str | None, messages: list[dict[str, Any]] | None,
                      tool_use: Any = None, lora_name: str | None = None, affinity: str | None = None) -> Prompt:
         """The prompt's token ids, tokenized off the event loop (a long chat takes milliseconds)."""
@@ -161,7 +168,8 @@ class Router:
             return Route(self._tie(candidates, fewest, prompt), RouteReason.NO_INDEX)
         matched = {id(r): i.matched(hashes, now) * block_size if i.reporting and i.held.block_size == block_size
                    else 0 for r, i in zip(candidates, indexes)}
-        eligible = [r for r in candidates if r.outstanding <= bound]
+        within = [(r, i) for r, i in zip(candidates, indexes) if r.outstanding <= bound]
+        eligible = [r for r, i in within if i.held.load.kv_cache_usage < self.config.kv_full] or [r for r, _ in within]
         best_anywhere = max(matched.values())
         if best_anywhere < self.config.min_prefix_tokens:
             route = Route(self._tie(candidates, fewest, prompt), RouteReason.CACHE_MISS)
