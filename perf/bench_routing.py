@@ -4,7 +4,7 @@ thread each, behind two gateways (one per policy) that take turns on the same wo
     python -m perf.bench_routing            # 2 alternating rounds of every workload; writes RESULTS.md
     python -m perf.bench_routing --quick    # a smoke run; does not touch RESULTS.md
 
-Each replica's KV cache (--kv-cache-memory, 160 MiB) holds about four and a half of the tenants' system prompts:
+Each replica's KV cache (--kv-cache-mib, 256 MiB) holds about seven of the eight tenants' system prompts:
 together the two hold them all, apart neither does, which is where a router earns its keep.
 
 Workloads (greedy, ignore_eos; every round uses prompts of its own, so no run finds another's blocks cached):
@@ -302,9 +302,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--kv-cache-mib", type=int, default=160, help="each replica's kv_cache_memory")
+    ap.add_argument("--kv-cache-mib", type=int, default=256, help="each replica's kv_cache_memory")
     ap.add_argument("--tenants", type=int, default=8)
-    ap.add_argument("--per-tenant", type=int, default=40)
+    ap.add_argument("--per-tenant", type=int, default=30)
     ap.add_argument("--system-tokens", type=int, default=1500)
     ap.add_argument("--rate", type=float, default=2.0, help="tenants workload: requests/s, Poisson")
     ap.add_argument("--max-tokens", type=int, default=16)

@@ -54,3 +54,15 @@ def test_metrics_turn_engine_counters_into_increments():
     m.on_stats(EngineStats(1, 0, 0.5, 15, 20, prefix_cache_queries=130, prefix_cache_hits=70, num_preemptions=1))
     m.flush()
     assert get("pagedllm_kv_cache_usage_ratio").sets == 2 and get("pagedllm_num_requests_running").sets == 1
+
+
+def test_failures_are_counted_by_code_and_every_code_exists_from_the_start():
+    m = ServingMetrics(_Family, "llm2", "1")
+    labels = (("model", "llm2"), ("version", "1"))
+    get = lambda code: _Family.created[("pagedllm_request_failure_total",  # noqa: E731
+                                        tuple(sorted(labels + (("code", code),))))]
+    assert {get(code).value for code in ("invalid_argument", "overloaded", "engine_unavailable", "internal")} == {0}
+    m.on_failure("overloaded")
+    m.on_failure("overloaded")
+    m.flush()
+    assert get("overloaded").value == 2 and get("internal").value == 0

@@ -51,13 +51,16 @@ class FakeSender:
 
 class Recorder:
     def __init__(self):
-        self.tokens, self.finished, self.flushes = [], [], 0
+        self.tokens, self.finished, self.failed, self.flushes = [], [], [], 0
 
     def on_tokens(self, count, first, gap):
         self.tokens.append(count)
 
     def on_finish(self, reason, num_prompt_tokens, e2e, queue_time):
         self.finished.append(reason)
+
+    def on_failure(self, code):
+        self.failed.append(code)
 
     def flush(self):
         self.flushes += 1
@@ -146,6 +149,7 @@ def test_an_error_delta_is_the_final_response(book):
     book.deliver(RequestDelta.failure("a", died))
     book.run_once()
     assert sender.sent == [(("error", "engine died: killed; retry the request", "engine_unavailable"), FINAL)]
+    assert book.metrics.failed == ["engine_unavailable"] and book.metrics.finished == []  # counted by its code
 
 
 @pytest.mark.parametrize("fault", ["building", "sending"])
@@ -204,7 +208,7 @@ def test_the_llm_model_answers_every_request_it_cannot_accept(error, code):
     assert len(sender.sent) == 1 and sender.sent[0][1] == FINAL and sender.sent[0][0][2] == code
     assert ("surprise" in sender.sent[0][0][1]) is False  # the server's own words stay in its log
     assert (str(error) in sender.sent[0][0][1]) == (code != "internal")
-    assert len(model.streams) == 0
+    assert len(model.streams) == 0 and model.streams.metrics.failed == [code]
 
 
 def test_an_internal_error_reaches_the_client_as_the_request_id_only(book, caplog):

@@ -8,6 +8,7 @@ import threading
 from typing import Any
 
 from pagedllm.engine.wire import EngineStats
+from pagedllm.errors import ErrorCode
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0]
 
@@ -23,6 +24,7 @@ COUNTERS = {
     "pagedllm_prefix_cache_queries_total": "Prompt tokens looked up in the prefix cache",
     "pagedllm_prefix_cache_hits_total": "Prompt tokens found in the prefix cache",
     "pagedllm_request_success_total": "Requests finished, by finish reason",
+    "pagedllm_request_failure_total": "Requests that ended with an error (refused, or failed in the engine), by code",
     "pagedllm_preemptions_total": "Requests preempted for KV blocks",
     "pagedllm_engine_restarts_total": "Engine process restarts, after it died or hung",
     "pagedllm_spec_decode_num_draft_tokens_total": "Speculative draft tokens proposed",
@@ -49,10 +51,13 @@ class ServingMetrics:
         histograms = {n: self._family(metric_family, n, d, metric_family.HISTOGRAM) for n, d in HISTOGRAMS.items()}
         self.hist = {n: f.Metric(labels=self.labels, buckets=LATENCY_BUCKETS) for n, f in histograms.items()}
         counters = {n: self._family(metric_family, n, d, metric_family.COUNTER) for n, d in COUNTERS.items()}
-        self.counters = {n: f.Metric(labels=self.labels) for n, f in counters.items()
-                         if n != "pagedllm_request_success_total"}
+        labelled = ("pagedllm_request_success_total", "pagedllm_request_failure_total")
+        self.counters = {n: f.Metric(labels=self.labels) for n, f in counters.items() if n not in labelled}
         self._success_family = counters["pagedllm_request_success_total"]
         self._success: dict[str, Any] = {}
+        # every code from the start: an error rate's denominator and numerator both exist before the first error
+        self._failure = {code.value: counters["pagedllm_request_failure_total"].Metric(
+            labels={**self.labels, "code": code.value}) for code in ErrorCode}
         gauges = {n: self._family(metric_family, n, d, metric_family.GAUGE) for n, d in GAUGES.items()}
         self.gauges = {n: f.Metric(labels=self.labels) for n, f in gauges.items()}
         self._last_stats: EngineStats | None = None  # as last reported
@@ -60,6 +65,7 @@ class ServingMetrics:
         self._generated = 0
         self._observations: list[tuple[str, float]] = []
         self._finished: list[tuple[str, int]] = []
+        self._failed: list[str] = []
         self._restarts = 0
         self._last_step: float | None = None
         self._reported_step: float | None = None
@@ -98,11 +104,17 @@ class ServingMetrics:
             if queue_time is not None:
                 self._observations.append(("pagedllm_request_queue_time_seconds", queue_time))
 
+    def on_failure(self, code: str) -> None:
+        """A request's final response is an error: counted by its code, not as finished."""
+        with self._lock:
+            self._failed.append(code)
+
     def flush(self) -> None:
         with self._lock:
             generated, self._generated = self._generated, 0
             observations, self._observations = self._observations, []
             finished, self._finished = self._finished, []
+            failed, self._failed = self._failed, []
             restarts, self._restarts = self._restarts, 0
         if restarts:
             self.counters["pagedllm_engine_restarts_total"].increment(restarts)
@@ -118,6 +130,8 @@ class ServingMetrics:
             self.counters["pagedllm_prompt_tokens_total"].increment(prompt_tokens)
         for reason, _ in finished:
             self._success_metric(reason).increment(1)
+        for code in failed:
+            self._failure[code].increment(1)
         self._report_stats()
 
     def _report_stats(self) -> None:

@@ -74,6 +74,7 @@ class Streams:
     def refuse(self, request_id: str, sender: Any, error: RequestError) -> None:
         """The request's one and final response is an error (it never reached the engine)."""
         self._forget(request_id)
+        self.metrics.on_failure(error.code)
         try:
             sender.send(self.responses.error(for_client(request_id, error)), flags=self.responses.final_flag)
         except Exception:
@@ -202,7 +203,9 @@ class Streams:
             gap = now - stream.last_token_time if stream.last_token_time is not None else None
             stream.last_token_time = now
             self.metrics.on_tokens(count, first, gap / count if gap is not None else None)
-        if delta.finished:
+        if delta.finished and delta.error is not None:
+            self.metrics.on_failure(delta.error.code)
+        elif delta.finished:
             self.metrics.on_finish(delta.finish_reason or FinishReason.ABORT, delta.num_prompt_tokens,
                                    now - stream.arrival, delta.queue_time)
 
