@@ -58,10 +58,10 @@ def test_a_replica_over_the_imbalance_bound_is_never_given_the_request():
     a, b = replicas()
     holding(b, SYSTEM * 8)  # a prefix worth far more than its load
     long = SYSTEM * 8 + [1]
-    b.outstanding = 4
-    a.outstanding = 1  # bound: 2 x 1 + 2 = 4
+    b.outstanding = 6
+    a.outstanding = 1  # bound: 2 x 1 + 4 = 6
     assert router().choose([a, b], "llm", prompt(long), NOW).replica is b
-    b.outstanding = 5
+    b.outstanding = 7
     route = router().choose([a, b], "llm", prompt(long), NOW)
     assert route.replica is a and route.reason is RouteReason.LOAD
 

@@ -23,9 +23,11 @@ class RoutingConfig:
     # a cached token saves its prefill; a request already in flight on the replica costs this many of them (one thread
     # of this project's CPUs: a 1,500-token prefill takes 4-5 s, a 16-token answer about 0.6 s, perf/bench_routing.py)
     load_cost_tokens: int = 256
-    # a replica is never given a request while it has more than ratio x the least loaded one's, plus slack
+    # a replica is never given a request while it has more than ratio x the least loaded one's, plus slack (on one
+    # thread a prefix miss stalls a replica for seconds: a slack of 2 sent a tenant's prompt elsewhere cold in 6 of
+    # 240 requests, and the stalls behind those set the p90, perf/bench_routing.py)
     imbalance_ratio: float = 2.0
-    imbalance_slack: int = 2
+    imbalance_slack: int = 4
     kv_full: float = 0.95  # nor while its engine reports its KV cache this full and another has room
     pending_seconds: float = 60.0  # a prompt just sent counts as cached there this long (until its engine says)
 
