@@ -24,7 +24,6 @@ from pagedllm.launcher import free_port
 from pagedllm.serving.repository import write_llm
 from tests.integration.conftest import (
     GatewayProcess,
-    metric,
     show_log_on_failure,
     start_server,
     stream,
@@ -125,7 +124,22 @@ def test_streams_through_nginx_arrive_as_they_are_generated(nginx_stack):
 
 def test_concurrent_streams_split_across_both_replicas(nginx_stack):
     replicas = nginx_stack["replicas"]
-    before = [metric(r, "nv_inference_request_success", model="llm_tiny") for r in replicas]
+    def finished(server) -> float:
+        """llm_tiny's requests that ended at max_tokens, by pagedllm's count (Triton's nv_inference_request_success
+        counts the gateway's cache_state polls too; earlier tests' cancelled streams end as "abort")."""
+        with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
+            body = r.read().decode()
+        found = re.findall(r'^pagedllm_request_success_total\{(?=[^}]*finish_reason="length")(?=[^}]*model="llm_tiny")'
+                           r'[^}]*\} (\S+)$', body, re.M)
+        return sum(float(v) for v in found)
+    def idle(server) -> bool:
+        with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
+            body = r.read().decode()
+        return all(float(v) == 0 for v in re.findall(r'^pagedllm_num_requests_(?:running|waiting)\{(?=[^}]*model='
+                                                       r'"llm_tiny")[^}]*\} (\S+)$', body, re.M))
+    assert wait_for(lambda: all(idle(r) for r in replicas), 60)  # an earlier test's streams have ended
+    time.sleep(0.2)  # and their last counts are flushed (every 50 ms)
+    before = [finished(r) for r in replicas]
     errors: list = []
 
     def one() -> None:
@@ -136,8 +150,9 @@ def test_concurrent_streams_split_across_both_replicas(nginx_stack):
     for t in threads:
         t.join(timeout=180)
     assert errors == [None] * 6
-    served = [metric(r, "nv_inference_request_success", model="llm_tiny") - b for r, b in zip(replicas, before)]
-    assert sum(served) == 6 and min(served) >= 2, served
+    def served() -> list[float]:
+        return [finished(r) - b for r, b in zip(replicas, before)]
+    assert wait_for(lambda: sum(served()) == 6, 5) and min(served()) >= 2, served()
 
 
 def test_nginx_passes_triton_s_inference_paths_only(nginx_stack):
