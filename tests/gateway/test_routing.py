@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pagedllm.gateway.config import RoutingConfig
 from pagedllm.gateway.replicas import Replica
-from pagedllm.gateway.routing import Prompt, Router, RouteReason
+from pagedllm.gateway.routing import Prompt, Router, RoutingReason
 from pagedllm.kv_events import CacheState, ReplicaLoad, block_hashes
 
 BLOCK = 16
@@ -43,7 +43,7 @@ def test_the_replica_holding_the_prompts_head_is_chosen_over_an_idle_one():
     holding(b, SYSTEM)
     b.outstanding = 1
     route = router().choose([a, b], "llm", prompt(SYSTEM + [1, 2, 3]), NOW)
-    assert route.replica is b and route.reason is RouteReason.CACHE_HIT and route.cached_tokens == len(SYSTEM)
+    assert route.replica is b and route.reason is RoutingReason.CACHE_HIT and route.cached_tokens == len(SYSTEM)
 
 
 def test_load_outweighs_a_prefix_worth_less_than_the_requests_in_flight():
@@ -51,7 +51,7 @@ def test_load_outweighs_a_prefix_worth_less_than_the_requests_in_flight():
     holding(b, SYSTEM)
     a.outstanding, b.outstanding = 1, 4  # b: 4 x 256 tokens of load, a: 1 x 256 and 640 to compute
     route = router().choose([a, b], "llm", prompt(SYSTEM + [1]), NOW)
-    assert route.replica is a and route.reason is RouteReason.LOAD and route.cached_tokens == 0
+    assert route.replica is a and route.reason is RoutingReason.LOAD and route.cached_tokens == 0
 
 
 def test_a_replica_over_the_imbalance_bound_is_never_given_the_request():
@@ -63,7 +63,7 @@ def test_a_replica_over_the_imbalance_bound_is_never_given_the_request():
     assert router().choose([a, b], "llm", prompt(long), NOW).replica is b
     b.outstanding = 7
     route = router().choose([a, b], "llm", prompt(long), NOW)
-    assert route.replica is a and route.reason is RouteReason.LOAD
+    assert route.replica is a and route.reason is RoutingReason.LOAD
 
 
 def test_below_the_prefix_threshold_the_least_loaded_replica_is_chosen():
@@ -71,7 +71,7 @@ def test_below_the_prefix_threshold_the_least_loaded_replica_is_chosen():
     holding(b, SYSTEM[:3 * BLOCK])  # 48 tokens < 64
     b.outstanding = 1
     route = router().choose([a, b], "llm", prompt(SYSTEM), NOW)
-    assert route.replica is a and route.reason is RouteReason.CACHE_MISS
+    assert route.replica is a and route.reason is RoutingReason.CACHE_MISS
 
 
 def test_ties_go_to_the_users_replica_or_else_in_turn():
@@ -90,11 +90,11 @@ def test_a_prompt_just_sent_counts_as_cached_there_until_its_time_runs_out():
     a, b = replicas()
     r = router(pending_seconds=60.0)
     first = r.choose([a, b], "llm", prompt(SYSTEM + [1]), NOW)
-    assert first.reason is RouteReason.CACHE_MISS
+    assert first.reason is RoutingReason.CACHE_MISS
     follower = r.choose([a, b], "llm", prompt(SYSTEM + [2]), NOW + 1)
-    assert follower.replica is first.replica and follower.reason is RouteReason.CACHE_HIT
+    assert follower.replica is first.replica and follower.reason is RoutingReason.CACHE_HIT
     later = r.choose([a, b], "llm", prompt(SYSTEM + [3]), NOW + 120)
-    assert later.reason is RouteReason.CACHE_MISS
+    assert later.reason is RoutingReason.CACHE_MISS
 
 
 def test_a_restarted_engine_forgets_what_it_held_and_what_was_sent_to_it():
@@ -105,7 +105,7 @@ def test_a_restarted_engine_forgets_what_it_held_and_what_was_sent_to_it():
     report(b, [], epoch="after-restart")
     assert b.prefix_index("llm").held.hashes == set() and not b.prefix_index("llm").pending
     route = r.choose([a, b], "llm", prompt(SYSTEM + [4]), NOW)
-    assert route.reason is RouteReason.CACHE_MISS
+    assert route.reason is RoutingReason.CACHE_MISS
 
 
 def test_evicted_blocks_no_longer_attract_requests():
@@ -116,7 +116,7 @@ def test_evicted_blocks_no_longer_attract_requests():
     route = router().choose([a, b], "llm", prompt(SYSTEM + [1]), NOW)
     assert route.replica is b and route.cached_tokens == 10 * BLOCK
     report(b, [], evicted=hashes, reset=False)
-    assert router().choose([a, b], "llm", prompt(SYSTEM + [1]), NOW).reason is RouteReason.CACHE_MISS
+    assert router().choose([a, b], "llm", prompt(SYSTEM + [1]), NOW).reason is RoutingReason.CACHE_MISS
 
 
 def test_a_replica_without_reports_is_routed_by_load_and_unmatchable_prompts_too():
@@ -126,9 +126,9 @@ def test_a_replica_without_reports_is_routed_by_load_and_unmatchable_prompts_too
     assert router().choose([a, b], "llm", prompt(SYSTEM), NOW).replica is b  # b still reports
     b.prefix_index("llm").reporting = False
     route = router().choose([a, b], "llm", prompt(SYSTEM), NOW)
-    assert route.reason is RouteReason.NO_INDEX
+    assert route.reason is RoutingReason.NO_INDEX
     a.prefix_index("llm").reporting = True
-    assert router().choose([a, b], "llm", Prompt(None), NOW).reason is RouteReason.NO_INDEX
+    assert router().choose([a, b], "llm", Prompt(None), NOW).reason is RoutingReason.NO_INDEX
 
 
 def test_least_outstanding_policy_ignores_the_cache():
@@ -136,7 +136,7 @@ def test_least_outstanding_policy_ignores_the_cache():
     holding(b, SYSTEM)
     b.outstanding = 1
     route = router(policy="least-outstanding").choose([a, b], "llm", prompt(SYSTEM), NOW)
-    assert route.replica is a and route.reason is RouteReason.LEAST_OUTSTANDING
+    assert route.replica is a and route.reason is RoutingReason.LEAST_OUTSTANDING
 
 
 def test_the_gateway_tokenizes_a_prompt_as_the_replica_will(tiny_model_dir):
@@ -179,7 +179,7 @@ def test_a_replica_whose_kv_cache_is_full_gets_no_request_for_its_prefix_while_a
     index = b.prefix_index("llm")
     index.update(CacheState("e", index.held.seq + 1, BLOCK, False, [], [], ReplicaLoad(kv_cache_usage=0.97)))
     route = router().choose([a, b], "llm", prompt(SYSTEM + [1]), NOW)
-    assert route.replica is a and route.reason is RouteReason.LOAD
+    assert route.replica is a and route.reason is RoutingReason.LOAD
     full = ReplicaLoad(kv_cache_usage=0.99)
     a.prefix_index("llm").update(CacheState("e", 9, BLOCK, False, [], [], full))
     assert router().choose([a, b], "llm", prompt(SYSTEM + [1]), NOW).replica is b  # both full: the prefix decides

@@ -135,11 +135,11 @@ def test_requests_sharing_a_prompts_head_go_to_the_replica_that_caches_it(replic
         records = gateway.records()[-8:]
         for tenant, own in (("A", records[0::2]), ("B", records[1::2])):
             assert len({r["replica"] for r in own}) == 1, (tenant, own)
-            assert own[0]["route"]["reason"] == "cache_miss"
-            assert all(r["route"]["reason"] == "cache_hit" and r["route"]["cached_tokens"] >= 100 for r in own[1:])
+            assert own[0]["routing"]["reason"] == "cache_miss"
+            assert all(r["routing"]["reason"] == "cache_hit" and r["routing"]["cached_tokens"] >= 100 for r in own[1:])
         home = records[0]["replica"]
-        cached = sum(r["route"]["cached_tokens"] for r in records if r["replica"] == home) - \
-            records[0]["route"]["cached_tokens"]
+        cached = sum(r["routing"]["cached_tokens"] for r in records if r["replica"] == home) - \
+            records[0]["routing"]["cached_tokens"]
         assert wait_for(lambda: hits()[home] - before[home] >= cached - 4 * 4, 10), (hits(), before, cached)
 
         server = by_url[home]
@@ -149,7 +149,7 @@ def test_requests_sharing_a_prompts_head_go_to_the_replica_that_caches_it(replic
         assert wait_for(lambda: answers_200(f"http://{server.http_url}/v2/models/llm_tiny/ready"), 60)
         time.sleep(2.0)  # the engine's first answers, and a poll
         client.completions.create(model="llm_tiny", prompt=f"{heads['A']} Question after?", max_tokens=2)
-        assert gateway.records()[-1]["route"]["reason"] == "cache_miss"
+        assert gateway.records()[-1]["routing"]["reason"] == "cache_miss"
         client.close()
     finally:
         gateway.stop()

@@ -24,7 +24,7 @@ class RequestRecord:
     model: str | None = None
     adapter: str | None = None  # the LoRA adapter it ran with
     replica: str | None = None
-    route: dict | None = None  # why that replica: routing.py's reason, and how much of the prompt it held
+    routing: dict | None = None  # why that replica: routing.py's reason, and how much of the prompt it held
     status: int = 200
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -90,7 +90,7 @@ class Gateway:
             raise UpstreamError("the server ended the stream without a response") from None
         finally:
             record.replica = ",".join(dict.fromkeys(generation.replicas)) or None
-            record.route = generation.routes[0].log() if generation.routes else None
+            record.routing = generation.routes[0].log() if generation.routes else None
 
     async def _collect(self, answer: Answer, events: AsyncIterator[Event], record: RequestRecord,
                        request: Request) -> bool:

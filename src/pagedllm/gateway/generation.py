@@ -11,7 +11,7 @@ from pagedllm.gateway.errors import OVERLOAD_RETRY_SECONDS, GatewayError, Servic
 from pagedllm.gateway.metrics import GatewayMetrics
 from pagedllm.gateway.protocol import Choice, Plan
 from pagedllm.gateway.replicas import Replica, ReplicaPool
-from pagedllm.gateway.routing import Prompt, Route
+from pagedllm.gateway.routing import Prompt, RoutingDecision
 from pagedllm_client import Chunk, ClientError, Overloaded
 
 Event = tuple[int, Chunk]
@@ -24,7 +24,7 @@ class Generation:
         self.pool, self.plan, self.model, self.metrics = pool, plan, model, metrics
         self.lora_name, self.affinity = lora_name, affinity if affinity is not None else plan.user
         self.adapter = {"lora_name": lora_name} if lora_name else {}  # sampling_parameters.lora_name
-        self.routes: list[Route] = []  # where each attempt went and why, for the request log
+        self.routes: list[RoutingDecision] = []  # where each attempt went and why, for the request log
         self._prompts: dict[tuple[str | None, int], Prompt] = {}  # the n choices of a prompt share its tokens
 
     @property

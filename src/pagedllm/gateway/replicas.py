@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pagedllm.gateway.config import GatewayConfig, RoutingConfig
-from pagedllm.gateway.routing import PrefixIndex, Prompt, Route, Router
+from pagedllm.gateway.routing import PrefixIndex, Prompt, Router, RoutingDecision
 from pagedllm_client import AsyncClient
 from pagedllm_client.errors import EngineUnavailable
 
@@ -195,7 +195,7 @@ class ReplicaPool:
     def models(self) -> set[str]:
         return set().union(*(r.models for r in self.replicas if r.healthy))
 
-    def pick(self, model: str, prompt: Prompt | None = None, exclude: Replica | None = None) -> Route | None:
+    def pick(self, model: str, prompt: Prompt | None = None, exclude: Replica | None = None) -> RoutingDecision | None:
         """The replica for a request of `model` (None: no healthy replica serves it), and why."""
         candidates = [r for r in self.replicas if r.serves(model) and r is not exclude]
         if not candidates:

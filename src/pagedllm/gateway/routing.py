@@ -17,7 +17,7 @@ The choice, among the healthy replicas that serve the model:
 3. Otherwise the one with the lowest cost: the prompt tokens it would have to compute, plus `load_cost_tokens`
    for each request in flight there.
 Ties go to the replica the request's `user` (or `x-session-id` header) hashes to, else in turn. The reason is
-the request's log line's `route` and the `pagedllm_gateway_routes` metric's label."""
+the request's log line's `routing` and the `pagedllm_gateway_routes` metric's label."""
 from __future__ import annotations
 
 import asyncio
@@ -41,7 +41,7 @@ logger = logging.getLogger("pagedllm.gateway")
 RETRY_REPORTING_SECONDS = 30.0  # a replica that did not answer cache_state is asked again after this long
 
 
-class RouteReason(enum.StrEnum):
+class RoutingReason(enum.StrEnum):
     CACHE_HIT = "cache_hit"  # the chosen replica holds at least min_prefix_tokens of the prompt
     CACHE_MISS = "cache_miss"  # no candidate held that much: the least loaded one
     LOAD = "load"  # a replica held the prefix, but its load sent the request elsewhere
@@ -50,9 +50,9 @@ class RouteReason(enum.StrEnum):
 
 
 @dataclass(frozen=True)
-class Route:
+class RoutingDecision:
     replica: Replica
-    reason: RouteReason
+    reason: RoutingReason
     cached_tokens: int = 0  # of the prompt, held on the chosen replica (or sent there just before)
 
     def log(self) -> dict[str, Any]:
@@ -155,24 +155,25 @@ class Router:
         ids = await asyncio.to_thread(self.tokenizers.prompt_ids, model, prompt, messages, tool_use)
         return Prompt(ids, affinity)
 
-    def choose(self, candidates: list[Replica], model: str, prompt: Prompt, now: float | None = None) -> Route:
+    def choose(self, candidates: list[Replica], model: str, prompt: Prompt,
+               now: float | None = None) -> RoutingDecision:
         now = time.monotonic() if now is None else now
         fewest = min(r.outstanding for r in candidates)
         if not self.cache_aware:
-            return Route(self._tie(candidates, fewest, prompt), RouteReason.LEAST_OUTSTANDING)
+            return RoutingDecision(self._tie(candidates, fewest, prompt), RoutingReason.LEAST_OUTSTANDING)
         bound = self.config.imbalance_ratio * fewest + self.config.imbalance_slack
         indexes = [r.prefix_index(model) for r in candidates]
         block_size = next((i.held.block_size for i in indexes if i.reporting), 0)
         hashes = prompt.hashes(block_size)
         if not hashes:
-            return Route(self._tie(candidates, fewest, prompt), RouteReason.NO_INDEX)
+            return RoutingDecision(self._tie(candidates, fewest, prompt), RoutingReason.NO_INDEX)
         matched = {id(r): i.matched(hashes, now) * block_size if i.reporting and i.held.block_size == block_size
                    else 0 for r, i in zip(candidates, indexes)}
         within = [(r, i) for r, i in zip(candidates, indexes) if r.outstanding <= bound]
         eligible = [r for r, i in within if i.held.load.kv_cache_usage < self.config.kv_full] or [r for r, _ in within]
         best_anywhere = max(matched.values())
         if best_anywhere < self.config.min_prefix_tokens:
-            route = Route(self._tie(candidates, fewest, prompt), RouteReason.CACHE_MISS)
+            route = RoutingDecision(self._tie(candidates, fewest, prompt), RoutingReason.CACHE_MISS)
         else:
             prompt_tokens = len(hashes) * block_size
             costs = {id(r): prompt_tokens - matched[id(r)] + self.config.load_cost_tokens * r.outstanding
@@ -180,7 +181,7 @@ class Router:
             lowest = min(costs.values())
             chosen = self._pick_tied([r for r in eligible if costs[id(r)] == lowest], prompt)
             hit = matched[id(chosen)] >= self.config.min_prefix_tokens
-            route = Route(chosen, RouteReason.CACHE_HIT if hit else RouteReason.LOAD, matched[id(chosen)])
+            route = RoutingDecision(chosen, RoutingReason.CACHE_HIT if hit else RoutingReason.LOAD, matched[id(chosen)])
         route.replica.prefix_index(model).sent(hashes, now + self.config.pending_seconds, now)
         return route
 
