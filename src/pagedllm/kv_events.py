@@ -170,12 +170,5 @@ class HeldBlocks:
         self.epoch, self.seq, self.block_size, self.load = state.epoch, state.seq, state.block_size, state.load
         return restarted
 
-    def matched(self, hashes: Sequence[int]) -> int:
-        """How many of a prompt's leading blocks are held."""
-        for count, h in enumerate(hashes):
-            if h not in self.hashes:
-                return count
-        return len(hashes)
-
     def query(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "since": self.seq}

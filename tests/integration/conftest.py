@@ -140,11 +140,13 @@ def num_tokens(responses: list) -> int:
     return sum(int(r["num_output_tokens"][0]) for r in responses if "num_output_tokens" in r)
 
 
-def metric(server: TritonServer, name: str, model: str = "llm", version: str = "1") -> float:
+def metric(server: TritonServer, name: str, model: str = "llm", version: str = "1", **labels: str) -> float:
+    """The sum of `name`'s series for the model's version (and `labels`); NaN where it has none."""
     with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
         body = r.read().decode()
-    pattern = rf'^{re.escape(name)}{{(?=[^}}]*model="{model}")(?=[^}}]*version="{version}")[^}}]*}} (\S+)$'
-    found = re.findall(pattern, body, re.M)
+    wanted = {"model": model, "version": version, **labels}
+    looks = "".join(f'(?=[^}}]*{key}="{re.escape(value)}")' for key, value in wanted.items())
+    found = re.findall(rf'^{re.escape(name)}{{{looks}[^}}]*}} (\S+)$', body, re.M)
     return sum(float(v) for v in found) if found else float("nan")
 
 

@@ -5,6 +5,7 @@ gateway."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from pagedllm.launcher import free_port
 from pagedllm.serving.repository import write_llm
 from tests.integration.conftest import (
     GatewayProcess,
+    metric,
     show_log_on_failure,
     start_server,
     stream,
@@ -127,16 +129,12 @@ def test_concurrent_streams_split_across_both_replicas(nginx_stack):
     def finished(server) -> float:
         """llm_tiny's requests that ended at max_tokens, by pagedllm's count (Triton's nv_inference_request_success
         counts the gateway's cache_state polls too; earlier tests' cancelled streams end as "abort")."""
-        with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
-            body = r.read().decode()
-        found = re.findall(r'^pagedllm_request_success_total\{(?=[^}]*finish_reason="length")(?=[^}]*model="llm_tiny")'
-                           r'[^}]*\} (\S+)$', body, re.M)
-        return sum(float(v) for v in found)
+        count = metric(server, "pagedllm_request_success_total", "llm_tiny", finish_reason="length")
+        return 0.0 if math.isnan(count) else count
+
     def idle(server) -> bool:
-        with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
-            body = r.read().decode()
-        return all(float(v) == 0 for v in re.findall(r'^pagedllm_num_requests_(?:running|waiting)\{(?=[^}]*model='
-                                                       r'"llm_tiny")[^}]*\} (\S+)$', body, re.M))
+        return all(metric(server, f"pagedllm_num_requests_{queue}", "llm_tiny") == 0
+                   for queue in ("running", "waiting"))
     assert wait_for(lambda: all(idle(r) for r in replicas), 60)  # an earlier test's streams have ended
     time.sleep(0.2)  # and their last counts are flushed (every 50 ms)
     before = [finished(r) for r in replicas]
