@@ -2,13 +2,16 @@
 
 Cache layout per layer: [2 (key, value), num_kv_heads, num_blocks, block_size, head_dim], head-major so
 one `index_select` over (key/value, head, block) rows gathers a batch's whole context straight into
-the shape `bmm` wants, and one `index_copy_` writes a step's new keys and values.
+the shape `bmm` wants, and one `index_copy_` writes a step's new keys and values. An int8 cache (kv_quant.py)
+has each block's scales after its codes and is dequantized as it is gathered.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from pagedllm.engine import kv_quant
 
 
 @dataclass
@@ -65,9 +68,12 @@ class CacheGeometry:
     head_dim: int
     num_blocks: int
     block_size: int
+    int8: bool = False  # kv_cache_dtype "int8": codes and scales (kv_quant.py)
 
     @property
     def shape(self) -> tuple[int, ...]:
+        if self.int8:
+            return kv_quant.cache_shape(self.num_kv_heads, self.num_blocks, self.block_size, self.head_dim)
         return (2, self.num_kv_heads, self.num_blocks, self.block_size, self.head_dim)
 
 
@@ -138,6 +144,15 @@ class TorchPagedAttention:
 
     def write_kv(self, kv: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
         """kv: [T, 2 * KVH, D], keys then values."""
+        if kv_cache.dtype == torch.int8:
+            codes, scales = kv_quant.split(kv_cache)
+            new_codes, new_scales = kv_quant.quantize(kv)
+            bs, rows = kv_cache.shape[3], torch.arange(2 * self.num_kv_heads, device=kv.device)[None, :]
+            slots = meta.slot_mapping[:, None]
+            at = (rows // self.num_kv_heads, rows % self.num_kv_heads, slots // bs, slots % bs)
+            codes.index_put_(at, new_codes)
+            scales.index_put_(at, new_scales)
+            return
         kv_cache.view(-1, self.head_dim).index_copy_(0, meta.write_index, kv.transpose(0, 1).reshape(-1, self.head_dim))
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor,
@@ -151,7 +166,12 @@ class TorchPagedAttention:
         kvh, d, b, n = self.num_kv_heads, self.head_dim, g.num_seqs, g.query_len
         group = self.num_heads // kvh
         dtype = self.compute_dtype or q.dtype
-        rows = kv_cache.view(-1, kv_cache.shape[3] * d).index_select(0, g.gather_index).to(dtype)
+        bs = kv_cache.shape[3]
+        if kv_cache.dtype == torch.int8:
+            blocks = kv_cache.view(-1, bs * kv_cache.shape[4]).index_select(0, g.gather_index)
+            rows = kv_quant.dequantize_rows(blocks, bs).to(dtype)
+        else:
+            rows = kv_cache.view(-1, bs * d).index_select(0, g.gather_index).to(dtype)
         keys, values = rows.view(2, kvh * b, -1, d).unbind(0)
         qg = q[g.query_start:g.query_start + b * n].view(b, n, kvh, group, d)
         qg = qg.permute(2, 0, 1, 3, 4).reshape(kvh * b, n * group, d).to(dtype)

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 class Backend:
     name = ""
     runs_int8 = False  # int8 weights (quantization "int8") run here
+    runs_int8_kv = True  # an int8 KV cache (kv_cache_dtype "int8") runs here
     kernel_metadata_only = False  # steps read only the kernels' metadata (no torch attention metadata)
 
     def install(self, model: LlamaForCausalLM, config: EngineConfig) -> str:
@@ -53,8 +54,10 @@ class CpuKernelsBackend(Backend):
         import torch  # not at import: config.py says why
 
         from pagedllm.engine.kernels import cpu as cpu_kernels
-        if config.torch_dtype == torch.bfloat16 and config.block_size % 2:
-            raise ValueError(f"block_size: {config.block_size} is odd; the CPU kernels keep a bfloat16 cache's values "
+        paired = ("int8" if config.kv_cache_dtype == "int8" else
+                  "bfloat16" if config.torch_dtype == torch.bfloat16 else None)
+        if paired and config.block_size % 2:
+            raise ValueError(f"block_size: {config.block_size} is odd; the CPU kernels keep a {paired} cache's values "
                              "in pairs of positions (kernels.h kv_index): use an even block_size (the default is 16)")
         kind = cpu_kernels.linear_kind(config.torch_dtype, config.quantization)
         model.use_cpu_kernels(kind, cpu_kernels.load(plan.isa))
@@ -67,6 +70,7 @@ class TritonBackend(TorchBackend):
     tested on the CPU in Triton's interpreter)."""
     name = "triton"
     kernel_metadata_only = True
+    runs_int8_kv = False
 
     def install(self, model: LlamaForCausalLM, config: EngineConfig) -> str:
         from pagedllm.engine.kernels.gpu_attention import GpuPagedAttention

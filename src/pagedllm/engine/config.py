@@ -25,6 +25,8 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 BACKENDS = ("auto", *backends.BACKENDS)
 _BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}  # per value of each dtype
 DTYPES = ("auto", *_BYTES)
+KV_CACHE_DTYPES = ("auto", "int8")
+_KV_SCALE_BYTES = 2  # int8 KV: a bfloat16 scale per position and KV head (kv_quant.py)
 CPU_ISAS = ("auto", *(isa.value for isa in cpu_isa.CpuIsa))
 
 
@@ -149,6 +151,9 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory: int = 1 << 30
+    # The KV cache's storage (vLLM's name): "auto", the model's dtype; "int8", codes with a scale per position and KV
+    # head, quantized as written and read inside attention (kv_quant.py): about twice the tokens in kv_cache_memory
+    kv_cache_dtype: str = "auto"
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -182,6 +187,8 @@ class EngineConfig:
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: {self.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
         if self.cpu_isa not in CPU_ISAS:
             raise ValueError(f"cpu_isa: {self.cpu_isa!r} is not one of {', '.join(CPU_ISAS)}")
         if self.attention_backend not in BACKENDS:
@@ -216,6 +223,10 @@ class EngineConfig:
         if self.resolved_device().type == "cuda":
             return "bfloat16"
         return self.cpu_plan().auto_dtype(kernels=self.resolved_attention_backend() == "cpu")
+
+    def resolved_kv_cache_dtype(self) -> str:
+        """What the KV cache holds: "int8", or the model's dtype."""
+        return "int8" if self.kv_cache_dtype == "int8" else self.resolved_dtype()
 
     def cpu_plan(self) -> cpu_isa.CpuPlan:
         """The CPU tier this engine runs: the one asked for (ValueError naming cpu_isa or PAGEDLLM_CPU_ISA if this
@@ -290,8 +301,11 @@ def num_blocks_for(config: EngineConfig, model: ModelConfig) -> int:
     """KV blocks that fit in `kv_cache_memory` unless `num_kv_blocks` is given."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    per_block = 2 * model.num_hidden_layers * config.block_size * model.num_key_value_heads * model.head_dim
-    per_block *= _BYTES[config.resolved_dtype()]
+    per_block = 2 * model.num_hidden_layers * config.block_size * model.num_key_value_heads
+    if config.kv_cache_dtype == "int8":
+        per_block *= model.head_dim + _KV_SCALE_BYTES
+    else:
+        per_block *= model.head_dim * _BYTES[config.resolved_dtype()]
     return max(1, config.kv_cache_memory // per_block)
 
 

@@ -51,6 +51,9 @@ class LLMEngine:
         if config.quantization and not backend.runs_int8:
             raise ValueError(f"quantization: {config.quantization} runs on the CPU kernels only "
                              f"(attention_backend cpu); this engine resolved to {backend.name}")
+        if config.kv_cache_dtype == "int8" and not backend.runs_int8_kv:
+            raise ValueError(f"kv_cache_dtype: int8 runs on the CPU kernels and the torch backend; this engine "
+                             f"resolved to {backend.name}: use kv_cache_dtype auto there")
         model = _load_model(self.model_path, self.model_config, self.max_model_len, config.torch_dtype, self.device)
         self.compute_path = backend.install(model, config)  # what runs the model, for the logs
         logger.info("%s", self.compute_path)
@@ -63,7 +66,7 @@ class LLMEngine:
                 except RequestRejectedError as e:
                     raise ValueError(f"lora_modules.{name}: {e.reason}") from None
         self.runner = ModelRunner(model, self.model_config, self.num_blocks, config.block_size,
-                                  config.torch_dtype, self.device, backend, self.lora)
+                                  config.torch_dtype, self.device, backend, self.lora, config.kv_cache_dtype)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.lora)
@@ -80,8 +83,9 @@ class LLMEngine:
         # collector without this, 3.2% with it, that rest during the load).
         gc.collect()
         gc.freeze()
-        logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d",
+        logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens (%s), max_model_len %d",
                     self.model_path.name, _dtype_label(config), self.device, self.num_blocks, config.block_size,
+                    config.resolved_kv_cache_dtype(),
                     self.max_model_len)
 
     # ---- requests -------------------------------------------------------------------------------

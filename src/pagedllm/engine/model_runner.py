@@ -31,14 +31,16 @@ class ModelInput:
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, backend: Backend = BACKENDS["torch"],
-                 lora: LoRABank | None = None) -> None:
-        """`model` as `backend` installed it (backends.py); `lora`: the adapters' bank, where the engine has one."""
+                 lora: LoRABank | None = None, kv_cache_dtype: str = "auto") -> None:
+        """`model` as `backend` installed it (backends.py); `lora`: the adapters' bank, where the engine has one;
+        `kv_cache_dtype` "int8": the cache as codes and scales (kv_quant.py), else in `dtype`."""
         self.model, self.config, self.backend, self.lora = model, config, backend, lora
         self.block_size, self.dtype, self.device = block_size, dtype, device
+        int8 = kv_cache_dtype == "int8"
         self.geometry = CacheGeometry(config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-                                      num_blocks, block_size)
+                                      num_blocks, block_size, int8)
         # Zeroed, not empty: padded context rows are masked, but NaN garbage would still poison the sums.
-        self.kv_caches = [torch.zeros(self.geometry.shape, dtype=dtype, device=device)
+        self.kv_caches = [torch.zeros(self.geometry.shape, dtype=torch.int8 if int8 else dtype, device=device)
                           for _ in range(config.num_hidden_layers)]
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> ModelInput:

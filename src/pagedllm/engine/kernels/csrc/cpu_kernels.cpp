@@ -25,10 +25,20 @@ namespace {
     using scalar_t = float; return __VA_ARGS__();                                                  \
   }()
 
+// Inside DISPATCH_FLOAT_BF16: cache_t, the KV cache's element type: the activations' own, or int8 codes
+// (kv_cache_dtype "int8", each block's scales after its codes: kernels.h kv_index).
+#define DISPATCH_CACHE(cache, NAME, ...)                                                           \
+  [&] {                                                                                            \
+    if ((cache).scalar_type() == at::kChar) { using cache_t = int8_t; return __VA_ARGS__(); }      \
+    TORCH_CHECK((cache).scalar_type() == (std::is_same<scalar_t, bf16>::value ? at::kBFloat16 : at::kFloat), NAME \
+                ": the KV cache is int8 or the activations' dtype");                              \
+    using cache_t = scalar_t; return __VA_ARGS__();                                                \
+  }()
+
 template <typename T>
 T* ptr(const Tensor& t) {  // bf16 is at::BFloat16's layout (its 16 bits)
   if constexpr (std::is_same<T, bf16>::value) return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>());
-  else return t.data_ptr<T>();
+  else return reinterpret_cast<T*>(t.data_ptr());
 }
 
 Tensor empty_out(const Tensor& x, int64_t N) {
@@ -119,17 +129,28 @@ Tensor rms_norm(const Tensor& x, const c10::optional<Tensor>& residual, const Te
   return out;
 }
 
+void check_cache(const Tensor& kv_cache, int64_t KVH, int64_t D, const char* op) {
+  const int64_t row = kv_cache.scalar_type() == at::kChar ? D + 2 : D;
+  TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.size(1) == KVH &&
+              kv_cache.size(4) == row, op, ": kv_cache [2, ", KVH, ", blocks, block_size, ", row, "]");
+}
+
 // Rotates the queries and keys of qkv [T, (H + 2 KVH) * D] at `positions`, writes keys and values into
-// kv_cache [2, KVH, num_blocks, block_size, D] at `slot_mapping`; returns the rotated queries [T, H * D].
+// kv_cache [2, KVH, num_blocks, block_size, D] (int8: D + 2, the scales) at `slot_mapping`; returns the rotated
+// queries [T, H * D].
 Tensor rope_and_write_kv(const Tensor& qkv, const Tensor& cos, const Tensor& sin, const Tensor& positions,
                          const Tensor& slot_mapping, Tensor& kv_cache, int64_t H, int64_t KVH, int64_t D) {
-  TORCH_CHECK(qkv.is_contiguous() && kv_cache.scalar_type() == qkv.scalar_type(), "rope_and_write_kv: dtypes");
+  TORCH_CHECK(qkv.is_contiguous(), "rope_and_write_kv: contiguous qkv");
+  check_cache(kv_cache, KVH, D, "rope_and_write_kv");
   const int64_t T = qkv.size(0);
   Tensor q = torch::empty({T, H * D}, qkv.options());
   DISPATCH_FLOAT_BF16(qkv.scalar_type(), "rope_and_write_kv", [&] {
-    rope_write_kv<scalar_t>(ptr<scalar_t>(qkv), ptr<scalar_t>(q), ptr<scalar_t>(kv_cache), cos.data_ptr<float>(),
-                            sin.data_ptr<float>(), positions.data_ptr<int64_t>(), slot_mapping.data_ptr<int32_t>(), T, H,
-                            KVH, D, kv_cache.size(3), kv_cache.size(2) * kv_cache.size(3), Par{});
+    DISPATCH_CACHE(kv_cache, "rope_and_write_kv", [&] {
+      rope_write_kv<scalar_t, cache_t>(ptr<scalar_t>(qkv), ptr<scalar_t>(q), ptr<cache_t>(kv_cache),
+                                       cos.data_ptr<float>(), sin.data_ptr<float>(), positions.data_ptr<int64_t>(),
+                                       slot_mapping.data_ptr<int32_t>(), T, H, KVH, D, kv_cache.size(3),
+                                       kv_cache.size(2) * kv_cache.size(3), Par{});
+    });
   });
   return q;
 }
@@ -140,15 +161,18 @@ Tensor paged_attention(const Tensor& q, const Tensor& kv_cache, const Tensor& bl
                        const c10::optional<Tensor>& token_seq, const c10::optional<Tensor>& prefill_seqs,
                        const Tensor& context_lens, int64_t H, int64_t KVH, int64_t D, double scale) {
   TORCH_CHECK(H / KVH <= kMaxGroup && D <= kMaxHeadDim, "paged_attention: at most 16 query heads per KV head, head_dim 256");
+  check_cache(kv_cache, KVH, D, "paged_attention");
   Tensor out = torch::empty_like(q);
   AttentionWork work = work_for(token_seq, prefill_seqs, context_lens);
   AttentionPlan plan = plan_for(work, H, KVH, D, kv_cache.size(3));
   Tensor scratch = torch::empty({plan.scratch_floats}, q.options().dtype(at::kFloat));
   DISPATCH_FLOAT_BF16(q.scalar_type(), "paged_attention", [&] {
-    paged_attention_step<scalar_t>(ptr<scalar_t>(q), ptr<scalar_t>(kv_cache), block_tables.data_ptr<int32_t>(),
-                                   block_tables.size(1), context_lens.data_ptr<int32_t>(), ptr<scalar_t>(out), H, KVH, D,
-                                   kv_cache.size(3), kv_cache.size(2) * kv_cache.size(3), (float)scale, work, plan,
-                                   scratch.data_ptr<float>(), Par{});
+    DISPATCH_CACHE(kv_cache, "paged_attention", [&] {
+      paged_attention_step<scalar_t, cache_t>(ptr<scalar_t>(q), ptr<cache_t>(kv_cache), block_tables.data_ptr<int32_t>(),
+                                              block_tables.size(1), context_lens.data_ptr<int32_t>(), ptr<scalar_t>(out),
+                                              H, KVH, D, kv_cache.size(3), kv_cache.size(2) * kv_cache.size(3),
+                                              (float)scale, work, plan, scratch.data_ptr<float>(), Par{});
+    });
   });
   return out;
 }
@@ -236,7 +260,7 @@ struct StepBuffers {
 };
 
 // `then`: the linear after this layer's last (its first weights are fetched during that one).
-template <typename T>
+template <typename T, typename C>
 void forward_layer(const DecoderLayer& l, const Linear* then, StepBuffers& buf, Tensor& hidden,
                    const Tensor& cos, const Tensor& sin, const Tensor& positions, const Tensor& slot_mapping,
                    Tensor& kv_cache, const Tensor& block_tables, const Tensor& context_lens, const AttentionWork& work,
@@ -247,10 +271,10 @@ void forward_layer(const DecoderLayer& l, const Linear* then, StepBuffers& buf, 
   rms_norm_rows<T>(h, nullptr, ptr<T>(l.input_norm), ptr<T>(buf.normed), B, hidden_size, l.eps, par);
   l.qkv.run(buf.normed, buf.widened(l.qkv, buf.normed, par), buf.qkv, par, &l.o);
   lora.apply<T>(&LoRALayer::qkv, index, buf.normed, buf.qkv, par);
-  rope_write_kv<T>(ptr<T>(buf.qkv), ptr<T>(buf.q), ptr<T>(kv_cache), cos.data_ptr<float>(), sin.data_ptr<float>(),
+  rope_write_kv<T, C>(ptr<T>(buf.qkv), ptr<T>(buf.q), ptr<C>(kv_cache), cos.data_ptr<float>(), sin.data_ptr<float>(),
                    positions.data_ptr<int64_t>(), slot_mapping.data_ptr<int32_t>(), B, l.H, l.KVH, l.D, BS, cache_rows,
                    par);
-  paged_attention_step<T>(ptr<T>(buf.q), ptr<T>(kv_cache), block_tables.data_ptr<int32_t>(), block_tables.size(1),
+  paged_attention_step<T, C>(ptr<T>(buf.q), ptr<C>(kv_cache), block_tables.data_ptr<int32_t>(), block_tables.size(1),
                           context_lens.data_ptr<int32_t>(), ptr<T>(buf.attn), l.H, l.KVH, l.D, BS, cache_rows, l.scale,
                           work, plan, buf.scratch.data_ptr<float>(), par);
   l.o.run(buf.attn, buf.widened(l.o, buf.attn, par), buf.o, par, &l.gate_up);
@@ -294,6 +318,11 @@ Tensor forward_layers(const std::vector<DecoderLayer>& layers, const ModelHead& 
   TORCH_CHECK(!layers.empty() && hidden.is_contiguous() && hidden.dim() == 2, "forward_layers: hidden [T, hidden]");
   const DecoderLayer& first = layers[0];
   TORCH_CHECK(first.H / first.KVH <= kMaxGroup && first.D <= kMaxHeadDim, "forward_layers: head shape unsupported");
+  TORCH_CHECK(kv_caches.size() == layers.size(), "forward_layers: a KV cache per layer");
+  for (const Tensor& cache : kv_caches) {
+    check_cache(cache, first.KVH, first.D, "forward_layers");
+    TORCH_CHECK(cache.scalar_type() == kv_caches[0].scalar_type(), "forward_layers: every layer's cache of one dtype");
+  }
   AttentionWork work = work_for(token_seq, prefill_seqs, context_lens);
   AttentionPlan plan = plan_for(work, first.H, first.KVH, first.D, kv_caches[0].size(3));
   TORCH_CHECK(sample_indices.scalar_type() == at::kLong && sample_indices.dim() == 1 &&
@@ -323,17 +352,17 @@ Tensor forward_layers(const std::vector<DecoderLayer>& layers, const ModelHead& 
   Tensor logits = torch::empty({sample_indices.size(0), head.lm_head.out_features}, hidden.options().dtype(at::kFloat));
   Tensor rounded = hidden.scalar_type() == at::kFloat ? logits : torch::empty(logits.sizes(), hidden.options());
   const int threads = at::get_num_threads();
-  DISPATCH_FLOAT_BF16(hidden.scalar_type(), "forward_layers", [&] {
+  DISPATCH_FLOAT_BF16(hidden.scalar_type(), "forward_layers", [&] { DISPATCH_CACHE(kv_caches[0], "forward_layers", [&] {
 #pragma omp parallel num_threads(threads)
     {
       Par par{omp_get_thread_num(), omp_get_num_threads()};
       for (size_t i = 0; i < layers.size(); ++i)
-        forward_layer<scalar_t>(layers[i], i + 1 < layers.size() ? &layers[i + 1].qkv : &head.lm_head, buf, hidden,
+        forward_layer<scalar_t, cache_t>(layers[i], i + 1 < layers.size() ? &layers[i + 1].qkv : &head.lm_head, buf, hidden,
                                 cos, sin, positions, slot_mapping, kv_caches[i], block_tables, context_lens, work, plan,
                                 lora, i, par);
       apply_head<scalar_t>(head, buf, hidden, sample_indices, rounded, logits, par);
     }
-  });
+  }); });
   return logits;
 }
 

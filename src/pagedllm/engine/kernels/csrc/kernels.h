@@ -569,20 +569,49 @@ void apply_lora(const LoRAArgs& l, const T* x, int64_t K, T* y, int64_t N, const
 // of position s), so a chunk of positions is scored by broadcast query pairs with no transposes or horizontal
 // sums; values in pairs of positions, [BS/2][D] words (word (u, d) holds dim d of positions 2u and 2u+1), so
 // two positions' weights go into one instruction. BS is even for bf16 (backends.py checks it). vLLM's and
-// SGLang's CPU attention transpose K per block likewise.
+// SGLang's CPU attention transpose K per block likewise. int8 (kv_cache_dtype "int8"): codes in bf16's layout, then
+// the block's BS scales (bf16, one per position: engine/kv_quant.py), so a position takes D + 2 bytes; integer
+// dot products read the codes as int16 pairs (madd_pairs) where bf16's read bf16 pairs.
+template <typename C>
+constexpr int64_t row_elems(int64_t D) { return std::is_same<C, int8_t>::value ? D + 2 : D; }
+
 template <typename T>
 inline int64_t kv_index(bool value, int64_t row, int64_t d, int64_t D, int64_t BS) {
   if constexpr (std::is_same<T, float>::value) return row * D + d;
-  const int64_t block = row / BS * BS * D, s = row % BS;
+  const int64_t block = row / BS * BS * row_elems<T>(D), s = row % BS;
   return block + (value ? (s / 2 * D + d) * 2 + s % 2 : (d / 2 * BS + s) * 2 + d % 2);
+}
+
+// Where an int8 row's scale is, in bf16 from its head's first byte.
+inline int64_t scale_index(int64_t row, int64_t D, int64_t BS) { return (row / BS * BS * (D + 2) + BS * D) / 2 + row % BS; }
+
+constexpr float kMinScale = 1.17549435e-38f;  // 2^-126, a bf16: an all-zero row's scale
+
+// A row of keys or values as int8 codes and its scale, as engine/kv_quant.py quantize defines them: the scale is
+// the row's largest |x| / 127 rounded up to bf16 (so no code clips), each code x / scale rounded to nearest even.
+template <typename T>
+inline void write_codes(const T* x, int8_t* head_cache, bool value, int64_t row, int64_t D, int64_t BS) {
+  float absmax = 0.f;
+  for (int64_t d = 0; d < D; ++d) absmax = std::max(absmax, std::fabs(as_float(x[d])));
+  float scale = absmax / 127.f;
+  uint32_t bits;
+  std::memcpy(&bits, &scale, 4);
+  bits = (bits + 0xFFFFu) & 0xFFFF0000u;
+  std::memcpy(&scale, &bits, 4);
+  scale = std::max(scale, kMinScale);
+  for (int64_t d = 0; d < D; ++d) {
+    const float code = std::min(127.f, std::max(-127.f, std::nearbyint(as_float(x[d]) / scale)));
+    head_cache[kv_index<int8_t>(value, row, d, D, BS)] = int8_t(code);
+  }
+  reinterpret_cast<bf16*>(head_cache)[scale_index(row, D, BS)] = float_to_bf16(scale);
 }
 
 inline const uint32_t* words(const bf16* p) { return reinterpret_cast<const uint32_t*>(p); }
 
 // ---- rotary embedding of queries and keys, and the keys and values written into the paged cache ----------
 // qkv: [T, (H + 2 KVH) * D]; cache: [2, KVH, num_blocks * block_size, D] as kv_index lays it out; cos/sin: [max_positions, D].
-template <typename T>
-void rope_write_kv(const T* qkv, T* q_out, T* cache, const float* cos, const float* sin, const int64_t* positions,
+template <typename T, typename C = T>
+void rope_write_kv(const T* qkv, T* q_out, C* cache, const float* cos, const float* sin, const int64_t* positions,
                    const int32_t* slots, int64_t tokens, int64_t H, int64_t KVH, int64_t D, int64_t BS,
                    int64_t cache_rows, const Par& par) {
   const int64_t half = D / 2, width = (H + 2 * KVH) * D;
@@ -608,8 +637,9 @@ void rope_write_kv(const T* qkv, T* q_out, T* cache, const float* cos, const flo
         }
       }
       if (query) continue;
-      T* head_cache = cache + (head - H) * cache_rows * D;  // keys then values, by head
-      for (int64_t d = 0; d < D; ++d) head_cache[kv_index<T>(value, slots[tok], d, D, BS)] = row[d];
+      C* head_cache = cache + (head - H) * cache_rows * row_elems<C>(D);  // keys then values, by head
+      if constexpr (std::is_same<C, int8_t>::value) write_codes(row, head_cache, value, slots[tok], D, BS);
+      else for (int64_t d = 0; d < D; ++d) head_cache[kv_index<T>(value, slots[tok], d, D, BS)] = row[d];
     }
   });
 }
@@ -847,6 +877,153 @@ void attend_pairs(const bf16* q, const bf16* cache, const int32_t* table, int64_
   }
 }
 
+// One split of an int8 cache (codes and scales as kv_index and scale_index lay them out) for the query heads of KV
+// head kv_head's group, in integer dot products of int16 pairs: each query rounded to int16 with a scale of its own
+// (an error of at most 2^-16 of its largest element), the keys' codes widened, exact sums in int32; then each
+// chunk's weights, times the values' scales, rounded to int16 with a scale per chunk and head (2^-16 of the largest;
+// torch's bf16 flash attention rounds them to bf16, 2^-9) against the values' codes, two positions per madd_pairs.
+template <typename T, int G, int HEAD_DIM>
+void attend_codes(const T* q, const int8_t* cache, const int32_t* table, int64_t first, int64_t last, int64_t BS,
+                  int64_t head_dim, int64_t group_size, int64_t cache_rows, int64_t kv_head, int64_t KVH, float scale,
+                  float* m_out, float* l_out, float* acc_out) {
+  constexpr bool fixed = G > 0;
+  constexpr int GM = fixed ? G : int(kMaxGroup), NDM = fixed ? HEAD_DIM / kLanes : int(kMaxHeadDim / kLanes);
+  const int64_t group = fixed ? G : group_size, D = fixed ? HEAD_DIM : head_dim;
+  const int64_t NC = D / 2, ND = (D + kLanes - 1) / kLanes, block_bytes = BS * (D + 2);
+  const int8_t* keys = cache + kv_head * cache_rows * (D + 2);
+  const int8_t* values = cache + (KVH + kv_head) * cache_rows * (D + 2);
+  alignas(64) uint32_t qw[GM][kMaxHeadDim / 2];  // the queries as int16 pairs
+  float q_scale[GM], w_scale[GM], m[GM];
+  VecF acc[GM][NDM], lsum[GM][kChunkVecs];
+  for (int g = 0; g < group; ++g) {
+    float absmax = 0.f;
+    for (int64_t d = 0; d < D; ++d) absmax = std::max(absmax, std::fabs(as_float(q[g * D + d])));
+    const float qs = absmax > 0.f ? absmax / 32767.f : 1.f;
+    for (int64_t c = 0; c < NC; ++c) {
+      const int32_t lo = int32_t(std::nearbyint(as_float(q[g * D + 2 * c]) / qs));
+      const int32_t hi = int32_t(std::nearbyint(as_float(q[g * D + 2 * c + 1]) / qs));
+      qw[g][c] = uint32_t(uint16_t(int16_t(lo))) | uint32_t(uint16_t(int16_t(hi))) << 16;
+    }
+    q_scale[g] = qs * scale, m[g] = -INFINITY;
+    for (int v = 0; v < kChunkVecs; ++v) lsum[g][v] = zero();
+    for (int i = 0; i < ND; ++i) acc[g][i] = zero();
+  }
+  alignas(64) int16_t weights[GM][kChunk];
+  alignas(64) float tail[kChunk];
+  for (int64_t pos = first; pos < last; pos += BS) {
+    const int64_t n = std::min(BS, last - pos), block = int64_t(table[pos / BS]) * block_bytes;
+    const int8_t* kb = keys + block;
+    const int8_t* vb = values + block;
+    const bf16* k_scales = reinterpret_cast<const bf16*>(kb + BS * D);
+    const bf16* v_scales = reinterpret_cast<const bf16*>(vb + BS * D);
+    const int64_t ahead = fetch_block(table, pos, last, BS);
+    for (int64_t t0 = 0; t0 < n; t0 += kChunk) {
+      const int64_t nt = std::min<int64_t>(kChunk, n - t0);
+      if (ahead >= 0) {  // the block ahead's share of this chunk, keys and values (and its scales, once)
+        const int64_t at = ahead / BS * block_bytes;
+        for (int64_t b = t0 == 0 ? -2 * BS : 0; b < nt * D; b += 64) {
+          const int64_t off = b < 0 ? BS * D + 2 * BS + b : t0 * D + b;
+          prefetch(keys + at + off), prefetch(values + at + off);
+        }
+      }
+      VecW s[GM][kChunkVecs];
+      for (int g = 0; g < group; ++g)
+        for (int v = 0; v < kChunkVecs; ++v) s[g][v] = broadcast_word(0);
+      for (int64_t c = 0; c < NC; ++c) {
+        VecW k[kChunkVecs];
+        for (int v = 0; v < kChunkVecs; ++v)
+          k[v] = load_code_pairs_n(kb + 2 * (c * BS + t0 + v * kLanes), 2 * (nt - v * kLanes));
+        PAGEDLLM_UNROLL
+        for (int g = 0; g < group; ++g) {
+          const VecW x = broadcast_word(qw[g][c]);
+          for (int v = 0; v < kChunkVecs; ++v) s[g][v] = madd_pairs(s[g][v], k[v], x);
+        }
+      }
+      VecF ks[kChunkVecs], vs[kChunkVecs];  // zero past nt
+      for (int v = 0; v < kChunkVecs; ++v) {
+        const int64_t left = std::max<int64_t>(nt - v * kLanes, 0);
+        ks[v] = left > 0 ? load_n(k_scales + t0 + v * kLanes, left) : zero();
+        vs[v] = left > 0 ? load_n(v_scales + t0 + v * kLanes, left) : zero();
+      }
+      for (int g = 0; g < group; ++g) {
+        VecF sc[kChunkVecs], top = set1(-INFINITY);
+        for (int v = 0; v < kChunkVecs; ++v) sc[v] = mul(mul(int_to_float(s[g][v]), ks[v]), set1(q_scale[g]));
+        if (nt < kChunk) {  // positions past the chunk score -inf
+          for (int v = 0; v < kChunkVecs; ++v) store(tail + v * kLanes, sc[v]);
+          for (int64_t t = nt; t < kChunk; ++t) tail[t] = -INFINITY;
+          for (int v = 0; v < kChunkVecs; ++v) sc[v] = load(tail + v * kLanes);
+        }
+        for (int v = 0; v < kChunkVecs; ++v) top = max(top, sc[v]);
+        const float chunk_max = reduce_max(top);
+        if (chunk_max > m[g]) {
+          const VecF correction = exp(set1(m[g] - chunk_max));
+          for (int i = 0; i < ND; ++i) acc[g][i] = mul(acc[g][i], correction);
+          for (int v = 0; v < kChunkVecs; ++v) lsum[g][v] = mul(lsum[g][v], correction);
+          m[g] = chunk_max;
+        }
+        VecF w[kChunkVecs], wmax = zero();
+        for (int v = 0; v < kChunkVecs; ++v) {
+          VecF p = exp(sub(sc[v], set1(m[g])));
+          if (nt < kChunk) {  // exactly 0, not exp's floor
+            store(tail, p);
+            for (int64_t t = std::max<int64_t>(nt - v * kLanes, 0); t < kLanes; ++t) tail[t] = 0.f;
+            p = load(tail);
+          }
+          lsum[g][v] = add(lsum[g][v], p);
+          w[v] = mul(p, vs[v]);
+          wmax = max(wmax, w[v]);
+        }
+        const float largest = reduce_max(wmax);
+        w_scale[g] = largest > 0.f ? largest / 32767.f : 1.f;
+        const VecF inv = set1(1.f / w_scale[g]);
+        for (int v = 0; v < kChunkVecs; ++v) store_int16(weights[g] + v * kLanes, mul(w[v], inv));
+      }
+      VecW iacc[GM][NDM];
+      for (int g = 0; g < group; ++g)
+        for (int i = 0; i < ND; ++i) iacc[g][i] = broadcast_word(0);
+      const int64_t pairs = (nt + 1) / 2;  // an odd chunk's last pair: its second weight is 0
+      for (int64_t u = 0; u < pairs; ++u) {
+        const int8_t* row = vb + (t0 / 2 + u) * D * 2;
+        VecW vv[NDM];
+        for (int i = 0; i < ND; ++i) vv[i] = load_code_pairs_n(row + 2 * i * kLanes, 2 * (D - i * kLanes));
+        for (int g = 0; g < group; ++g) {
+          const VecW x = broadcast_word(reinterpret_cast<const uint32_t*>(weights[g])[u]);
+          for (int i = 0; i < ND; ++i) iacc[g][i] = madd_pairs(iacc[g][i], vv[i], x);
+        }
+      }
+      for (int g = 0; g < group; ++g)
+        for (int i = 0; i < ND; ++i) acc[g][i] = fma(int_to_float(iacc[g][i]), set1(w_scale[g]), acc[g][i]);
+    }
+  }
+  for (int g = 0; g < group; ++g) {
+    VecF l = lsum[g][0];
+    for (int v = 1; v < kChunkVecs; ++v) l = add(l, lsum[g][v]);
+    m_out[g] = m[g], l_out[g] = reduce_add(l);
+    for (int i = 0; i < ND; ++i) store_n(acc_out + g * D + i * kLanes, acc[g][i], D - i * kLanes);
+  }
+}
+
+template <typename T>
+using CodesSplit = void (*)(const T*, const int8_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                            int64_t, int64_t, int64_t, float, float*, float*, float*);
+
+template <typename T, int HEAD_DIM>
+CodesSplit<T> codes_for_group(int64_t group) {
+  switch (group) {
+    case 1: return attend_codes<T, 1, HEAD_DIM>;
+    case 2: return attend_codes<T, 2, HEAD_DIM>;
+    case 3: return attend_codes<T, 3, HEAD_DIM>;
+    case 4: return attend_codes<T, 4, HEAD_DIM>;
+    case 8: return attend_codes<T, 8, HEAD_DIM>;
+    default: return attend_codes<T, 0, 0>;
+  }
+}
+
+template <typename T>
+inline CodesSplit<T> codes_split(int64_t group, int64_t D) {
+  return D == 64 ? codes_for_group<T, 64>(group) : D == 128 ? codes_for_group<T, 128>(group) : attend_codes<T, 0, 0>;
+}
+
 using PairsSplit = void (*)(const bf16*, const bf16*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
                             int64_t, int64_t, int64_t, float, float*, float*, float*);
 
@@ -868,8 +1045,8 @@ inline PairsSplit pairs_split(int64_t group, int64_t D) {
 }
 
 // `rows`: which rows of q, out, tables and context_lens the B items are (nullptr: rows 0 to B - 1).
-template <typename T>
-void paged_attention_decode(const T* q, const T* cache, const int32_t* tables, int64_t max_blocks,
+template <typename T, typename C = T>
+void paged_attention_decode(const T* q, const C* cache, const int32_t* tables, int64_t max_blocks,
                             const int32_t* context_lens, T* out, int64_t B, int64_t H, int64_t KVH, int64_t D,
                             int64_t BS, int64_t cache_rows, float scale, const AttentionPlan& plan, float* scratch,
                             const Par& par, const int32_t* rows = nullptr) {
@@ -878,7 +1055,9 @@ void paged_attention_decode(const T* q, const T* cache, const int32_t* tables, i
   float* ml = scratch;                                  // [item][2 * group]: running max, then sum
   float* acc = scratch + B * KVH * splits * group * 2;  // [item][group][D]
   PairsSplit split_pairs = nullptr;
-  if constexpr (std::is_same<T, bf16>::value) split_pairs = pairs_split(group, D);
+  CodesSplit<T> split_codes = nullptr;
+  if constexpr (std::is_same<C, int8_t>::value) split_codes = codes_split<T>(group, D);
+  else if constexpr (std::is_same<T, bf16>::value) split_pairs = pairs_split(group, D);
   par(B * KVH * splits, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = row_of(item / (KVH * splits)), h = item / splits % KVH, s = item % splits;
@@ -888,7 +1067,10 @@ void paged_attention_decode(const T* q, const T* cache, const int32_t* tables, i
         for (int64_t g = 0; g < group; ++g) m[g] = -INFINITY, m[group + g] = 0.f;
         continue;
       }
-      if constexpr (std::is_same<T, bf16>::value)
+      if constexpr (std::is_same<C, int8_t>::value)
+        split_codes(q + (b * H + h * group) * D, cache, tables + b * max_blocks, first, last, BS, D, group,
+                    cache_rows, h, KVH, scale, m, m + group, acc + item * group * D);
+      else if constexpr (std::is_same<T, bf16>::value)
         split_pairs(q + (b * H + h * group) * D, cache, tables + b * max_blocks, first, last, BS, D, group,
                     cache_rows, h, KVH, scale, m, m + group, acc + item * group * D);
       else
@@ -1014,11 +1196,13 @@ inline void accumulate_rows(float* acc, int64_t D, const float* w, const float* 
 }
 
 // One tile for KV head h. q, out: [T, H * D]; table: the sequence's block table; ctx: per row.
-template <typename T>
-void attend_tile(const T* q, const T* cache, const int32_t* table, const int32_t* ctx, const QueryTile& tile,
+template <typename T, typename C = T>
+void attend_tile(const T* q, const C* cache, const int32_t* table, const int32_t* ctx, const QueryTile& tile,
                  int64_t h, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t cache_rows, float scale, T* out) {
   const int64_t G = H / KVH, n = tile.rows, R = n * G;
-  constexpr bool pairs = kHasBf16Dot && std::is_same<T, bf16>::value;  // else keys widened to float32
+  // else keys widened to float32 (int8 codes times their scale)
+  constexpr bool pairs = kHasBf16Dot && std::is_same<C, bf16>::value;
+  constexpr bool codes = std::is_same<C, int8_t>::value;
   thread_local std::vector<float> scratch;
   const int64_t need = 2 * R * D + R * (kChunk + 2) + 2 * kChunk * D;
   if (int64_t(scratch.size()) < need) scratch.resize(need);
@@ -1043,8 +1227,8 @@ void attend_tile(const T* q, const T* cache, const int32_t* table, const int32_t
       }
       m[r] = -INFINITY, l[r] = 0.f;
     }
-  const T* keys = cache + h * cache_rows * D;
-  const T* values = cache + (KVH + h) * cache_rows * D;
+  const C* keys = cache + h * cache_rows * row_elems<C>(D);
+  const C* values = cache + (KVH + h) * cache_rows * row_elems<C>(D);
   const int64_t last = ctx[tile.row0 + n - 1];
   for (int64_t pos0 = 0; pos0 < last; pos0 += kChunk) {
     const int64_t nt = std::min<int64_t>(kChunk, last - pos0);
@@ -1054,7 +1238,7 @@ void attend_tile(const T* q, const T* cache, const int32_t* table, const int32_t
     int64_t kt_stride = kChunk;
     if constexpr (pairs) {
       if (BS % kChunk == 0) {
-        kt_rows = words(keys) + kv_index<T>(false, int64_t(table[pos0 / BS]) * BS + pos0 % BS, 0, D, BS) / 2;
+        kt_rows = words(keys) + kv_index<C>(false, int64_t(table[pos0 / BS]) * BS + pos0 % BS, 0, D, BS) / 2;
         kt_stride = BS;
       }
     }
@@ -1064,14 +1248,20 @@ void attend_tile(const T* q, const T* cache, const int32_t* table, const int32_t
         if constexpr (pairs) {
           if (kt_rows == ktw)
             for (int64_t c = 0; c < D / 2; ++c)
-              ktw[c * kChunk + t] = words(keys)[kv_index<T>(false, row, 2 * c, D, BS) / 2];
+              ktw[c * kChunk + t] = words(keys)[kv_index<C>(false, row, 2 * c, D, BS) / 2];
+        } else if constexpr (codes) {
+          const float ks = bf16_to_float(reinterpret_cast<const bf16*>(keys)[scale_index(row, D, BS)]);
+          const float vs = bf16_to_float(reinterpret_cast<const bf16*>(values)[scale_index(row, D, BS)]);
+          for (int64_t d = 0; d < D; ++d) kt[d * kChunk + t] = float(keys[kv_index<C>(false, row, d, D, BS)]) * ks;
+          for (int64_t d = 0; d < D; ++d) vf[t * D + d] = float(values[kv_index<C>(true, row, d, D, BS)]) * vs;
         } else {
-          for (int64_t d = 0; d < D; ++d) kt[d * kChunk + t] = as_float(keys[kv_index<T>(false, row, d, D, BS)]);
+          for (int64_t d = 0; d < D; ++d) kt[d * kChunk + t] = as_float(keys[kv_index<C>(false, row, d, D, BS)]);
         }
-        if constexpr (std::is_same<T, float>::value) {
+        if constexpr (codes) {
+        } else if constexpr (std::is_same<C, float>::value) {
           for (int64_t d = 0; d < D; d += kLanes) store_n(vf + t * D + d, load_n(values + row * D + d, D - d), D - d);
         } else {  // the position's half of its pair's words
-          const uint32_t* pair = words(values) + kv_index<T>(true, row, 0, D, BS) / 2;
+          const uint32_t* pair = words(values) + kv_index<C>(true, row, 0, D, BS) / 2;
           for (int64_t d = 0; d < D; d += kLanes) {
             const VecW w = load_words_upto(pair + d, D - d);
             store_n(vf + t * D + d, row % 2 ? high_halves(w) : low_halves(w), D - d);
@@ -1118,8 +1308,8 @@ void attend_tile(const T* q, const T* cache, const int32_t* table, const int32_t
 
 // A step's attention: the tiles of its prefill runs, then its single rows (paged_attention_decode).
 // tables: [T, max_blocks], each row's sequence's block table.
-template <typename T>
-void paged_attention_step(const T* q, const T* cache, const int32_t* tables, int64_t max_blocks,
+template <typename T, typename C = T>
+void paged_attention_step(const T* q, const C* cache, const int32_t* tables, int64_t max_blocks,
                           const int32_t* context_lens, T* out, int64_t H, int64_t KVH, int64_t D, int64_t BS,
                           int64_t cache_rows, float scale, const AttentionWork& work, const AttentionPlan& plan,
                           float* scratch, const Par& par) {
@@ -1127,11 +1317,11 @@ void paged_attention_step(const T* q, const T* cache, const int32_t* tables, int
   if (num_tiles > 0)
     par.each_dynamic(num_tiles * KVH, [&](int64_t item) {
       const QueryTile& tile = work.tiles[item / KVH];  // its last row's table covers every position it reads
-      attend_tile<T>(q, cache, tables + int64_t(tile.row0 + tile.rows - 1) * max_blocks, context_lens, tile,
+      attend_tile<T, C>(q, cache, tables + int64_t(tile.row0 + tile.rows - 1) * max_blocks, context_lens, tile,
                      item % KVH, H, KVH, D, BS, cache_rows, scale, out);
     });
   if (!work.rows.empty())
-    paged_attention_decode<T>(q, cache, tables, max_blocks, context_lens, out, int64_t(work.rows.size()), H, KVH, D,
+    paged_attention_decode<T, C>(q, cache, tables, max_blocks, context_lens, out, int64_t(work.rows.size()), H, KVH, D,
                               BS, cache_rows, scale, plan, scratch, par, work.rows.data());
 }
 

@@ -9,8 +9,11 @@
 //   dot2     acc + w.lo * x.lo + w.hi * x.hi, per lane: vdpbf16ps / bfdot where the CPU has a bf16 dot
 //            product, else both halves widened to float32 (a shift and a mask) and two FMAs, as llama.cpp does.
 //            Products of two bf16 are exact in float32 either way; only the order of the sums differs.
+//   int8 KV codes meet queries and weights as int16 pairs in the same 32-bit words: load_code_pairs widens
+//            2 * kLanes codes, madd_pairs multiplies pairs and adds them into int32 lanes (vpmaddwd, exact).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -107,6 +110,16 @@ inline VecF low_halves(VecW w) { return _mm512_castsi512_ps(_mm512_slli_epi32(w,
 inline VecF high_halves(VecW w) { return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(-65536))); }
 inline VecW broadcast_word(uint32_t w) { return _mm512_set1_epi32(int(w)); }
 
+inline VecW load_code_pairs(const int8_t* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p)); }
+inline VecW load_code_pairs_n(const int8_t* p, int64_t n) {  // the first n codes, the rest zero
+  return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(n >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << std::max<int64_t>(n, 0)) - 1), p));
+}
+inline VecW madd_pairs(VecW acc, VecW a, VecW b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
+inline VecF int_to_float(VecW a) { return _mm512_cvtepi32_ps(a); }
+inline void store_int16(int16_t* p, VecF a) {  // rounded to nearest; |a| <= 32767
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(a)));
+}
+
 // ---------------------------------------------------------------------------------------------------------
 #elif defined(PAGEDLLM_ISA_AVX2)
 constexpr int kLanes = 8;
@@ -161,6 +174,14 @@ inline VecF low_halves(VecW w) { return _mm256_castsi256_ps(_mm256_slli_epi32(w,
 inline VecF high_halves(VecW w) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(w, 16), 16)); }
 inline VecW broadcast_word(uint32_t w) { return _mm256_set1_epi32(int(w)); }
 
+inline VecW load_code_pairs(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
+inline VecW madd_pairs(VecW acc, VecW a, VecW b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+inline VecF int_to_float(VecW a) { return _mm256_cvtepi32_ps(a); }
+inline void store_int16(int16_t* p, VecF a) {
+  const __m256i i = _mm256_cvtps_epi32(a);
+  _mm_storeu_si128((__m128i*)p, _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1)));
+}
+
 // ---------------------------------------------------------------------------------------------------------
 #elif defined(PAGEDLLM_ARM)
 constexpr int kLanes = 4;
@@ -212,6 +233,15 @@ inline VecF low_halves(VecW w) { return vreinterpretq_f32_u32(vshlq_n_u32(w, 16)
 inline VecF high_halves(VecW w) { return vreinterpretq_f32_u32(vandq_u32(w, vdupq_n_u32(0xFFFF0000u))); }
 inline VecW broadcast_word(uint32_t w) { return vdupq_n_u32(w); }
 
+inline VecW load_code_pairs(const int8_t* p) { return vreinterpretq_u32_s16(vmovl_s8(vld1_s8(p))); }
+inline VecW madd_pairs(VecW acc, VecW a, VecW b) {
+  const int16x8_t x = vreinterpretq_s16_u32(a), y = vreinterpretq_s16_u32(b);
+  const int32x4_t lo = vmull_s16(vget_low_s16(x), vget_low_s16(y)), hi = vmull_high_s16(x, y);
+  return vreinterpretq_u32_s32(vaddq_s32(vreinterpretq_s32_u32(acc), vpaddq_s32(lo, hi)));
+}
+inline VecF int_to_float(VecW a) { return vcvtq_f32_s32(vreinterpretq_s32_u32(a)); }
+inline void store_int16(int16_t* p, VecF a) { vst1_s16(p, vmovn_s32(vcvtnq_s32_f32(a))); }
+
 // ---------------------------------------------------------------------------------------------------------
 #else  // portable: GCC/Clang vector types and plain loops, no intrinsics; the compiler vectorizes what it can
 // Four lanes, 16 bytes: the vector width every target has (SSE2, NEON). Eight-lane vectors on an x86 target
@@ -246,6 +276,16 @@ inline VecW load_words(const void* p) { VecW r; std::memcpy(&r, p, sizeof r); re
 inline VecF low_halves(VecW w) { VecW b = w << 16; VecF r; std::memcpy(&r, &b, sizeof r); return r; }
 inline VecF high_halves(VecW w) { VecW b = w & 0xFFFF0000u; VecF r; std::memcpy(&r, &b, sizeof r); return r; }
 inline VecW broadcast_word(uint32_t w) { return VecW{} + w; }
+
+inline uint32_t code_pair(int8_t lo, int8_t hi) { return uint32_t(uint16_t(int16_t(lo))) | uint32_t(uint16_t(int16_t(hi))) << 16; }
+inline VecW load_code_pairs(const int8_t* p) { VecW r; PAGEDLLM_LANES(r[i] = code_pair(p[2 * i], p[2 * i + 1])); return r; }
+inline VecW madd_pairs(VecW acc, VecW a, VecW b) {  // in uint32: wraps as int32 lanes do
+  PAGEDLLM_LANES(acc[i] += uint32_t(int32_t(int16_t(a[i] & 0xFFFF)) * int16_t(b[i] & 0xFFFF) +
+                                    int32_t(int16_t(a[i] >> 16)) * int16_t(b[i] >> 16)));
+  return acc;
+}
+inline VecF int_to_float(VecW a) { VecF r; PAGEDLLM_LANES(r[i] = float(int32_t(a[i]))); return r; }
+inline void store_int16(int16_t* p, VecF a) { PAGEDLLM_LANES(p[i] = int16_t(std::nearbyint(a[i]))); }
 #undef PAGEDLLM_LANES
 #endif
 
@@ -272,6 +312,12 @@ inline VecW load_words_n(const bf16* p, int64_t n_bf16) {
   bf16 buf[2 * kLanes] = {};
   std::memcpy(buf, p, n_bf16 * sizeof(bf16));
   return load_words(buf);
+}
+inline VecW load_code_pairs_n(const int8_t* p, int64_t n) {
+  if (n >= 2 * kLanes) return load_code_pairs(p);
+  int8_t buf[2 * kLanes] = {};
+  if (n > 0) std::memcpy(buf, p, n);
+  return load_code_pairs(buf);
 }
 #endif
 
