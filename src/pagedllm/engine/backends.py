@@ -57,7 +57,7 @@ class CpuKernelsBackend(Backend):
         paired = ("int8" if config.kv_cache_dtype == "int8" else
                   "bfloat16" if config.torch_dtype == torch.bfloat16 else None)
         if paired and config.block_size % 2:
-            raise ValueError(f"block_size: {config.block_size} is odd; the CPU kernels keep a {paired} cache's values "
+            raise ValueError(f"block_size: {config.block_size} is odd; the CPU kernels keep {paired} KV caches' values "
                              "in pairs of positions (kernels.h kv_index): use an even block_size (the default is 16)")
         kind = cpu_kernels.linear_kind(config.torch_dtype, config.quantization)
         model.use_cpu_kernels(kind, cpu_kernels.load(plan.isa))

@@ -23,6 +23,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from pagedllm.engine import kv_quant
 from pagedllm.engine.kernels import cpu_isa
 from pagedllm.engine.kernels.cpu_isa import CpuIsa
 from pagedllm.errors import KernelsUnavailable
@@ -157,19 +158,33 @@ def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
 def to_kernel_layout(cache: torch.Tensor) -> torch.Tensor:
     """A layer's cache [2, KVH, blocks, BS, D], row-major within each block (the torch backend's), in the layout the
     kernels read and write (kernels.h kv_index): bf16 keys as K^T in pairs of dims, [D/2, BS, 2] per block, and
-    values in pairs of positions, [BS/2, D, 2]; float32 as it is."""
-    if cache.dtype != torch.bfloat16:
-        return cache.clone()
-    two, kvh, blocks, bs, d = cache.shape
-    keys = cache[0].view(kvh, blocks, bs, d // 2, 2).permute(0, 1, 3, 2, 4)
-    values = cache[1].view(kvh, blocks, bs // 2, 2, d).permute(0, 1, 2, 4, 3)
-    return torch.stack((keys.reshape(kvh, blocks, bs, d), values.reshape(kvh, blocks, bs, d)))
+    values in pairs of positions, [BS/2, D, 2]; an int8 cache's codes likewise (its scales as they are); float32 as
+    it is."""
+    return _relaid(cache, _paired)
 
 
 def from_kernel_layout(cache: torch.Tensor) -> torch.Tensor:
     """to_kernel_layout undone: the kernels' cache, row-major within each block."""
-    if cache.dtype != torch.bfloat16:
-        return cache.clone()
+    return _relaid(cache, _unpaired)
+
+
+def _relaid(cache: torch.Tensor, relay) -> torch.Tensor:
+    if cache.dtype == torch.bfloat16:
+        return relay(cache)
+    out = cache.clone()
+    if cache.dtype == torch.int8:
+        kv_quant.split(out)[0].copy_(relay(kv_quant.split(cache)[0]))
+    return out
+
+
+def _paired(cache: torch.Tensor) -> torch.Tensor:
+    two, kvh, blocks, bs, d = cache.shape
+    keys = cache[0].reshape(kvh, blocks, bs, d // 2, 2).permute(0, 1, 3, 2, 4)
+    values = cache[1].reshape(kvh, blocks, bs // 2, 2, d).permute(0, 1, 2, 4, 3)
+    return torch.stack((keys.reshape(kvh, blocks, bs, d), values.reshape(kvh, blocks, bs, d)))
+
+
+def _unpaired(cache: torch.Tensor) -> torch.Tensor:
     two, kvh, blocks, bs, d = cache.shape
     keys = cache[0].reshape(kvh, blocks, d // 2, bs, 2).permute(0, 1, 3, 2, 4)
     values = cache[1].reshape(kvh, blocks, bs // 2, d, 2).permute(0, 1, 2, 4, 3)

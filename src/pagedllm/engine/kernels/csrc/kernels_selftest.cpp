@@ -3,6 +3,7 @@
 // qemu-aarch64: tests/test_cpu_isa.py); it runs natively too. Prints one line and exits 0 when all checks pass.
 #include <cstdio>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "kernels.h"
@@ -193,17 +194,25 @@ void check_lora() {
                std::is_same<T, bf16>::value ? 1e-2 : 1e-5);
 }
 
-// Attention over a paged cache [2, KVH, blocks * BS, D] (as kv_index lays it out) against a scalar softmax: each row its own sequence
-// (decode), or with `one_sequence` every row a token of one prefill chunk (same block table, contexts ascending),
-// attended in query tiles.
-template <typename T>
+// Attention over a paged cache [2, KVH, blocks * BS, D] (as kv_index lays it out; int8 codes C with their scales, as
+// write_codes quantizes) against a scalar softmax over what the cache holds: each row its own sequence (decode), or
+// with `one_sequence` every row a token of one prefill chunk (same block table, contexts ascending), in query tiles.
+template <typename T, typename C = T>
 void check_attention(int64_t H, int64_t KVH, int64_t D, int64_t BS, std::vector<int32_t> ctx, bool one_sequence = false) {
-  const int64_t B = ctx.size(), blocks = 64, rows = blocks * BS, group = H / KVH;
+  constexpr bool codes = std::is_same<C, int8_t>::value;
+  const int64_t B = ctx.size(), blocks = 64, rows = blocks * BS, group = H / KVH, row_len = row_elems<C>(D);
   std::vector<float> cache_f = randn(2 * KVH * rows * D), q_f = randn(B * H * D);
-  std::vector<T> cache(cache_f.size()), q(q_f.size()), out(q_f.size());
+  std::vector<C> cache(2 * KVH * rows * row_len);
+  std::vector<T> q(q_f.size()), out(q_f.size());
   auto to_t = [](float v) { if constexpr (std::is_same<T, bf16>::value) return float_to_bf16(v); else return v; };
   auto from_t = [](T v) { if constexpr (std::is_same<T, bf16>::value) return bf16_to_float(v); else return float(v); };
-  for (size_t i = 0; i < cache.size(); ++i) cache[i] = to_t(cache_f[i]);
+  for (int64_t head = 0; head < 2 * KVH; ++head)
+    for (int64_t row = 0; row < rows; ++row) {
+      const float* x = cache_f.data() + (head * rows + row) * D;
+      C* head_cache = cache.data() + head * rows * row_len;
+      if constexpr (codes) write_codes(x, head_cache, head >= KVH, row, D, BS);
+      else for (int64_t d = 0; d < D; ++d) head_cache[kv_index<T>(head >= KVH, row, d, D, BS)] = to_t(x[d]);
+    }
   for (size_t i = 0; i < q.size(); ++i) q[i] = to_t(q_f[i]);
   int64_t max_blocks = 0;
   for (int32_t c : ctx) max_blocks = std::max<int64_t>(max_blocks, (c + BS - 1) / BS);
@@ -217,7 +226,7 @@ void check_attention(int64_t H, int64_t KVH, int64_t D, int64_t BS, std::vector<
   AttentionWork work(one_sequence ? token_seq.data() : nullptr, one_sequence ? prefill : nullptr, ctx.data(), B);
   AttentionPlan plan(work.row_ctx.data(), int64_t(work.row_ctx.size()), H, KVH, D, BS, 2);
   std::vector<float> scratch(plan.scratch_floats);
-  paged_attention_step<T>(q.data(), cache.data(), tables.data(), max_blocks, ctx.data(), out.data(), H, KVH, D, BS,
+  paged_attention_step<T, C>(q.data(), cache.data(), tables.data(), max_blocks, ctx.data(), out.data(), H, KVH, D, BS,
                           rows, scale, work, plan, scratch.data(), Par{});
   std::vector<float> got(out.size());
   std::vector<double> want(out.size());
@@ -229,7 +238,11 @@ void check_attention(int64_t H, int64_t KVH, int64_t D, int64_t BS, std::vector<
       double mx = -1e300, sum = 0;
       auto at = [&](int64_t kv, int64_t pos, int64_t d) {  // through the cache's layout
         const int64_t row = int64_t(tables[b * max_blocks + pos / BS]) * BS + pos % BS;
-        return from_t(cache[(kv * KVH + kvh) * rows * D + kv_index<T>(kv == 1, row, d, D, BS)]);
+        const C* head_cache = cache.data() + (kv * KVH + kvh) * rows * row_len;
+        if constexpr (codes)
+          return float(head_cache[kv_index<C>(kv == 1, row, d, D, BS)]) *
+                 bf16_to_float(reinterpret_cast<const bf16*>(head_cache)[scale_index(row, D, BS)]);
+        else return from_t(head_cache[kv_index<T>(kv == 1, row, d, D, BS)]);
       };
       for (int64_t t = 0; t < ctx[b]; ++t) {
         double s = 0;
@@ -243,9 +256,10 @@ void check_attention(int64_t H, int64_t KVH, int64_t D, int64_t BS, std::vector<
         want[(b * H + h) * D + d] = o / sum;
       }
     }
-  const char* what = one_sequence ? (std::is_same<T, bf16>::value ? "prefill attention (bf16)" : "prefill attention (float32)")
-                                  : (std::is_same<T, bf16>::value ? "paged attention (bf16)" : "paged attention (float32)");
-  expect_close(what, got, want, std::is_same<T, bf16>::value ? 1e-2 : 1e-5);
+  const std::string what = std::string(one_sequence ? "prefill attention (" : "paged attention (") +
+                           (std::is_same<T, bf16>::value ? "bf16" : "float32") + (codes ? ", int8 cache)" : ")");
+  // int8: decode rounds queries and weights to int16 (2^-16 of the largest)
+  expect_close(what.c_str(), got, want, std::is_same<T, bf16>::value ? 1e-2 : codes ? 2e-3 : 1e-5);
 }
 
 // Sampling against scalar references: the draw inverts the cumulative weights in double, the candidates are a
@@ -295,12 +309,15 @@ int main() {
     check_attention<bf16>(6, 2, 32, 8, ctx);
     check_attention<bf16>(9, 3, 64, 16, ctx);  // the register-resident split
     check_attention<bf16>(10, 2, 80, 16, ctx);  // the general one (group 5, head_dim 80)
+    check_attention<float, int8_t>(6, 2, 32, 8, ctx);  // int8 caches: the general split
+    check_attention<bf16, int8_t>(9, 3, 64, 16, ctx);  // and the register-resident one
   }
   std::vector<int32_t> chunk(37);  // a prefill chunk of 37 tokens after 60 cached positions: three query tiles
   for (int32_t i = 0; i < 37; ++i) chunk[i] = 61 + i;
   check_attention<float>(6, 2, 32, 8, chunk, true);
   check_attention<bf16>(9, 3, 64, 12, chunk, true);  // keys gathered into K^T
   check_attention<bf16>(9, 3, 64, 16, chunk, true);  // K^T read in place
+  check_attention<bf16, int8_t>(9, 3, 64, 12, chunk, true);  // an int8 cache's chunks dequantized
   std::printf("kernels_selftest %s: %d of %d checks passed\n", kIsaName, checks - failures, checks);
   return failures ? 1 : 0;
 }
