@@ -49,7 +49,7 @@ def wait_until(predicate, timeout: float = 60.0) -> bool:
 def engine(tiny_model_dir):
     restarted = []
     e = EngineProcess(config(tiny_model_dir), SupervisionConfig(heartbeat_timeout=1.0),
-                      on_restart=lambda: restarted.append(1))
+                      on_restart=restarted.append)
     e.restarted = restarted
     yield e
     e.shutdown()
@@ -68,6 +68,7 @@ def test_the_prefix_blocks_it_holds_are_reported_as_they_change(engine):
     state = engine.cache_state(None, 0)
     assert state.reset and state.block_size == 4 and set(block_hashes(prompt, 4)) <= set(state.stored)
     assert state.load.num_blocks == 256 and state.load.num_running == 0
+    assert state.load.kv_cache_dtype == engine.info.kv_cache_dtype == "float32"  # the model's: no int8 asked
     again = engine.cache_state(state.epoch, state.seq)
     assert not again.reset and again.stored == again.evicted == []
 
@@ -84,7 +85,7 @@ def test_a_killed_engine_fails_its_requests_as_retryable_and_comes_back(engine):
                for d in failed)
     with pytest.raises(EngineDeadError, match="engine restarting"):
         run(engine, "c")
-    assert wait_until(lambda: engine.state == "up") and engine.restarted == [1]
+    assert wait_until(lambda: engine.state == "up" and engine.restarted == [engine.info])  # told its new Ready
     restarted = engine.cache_state(before.epoch, before.seq)  # its blocks died with it: a reader starts over
     assert restarted.reset and restarted.epoch != before.epoch and restarted.stored == []
     assert final(run(engine, "d", SamplingParams(max_tokens=3))).error is None

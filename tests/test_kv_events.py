@@ -2,6 +2,8 @@
 HeldBlocks, which must end up holding what the engine holds whatever order the reader polls in."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,11 +37,19 @@ def test_a_prompt_has_a_hash_per_full_block_each_chained_on_the_last():
 
 
 def test_a_state_crosses_json_exactly():
-    load = ReplicaLoad(2, 1, 0.25, 64, 4, ("sql",), ("poet", "sql"))
+    load = ReplicaLoad(2, 1, 0.25, 64, 4, ("sql",), ("poet", "sql"), kv_cache_dtype="int8")
     state = CacheState("e1", 3, 16, False, [0, 2**64 - 1], [5], load)
     assert CacheState.from_json(state.to_json()) == state
     with pytest.raises(ValueError, match="not a cache state"):
         CacheState.from_json('{"epoch": "e1"}')
+
+
+def test_a_load_from_a_replica_that_does_not_say_its_kv_cache_dtype_reads_as_auto():
+    """A replica of an earlier version leaves the field out: its cache holds the model's dtype, vLLM's "auto"."""
+    load = ReplicaLoad(2, 1, 0.25, 64, kv_cache_dtype="int8")
+    data = json.loads(CacheState("e1", 3, 16, True, [], [], load).to_json())
+    del data["load"]["kv_cache_dtype"]
+    assert CacheState.from_json(json.dumps(data)).load == ReplicaLoad(2, 1, 0.25, 64, kv_cache_dtype="auto")
 
 
 @pytest.mark.parametrize("text, message", [

@@ -66,3 +66,22 @@ def test_failures_are_counted_by_code_and_every_code_exists_from_the_start():
     m.on_failure("overloaded")
     m.flush()
     assert get("overloaded").value == 2 and get("internal").value == 0
+
+
+def test_the_kv_cache_capacity_is_reported_in_tokens_by_dtype_when_an_engine_is_ready():
+    from pagedllm.engine.wire import EngineStats, Ready
+    stats = EngineStats(0, 0, 0.0, 1412, 1412, prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0)
+    m = ServingMetrics(_Family, "llm3", "1")
+    labels = (("model", "llm3"), ("version", "1"))
+    capacity = lambda dtype: _Family.created[("pagedllm_kv_cache_capacity_tokens",  # noqa: E731
+                                              tuple(sorted(labels + (("kv_cache_dtype", dtype),))))]
+    assert ("pagedllm_kv_cache_capacity_tokens", labels) not in _Family.created  # only ever with its dtype
+    m.on_ready(Ready(1412, 2048, "cpu kernels", stats, block_size=16, kv_cache_dtype="int8"))
+    m.flush()
+    assert capacity("int8").value == 1412 * 16
+    m.flush()
+    assert capacity("int8").sets == 1  # set once per engine: each set is a round trip
+    m.on_restart(Ready(1400, 2048, "cpu kernels", stats, block_size=16, kv_cache_dtype="int8"))
+    m.flush()
+    assert capacity("int8").value == 1400 * 16 and capacity("int8").sets == 2
+    assert _Family.created[("pagedllm_engine_restarts_total", labels)].value == 1

@@ -68,6 +68,7 @@ class ReplicaLoad:
     max_loras: int = 0  # adapter slots (0: LoRA off)
     running_adapters: tuple[str, ...] = ()
     waiting_adapters: tuple[str, ...] = ()
+    kv_cache_dtype: str = "auto"  # "int8" or the model's dtype; "auto" (vLLM's word: the model's) from older replicas
 
 
 @dataclass(frozen=True)

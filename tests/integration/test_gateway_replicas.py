@@ -187,7 +187,7 @@ def test_serve_with_openai_port_drains_streams_on_sigterm(tmp_path, tiny_model_d
     """`pagedllm serve --openai-port`: both start, the base URL is printed, SIGTERM lets a stream finish."""
     port = free_port()
     model = tiny_model_dir("llama-tied")
-    with running_serve(tmp_path, model, "--openai-port", str(port)) as (serve, _):
+    with running_serve(tmp_path, model, "--openai-port", str(port)) as (serve, ports):
         assert wait_for(lambda: answers_200(f"http://127.0.0.1:{port}/ready"), 60), serve.log_path.read_text()
         assert f"http://127.0.0.1:{port}/v1" in serve.log_path.read_text()
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
@@ -199,7 +199,15 @@ def test_serve_with_openai_port_drains_streams_on_sigterm(tmp_path, tiny_model_d
         for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
                      "vllm:gpu_cache_usage_perc"):
             assert f'{name}{{model_name="llm"}} ' in scraped, name
-        assert re.search(r'^vllm:cache_config_info\{block_size="4",[^}]*model_name="llm"', scraped, re.M), scraped
+        config = re.search(r'^vllm:cache_config_info\{block_size="4",cache_dtype="float32",[^}]*model_name="llm",'
+                           r'num_gpu_blocks="(\d+)"', scraped, re.M)  # the replica's engine.json: dtype float32
+        assert config, scraped
+        tokens = 4 * int(config[1])
+        assert f'pagedllm_gateway_kv_cache_capacity_tokens{{kv_cache_dtype="float32",model="llm"}} {tokens}.0' \
+            in scraped, scraped
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[2]}/metrics", timeout=5) as r:  # Triton's, the same
+            triton = re.findall(r'^pagedllm_kv_cache_capacity_tokens\{([^}]*)\} (\S+)$', r.read().decode(), re.M)
+        assert [('kv_cache_dtype="float32"' in labels, float(value)) for labels, value in triton] == [(True, tokens)]
         log = serve.log_path.read_text()
         assert "--tokenizer" not in log or "routed by load alone" not in log  # serve gave the gateway its tokenizer
         stream = client.completions.create(model="llm", prompt="Hello", max_tokens=150, stream=True,

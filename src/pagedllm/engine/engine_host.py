@@ -45,7 +45,7 @@ class EngineHost:
             return
         engine = self.loop.engine
         wire.send(self.conn, wire.Ready(engine.num_blocks, engine.max_model_len, engine.compute_path, engine.stats(),
-                                        engine.block_manager.block_size))
+                                        engine.block_manager.block_size, engine.config.resolved_kv_cache_dtype()))
         self._inject_exit()
         threading.Thread(target=self._submit_constrained, name="pagedllm-constraints", daemon=True).start()
         self._receive()

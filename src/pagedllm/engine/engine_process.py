@@ -41,15 +41,16 @@ WATCH_SECONDS = 0.25
 
 class EngineProcess:
     """`submit` / `abort` / `shutdown` as EngineLoop's. `on_stats(stats, last_step_time)` after each step;
-    `on_restart()` once a restarted engine is ready; `on_give_up(reason)` when it stays down."""
+    `on_restart(ready)` once a restarted engine is ready, with what it said (its KV cache's size and dtype);
+    `on_give_up(reason)` when it stays down."""
 
     def __init__(self, config: EngineConfig, supervision: SupervisionConfig | None = None,
                  on_stats: Callable[[wire.EngineStats, float], None] | None = None,
-                 on_restart: Callable[[], None] | None = None,
+                 on_restart: Callable[[wire.Ready], None] | None = None,
                  on_give_up: Callable[[str], None] | None = None, faults: Faults | None = None) -> None:
         self.config, self.supervision, self.faults = config, supervision or SupervisionConfig(), faults
         self.on_stats, self.on_restart, self.on_give_up = on_stats, on_restart, on_give_up
-        self.info: wire.Ready  # what the engine process said once ready (KV blocks, max_model_len, compute path)
+        self.info: wire.Ready  # what the engine process said once ready (KV blocks and dtype, max_model_len, ...)
         self.restarts, self.policy = 0, self.supervision.restart_policy()
         self.state = EngineState.STARTING
         self.reason = ""
@@ -83,7 +84,8 @@ class EngineProcess:
         stats = self.stats
         return self.blocks.answer(epoch, since, ReplicaLoad(
             stats.num_running, stats.num_waiting, stats.kv_cache_usage, stats.num_blocks,
-            self.config.max_loras if self.config.enable_lora else 0, stats.running_adapters, stats.waiting_adapters))
+            self.config.max_loras if self.config.enable_lora else 0, stats.running_adapters, stats.waiting_adapters,
+            self.info.kv_cache_dtype))
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -196,7 +198,7 @@ class EngineProcess:
         self.restarts += 1
         logger.warning("engine process restarted (restart %d)", self.restarts)
         if self.on_restart is not None:
-            self.on_restart()
+            self.on_restart(self.info)
 
     def _watch(self) -> None:
         """Restarts a dead engine when its backoff is over, and kills one that holds work and has not

@@ -94,6 +94,7 @@ class Ready:
     compute_path: str
     stats: EngineStats
     block_size: int
+    kv_cache_dtype: str  # what the KV cache stores: "int8", or the model's dtype ("bfloat16", ...)
 
 
 @dataclass(frozen=True, slots=True)

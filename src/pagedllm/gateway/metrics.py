@@ -8,6 +8,7 @@ schedules by, so a pod running `pagedllm serve --openai-port` can sit in an Infe
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -56,7 +57,8 @@ class GatewayMetrics:
 
 
 class EngineGauges:
-    """vLLM's metrics, from the loads the replicas report with their prefix caches (routing.py polls them)."""
+    """vLLM's metrics, and the KV cache's capacity, from the loads the replicas report with their prefix caches
+    (routing.py polls them)."""
 
     def __init__(self, r: CollectorRegistry) -> None:
         label = ["model_name"]
@@ -66,13 +68,18 @@ class EngineGauges:
                               registry=r)
         self.gpu_kv_usage = Gauge("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc's older name", label,
                                   registry=r)
+        # cache_dtype is what the cache stores ("int8", "bfloat16", ...; "auto" from a replica that does not say)
         self.cache_config = Gauge("vllm:cache_config_info", "The KV cache's configuration", [
-            "model_name", "block_size", "num_gpu_blocks", "enable_prefix_caching"], registry=r)
+            "model_name", "block_size", "num_gpu_blocks", "enable_prefix_caching", "cache_dtype"], registry=r)
+        self.capacity = Gauge("pagedllm_gateway_kv_cache_capacity_tokens", "Tokens the replicas' KV caches hold "
+                              "when full, by model and what they store them as", ["model", "kv_cache_dtype"],
+                              registry=r)
         self.lora = Gauge("vllm:lora_requests_info", "LoRA adapters in use; the value is when it was read", [
             "model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
 
     def update(self, pool: ReplicaPool) -> None:
         self.cache_config.clear()
+        self.capacity.clear()
         self.lora.clear()
         for model in pool.names:
             indexes = [r.prefix_index(model) for r in pool.replicas if r.serves(model)]
@@ -84,9 +91,16 @@ class EngineGauges:
             usage = sum(load.kv_cache_usage for load in loads) / len(loads)
             self.kv_usage.labels(model).set(usage)
             self.gpu_kv_usage.labels(model).set(usage)
-            block_size = next(i.held.block_size for i in indexes if i.reporting)
-            self.cache_config.labels(model, str(block_size), str(sum(load.num_blocks for load in loads)),
-                                     "True").set(1)
+            # a cache_config_info per kind of cache the replicas hold: one, unless their engine.json differ
+            configs: defaultdict[tuple[int, str], int] = defaultdict(int)  # (block_size, kv_cache_dtype): blocks
+            tokens: defaultdict[str, int] = defaultdict(int)
+            for held in (i.held for i in indexes if i.reporting):
+                configs[held.block_size, held.load.kv_cache_dtype] += held.load.num_blocks
+                tokens[held.load.kv_cache_dtype] += held.load.num_blocks * held.block_size
+            for (block_size, dtype), num_blocks in configs.items():
+                self.cache_config.labels(model, str(block_size), str(num_blocks), "True", dtype).set(1)
+            for dtype, capacity in tokens.items():
+                self.capacity.labels(model, dtype).set(capacity)
             if any(load.max_loras for load in loads):
                 running = sorted({a for load in loads for a in load.running_adapters})
                 waiting = sorted({a for load in loads for a in load.waiting_adapters})

@@ -76,6 +76,7 @@ class LLMModel:
                               f"{self.loop.info.compute_path}; a chat's tools reach the model through "
                               f"{tools_reach_the_model_by(self.tokenizer)}")
         self.prompt_limit = PromptLimit.for_tokenizer(self.tokenizer, self.loop.info.max_model_len)
+        self.metrics.on_ready(self.loop.info)
         self.metrics.on_stats(self.loop.info.stats)  # gauges are right before the first request
         self.metrics.flush()
         self.streams = Streams(self.backend, self.loop.abort, self.metrics, token_text)

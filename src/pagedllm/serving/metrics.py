@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from pagedllm.engine.wire import EngineStats
+from pagedllm.engine.wire import EngineStats, Ready
 from pagedllm.errors import ErrorCode
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0]
@@ -35,6 +35,8 @@ GAUGES = {
     "pagedllm_num_requests_waiting": "Requests waiting to be scheduled",
     "pagedllm_kv_cache_usage_ratio": "Fraction of KV-cache blocks in use",
     "pagedllm_kv_cache_free_blocks": "KV-cache blocks free",
+    "pagedllm_kv_cache_capacity_tokens": "Tokens the KV cache holds when full (its blocks times block_size), "
+                                         "by what it stores them as (kv_cache_dtype)",
     "pagedllm_last_step_timestamp_seconds": "Unix time of the engine's last step (time() minus this: time since)",
 }
 
@@ -59,7 +61,12 @@ class ServingMetrics:
         self._failure = {code.value: counters["pagedllm_request_failure_total"].Metric(
             labels={**self.labels, "code": code.value}) for code in ErrorCode}
         gauges = {n: self._family(metric_family, n, d, metric_family.GAUGE) for n, d in GAUGES.items()}
-        self.gauges = {n: f.Metric(labels=self.labels) for n, f in gauges.items()}
+        self.gauges = {n: f.Metric(labels=self.labels) for n, f in gauges.items()
+                       if n != "pagedllm_kv_cache_capacity_tokens"}
+        self._capacity_family = gauges["pagedllm_kv_cache_capacity_tokens"]
+        self._capacity_metrics: dict[str, Any] = {}  # by kv_cache_dtype
+        self._capacity: tuple[str, int] | None = None  # (kv_cache_dtype, tokens) of the engine last ready
+        self._reported_capacity: tuple[str, int] | None = None
         self._last_stats: EngineStats | None = None  # as last reported
         self._stats: EngineStats | None = None  # as last seen
         self._generated = 0
@@ -80,11 +87,16 @@ class ServingMetrics:
         self._stats = stats
         self._last_step = last_step or self._last_step
 
-    def on_restart(self) -> None:
+    def on_ready(self, ready: Ready) -> None:
+        """An engine is ready, first or restarted: its KV cache's capacity, reported at the next flush."""
+        self._capacity = (ready.kv_cache_dtype, ready.num_blocks * ready.block_size)
+
+    def on_restart(self, ready: Ready) -> None:
         """A new engine: its cumulative stats count from zero again."""
         with self._lock:
             self._restarts += 1
             self._last_stats = None
+        self.on_ready(ready)
 
     def on_tokens(self, count: int, first_token_latency: float | None, inter_token_latency: float | None) -> None:
         """`count` tokens sent in one response; `inter_token_latency` is the gap since the previous response
@@ -118,6 +130,10 @@ class ServingMetrics:
             restarts, self._restarts = self._restarts, 0
         if restarts:
             self.counters["pagedllm_engine_restarts_total"].increment(restarts)
+        capacity = self._capacity  # set by the engine's watch thread when it restarts
+        if capacity is not None and capacity != self._reported_capacity:
+            self._reported_capacity = dtype, tokens = capacity
+            self._capacity_metric(dtype).set(tokens)
         if self._last_step is not None and self._last_step != self._reported_step:
             self._reported_step = self._last_step
             self.gauges["pagedllm_last_step_timestamp_seconds"].set(self._last_step)
@@ -153,6 +169,13 @@ class ServingMetrics:
             if delta > 0:
                 self.counters[name].increment(delta)
         self._last_stats = stats
+
+    def _capacity_metric(self, kv_cache_dtype: str) -> Any:
+        metric = self._capacity_metrics.get(kv_cache_dtype)
+        if metric is None:
+            metric = self._capacity_metrics[kv_cache_dtype] = self._capacity_family.Metric(
+                labels={**self.labels, "kv_cache_dtype": kv_cache_dtype})
+        return metric
 
     def _success_metric(self, reason: str) -> Any:
         metric = self._success.get(reason)
