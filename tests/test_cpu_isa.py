@@ -68,8 +68,8 @@ def test_the_log_line_names_the_tier_and_how_bf16_is_computed():
     assert CpuPlan(CpuIsa.AVX2, features("zen3")).describe() == (
         "CPU tier: avx2 (fma, f16c); kernels: bf16 weights, widened to fp32, fp32 FMA")
     assert CpuPlan(CpuIsa.AVX512_BF16, features("sapphire-rapids")).describe() == (
-        "CPU tier: avx512_bf16 (avx512_bf16; amx_bf16, amx_tile present, unused); kernels: bf16 weights, "
-        "bf16 dot products (vdpbf16ps)")
+        "CPU tier: avx512_bf16 (avx512_bf16, avx512_vnni; amx_bf16, amx_tile present, unused); kernels: bf16 "
+        "weights, bf16 dot products (vdpbf16ps)")
     assert CpuPlan(CpuIsa.AVX2, features("zen4")).describe().startswith("CPU tier: avx2 (fma, f16c), forced below "
                                                                         "avx512_bf16")
     assert "bfdot" in CpuPlan(CpuIsa.NEON_BF16, features("graviton3")).describe()

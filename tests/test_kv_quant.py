@@ -226,3 +226,19 @@ def test_an_odd_block_size_with_an_int8_cache_on_the_kernels_is_refused(tiny_mod
     with pytest.raises(ValueError, match="block_size: 5 is odd; the CPU kernels keep int8 KV caches"):
         LLM(str(tiny_model_dir("llama3")), dtype="float32", block_size=5, attention_backend="cpu",
             kv_cache_dtype="int8")
+
+
+def test_speculative_decoding_under_an_int8_cache_keeps_the_greedy_answer(tiny_model_dir):
+    """Drafts verified as decode rows, rejected ones' codes overwritten: the same tokens as without speculation (a
+    16-token vocabulary makes the model repeat itself, so drafts are kept and rejected)."""
+    from tests.test_speculative_engine import SPEC
+    model_dir = str(tiny_model_dir("llama3", vocab_size=16))
+    settings = dict(dtype="float32", block_size=4, kv_cache_dtype="int8")
+    plain, speculative = LLM(model_dir, **settings), LLM(model_dir, speculative_config=SPEC, **settings)
+    start = [3, 4, 5, 6, 7]
+    own = plain.generate([start], GREEDY, use_tqdm=False)[0].token_ids
+    prompts = [start + own + start, own[:9] + start, start * 3]
+    outs = [[o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] for llm in (plain, speculative)]
+    assert outs[0] == outs[1]
+    assert speculative.engine.speculator.num_accepted_tokens > 0
+    assert speculative.engine.speculator.num_draft_tokens > speculative.engine.speculator.num_accepted_tokens

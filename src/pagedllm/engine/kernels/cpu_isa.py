@@ -22,7 +22,7 @@ ENV = "PAGEDLLM_CPU_ISA"
 class CpuIsa(enum.StrEnum):
     """A build of the kernels (vec.h's PAGEDLLM_ISA_* macro), best first within its architecture."""
 
-    AVX512_BF16 = "avx512_bf16"  # AVX-512 F/BW/VL with BF16 dot products (Zen 4+, Cooper Lake, Sapphire Rapids+)
+    AVX512_BF16 = "avx512_bf16"  # AVX-512 F/BW/VL, BF16 and VNNI dot products (Zen 4+, Cooper Lake, Sapphire Rapids+)
     AVX512 = "avx512"  # AVX-512 F/BW/VL without BF16 (Skylake-SP to Ice Lake)
     AVX2 = "avx2"  # AVX2 + FMA + F16C (Haswell+, Zen 1-3)
     NEON_BF16 = "neon_bf16"  # aarch64 with BFDOT (Graviton 3/4, Neoverse V1/V2/N2)
@@ -39,8 +39,9 @@ class TierSpec:
 
 
 TIERS: dict[CpuIsa, TierSpec] = {
-    CpuIsa.AVX512_BF16: TierSpec("x86_64", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
-                                 ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"),
+    # VNNI: every CPU with AVX-512 BF16 has it; the int8 KV cache's integer dot products (vpdpwssd)
+    CpuIsa.AVX512_BF16: TierSpec("x86_64", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"),
+                                 ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma"),
                                  "bf16 dot products (vdpbf16ps)"),
     CpuIsa.AVX512: TierSpec("x86_64", ("avx512f", "avx512bw", "avx512vl"),
                             ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"), "widened to fp32, fp32 FMA"),

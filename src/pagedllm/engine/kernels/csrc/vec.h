@@ -114,7 +114,11 @@ inline VecW load_code_pairs(const int8_t* p) { return _mm512_cvtepi8_epi16(_mm25
 inline VecW load_code_pairs_n(const int8_t* p, int64_t n) {  // the first n codes, the rest zero
   return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(n >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << std::max<int64_t>(n, 0)) - 1), p));
 }
+#if defined(__AVX512VNNI__)
+inline VecW madd_pairs(VecW acc, VecW a, VecW b) { return _mm512_dpwssd_epi32(acc, a, b); }  // one instruction
+#else
 inline VecW madd_pairs(VecW acc, VecW a, VecW b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
+#endif
 inline VecF int_to_float(VecW a) { return _mm512_cvtepi32_ps(a); }
 inline void store_int16(int16_t* p, VecF a) {  // rounded to nearest; |a| <= 32767
   _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(a)));
