@@ -926,19 +926,29 @@ void attend_codes(const T* q, const int8_t* cache, const int32_t* table, int64_t
           prefetch(keys + at + off), prefetch(values + at + off);
         }
       }
-      VecW s[GM][kChunkVecs];
+      constexpr int NA = kMaddChains;  // chains per score vector (pairs c, c + NA, ... in one)
+      VecW s[GM][kChunkVecs][NA];
       for (int g = 0; g < group; ++g)
-        for (int v = 0; v < kChunkVecs; ++v) s[g][v] = broadcast_word(0);
-      for (int64_t c = 0; c < NC; ++c) {
-        VecW k[kChunkVecs];
         for (int v = 0; v < kChunkVecs; ++v)
-          k[v] = load_code_pairs_n(kb + 2 * (c * BS + t0 + v * kLanes), 2 * (nt - v * kLanes));
+          for (int a = 0; a < NA; ++a) s[g][v][a] = broadcast_word(0);
+      for (int64_t c0 = 0; c0 < NC; c0 += NA) {
         PAGEDLLM_UNROLL
-        for (int g = 0; g < group; ++g) {
-          const VecW x = broadcast_word(qw[g][c]);
-          for (int v = 0; v < kChunkVecs; ++v) s[g][v] = madd_pairs(s[g][v], k[v], x);
+        for (int a = 0; a < NA; ++a) {
+          const int64_t c = c0 + a;
+          if (c >= NC) break;
+          VecW k[kChunkVecs];
+          for (int v = 0; v < kChunkVecs; ++v)
+            k[v] = load_code_pairs_n(kb + 2 * (c * BS + t0 + v * kLanes), 2 * (nt - v * kLanes));
+          PAGEDLLM_UNROLL
+          for (int g = 0; g < group; ++g) {
+            const VecW x = broadcast_word(qw[g][c]);
+            for (int v = 0; v < kChunkVecs; ++v) s[g][v][a] = madd_pairs(s[g][v][a], k[v], x);
+          }
         }
       }
+      for (int g = 0; g < group; ++g)
+        for (int v = 0; v < kChunkVecs; ++v)
+          for (int a = 1; a < NA; ++a) s[g][v][0] = add_words(s[g][v][0], s[g][v][a]);
       VecF ks[kChunkVecs], vs[kChunkVecs];  // zero past nt
       for (int v = 0; v < kChunkVecs; ++v) {
         const int64_t left = std::max<int64_t>(nt - v * kLanes, 0);
@@ -947,7 +957,7 @@ void attend_codes(const T* q, const int8_t* cache, const int32_t* table, int64_t
       }
       for (int g = 0; g < group; ++g) {
         VecF sc[kChunkVecs], top = set1(-INFINITY);
-        for (int v = 0; v < kChunkVecs; ++v) sc[v] = mul(mul(int_to_float(s[g][v]), ks[v]), set1(q_scale[g]));
+        for (int v = 0; v < kChunkVecs; ++v) sc[v] = mul(mul(int_to_float(s[g][v][0]), ks[v]), set1(q_scale[g]));
         if (nt < kChunk) {  // positions past the chunk score -inf
           for (int v = 0; v < kChunkVecs; ++v) store(tail + v * kLanes, sc[v]);
           for (int64_t t = nt; t < kChunk; ++t) tail[t] = -INFINITY;
@@ -1195,6 +1205,35 @@ inline void accumulate_rows(float* acc, int64_t D, const float* w, const float* 
   }
 }
 
+// A chunk of kChunk positions of an int8 cache from `row` (all in its block) dequantized: keys into kt [D][kChunk],
+// values into vf [kChunk][D], zeros past the first nt (codes times a scale of 0: whatever the stale scales hold).
+inline void dequantize_chunk(const int8_t* keys, const int8_t* values, int64_t row, int64_t nt, int64_t D, int64_t BS,
+                             float* kt, float* vf) {
+  const int64_t block = row / BS * BS * (D + 2), s0 = row % BS;
+  const int8_t* kb = keys + block;
+  const int8_t* vb = values + block;
+  const bf16* k_scales = reinterpret_cast<const bf16*>(kb + BS * D) + s0;
+  const bf16* v_scales = reinterpret_cast<const bf16*>(vb + BS * D) + s0;
+  VecF ks[kChunkVecs];
+  for (int v = 0; v < kChunkVecs; ++v) ks[v] = nt > v * kLanes ? load_n(k_scales + v * kLanes, nt - v * kLanes) : zero();
+  for (int64_t c = 0; c < D / 2; ++c)  // K^T's pair c: dims 2c and 2c + 1 of each position
+    for (int v = 0; v < kChunkVecs; ++v) {
+      const VecW w = load_code_pairs(kb + 2 * (c * BS + s0 + v * kLanes));
+      store(kt + 2 * c * kChunk + v * kLanes, mul(low_codes(w), ks[v]));
+      store(kt + (2 * c + 1) * kChunk + v * kLanes, mul(high_codes(w), ks[v]));
+    }
+  for (int64_t u = 0; u < kChunk / 2; ++u) {  // positions 2u and 2u + 1 of the chunk, dim by dim
+    const int8_t* pair = vb + (s0 / 2 + u) * D * 2;
+    const VecF lo = set1(2 * u < nt ? bf16_to_float(v_scales[2 * u]) : 0.f);
+    const VecF hi = set1(2 * u + 1 < nt ? bf16_to_float(v_scales[2 * u + 1]) : 0.f);
+    for (int64_t d = 0; d < D; d += kLanes) {
+      const VecW w = load_code_pairs_n(pair + 2 * d, 2 * (D - d));
+      store_n(vf + 2 * u * D + d, mul(low_codes(w), lo), D - d);
+      store_n(vf + (2 * u + 1) * D + d, mul(high_codes(w), hi), D - d);
+    }
+  }
+}
+
 // One tile for KV head h. q, out: [T, H * D]; table: the sequence's block table; ctx: per row.
 template <typename T, typename C = T>
 void attend_tile(const T* q, const C* cache, const int32_t* table, const int32_t* ctx, const QueryTile& tile,
@@ -1242,7 +1281,14 @@ void attend_tile(const T* q, const C* cache, const int32_t* table, const int32_t
         kt_stride = BS;
       }
     }
-    for (int64_t t = 0; t < kChunk; ++t) {
+    bool gathered = false;
+    if constexpr (codes) {
+      if (BS % kChunk == 0) {
+        dequantize_chunk(keys, values, int64_t(table[pos0 / BS]) * BS + pos0 % BS, nt, D, BS, kt, vf);
+        gathered = true;
+      }
+    }
+    for (int64_t t = 0; t < kChunk && !gathered; ++t) {
       if (t < nt) {  // gathered through the cache's layout (kv_index)
         const int64_t p = pos0 + t, row = int64_t(table[p / BS]) * BS + p % BS;
         if constexpr (pairs) {

@@ -10,7 +10,8 @@
 //            product, else both halves widened to float32 (a shift and a mask) and two FMAs, as llama.cpp does.
 //            Products of two bf16 are exact in float32 either way; only the order of the sums differs.
 //   int8 KV codes meet queries and weights as int16 pairs in the same 32-bit words: load_code_pairs widens
-//            2 * kLanes codes, madd_pairs multiplies pairs and adds them into int32 lanes (vpmaddwd, exact).
+//            2 * kLanes codes, madd_pairs multiplies pairs and adds them into int32 lanes (vpmaddwd or vpdpwssd,
+//            exact); low_codes and high_codes are a vector of pairs' halves as float32.
 #pragma once
 
 #include <algorithm>
@@ -115,11 +116,16 @@ inline VecW load_code_pairs_n(const int8_t* p, int64_t n) {  // the first n code
   return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(n >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << std::max<int64_t>(n, 0)) - 1), p));
 }
 #if defined(__AVX512VNNI__)
-inline VecW madd_pairs(VecW acc, VecW a, VecW b) { return _mm512_dpwssd_epi32(acc, a, b); }  // one instruction
+// One instruction, 5 cycles from acc to acc: a sum over many pairs runs in kMaddChains chains of it.
+inline VecW madd_pairs(VecW acc, VecW a, VecW b) { return _mm512_dpwssd_epi32(acc, a, b); }
+#define PAGEDLLM_FUSED_MADD 1
 #else
 inline VecW madd_pairs(VecW acc, VecW a, VecW b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
 #endif
 inline VecF int_to_float(VecW a) { return _mm512_cvtepi32_ps(a); }
+inline VecW add_words(VecW a, VecW b) { return _mm512_add_epi32(a, b); }
+inline VecF low_codes(VecW w) { return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 16), 16)); }
+inline VecF high_codes(VecW w) { return _mm512_cvtepi32_ps(_mm512_srai_epi32(w, 16)); }
 inline void store_int16(int16_t* p, VecF a) {  // rounded to nearest; |a| <= 32767
   _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(a)));
 }
@@ -181,6 +187,9 @@ inline VecW broadcast_word(uint32_t w) { return _mm256_set1_epi32(int(w)); }
 inline VecW load_code_pairs(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
 inline VecW madd_pairs(VecW acc, VecW a, VecW b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
 inline VecF int_to_float(VecW a) { return _mm256_cvtepi32_ps(a); }
+inline VecW add_words(VecW a, VecW b) { return _mm256_add_epi32(a, b); }
+inline VecF low_codes(VecW w) { return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 16), 16)); }
+inline VecF high_codes(VecW w) { return _mm256_cvtepi32_ps(_mm256_srai_epi32(w, 16)); }
 inline void store_int16(int16_t* p, VecF a) {
   const __m256i i = _mm256_cvtps_epi32(a);
   _mm_storeu_si128((__m128i*)p, _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1)));
@@ -244,6 +253,9 @@ inline VecW madd_pairs(VecW acc, VecW a, VecW b) {
   return vreinterpretq_u32_s32(vaddq_s32(vreinterpretq_s32_u32(acc), vpaddq_s32(lo, hi)));
 }
 inline VecF int_to_float(VecW a) { return vcvtq_f32_s32(vreinterpretq_s32_u32(a)); }
+inline VecW add_words(VecW a, VecW b) { return vaddq_u32(a, b); }
+inline VecF low_codes(VecW w) { return vcvtq_f32_s32(vshrq_n_s32(vshlq_n_s32(vreinterpretq_s32_u32(w), 16), 16)); }
+inline VecF high_codes(VecW w) { return vcvtq_f32_s32(vshrq_n_s32(vreinterpretq_s32_u32(w), 16)); }
 inline void store_int16(int16_t* p, VecF a) { vst1_s16(p, vmovn_s32(vcvtnq_s32_f32(a))); }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -289,11 +301,20 @@ inline VecW madd_pairs(VecW acc, VecW a, VecW b) {  // in uint32: wraps as int32
   return acc;
 }
 inline VecF int_to_float(VecW a) { VecF r; PAGEDLLM_LANES(r[i] = float(int32_t(a[i]))); return r; }
+inline VecW add_words(VecW a, VecW b) { return a + b; }
+inline VecF low_codes(VecW w) { VecF r; PAGEDLLM_LANES(r[i] = float(int16_t(w[i] & 0xFFFF))); return r; }
+inline VecF high_codes(VecW w) { VecF r; PAGEDLLM_LANES(r[i] = float(int16_t(w[i] >> 16))); return r; }
 inline void store_int16(int16_t* p, VecF a) { PAGEDLLM_LANES(p[i] = int16_t(std::nearbyint(a[i]))); }
 #undef PAGEDLLM_LANES
 #endif
 
 // ---- what every tier shares --------------------------------------------------------------------------------
+#if defined(PAGEDLLM_FUSED_MADD)
+constexpr int kMaddChains = 4;
+#else
+constexpr int kMaddChains = 1;  // the chain runs through a 1-cycle add
+#endif
+
 #if !defined(PAGEDLLM_X86_512)
 // Partial loads and stores through a small buffer: only at the ends of rows whose length is not a multiple
 // of kLanes (AVX-512 masks them instead).
