@@ -79,26 +79,21 @@ static_assert(kGroupVecs * kLanes == kGroupChannels, "a channel group is a whole
 constexpr int kMaxRows = kLanes == 16 ? 8 : 2;
 constexpr int64_t kPrefetch = 4096;  // bytes ahead on each weight stream
 
+// A tile's weight stream ahead of it, into every cache level. Non-temporal fetches (prefetchnta) of a decode's
+// weights, read once, made a batch-1 step 3% faster on Zen 4 and 3.3x slower on a Sapphire Rapids-class Xeon
+// (SmolLM2, 2 threads: 44 against 147 tok/s), so none.
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
-// A tile's weight stream ahead of it. Read once (one row tile per group: decode), its lines are fetched
-// non-temporally, so that 270 MB a step do not push out of the caches what the step and the engine's Python touch
-// next: a batch-1 step 3% faster (9.02 against 9.30 ms, in-process alternating; 168 against 148 tok/s in a
-// faster phase), the Python around it 480 against 550 us. Prefill tiles reuse a group: those stay temporal.
-inline void fetch_weights(const void* p, bool once) {
-  if (once) __builtin_prefetch(p, 0, 0);
-  else __builtin_prefetch(p, 0, 3);
-}
 
 // x: bf16 pairs as 32-bit words, [rows, K/2] with stride x_stride; w: one group, [K/2, 48] words; `scale`: a
-// factor per channel (int8 codes run as bf16 pairs), or none; `once`: no other tile reads this group.
+// factor per channel (int8 codes run as bf16 pairs), or none.
 template <int MR, typename Out>
 void bf16_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t K2, const float* scale,
-               const float* bias, Out* y, int64_t y_stride, int64_t n0, int64_t N, bool once = false) {
+               const float* bias, Out* y, int64_t y_stride, int64_t n0, int64_t N) {
   VecF acc[MR][kGroupVecs];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < kGroupVecs; ++j) acc[i][j] = zero();
   for (int64_t k = 0; k < K2; ++k, w += kGroupChannels) {
-    for (int64_t b = 0; b < kGroupChannels * 4; b += 64) fetch_weights((const char*)w + kPrefetch + b, once);
+    for (int64_t b = 0; b < kGroupChannels * 4; b += 64) prefetch((const char*)w + kPrefetch + b);
     PairX xb[MR];
     for (int i = 0; i < MR; ++i) xb[i] = broadcast_pair(x[i * x_stride + k]);
     for (int j = 0; j < kGroupVecs; ++j) {
@@ -122,13 +117,13 @@ void bf16_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t K
 // x: float32 [rows, K] with stride x_stride; w: one group, [K, 48] int8 codes.
 template <int MR, typename Out>
 void int8_tile(const float* x, int64_t x_stride, const int8_t* w, int64_t K, const float* scale, const float* bias,
-               Out* y, int64_t y_stride, int64_t n0, int64_t N, bool once = false) {
+               Out* y, int64_t y_stride, int64_t n0, int64_t N) {
   VecF acc[MR][kGroupVecs];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < kGroupVecs; ++j) acc[i][j] = zero();
   for (int64_t k = 0; k < K; ++k, w += kGroupChannels) {
     if ((k & 3) == 0)
-      for (int64_t b = 0; b < kGroupChannels * 4; b += 64) fetch_weights((const char*)w + kPrefetch + b, once);
+      for (int64_t b = 0; b < kGroupChannels * 4; b += 64) prefetch((const char*)w + kPrefetch + b);
     VecF xb[MR];
     for (int i = 0; i < MR; ++i) xb[i] = set1(x[i * x_stride + k]);
     for (int j = 0; j < kGroupVecs; ++j) {
@@ -323,9 +318,9 @@ void linear_strips(const LinearArgs& a, int64_t M, const Par& par) {
   });
 }
 
-// `paired`: group g's int8 codes as bf16 pairs (int8_as_bf16), or nullptr; `once`: the group's only row tile.
+// `paired`: group g's int8 codes as bf16 pairs (int8_as_bf16), or nullptr.
 template <typename Out, int MR>
-void run_tile(const LinearArgs& a, int64_t m0, int64_t g, const uint32_t* paired, bool once) {
+void run_tile(const LinearArgs& a, int64_t m0, int64_t g, const uint32_t* paired) {
   Out* y = static_cast<Out*>(a.y) + m0 * a.N;
   if (paired) {
     bf16_tile<MR>(static_cast<const uint32_t*>(a.x_bf16) + m0 * (a.K / 2), a.K / 2, paired, a.K / 2, a.scale, a.bias,
@@ -333,21 +328,21 @@ void run_tile(const LinearArgs& a, int64_t m0, int64_t g, const uint32_t* paired
   } else if (a.scale == nullptr) {
     bf16_tile<MR>(static_cast<const uint32_t*>(a.x) + m0 * (a.K / 2), a.K / 2,
                   static_cast<const uint32_t*>(a.w) + g * (a.K / 2) * kGroupChannels, a.K / 2, nullptr, a.bias, y,
-                  a.N, g * kGroupChannels, a.N, once);
+                  a.N, g * kGroupChannels, a.N);
   } else {
     int8_tile<MR>(static_cast<const float*>(a.x) + m0 * a.K, a.K,
                   static_cast<const int8_t*>(a.w) + g * a.K * kGroupChannels, a.K, a.scale, a.bias, y, a.N,
-                  g * kGroupChannels, a.N, once);
+                  g * kGroupChannels, a.N);
   }
 }
 
 template <typename Out, int MR = kMaxRows>
-void run_rows(const LinearArgs& a, int64_t m0, int64_t rows, int64_t g, const uint32_t* paired, bool once) {
+void run_rows(const LinearArgs& a, int64_t m0, int64_t rows, int64_t g, const uint32_t* paired) {
   if constexpr (MR == 1) {
-    run_tile<Out, 1>(a, m0, g, paired, once);
+    run_tile<Out, 1>(a, m0, g, paired);
   } else {
-    if (rows >= MR) return run_tile<Out, MR>(a, m0, g, paired, once);
-    run_rows<Out, MR - 1>(a, m0, rows, g, paired, once);
+    if (rows >= MR) return run_tile<Out, MR>(a, m0, g, paired);
+    run_rows<Out, MR - 1>(a, m0, rows, g, paired);
   }
 }
 
@@ -382,7 +377,7 @@ void linear(const LinearArgs& a, int64_t M, const Par& par) {
         pair_group(reinterpret_cast<const int8_t*>(a.group_at(g)), a.K, panel.data());
         converted = g;
       }
-      run_rows<Out>(a, m0, std::min<int64_t>(kMaxRows, M - m0), g, paired ? panel.data() : nullptr, mtiles == 1);
+      run_rows<Out>(a, m0, std::min<int64_t>(kMaxRows, M - m0), g, paired ? panel.data() : nullptr);
     }
   });
 }
