@@ -14,7 +14,7 @@ from pagedllm.cache import cache_dir
 from pagedllm.weights import ensure_default_model
 
 SDIST = "llama-cpp-python==0.3.36"  # vendors llama.cpp 0c1e57098
-TARGETS = ("llama-bench", "llama-batched-bench")
+TARGETS = ("llama-bench", "llama-batched-bench", "llama-perplexity")
 CONVERTER_PACKAGES = ("torch==2.13.0", "numpy<2", "transformers", "sentencepiece", "protobuf", "safetensors")
 
 
@@ -57,7 +57,7 @@ def binaries(build: str = "native") -> Path:
     bin_dir = src / folder / "bin"
     if all((bin_dir / t).exists() for t in TARGETS):
         return bin_dir
-    print(f"llama.cpp: building llama-bench and llama-batched-bench, {build} (a few minutes)", file=sys.stderr)
+    print(f"llama.cpp: building {', '.join(TARGETS)}, {build} (a few minutes)", file=sys.stderr)
     _run(["cmake", "-B", folder, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", *BUILDS[build]], cwd=src)
     _run(["cmake", "--build", folder, "-j2", "--target", *TARGETS], cwd=src)
     return bin_dir

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 # bench_serving's smoke run is in tests/integration/test_perf_tools.py, on the session's server
 @pytest.mark.parametrize("script", ["bench_engine", "bench_speculative", "bench_structured", "bench_lora",
-                                    "bench_routing"])
+                                    "bench_routing", "bench_kv_cache"])
 def test_benchmark_runs_quick(script):
     done = subprocess.run([sys.executable, "-m", f"perf.{script}", "--quick"], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)

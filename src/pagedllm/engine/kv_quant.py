@@ -6,8 +6,8 @@ A layer's cache is one int8 tensor [2, KVH, blocks, block_size, head_dim + 2]: e
 codes (block_size * head_dim bytes; row-major for the torch backend, in the CPU kernels' pairs for them), then their
 scales (block_size bfloat16). A position costs head_dim + 2 bytes per KV head against 2 * head_dim in bfloat16:
 1.94x the tokens in the same memory at head_dim 64, 1.97x at 128. A scale per position (rather than per block)
-never changes once written, so a block is never quantized twice, and it measured the lower perplexity
-(perf/bench_kv_cache.py).
+never changes once written, so a block is never quantized twice as it fills, and it measured the smaller key and
+value errors and the perplexity nearer the unquantized cache's (perf/bench_kv_cache.py).
 """
 from __future__ import annotations
 
