@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -97,12 +98,18 @@ def peer_ready() -> bool:
             and all((home / f"smollm2-{g}.gguf").exists() for g, _ in PEER.values()))
 
 
+class PeerCrashed(RuntimeError):
+    pass
+
+
 def llama_perplexity(model: Path, cache: str, ctx: int, text: Path) -> str:
     """llama-perplexity's log (stdout and stderr; `-lv 4`: the KV cache's lines are info, not printed by default),
     2 threads, flash attention, `cache` for K and V."""
     done = subprocess.run([str(llamacpp.binaries() / "llama-perplexity"), "-m", str(model), "-f", str(text),
                            "-c", str(ctx), "-t", "2", "-fa", "1", "-ctk", cache, "-ctv", cache, "-lv", "4"],
                           capture_output=True, text=True)
+    if done.returncode < 0:  # e.g. SIGILL: the native build's AMX int8 path where the kernel does not enable AMX
+        raise PeerCrashed(f"llama-perplexity on {model.name} died of {signal.Signals(-done.returncode).name}")
     return done.stdout + done.stderr
 
 
@@ -212,15 +219,19 @@ def main() -> None:
     answers = greedy_answers({key: llm for key, llm in llms.items()})
 
     peer = not args.quick or peer_ready()
-    peer_ppl, peer_bytes, ppl_file = {}, {}, TEXT
+    peer_ppl, peer_bytes, ppl_file, peer_weights, args.peer_crashes = {}, {}, TEXT, [], []
     if peer:
         if args.quick:
             ppl_file = Path(tempfile.mkdtemp()) / "perplexity.txt"
             ppl_file.write_text(text)
         for w in weights:
             model = llamacpp.gguf(PEER[w][0])
-            for kv, cache in CACHE.items():
-                peer_ppl[(w, kv)] = peer_perplexity(model, cache, args.peer_window, ppl_file)
+            try:
+                for kv, cache in CACHE.items():
+                    peer_ppl[(w, kv)] = peer_perplexity(model, cache, args.peer_window, ppl_file)
+                peer_weights.append(w)
+            except PeerCrashed as e:  # those weights are left out of llama.cpp's rows, and the report says why
+                args.peer_crashes.append(str(e))
         for kv, cache in CACHE.items():
             peer_bytes[kv] = peer_kv_bytes_per_token(llamacpp.gguf("bf16"), cache, 4096)
         print("llama.cpp perplexity:", peer_ppl, "KV bytes/token:", peer_bytes, flush=True)
@@ -229,7 +240,7 @@ def main() -> None:
     for r in range(args.rounds):
         for w in weights:
             for kv in ("auto", "int8"):
-                if peer:
+                if w in peer_weights:
                     runs.setdefault(("llama.cpp", w, kv), []).append(llamacpp.bench(
                         llamacpp.gguf(PEER[w][0]), "-p", "0", "-n", str(args.decode_tokens), "-d", str(args.context),
                         "-fa", "1", "-ctk", CACHE[kv], "-ctv", CACHE[kv]))
@@ -307,6 +318,8 @@ def report(args, isa, weights, ppl, scales, answers, tok, peer_ppl, peer_bytes, 
                   if ("llama.cpp", w, "auto") in decode else ["-"] * 3)
         lines.append(f"| {w} ({PEER[w][1]}) | {ours[0]:.1f} | {ours[1]:.1f} | {x(ours[1], ours[0])} | "
                      + " | ".join(theirs) + " |")
+    for crash in args.peer_crashes:
+        lines.append(f"\nllama.cpp left out for those weights: {crash} (its native build on this CPU).")
     lines += ["", "Perplexity of perf/data/perplexity.txt: pagedllm in windows of 512 tokens, every position scored; "
               f"llama-perplexity `-c {args.peer_window}` (the text has about 1,000 tokens, under the 1,024 `-c 512` "
               "needs), the second half of each window scored, so only its change is comparable.\n",
@@ -314,8 +327,10 @@ def report(args, isa, weights, ppl, scales, answers, tok, peer_ppl, peer_bytes, 
               "|---|---:|---:|---:|---:|---:|---:|"]
     for w in weights:
         a, b = ppl[(w, "auto")], ppl[(w, "int8")]
-        theirs = (f"{peer_ppl[(w, 'auto')]:.4f} | {peer_ppl[(w, 'int8')]:.4f} | "
-                  f"{peer_ppl[(w, 'int8')] / peer_ppl[(w, 'auto')] - 1:+.2%}" if peer_ppl else "- | - | -")
+        theirs = "- | - | -"
+        if (w, "auto") in peer_ppl:
+            f16, q8 = peer_ppl[(w, "auto")], peer_ppl[(w, "int8")]
+            theirs = f"{f16:.4f} | {q8:.4f} | {q8 / f16 - 1:+.2%}"
         lines.append(f"| {w} ({PEER[w][1]}) | {a:.4f} | {b:.4f} | {b / a - 1:+.2%} | {theirs} |")
     lines += ["", "Scale granularity (torch backend, float32 model and cache): the shipped cache (a scale per "
               "position and KV head) against a simulated one scale per 16-position block and KV head (the block's "

@@ -72,7 +72,8 @@ class LLMModel:
             self.tokenizer = tokenizer.result()
         token_text = functools.lru_cache(maxsize=1 << 16)(lambda token_id: self.tokenizer.decode([token_id]))
         self.backend.log_info(f"pagedllm {self.name}/{args['model_version']}: engine ready in process "
-                              f"{self.loop.process.pid}, {self.loop.info.num_blocks} KV blocks; "
+                              f"{self.loop.process.pid}, {self.loop.info.num_blocks} KV blocks "
+                              f"({self.loop.info.kv_cache_dtype}); "
                               f"{self.loop.info.compute_path}; a chat's tools reach the model through "
                               f"{tools_reach_the_model_by(self.tokenizer)}")
         self.prompt_limit = PromptLimit.for_tokenizer(self.tokenizer, self.loop.info.max_model_len)

@@ -41,8 +41,8 @@ MODEL_PY = '"""Thin on purpose: the logic lives in pagedllm.serving, unit-tested
 # every stream's inter-token latency bounded; responses every 4 tokens cost the server less per token).
 SERVED_ENGINE = {"model": "default", "max_num_seqs": 64, "max_num_batched_tokens": 1024, "stream_interval": 4}
 # The settings engine.json shows an operator, whatever their value (the rest only where overridden).
-SHOWN_ENGINE_SETTINGS = ("model", "dtype", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens",
-                         "stream_interval")
+SHOWN_ENGINE_SETTINGS = ("model", "dtype", "kv_cache_memory", "kv_cache_dtype", "max_num_seqs",
+                         "max_num_batched_tokens", "stream_interval")
 
 
 def engine_json(overrides: dict) -> dict:
