@@ -23,7 +23,7 @@ CPUS = {  # /proc/cpuinfo flags of CPUs seen in the field (trimmed to what matte
     "skylake-sp": ("x86_64", X86_BASE + " avx2 fma f16c avx512f avx512dq avx512cd avx512bw avx512vl"),
     "zen4": ("x86_64", X86_BASE + " avx2 fma f16c avx512f avx512dq avx512bw avx512vl avx512_bf16 avx512_vnni"),
     "sapphire-rapids": ("x86_64", X86_BASE + " avx2 fma f16c avx512f avx512dq avx512bw avx512vl avx512_bf16 "
-                                             "amx_bf16 amx_tile amx_int8 avx_ne_convert"),
+                                             "avx512_vnni amx_bf16 amx_tile amx_int8 avx_ne_convert"),
     "atom": ("x86_64", "fpu sse sse2 ssse3 sse4_1 sse4_2"),
     "graviton2": ("aarch64", "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp asimdrdm asimddp"),
     "graviton3": ("aarch64", "fp asimd evtstrm aes atomics asimddp sve i8mm bf16 svebf16"),
