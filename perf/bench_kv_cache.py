@@ -94,7 +94,7 @@ def pagedllm_bytes_per_token(llm: LLM) -> int:
 def peer_ready() -> bool:
     """Built and converted already (the quick run builds nothing)."""
     home = llamacpp.home()
-    return (any(home.glob("llama_cpp_python-*/vendor/llama.cpp/build/bin/llama-perplexity"))
+    return (any(home.glob(f"llama_cpp_python-*/vendor/llama.cpp/{llamacpp.build_folder()}/bin/llama-perplexity"))
             and all((home / f"smollm2-{g}.gguf").exists() for g, _ in PEER.values()))
 
 
@@ -273,7 +273,7 @@ def report(args, isa, weights, ppl, scales, answers, tok, peer_ppl, peer_bytes, 
     mib = args.kv_cache_memory
     x = lambda a, b: f"**{a / b:.2f}x**"  # noqa: E731
     lines = [f"Tier: pagedllm's **{isa}** kernels (this CPU's best), llama.cpp "
-             "built with `-DGGML_NATIVE=ON`, 2 threads.\n",
+             f"built with {llamacpp.DESCRIBED[llamacpp.NATIVE]}, 2 threads.\n",
              f"`python -m perf.bench_kv_cache` — SmolLM2-135M-Instruct; pagedllm's KV cache in the model's dtype "
              "(`kv_cache_dtype=\"auto\"`, bf16) against int8 codes with a bf16 scale per position and KV head "
              "(`\"int8\"`); llama.cpp "

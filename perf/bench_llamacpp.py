@@ -195,7 +195,7 @@ def main() -> None:
     isa = cpu_isa.choose(args.isa, cpu_isa.host(), "--isa")
     if isa != native:
         _restrict_torch(isa.value)
-    args.isa, args.build = isa.value, "native" if isa == native else isa.value  # llama.cpp's build of that tier
+    args.isa, args.build = isa.value, llamacpp.NATIVE if isa == native else isa.value  # llama.cpp's build of that tier
     torch.set_num_threads(2)
     path = str(ensure_default_model())
     warm = offline_start(cache_dir(), isa.value)
@@ -251,14 +251,15 @@ def report(args, med, bandwidth, matmul, ppl, answers, llms, start) -> str:
         diff = first_difference(fast, eager)
         same = "identical" if diff is None else f"first differs at token {diff}"
         answer_rows.append(f"| {q} | {tok.decode(fast)!r} | {same} | {tok.decode(int8)!r} |")
-    forced = args.build != "native"
+    forced = args.build != llamacpp.NATIVE
     command = "`python -m perf.bench_llamacpp" + (f" --isa {args.isa}`" if forced else "`")
     peer_isa = {"avx512": "AVX-512F/BW/VL/DQ (no BF16, VNNI or VBMI) and no AMX",
                 "portable": "x86-64 with SSE only (AVX, AVX2, FMA, F16C, AVX-512 and AMX off)"}.get(
         args.build, "AVX2 + FMA + F16C with every AVX-512 and AMX option off")
     tier = (f"Tier: pagedllm's **{args.isa}** kernels forced on this CPU, torch held to the same instruction set, "
             f"against llama.cpp built\nfor {peer_isa}.\n\n" if forced else
-            f"Tier: pagedllm's **{args.isa}** kernels (this CPU's best), llama.cpp built with `-DGGML_NATIVE=ON`.\n\n")
+            f"Tier: pagedllm's **{args.isa}** kernels (this CPU's best), llama.cpp built with "
+            f"{llamacpp.DESCRIBED[args.build]}.\n\n")
     return (tier + f"{command} — SmolLM2-135M-Instruct, the same weights in both engines "
             "(llama.cpp 0c1e57098\n"
             f"from the {llamacpp.SDIST} sdist, GGUF converted by its own `convert_hf_to_gguf.py`), 2 threads, "

@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 from pagedllm.cache import cache_dir
+from pagedllm.engine.kernels import cpu_isa
 from pagedllm.weights import ensure_default_model
 
 SDIST = "llama-cpp-python==0.3.36"  # vendors llama.cpp 0c1e57098
@@ -45,15 +46,30 @@ _AVX512_EXTENSIONS_OFF = ["-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX512_VNNI=OFF", "-
                           "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DGGML_AVX_VNNI=OFF"]
 _AVX2 = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON",
          *_AVX512_EXTENSIONS_OFF]
+# "native-no-amx": every x86 extension to AVX-512 BF16 and VNNI, and no AMX. With AMX, llama.cpp's Q8_0 weights died of
+# SIGILL on the Xeon of 2026-12-06 (tilezero in a worker thread of its AMX int8 kernels); pagedllm's kernels use no
+# AMX either, so that is the native peer on a CPU with AMX (NATIVE).
 BUILDS = {"native": ["-DGGML_NATIVE=ON"], "avx2": [*_AVX2, "-DGGML_AVX512=OFF"], "avx512": [*_AVX2, "-DGGML_AVX512=ON"],
+          "native-no-amx": [*_AVX2, "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON",
+                            "-DGGML_AVX512_BF16=ON", "-DGGML_AVX_VNNI=ON"],
           # no x86 extension past x86-64's SSE2 (and SSE4.2), the peer of the portable tier
           "portable": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=OFF", "-DGGML_AVX2=OFF", "-DGGML_FMA=OFF", "-DGGML_F16C=OFF",
                        "-DGGML_BMI2=OFF", "-DGGML_AVX512=OFF", *_AVX512_EXTENSIONS_OFF]}
 
 
-def binaries(build: str = "native") -> Path:
+NATIVE = "native-no-amx" if cpu_isa.host().has("amx_int8") else "native"
+DESCRIBED = {"native": "`-DGGML_NATIVE=ON`",
+             "native-no-amx": "AVX-512 with BF16, VNNI and VBMI, AMX off (its AMX int8 kernels died of SIGILL on a "
+                              "Xeon with AMX; pagedllm uses none)"}
+
+
+def build_folder(build: str = NATIVE) -> str:
+    return "build" if build == "native" else f"build-{build}"
+
+
+def binaries(build: str = NATIVE) -> Path:
     src = source()
-    folder = "build" if build == "native" else f"build-{build}"
+    folder = build_folder(build)
     bin_dir = src / folder / "bin"
     if all((bin_dir / t).exists() for t in TARGETS):
         return bin_dir
@@ -88,14 +104,14 @@ def lora_gguf(adapter: Path, outfile: Path) -> Path:
     return outfile
 
 
-def bench(model: Path, *args: str, build: str = "native") -> float:
+def bench(model: Path, *args: str, build: str = NATIVE) -> float:
     """llama-bench's tokens/s for one test (e.g. `-p 0 -n 64`, `-p 512 -n 0`, `-d 4096`), 2 threads."""
     out = _run([str(binaries(build) / "llama-bench"), "-m", str(model), "-t", "2", "-r", "3", "-o", "json", *args])
     return float(json.loads(out)[0]["avg_ts"])
 
 
 def batched_generation(model: Path, parallel: list[int], prompt: int = 40, generate: int = 64,
-                       build: str = "native", lora: Path | None = None) -> dict[int, float]:
+                       build: str = NATIVE, lora: Path | None = None) -> dict[int, float]:
     """llama-batched-bench's generation tokens/s (S_TG) at each number of parallel sequences; with `lora`, every
     sequence runs with that adapter (the one mode it has)."""
     ctx = max(parallel) * (prompt + generate) + 256
