@@ -758,6 +758,37 @@ inline VecW load_words_upto(const uint32_t* p, int64_t n) {
 
 constexpr int kChunkVecs = int(kChunk / kLanes);  // a chunk's scores in vectors
 
+// One chunk's online-softmax step for one query head, in registers: its scores sc (kChunk positions, the first nt
+// real) become weights p, exactly 0 past nt; where the chunk passes the running max m, the weighted values so far
+// (acc, nd vectors) and the sums lsum are scaled down first; lsum gains p.
+[[gnu::always_inline]] inline void softmax_chunk(VecF* sc, int64_t nt, float& m, VecF* acc, int64_t nd, VecF* lsum,
+                                                 VecF* p) {
+  alignas(64) float tail[kChunk];
+  if (nt < kChunk) {  // positions past the chunk score -inf
+    for (int v = 0; v < kChunkVecs; ++v) store(tail + v * kLanes, sc[v]);
+    for (int64_t t = nt; t < kChunk; ++t) tail[t] = -INFINITY;
+    for (int v = 0; v < kChunkVecs; ++v) sc[v] = load(tail + v * kLanes);
+  }
+  VecF top = set1(-INFINITY);
+  for (int v = 0; v < kChunkVecs; ++v) top = max(top, sc[v]);
+  const float chunk_max = reduce_max(top);
+  if (chunk_max > m) {
+    const VecF correction = exp(set1(m - chunk_max));
+    for (int64_t i = 0; i < nd; ++i) acc[i] = mul(acc[i], correction);
+    for (int v = 0; v < kChunkVecs; ++v) lsum[v] = mul(lsum[v], correction);
+    m = chunk_max;
+  }
+  for (int v = 0; v < kChunkVecs; ++v) {
+    p[v] = exp(sub(sc[v], set1(m)));
+    if (nt < kChunk) {  // exactly 0, not exp's floor
+      store(tail, p[v]);
+      for (int64_t t = std::max<int64_t>(nt - v * kLanes, 0); t < kLanes; ++t) tail[t] = 0.f;
+      p[v] = load(tail);
+    }
+    lsum[v] = add(lsum[v], p[v]);
+  }
+}
+
 // One split of a bf16 cache in its block layout (kv_index) for the query heads of KV head kv_head's group. Per
 // chunk of up to kChunk positions of one block: every head's scores as vectors over the positions (dot2 of K^T's
 // rows against the query's pairs, broadcast), the running max raised only where the chunk passes it, the weights
@@ -786,7 +817,6 @@ void attend_pairs(const bf16* q, const bf16* cache, const int32_t* table, int64_
     for (int i = 0; i < ND; ++i) acc[g][i] = zero();
   }
   alignas(64) bf16 weights[GM][kChunk];
-  alignas(64) float tail[kChunk];
   alignas(64) uint32_t last_pair[kMaxHeadDim];
   for (int64_t pos = first; pos < last; pos += BS) {
     const int64_t n = std::min(BS, last - pos), block = int64_t(table[pos / BS]) * BS * NC;  // in words
@@ -818,35 +848,14 @@ void attend_pairs(const bf16* q, const bf16* cache, const int32_t* table, int64_
         }
       }
       for (int g = 0; g < group; ++g) {
-        VecF sc[kChunkVecs], top = set1(-INFINITY);
+        VecF sc[kChunkVecs], p[kChunkVecs];
         for (int v = 0; v < kChunkVecs; ++v) {
           sc[v] = s[g][v][0];
           for (int a = 1; a < NA; ++a) sc[v] = add(sc[v], s[g][v][a]);
           sc[v] = mul(sc[v], set1(scale));
         }
-        if (nt < kChunk) {  // positions past the chunk score -inf
-          for (int v = 0; v < kChunkVecs; ++v) store(tail + v * kLanes, sc[v]);
-          for (int64_t t = nt; t < kChunk; ++t) tail[t] = -INFINITY;
-          for (int v = 0; v < kChunkVecs; ++v) sc[v] = load(tail + v * kLanes);
-        }
-        for (int v = 0; v < kChunkVecs; ++v) top = max(top, sc[v]);
-        const float chunk_max = reduce_max(top);
-        if (chunk_max > m[g]) {
-          const VecF correction = exp(set1(m[g] - chunk_max));
-          for (int i = 0; i < ND; ++i) acc[g][i] = mul(acc[g][i], correction);
-          for (int v = 0; v < kChunkVecs; ++v) lsum[g][v] = mul(lsum[g][v], correction);
-          m[g] = chunk_max;
-        }
-        for (int v = 0; v < kChunkVecs; ++v) {
-          VecF p = exp(sub(sc[v], set1(m[g])));
-          if (nt < kChunk) {  // exactly 0, not exp's floor
-            store(tail, p);
-            for (int64_t t = std::max<int64_t>(nt - v * kLanes, 0); t < kLanes; ++t) tail[t] = 0.f;
-            p = load(tail);
-          }
-          lsum[g][v] = add(lsum[g][v], p);
-          store(weights[g] + v * kLanes, p);
-        }
+        softmax_chunk(sc, nt, m[g], acc[g], ND, lsum[g], p);
+        for (int v = 0; v < kChunkVecs; ++v) store(weights[g] + v * kLanes, p[v]);
       }
       const int64_t pairs = (nt + 1) / 2;
       for (int64_t u = 0; u < pairs; ++u) {
@@ -904,7 +913,6 @@ void attend_codes(const T* q, const int8_t* cache, const int32_t* table, int64_t
     for (int i = 0; i < ND; ++i) acc[g][i] = zero();
   }
   alignas(64) int16_t weights[GM][kChunk];
-  alignas(64) float tail[kChunk];
   for (int64_t pos = first; pos < last; pos += BS) {
     const int64_t n = std::min(BS, last - pos), block = int64_t(table[pos / BS]) * block_bytes;
     const int8_t* kb = keys + block;
@@ -951,33 +959,10 @@ void attend_codes(const T* q, const int8_t* cache, const int32_t* table, int64_t
         vs[v] = left > 0 ? load_n(v_scales + t0 + v * kLanes, left) : zero();
       }
       for (int g = 0; g < group; ++g) {
-        VecF sc[kChunkVecs], top = set1(-INFINITY);
+        VecF sc[kChunkVecs], p[kChunkVecs], w[kChunkVecs], wmax = zero();
         for (int v = 0; v < kChunkVecs; ++v) sc[v] = mul(mul(int_to_float(s[g][v][0]), ks[v]), set1(q_scale[g]));
-        if (nt < kChunk) {  // positions past the chunk score -inf
-          for (int v = 0; v < kChunkVecs; ++v) store(tail + v * kLanes, sc[v]);
-          for (int64_t t = nt; t < kChunk; ++t) tail[t] = -INFINITY;
-          for (int v = 0; v < kChunkVecs; ++v) sc[v] = load(tail + v * kLanes);
-        }
-        for (int v = 0; v < kChunkVecs; ++v) top = max(top, sc[v]);
-        const float chunk_max = reduce_max(top);
-        if (chunk_max > m[g]) {
-          const VecF correction = exp(set1(m[g] - chunk_max));
-          for (int i = 0; i < ND; ++i) acc[g][i] = mul(acc[g][i], correction);
-          for (int v = 0; v < kChunkVecs; ++v) lsum[g][v] = mul(lsum[g][v], correction);
-          m[g] = chunk_max;
-        }
-        VecF w[kChunkVecs], wmax = zero();
-        for (int v = 0; v < kChunkVecs; ++v) {
-          VecF p = exp(sub(sc[v], set1(m[g])));
-          if (nt < kChunk) {  // exactly 0, not exp's floor
-            store(tail, p);
-            for (int64_t t = std::max<int64_t>(nt - v * kLanes, 0); t < kLanes; ++t) tail[t] = 0.f;
-            p = load(tail);
-          }
-          lsum[g][v] = add(lsum[g][v], p);
-          w[v] = mul(p, vs[v]);
-          wmax = max(wmax, w[v]);
-        }
+        softmax_chunk(sc, nt, m[g], acc[g], ND, lsum[g], p);
+        for (int v = 0; v < kChunkVecs; ++v) w[v] = mul(p[v], vs[v]), wmax = max(wmax, w[v]);
         const float largest = reduce_max(wmax);
         w_scale[g] = largest > 0.f ? largest / 32767.f : 1.f;
         const VecF inv = set1(1.f / w_scale[g]);
