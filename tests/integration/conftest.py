@@ -210,10 +210,15 @@ def _ppid(p: Path) -> int:
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.2) -> bool:
+    """Whether `predicate` comes true within `timeout`; a port that refuses it meanwhile counts as not yet (Triton's
+    metrics port once did for a moment after the server was ready), and the last try raises what it raises."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return True
+        try:
+            if predicate():
+                return True
+        except OSError:
+            pass
         time.sleep(interval)
     return predicate()
 
