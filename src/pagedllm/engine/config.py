@@ -26,7 +26,6 @@ BACKENDS = ("auto", *backends.BACKENDS)
 _BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}  # per value of each dtype
 DTYPES = ("auto", *_BYTES)
 KV_CACHE_DTYPES = ("auto", "int8")
-_KV_SCALE_BYTES = 2  # int8 KV: a bfloat16 scale per position and KV head (kv_quant.py)
 CPU_ISAS = ("auto", *(isa.value for isa in cpu_isa.CpuIsa))
 
 
@@ -303,7 +302,8 @@ def num_blocks_for(config: EngineConfig, model: ModelConfig) -> int:
         return config.num_kv_blocks
     per_block = 2 * model.num_hidden_layers * config.block_size * model.num_key_value_heads
     if config.kv_cache_dtype == "int8":
-        per_block *= model.head_dim + _KV_SCALE_BYTES
+        from pagedllm.engine import kv_quant  # torch: not at import (the module's docstring says why)
+        per_block *= model.head_dim + kv_quant.SCALE_BYTES
     else:
         per_block *= model.head_dim * _BYTES[config.resolved_dtype()]
     return max(1, config.kv_cache_memory // per_block)
