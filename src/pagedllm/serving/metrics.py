@@ -64,7 +64,7 @@ class ServingMetrics:
         self.gauges = {n: f.Metric(labels=self.labels) for n, f in gauges.items()
                        if n != "pagedllm_kv_cache_capacity_tokens"}
         self._capacity_family = gauges["pagedllm_kv_cache_capacity_tokens"]
-        self._capacity_metrics: dict[str, Any] = {}  # by kv_cache_dtype
+        self._capacity_series: dict[str, Any] = {}  # by kv_cache_dtype
         self._capacity: tuple[str, int] | None = None  # (kv_cache_dtype, tokens) of the engine last ready
         self._reported_capacity: tuple[str, int] | None = None
         self._last_stats: EngineStats | None = None  # as last reported
@@ -171,15 +171,13 @@ class ServingMetrics:
         self._last_stats = stats
 
     def _capacity_metric(self, kv_cache_dtype: str) -> Any:
-        metric = self._capacity_metrics.get(kv_cache_dtype)
-        if metric is None:
-            metric = self._capacity_metrics[kv_cache_dtype] = self._capacity_family.Metric(
-                labels={**self.labels, "kv_cache_dtype": kv_cache_dtype})
-        return metric
+        return self._series(self._capacity_series, self._capacity_family, "kv_cache_dtype", kv_cache_dtype)
 
     def _success_metric(self, reason: str) -> Any:
-        metric = self._success.get(reason)
-        if metric is None:
-            metric = self._success[reason] = self._success_family.Metric(
-                labels={**self.labels, "finish_reason": reason})
-        return metric
+        return self._series(self._success, self._success_family, "finish_reason", reason)
+
+    def _series(self, made: dict[str, Any], family: Any, label: str, value: str) -> Any:
+        """`family`'s series for this model with `label` = `value`, made the first time it is asked for."""
+        if value not in made:
+            made[value] = family.Metric(labels={**self.labels, label: value})
+        return made[value]
