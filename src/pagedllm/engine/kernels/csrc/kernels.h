@@ -903,11 +903,9 @@ void attend_codes(const T* q, const int8_t* cache, const int32_t* table, int64_t
     float absmax = 0.f;
     for (int64_t d = 0; d < D; ++d) absmax = std::max(absmax, std::fabs(as_float(q[g * D + d])));
     const float qs = absmax > 0.f ? absmax / 32767.f : 1.f;
-    for (int64_t c = 0; c < NC; ++c) {
-      const int32_t lo = int32_t(std::nearbyint(as_float(q[g * D + 2 * c]) / qs));
-      const int32_t hi = int32_t(std::nearbyint(as_float(q[g * D + 2 * c + 1]) / qs));
-      qw[g][c] = uint32_t(uint16_t(int16_t(lo))) | uint32_t(uint16_t(int16_t(hi))) << 16;
-    }
+    for (int64_t c = 0; c < NC; ++c)
+      qw[g][c] = int16_pair(int16_t(std::nearbyint(as_float(q[g * D + 2 * c]) / qs)),
+                            int16_t(std::nearbyint(as_float(q[g * D + 2 * c + 1]) / qs)));
     q_scale[g] = qs * scale, m[g] = -INFINITY;
     for (int v = 0; v < kChunkVecs; ++v) lsum[g][v] = zero();
     for (int i = 0; i < ND; ++i) acc[g][i] = zero();
@@ -924,10 +922,8 @@ void attend_codes(const T* q, const int8_t* cache, const int32_t* table, int64_t
       const int64_t nt = std::min<int64_t>(kChunk, n - t0);
       if (ahead >= 0) {  // the block ahead's share of this chunk, keys and values (and its scales, once)
         const int64_t at = ahead / BS * block_bytes;
-        for (int64_t b = t0 == 0 ? -2 * BS : 0; b < nt * D; b += 64) {
-          const int64_t off = b < 0 ? BS * D + 2 * BS + b : t0 * D + b;
-          prefetch(keys + at + off), prefetch(values + at + off);
-        }
+        if (t0 == 0) prefetch(keys + at + BS * D), prefetch(values + at + BS * D);
+        for (int64_t b = 0; b < nt * D; b += 64) prefetch(keys + at + t0 * D + b), prefetch(values + at + t0 * D + b);
       }
       constexpr int NA = kMaddChains;  // chains per score vector (pairs c, c + NA, ... in one)
       VecW s[GM][kChunkVecs][NA];

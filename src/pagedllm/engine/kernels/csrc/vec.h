@@ -35,6 +35,9 @@ namespace pagedllm {
 
 using bf16 = uint16_t;  // bfloat16 bits, the layout of at::BFloat16
 
+// Two int16 as one 32-bit word, lo in the low half: what madd_pairs multiplies pair by pair.
+inline uint32_t int16_pair(int16_t lo, int16_t hi) { return uint32_t(uint16_t(lo)) | uint32_t(uint16_t(hi)) << 16; }
+
 inline float bf16_to_float(bf16 b) {
   uint32_t bits = uint32_t(b) << 16;
   float f;
@@ -293,8 +296,7 @@ inline VecF low_halves(VecW w) { VecW b = w << 16; VecF r; std::memcpy(&r, &b, s
 inline VecF high_halves(VecW w) { VecW b = w & 0xFFFF0000u; VecF r; std::memcpy(&r, &b, sizeof r); return r; }
 inline VecW broadcast_word(uint32_t w) { return VecW{} + w; }
 
-inline uint32_t code_pair(int8_t lo, int8_t hi) { return uint32_t(uint16_t(int16_t(lo))) | uint32_t(uint16_t(int16_t(hi))) << 16; }
-inline VecW load_code_pairs(const int8_t* p) { VecW r; PAGEDLLM_LANES(r[i] = code_pair(p[2 * i], p[2 * i + 1])); return r; }
+inline VecW load_code_pairs(const int8_t* p) { VecW r; PAGEDLLM_LANES(r[i] = int16_pair(p[2 * i], p[2 * i + 1])); return r; }
 inline VecW madd_pairs(VecW acc, VecW a, VecW b) {  // in uint32: wraps as int32 lanes do
   PAGEDLLM_LANES(acc[i] += uint32_t(int32_t(int16_t(a[i] & 0xFFFF)) * int16_t(b[i] & 0xFFFF) +
                                     int32_t(int16_t(a[i] >> 16)) * int16_t(b[i] >> 16)));
