@@ -40,7 +40,7 @@ def features(name: str) -> CpuFeatures:
     ("zen3", "avx2", ["avx2", "portable"]),
     ("skylake-sp", "avx512", ["avx512", "avx2", "portable"]),
     ("zen4", "avx512_bf16", ["avx512_bf16", "avx512", "avx2", "portable"]),
-    ("sapphire-rapids", "avx512_bf16", ["avx512_bf16", "avx512", "avx2", "portable"]),
+    ("sapphire-rapids", "amx", ["amx", "avx512_bf16", "avx512", "avx2", "portable"]),
     ("atom", "portable", ["portable"]),
     ("graviton2", "neon", ["neon", "portable"]),
     ("graviton3", "neon_bf16", ["neon_bf16", "neon", "portable"]),
@@ -60,16 +60,19 @@ def test_a_tier_above_the_cpu_is_refused_naming_what_it_lacks():
         cpu_isa.choose("avx512", features("zen3"))
     with pytest.raises(ValueError, match="cpu_isa: neon needs an aarch64 CPU"):
         cpu_isa.choose("neon", features("zen4"))
-    with pytest.raises(ValueError, match="PAGEDLLM_CPU_ISA: 'avx1024' is not one of auto, avx512_bf16"):
+    with pytest.raises(ValueError, match="PAGEDLLM_CPU_ISA: 'avx1024' is not one of auto, amx, avx512_bf16"):
         cpu_isa.choose("avx1024", features("zen4"), field="PAGEDLLM_CPU_ISA")
 
 
 def test_the_log_line_names_the_tier_and_how_bf16_is_computed():
     assert CpuPlan(CpuIsa.AVX2, features("zen3")).describe() == (
         "CPU tier: avx2 (fma, f16c); kernels: bf16 weights, widened to fp32, fp32 FMA")
+    assert CpuPlan(CpuIsa.AMX, features("sapphire-rapids")).describe() == (
+        "CPU tier: amx (avx512_bf16, avx512_vnni, amx_tile, amx_bf16); kernels: bf16 weights, bf16 dot products "
+        "(vdpbf16ps), AMX tiles (tdpbf16ps) from 16 rows")
     assert CpuPlan(CpuIsa.AVX512_BF16, features("sapphire-rapids")).describe() == (
-        "CPU tier: avx512_bf16 (avx512_bf16, avx512_vnni; amx_bf16, amx_tile present, unused); kernels: bf16 "
-        "weights, bf16 dot products (vdpbf16ps)")
+        "CPU tier: avx512_bf16 (avx512_bf16, avx512_vnni; amx_bf16, amx_tile present, unused), forced below amx; "
+        "kernels: bf16 weights, bf16 dot products (vdpbf16ps)")
     assert CpuPlan(CpuIsa.AVX2, features("zen4")).describe().startswith("CPU tier: avx2 (fma, f16c), forced below "
                                                                         "avx512_bf16")
     assert "bfdot" in CpuPlan(CpuIsa.NEON_BF16, features("graviton3")).describe()

@@ -19,7 +19,8 @@ def ops(request):
     return ops_for(request.param)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 13, 70, 150])  # narrow tiers: 70 strips, 150 panels
+# narrow tiers: 70 strips, 150 panels; amx: tiles from 16 rows, in blocks of 32 (the last one zero-padded)
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 16, 70, 150])
 @pytest.mark.parametrize("out_features,bias", [(96, False), (100, True), (300, False)])
 def test_bf16_linear_matches_f_linear(ops, rows, out_features, bias):
     torch.manual_seed(rows)
@@ -32,7 +33,7 @@ def test_bf16_linear_matches_f_linear(ops, rows, out_features, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 9, 40, 150])  # narrow tiers: 40 strips, 150 panels
+@pytest.mark.parametrize("rows", [1, 9, 17, 40, 150])  # narrow tiers: 40 strips, 150 panels; amx from 16
 def test_int8_linear_matches_its_dequantized_weights(ops, dtype, rows):
     torch.manual_seed(0)
     linear = nn.Linear(96, 200, bias=True).to(dtype)
@@ -42,6 +43,18 @@ def test_int8_linear_matches_its_dequantized_weights(ops, dtype, rows):
     arena = cpu_kernels.HugePageArena(cpu_kernels.packed_nbytes(linear, "int8"))
     out = cpu_kernels.KernelLinear(linear, "int8", arena, ops)(x)
     assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_many_rows_run_on_amx_tiles_on_the_amx_tier_and_other_widths_keep_the_vector_tiles(ops):
+    """The amx tier's linears of 16 rows or more run on AMX tiles (the OS granting them, as Linux 5.16+ does); an
+    input width that is not a whole number of tiles (32) keeps vdpbf16ps there, with the same results."""
+    assert ops.amx_tiles() == (ops.isa == "amx")
+    torch.manual_seed(1)
+    linear = nn.Linear(80, 100, bias=True).to(torch.bfloat16)
+    x = torch.randn(70, 80, dtype=torch.bfloat16)
+    expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+    out = cpu_kernels.KernelLinear(linear, "bf16", ops=ops)(x)
     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
 
 

@@ -54,14 +54,18 @@ class CpuKernelsBackend(Backend):
         import torch  # not at import: config.py says why
 
         from pagedllm.engine.kernels import cpu as cpu_kernels
+        from pagedllm.engine.kernels.cpu_isa import CpuIsa
         paired = ("int8" if config.kv_cache_dtype == "int8" else
                   "bfloat16" if config.torch_dtype == torch.bfloat16 else None)
         if paired and config.block_size % 2:
             raise ValueError(f"block_size: {config.block_size} is odd; the CPU kernels keep {paired} KV caches' values "
                              "in pairs of positions (kernels.h kv_index): use an even block_size (the default is 16)")
         kind = cpu_kernels.linear_kind(config.torch_dtype, config.quantization)
-        model.use_cpu_kernels(kind, cpu_kernels.load(plan.isa))
-        return f"{plan.describe()}; {kind} linears, each step in one C++ call"
+        ops = cpu_kernels.load(plan.isa)
+        model.use_cpu_kernels(kind, ops)
+        refused = plan.isa == CpuIsa.AMX and not ops.amx_tiles()
+        note = "; the OS refused AMX's tile state: every linear on vdpbf16ps" if refused else ""
+        return f"{plan.describe()}; {kind} linears, each step in one C++ call{note}"
 
 
 

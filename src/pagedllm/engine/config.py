@@ -144,7 +144,7 @@ class EngineConfig:
     # (packed linears, each step in one call) when they build; else plain torch.
     attention_backend: str = "auto"
     # The CPU kernels' tier: "auto" (PAGEDLLM_CPU_ISA if set, else the best this CPU runs), or one of
-    # avx512_bf16, avx512, avx2, neon_bf16, neon, portable that this CPU can execute (cpu_isa.py).
+    # amx, avx512_bf16, avx512, avx2, neon_bf16, neon, portable that this CPU can execute (cpu_isa.py).
     cpu_isa: str = "auto"
     quantization: str | None = None  # "int8": weight-only, per output channel, converted at load (needs "cpu")
     block_size: int = 16

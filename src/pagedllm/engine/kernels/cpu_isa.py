@@ -22,6 +22,7 @@ ENV = "PAGEDLLM_CPU_ISA"
 class CpuIsa(enum.StrEnum):
     """A build of the kernels (vec.h's PAGEDLLM_ISA_* macro), best first within its architecture."""
 
+    AMX = "amx"  # avx512_bf16 plus AMX bf16 tiles for linears of many rows (Sapphire Rapids+, Granite Rapids)
     AVX512_BF16 = "avx512_bf16"  # AVX-512 F/BW/VL, BF16 and VNNI dot products (Zen 4+, Cooper Lake, Sapphire Rapids+)
     AVX512 = "avx512"  # AVX-512 F/BW/VL without BF16 (Skylake-SP to Ice Lake)
     AVX2 = "avx2"  # AVX2 + FMA + F16C (Haswell+, Zen 1-3)
@@ -38,11 +39,15 @@ class TierSpec:
     bf16_math: str  # how bf16 weights meet activations, for the log
 
 
+# VNNI: every CPU with AVX-512 BF16 has it; the int8 KV cache's integer dot products (vpdpwssd)
+_AVX512_BF16_NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
+_AVX512_BF16_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma")
+
 TIERS: dict[CpuIsa, TierSpec] = {
-    # VNNI: every CPU with AVX-512 BF16 has it; the int8 KV cache's integer dot products (vpdpwssd)
-    CpuIsa.AVX512_BF16: TierSpec("x86_64", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"),
-                                 ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma"),
-                                 "bf16 dot products (vdpbf16ps)"),
+    CpuIsa.AMX: TierSpec("x86_64", (*_AVX512_BF16_NEEDS, "amx_tile", "amx_bf16"),
+                         (*_AVX512_BF16_FLAGS, "-mamx-tile", "-mamx-bf16"),
+                         "bf16 dot products (vdpbf16ps), AMX tiles (tdpbf16ps) from 16 rows"),
+    CpuIsa.AVX512_BF16: TierSpec("x86_64", _AVX512_BF16_NEEDS, _AVX512_BF16_FLAGS, "bf16 dot products (vdpbf16ps)"),
     CpuIsa.AVX512: TierSpec("x86_64", ("avx512f", "avx512bw", "avx512vl"),
                             ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"), "widened to fp32, fp32 FMA"),
     CpuIsa.AVX2: TierSpec("x86_64", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"),
@@ -134,7 +139,7 @@ class CpuPlan:
         """Whether oneDNN's prepacked bf16 linears can run: they need AVX-512 (BW, VL, DQ), AVX-NE-CONVERT or
         AMX, and are not used below an AVX-512 tier (a forced avx2 run must not take an AVX-512 path)."""
         able = any(self.features.has(*need) for need in _ONEDNN_BF16)
-        return able and self.isa in (CpuIsa.AVX512_BF16, CpuIsa.AVX512)
+        return able and self.isa in (CpuIsa.AMX, CpuIsa.AVX512_BF16, CpuIsa.AVX512)
 
     def auto_dtype(self, kernels: bool) -> str:
         """dtype "auto": bf16 weights wherever the kernels run (half the bytes of float32 to read, widened in
@@ -144,7 +149,7 @@ class CpuPlan:
     def describe(self) -> str:
         spec = TIERS[self.isa]
         extras = [f for f in spec.needs if f not in ("avx512f", "avx512bw", "avx512vl", "avx2", "asimd")]
-        unused = [f for f in ("amx_bf16", "amx_tile", "i8mm") if f in self.features.flags]
+        unused = [f for f in ("amx_bf16", "amx_tile", "i8mm") if f in self.features.flags and f not in spec.needs]
         detail = ", ".join(extras) + ("; " if extras and unused else "") + (
             f"{', '.join(unused)} present, unused" if unused else "")
         best = runnable(self.features)[0]

@@ -421,6 +421,13 @@ Tensor draw_filtered_tokens(const Tensor& logits, const Tensor& inv_temperatures
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("isa") = kIsaName;  // the tier this module was built for
+  m.def("amx_tiles", [] {  // whether linears of many rows run on AMX tiles: tier amx, and the OS grants them
+#if defined(PAGEDLLM_ISA_AMX)
+    return amx_permitted();
+#else
+    return false;
+#endif
+  });
   m.def("rms_norm", &rms_norm);
   m.def("rope_and_write_kv", &rope_and_write_kv);
   m.def("paged_attention", &paged_attention);

@@ -15,6 +15,10 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
+#if defined(PAGEDLLM_ISA_AMX)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace pagedllm {
 
@@ -360,10 +364,129 @@ inline void pair_group(const int8_t* w, int64_t K, uint32_t* out) {  // int8 cod
       store_words(out + j * kLanes, bf16_pairs(load(w + j * kLanes), load(w + kGroupChannels + j * kLanes)));
 }
 
+#if defined(PAGEDLLM_ISA_AMX)
+// ---- many rows on AMX tiles (tier amx) -------------------------------------------------------------------------
+// One tdpbf16ps multiplies 16 rows x 32 inputs of x by 16 input pairs x 16 channels of weights into 16 x 16
+// float32 sums: 16 times a vdpbf16ps' products. A packed group already is what its weight tile reads (a row of
+// 16 channels' pairs is 64 bytes, rows 192 bytes apart), so the tiles load the weights in place. Eight tiles:
+// sums for 32 rows x 32 channels (0-3), two of x (4, 5), two of weights (6, 7).
+constexpr int64_t kAmxRows = 32, kAmxInputs = 32, kAmxMinRows = 16;
+
+// Linux (5.16+) gives a process AMX's 8 KB of tile state only once asked; refused (an older kernel, a hypervisor
+// that hides it), linears keep the vdpbf16ps tiles.
+inline bool amx_permitted() {
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return granted;
+}
+
+inline bool uses_amx(const LinearArgs& a, int64_t M) {
+  return M >= kAmxMinRows && a.K % kAmxInputs == 0 && (a.scale == nullptr || a.x_bf16 != nullptr) && amx_permitted();
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The tiles' shapes are per thread: each thread sets them before its share of a linear, and frees them after.
+inline void configure_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = 16;
+  _tile_loadconfig(&config);
+}
+
+// Sums of 32 rows of x (bf16 [32, K]) against one or two 16-channel blocks of a packed group (w0, w1: words at
+// the block's first channel), into out [32][32] float32 (w1's block in columns 16-31).
+template <bool kTwo>
+inline void amx_sums(const bf16* x, int64_t K, const uint32_t* w0, const uint32_t* w1, float* out) {
+  constexpr int64_t kWordStride = kGroupChannels * 4, kOut = 2 * 16 * 4;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k = 0; k < K; k += kAmxInputs) {
+    _tile_loadd(4, x + k, K * 2);
+    _tile_loadd(5, x + 16 * K + k, K * 2);
+    _tile_loadd(6, w0 + k / 2 * kGroupChannels, kWordStride);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    if constexpr (kTwo) {
+      _tile_loadd(7, w1 + k / 2 * kGroupChannels, kWordStride);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, out, kOut);
+  _tile_stored(2, out + 16 * 32, kOut);
+  if constexpr (kTwo) {
+    _tile_stored(1, out + 16, kOut);
+    _tile_stored(3, out + 16 * 32 + 16, kOut);
+  }
+}
+
+// Items are (two channel groups, 32-row block), row blocks fastest so the groups' weights stay in cache while
+// every block reads them; a block past the last row is copied, zero-padded, into the thread's scratch. The six
+// 16-channel blocks of two groups go through the tiles two at a time.
+template <typename Out>
+void linear_amx(const LinearArgs& a, int64_t M, const Par& par) {
+  const int64_t K = a.K, groups = a.groups(), pairs = (groups + 1) / 2, blocks = (M + kAmxRows - 1) / kAmxRows;
+  const bf16* x = static_cast<const bf16*>(a.scale ? a.x_bf16 : a.x);
+  par(pairs * blocks, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<bf16> padded;
+    thread_local std::vector<uint32_t> panel;  // int8 weights: the two groups' codes as bf16 pairs
+    alignas(64) float sums[kAmxRows * 32];
+    configure_tiles();
+    int64_t converted = -1;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t pair = t / blocks, m0 = t % blocks * kAmxRows, rows = std::min(kAmxRows, M - m0);
+      const int64_t g0 = 2 * pair, pair_groups = std::min<int64_t>(2, groups - g0);
+      const uint32_t* w = static_cast<const uint32_t*>(a.w) + g0 * (K / 2) * kGroupChannels;
+      if (a.scale) {
+        if (pair != converted) {
+          panel.resize(2 * (K / 2) * kGroupChannels);
+          for (int64_t g = 0; g < pair_groups; ++g)
+            pair_group(reinterpret_cast<const int8_t*>(a.group_at(g0 + g)), K, panel.data() + g * (K / 2) * kGroupChannels);
+          converted = pair;
+        }
+        w = panel.data();
+      }
+      const bf16* xb = x + m0 * K;
+      if (rows < kAmxRows) {
+        padded.assign(kAmxRows * K, 0);
+        std::copy(xb, xb + rows * K, padded.begin());
+        xb = padded.data();
+      }
+      // The 16-channel blocks of this pair that hold a channel below N, in twos.
+      const int64_t n_first = g0 * kGroupChannels;
+      const int64_t channel_blocks = (std::min(a.N, n_first + pair_groups * kGroupChannels) - n_first + 15) / 16;
+      auto block_words = [&](int64_t c) { return w + c / 3 * (K / 2) * kGroupChannels + c % 3 * 16; };
+      for (int64_t c = 0; c < channel_blocks; c += 2) {
+        const bool two = c + 1 < channel_blocks;
+        if (two) amx_sums<true>(xb, K, block_words(c), block_words(c + 1), sums);
+        else amx_sums<false>(xb, K, block_words(c), nullptr, sums);
+        for (int64_t j = 0; j < (two ? 2 : 1); ++j) {
+          const int64_t n = n_first + (c + j) * 16;
+          const VecF b = a.bias ? load_n(a.bias + n, a.N - n) : zero();
+          const VecF s = a.scale ? load_n(a.scale + n, a.N - n) : set1(1.f);
+          Out* y = static_cast<Out*>(a.y) + m0 * a.N + n;
+          for (int64_t r = 0; r < rows; ++r) store_n(y + r * a.N, fma(load(sums + r * 32 + j * 16), s, b), a.N - n);
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
 // Few rows: threads split the channel groups, and the row tiles too, walking rows fastest so a group's weights
-// stay in cache while every row tile reads them. Many rows: linear_strips on narrow tiers.
+// stay in cache while every row tile reads them. Many rows: AMX tiles where the tier has them, linear_strips on
+// narrow tiers.
 template <typename Out>
 void linear(const LinearArgs& a, int64_t M, const Par& par) {
+#if defined(PAGEDLLM_ISA_AMX)
+  if (uses_amx(a, M)) return linear_amx<Out>(a, M, par);
+#endif
   if (uses_strips(M)) return linear_strips<Out>(a, M, par);
   const int64_t groups = (a.N + kGroupChannels - 1) / kGroupChannels, mtiles = (M + kMaxRows - 1) / kMaxRows;
   const bool paired = int8_as_bf16(a, M);

@@ -75,7 +75,8 @@ std::vector<bf16> pack_bf16(const std::vector<float>& w, int64_t N, int64_t K) {
 }
 
 void check_linears() {
-  for (int64_t M : {1, 2, 3, 9, 33, 61, 150}) {  // direct tiles; on narrow tiers, strips from 32 rows, panels from 97
+  // direct tiles; on narrow tiers, strips from 32 rows, panels from 97; amx: AMX tiles from 16, in blocks of 32
+  for (int64_t M : {1, 2, 3, 9, 16, 33, 61, 150}) {
     const int64_t N = 100, K = 64;
     std::vector<float> w = randn(N * K), x = randn(M * K), bias = randn(N);
     std::vector<bf16> xb(M * K);
@@ -297,6 +298,13 @@ void check_sampling() {
 }  // namespace
 
 int main() {
+#if defined(PAGEDLLM_ISA_AMX)
+  ++checks;
+  if (!amx_permitted()) {  // the linears below would check the vector tiles instead
+    std::printf("FAIL the OS refused AMX's tile state (arch_prctl ARCH_REQ_XCOMP_PERM)\n");
+    ++failures;
+  }
+#endif
   check_bf16_rounding();
   check_exp();
   check_linears();

@@ -1,5 +1,5 @@
 // The vector layer under pagedllm's CPU kernels: one build per CPU tier, chosen by one macro
-// (PAGEDLLM_ISA_AVX512_BF16, _AVX512, _AVX2, _NEON_BF16, _NEON or _PORTABLE; cpu_isa.py passes it with the
+// (PAGEDLLM_ISA_AMX, _AVX512_BF16, _AVX512, _AVX2, _NEON_BF16, _NEON or _PORTABLE; cpu_isa.py passes it with the
 // matching compiler flags). Kernels are written once against these few types and functions; only this file
 // knows the intrinsics.
 //
@@ -19,6 +19,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(PAGEDLLM_ISA_AMX)  // the avx512_bf16 tier's vectors, plus AMX tiles for many-row linears (kernels.h)
+#define PAGEDLLM_ISA_AVX512_BF16 1
+#endif
+
 #if defined(PAGEDLLM_ISA_AVX512_BF16) || defined(PAGEDLLM_ISA_AVX512)
 #define PAGEDLLM_X86_512 1
 #include <immintrin.h>
@@ -28,7 +32,7 @@
 #define PAGEDLLM_ARM 1
 #include <arm_neon.h>
 #elif !defined(PAGEDLLM_ISA_PORTABLE)
-#error "define one of PAGEDLLM_ISA_AVX512_BF16, _AVX512, _AVX2, _NEON_BF16, _NEON, _PORTABLE"
+#error "define one of PAGEDLLM_ISA_AMX, _AVX512_BF16, _AVX512, _AVX2, _NEON_BF16, _NEON, _PORTABLE"
 #endif
 
 namespace pagedllm {
@@ -56,7 +60,9 @@ inline bf16 float_to_bf16(float f) {  // round to nearest even, NaN kept quiet: 
 #if defined(PAGEDLLM_X86_512)
 constexpr int kLanes = 16;
 constexpr const char* kIsaName =
-#if defined(PAGEDLLM_ISA_AVX512_BF16)
+#if defined(PAGEDLLM_ISA_AMX)
+    "amx";
+#elif defined(PAGEDLLM_ISA_AVX512_BF16)
     "avx512_bf16";
 #else
     "avx512";
