@@ -67,7 +67,7 @@ AttentionPlan plan_for(const AttentionWork& work, int64_t H, int64_t KVH, int64_
 // A linear layer in the form the kernels run: "bf16" (weights packed by pack_bf16), "int8" (codes packed by
 // pack_int8, float32 scale per channel), or "plain" (float32 models, through at::linear). Packed kinds take a
 // float32 bias; inputs are contiguous [..., K], bf16 for "bf16", bf16 or float32 for "int8" (widened to float32
-// once per call).
+// once per call where the kernels read it so: kernels.h reads_float).
 struct Linear {
   Tensor weight, scale;
   c10::optional<Tensor> bias;
@@ -78,8 +78,12 @@ struct Linear {
     return kind == "bf16" ? weight.size(1) * 2 : weight.size(1);  // bf16 packs input pairs
   }
 
-  // Whether a call of M rows reads x as float32: int8 always, bf16 on the strip path (kernels.h).
-  bool needs_float(int64_t M) const { return kind == "int8" || (kind == "bf16" && uses_strips(M)); }
+  // Whether a call of M rows of x reads it as float32 (kernels.h reads_float).
+  bool needs_float(const Tensor& x) const {
+    const int64_t M = x.numel() / in_features();
+    return kind != "plain" && (x.scalar_type() == at::kFloat ||
+                               reads_float(kind == "int8", M, in_features(), x.scalar_type() == at::kBFloat16));
+  }
 
   // The kernels' view of this layer (packed kinds), for x (float32 as `x_float` where needs_float; bf16 as
   // `x_bf16` where it is) into y.
@@ -112,7 +116,7 @@ struct Linear {
                 in_features(), " features");
     TORCH_CHECK(kind != "bf16" || x.scalar_type() == at::kBFloat16, "linear: the bf16 kind takes bfloat16 input");
     Tensor y = empty_out(x, out_features);
-    run(x, needs_float(x.numel() / in_features()) ? x.to(at::kFloat).contiguous() : Tensor(), y, Par{});
+    run(x, needs_float(x) ? x.to(at::kFloat).contiguous() : Tensor(), y, Par{});
     return y;
   }
 };
@@ -251,7 +255,7 @@ struct StepBuffers {
 
   // x widened to float32 where the linear reads it so (its share of x by each thread), else undefined.
   Tensor widened(const Linear& linear, const Tensor& x, const Par& par) {
-    if (!linear.needs_float(x.size(0))) return Tensor();
+    if (!linear.needs_float(x)) return Tensor();
     if (x.scalar_type() == at::kFloat) return x;
     Tensor out = wide.view(-1).narrow(0, 0, x.numel()).view(x.sizes());
     widen(ptr<bf16>(x), out.data_ptr<float>(), x.numel(), par);

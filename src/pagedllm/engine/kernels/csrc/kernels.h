@@ -354,9 +354,7 @@ void run_rows(const LinearArgs& a, int64_t m0, int64_t rows, int64_t g, const ui
 // thread turns a group's codes into bf16 pairs once (codes of at most 127 are exact in bf16) and runs the bf16
 // tiles on them for every row tile, the scale applied to the sums: twice the products per instruction of
 // widening codes to float32 for every row tile (a 512-token prompt: int8 at 0.6x of bf16 before).
-inline bool int8_as_bf16(const LinearArgs& a, int64_t M) {
-  return kHasBf16Dot && kLanes == 16 && a.scale && a.x_bf16 && a.K % 2 == 0 && M >= 4 * kMaxRows;
-}
+inline bool int8_as_bf16(int64_t M, int64_t K) { return kHasBf16Dot && kLanes == 16 && K % 2 == 0 && M >= 4 * kMaxRows; }
 
 inline void pair_group(const int8_t* w, int64_t K, uint32_t* out) {  // int8 codes [K, 48] -> bf16 pairs [K/2, 48]
   for (int64_t k = 0; k < K; k += 2, w += 2 * kGroupChannels, out += kGroupChannels)
@@ -379,9 +377,8 @@ inline bool amx_permitted() {
   return granted;
 }
 
-inline bool uses_amx(const LinearArgs& a, int64_t M) {
-  return M >= kAmxMinRows && a.K % kAmxInputs == 0 && (a.scale == nullptr || a.x_bf16 != nullptr) && amx_permitted();
-}
+// For bf16 weights, or int8 codes with bf16 activations (LinearArgs::x_bf16).
+inline bool uses_amx(int64_t M, int64_t K) { return M >= kAmxMinRows && K % kAmxInputs == 0 && amx_permitted(); }
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -477,7 +474,16 @@ void linear_amx(const LinearArgs& a, int64_t M, const Par& par) {
     _tile_release();
   });
 }
+#else
+inline bool uses_amx(int64_t, int64_t) { return false; }
 #endif
+
+// Whether a linear of M rows reads x as float32 (LinearArgs::x_float), not only as bf16: the narrow tiers' strips
+// do, and int8 codes unless bf16 activations meet them as bf16 pairs (AMX tiles, int8_as_bf16).
+inline bool reads_float(bool int8, int64_t M, int64_t K, bool bf16_x) {
+  if (uses_strips(M)) return true;
+  return int8 && !(bf16_x && (uses_amx(M, K) || int8_as_bf16(M, K)));
+}
 
 // Few rows: threads split the channel groups, and the row tiles too, walking rows fastest so a group's weights
 // stay in cache while every row tile reads them. Many rows: AMX tiles where the tier has them, linear_strips on
@@ -485,11 +491,11 @@ void linear_amx(const LinearArgs& a, int64_t M, const Par& par) {
 template <typename Out>
 void linear(const LinearArgs& a, int64_t M, const Par& par) {
 #if defined(PAGEDLLM_ISA_AMX)
-  if (uses_amx(a, M)) return linear_amx<Out>(a, M, par);
+  if (uses_amx(M, a.K) && (a.scale == nullptr || a.x_bf16)) return linear_amx<Out>(a, M, par);
 #endif
   if (uses_strips(M)) return linear_strips<Out>(a, M, par);
   const int64_t groups = (a.N + kGroupChannels - 1) / kGroupChannels, mtiles = (M + kMaxRows - 1) / kMaxRows;
-  const bool paired = int8_as_bf16(a, M);
+  const bool paired = a.scale && a.x_bf16 && int8_as_bf16(M, a.K);
   par(groups * mtiles, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<uint32_t> panel;
     int64_t converted = -1;
