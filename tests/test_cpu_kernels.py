@@ -179,7 +179,9 @@ def test_positions_past_the_context_never_reach_the_output(ops, dtype):
     [(1, 9, False), (37, 100, True), (1, 300, False), (1, 8, True), (5, 20, False)],
     [(300, 1100, True)],  # a long chunk past many earlier positions: tiles of uneven cost
 ])
-@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(6, 2, 32, 8), (9, 3, 64, 16), (8, 2, 128, 12)])
+# amx: bf16 caches in blocks of whole chunks (16, 32) on AMX tiles, spans of 64 positions
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size",
+                         [(6, 2, 32, 8), (9, 3, 64, 16), (8, 2, 128, 12), (8, 2, 128, 32)])
 def test_prefill_attention_matches_torch(ops, dtype, runs, heads, kv_heads, head_dim, block_size):
     """Prefill chunks (runs of one sequence's prompt tokens, causal within the run) attended in query tiles beside
     decode rows in the same step, against torch attention with its causal bias; a block size that is not a

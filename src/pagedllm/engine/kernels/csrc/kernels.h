@@ -1339,10 +1339,140 @@ inline void dequantize_chunk(const int8_t* keys, const int8_t* values, int64_t r
   }
 }
 
+#if defined(PAGEDLLM_ISA_AMX)
+// A bf16 tile on AMX (tier amx), where blocks hold whole chunks and D is whole steps of 32. Per 16 of the tile's
+// rows and a span of up to kAmxSpan positions: each chunk's scores are a tdpbf16ps per 32 dims of q against the
+// block's K^T read in place (a row of 16 positions' pairs is 64 bytes); one softmax update over the whole span
+// (its fixed costs, a row's max and sum and the rescaling of its sums so far, once per 64 positions, not 16);
+// the weights rounded to bf16, as the decode kernel and torch's bf16 flash attention round them; and each 16 dims
+// of the weighted values a tdpbf16ps per chunk against the values' position pairs, also read in place.
+constexpr int64_t kAmxSpan = 4 * kChunk;
+
+inline bool attends_on_amx(int64_t D, int64_t BS) { return D % 32 == 0 && BS % kChunk == 0 && amx_permitted(); }
+
+inline void configure_attention_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 4; ++t) config.bytes_per_row[t] = 64, config.rows[t] = 16;  // scores, values out, q, K^T
+  config.bytes_per_row[4] = 32, config.rows[4] = 16;  // weights: 16 rows x a chunk's 8 position pairs
+  config.bytes_per_row[5] = 64, config.rows[5] = 8;   // values: 8 position pairs x 16 dims
+  _tile_loadconfig(&config);
+}
+
+inline void attend_tile_amx(const bf16* q, const bf16* cache, const int32_t* table, const int32_t* ctx,
+                            const QueryTile& tile, int64_t h, int64_t H, int64_t KVH, int64_t D, int64_t BS,
+                            int64_t cache_rows, float scale, bf16* out) {
+  static_assert(kChunk == 16 && kLanes == 16, "a chunk is one tile's 16 columns and one vector");
+  constexpr int64_t kSpanChunks = kAmxSpan / kChunk;
+  const int64_t G = H / KVH, n = tile.rows, R = n * G, padded = (R + 15) / 16 * 16;
+  thread_local std::vector<bf16> qb, values_copy;
+  thread_local std::vector<float> acc, ml;
+  qb.assign(padded * D, 0), acc.assign(padded * D, 0.f), ml.resize(2 * padded), values_copy.resize(kChunk * D);
+  float* m = ml.data();
+  float* l = m + padded;
+  for (int64_t r = 0; r < padded; ++r) m[r] = -INFINITY, l[r] = 0.f;
+  for (int64_t r = 0; r < R; ++r)  // row r = i * G + g: token row0 + i, query head h * G + g
+    std::memcpy(qb.data() + r * D, q + ((tile.row0 + r / G) * H + h * G + r % G) * D, D * sizeof(bf16));
+  alignas(64) float scores[16 * kAmxSpan], sums[16 * 16], corrections[16];
+  alignas(64) bf16 weights[16 * kAmxSpan];
+  const uint32_t* keys[kSpanChunks];
+  const uint32_t* pairs[kSpanChunks];
+  const uint32_t* key_words = words(cache + h * cache_rows * D);
+  const uint32_t* value_words = words(cache + (KVH + h) * cache_rows * D);
+  const int64_t last = ctx[tile.row0 + n - 1];
+  configure_attention_tiles();
+  for (int64_t pos0 = 0; pos0 < last; pos0 += kAmxSpan) {
+    const int64_t width = std::min(kAmxSpan, last - pos0), chunks = (width + kChunk - 1) / kChunk;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t p = pos0 + c * kChunk, row = int64_t(table[p / BS]) * BS + p % BS;
+      keys[c] = key_words + kv_index<bf16>(false, row, 0, D, BS) / 2;  // [D/2][BS] words
+      pairs[c] = value_words + kv_index<bf16>(true, row, 0, D, BS) / 2;  // [kChunk/2][D] words
+    }
+    if (const int64_t nt = width - (chunks - 1) * kChunk; nt < kChunk) {
+      // positions past the context may hold anything, and 0 * NaN is not 0: zeros for them
+      uint32_t* copy = reinterpret_cast<uint32_t*>(values_copy.data());
+      const uint32_t* vp = pairs[chunks - 1];
+      for (int64_t u = 0; u < kChunk / 2; ++u)
+        for (int64_t d = 0; d < D; ++d)
+          copy[u * D + d] = 2 * u + 1 < nt ? vp[u * D + d] : 2 * u < nt ? vp[u * D + d] & 0xFFFFu : 0u;
+      pairs[chunks - 1] = copy;
+    }
+    int64_t first_row = 0;  // the tile's tokens before the span see none of it
+    while (ctx[tile.row0 + first_row] <= pos0) ++first_row;
+    for (int64_t r0 = first_row * G / 16 * 16; r0 < R; r0 += 16) {
+      for (int64_t c = 0; c < chunks; ++c) {
+        _tile_zero(0);
+        for (int64_t k = 0; k < D; k += 32) {
+          _tile_loadd(2, qb.data() + r0 * D + k, D * 2);
+          _tile_loadd(3, keys[c] + k / 2 * BS, BS * 4);
+          _tile_dpbf16ps(0, 2, 3);
+        }
+        _tile_stored(0, scores + c * kChunk, kAmxSpan * 4);
+      }
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t r = r0 + i;
+        float* row_scores = scores + i * kAmxSpan;
+        bf16* row_weights = weights + i * kAmxSpan;
+        if (r >= R || r < first_row * G) {  // no weights, and its sums so far as they are
+          for (int64_t c = 0; c < chunks; ++c) store(row_weights + c * kChunk, zero());
+          corrections[i] = 1.f;
+          continue;
+        }
+        const int64_t visible = std::min(width, ctx[tile.row0 + r / G] - pos0);
+        VecF top = set1(-INFINITY);
+        for (int64_t c = 0; c < chunks; ++c) {
+          const VecF v = mul(load(row_scores + c * kChunk), set1(scale));
+          store(row_scores + c * kChunk, v);
+          if ((c + 1) * kChunk <= visible) top = max(top, v);
+        }
+        for (int64_t t = visible / kChunk * kChunk; t < visible; ++t) top = max(top, set1(row_scores[t]));
+        const float m_new = std::max(m[r], reduce_max(top));
+        corrections[i] = std::exp(m[r] - m_new);
+        VecF sum = zero();
+        for (int64_t c = 0; c < chunks; ++c) {
+          VecF w = exp(sub(load(row_scores + c * kChunk), set1(m_new)));
+          if ((c + 1) * kChunk > visible) {  // exactly 0 past the row's own position, not exp's floor
+            store(row_scores + c * kChunk, w);
+            for (int64_t t = std::max(visible - c * kChunk, int64_t(0)); t < kChunk; ++t) row_scores[c * kChunk + t] = 0.f;
+            w = load(row_scores + c * kChunk);
+          }
+          sum = add(sum, w);
+          store(row_weights + c * kChunk, w);
+        }
+        l[r] = l[r] * corrections[i] + reduce_add(sum);
+        m[r] = m_new;
+      }
+      for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        _tile_zero(1);
+        for (int64_t c = 0; c < chunks; ++c) {
+          _tile_loadd(4, weights + c * kChunk, kAmxSpan * 2);
+          _tile_loadd(5, pairs[c] + d0, D * 4);
+          _tile_dpbf16ps(1, 4, 5);
+        }
+        _tile_stored(1, sums, 16 * 4);
+        for (int64_t i = 0; i < 16; ++i) {
+          float* a = acc.data() + (r0 + i) * D + d0;
+          store(a, fma(load(a), set1(corrections[i]), load(sums + i * 16)));
+        }
+      }
+    }
+  }
+  _tile_release();
+  for (int64_t r = 0; r < R; ++r) {
+    bf16* dst = out + ((tile.row0 + r / G) * H + h * G + r % G) * D;
+    const VecF inv = set1(1.f / l[r]);
+    for (int64_t d = 0; d < D; d += kLanes) store(dst + d, mul(load(acc.data() + r * D + d), inv));
+  }
+}
+#endif
+
 // One tile for KV head h. q, out: [T, H * D]; table: the sequence's block table; ctx: per row.
 template <typename T, typename C = T>
 void attend_tile(const T* q, const C* cache, const int32_t* table, const int32_t* ctx, const QueryTile& tile,
                  int64_t h, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t cache_rows, float scale, T* out) {
+#if defined(PAGEDLLM_ISA_AMX)
+  if constexpr (std::is_same<T, bf16>::value && std::is_same<C, bf16>::value)
+    if (attends_on_amx(D, BS)) return attend_tile_amx(q, cache, table, ctx, tile, h, H, KVH, D, BS, cache_rows, scale, out);
+#endif
   const int64_t G = H / KVH, n = tile.rows, R = n * G;
   // else keys widened to float32 (int8 codes times their scale)
   constexpr bool pairs = kHasBf16Dot && std::is_same<C, bf16>::value;

@@ -324,7 +324,8 @@ int main() {
   for (int32_t i = 0; i < 37; ++i) chunk[i] = 61 + i;
   check_attention<float>(6, 2, 32, 8, chunk, true);
   check_attention<bf16>(9, 3, 64, 12, chunk, true);  // keys gathered into K^T
-  check_attention<bf16>(9, 3, 64, 16, chunk, true);  // K^T read in place
+  check_attention<bf16>(9, 3, 64, 16, chunk, true);  // K^T read in place (amx: on AMX tiles)
+  check_attention<bf16>(8, 2, 128, 32, chunk, true);  // two chunks a block (amx: spans across blocks)
   check_attention<bf16, int8_t>(9, 3, 64, 12, chunk, true);  // an int8 cache's chunks dequantized
   std::printf("kernels_selftest %s: %d of %d checks passed\n", kIsaName, checks - failures, checks);
   return failures ? 1 : 0;
