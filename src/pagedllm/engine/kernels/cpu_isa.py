@@ -22,7 +22,7 @@ ENV = "PAGEDLLM_CPU_ISA"
 class CpuIsa(enum.StrEnum):
     """A build of the kernels (vec.h's PAGEDLLM_ISA_* macro), best first within its architecture."""
 
-    AMX = "amx"  # avx512_bf16 plus AMX bf16 tiles for linears of many rows (Sapphire Rapids+, Granite Rapids)
+    AMX = "amx"  # avx512_bf16 plus AMX bf16 tiles: linears of many rows, prefill attention (Sapphire Rapids+)
     AVX512_BF16 = "avx512_bf16"  # AVX-512 F/BW/VL, BF16 and VNNI dot products (Zen 4+, Cooper Lake, Sapphire Rapids+)
     AVX512 = "avx512"  # AVX-512 F/BW/VL without BF16 (Skylake-SP to Ice Lake)
     AVX2 = "avx2"  # AVX2 + FMA + F16C (Haswell+, Zen 1-3)
@@ -46,7 +46,8 @@ _AVX512_BF16_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "
 TIERS: dict[CpuIsa, TierSpec] = {
     CpuIsa.AMX: TierSpec("x86_64", (*_AVX512_BF16_NEEDS, "amx_tile", "amx_bf16"),
                          (*_AVX512_BF16_FLAGS, "-mamx-tile", "-mamx-bf16"),
-                         "bf16 dot products (vdpbf16ps), AMX tiles (tdpbf16ps) from 16 rows"),
+                         "bf16 dot products (vdpbf16ps); AMX tiles (tdpbf16ps) for linears from 16 rows and prefill "
+                         "attention"),
     CpuIsa.AVX512_BF16: TierSpec("x86_64", _AVX512_BF16_NEEDS, _AVX512_BF16_FLAGS, "bf16 dot products (vdpbf16ps)"),
     CpuIsa.AVX512: TierSpec("x86_64", ("avx512f", "avx512bw", "avx512vl"),
                             ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"), "widened to fp32, fp32 FMA"),
