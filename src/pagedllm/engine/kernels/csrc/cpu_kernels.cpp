@@ -95,7 +95,9 @@ struct Linear {
 
   // y = x @ W.T (+ bias) into `y`; `x_float` is x widened to float32 where needs_float, else undefined. `next`:
   // the linear this thread runs after this one, whose first weights it fetches while finishing this one.
-  void run(const Tensor& x, const Tensor& x_float, Tensor& y, const Par& par, const Linear* next = nullptr) const {
+  // `prompt`: the rows of prompt tokens, in a step (kernels.h linear).
+  void run(const Tensor& x, const Tensor& x_float, Tensor& y, const Par& par, const Linear* next = nullptr,
+           const std::vector<RowSpan>* prompt = nullptr) const {
     const int64_t M = x.numel() / in_features();
     if (kind == "plain") {
       if (par.tid <= 0) at::linear_out(y, x, weight, bias ? c10::optional<Tensor>(*bias) : c10::nullopt);
@@ -107,8 +109,8 @@ struct Linear {
     LinearArgs a = args(x.data_ptr(), x_float.defined() ? x_float.data_ptr<float>() : nullptr, y.data_ptr(),
                         x.scalar_type() == at::kBFloat16 ? x.data_ptr() : nullptr);
     if (next && next->kind != "plain") a.then = first_group(next->args(nullptr, nullptr, nullptr), M, par);
-    if (y.scalar_type() == at::kBFloat16) linear<bf16>(a, M, par);
-    else linear<float>(a, M, par);
+    if (y.scalar_type() == at::kBFloat16) linear<bf16>(a, M, par, prompt);
+    else linear<float>(a, M, par, prompt);
   }
 
   Tensor operator()(const Tensor& x) const {
@@ -273,7 +275,7 @@ void forward_layer(const DecoderLayer& l, const Linear* then, StepBuffers& buf, 
   T* h = ptr<T>(hidden);
   const int64_t BS = kv_cache.size(3), cache_rows = kv_cache.size(2) * BS;
   rms_norm_rows<T>(h, nullptr, ptr<T>(l.input_norm), ptr<T>(buf.normed), B, hidden_size, l.eps, par);
-  l.qkv.run(buf.normed, buf.widened(l.qkv, buf.normed, par), buf.qkv, par, &l.o);
+  l.qkv.run(buf.normed, buf.widened(l.qkv, buf.normed, par), buf.qkv, par, &l.o, &work.prompt);
   lora.apply<T>(&LoRALayer::qkv, index, buf.normed, buf.qkv, par);
   rope_write_kv<T, C>(ptr<T>(buf.qkv), ptr<T>(buf.q), ptr<C>(kv_cache), cos.data_ptr<float>(), sin.data_ptr<float>(),
                    positions.data_ptr<int64_t>(), slot_mapping.data_ptr<int32_t>(), B, l.H, l.KVH, l.D, BS, cache_rows,
@@ -281,13 +283,13 @@ void forward_layer(const DecoderLayer& l, const Linear* then, StepBuffers& buf, 
   paged_attention_step<T, C>(ptr<T>(buf.q), ptr<C>(kv_cache), block_tables.data_ptr<int32_t>(), block_tables.size(1),
                           context_lens.data_ptr<int32_t>(), ptr<T>(buf.attn), l.H, l.KVH, l.D, BS, cache_rows, l.scale,
                           work, plan, buf.scratch.data_ptr<float>(), par);
-  l.o.run(buf.attn, buf.widened(l.o, buf.attn, par), buf.o, par, &l.gate_up);
+  l.o.run(buf.attn, buf.widened(l.o, buf.attn, par), buf.o, par, &l.gate_up, &work.prompt);
   lora.apply<T>(&LoRALayer::o, index, buf.attn, buf.o, par);
   rms_norm_rows<T>(ptr<T>(buf.o), h, ptr<T>(l.post_attention_norm), ptr<T>(buf.normed), B, hidden_size, l.eps, par);
-  l.gate_up.run(buf.normed, buf.widened(l.gate_up, buf.normed, par), buf.gate_up, par, &l.down);
+  l.gate_up.run(buf.normed, buf.widened(l.gate_up, buf.normed, par), buf.gate_up, par, &l.down, &work.prompt);
   lora.apply<T>(&LoRALayer::gate_up, index, buf.normed, buf.gate_up, par);
   silu_and_mul<T>(ptr<T>(buf.gate_up), ptr<T>(buf.act), B, I, par);
-  l.down.run(buf.act, buf.widened(l.down, buf.act, par), buf.mlp, par, then);
+  l.down.run(buf.act, buf.widened(l.down, buf.act, par), buf.mlp, par, then, &work.prompt);
   lora.apply<T>(&LoRALayer::down, index, buf.act, buf.mlp, par);
   add_into<T>(h, ptr<T>(buf.mlp), B * hidden_size, par);
 }

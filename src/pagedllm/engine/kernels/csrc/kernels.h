@@ -393,9 +393,9 @@ inline void configure_tiles() {
   _tile_loadconfig(&config);
 }
 
-// Sums of 32 rows of x (bf16 [32, K]) against one or two 16-channel blocks of a packed group (w0, w1: words at
-// the block's first channel), into out [32][32] float32 (w1's block in columns 16-31).
-template <bool kTwo>
+// Sums of 16 x RT rows of x (bf16 [16 * RT, K]) against one or two 16-channel blocks of a packed group (w0, w1:
+// words at the block's first channel), into out [16 * RT][32] float32 (w1's block in columns 16-31).
+template <int RT, bool kTwo>
 inline void amx_sums(const bf16* x, int64_t K, const uint32_t* w0, const uint32_t* w1, float* out) {
   constexpr int64_t kWordStride = kGroupChannels * 4, kOut = 2 * 16 * 4;
   _tile_zero(0);
@@ -404,39 +404,41 @@ inline void amx_sums(const bf16* x, int64_t K, const uint32_t* w0, const uint32_
   _tile_zero(3);
   for (int64_t k = 0; k < K; k += kAmxInputs) {
     _tile_loadd(4, x + k, K * 2);
-    _tile_loadd(5, x + 16 * K + k, K * 2);
+    if constexpr (RT == 2) _tile_loadd(5, x + 16 * K + k, K * 2);
     _tile_loadd(6, w0 + k / 2 * kGroupChannels, kWordStride);
     _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(2, 5, 6);
+    if constexpr (RT == 2) _tile_dpbf16ps(2, 5, 6);
     if constexpr (kTwo) {
       _tile_loadd(7, w1 + k / 2 * kGroupChannels, kWordStride);
       _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(3, 5, 7);
+      if constexpr (RT == 2) _tile_dpbf16ps(3, 5, 7);
     }
   }
   _tile_stored(0, out, kOut);
-  _tile_stored(2, out + 16 * 32, kOut);
+  if constexpr (RT == 2) _tile_stored(2, out + 16 * 32, kOut);
   if constexpr (kTwo) {
     _tile_stored(1, out + 16, kOut);
-    _tile_stored(3, out + 16 * 32 + 16, kOut);
+    if constexpr (RT == 2) _tile_stored(3, out + 16 * 32 + 16, kOut);
   }
 }
 
-// Items are (two channel groups, 32-row block), row blocks fastest so the groups' weights stay in cache while
-// every block reads them; a block past the last row is copied, zero-padded, into the thread's scratch. The six
-// 16-channel blocks of two groups go through the tiles two at a time.
+// Items are (two channel groups, block of 32 rows, or 16 where the call has no more), row blocks fastest so the
+// groups' weights stay in cache while every block reads them; a block past the last row is copied, zero-padded,
+// once into the thread's scratch. The six 16-channel blocks of two groups go through the tiles two at a time.
 template <typename Out>
 void linear_amx(const LinearArgs& a, int64_t M, const Par& par) {
-  const int64_t K = a.K, groups = a.groups(), pairs = (groups + 1) / 2, blocks = (M + kAmxRows - 1) / kAmxRows;
+  const int64_t K = a.K, groups = a.groups(), pairs = (groups + 1) / 2;
+  const int64_t block_rows = M <= 16 ? 16 : kAmxRows, blocks = (M + block_rows - 1) / block_rows;
   const bf16* x = static_cast<const bf16*>(a.scale ? a.x_bf16 : a.x);
   par(pairs * blocks, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<bf16> padded;
     thread_local std::vector<uint32_t> panel;  // int8 weights: the two groups' codes as bf16 pairs
     alignas(64) float sums[kAmxRows * 32];
     configure_tiles();
-    int64_t converted = -1;
+    int64_t converted = -1, padded_block = -1;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t pair = t / blocks, m0 = t % blocks * kAmxRows, rows = std::min(kAmxRows, M - m0);
+      const int64_t pair = t / blocks, block = t % blocks, m0 = block * block_rows;
+      const int64_t rows = std::min(block_rows, M - m0);
       const int64_t g0 = 2 * pair, pair_groups = std::min<int64_t>(2, groups - g0);
       const uint32_t* w = static_cast<const uint32_t*>(a.w) + g0 * (K / 2) * kGroupChannels;
       if (a.scale) {
@@ -449,9 +451,12 @@ void linear_amx(const LinearArgs& a, int64_t M, const Par& par) {
         w = panel.data();
       }
       const bf16* xb = x + m0 * K;
-      if (rows < kAmxRows) {
-        padded.assign(kAmxRows * K, 0);
-        std::copy(xb, xb + rows * K, padded.begin());
+      if (rows < block_rows) {
+        if (block != padded_block) {
+          padded.assign(block_rows * K, 0);
+          std::copy(xb, xb + rows * K, padded.begin());
+          padded_block = block;
+        }
         xb = padded.data();
       }
       // The 16-channel blocks of this pair that hold a channel below N, in twos.
@@ -460,8 +465,14 @@ void linear_amx(const LinearArgs& a, int64_t M, const Par& par) {
       auto block_words = [&](int64_t c) { return w + c / 3 * (K / 2) * kGroupChannels + c % 3 * 16; };
       for (int64_t c = 0; c < channel_blocks; c += 2) {
         const bool two = c + 1 < channel_blocks;
-        if (two) amx_sums<true>(xb, K, block_words(c), block_words(c + 1), sums);
-        else amx_sums<false>(xb, K, block_words(c), nullptr, sums);
+        const uint32_t* w1 = two ? block_words(c + 1) : nullptr;
+        if (block_rows == 16) {
+          if (two) amx_sums<1, true>(xb, K, block_words(c), w1, sums);
+          else amx_sums<1, false>(xb, K, block_words(c), w1, sums);
+        } else {
+          if (two) amx_sums<2, true>(xb, K, block_words(c), w1, sums);
+          else amx_sums<2, false>(xb, K, block_words(c), w1, sums);
+        }
         for (int64_t j = 0; j < (two ? 2 : 1); ++j) {
           const int64_t n = n_first + (c + j) * 16;
           const VecF b = a.bias ? load_n(a.bias + n, a.N - n) : zero();
@@ -486,13 +497,9 @@ inline bool reads_float(bool int8, int64_t M, int64_t K, bool bf16_x) {
 }
 
 // Few rows: threads split the channel groups, and the row tiles too, walking rows fastest so a group's weights
-// stay in cache while every row tile reads them. Many rows: AMX tiles where the tier has them, linear_strips on
-// narrow tiers.
+// stay in cache while every row tile reads them. Many rows: linear_strips on narrow tiers.
 template <typename Out>
-void linear(const LinearArgs& a, int64_t M, const Par& par) {
-#if defined(PAGEDLLM_ISA_AMX)
-  if (uses_amx(M, a.K) && (a.scale == nullptr || a.x_bf16)) return linear_amx<Out>(a, M, par);
-#endif
+void linear_vectors(const LinearArgs& a, int64_t M, const Par& par) {
   if (uses_strips(M)) return linear_strips<Out>(a, M, par);
   const int64_t groups = (a.N + kGroupChannels - 1) / kGroupChannels, mtiles = (M + kMaxRows - 1) / kMaxRows;
   const bool paired = a.scale && a.x_bf16 && int8_as_bf16(M, a.K);
@@ -509,6 +516,55 @@ void linear(const LinearArgs& a, int64_t M, const Par& par) {
       run_rows<Out>(a, m0, std::min<int64_t>(kMaxRows, M - m0), g, paired ? panel.data() : nullptr);
     }
   });
+}
+
+// A step's rows of prompt tokens, in ascending runs.
+struct RowSpan {
+  int64_t row0, rows;
+};
+
+#if defined(PAGEDLLM_ISA_AMX)
+// Rows [row0, row0 + rows) of a call alone, on AMX tiles or on vectors.
+template <typename Out>
+void linear_rows(const LinearArgs& a, int64_t row0, int64_t rows, bool amx, const Par& par) {
+  if (rows <= 0) return;
+  LinearArgs part = a;
+  part.x = static_cast<const bf16*>(a.x) + row0 * a.K;
+  part.x_float = a.x_float ? a.x_float + row0 * a.K : nullptr;
+  part.y = static_cast<Out*>(a.y) + row0 * a.N;
+  part.then = {};
+  if (amx) linear_amx<Out>(part, rows, par);
+  else linear_vectors<Out>(part, rows, par);
+}
+#endif
+
+// y [M, N] = x [M, K] @ W.T (+ bias). On the amx tier, bf16 weights: a prompt token's row always runs on AMX tiles,
+// and a decode row does where a call has 16 or more of them (else vdpbf16ps). The two sum in different orders, so
+// a row's path must not hang on what else a step holds: a prompt whose blocks were found in the prefix cache
+// recomputes its last tokens alone, and they must come out as they did within the whole prompt (streamed and
+// unstreamed answers equal, byte for byte). int8 weights take AMX from 16 rows of a call, as they take bf16 pairs
+// from 32 elsewhere. `prompt`: the call's prompt rows (none: a linear outside a step).
+template <typename Out>
+void linear(const LinearArgs& a, int64_t M, const Par& par, const std::vector<RowSpan>* prompt = nullptr) {
+#if defined(PAGEDLLM_ISA_AMX)
+  if (a.scale == nullptr && a.K % kAmxInputs == 0 && amx_permitted()) {
+    int64_t prompt_rows = 0;
+    if (prompt)
+      for (const RowSpan& span : *prompt) prompt_rows += span.rows;
+    if (M - prompt_rows == 0 || M - prompt_rows >= kAmxMinRows) return linear_amx<Out>(a, M, par);
+    int64_t next = 0;
+    for (const RowSpan& span : prompt ? *prompt : std::vector<RowSpan>{}) {
+      linear_rows<Out>(a, next, span.row0 - next, false, par);
+      linear_rows<Out>(a, span.row0, span.rows, true, par);
+      next = span.row0 + span.rows;
+    }
+    return linear_rows<Out>(a, next, M - next, false, par);
+  }
+  if (a.scale && a.x_bf16 && uses_amx(M, a.K)) return linear_amx<Out>(a, M, par);
+#else
+  (void)prompt;
+#endif
+  linear_vectors<Out>(a, M, par);
 }
 
 // ---- RMSNorm, as transformers computes it: normalised in float32, rounded to the model's dtype, then scaled
@@ -1235,6 +1291,7 @@ struct QueryTile {
 struct AttentionWork {
   std::vector<int32_t> rows, row_ctx;  // attended one by one, and their context lengths
   std::vector<QueryTile> tiles;
+  std::vector<RowSpan> prompt;  // the prompt tokens' rows, in ascending runs (linear() keeps them on one path)
 
   // token_seq [T]: each row's sequence (nullptr: every row its own); prefill [num_seqs]: whose rows are prompt
   // tokens (nullptr: none); ctx [T]: positions each row sees.
@@ -1244,6 +1301,8 @@ struct AttentionWork {
       while (token_seq && r1 < T && token_seq[r1] == token_seq[r0]) ++r1;
       if (token_seq && prefill && prefill[token_seq[r0]]) {
         for (int64_t t = r0; t < r1; t += kQueryTile) tiles.push_back({int32_t(t), int32_t(std::min(kQueryTile, r1 - t))});
+        if (!prompt.empty() && prompt.back().row0 + prompt.back().rows == r0) prompt.back().rows += r1 - r0;
+        else prompt.push_back({r0, r1 - r0});
       } else {
         for (int64_t r = r0; r < r1; ++r) rows.push_back(int32_t(r)), row_ctx.push_back(ctx[r]);
       }
