@@ -16,6 +16,7 @@ The signal handler only sets a flag. Waiting on a child inside it, while the mai
 child, deadlocks on Popen's lock."""
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -112,6 +113,12 @@ class Supervisor:
 
     def _on_signal(self, *_: object) -> None:
         if self.stopping.is_set():  # the second signal: at once
+            # the stubs first: orphaned by a killed tritonserver, one stayed up (held its engine process and
+            # its memory), deaf to SIGTERM; each engine process follows its stub (PR_SET_PDEATHSIG)
+            if self.server.process is not None:
+                for stub in python_stubs(self.server.process.pid):
+                    with contextlib.suppress(OSError):
+                        os.kill(stub, signal.SIGKILL)
             for child in self.children():
                 child.kill()
             os._exit(1)

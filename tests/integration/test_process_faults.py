@@ -183,8 +183,26 @@ def test_a_second_signal_stops_serve_at_once(tmp_path, tiny_model_dir, table):
         code = serve.wait(10)
         took = time.monotonic() - sent
         assert code != 0 and took < 2.0
+        assert wait_for(lambda: not processes_of(tmp_path), timeout=10), processes_of(tmp_path)
         table.add("a second SIGTERM to `pagedllm serve` while it drains", "1 stream of 500 tokens", "cut", "-",
                   f"everything killed; exit code {code} after {took:.2f} s")
+
+
+def processes_of(tmp_path) -> list[str]:
+    """The live processes (not zombies) whose command line names `tmp_path`: a test's tritonserver, stubs, engines."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        cmdline = " ".join(_cmdline(proc)) if proc.name.isdigit() else ""
+        if str(tmp_path) in cmdline and _ppid(proc) != -1 and "State:\tZ" not in _status(proc):
+            found.append(cmdline[:200])
+    return found
+
+
+def _status(proc: Path) -> str:
+    try:
+        return proc.joinpath("status").read_text()
+    except OSError:
+        return ""
 
 
 def serves(url: str) -> bool:
