@@ -552,8 +552,9 @@ void linear(const LinearArgs& a, int64_t M, const Par& par, const std::vector<Ro
     if (prompt)
       for (const RowSpan& span : *prompt) prompt_rows += span.rows;
     if (M - prompt_rows == 0 || M - prompt_rows >= kAmxMinRows) return linear_amx<Out>(a, M, par);
-    int64_t next = 0;
-    for (const RowSpan& span : prompt ? *prompt : std::vector<RowSpan>{}) {
+    if (prompt_rows == 0) return linear_vectors<Out>(a, M, par);
+    int64_t next = 0;  // prompt rows beside fewer than 16 decode rows: each run on its own path
+    for (const RowSpan& span : *prompt) {
       linear_rows<Out>(a, next, span.row0 - next, false, par);
       linear_rows<Out>(a, span.row0, span.rows, true, par);
       next = span.row0 + span.rows;
