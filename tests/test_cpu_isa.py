@@ -69,7 +69,7 @@ def test_the_log_line_names_the_tier_and_how_bf16_is_computed():
         "CPU tier: avx2 (fma, f16c); kernels: bf16 weights, widened to fp32, fp32 FMA")
     assert CpuPlan(CpuIsa.AMX, features("sapphire-rapids")).describe() == (
         "CPU tier: amx (avx512_bf16, avx512_vnni, amx_tile, amx_bf16); kernels: bf16 weights, bf16 dot products "
-        "(vdpbf16ps); AMX tiles (tdpbf16ps) for linears from 16 rows and prefill attention")
+        "(vdpbf16ps); AMX tiles (tdpbf16ps) for prompts and decode batches from 8 rows")
     assert CpuPlan(CpuIsa.AVX512_BF16, features("sapphire-rapids")).describe() == (
         "CPU tier: avx512_bf16 (avx512_bf16, avx512_vnni; amx_bf16, amx_tile present, unused), forced below amx; "
         "kernels: bf16 weights, bf16 dot products (vdpbf16ps)")

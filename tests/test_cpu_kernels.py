@@ -19,7 +19,7 @@ def ops(request):
     return ops_for(request.param)
 
 
-# narrow tiers: 70 strips, 150 panels; amx: tiles from 16 rows, in blocks of 32 (the last one zero-padded)
+# narrow tiers: 70 strips, 150 panels; amx: tiles from 8 rows, in blocks of 16 or 32 (the last one zero-padded)
 @pytest.mark.parametrize("rows", [1, 3, 8, 13, 16, 70, 150])
 @pytest.mark.parametrize("out_features,bias", [(96, False), (100, True), (300, False)])
 def test_bf16_linear_matches_f_linear(ops, rows, out_features, bias):
@@ -33,7 +33,7 @@ def test_bf16_linear_matches_f_linear(ops, rows, out_features, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 9, 17, 40, 150])  # narrow tiers: 40 strips, 150 panels; amx from 16
+@pytest.mark.parametrize("rows", [1, 9, 17, 40, 150])  # narrow tiers: 40 strips, 150 panels; amx from 16 (int8)
 def test_int8_linear_matches_its_dequantized_weights(ops, dtype, rows):
     torch.manual_seed(0)
     linear = nn.Linear(96, 200, bias=True).to(dtype)
@@ -47,8 +47,9 @@ def test_int8_linear_matches_its_dequantized_weights(ops, dtype, rows):
 
 
 def test_many_rows_run_on_amx_tiles_on_the_amx_tier_and_other_widths_keep_the_vector_tiles(ops):
-    """The amx tier's linears of 16 rows or more run on AMX tiles (the OS granting them, as Linux 5.16+ does); an
-    input width that is not a whole number of tiles (32) keeps vdpbf16ps there, with the same results."""
+    """The amx tier's linears of 8 rows or more (16 for int8) run on AMX tiles (the OS granting them, as Linux
+    5.16+ does); an input width that is not a whole number of tiles (32) keeps vdpbf16ps there, with the same
+    results."""
     assert ops.amx_tiles() == (ops.isa == "amx")
     torch.manual_seed(1)
     linear = nn.Linear(80, 100, bias=True).to(torch.bfloat16)

@@ -46,8 +46,8 @@ _AVX512_BF16_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "
 TIERS: dict[CpuIsa, TierSpec] = {
     CpuIsa.AMX: TierSpec("x86_64", (*_AVX512_BF16_NEEDS, "amx_tile", "amx_bf16"),
                          (*_AVX512_BF16_FLAGS, "-mamx-tile", "-mamx-bf16"),
-                         "bf16 dot products (vdpbf16ps); AMX tiles (tdpbf16ps) for linears from 16 rows and prefill "
-                         "attention"),
+                         "bf16 dot products (vdpbf16ps); AMX tiles (tdpbf16ps) for prompts and decode batches from 8 "
+                         "rows"),
     CpuIsa.AVX512_BF16: TierSpec("x86_64", _AVX512_BF16_NEEDS, _AVX512_BF16_FLAGS, "bf16 dot products (vdpbf16ps)"),
     CpuIsa.AVX512: TierSpec("x86_64", ("avx512f", "avx512bw", "avx512vl"),
                             ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"), "widened to fp32, fp32 FMA"),

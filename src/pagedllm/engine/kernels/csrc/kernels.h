@@ -368,7 +368,11 @@ inline void pair_group(const int8_t* w, int64_t K, uint32_t* out) {  // int8 cod
 // float32 sums: 16 times a vdpbf16ps' products. A packed group already is what its weight tile reads (a row of
 // 16 channels' pairs is 64 bytes, rows 192 bytes apart), so the tiles load the weights in place. Eight tiles:
 // sums for 32 rows x 32 channels (0-3), two of x (4, 5), two of weights (6, 7).
-constexpr int64_t kAmxRows = 32, kAmxInputs = 32, kAmxMinRows = 16;
+constexpr int64_t kAmxRows = 32, kAmxInputs = 32;
+// Decode rows of bf16 weights from 8 a call (SmolLM2, 8 parallel: 866 against 621 tok/s on vdpbf16ps; batch 1
+// stays on vectors: 130 against 192 on AMX, a linear's tile sums a chain of about 38 us whatever the rows). int8
+// codes from 16: turned into bf16 pairs at every call, a cost 8 rows do not repay (645 against 833 tok/s).
+constexpr int64_t kAmxMinRows = 8, kAmxMinInt8Rows = 16;
 
 // Linux (5.16+) gives a process AMX's 8 KB of tile state only once asked; refused (an older kernel, a hypervisor
 // that hides it), linears keep the vdpbf16ps tiles.
@@ -377,8 +381,8 @@ inline bool amx_permitted() {
   return granted;
 }
 
-// For bf16 weights, or int8 codes with bf16 activations (LinearArgs::x_bf16).
-inline bool uses_amx(int64_t M, int64_t K) { return M >= kAmxMinRows && K % kAmxInputs == 0 && amx_permitted(); }
+// int8 codes with bf16 activations (LinearArgs::x_bf16); bf16 weights: linear().
+inline bool int8_on_amx(int64_t M, int64_t K) { return M >= kAmxMinInt8Rows && K % kAmxInputs == 0 && amx_permitted(); }
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -486,14 +490,14 @@ void linear_amx(const LinearArgs& a, int64_t M, const Par& par) {
   });
 }
 #else
-inline bool uses_amx(int64_t, int64_t) { return false; }
+inline bool int8_on_amx(int64_t, int64_t) { return false; }
 #endif
 
 // Whether a linear of M rows reads x as float32 (LinearArgs::x_float), not only as bf16: the narrow tiers' strips
 // do, and int8 codes unless bf16 activations meet them as bf16 pairs (AMX tiles, int8_as_bf16).
 inline bool reads_float(bool int8, int64_t M, int64_t K, bool bf16_x) {
   if (uses_strips(M)) return true;
-  return int8 && !(bf16_x && (uses_amx(M, K) || int8_as_bf16(M, K)));
+  return int8 && !(bf16_x && (int8_on_amx(M, K) || int8_as_bf16(M, K)));
 }
 
 // Few rows: threads split the channel groups, and the row tiles too, walking rows fastest so a group's weights
@@ -539,7 +543,7 @@ void linear_rows(const LinearArgs& a, int64_t row0, int64_t rows, bool amx, cons
 #endif
 
 // y [M, N] = x [M, K] @ W.T (+ bias). On the amx tier, bf16 weights: a prompt token's row always runs on AMX tiles,
-// and a decode row does where a call has 16 or more of them (else vdpbf16ps). The two sum in different orders, so
+// and a decode row does where a call has 8 or more of them (else vdpbf16ps). The two sum in different orders, so
 // a row's path must not hang on what else a step holds: a prompt whose blocks were found in the prefix cache
 // recomputes its last tokens alone, and they must come out as they did within the whole prompt (streamed and
 // unstreamed answers equal, byte for byte). int8 weights take AMX from 16 rows of a call, as they take bf16 pairs
@@ -553,7 +557,7 @@ void linear(const LinearArgs& a, int64_t M, const Par& par, const std::vector<Ro
       for (const RowSpan& span : *prompt) prompt_rows += span.rows;
     if (M - prompt_rows == 0 || M - prompt_rows >= kAmxMinRows) return linear_amx<Out>(a, M, par);
     if (prompt_rows == 0) return linear_vectors<Out>(a, M, par);
-    int64_t next = 0;  // prompt rows beside fewer than 16 decode rows: each run on its own path
+    int64_t next = 0;  // prompt rows beside fewer than 8 decode rows: each run on its own path
     for (const RowSpan& span : *prompt) {
       linear_rows<Out>(a, next, span.row0 - next, false, par);
       linear_rows<Out>(a, span.row0, span.rows, true, par);
@@ -561,7 +565,7 @@ void linear(const LinearArgs& a, int64_t M, const Par& par, const std::vector<Ro
     }
     return linear_rows<Out>(a, next, M - next, false, par);
   }
-  if (a.scale && a.x_bf16 && uses_amx(M, a.K)) return linear_amx<Out>(a, M, par);
+  if (a.scale && a.x_bf16 && int8_on_amx(M, a.K)) return linear_amx<Out>(a, M, par);
 #else
   (void)prompt;
 #endif

@@ -75,7 +75,7 @@ std::vector<bf16> pack_bf16(const std::vector<float>& w, int64_t N, int64_t K) {
 }
 
 void check_linears() {
-  // direct tiles; on narrow tiers, strips from 32 rows, panels from 97; amx: AMX tiles from 16, in blocks of 32
+  // direct tiles; on narrow tiers, strips from 32 rows, panels from 97; amx: AMX tiles from 8, in blocks of 16 or 32
   for (int64_t M : {1, 2, 3, 9, 16, 33, 61, 150}) {
     const int64_t N = 100, K = 64;
     std::vector<float> w = randn(N * K), x = randn(M * K), bias = randn(N);
