@@ -193,15 +193,16 @@ def processes_of(tmp_path) -> list[str]:
     found = []
     for proc in Path("/proc").iterdir():
         cmdline = " ".join(_cmdline(proc)) if proc.name.isdigit() else ""
-        if str(tmp_path) in cmdline and _ppid(proc) != -1 and "State:\tZ" not in _status(proc):
+        if str(tmp_path) in cmdline and _state(proc) not in ("Z", ""):
             found.append(cmdline[:200])
     return found
 
 
-def _status(proc: Path) -> str:
+def _state(proc: Path) -> str:
+    """The process's state letter from /proc/PID/stat ("Z": a zombie), or "" once it is gone."""
     try:
-        return proc.joinpath("status").read_text()
-    except OSError:
+        return proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return ""
 
 
