@@ -81,8 +81,7 @@ struct Linear {
   // Whether a call of M rows of x reads it as float32 (kernels.h reads_float).
   bool needs_float(const Tensor& x) const {
     const int64_t M = x.numel() / in_features();
-    return kind != "plain" && (x.scalar_type() == at::kFloat ||
-                               reads_float(kind == "int8", M, in_features(), x.scalar_type() == at::kBFloat16));
+    return kind != "plain" && reads_float(kind == "int8", M, in_features(), x.scalar_type() == at::kBFloat16);
   }
 
   // The kernels' view of this layer (packed kinds), for x (float32 as `x_float` where needs_float; bf16 as
