@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from pagedllm import supervisor
 from pagedllm.supervisor import ExitWatch, dead_stub, python_stubs
 
 
@@ -37,6 +38,7 @@ def test_a_dead_stub_is_a_zombie_child_named_like_the_stub(tmp_path, stub_binary
 KEEPS_THE_ZOMBIE = "time.sleep(60)"
 ABORTS = "select.select([os.pidfd_open(stub.pid)], [], []); os.abort()"
 REAPS = "stub.wait(); time.sleep(60)"
+REAPS_THEN_ABORTS = "stub.wait(); time.sleep(1); os.abort()"  # what a loaded tritonserver did, 1 run in 4
 
 
 def fake_server(stub_binary, then: str, stub_seconds: str = "60") -> subprocess.Popen:
@@ -90,3 +92,28 @@ def test_a_killed_server_is_not_a_stub_death(stub_binary):
         watch.close()
         server.wait()
         os.kill(stub, signal.SIGKILL)
+
+
+def test_a_server_that_reaps_its_killed_stub_and_aborts_later_died_of_the_stub(stub_binary):
+    server = fake_server(stub_binary, REAPS_THEN_ABORTS)
+    watch, stub = watching(server)
+    try:
+        os.kill(stub, signal.SIGKILL)
+        assert watch.wait(5) is None  # reaped, and the server still up after the unload grace
+        assert watch.wait(5) == stub  # its abort, a second later, is the stub's doing
+    finally:
+        watch.close()
+        server.kill(), server.wait()
+    assert server.returncode == -signal.SIGABRT
+
+
+def test_a_server_that_dies_long_after_an_unload_died_alone(stub_binary, monkeypatch):
+    monkeypatch.setattr(supervisor, "STUB_CAUSED_EXIT_SECONDS", 0.5)
+    server = fake_server(stub_binary, REAPS_THEN_ABORTS, stub_seconds="0.1")
+    watch, _ = watching(server)
+    try:
+        assert watch.wait(5) is None
+        assert watch.wait(5) is None
+    finally:
+        watch.close()
+        server.kill(), server.wait()

@@ -11,6 +11,8 @@
   and after `max_restarts` within `restart_window` s serve gives up and exits 1. A killed stub that held the
   backend's IPC mutex makes tritonserver abort (boost's lock_exception) within milliseconds, before any poll
   would see the zombie; so serve holds a pidfd of every stub and of tritonserver and wakes on the first exit.
+  Under load the abort can come later, after tritonserver reaped the stub: a tritonserver that dies within
+  STUB_CAUSED_EXIT_SECONDS of a stub's exit died of it, and is restarted too.
 
 The signal handler only sets a flag. Waiting on a child inside it, while the main thread waits on the same
 child, deadlocks on Popen's lock."""
@@ -31,6 +33,9 @@ from pagedllm.restart_policy import RestartPolicy
 
 POLL_SECONDS = 0.25
 UNLOAD_GRACE_SECONDS = 0.2  # a stub's exit to tritonserver reaping it, when its model is unloaded
+# a tritonserver that dies this soon after one of its stubs exited died of it: under load (the test suite on 2
+# cores) its abort came later than UNLOAD_GRACE_SECONDS, after it had reaped the stub, 1 run in 4
+STUB_CAUSED_EXIT_SECONDS = 10.0
 
 
 def python_stubs(parent_pid: int) -> dict[int, str]:
@@ -66,6 +71,7 @@ class ExitWatch:
     def __init__(self, server_pid: int) -> None:
         self.server_pid = server_pid
         self.fds = {server_pid: os.pidfd_open(server_pid)}
+        self.last_stub_exit: tuple[int, float] | None = None  # (pid, time.monotonic()) of one not yet blamed
 
     def add_stubs(self) -> None:
         for pid in python_stubs(self.server_pid):
@@ -78,16 +84,23 @@ class ExitWatch:
     def wait(self, timeout: float) -> int | None:
         """A stub that died, after the first exit or `timeout` s. A stub that tritonserver reaps (its model
         unloaded) is not one: it is gone from /proc within the grace, while a dead stub stays a zombie or
-        takes tritonserver down with it."""
+        takes tritonserver down with it, at once or up to STUB_CAUSED_EXIT_SECONDS later."""
         exited = self._exited(timeout)
         stubs = [pid for pid in exited if pid != self.server_pid]
         if not stubs:
-            return None
+            return self._stub_behind_server_exit() if exited else None
         server_died = self.server_pid in exited or bool(self._exited(UNLOAD_GRACE_SECONDS, [self.server_pid]))
         zombies = dead_stubs(self.server_pid)
         for pid in stubs:
             os.close(self.fds.pop(pid))
+        self.last_stub_exit = (stubs[0], time.monotonic())
         return next((pid for pid in stubs if server_died or pid in zombies), None)
+
+    def _stub_behind_server_exit(self) -> int | None:
+        if self.last_stub_exit is None:
+            return None
+        pid, when = self.last_stub_exit
+        return pid if time.monotonic() - when <= STUB_CAUSED_EXIT_SECONDS else None
 
     def _exited(self, timeout: float, pids: list[int] | None = None) -> list[int]:
         fds = {pid: self.fds[pid] for pid in (pids or self.fds)}
@@ -137,10 +150,13 @@ class Supervisor:
             self.gateway = subprocess.Popen(self.gateway_command, env=env)
         watch = ExitWatch(self.server.process.pid)
         try:
-            while not self.stopping.is_set() and all(child.poll() is None for child in self.children()):
+            while not self.stopping.is_set():
                 watch.add_stubs()
+                # the watch first: a tritonserver that died of its stub must not read as one that died alone
                 stub = watch.wait(POLL_SECONDS) or dead_stub(self.server.process.pid)
                 if stub is None:
+                    if any(child.poll() is not None for child in self.children()):
+                        break
                     continue
                 watch.close()
                 if not self._restart_server(stub):
