@@ -57,3 +57,16 @@ def test_text_too_long_for_the_model_is_refused_before_tokenizing(tokenizer):
             tokenize_request(tokenizer, request(**prompt), limit)
     assert len(encode_text(tokenizer, "a" * limit.max_bytes)) > 64  # what it keeps away is over indeed
     assert tokenize_request(tokenizer, request(text="Hi"), limit)
+
+
+@pytest.mark.parametrize("architecture", ["smollm2", "llama3", "mistral", "qwen2"])
+def test_the_tokenizer_is_the_one_autotokenizer_picks(architecture, smollm_dir, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from pagedllm.engine.tokenizer import load_tokenizer
+    model_dir = smollm_dir if architecture == "smollm2" else tiny_model_dir(architecture)
+    ours, theirs = load_tokenizer(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    assert type(ours) is type(theirs)
+    messages = [{"role": "user", "content": "Héllo <|im_end|> wörld"}]
+    assert encode_chat(ours, messages) == encode_chat(theirs, messages)
+    assert encode_text(ours, "  two  spaces\nand a line") == encode_text(theirs, "  two  spaces\nand a line")

@@ -11,8 +11,17 @@ from pagedllm.tool_format import ToolUse, chat_for_model, renders_tools
 
 
 def load_tokenizer(model_path: Path) -> Any:
-    from transformers import AutoTokenizer  # here: transformers brings torch, which a Triton stub loads late
-    return AutoTokenizer.from_pretrained(model_path)
+    """AutoTokenizer's choice of tokenizer, given config.json as read: of a config it reads only model_type,
+    tokenizer_class and the path, and left to load the config itself it imports the architecture's config class,
+    0.8 s of modules (transformers 5.25) in every process that starts."""
+    # here: transformers brings torch, which a Triton stub loads late
+    from transformers import AutoTokenizer, PreTrainedConfig
+    config_json = Path(model_path) / "config.json"
+    if not config_json.is_file():
+        return AutoTokenizer.from_pretrained(model_path)
+    config = PreTrainedConfig(**json.loads(config_json.read_text()))
+    config._name_or_path = str(model_path)
+    return AutoTokenizer.from_pretrained(model_path, config=config)
 
 
 def encode_text(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
