@@ -3,6 +3,7 @@ from its memory, and max_model_len bounded by the model, its window and the pool
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from transformers import LlamaConfig, MistralConfig
@@ -72,3 +73,42 @@ def test_the_llm_stub_starts_its_engine_before_importing_torch():
             "print(*[m for m in ('torch', 'transformers', 'xgrammar') if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code, str(engine_json)], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("architecture", ["llama3", "mistral", "qwen2"])
+def test_a_models_config_is_read_once_then_kept_in_the_cache(architecture, tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoConfig
+
+    from pagedllm.engine import config as config_module
+    monkeypatch.setenv("PAGEDLLM_CACHE", str(tmp_path / "cache"))
+    model_dir = tiny_model_dir(architecture)
+    read = config_module.load_model_config(model_dir)
+    assert read == ModelConfig.from_hf(AutoConfig.from_pretrained(model_dir))
+
+    def unread(path):
+        raise AssertionError("config.json read again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(config_module, "_model_config_from_hf", unread)
+        assert config_module.load_model_config(model_dir) == read
+    changed = tmp_path / "changed"
+    shutil.copytree(model_dir, changed)
+    settings = json.loads((changed / "config.json").read_text())
+    (changed / "config.json").write_text(json.dumps({**settings, "rms_norm_eps": 0.125}))
+    assert config_module.load_model_config(changed).rms_norm_eps == 0.125
+
+
+def test_a_cache_that_cannot_be_used_only_costs_the_reading(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    from pagedllm.engine.config import load_model_config
+    model_dir = tiny_model_dir("llama-tied")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # others may write there: refused as a cache
+    monkeypatch.setenv("PAGEDLLM_CACHE", str(shared))
+    assert load_model_config(model_dir).tie_word_embeddings
+    assert "model config cache not used" in caplog.text
+    monkeypatch.setenv("PAGEDLLM_CACHE", str(tmp_path / "cache"))
+    expected = load_model_config(model_dir)
+    for kept in (tmp_path / "cache" / "model_configs").iterdir():
+        kept.write_text('{"architecture": "LlamaForCausalLM"}')  # a config of another version's fields
+    assert load_model_config(model_dir) == expected

@@ -8,11 +8,10 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from transformers import AutoConfig
 
 from pagedllm.engine import backends
 from pagedllm.engine.block_manager import BlockManager
-from pagedllm.engine.config import EngineConfig, ModelConfig, num_blocks_for, resolve_max_model_len
+from pagedllm.engine.config import EngineConfig, ModelConfig, load_model_config, num_blocks_for, resolve_max_model_len
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.faults import Faults
 from pagedllm.engine.lora import FIELD as LORA_FIELD
@@ -40,8 +39,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, faults: Faults | None = None) -> None:
         self.config, self.faults = config, faults or Faults()
         self.model_path = resolve_model_path(config.model)
-        hf_config = AutoConfig.from_pretrained(self.model_path)
-        self.model_config = ModelConfig.from_hf(hf_config)
+        self.model_config = load_model_config(self.model_path)
         self.tokenizer = load_tokenizer(self.model_path)
         self.device = config.resolved_device()
         self.num_blocks = num_blocks_for(config, self.model_config)

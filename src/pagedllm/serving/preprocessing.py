@@ -5,6 +5,7 @@ from typing import Any
 
 import numpy as np
 
+from pagedllm.engine.config import load_model_config
 from pagedllm.engine.tokenizer import load_tokenizer
 from pagedllm.errors import FieldError, RequestError
 from pagedllm.serving.python_backend import PythonBackend
@@ -15,13 +16,12 @@ from pagedllm.weights import resolve_model_path
 
 class PreprocessingModel:
     def initialize(self, args: dict[str, str]) -> None:
-        from transformers import AutoConfig
         self.backend = PythonBackend(args)
         path = resolve_model_path(self.backend.parameter("model"))
         self.tokenizer = load_tokenizer(path)
         # the llm model checks the engine's own max_model_len; this bound only keeps oversized text from the
         # tokenizer (a parameter where engine.json sets a longer max_model_len than the model's positions)
-        max_tokens = self.backend.parameter("max_model_len") or AutoConfig.from_pretrained(path).max_position_embeddings
+        max_tokens = self.backend.parameter("max_model_len") or load_model_config(path).max_position_embeddings
         self.prompt_limit = PromptLimit.for_tokenizer(self.tokenizer, int(max_tokens))
 
     def execute(self, requests: list[Any]) -> list[Any]:
