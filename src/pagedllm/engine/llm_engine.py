@@ -251,7 +251,8 @@ def _load_model(path: Any, config: ModelConfig, max_positions: int, dtype: torch
                 device: torch.device) -> LlamaForCausalLM:
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions)
-    model = model.to_empty(device=device)
+    # storage for the meta tensors: Module.to_empty's empty_like on them imports sympy, 0.3 s of every start
+    model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     model.tie_weights()
     model.load_weights(iter_safetensors(path))
     model = model.to(dtype=dtype)
