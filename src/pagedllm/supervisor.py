@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from pagedllm.launcher import ADMIN_KEY_ENV, TritonServer
+from pagedllm.launcher import ADMIN_KEY_ENV, READY_POLL_SECONDS, TritonServer
 from pagedllm.restart_policy import RestartPolicy
 
 POLL_SECONDS = 0.25
@@ -174,7 +174,7 @@ class Supervisor:
                 return False
             if self.server.is_ready():
                 return True
-            self.stopping.wait(0.5)
+            self.stopping.wait(READY_POLL_SECONDS)
         return False
 
     def _restart_server(self, stub: int) -> bool:
