@@ -21,17 +21,13 @@ import urllib.request
 from pathlib import Path
 
 from pagedllm.launcher import ServerOptions, TritonServer, free_port
+from perf.cpu_time import cpu_seconds
 from perf.loadgen import at_concurrency
 from perf.results import write_section
 from perf.workloads import chat_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "perf" / "out"
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def run(protocol: str, url: str, chats: list, max_tokens: int, concurrency: int) -> tuple[float, int]:

@@ -29,6 +29,7 @@ from pagedllm.engine.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.launcher import ServerOptions, TritonServer, free_port
 from pagedllm.serving.repository import write_llm
+from perf.cpu_time import cpu_by_role, server_processes
 from perf.loadgen import at_concurrency
 from perf.results import write_section
 from perf.workloads import chat_prompts
@@ -36,6 +37,8 @@ from perf.workloads import chat_prompts
 ROOT = Path(__file__).resolve().parent.parent
 
 OFFLINE = "offline engine (LLMEngine in-process)"
+ENGINE, LOAD_GENERATOR = "engine processes", "load generator"
+ROLES = (ENGINE, "Python stubs", "tritonserver", LOAD_GENERATOR)
 
 
 @dataclass
@@ -44,10 +47,16 @@ class RunningServer:
     http_url: str
 
 
-def offline(engine: LLMEngine, chats: list, max_tokens: int, concurrency: int) -> float:
+@dataclass
+class Run:
+    rate: float  # output tokens/s
+    cpu: dict[str, float]  # CPU-seconds per 1,000 output tokens, by process role
+
+
+def offline(engine: LLMEngine, chats: list, max_tokens: int, concurrency: int) -> Run:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     prompts = [engine.apply_chat_template(c) for c in chats]
-    pending, produced, start = list(enumerate(prompts)), 0, time.perf_counter()
+    pending, produced, start, cpu = list(enumerate(prompts)), 0, time.perf_counter(), own_cpu_seconds()
     in_flight = 0
     while pending or in_flight:
         while pending and in_flight < concurrency:
@@ -57,22 +66,26 @@ def offline(engine: LLMEngine, chats: list, max_tokens: int, concurrency: int) -
         for delta in engine.step():
             produced += len(delta.new_token_ids)
             in_flight -= delta.finished
-    return produced / (time.perf_counter() - start)
+    return Run(produced / (time.perf_counter() - start), {ENGINE: (own_cpu_seconds() - cpu) / produced * 1000})
 
 
-def client_cpu_seconds() -> float:
+def own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
-def served(protocol: str, url: str, model: str, chats: list, max_tokens: int, concurrency: int) -> tuple[float, float]:
-    """(output tokens/s, cores the load generator itself used), through perf/loadgen.py's client."""
-    start, cpu = time.perf_counter(), client_cpu_seconds()
+def served(protocol: str, url: str, model: str, chats: list, max_tokens: int, concurrency: int,
+           server: dict[str, list[int]] | None = None) -> Run:
+    """Through perf/loadgen.py's client; `server`: the server's processes by role, whose CPU is counted."""
+    before, client = cpu_by_role(server or {}), own_cpu_seconds()
     records, elapsed = asyncio.run(at_concurrency(url, model, [(c, max_tokens) for c in chats], concurrency, protocol))
     failed = [r.error for r in records if r.error]
     if failed:
         raise RuntimeError(f"{len(failed)} requests failed, first: {failed[0]}")
-    return sum(r.tokens for r in records) / elapsed, (client_cpu_seconds() - cpu) / (time.perf_counter() - start)
+    tokens = sum(r.tokens for r in records)
+    used = {role: cpu - before[role] for role, cpu in cpu_by_role(server or {}).items()}
+    used[LOAD_GENERATOR] = own_cpu_seconds() - client
+    return Run(tokens / elapsed, {role: cpu / tokens * 1000 for role, cpu in used.items()})
 
 
 def main() -> None:
@@ -95,9 +108,8 @@ def main() -> None:
     engine_json = args.model_repository / "llm" / "1" / "engine.json"
     work = (chats, args.max_tokens, args.concurrency)
     engine = LLMEngine(EngineConfig.from_json(engine_json))
-    rates: dict[str, list[float]] = {OFFLINE: []}
+    runs: dict[str, list[Run]] = {OFFLINE: []}
     ratios: dict[str, list[float]] = {}
-    cores: dict[str, list[float]] = {}
     settings = json.loads(engine_json.read_text())
     shipped = settings.get("stream_interval", 1)
     chunked = f"llm_stream_interval_{args.stream_interval}"
@@ -109,6 +121,7 @@ def main() -> None:
     running = RunningServer(*args.server.split(",")) if args.server else None
     with contextlib.nullcontext(running) if running else TritonServer(
             opts, ROOT / "perf" / "out" / "bench_serving-tritonserver.log") as server:
+        processes = None if running else server_processes(server.process.pid)
         served("grpc", server.grpc_url, "ensemble", chats[:2], 4, 2)  # warm-up
         paths = {"gRPC streaming, ensemble": ("grpc", server.grpc_url, "ensemble"),
                  "gRPC streaming, llm": ("grpc", server.grpc_url, "llm"),
@@ -117,31 +130,33 @@ def main() -> None:
         if args.quick:
             paths.popitem()
         before = offline(engine, *work)
-        rates[OFFLINE].append(before)
+        runs[OFFLINE].append(before)
         for _ in range(args.rounds):
             for name, (protocol, url, model) in paths.items():
-                rate, used = served(protocol, url, model, *work)
+                run = served(protocol, url, model, *work, processes)
                 after = offline(engine, *work)
-                rates[OFFLINE].append(after)
-                rates.setdefault(name, []).append(rate)
-                ratios.setdefault(name, []).append(rate / ((before + after) / 2))
-                cores.setdefault(name, []).append(used)
+                runs[OFFLINE].append(after)
+                runs.setdefault(name, []).append(run)
+                ratios.setdefault(name, []).append(run.rate / ((before.rate + after.rate) / 2))
                 before = after
-    body = report(rates, ratios, cores, args, shipped)
+    body = report(runs, ratios, args, shipped)
     print(body)
     if not args.quick:
         write_section("bench_serving", body)
 
 
-def report(rates: dict[str, list[float]], ratios: dict[str, list[float]], cores: dict[str, list[float]],
-           args: argparse.Namespace, shipped: int) -> str:
+def report(runs: dict[str, list[Run]], ratios: dict[str, list[float]], args: argparse.Namespace,
+           shipped: int) -> str:
     rows = []
-    for name, runs in rates.items():
-        used = f"{statistics.median(cores[name]):.2f}" if name in cores else ""
+    for name, path_runs in runs.items():
+        rates = [r.rate for r in path_runs]
+        cpu = [f"{statistics.median(r.cpu[role] for r in path_runs):.2f}" if role in path_runs[0].cpu else ""
+               for role in ROLES]
         shown = "**1.00**"  # the offline runs themselves
         if name in ratios:
             shown = f"**{statistics.median(ratios[name]):.2f}** ({', '.join(f'{r:.2f}' for r in ratios[name])})"
-        rows.append(f"| {name} | {statistics.median(runs):.0f} | {min(runs):.0f}-{max(runs):.0f} | {shown} | {used} |")
+        rows.append(f"| {name} | {statistics.median(rates):.0f} | {min(rates):.0f}-{max(rates):.0f} | {shown} | "
+                    + " | ".join(cpu) + " |")
     return (f"`python -m perf.bench_serving` — SmolLM2-135M-Instruct (model_repository/llm/1/engine.json), "
             f"{args.num_requests} chat requests x {args.max_tokens} tokens, greedy, {args.concurrency} in flight, "
             f"{args.rounds} rounds in which the paths take turns with an offline run between any two; each served run "
@@ -149,9 +164,12 @@ def report(rates: dict[str, list[float]], ratios: dict[str, list[float]], cores:
             f"is shown (each round's in brackets). The load generator (perf/loadgen.py's asyncio client, one thread) "
             f"shares the machine's {os.cpu_count()} cores with the server. engine.json as shipped streams a response "
             f"every {shipped} tokens (`stream_interval` {shipped}); the last path is the same engine with "
-            f"`stream_interval` {args.stream_interval}.\n\n"
-            f"| path | output tok/s (median) | range | vs offline, adjacent runs | cores used by the load generator |\n"
-            f"|---|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n")
+            f"`stream_interval` {args.stream_interval}. CPU-seconds per 1,000 output tokens, medians, read from /proc "
+            f"for each process of the server (the engine processes of every llm model loaded, the idle one's "
+            f"included) and from the load generator's own usage; the offline engine's is that process's own.\n\n"
+            f"| path | output tok/s (median) | range | vs offline, adjacent runs | "
+            + " | ".join(f"CPU-s/1k tokens: {role}" for role in ROLES) + " |\n"
+            "|---|---:|---:|---:|" + "---:|" * len(ROLES) + "\n" + "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -30,3 +30,28 @@ def test_lookup_bound_counts_the_steps_of_the_best_possible_lookup():
     assert lookup_bound_steps([1, 2], [7, 8, 9], num_drafts=5) == 3
     # the output repeats itself: 5 and 6 come one by one, then 5 6 is copied (with 5 sampled), then 6
     assert lookup_bound_steps([0], [5, 6, 5, 6, 5, 6], num_drafts=5) == 4
+
+
+def test_a_servers_processes_are_told_apart_by_role(tmp_path):
+    """bench_serving's CPU split: tritonserver, its Python stubs (found by their name), the stubs' children."""
+    import shutil
+    import time
+
+    from perf.cpu_time import cpu_by_role, cpu_seconds, server_processes
+    stub = tmp_path / "triton_python_backend_stub"
+    shutil.copy(shutil.which("sh"), stub)
+    code = (f"import subprocess, time; subprocess.Popen([{str(stub)!r}, '-c', 'sleep 60 & wait']); "
+            "sum(range(10**7)); time.sleep(60)")
+    server = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 10
+        while not (roles := server_processes(server.pid))["engine processes"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(roles["Python stubs"]) == 1 and len(roles["engine processes"]) == 1
+        assert roles["tritonserver"] == [server.pid]
+        assert cpu_by_role(roles)["tritonserver"] > 0  # it counted to 10 million
+    finally:
+        for pid in roles["engine processes"] + roles["Python stubs"]:
+            subprocess.run(["kill", "-9", str(pid)], check=False)
+        server.kill(), server.wait()
+    assert cpu_seconds(server.pid) == 0.0  # gone
