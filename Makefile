@@ -48,6 +48,7 @@ bench: setup
 	$(PY) -m perf.bench_engine
 	$(PY) -m perf.bench_llamacpp
 	$(PY) -m perf.bench_serving
+	$(PY) -m perf.bench_contention
 	$(PY) -m perf.bench_gateway
 	$(PY) -m perf.bench_speculative
 	$(PY) -m perf.bench_structured

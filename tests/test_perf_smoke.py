@@ -13,13 +13,13 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 # bench_serving's smoke run is in tests/integration/test_perf_tools.py, on the session's server
 @pytest.mark.parametrize("script", ["bench_engine", "bench_speculative", "bench_structured", "bench_lora",
-                                    "bench_routing", "bench_kv_cache"])
+                                    "bench_routing", "bench_kv_cache", "bench_contention"])
 def test_benchmark_runs_quick(script):
     done = subprocess.run([sys.executable, "-m", f"perf.{script}", "--quick"], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert any(mark in done.stdout for mark in ("| pagedllm", "| offline engine", "| batch 1", "| unconstrained",
-                                                "| base model", "| tenants"))
+                                                "| base model", "| tenants", "| alone"))
 
 
 def test_lookup_bound_counts_the_steps_of_the_best_possible_lookup():
