@@ -4,6 +4,10 @@ lives in modules that never import it and are unit-tested without a server."""
 from __future__ import annotations
 
 import json
+import os
+import select
+import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,10 +20,38 @@ def backend() -> Any:
     return pb_utils
 
 
+_watching_server = False
+
+
+def exit_with_server(server_name: str = "tritonserver") -> None:
+    """Ends this process the moment its parent, tritonserver, exits (a pidfd turns readable), or at once where
+    the parent is no longer tritonserver (it died while this stub started, and init adopted it). Triton 2.51's
+    stubs outlive a tritonserver that died of a broken pipe while they loaded: two stayed up for an hour, holding
+    their memory, and the llm model's stub would hold its engine process too (which follows its stub)."""
+    global _watching_server
+    if _watching_server:
+        return
+    _watching_server = True
+    parent = os.getppid()
+    try:
+        if Path(f"/proc/{parent}/comm").read_text().strip() != server_name:
+            os._exit(0)
+        server = os.pidfd_open(parent)
+    except ProcessLookupError:  # gone between the two reads
+        os._exit(0)
+
+    def watch() -> None:
+        select.select([server], [], [])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="pagedllm-server-watch", daemon=True).start()
+
+
 class PythonBackend:
     """Tensors in, responses out, for one model: what the model modules and `Streams` send through."""
 
     def __init__(self, args: dict[str, str]) -> None:
+        exit_with_server()
         self.pb = backend()
         self.config = json.loads(args["model_config"])
         self.input_names = [i["name"] for i in self.config["input"]]
