@@ -7,6 +7,7 @@ import json
 import os
 import select
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,17 @@ def backend() -> Any:
 
 
 _watching_server = False
+# A stub follows its dead tritonserver this much later, so that `pagedllm serve` (supervisor.py), which restarts
+# tritonserver when a stub died first and took it down, never sees these exits together with the server's.
+FOLLOW_SERVER_SECONDS = 2.0
 
 
 def exit_with_server(server_name: str = "tritonserver") -> None:
-    """Ends this process the moment its parent, tritonserver, exits (a pidfd turns readable), or at once where
-    the parent is no longer tritonserver (it died while this stub started, and init adopted it). Triton 2.51's
-    stubs outlive a tritonserver that died of a broken pipe while they loaded: two stayed up for an hour, holding
-    their memory, and the llm model's stub would hold its engine process too (which follows its stub)."""
+    """Ends this process FOLLOW_SERVER_SECONDS after its parent, tritonserver, exits (a pidfd turns readable),
+    or at once where the parent is no longer tritonserver (it died while this stub started; init adopted it).
+    Triton 2.51's stubs outlive a tritonserver that died of a broken pipe while they loaded: two stayed up for
+    an hour, holding their memory, and the llm model's stub would hold its engine process too (which follows
+    its stub)."""
     global _watching_server
     if _watching_server:
         return
@@ -37,11 +42,12 @@ def exit_with_server(server_name: str = "tritonserver") -> None:
         if Path(f"/proc/{parent}/comm").read_text().strip() != server_name:
             os._exit(0)
         server = os.pidfd_open(parent)
-    except ProcessLookupError:  # gone between the two reads
+    except OSError:  # gone between the reads
         os._exit(0)
 
     def watch() -> None:
         select.select([server], [], [])
+        time.sleep(FOLLOW_SERVER_SECONDS)
         os._exit(0)
 
     threading.Thread(target=watch, name="pagedllm-server-watch", daemon=True).start()
