@@ -1,6 +1,7 @@
 """Finding and running tritonserver: the NGC container's (on PATH) or the copy in the nvidia-pytriton wheel."""
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import logging
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -177,6 +179,13 @@ def server_env(install: TritonInstall) -> dict[str, str]:
     return env
 
 
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child between fork and exec only calls it
+
+
+def _die_with_parent() -> None:
+    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class TritonServer:
     """A tritonserver child process: start, wait until ready, stop (SIGTERM, then SIGKILL)."""
 
@@ -202,7 +211,11 @@ class TritonServer:
         out = open(self.log_path, "wb") if self.log_path else None
         cmd, env = with_admin_key(server_command(self.install, self.opts), server_env(self.install),
                                   self.opts.admin_key)
-        self.process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        # from the main thread, tritonserver dies with this process however it dies (PR_SET_PDEATHSIG follows the
+        # thread that starts it); its stubs follow it (serving/python_backend.py), and their engines them
+        follow = _die_with_parent if threading.current_thread() is threading.main_thread() else None
+        self.process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                        preexec_fn=follow)
         return self
 
     def wait_ready(self, timeout: float = 300.0) -> None:

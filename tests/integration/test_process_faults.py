@@ -237,3 +237,15 @@ def test_a_killed_stub_under_serve_restarts_tritonserver(tmp_path, tiny_model_di
               "each a connection error (retryable), the last "
               f"{max(at for _, at in ended) - killed:.2f} s after the kill",
               "at once: tritonserver is restarted (the whole server)", f"{back:.1f} s")
+
+
+def test_a_serve_killed_with_sigkill_leaves_no_process_behind(tmp_path, tiny_model_dir, table):
+    with running_serve(tmp_path, tiny_model_dir("llama-tied")) as (serve, _):
+        assert processes_of(tmp_path)  # tritonserver, its stubs, the engine process
+        killed = time.monotonic()
+        os.kill(serve.pid, signal.SIGKILL)  # no handler runs: tritonserver and the stubs must follow by themselves
+        serve.wait(10)
+        assert wait_for(lambda: not processes_of(tmp_path), timeout=15), processes_of(tmp_path)
+        took = time.monotonic() - killed
+        table.add("`pagedllm serve` SIGKILL", "none", "-", "-",
+                  f"tritonserver, its stubs and the engine process gone {took:.1f} s later")
