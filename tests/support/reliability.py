@@ -108,7 +108,12 @@ serves: no request fails). A model whose engine stays down unloads itself, and i
 Inside tritonserver, a killed Python stub (not the engine process) is beyond repair on Triton 2.51. The
 streams it held stay open until each client times out. A `load` brings the model back in its normal load
 time, but the old version stays UNLOADING, and shutdown waits out `--exit-timeout-secs`. The engine process
-dies with the stub (PR_SET_PDEATHSIG), so its memory is freed.
+dies with the stub (PR_SET_PDEATHSIG), so its memory is freed. The other way round, every stub of ours exits
+2 s after tritonserver does, however it ends (`exit_with_server`, serving/python_backend.py): Triton 2.51's
+stubs outlived a tritonserver that died of a broken output pipe while they loaded. The 2 s keep their exits
+apart from the server's, which `pagedllm serve` reads to tell a stub that took tritonserver down (restart)
+from a tritonserver that died alone (stop). And a tritonserver started by `pagedllm serve` dies with it
+(PR_SET_PDEATHSIG), so a serve killed with SIGKILL leaves nothing behind.
 
 `pagedllm serve` spots the dead stub (a zombie child of tritonserver) and restarts tritonserver as a whole,
 as the table shows. That restarts the other models too. Under a bare `tritonserver`, a dead stub needs a
