@@ -1,7 +1,6 @@
 """Finding and running tritonserver: the NGC container's (on PATH) or the copy in the nvidia-pytriton wheel."""
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib.util
 import logging
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from pagedllm.cache import build_lock, cache_dir, is_as_built, record_build
 from pagedllm.errors import TritonNotFoundError
+from pagedllm.parent_death import die_with_parent
 
 logger = logging.getLogger("pagedllm.launcher")
 CONTROL_MODES = ("none", "poll", "explicit")
@@ -179,13 +179,6 @@ def server_env(install: TritonInstall) -> dict[str, str]:
     return env
 
 
-_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child between fork and exec only calls it
-
-
-def _die_with_parent() -> None:
-    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 class TritonServer:
     """A tritonserver child process: start, wait until ready, stop (SIGTERM, then SIGKILL)."""
 
@@ -213,7 +206,7 @@ class TritonServer:
                                   self.opts.admin_key)
         # from the main thread, tritonserver dies with this process however it dies (PR_SET_PDEATHSIG follows the
         # thread that starts it); its stubs follow it (serving/python_backend.py), and their engines them
-        follow = _die_with_parent if threading.current_thread() is threading.main_thread() else None
+        follow = die_with_parent if threading.current_thread() is threading.main_thread() else None
         self.process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
                                         preexec_fn=follow)
         return self

@@ -12,7 +12,6 @@ each step, its stats (the heartbeat) and the prefix blocks it made findable or e
 `BlockLog` (kv_events.py) that starts empty, under a new epoch, whenever the engine does."""
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -34,6 +33,7 @@ from pagedllm.engine.sequence import DeltaCallback, RequestDelta
 from pagedllm.engine.wire import EngineState
 from pagedllm.errors import EngineDeadError, ErrorCode, RequestError
 from pagedllm.kv_events import BlockLog, CacheState, ReplicaLoad
+from pagedllm.parent_death import die_with_parent
 
 logger = logging.getLogger(__name__)
 WATCH_SECONDS = 0.25
@@ -236,16 +236,9 @@ def python_executable() -> str:
 
 # ---- inside the engine process ---------------------------------------------------------------------
 def run_engine(config: dict[str, Any], conn: Any, faults: Faults | None = None) -> None:
-    _die_with_parent()
+    die_with_parent()
     for sig in (signal.SIGINT, signal.SIGTERM):  # a Ctrl-C or stop sent to the group: the serving side decides
         signal.signal(sig, signal.SIG_IGN)
     from pagedllm.engine.engine_host import EngineHost
     EngineHost(EngineConfig(**config), conn, faults).serve()
 
-
-def _die_with_parent() -> None:
-    """SIGKILL to this process when the serving process dies, however it dies (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
