@@ -9,23 +9,18 @@ import sys
 import time
 from pathlib import Path
 
+from tests.support.processes import alive
+
 # the stand-in server is a Python process: the stub watches for its parent by that name
 STUB = ("import os, time; from pagedllm.serving.python_backend import exit_with_server; "
         "exit_with_server({name!r}); time.sleep(60)")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _exits_within(pid: int, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return not _alive(pid)
+    return not alive(pid)
 
 
 def _server_with_stub(server_name: str) -> tuple[subprocess.Popen, int]:
@@ -46,7 +41,7 @@ def test_a_stub_exits_when_its_server_is_killed():
         assert _exits_within(stub, 10)
     finally:
         server.kill(), server.wait()
-        if _alive(stub):
+        if alive(stub):
             os.kill(stub, signal.SIGKILL)
 
 
@@ -56,5 +51,5 @@ def test_a_stub_whose_parent_is_not_the_server_exits_at_once():
         assert _exits_within(stub, 10)
     finally:
         server.kill(), server.wait()
-        if _alive(stub):
+        if alive(stub):
             os.kill(stub, signal.SIGKILL)

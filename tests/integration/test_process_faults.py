@@ -31,6 +31,7 @@ from tests.integration.conftest import (
     triton_pid,
     wait_for,
 )
+from tests.support.processes import alive
 from tests.support.reliability import FaultTable
 
 pytestmark = pytest.mark.integration
@@ -193,17 +194,9 @@ def processes_of(tmp_path) -> list[str]:
     found = []
     for proc in Path("/proc").iterdir():
         cmdline = " ".join(_cmdline(proc)) if proc.name.isdigit() else ""
-        if str(tmp_path) in cmdline and _state(proc) not in ("Z", ""):
+        if str(tmp_path) in cmdline and alive(int(proc.name)):
             found.append(cmdline[:200])
     return found
-
-
-def _state(proc: Path) -> str:
-    """The process's state letter from /proc/PID/stat ("Z": a zombie), or "" once it is gone."""
-    try:
-        return proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
 
 
 def serves(url: str) -> bool:
