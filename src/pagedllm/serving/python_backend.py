@@ -3,6 +3,7 @@ tritonserver's stub process, so it is imported when a model initializes). Everyt
 lives in modules that never import it and are unit-tested without a server."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import select
@@ -21,22 +22,18 @@ def backend() -> Any:
     return pb_utils
 
 
-_watching_server = False
 # A stub follows its dead tritonserver this much later, so that `pagedllm serve` (supervisor.py), which restarts
 # tritonserver when a stub died first and took it down, never sees these exits together with the server's.
 FOLLOW_SERVER_SECONDS = 2.0
 
 
+@functools.cache  # once per process, whichever model of the stub calls first
 def exit_with_server(server_name: str = "tritonserver") -> None:
     """Ends this process FOLLOW_SERVER_SECONDS after its parent, tritonserver, exits (a pidfd turns readable),
     or at once where the parent is no longer tritonserver (it died while this stub started; init adopted it).
     Triton 2.51's stubs outlive a tritonserver that died of a broken pipe while they loaded: two stayed up for
     an hour, holding their memory, and the llm model's stub would hold its engine process too (which follows
     its stub)."""
-    global _watching_server
-    if _watching_server:
-        return
-    _watching_server = True
     parent = os.getppid()
     try:
         if Path(f"/proc/{parent}/comm").read_text().strip() != server_name:
