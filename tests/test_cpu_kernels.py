@@ -34,11 +34,13 @@ def test_bf16_linear_matches_f_linear(ops, rows, out_features, bias):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 9, 17, 40, 150])  # narrow tiers: 40 strips, 150 panels; amx from 16 (int8)
-def test_int8_linear_matches_its_dequantized_weights(ops, dtype, rows):
+# amx: 600 channels are 7 pairs of groups, the last one half, several to a thread: each converted during the one before
+@pytest.mark.parametrize("in_features,out_features", [(96, 200), (192, 600)])
+def test_int8_linear_matches_its_dequantized_weights(ops, dtype, rows, in_features, out_features):
     torch.manual_seed(0)
-    linear = nn.Linear(96, 200, bias=True).to(dtype)
+    linear = nn.Linear(in_features, out_features, bias=True).to(dtype)
     codes, scale = cpu_kernels.quantize_int8(linear.weight)
-    x = torch.randn(rows, 96, dtype=dtype)
+    x = torch.randn(rows, in_features, dtype=dtype)
     expected = F.linear(x.float(), codes.float() * scale[:, None], linear.bias.float())
     arena = cpu_kernels.HugePageArena(cpu_kernels.packed_nbytes(linear, "int8"))
     out = cpu_kernels.KernelLinear(linear, "int8", arena, ops)(x)
