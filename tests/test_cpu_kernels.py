@@ -33,7 +33,7 @@ def test_bf16_linear_matches_f_linear(ops, rows, out_features, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 9, 17, 40, 150])  # narrow tiers: 40 strips, 150 panels; amx from 16 (int8)
+@pytest.mark.parametrize("rows", [1, 9, 17, 40, 150])  # narrow tiers: 40 strips, 150 panels; amx from 8
 # amx: 600 channels are 7 pairs of groups, the last one half, several to a thread: each converted during the one before
 @pytest.mark.parametrize("in_features,out_features", [(96, 200), (192, 600)])
 def test_int8_linear_matches_its_dequantized_weights(ops, dtype, rows, in_features, out_features):
@@ -49,7 +49,7 @@ def test_int8_linear_matches_its_dequantized_weights(ops, dtype, rows, in_featur
 
 
 def test_many_rows_run_on_amx_tiles_on_the_amx_tier_and_other_widths_keep_the_vector_tiles(ops):
-    """The amx tier's linears of 8 rows or more (16 for int8) run on AMX tiles (the OS granting them, as Linux
+    """The amx tier's linears of 8 rows or more run on AMX tiles (the OS granting them, as Linux
     5.16+ does); an input width that is not a whole number of tiles (32) keeps vdpbf16ps there, with the same
     results."""
     assert ops.amx_tiles() == (ops.isa == "amx")

@@ -393,10 +393,10 @@ inline void pair_group(const int8_t* w, int64_t K, uint32_t* out) { pair_rows(w,
 // 16 channels' pairs is 64 bytes, rows 192 bytes apart), so the tiles load the weights in place. Eight tiles:
 // sums for 32 rows x 32 channels (0-3), two of x (4, 5), two of weights (6, 7).
 constexpr int64_t kAmxRows = 32, kAmxInputs = 32;
-// Decode rows of bf16 weights from 8 a call (SmolLM2, 8 parallel: 866 against 621 tok/s on vdpbf16ps; batch 1
-// stays on vectors: 130 against 192 on AMX, a linear's tile sums a chain of about 38 us whatever the rows). int8
-// codes from 16: turned into bf16 pairs at every call, a cost 8 rows do not repay (645 against 833 tok/s).
-constexpr int64_t kAmxMinRows = 8, kAmxMinInt8Rows = 16;
+// Decode rows from 8 a call (SmolLM2, 8 parallel: 866 against 621 tok/s on vdpbf16ps; batch 1 stays on vectors:
+// 130 against 192 on AMX, a linear's tile sums a chain of about 38 us whatever the rows). int8 codes too, though
+// each call turns them into bf16 pairs: 1,050 against 950 tok/s at 8 parallel (medians of 4 alternating runs).
+constexpr int64_t kAmxMinRows = 8;
 
 // Linux (5.16+) gives a process AMX's 8 KB of tile state only once asked; refused (an older kernel, a hypervisor
 // that hides it), linears keep the vdpbf16ps tiles.
@@ -406,7 +406,7 @@ inline bool amx_permitted() {
 }
 
 // int8 codes with bf16 activations (LinearArgs::x_bf16); bf16 weights: linear().
-inline bool int8_on_amx(int64_t M, int64_t K) { return M >= kAmxMinInt8Rows && K % kAmxInputs == 0 && amx_permitted(); }
+inline bool int8_on_amx(int64_t M, int64_t K) { return M >= kAmxMinRows && K % kAmxInputs == 0 && amx_permitted(); }
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -604,7 +604,7 @@ void linear_rows(const LinearArgs& a, int64_t row0, int64_t rows, bool amx, cons
 // and a decode row does where a call has 8 or more of them (else vdpbf16ps). The two sum in different orders, so
 // a row's path must not hang on what else a step holds: a prompt whose blocks were found in the prefix cache
 // recomputes its last tokens alone, and they must come out as they did within the whole prompt (streamed and
-// unstreamed answers equal, byte for byte). int8 weights take AMX from 16 rows of a call, as they take bf16 pairs
+// unstreamed answers equal, byte for byte). int8 weights take AMX from 8 rows of a call, as they take bf16 pairs
 // from 32 elsewhere. `prompt`: the call's prompt rows (none: a linear outside a step).
 template <typename Out>
 void linear(const LinearArgs& a, int64_t M, const Par& par, const std::vector<RowSpan>* prompt = nullptr) {
