@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from pagedllm import LLM, SamplingParams
 from tests.conftest import TINY_CONFIGS, hf_greedy
@@ -122,18 +123,22 @@ def test_int8_matches_transformers_on_the_same_codes(tiny_model_dir, tmp_path, i
     assert [o.token_ids for o in outs] == hf_greedy(tmp_path, prompts, 16)
 
 
-def test_a_sample_row_outside_the_step_is_refused_by_the_kernels(tiny_model_dir):
-    """The C++ head copies the sampled rows without torch's index checks: an index past the step's rows is an
-    error naming it, not a read past the hidden states."""
+def test_a_sample_row_outside_the_step_or_a_token_outside_the_vocabulary_is_refused_by_the_kernels(tiny_model_dir):
+    """The C++ step copies the embedding's rows and the sampled rows without torch's index checks: an index past
+    either is an error naming it, not a read past the tensor."""
     llm = LLM(str(tiny_model_dir("llama3")), dtype="float32", attention_backend="cpu", block_size=4)
     model = llm.engine.runner.model
     calls = []
     forward_layers = model._forward_layers
     model._forward_layers = lambda *args: calls.append(args) or forward_layers(*args)
     llm.generate([[5, 6, 7]], SamplingParams(max_tokens=1, **GREEDY), use_tqdm=False)
-    *args, sample_indices, lora_layers, lora_slots = calls[0]
+    *args, sample_indices, lora_layers, lora_slots, argmax = calls[0]
     with pytest.raises(RuntimeError, match=r"sample_indices\[0\] = 3 is not a row of hidden \(3 rows\)"):
-        forward_layers(*args, sample_indices + 1, lora_layers, lora_slots)
+        forward_layers(*args, sample_indices + 1, lora_layers, lora_slots, argmax)
+    layers, head, embedding, input_ids, *rest = args
+    with pytest.raises(RuntimeError, match=r"input_ids\[2\] = 49152 is not a token of the vocabulary \(49152\)"):
+        forward_layers(layers, head, embedding, torch.tensor([5, 6, 49152]), *rest, sample_indices, lora_layers,
+                       lora_slots, argmax)
 
 
 def test_an_odd_block_size_with_a_bf16_cache_on_the_kernels_is_refused(tiny_model_dir):

@@ -202,6 +202,42 @@ def test_greedy_takes_the_first_of_equal_maxima_as_torch_does():
 
 
 @pytest.mark.parametrize("isa", RUNNABLE, ids=str)
+def test_the_kernels_greedy_is_torchs_argmax(isa):
+    """kernels.h argmax_rows, a stretch of each row per thread as forward_layers runs it: the first of equal maxima
+    across stretches, a NaN above everything (as torch and numpy rank it), rows of -inf, rows shorter than a vector."""
+    ops = ops_for(isa)
+    logits = torch.randn(7, 1003)
+    logits[1, [3, 700]] = 50.0  # a tie, in two threads' stretches
+    logits[2] = 0.0  # all equal
+    logits[3, 900], logits[3, 5] = float("nan"), 60.0
+    logits[4] = float("-inf")
+    logits[4, 1002] = -1e30  # the last token, past the whole vectors
+    logits[5, [10, 20]] = float("inf")
+    assert ops.greedy_tokens(logits).tolist() == logits.argmax(dim=-1).tolist()
+    short = torch.randn(3, 5)
+    assert ops.greedy_tokens(short).tolist() == short.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("isa", RUNNABLE, ids=str)
+def test_the_kernels_argmax_is_taken_only_where_the_logits_stay_as_they_are(tiny_model_dir, isa):
+    """Greedy rows on the kernels take the argmax found inside the step's call (sampler.takes_argmax); a batch
+    with a penalty or a stop token held back for min_tokens samples from the logits as changed. Float32, against
+    torch's path, token for token (a vocabulary of 64: the tokens repeat, and the penalty bites)."""
+    ops_for(isa)
+    model_dir = str(tiny_model_dir("llama3", 64))
+    kernels = LLM(model_dir, dtype="float32", cpu_isa=isa.value, block_size=4)
+    reference = LLM(model_dir, dtype="float32", attention_backend="torch", block_size=4)
+    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    first = kernels.generate([[5, 6, 7]], plain, use_tqdm=False)[0].token_ids
+    for params in [plain, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.5),
+                   SamplingParams(temperature=0, max_tokens=12, min_tokens=12, stop_token_ids=[first[0]])]:
+        ours = [o.token_ids for o in kernels.generate([[5, 6, 7], [9, 10]], params, use_tqdm=False)]
+        assert ours == [o.token_ids for o in reference.generate([[5, 6, 7], [9, 10]], params, use_tqdm=False)]
+        if params.min_tokens:
+            assert first[0] not in ours[0]
+
+
+@pytest.mark.parametrize("isa", RUNNABLE, ids=str)
 def test_the_kernels_draw_as_the_cumulative_sum_does(isa):
     """The same uniform picks the same token as torch's cumsum and searchsorted, but where float32 sums in another
     order move a boundary; never a token of zero weight (the tail of -inf logits here)."""

@@ -190,15 +190,15 @@ class LLMEngine:
     def _run(self, out: SchedulerOutput) -> list[RequestDelta]:
         self._inject("fail_step_seed", out)
         inp = self.runner.prepare(out.scheduled)
-        logits = self.runner.execute(inp)
+        step = self.runner.execute(inp)
         for seq, n in out.scheduled:
             seq.num_computed_tokens += n
             if not seq.draft_token_ids:  # with drafts: once verified, so that hashes cover only kept tokens
                 self.block_manager.register_full_blocks(seq)
         rows = [seq for seq, n in zip(inp.sampling_seqs, inp.num_sample_rows) for _ in range(n)]
         with torch.inference_mode():  # the logits are inference tensors: masking them in place needs this mode
-            self.structured.mask(logits, inp.sampling_seqs, inp.num_sample_rows)
-            sampled = self.sampler(logits, rows, self.eos_token_ids)
+            self.structured.mask(step.logits, inp.sampling_seqs, inp.num_sample_rows)
+            sampled = self.sampler(step.logits, rows, self.eos_token_ids, step.argmax)
         now, first = time.monotonic(), 0
         for seq, n in zip(inp.sampling_seqs, inp.num_sample_rows):
             self._emit(seq, sampled.token_ids[first:first + n], sampled.logprobs[first:first + n], now)

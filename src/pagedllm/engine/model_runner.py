@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from pagedllm.engine.attention import AttentionMetadata, CacheGeometry, QueryGroup, build_metadata
+from pagedllm.engine.attention import AttentionMetadata, CacheGeometry, QueryGroup, build_metadata, packed
 from pagedllm.engine.backends import BACKENDS, Backend
 from pagedllm.engine.config import ModelConfig
 from pagedllm.engine.lora import LoRABank, LoRARows
 from pagedllm.engine.models import LlamaForCausalLM
+from pagedllm.engine.sampler import takes_argmax
 from pagedllm.engine.sequence import Sequence
 
 
@@ -26,6 +28,13 @@ class ModelInput:
     sampling_seqs: list[Sequence]
     num_sample_rows: list[int]  # per sampling sequence: 1, plus one per draft token
     lora: LoRARows | None = None  # the rows that run with an adapter, where any does
+    argmax: bool = False  # every sampling sequence takes its logits' most likely token (sampler.takes_argmax)
+
+
+@dataclass
+class StepLogits:
+    logits: torch.Tensor  # float32 [sampled rows, vocab]
+    argmax: torch.Tensor | None = None  # int64 [sampled rows]: their most likely tokens, where the kernels found them
 
 
 class ModelRunner:
@@ -67,9 +76,10 @@ class ModelRunner:
         groups = self._groups(ordered)
         meta = build_metadata(slots, groups, self.geometry, self.dtype, self.device,
                               self.backend.kernel_metadata_only)
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        return ModelInput(as_long(ids), as_long(positions), meta, as_long(sample_indices), sampling, rows,
-                          LoRARows.of(lora_slots))
+        input_ids, positions, sample_indices = packed(ids + positions + sample_indices,
+                                                      [len(ids), len(ids), len(sample_indices)], np.int64, self.device)
+        return ModelInput(input_ids, positions, meta, sample_indices, sampling, rows, LoRARows.of(lora_slots),
+                          all(takes_argmax(seq) for seq in sampling))
 
     @staticmethod
     def _groups(ordered: list[tuple[Sequence, int]]) -> list[QueryGroup]:
@@ -85,8 +95,14 @@ class ModelRunner:
             start += n
         return groups
 
-    def execute(self, inp: ModelInput) -> torch.Tensor:
-        return self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, inp.sample_indices, inp.lora).cpu()
+    def execute(self, inp: ModelInput) -> StepLogits:
+        # the kernels' argmax, in the threads that wrote the logits, where their rows need no more: numpy's over the
+        # whole rows afterwards took 27 us of a batch-1 step
+        argmax = (torch.empty(inp.sample_indices.shape[0], dtype=torch.long)
+                  if inp.argmax and self.model.kernel_layers is not None else None)
+        logits = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, inp.sample_indices, inp.lora,
+                            argmax)
+        return StepLogits(logits.cpu(), argmax)
 
 
 def _is_prefill(seq: Sequence) -> bool:

@@ -53,7 +53,7 @@ class OutputProcessor:
         if seq.finished and seq.first_scheduled_time is not None:
             queue_time = seq.first_scheduled_time - seq.arrival_time
         return RequestDelta(
-            request_id=seq.request_id, new_token_ids=seq.output_token_ids[sent:],
+            request_id=seq.request_id, new_token_ids=seq.token_ids[seq.num_prompt_tokens + sent:],
             new_text=seq.detokenizer.take_delta(seq.finished), finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
             new_logprobs=seq.logprobs[sent:] if seq.params.logprobs is not None else None, queue_time=queue_time)

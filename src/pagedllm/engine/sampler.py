@@ -39,8 +39,14 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.kernels = kernels
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int],
+                 argmax: torch.Tensor | None = None) -> SamplerOutput:
+        """`argmax`: each row's most likely token, where the kernels found it for a batch whose every row takes it
+        (takes_argmax)."""
         raw_logprobs = logits.log_softmax(dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
+        if argmax is not None:
+            token_ids = argmax.tolist()
+            return SamplerOutput(token_ids, _token_logprobs(raw_logprobs, token_ids, seqs))
         logits = apply_penalties(logits, seqs)
         _mask_stops_before_min_tokens(logits, seqs, eos_token_ids)
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
@@ -80,6 +86,13 @@ class Sampler:
             if seq.generator is not None:
                 uniform[i] = torch.rand(1, generator=seq.generator, dtype=torch.float64)
         return uniform
+
+
+def takes_argmax(seq: Sequence) -> bool:
+    """Its token is its logits' most likely as the model gives them: greedy, with no penalty, no grammar's mask and
+    no stop token held back for min_tokens."""
+    return (seq.params.greedy and not has_penalty(seq) and seq.grammar is None
+            and seq.num_output_tokens >= seq.params.min_tokens)
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:

@@ -150,22 +150,29 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata, sample_indices: torch.Tensor, lora: LoRARows | None = None) -> torch.Tensor:
+                meta: AttentionMetadata, sample_indices: torch.Tensor, lora: LoRARows | None = None,
+                argmax: torch.Tensor | None = None) -> torch.Tensor:
         """Flat, unpadded batch in; float32 logits out for the `sample_indices` rows only. `lora`: the rows that
-        run with an adapter (use_lora), None where none does."""
-        x = self.embed_tokens(input_ids)
-        if self.kernel_layers is not None and meta.kernel is not None:  # the whole step in C++
+        run with an adapter (use_lora), None where none does. `argmax` (int64, a row per sampled row): filled with
+        each one's most likely token, by the kernels inside their call where they run."""
+        if self.kernel_layers is not None and meta.kernel is not None:  # the whole step in C++, the embedding too
             k = meta.kernel
-            tables = k.block_tables if len(k.block_tables) == len(x) else k.block_tables.index_select(0, k.token_seq)
+            tables = k.block_tables
+            if tables.shape[0] != input_ids.shape[0]:  # a table per row
+                tables = tables.index_select(0, k.token_seq)
             lora_args = (self.kernel_lora, lora.slots) if lora is not None else ([], None)
-            return self._forward_layers(self.kernel_layers, self.kernel_head, x, self.rotary.cos, self.rotary.sin,
-                                        positions, k.slot_mapping, kv_caches, tables, k.token_seq, k.prefill_seqs,
-                                        k.context_lens, sample_indices, *lora_args)
+            return self._forward_layers(self.kernel_layers, self.kernel_head, self.embed_tokens.weight, input_ids,
+                                        self.rotary.cos, self.rotary.sin, positions, k.slot_mapping, kv_caches,
+                                        tables, k.token_seq, k.prefill_seqs, k.context_lens, sample_indices,
+                                        *lora_args, argmax)
+        x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, rope, kv, meta, lora)
-        x = self.norm(x.index_select(0, sample_indices))
-        return self.lm_head(x).float()
+        logits = self.lm_head(self.norm(x.index_select(0, sample_indices))).float()
+        if argmax is not None:
+            torch.argmax(logits, dim=-1, out=argmax)
+        return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())

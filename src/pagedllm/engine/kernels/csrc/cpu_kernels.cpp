@@ -51,10 +51,10 @@ Tensor empty_out(const Tensor& x, int64_t N) {
 AttentionWork work_for(const c10::optional<Tensor>& token_seq, const c10::optional<Tensor>& prefill_seqs,
                        const Tensor& context_lens) {
   TORCH_CHECK(!token_seq || token_seq->numel() == context_lens.numel(), "attention: a token_seq entry per row");
-  TORCH_CHECK(!prefill_seqs || (token_seq && prefill_seqs->scalar_type() == at::kBool), "attention: prefill_seqs "
-              "is a bool per sequence of token_seq");
+  TORCH_CHECK(!prefill_seqs || (token_seq && prefill_seqs->scalar_type() == at::kInt), "attention: prefill_seqs "
+              "is an int32 0 or 1 per sequence of token_seq");
   return AttentionWork(token_seq ? token_seq->data_ptr<int32_t>() : nullptr,
-                       prefill_seqs ? prefill_seqs->data_ptr<bool>() : nullptr, context_lens.data_ptr<int32_t>(),
+                       prefill_seqs ? prefill_seqs->data_ptr<int32_t>() : nullptr, context_lens.data_ptr<int32_t>(),
                        context_lens.numel());
 }
 
@@ -293,34 +293,51 @@ void forward_layer(const DecoderLayer& l, const Linear* then, StepBuffers& buf, 
   add_into<T>(h, ptr<T>(buf.mlp), B * hidden_size, par);
 }
 
+// out [n, width] = rows index[0..n) of src [?, width] (checked by the caller).
+template <typename T>
+void gather_rows(const T* src, const int64_t* index, int64_t n, int64_t width, T* out, const Par& par) {
+  par(n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) std::memcpy(out + r * width, src + index[r] * width, width * sizeof(T));
+  });
+}
+
 // The sampled rows' logits: `hidden`'s rows at `sample_indices`, normed and through the LM head into `rounded`
-// (the model's dtype, as torch's path rounds them), then widened into `logits` (the same tensor for float32).
+// (the model's dtype, as torch's path rounds them), then widened into `logits` (the same tensor for float32); and
+// where `argmax` is given, each row's most likely token into it (`partial`: a Best per row and thread).
 template <typename T>
 void apply_head(const ModelHead& head, StepBuffers& buf, const Tensor& hidden, const Tensor& sample_indices,
-                Tensor& rounded, Tensor& logits, const Par& par) {
+                Tensor& rounded, Tensor& logits, int64_t* argmax, Best* partial, const Par& par) {
   const int64_t S = sample_indices.size(0), width = hidden.size(1);
-  const int64_t* index = sample_indices.data_ptr<int64_t>();
   T* rows = ptr<T>(buf.o);  // free once the layers are done
-  par(S, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) std::memcpy(rows + r * width, ptr<T>(hidden) + index[r] * width, width * sizeof(T));
-  });
+  gather_rows(ptr<T>(hidden), sample_indices.data_ptr<int64_t>(), S, width, rows, par);
   rms_norm_rows<T>(rows, nullptr, ptr<T>(head.norm), ptr<T>(buf.normed), S, width, float(head.eps), par);
   Tensor normed = buf.normed.narrow(0, 0, S);
   head.lm_head.run(normed, buf.widened(head.lm_head, normed, par), rounded, par);
   if constexpr (std::is_same<T, bf16>::value) widen(ptr<bf16>(rounded), logits.data_ptr<float>(), logits.numel(), par);
+  if (argmax) argmax_rows(logits.data_ptr<float>(), S, logits.size(1), par.threads, partial, argmax, par);
 }
 
-// A step for a flat batch of T new tokens (decodes, speculative runs, prefill chunks): every decoder layer, `hidden`
-// [T, hidden] updated in place (the computation of models/llama.py's DecoderLayer with TorchPagedAttention), then
-// the head on the rows at `sample_indices`; returns their float32 logits [S, vocab]. One OpenMP region for the
-// whole step. Row t is token_seq[t]'s token (a prompt token where prefill_seqs says so), seeing context_lens[t]
-// positions through its block table block_tables[t].
-Tensor forward_layers(const std::vector<DecoderLayer>& layers, const ModelHead& head, Tensor& hidden,
+// A step for a flat batch of T new tokens (decodes, speculative runs, prefill chunks): the embedding's rows of
+// `input_ids` into the hidden states [T, hidden], every decoder layer on them (the computation of models/llama.py's
+// DecoderLayer with TorchPagedAttention), then the head on the rows at `sample_indices`; returns their float32
+// logits [S, vocab], and fills `argmax` (int64 [S], where given) with each one's most likely token. One OpenMP
+// region for the whole step. Row t is token_seq[t]'s token (a prompt token where prefill_seqs says so), seeing
+// context_lens[t] positions through its block table block_tables[t].
+Tensor forward_layers(const std::vector<DecoderLayer>& layers, const ModelHead& head, const Tensor& embedding,
+                      const Tensor& input_ids,
                       const Tensor& cos, const Tensor& sin, const Tensor& positions, const Tensor& slot_mapping,
                       std::vector<Tensor>& kv_caches, const Tensor& block_tables, const Tensor& token_seq,
                       const Tensor& prefill_seqs, const Tensor& context_lens, const Tensor& sample_indices,
-                      const std::vector<LoRALayer>& lora_layers, const c10::optional<Tensor>& lora_slots) {
-  TORCH_CHECK(!layers.empty() && hidden.is_contiguous() && hidden.dim() == 2, "forward_layers: hidden [T, hidden]");
+                      const std::vector<LoRALayer>& lora_layers, const c10::optional<Tensor>& lora_slots,
+                      const c10::optional<Tensor>& argmax) {
+  TORCH_CHECK(!layers.empty() && embedding.is_contiguous() && embedding.dim() == 2 && input_ids.dim() == 1 &&
+              input_ids.is_contiguous() && input_ids.scalar_type() == at::kLong,
+              "forward_layers: embedding [vocab, hidden], input_ids int64 [T]");
+  const int64_t* ids = input_ids.data_ptr<int64_t>();
+  for (int64_t t = 0; t < input_ids.size(0); ++t)  // the embedding's rows are copied unchecked
+    TORCH_CHECK(ids[t] >= 0 && ids[t] < embedding.size(0), "forward_layers: input_ids[", t, "] = ", ids[t],
+                " is not a token of the vocabulary (", embedding.size(0), ")");
+  Tensor hidden = torch::empty({input_ids.size(0), embedding.size(1)}, embedding.options());
   const DecoderLayer& first = layers[0];
   TORCH_CHECK(first.H / first.KVH <= kMaxGroup && first.D <= kMaxHeadDim, "forward_layers: head shape unsupported");
   TORCH_CHECK(kv_caches.size() == layers.size(), "forward_layers: a KV cache per layer");
@@ -357,15 +374,20 @@ Tensor forward_layers(const std::vector<DecoderLayer>& layers, const ModelHead& 
   Tensor logits = torch::empty({sample_indices.size(0), head.lm_head.out_features}, hidden.options().dtype(at::kFloat));
   Tensor rounded = hidden.scalar_type() == at::kFloat ? logits : torch::empty(logits.sizes(), hidden.options());
   const int threads = at::get_num_threads();
+  TORCH_CHECK(!argmax || (argmax->scalar_type() == at::kLong && argmax->is_contiguous() &&
+                          argmax->numel() == sample_indices.size(0)), "forward_layers: argmax, int64 [sampled rows]");
+  int64_t* argmax_out = argmax ? argmax->data_ptr<int64_t>() : nullptr;
+  std::vector<Best> partial(argmax ? sample_indices.size(0) * threads : 0);
   DISPATCH_FLOAT_BF16(hidden.scalar_type(), "forward_layers", [&] { DISPATCH_CACHE(kv_caches[0], "forward_layers", [&] {
 #pragma omp parallel num_threads(threads)
     {
       Par par{omp_get_thread_num(), omp_get_num_threads()};
+      gather_rows(ptr<scalar_t>(embedding), ids, hidden.size(0), hidden.size(1), ptr<scalar_t>(hidden), par);
       for (size_t i = 0; i < layers.size(); ++i)
         forward_layer<scalar_t, cache_t>(layers[i], i + 1 < layers.size() ? &layers[i + 1].qkv : &head.lm_head, buf, hidden,
                                 cos, sin, positions, slot_mapping, kv_caches[i], block_tables, context_lens, work, plan,
                                 lora, i, par);
-      apply_head<scalar_t>(head, buf, hidden, sample_indices, rounded, logits, par);
+      apply_head<scalar_t>(head, buf, hidden, sample_indices, rounded, logits, argmax_out, partial.data(), par);
     }
   }); });
   return logits;
@@ -374,6 +396,17 @@ Tensor forward_layers(const std::vector<DecoderLayer>& layers, const ModelHead& 
 static void check_logits(const Tensor& logits, const char* op) {
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(), op,
               ": logits must be contiguous float32 [rows, vocab]");
+}
+
+// Each row's most likely token of logits [n, V] (float32), as torch.argmax: kernels.h argmax_rows, a stretch of
+// each row per thread, as forward_layers finds them.
+Tensor greedy_tokens(const Tensor& logits) {
+  check_logits(logits, "greedy_tokens");
+  const int64_t rows = logits.size(0), parts = at::get_num_threads();
+  Tensor out = torch::empty({rows}, logits.options().dtype(at::kLong));
+  std::vector<Best> partial(rows * parts);
+  argmax_rows(logits.data_ptr<float>(), rows, logits.size(1), parts, partial.data(), out.data_ptr<int64_t>(), Par{});
+  return out;
 }
 
 // One token per row of logits [n, V] (float32), drawn at temperature 1 / inv_temperatures[r] with uniform[r] in
@@ -437,6 +470,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_and_write_kv", &rope_and_write_kv);
   m.def("paged_attention", &paged_attention);
   m.def("silu_mul", &silu_mul);
+  m.def("greedy_tokens", &greedy_tokens);
   m.def("draw_tokens", &draw_tokens);
   m.def("draw_filtered_tokens", &draw_filtered_tokens);
   py::class_<Linear>(m, "Linear", py::module_local())  // one per tier in a process

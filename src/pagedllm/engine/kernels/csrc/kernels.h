@@ -1358,7 +1358,7 @@ struct AttentionWork {
 
   // token_seq [T]: each row's sequence (nullptr: every row its own); prefill [num_seqs]: whose rows are prompt
   // tokens (nullptr: none); ctx [T]: positions each row sees.
-  AttentionWork(const int32_t* token_seq, const bool* prefill, const int32_t* ctx, int64_t T) {
+  AttentionWork(const int32_t* token_seq, const int32_t* prefill, const int32_t* ctx, int64_t T) {
     for (int64_t r0 = 0; r0 < T;) {
       int64_t r1 = r0 + 1;
       while (token_seq && r1 < T && token_seq[r1] == token_seq[r0]) ++r1;
@@ -1752,6 +1752,61 @@ void add_into(T* x, const T* y, int64_t n, const Par& par) {  // x += y, rounded
 inline void widen(const bf16* x, float* out, int64_t n, const Par& par) {  // bf16 -> float32
   par((n + kLanes - 1) / kLanes, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin * kLanes; i < std::min(n, end * kLanes); i += kLanes) store_n(out + i, load_n(x + i, n - i), n - i);
+  });
+}
+
+// ---- greedy: a row's most likely token ------------------------------------------------------------------------
+// The largest value of a stretch of logits and where it first is, NaN above everything, as torch.argmax and numpy's
+// argmax rank them.
+struct Best {
+  float value;
+  int64_t index;
+};
+
+inline bool beats(float a, float b) { return a > b || (std::isnan(a) && !std::isnan(b)); }
+
+// A vector pass finds the largest value; the scan then skips the blocks of 64 below it. A stretch whose sum is NaN
+// (a NaN in it, or infinities of both signs) is scanned whole.
+inline Best first_max(const float* x, int64_t n) {
+  VecF top = set1(-INFINITY), sum = zero();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const VecF v = load(x + i);
+    top = max(top, v), sum = add(sum, v);
+  }
+  float largest = reduce_max(top), rest = 0.f;
+  for (int64_t j = i; j < n; ++j) largest = std::max(largest, x[j]), rest += x[j];
+  const bool whole = std::isnan(reduce_add(sum) + rest);
+  constexpr int64_t kBlock = 4 * kLanes;
+  int64_t from = 0;
+  if (!whole)
+    while (from + kBlock <= n && reduce_max(max(max(load(x + from), load(x + from + kLanes)),
+                                                max(load(x + from + 2 * kLanes), load(x + from + 3 * kLanes)))) < largest)
+      from += kBlock;
+  Best best{x[from], from};
+  for (int64_t j = from + 1; j < n && (whole || best.value != largest); ++j)
+    if (beats(x[j], best.value)) best = {x[j], j};
+  return best;
+}
+
+// argmax [S] of logits [S, V]: each of `parts` stretches of a row by a thread (inside forward_layers' region, the
+// stretch it has just widened), into partial [S * parts], then each row's first best.
+inline void argmax_rows(const float* logits, int64_t S, int64_t V, int64_t parts, Best* partial, int64_t* argmax,
+                        const Par& par) {
+  par(S * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t row = t / parts, lo = V * (t % parts) / parts, hi = V * (t % parts + 1) / parts;
+      partial[t] = first_max(logits + row * V + lo, hi - lo);
+      partial[t].index += lo;
+    }
+  });
+  par(S, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      Best best = partial[row * parts];
+      for (int64_t p = 1; p < parts; ++p)
+        if (beats(partial[row * parts + p].value, best.value)) best = partial[row * parts + p];
+      argmax[row] = best.index;
+    }
   });
 }
 

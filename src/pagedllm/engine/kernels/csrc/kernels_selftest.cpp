@@ -223,7 +223,7 @@ void check_attention(int64_t H, int64_t KVH, int64_t D, int64_t BS, std::vector<
       tables[b * max_blocks + i] = one_sequence ? int32_t((i * 7) % blocks) : int32_t((next++ * 7) % blocks);
   const float scale = 1.f / std::sqrt(float(D));
   std::vector<int32_t> token_seq(B, 0);
-  const bool prefill[1] = {true};
+  const int32_t prefill[1] = {1};
   AttentionWork work(one_sequence ? token_seq.data() : nullptr, one_sequence ? prefill : nullptr, ctx.data(), B);
   AttentionPlan plan(work.row_ctx.data(), int64_t(work.row_ctx.size()), H, KVH, D, BS, 2);
   std::vector<float> scratch(plan.scratch_floats);
@@ -295,6 +295,26 @@ void check_sampling() {
   expect_close("row_candidates: logsumexp", {lse}, {double(mx) * inv_t + std::log(total)}, 1e-5);
 }
 
+// Greedy against std::max_element's first of equals, in 3 stretches a row (the threads of forward_layers' region):
+// a tie across stretches, a NaN (above everything), a row that is -inf but one token.
+void check_argmax() {
+  const int64_t V = 1003, S = 4, parts = 3;
+  std::vector<float> x = randn(S * V);
+  x[10] = x[900] = 50.f;                         // row 0: the first of a tie in two stretches
+  x[V + 700] = NAN, x[V + 5] = 60.f;             // row 1: the NaN
+  for (int64_t i = 2 * V; i < 3 * V; ++i) x[i] = -INFINITY;
+  x[2 * V + 1002] = -1e30f;                      // row 2: the last token, past the vectors
+  std::vector<Best> partial(S * parts);
+  std::vector<int64_t> got(S);
+  argmax_rows(x.data(), S, V, parts, partial.data(), got.data(), Par{});
+  const int64_t want[S] = {10, 700, 1002, std::max_element(x.begin() + 3 * V, x.end()) - x.begin() - 3 * V};
+  for (int64_t r = 0; r < S; ++r) {
+    ++checks;
+    if (got[r] != want[r])
+      std::printf("FAIL argmax_rows row %lld: %lld, expected %lld\n", (long long)r, (long long)got[r], (long long)want[r]), ++failures;
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -310,6 +330,7 @@ int main() {
   check_linears();
   check_norm_and_silu();
   check_sampling();
+  check_argmax();
   check_lora<float>();
   check_lora<bf16>();
   for (auto ctx : {std::vector<int32_t>{1}, std::vector<int32_t>{5, 16, 33}, std::vector<int32_t>{700}}) {
