@@ -175,6 +175,33 @@ def kernel_build_seconds(isa: str) -> float:
         return time.perf_counter() - start
 
 
+def python_per_step(llm: LLM, name: str, steps: int = 128) -> tuple[float, float]:
+    """(us, ms) per batch-1 decode step: the time outside the kernels' one call (scheduler, the step's inputs,
+    sampler, output side), and the whole step."""
+    engine, model = llm.engine, llm.engine.runner.model
+    kernels_call, inside = model._forward_layers, [0]
+
+    def timed(*args):
+        start = time.perf_counter_ns()
+        try:
+            return kernels_call(*args)
+        finally:
+            inside[0] += time.perf_counter_ns() - start
+
+    model._forward_layers = timed
+    try:
+        engine.add_request(name, [1, 2, 3, 4], SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True))
+        engine.step()  # the prompt
+        inside[0], total, count = 0, 0, 0
+        while engine.has_unfinished_requests():
+            start = time.perf_counter_ns()
+            engine.step()
+            total, count = total + time.perf_counter_ns() - start, count + 1
+    finally:
+        model._forward_layers = kernels_call
+    return (total - inside[0]) / count / 1e3, total / count / 1e6
+
+
 def num_parameters(llm: LLM) -> int:
     """Weights a decode step reads: every layer's, the final norm and the (tied or not) LM head."""
     c = llm.engine.model_config
@@ -213,6 +240,7 @@ def main() -> None:
     reference.clear()  # its memory back before the timed runs
     peers = {"llama.cpp BF16": llamacpp.gguf("bf16"), "llama.cpp Q8_0": llamacpp.gguf("q8_0")}
     runs: dict[tuple[str, str], list[float]] = {}
+    python: list[tuple[float, float]] = []
     for r in range(args.rounds):
         for setting in SETTINGS:
             for name, model in peers.items():
@@ -220,9 +248,11 @@ def main() -> None:
             for name, llm in llms.items():
                 runs.setdefault((name, setting), []).append(ours(llm, setting, seed=r))
             print(f"round {r + 1}, {setting}:", {k[0]: f"{v[-1]:.0f}" for k, v in runs.items() if k[1] == setting})
+        python.append(python_per_step(llms["pagedllm bf16"], f"python per step {r}"))
     medians = {key: statistics.median(v) for key, v in runs.items()}
+    python_us, step_ms = statistics.median(p[0] for p in python), statistics.median(p[1] for p in python)
     body = report(args, medians, memory_bandwidth(), matmul_rate(), ppl, answers, llms,
-                  (start_up_seconds, build_seconds))
+                  (start_up_seconds, build_seconds), (python_us, step_ms))
     print(body)
     suffix = "" if isa == native else f"_{isa}"
     plot(medians, Path(__file__).with_name(f"llamacpp{suffix}.png"), isa.value)
@@ -230,7 +260,7 @@ def main() -> None:
         write_section(f"bench_llamacpp{suffix}", body)
 
 
-def report(args, med, bandwidth, matmul, ppl, answers, llms, start) -> str:
+def report(args, med, bandwidth, matmul, ppl, answers, llms, start, python) -> str:
     params = num_parameters(llms["pagedllm bf16"])
     c = llms["pagedllm bf16"].engine.model_config
     floor = bandwidth * 1e9 / (2 * params)
@@ -285,6 +315,10 @@ def report(args, med, bandwidth, matmul, ppl, answers, llms, start) -> str:
             f"its own (half the bytes). Prompt processing runs the linears at about {pp_gflops:.0f} GFLOP/s; "
             "torch's bf16 matmul on this\n"
             f"machine: {matmul:.0f} GFLOP/s.\n"
+            "\n"
+            f"Python per batch-1 decode step of pagedllm bf16, outside the kernels' one call (scheduler, the step's "
+            f"inputs, sampler,\noutput side): {python[0]:.0f} us of a {python[1]:.2f} ms step "
+            f"({python[0] / 1e3 / python[1]:.1%}).\n"
             "\n"
             f"Start-up, `LLM()` to the first token in a new process, model and kernels cached: {start[0]:.1f} s; "
             "building the\n"
