@@ -148,13 +148,16 @@ def test_an_odd_block_size_with_a_bf16_cache_on_the_kernels_is_refused(tiny_mode
 
 
 @pytest.mark.parametrize("isa", RUNNABLE, ids=str)
-def test_a_bf16_prompt_found_in_the_prefix_cache_answers_as_computed_whole(smollm_dir, isa):
-    """bf16 on the kernels: a prompt whose blocks are found in the prefix cache (its last tokens recomputed alone)
-    gives the logprobs it gave computed whole. On the amx tier a prompt's rows always run on AMX tiles, whose sums
-    differ from vdpbf16ps' in their last bits, however few of them a step holds (SmolLM2's 30 layers carry such a
-    difference to the logprobs; a tiny model's rounding to bf16 hides it)."""
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_a_bf16_prompt_found_in_the_prefix_cache_answers_as_computed_whole(smollm_dir, isa, quantization):
+    """bf16 on the kernels, weights bf16 or int8: a prompt whose blocks are found in the prefix cache (its last
+    tokens recomputed alone) gives the logprobs it gave computed whole. A prompt's rows always run on the path for
+    many rows (AMX tiles; int8 codes as bf16 pairs on avx512_bf16), whose sums differ from the vectors' in their
+    last bits, however few of them a step holds (SmolLM2's 30 layers carry such a difference to the logprobs; a
+    tiny model's rounding to bf16 hides it)."""
     ops_for(isa)
-    llm = LLM(str(smollm_dir), dtype="bfloat16", cpu_isa=isa.value, block_size=4, kv_cache_memory=1 << 26)
+    llm = LLM(str(smollm_dir), dtype="bfloat16", cpu_isa=isa.value, block_size=4, kv_cache_memory=1 << 26,
+              quantization=quantization)
     prompt = _prompts(1, (42, 42), 49152, seed=5)[0]
     params = SamplingParams(max_tokens=6, logprobs=0, **GREEDY)
     whole = llm.generate([prompt], params, use_tqdm=False)[0]

@@ -78,10 +78,11 @@ struct Linear {
     return kind == "bf16" ? weight.size(1) * 2 : weight.size(1);  // bf16 packs input pairs
   }
 
-  // Whether a call of M rows of x reads it as float32 (kernels.h reads_float).
-  bool needs_float(const Tensor& x) const {
+  // Whether a call on x, `decode` of its rows decode rows (the rest a step's prompt rows), reads it as float32
+  // (kernels.h reads_float).
+  bool needs_float(const Tensor& x, int64_t decode) const {
     const int64_t M = x.numel() / in_features();
-    return kind != "plain" && reads_float(kind == "int8", M, in_features(), x.scalar_type() == at::kBFloat16);
+    return kind != "plain" && reads_float(kind == "int8", M, decode, in_features(), x.scalar_type() == at::kBFloat16);
   }
 
   // The kernels' view of this layer (packed kinds), for x (float32 as `x_float` where needs_float; bf16 as
@@ -117,7 +118,7 @@ struct Linear {
                 in_features(), " features");
     TORCH_CHECK(kind != "bf16" || x.scalar_type() == at::kBFloat16, "linear: the bf16 kind takes bfloat16 input");
     Tensor y = empty_out(x, out_features);
-    run(x, needs_float(x) ? x.to(at::kFloat).contiguous() : Tensor(), y, Par{});
+    run(x, needs_float(x, x.numel() / in_features()) ? x.to(at::kFloat).contiguous() : Tensor(), y, Par{});
     return y;
   }
 };
@@ -254,9 +255,10 @@ struct StepBuffers {
     scratch = torch::empty({plan.scratch_floats}, hidden.options().dtype(at::kFloat));
   }
 
-  // x widened to float32 where the linear reads it so (its share of x by each thread), else undefined.
-  Tensor widened(const Linear& linear, const Tensor& x, const Par& par) {
-    if (!linear.needs_float(x)) return Tensor();
+  // x widened to float32 where the linear reads it so (its share of x by each thread), else undefined; `decode`:
+  // x's decode rows.
+  Tensor widened(const Linear& linear, const Tensor& x, int64_t decode, const Par& par) {
+    if (!linear.needs_float(x, decode)) return Tensor();
     if (x.scalar_type() == at::kFloat) return x;
     Tensor out = wide.view(-1).narrow(0, 0, x.numel()).view(x.sizes());
     widen(ptr<bf16>(x), out.data_ptr<float>(), x.numel(), par);
@@ -272,9 +274,9 @@ void forward_layer(const DecoderLayer& l, const Linear* then, StepBuffers& buf, 
                    const AttentionPlan& plan, const LoRAStep& lora, size_t index, const Par& par) {
   const int64_t B = hidden.size(0), hidden_size = hidden.size(1), I = l.down.in_features();
   T* h = ptr<T>(hidden);
-  const int64_t BS = kv_cache.size(3), cache_rows = kv_cache.size(2) * BS;
+  const int64_t BS = kv_cache.size(3), cache_rows = kv_cache.size(2) * BS, decode = B - rows_of(work.prompt);
   rms_norm_rows<T>(h, nullptr, ptr<T>(l.input_norm), ptr<T>(buf.normed), B, hidden_size, l.eps, par);
-  l.qkv.run(buf.normed, buf.widened(l.qkv, buf.normed, par), buf.qkv, par, &l.o, &work.prompt);
+  l.qkv.run(buf.normed, buf.widened(l.qkv, buf.normed, decode, par), buf.qkv, par, &l.o, &work.prompt);
   lora.apply<T>(&LoRALayer::qkv, index, buf.normed, buf.qkv, par);
   rope_write_kv<T, C>(ptr<T>(buf.qkv), ptr<T>(buf.q), ptr<C>(kv_cache), cos.data_ptr<float>(), sin.data_ptr<float>(),
                    positions.data_ptr<int64_t>(), slot_mapping.data_ptr<int32_t>(), B, l.H, l.KVH, l.D, BS, cache_rows,
@@ -282,13 +284,13 @@ void forward_layer(const DecoderLayer& l, const Linear* then, StepBuffers& buf, 
   paged_attention_step<T, C>(ptr<T>(buf.q), ptr<C>(kv_cache), block_tables.data_ptr<int32_t>(), block_tables.size(1),
                           context_lens.data_ptr<int32_t>(), ptr<T>(buf.attn), l.H, l.KVH, l.D, BS, cache_rows, l.scale,
                           work, plan, buf.scratch.data_ptr<float>(), par);
-  l.o.run(buf.attn, buf.widened(l.o, buf.attn, par), buf.o, par, &l.gate_up, &work.prompt);
+  l.o.run(buf.attn, buf.widened(l.o, buf.attn, decode, par), buf.o, par, &l.gate_up, &work.prompt);
   lora.apply<T>(&LoRALayer::o, index, buf.attn, buf.o, par);
   rms_norm_rows<T>(ptr<T>(buf.o), h, ptr<T>(l.post_attention_norm), ptr<T>(buf.normed), B, hidden_size, l.eps, par);
-  l.gate_up.run(buf.normed, buf.widened(l.gate_up, buf.normed, par), buf.gate_up, par, &l.down, &work.prompt);
+  l.gate_up.run(buf.normed, buf.widened(l.gate_up, buf.normed, decode, par), buf.gate_up, par, &l.down, &work.prompt);
   lora.apply<T>(&LoRALayer::gate_up, index, buf.normed, buf.gate_up, par);
   silu_and_mul<T>(ptr<T>(buf.gate_up), ptr<T>(buf.act), B, I, par);
-  l.down.run(buf.act, buf.widened(l.down, buf.act, par), buf.mlp, par, then, &work.prompt);
+  l.down.run(buf.act, buf.widened(l.down, buf.act, decode, par), buf.mlp, par, then, &work.prompt);
   lora.apply<T>(&LoRALayer::down, index, buf.act, buf.mlp, par);
   add_into<T>(h, ptr<T>(buf.mlp), B * hidden_size, par);
 }
@@ -312,7 +314,7 @@ void apply_head(const ModelHead& head, StepBuffers& buf, const Tensor& hidden, c
   gather_rows(ptr<T>(hidden), sample_indices.data_ptr<int64_t>(), S, width, rows, par);
   rms_norm_rows<T>(rows, nullptr, ptr<T>(head.norm), ptr<T>(buf.normed), S, width, float(head.eps), par);
   Tensor normed = buf.normed.narrow(0, 0, S);
-  head.lm_head.run(normed, buf.widened(head.lm_head, normed, par), rounded, par);
+  head.lm_head.run(normed, buf.widened(head.lm_head, normed, S, par), rounded, par);
   if constexpr (std::is_same<T, bf16>::value) widen(ptr<bf16>(rounded), logits.data_ptr<float>(), logits.numel(), par);
   if (argmax) argmax_rows(logits.data_ptr<float>(), S, logits.size(1), par.threads, partial, argmax, par);
 }

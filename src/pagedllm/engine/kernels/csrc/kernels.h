@@ -342,7 +342,7 @@ void linear_strips(const LinearArgs& a, int64_t M, const Par& par) {
   });
 }
 
-// `paired`: group g's int8 codes as bf16 pairs (int8_as_bf16), or nullptr.
+// `paired`: group g's int8 codes as bf16 pairs (ManyRows::kPairs), or nullptr.
 template <typename Out, int MR>
 void run_tile(const LinearArgs& a, int64_t m0, int64_t g, const uint32_t* paired) {
   Out* y = static_cast<Out*>(a.y) + m0 * a.N;
@@ -373,8 +373,9 @@ void run_rows(const LinearArgs& a, int64_t m0, int64_t rows, int64_t g, const ui
 // int8 weights, bf16 activations and many rows (prefill) on a CPU with a bf16 dot product (AVX-512 BF16): each
 // thread turns a group's codes into bf16 pairs once (codes of at most 127 are exact in bf16) and runs the bf16
 // tiles on them for every row tile, the scale applied to the sums: twice the products per instruction of
-// widening codes to float32 for every row tile (a 512-token prompt: int8 at 0.6x of bf16 before).
-inline bool int8_as_bf16(int64_t M, int64_t K) { return kHasBf16Dot && kLanes == 16 && K % 2 == 0 && M >= 4 * kMaxRows; }
+// widening codes to float32 for every row tile (a 512-token prompt: int8 at 0.6x of bf16 before). Decode rows from
+// 32 a call: fewer do not repay the conversion (batch 1 at half the speed).
+constexpr int64_t kPairsMinRows = 4 * kMaxRows;
 
 // Input pairs [first, last) of a group's int8 codes [K, 48] into its bf16 pairs [K/2, 48] (`out`: the group's).
 inline void pair_rows(const int8_t* w, int64_t first, int64_t last, uint32_t* out) {
@@ -404,9 +405,6 @@ inline bool amx_permitted() {
   static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
   return granted;
 }
-
-// int8 codes with bf16 activations (LinearArgs::x_bf16); bf16 weights: linear().
-inline bool int8_on_amx(int64_t M, int64_t K) { return M >= kAmxMinRows && K % kAmxInputs == 0 && amx_permitted(); }
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -547,24 +545,44 @@ void linear_amx(const LinearArgs& a, int64_t M, const Par& par) {
     _tile_release();
   });
 }
-#else
-inline bool int8_on_amx(int64_t, int64_t) { return false; }
 #endif
 
-// Whether a linear of M rows reads x as float32 (LinearArgs::x_float), not only as bf16: the narrow tiers' strips
-// do, and int8 codes unless bf16 activations meet them as bf16 pairs (AMX tiles, int8_as_bf16).
-inline bool reads_float(bool int8, int64_t M, int64_t K, bool bf16_x) {
+// A linear with a path for many rows (AMX tiles; int8 codes as bf16 pairs) sums there in another order than on the
+// vectors. So that a row's result does not hang on what else its step holds, a prompt token's row always takes the
+// many-rows path, and decode rows take it where a call has `from` of them or more: a prompt whose blocks were found
+// in the prefix cache recomputes its last tokens alone, and they must come out as they did within the whole prompt
+// (streamed and unstreamed answers equal, byte for byte; int8 on avx512_bf16 differed from the second token).
+struct ManyRows {
+  enum Path { kNone, kAmx, kPairs } path = kNone;
+  int64_t from = 0;
+};
+
+// bf16 weights: AMX tiles (amx tier, K a whole number of tiles). int8 codes with bf16 activations: AMX tiles, else
+// bf16 pairs on a bf16 dot product. Otherwise none: every row on the vectors.
+inline ManyRows many_rows_path(bool int8, int64_t K, bool bf16_x) {
+#if defined(PAGEDLLM_ISA_AMX)
+  if ((!int8 || bf16_x) && K % kAmxInputs == 0 && amx_permitted()) return {ManyRows::kAmx, kAmxMinRows};
+#endif
+  if (int8 && bf16_x && kHasBf16Dot && kLanes == 16 && K % 2 == 0) return {ManyRows::kPairs, kPairsMinRows};
+  return {};
+}
+
+// Whether a linear of M rows, `decode` of them decode rows, reads x as float32 (LinearArgs::x_float), not only as
+// bf16: the narrow tiers' strips do, and int8 codes on the vectors.
+inline bool reads_float(bool int8, int64_t M, int64_t decode, int64_t K, bool bf16_x) {
   if (uses_strips(M)) return true;
-  return int8 && !(bf16_x && (int8_on_amx(M, K) || int8_as_bf16(M, K)));
+  if (!int8) return false;
+  const ManyRows many = many_rows_path(int8, K, bf16_x);
+  return many.path == ManyRows::kNone || (decode > 0 && decode < many.from);
 }
 
 // Few rows: threads split the channel groups, and the row tiles too, walking rows fastest so a group's weights
 // stay in cache while every row tile reads them. Many rows: linear_strips on narrow tiers.
+// `paired`: int8 codes as bf16 pairs (ManyRows::kPairs).
 template <typename Out>
-void linear_vectors(const LinearArgs& a, int64_t M, const Par& par) {
+void linear_vectors(const LinearArgs& a, int64_t M, const Par& par, bool paired) {
   if (uses_strips(M)) return linear_strips<Out>(a, M, par);
   const int64_t groups = (a.N + kGroupChannels - 1) / kGroupChannels, mtiles = (M + kMaxRows - 1) / kMaxRows;
-  const bool paired = a.scale && a.x_bf16 && int8_as_bf16(M, a.K);
   par(groups * mtiles, 1, [&](int64_t begin, int64_t end) {
     thread_local Scratch<uint32_t> panel;
     int64_t converted = -1;
@@ -585,49 +603,51 @@ struct RowSpan {
   int64_t row0, rows;
 };
 
-#if defined(PAGEDLLM_ISA_AMX)
-// Rows [row0, row0 + rows) of a call alone, on AMX tiles or on vectors.
+// A call's rows on `path`.
 template <typename Out>
-void linear_rows(const LinearArgs& a, int64_t row0, int64_t rows, bool amx, const Par& par) {
+void run_path(const LinearArgs& a, int64_t M, ManyRows::Path path, const Par& par) {
+#if defined(PAGEDLLM_ISA_AMX)
+  if (path == ManyRows::kAmx) return linear_amx<Out>(a, M, par);
+#endif
+  linear_vectors<Out>(a, M, par, path == ManyRows::kPairs);
+}
+
+// Rows [row0, row0 + rows) of a call alone, on `path`.
+template <typename Out>
+void linear_rows(const LinearArgs& a, int64_t row0, int64_t rows, ManyRows::Path path, const Par& par) {
   if (rows <= 0) return;
+  const int64_t at = row0 * a.K;
   LinearArgs part = a;
-  part.x = static_cast<const bf16*>(a.x) + row0 * a.K;
-  part.x_float = a.x_float ? a.x_float + row0 * a.K : nullptr;
+  if (a.scale) part.x = a.x ? static_cast<const float*>(a.x) + at : nullptr;  // int8: x is x_float
+  else part.x = static_cast<const bf16*>(a.x) + at;
+  part.x_float = a.x_float ? a.x_float + at : nullptr;
+  part.x_bf16 = a.x_bf16 ? static_cast<const bf16*>(a.x_bf16) + at : nullptr;
   part.y = static_cast<Out*>(a.y) + row0 * a.N;
   part.then = {};
-  if (amx) linear_amx<Out>(part, rows, par);
-  else linear_vectors<Out>(part, rows, par);
+  run_path<Out>(part, rows, path, par);
 }
-#endif
 
-// y [M, N] = x [M, K] @ W.T (+ bias). On the amx tier, bf16 weights: a prompt token's row always runs on AMX tiles,
-// and a decode row does where a call has 8 or more of them (else vdpbf16ps). The two sum in different orders, so
-// a row's path must not hang on what else a step holds: a prompt whose blocks were found in the prefix cache
-// recomputes its last tokens alone, and they must come out as they did within the whole prompt (streamed and
-// unstreamed answers equal, byte for byte). int8 weights take AMX from 8 rows of a call, as they take bf16 pairs
-// from 32 elsewhere. `prompt`: the call's prompt rows (none: a linear outside a step).
+inline int64_t rows_of(const std::vector<RowSpan>& spans) {
+  int64_t rows = 0;
+  for (const RowSpan& span : spans) rows += span.rows;
+  return rows;
+}
+
+// y [M, N] = x [M, K] @ W.T (+ bias), each row on the path many_rows_path says. `prompt`: the call's prompt rows
+// (none: a linear outside a step).
 template <typename Out>
 void linear(const LinearArgs& a, int64_t M, const Par& par, const std::vector<RowSpan>* prompt = nullptr) {
-#if defined(PAGEDLLM_ISA_AMX)
-  if (a.scale == nullptr && a.K % kAmxInputs == 0 && amx_permitted()) {
-    int64_t prompt_rows = 0;
-    if (prompt)
-      for (const RowSpan& span : *prompt) prompt_rows += span.rows;
-    if (M - prompt_rows == 0 || M - prompt_rows >= kAmxMinRows) return linear_amx<Out>(a, M, par);
-    if (prompt_rows == 0) return linear_vectors<Out>(a, M, par);
-    int64_t next = 0;  // prompt rows beside fewer than 8 decode rows: each run on its own path
-    for (const RowSpan& span : *prompt) {
-      linear_rows<Out>(a, next, span.row0 - next, false, par);
-      linear_rows<Out>(a, span.row0, span.rows, true, par);
-      next = span.row0 + span.rows;
-    }
-    return linear_rows<Out>(a, next, M - next, false, par);
+  const ManyRows many = many_rows_path(a.scale != nullptr, a.K, a.scale == nullptr || a.x_bf16 != nullptr);
+  const int64_t prompt_rows = prompt ? rows_of(*prompt) : 0, decode = M - prompt_rows;
+  if (decode == 0 || decode >= many.from) return run_path<Out>(a, M, many.path, par);
+  if (prompt_rows == 0) return run_path<Out>(a, M, ManyRows::kNone, par);
+  int64_t next = 0;  // prompt rows beside too few decode rows: each run on its own path
+  for (const RowSpan& span : *prompt) {
+    linear_rows<Out>(a, next, span.row0 - next, ManyRows::kNone, par);
+    linear_rows<Out>(a, span.row0, span.rows, many.path, par);
+    next = span.row0 + span.rows;
   }
-  if (a.scale && a.x_bf16 && int8_on_amx(M, a.K)) return linear_amx<Out>(a, M, par);
-#else
-  (void)prompt;
-#endif
-  linear_vectors<Out>(a, M, par);
+  linear_rows<Out>(a, next, M - next, ManyRows::kNone, par);
 }
 
 // ---- RMSNorm, as transformers computes it: normalised in float32, rounded to the model's dtype, then scaled
