@@ -28,7 +28,7 @@ class ModelInput:
     sampling_seqs: list[Sequence]
     num_sample_rows: list[int]  # per sampling sequence: 1, plus one per draft token
     lora: LoRARows | None = None  # the rows that run with an adapter, where any does
-    argmax: bool = False  # every sampling sequence takes its logits' most likely token (sampler.takes_argmax)
+    takes_argmax: bool = False  # every sampling sequence takes its logits' most likely token (sampler.takes_argmax)
 
 
 @dataclass
@@ -99,7 +99,7 @@ class ModelRunner:
         # the kernels' argmax, in the threads that wrote the logits, where their rows need no more: numpy's over the
         # whole rows afterwards took 27 us of a batch-1 step
         argmax = (torch.empty(inp.sample_indices.shape[0], dtype=torch.long)
-                  if inp.argmax and self.model.kernel_layers is not None else None)
+                  if inp.takes_argmax and self.model.kernel_layers is not None else None)
         logits = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, inp.sample_indices, inp.lora,
                             argmax)
         return StepLogits(logits.cpu(), argmax)
