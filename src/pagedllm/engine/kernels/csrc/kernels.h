@@ -958,10 +958,13 @@ inline void scores_of_key(const float (*qf)[kMaxHeadDim], const float* k, int64_
   }
 }
 
-// Blocks are wherever the allocator put them, so the hardware prefetcher loses the stream where a block does not
-// follow the one before: the keys and values kFetchBlocks blocks ahead are then fetched by hand, a row of each per
-// key. Measured on Zen 4, decode at 4,096 positions with 30 layers' caches read in turn (from memory): scattered
-// blocks 181 against 258 us a layer; consecutive ones are left to the hardware (fetched too: 114 against 94 us).
+// The keys and values kFetchBlocks blocks ahead are fetched by hand, whether or not the block follows the one before
+// in memory: left to the hardware's prefetcher, a cache read from memory came at half the machine's bandwidth. A
+// chunk's fetches are spread over its loop (fetch_slice), a line or two of each a step. Measured on a Sapphire
+// Rapids-class Xeon, 2 threads, decode attention at 4,096 positions over 30 layers' caches in turn, from memory
+// (from the L3): 14-18 GB/s left to the hardware (30-40), 22-24 fetched at each chunk's start (33-35), 23-27 spread
+// (37-42); batch-1 decode at 4,096 positions 1.13-1.16x faster, 3 alternating pairs. On Zen 4, fetches at the
+// chunk's start made consecutive blocks slower (114 against 94 us a layer); spread ones are unmeasured there.
 constexpr int64_t kFetchBlocks = 2;
 
 template <typename T>
@@ -969,11 +972,18 @@ inline void fetch_row(const T* p, int64_t D) {
   for (int64_t b = 0; b < D * int64_t(sizeof(T)); b += 64) prefetch(reinterpret_cast<const char*>(p) + b);
 }
 
-// The first cache row of the block kFetchBlocks after the one at `pos`, or -1 where there is none or it follows
-// its predecessor in memory.
+// The first cache row of the block kFetchBlocks after the one at `pos`, or -1 where there is none.
 inline int64_t fetch_block(const int32_t* table, int64_t pos, int64_t last, int64_t BS) {
-  const int64_t ahead = pos + kFetchBlocks * BS, i = ahead / BS;
-  return ahead < last && table[i] != table[i - 1] + 1 ? int64_t(table[i]) * BS : -1;
+  const int64_t ahead = pos + kFetchBlocks * BS;
+  return ahead < last ? int64_t(table[ahead / BS]) * BS : -1;
+}
+
+// Step `step` of a loop of `steps` over a chunk: its slice of the `bytes` of the block ahead's keys and values
+// (nullptr: none ahead), so that a chunk's fetches come a line or two a step.
+inline void fetch_slice(const char* keys, const char* values, int64_t bytes, int64_t step, int64_t steps) {
+  if (keys == nullptr) return;
+  for (int64_t b = (step * bytes / steps) & ~int64_t(63), end = (step + 1) * bytes / steps; b < end; b += 64)
+    prefetch(keys + b), prefetch(values + b);
 }
 
 // One split of a float32 cache for the query heads of KV head kv_head's group.
@@ -1093,15 +1103,14 @@ void attend_pairs(const bf16* q, const bf16* cache, const int32_t* table, int64_
     const int64_t ahead = fetch_block(table, pos, last, BS);
     for (int64_t t0 = 0; t0 < n; t0 += kChunk) {
       const int64_t nt = std::min<int64_t>(kChunk, n - t0);
-      if (ahead >= 0)  // the block ahead's share of this chunk, keys and values
-        for (int64_t b = 0; b < nt * D * int64_t(sizeof(bf16)); b += 64)
-          prefetch(reinterpret_cast<const char*>(keys + ahead * NC + t0 * NC) + b),
-              prefetch(reinterpret_cast<const char*>(values + ahead * NC + t0 * NC) + b);
+      const char* fetch_keys = ahead >= 0 ? reinterpret_cast<const char*>(keys + (ahead + t0) * NC) : nullptr;
+      const char* fetch_values = ahead >= 0 ? reinterpret_cast<const char*>(values + (ahead + t0) * NC) : nullptr;
       VecF s[GM][kChunkVecs][NA];
       for (int g = 0; g < group; ++g)
         for (int v = 0; v < kChunkVecs; ++v)
           for (int a = 0; a < NA; ++a) s[g][v][a] = zero();
       for (int64_t c0 = 0; c0 < NC; c0 += NA) {  // NA is 2 for the fixed shapes only, whose NC is even
+        fetch_slice(fetch_keys, fetch_values, nt * D * int64_t(sizeof(bf16)), c0 / NA, NC / NA);
         PAGEDLLM_UNROLL
         for (int a = 0; a < NA; ++a) {
           const int64_t c = c0 + a;
@@ -1188,17 +1197,17 @@ void attend_codes(const T* q, const int8_t* cache, const int32_t* table, int64_t
     const int64_t ahead = fetch_block(table, pos, last, BS);
     for (int64_t t0 = 0; t0 < n; t0 += kChunk) {
       const int64_t nt = std::min<int64_t>(kChunk, n - t0);
-      if (ahead >= 0) {  // the block ahead's share of this chunk, keys and values (and its scales, once)
-        const int64_t at = ahead / BS * block_bytes;
-        if (t0 == 0) prefetch(keys + at + BS * D), prefetch(values + at + BS * D);
-        for (int64_t b = 0; b < nt * D; b += 64) prefetch(keys + at + t0 * D + b), prefetch(values + at + t0 * D + b);
-      }
+      const int64_t at = ahead / BS * block_bytes;  // the block ahead's share of this chunk (and its scales, once)
+      const char* fetch_keys = ahead >= 0 ? reinterpret_cast<const char*>(keys + at + t0 * D) : nullptr;
+      const char* fetch_values = ahead >= 0 ? reinterpret_cast<const char*>(values + at + t0 * D) : nullptr;
+      if (ahead >= 0 && t0 == 0) prefetch(keys + at + BS * D), prefetch(values + at + BS * D);
       constexpr int NA = kMaddChains;  // chains per score vector (pairs c, c + NA, ... in one)
       VecW s[GM][kChunkVecs][NA];
       for (int g = 0; g < group; ++g)
         for (int v = 0; v < kChunkVecs; ++v)
           for (int a = 0; a < NA; ++a) s[g][v][a] = broadcast_word(0);
       for (int64_t c0 = 0; c0 < NC; c0 += NA) {
+        fetch_slice(fetch_keys, fetch_values, nt * D, c0 / NA, (NC + NA - 1) / NA);
         PAGEDLLM_UNROLL
         for (int a = 0; a < NA; ++a) {
           const int64_t c = c0 + a;
