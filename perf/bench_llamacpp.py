@@ -32,6 +32,8 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.cache import cache_dir
+from pagedllm.engine.attention import QueryGroup, kernel_metadata
+from pagedllm.engine.kernels import cpu as cpu_kernels
 from pagedllm.engine.kernels import cpu_isa
 from pagedllm.weights import ensure_default_model
 from perf import llamacpp
@@ -115,6 +117,28 @@ def memory_bandwidth() -> float:
     x = torch.ones(1 << 28)
     best = min(_seconds(x.sum) for _ in range(5))
     return x.numel() * 4 / best / 1e9
+
+
+def attention_bandwidth(llm: LLM, isa: str, context: int = 4096, copies: int = 4) -> float:
+    """GB/s at which the kernels' decode attention reads one sequence's cache of `context` positions, every layer's
+    in turn, from memory: `copies` sets of the model's caches taken in rotation, more than the L3 holds. The best of
+    5 passes over the sets."""
+    c, block_size = llm.engine.model_config, llm.engine.config.block_size
+    heads, kv_heads, head_dim, blocks = c.num_attention_heads, c.num_key_value_heads, c.head_dim, context // block_size
+    ops = cpu_kernels.load(isa)
+    sets = [[torch.randn(2, kv_heads, blocks, block_size, head_dim, dtype=torch.bfloat16)
+             for _ in range(c.num_hidden_layers)] for _ in range(copies)]
+    meta = kernel_metadata([0], [QueryGroup(0, 1, 1, [list(range(blocks))], [context])], torch.device("cpu"))
+    q = torch.randn(1, heads * head_dim, dtype=torch.bfloat16)
+
+    def attend() -> None:
+        for caches in sets:
+            for cache in caches:
+                ops.paged_attention(q, cache, meta.block_tables, meta.token_seq, meta.prefill_seqs,
+                                    meta.context_lens, heads, kv_heads, head_dim, head_dim ** -0.5)
+
+    passes = [_seconds(attend) for _ in range(6)][1:]
+    return copies * sum(x.numel() * x.element_size() for x in sets[0]) / min(passes) / 1e9
 
 
 def matmul_rate() -> float:
@@ -252,7 +276,8 @@ def main() -> None:
     medians = {key: statistics.median(v) for key, v in runs.items()}
     python_us, step_ms = statistics.median(p[0] for p in python), statistics.median(p[1] for p in python)
     body = report(args, medians, memory_bandwidth(), matmul_rate(), ppl, answers, llms,
-                  (start_up_seconds, build_seconds), (python_us, step_ms))
+                  (start_up_seconds, build_seconds), (python_us, step_ms),
+                  attention_bandwidth(llms["pagedllm bf16"], args.isa))
     print(body)
     suffix = "" if isa == native else f"_{isa}"
     plot(medians, Path(__file__).with_name(f"llamacpp{suffix}.png"), isa.value)
@@ -260,7 +285,7 @@ def main() -> None:
         write_section(f"bench_llamacpp{suffix}", body)
 
 
-def report(args, med, bandwidth, matmul, ppl, answers, llms, start, python) -> str:
+def report(args, med, bandwidth, matmul, ppl, answers, llms, start, python, attention) -> str:
     params = num_parameters(llms["pagedllm bf16"])
     c = llms["pagedllm bf16"].engine.model_config
     floor = bandwidth * 1e9 / (2 * params)
@@ -315,6 +340,9 @@ def report(args, med, bandwidth, matmul, ppl, answers, llms, start, python) -> s
             f"its own (half the bytes). Prompt processing runs the linears at about {pp_gflops:.0f} GFLOP/s; "
             "torch's bf16 matmul on this\n"
             f"machine: {matmul:.0f} GFLOP/s.\n"
+            "\n"
+            "Decode attention at 4,096 positions, alone (one sequence, every layer's bf16 cache in turn, from "
+            f"memory): {attention:.0f} GB/s,\n{attention / bandwidth:.0%} of the memory read above.\n"
             "\n"
             f"Python per batch-1 decode step of pagedllm bf16, outside the kernels' one call (scheduler, the step's "
             f"inputs, sampler,\noutput side): {python[0]:.0f} us of a {python[1]:.2f} ms step "
