@@ -141,22 +141,24 @@ def test_serve_drains_streams_and_exits_0(tmp_path, tiny_model_dir, sig, group, 
     extra = ("--openai-port", str(free_port())) if group else ()
     with running_serve(tmp_path, tiny_model_dir("llama-tied"), *extra) as (serve, ports):
         url = f"localhost:{ports[1]}"
-        fields = {"text_input": "Hello", "sampling_parameters": {"max_tokens": 300, "ignore_eos": True},
+        fields = {"text_input": "Hello", "sampling_parameters": {"max_tokens": 480, "ignore_eos": True},
                   "return_num_output_tokens": True}
         metrics = SimpleNamespace(metrics_url=f"http://localhost:{ports[2]}/metrics")
         with ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(stream, url, "llm", fields) for _ in range(3)]
-            # all three in flight before the signal: one still on its way would meet a server shutting down
-            assert wait_for(lambda: metric(metrics, "pagedllm_num_requests_running") >= 3, 30)
+            # all three in flight before the signal: one still on its way would meet a server shutting down. The
+            # tiny model's streams last well under a second (at 300 tokens, once, a suite run never saw all three
+            # at 0.2 s polls): the longest its 512 positions allow, polled often
+            assert wait_for(lambda: metric(metrics, "pagedllm_num_requests_running") >= 3, 30, interval=0.02)
             sent = time.monotonic()
             (os.killpg if group else os.kill)(serve.pid, sig)
             results = [f.result(timeout=60) for f in futures]
         assert serve.wait(60) == 0
         took = time.monotonic() - sent
     for out, error in results:
-        assert error is None and num_tokens(out) == 300
+        assert error is None and num_tokens(out) == 480
     table.add(f"`pagedllm serve` {sig.name} {'to its process group, gateway running' if group else 'to it alone'}",
-              "3 gRPC streams of 300 tokens", "all 3 completed in full", "-", f"exit code 0 after {took:.1f} s")
+              "3 gRPC streams of 480 tokens", "all 3 completed in full", "-", f"exit code 0 after {took:.1f} s")
 
 
 def test_serve_exits_non_zero_at_once_when_tritonserver_dies(tmp_path, tiny_model_dir, table):
