@@ -132,13 +132,24 @@ def test_a_sample_row_outside_the_step_or_a_token_outside_the_vocabulary_is_refu
     forward_layers = model._forward_layers
     model._forward_layers = lambda *args: calls.append(args) or forward_layers(*args)
     llm.generate([[5, 6, 7]], SamplingParams(max_tokens=1, **GREEDY), use_tqdm=False)
-    *args, sample_indices, lora_layers, lora_slots, argmax = calls[0]
+    *args, sample_indices, lora_slots, argmax = calls[0]
     with pytest.raises(RuntimeError, match=r"sample_indices\[0\] = 3 is not a row of hidden \(3 rows\)"):
-        forward_layers(*args, sample_indices + 1, lora_layers, lora_slots, argmax)
-    layers, head, embedding, input_ids, *rest = args
+        forward_layers(*args, sample_indices + 1, lora_slots, argmax)
+    kernel_model, input_ids, *rest = args
     with pytest.raises(RuntimeError, match=r"input_ids\[2\] = 49152 is not a token of the vocabulary \(49152\)"):
-        forward_layers(layers, head, embedding, torch.tensor([5, 6, 49152]), *rest, sample_indices, lora_layers,
-                       lora_slots, argmax)
+        forward_layers(kernel_model, torch.tensor([5, 6, 49152]), *rest, sample_indices, lora_slots, argmax)
+
+
+def test_the_kernels_model_is_made_once_per_cache_set_and_refuses_a_cache_count_unlike_its_layers(tiny_model_dir):
+    """The C++ step's Model holds the layers and caches across steps (pybind copied them at every call before)."""
+    llm = LLM(str(tiny_model_dir("llama3")), dtype="float32", attention_backend="cpu", block_size=4)
+    model, caches = llm.engine.runner.model, llm.engine.runner.kv_caches
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)
+    made = model.kernel_model
+    assert made is not None and model.kernel_model_for(caches) is made
+    with pytest.raises(RuntimeError, match="a KV cache per layer"):
+        model.kernel_ops.Model(model.kernel_layers, model.kernel_head, model.embed_tokens.weight, model.rotary.cos,
+                               model.rotary.sin, caches[:-1], [])
 
 
 def test_an_odd_block_size_with_a_bf16_cache_on_the_kernels_is_refused(tiny_model_dir):

@@ -117,6 +117,8 @@ class LlamaForCausalLM(nn.Module):
         self.cpu_isa: str | None = None  # the kernels' tier, likewise
         self.kernel_ops: ModuleType | None = None  # and their module (the sampler's passes over whole rows too)
         self.kernel_lora: list | None = None  # the C++ view of the LoRA bank's layers, once use_lora ran on kernels
+        self.kernel_model = None  # all of the above and the KV caches, as the C++ step reads them (kernel_model_for)
+        self._kernel_model_caches: list[torch.Tensor] | None = None
 
     def use_cpu_kernels(self, linear_kind: str, ops: ModuleType) -> None:
         """Run on pagedllm's CPU kernels (`ops`, one tier's build): every linear on packed weights of
@@ -135,6 +137,15 @@ class LlamaForCausalLM(nn.Module):
         self.kernel_head = ops.ModelHead(self.norm.weight.detach(), self.lm_head.op, c.rms_norm_eps)
         self._forward_layers = ops.forward_layers
 
+    def kernel_model_for(self, kv_caches: list[torch.Tensor]):
+        """The C++ step's model (kernels' Model) over `kv_caches`: made at the first step on them, then kept."""
+        if self._kernel_model_caches is not kv_caches:
+            self.kernel_model = self.kernel_ops.Model(self.kernel_layers, self.kernel_head, self.embed_tokens.weight,
+                                                      self.rotary.cos, self.rotary.sin, kv_caches,
+                                                      self.kernel_lora or [])
+            self._kernel_model_caches = kv_caches
+        return self.kernel_model
+
     def use_lora(self, bank: LoRABank) -> None:
         """Apply the adapters of `bank`'s slots to the rows a step names them for."""
         for layer, modules in zip(self.layers, bank.layers):
@@ -143,6 +154,7 @@ class LlamaForCausalLM(nn.Module):
             ops = self.kernel_ops
             self.kernel_lora = [ops.LoRALayer(*(ops.LoRAModule(m.a, m.bt, m.slice_ends) for m in
                                                 (modules[name] for name in MODULES))) for modules in bank.layers]
+            self._kernel_model_caches = None  # the C++ model is made again, with them
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -160,11 +172,9 @@ class LlamaForCausalLM(nn.Module):
             tables = k.block_tables
             if tables.shape[0] != input_ids.shape[0]:  # a table per row
                 tables = tables.index_select(0, k.token_seq)
-            lora_args = (self.kernel_lora, lora.slots) if lora is not None else ([], None)
-            return self._forward_layers(self.kernel_layers, self.kernel_head, self.embed_tokens.weight, input_ids,
-                                        self.rotary.cos, self.rotary.sin, positions, k.slot_mapping, kv_caches,
-                                        tables, k.token_seq, k.prefill_seqs, k.context_lens, sample_indices,
-                                        *lora_args, argmax)
+            return self._forward_layers(self.kernel_model_for(kv_caches), input_ids, positions, k.slot_mapping, tables,
+                                        k.token_seq, k.prefill_seqs, k.context_lens, sample_indices,
+                                        lora.slots if lora is not None else None, argmax)
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
         for layer, kv in zip(self.layers, kv_caches):

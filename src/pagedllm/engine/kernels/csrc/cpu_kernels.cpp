@@ -69,28 +69,42 @@ AttentionPlan plan_for(const AttentionWork& work, int64_t H, int64_t KVH, int64_
 // float32 bias; inputs are contiguous [..., K], bf16 for "bf16", bf16 or float32 for "int8" (widened to float32
 // once per call where the kernels read it so: kernels.h reads_float).
 struct Linear {
+  enum class Kind { kBf16, kInt8, kPlain };
   Tensor weight, scale;
   c10::optional<Tensor> bias;
   int64_t out_features;
-  std::string kind;
+  // Read at every call, so kept apart from the tensors (whose metadata a step's weights have pushed out of cache).
+  Kind kind;
+  int64_t K;
+  const void* w;
+  const float* scale_data;
+  const float* bias_data;
 
-  int64_t in_features() const {
-    return kind == "bf16" ? weight.size(1) * 2 : weight.size(1);  // bf16 packs input pairs
+  Linear(Tensor weight_, Tensor scale_, c10::optional<Tensor> bias_, int64_t out_features_, std::string kind_)
+      : weight(weight_), scale(scale_), bias(bias_), out_features(out_features_) {
+    TORCH_CHECK(kind_ == "bf16" || kind_ == "int8" || kind_ == "plain", "Linear: kind is bf16, int8 or plain");
+    kind = kind_ == "bf16" ? Kind::kBf16 : kind_ == "int8" ? Kind::kInt8 : Kind::kPlain;
+    K = kind == Kind::kBf16 ? weight.size(1) * 2 : weight.size(1);  // bf16 packs input pairs
+    w = weight.data_ptr();
+    scale_data = kind == Kind::kInt8 ? scale.data_ptr<float>() : nullptr;
+    bias_data = bias ? bias->data_ptr<float>() : nullptr;
   }
+
+  int64_t in_features() const { return K; }
 
   // Whether a call on x, `decode` of its rows decode rows (the rest a step's prompt rows), reads it as float32
   // (kernels.h reads_float).
   bool needs_float(const Tensor& x, int64_t decode) const {
-    const int64_t M = x.numel() / in_features();
-    return kind != "plain" && reads_float(kind == "int8", M, decode, in_features(), x.scalar_type() == at::kBFloat16);
+    const int64_t M = x.numel() / K;
+    return kind != Kind::kPlain && reads_float(kind == Kind::kInt8, M, decode, K, x.scalar_type() == at::kBFloat16);
   }
 
   // The kernels' view of this layer (packed kinds), for x (float32 as `x_float` where needs_float; bf16 as
   // `x_bf16` where it is) into y.
   LinearArgs args(const void* x, const float* x_float, void* y, const void* x_bf16 = nullptr) const {
-    return LinearArgs{kind == "int8" ? x_float : x, x_float, kind == "int8" ? x_bf16 : nullptr, in_features(),
-                      weight.data_ptr(), kind == "int8" ? scale.data_ptr<float>() : nullptr,
-                      bias ? bias->data_ptr<float>() : nullptr, y, out_features};
+    const bool int8 = kind == Kind::kInt8;
+    return LinearArgs{int8 ? x_float : x, x_float, int8 ? x_bf16 : nullptr, K, w, scale_data, bias_data, y,
+                      out_features};
   }
 
   // y = x @ W.T (+ bias) into `y`; `x_float` is x widened to float32 where needs_float, else undefined. `next`:
@@ -98,8 +112,8 @@ struct Linear {
   // `prompt`: the rows of prompt tokens, in a step (kernels.h linear).
   void run(const Tensor& x, const Tensor& x_float, Tensor& y, const Par& par, const Linear* next = nullptr,
            const std::vector<RowSpan>* prompt = nullptr) const {
-    const int64_t M = x.numel() / in_features();
-    if (kind == "plain") {
+    const int64_t M = x.numel() / K;
+    if (kind == Kind::kPlain) {
       if (par.tid <= 0) at::linear_out(y, x, weight, bias ? c10::optional<Tensor>(*bias) : c10::nullopt);
       if (par.tid >= 0) {
 #pragma omp barrier
@@ -108,7 +122,7 @@ struct Linear {
     }
     LinearArgs a = args(x.data_ptr(), x_float.defined() ? x_float.data_ptr<float>() : nullptr, y.data_ptr(),
                         x.scalar_type() == at::kBFloat16 ? x.data_ptr() : nullptr);
-    if (next && next->kind != "plain") a.then = first_group(next->args(nullptr, nullptr, nullptr), M, par);
+    if (next && next->kind != Kind::kPlain) a.then = first_group(next->args(nullptr, nullptr, nullptr), M, par);
     if (y.scalar_type() == at::kBFloat16) linear<bf16>(a, M, par, prompt);
     else linear<float>(a, M, par, prompt);
   }
@@ -116,7 +130,7 @@ struct Linear {
   Tensor operator()(const Tensor& x) const {
     TORCH_CHECK(x.is_contiguous() && x.size(-1) == in_features(), "linear: input must be contiguous with ",
                 in_features(), " features");
-    TORCH_CHECK(kind != "bf16" || x.scalar_type() == at::kBFloat16, "linear: the bf16 kind takes bfloat16 input");
+    TORCH_CHECK(kind != Kind::kBf16 || x.scalar_type() == at::kBFloat16, "linear: the bf16 kind takes bfloat16 input");
     Tensor y = empty_out(x, out_features);
     run(x, needs_float(x, x.numel() / in_features()) ? x.to(at::kFloat).contiguous() : Tensor(), y, Par{});
     return y;
@@ -198,6 +212,14 @@ struct DecoderLayer {
   Tensor input_norm, post_attention_norm;
   int64_t H, KVH, D;
   double eps, scale;
+  const void* input_norm_data;  // as Linear's pointers: read at every step
+  const void* post_attention_norm_data;
+
+  DecoderLayer(Linear qkv_, Linear o_, Linear gate_up_, Linear down_, Tensor input_norm_, Tensor post_attention_norm_,
+               int64_t H_, int64_t KVH_, int64_t D_, double eps_, double scale_)
+      : qkv(std::move(qkv_)), o(std::move(o_)), gate_up(std::move(gate_up_)), down(std::move(down_)),
+        input_norm(input_norm_), post_attention_norm(post_attention_norm_), H(H_), KVH(KVH_), D(D_), eps(eps_),
+        scale(scale_), input_norm_data(input_norm.data_ptr()), post_attention_norm_data(post_attention_norm.data_ptr()) {}
 };
 
 // The model's end, for the rows a step samples from: the final RMSNorm and the LM head.
@@ -226,6 +248,36 @@ struct LoRAModule {
 
 struct LoRALayer {
   LoRAModule qkv, o, gate_up, down;
+};
+
+// What every step of one model reads: its layers, head, embedding, rotary tables, KV caches and adapters' slots,
+// held here once. Passed as lists at each call, pybind copied every layer (each tensor's reference count touched
+// twice, from memory after the step's weights had gone through the caches).
+struct Model {
+  std::vector<DecoderLayer> layers;
+  ModelHead head;
+  Tensor embedding, cos, sin;
+  std::vector<Tensor> kv_caches;
+  std::vector<LoRALayer> lora_layers;  // empty: none
+
+  Model(std::vector<DecoderLayer> layers_, ModelHead head_, Tensor embedding_, Tensor cos_, Tensor sin_,
+        std::vector<Tensor> kv_caches_, std::vector<LoRALayer> lora_layers_)
+      : layers(std::move(layers_)), head(std::move(head_)), embedding(embedding_), cos(cos_), sin(sin_),
+        kv_caches(std::move(kv_caches_)), lora_layers(std::move(lora_layers_)) {
+    TORCH_CHECK(!layers.empty() && embedding.is_contiguous() && embedding.dim() == 2,
+                "Model: layers, and an embedding [vocab, hidden]");
+    const DecoderLayer& first = layers[0];
+    TORCH_CHECK(first.H / first.KVH <= kMaxGroup && first.D <= kMaxHeadDim, "Model: head shape unsupported");
+    TORCH_CHECK(kv_caches.size() == layers.size(), "Model: a KV cache per layer");
+    for (const Tensor& cache : kv_caches) {
+      check_cache(cache, first.KVH, first.D, "Model");
+      TORCH_CHECK(cache.scalar_type() == kv_caches[0].scalar_type(), "Model: every layer's cache of one dtype");
+    }
+    TORCH_CHECK(lora_layers.empty() || lora_layers.size() == layers.size(), "Model: a LoRALayer per layer, or none");
+    for (const DecoderLayer& l : layers)  // forward_layer reads them through their pointers, unchecked
+      TORCH_CHECK(l.input_norm.scalar_type() == embedding.scalar_type() &&
+                  l.post_attention_norm.scalar_type() == embedding.scalar_type(), "Model: norms of the embedding's dtype");
+  }
 };
 
 // A step's adapters: the layers' slots and the step's rows by slot, with the scratch of the shrink.
@@ -275,7 +327,8 @@ void forward_layer(const DecoderLayer& l, const Linear* then, StepBuffers& buf, 
   const int64_t B = hidden.size(0), hidden_size = hidden.size(1), I = l.down.in_features();
   T* h = ptr<T>(hidden);
   const int64_t BS = kv_cache.size(3), cache_rows = kv_cache.size(2) * BS, decode = B - rows_of(work.prompt);
-  rms_norm_rows<T>(h, nullptr, ptr<T>(l.input_norm), ptr<T>(buf.normed), B, hidden_size, l.eps, par);
+  rms_norm_rows<T>(h, nullptr, static_cast<const T*>(l.input_norm_data), ptr<T>(buf.normed), B, hidden_size, l.eps,
+                   par);
   l.qkv.run(buf.normed, buf.widened(l.qkv, buf.normed, decode, par), buf.qkv, par, &l.o, &work.prompt);
   lora.apply<T>(&LoRALayer::qkv, index, buf.normed, buf.qkv, par);
   rope_write_kv<T, C>(ptr<T>(buf.qkv), ptr<T>(buf.q), ptr<C>(kv_cache), cos.data_ptr<float>(), sin.data_ptr<float>(),
@@ -286,7 +339,8 @@ void forward_layer(const DecoderLayer& l, const Linear* then, StepBuffers& buf, 
                           work, plan, buf.scratch.data_ptr<float>(), par);
   l.o.run(buf.attn, buf.widened(l.o, buf.attn, decode, par), buf.o, par, &l.gate_up, &work.prompt);
   lora.apply<T>(&LoRALayer::o, index, buf.attn, buf.o, par);
-  rms_norm_rows<T>(ptr<T>(buf.o), h, ptr<T>(l.post_attention_norm), ptr<T>(buf.normed), B, hidden_size, l.eps, par);
+  rms_norm_rows<T>(ptr<T>(buf.o), h, static_cast<const T*>(l.post_attention_norm_data), ptr<T>(buf.normed), B,
+                   hidden_size, l.eps, par);
   l.gate_up.run(buf.normed, buf.widened(l.gate_up, buf.normed, decode, par), buf.gate_up, par, &l.down, &work.prompt);
   lora.apply<T>(&LoRALayer::gate_up, index, buf.normed, buf.gate_up, par);
   silu_and_mul<T>(ptr<T>(buf.gate_up), ptr<T>(buf.act), B, I, par);
@@ -325,28 +379,22 @@ void apply_head(const ModelHead& head, StepBuffers& buf, const Tensor& hidden, c
 // logits [S, vocab], and fills `argmax` (int64 [S], where given) with each one's most likely token. One OpenMP
 // region for the whole step. Row t is token_seq[t]'s token (a prompt token where prefill_seqs says so), seeing
 // context_lens[t] positions through its block table block_tables[t].
-Tensor forward_layers(const std::vector<DecoderLayer>& layers, const ModelHead& head, const Tensor& embedding,
-                      const Tensor& input_ids,
-                      const Tensor& cos, const Tensor& sin, const Tensor& positions, const Tensor& slot_mapping,
-                      std::vector<Tensor>& kv_caches, const Tensor& block_tables, const Tensor& token_seq,
-                      const Tensor& prefill_seqs, const Tensor& context_lens, const Tensor& sample_indices,
-                      const std::vector<LoRALayer>& lora_layers, const c10::optional<Tensor>& lora_slots,
+Tensor forward_layers(Model& model, const Tensor& input_ids, const Tensor& positions, const Tensor& slot_mapping,
+                      const Tensor& block_tables, const Tensor& token_seq, const Tensor& prefill_seqs,
+                      const Tensor& context_lens, const Tensor& sample_indices, const c10::optional<Tensor>& lora_slots,
                       const c10::optional<Tensor>& argmax) {
-  TORCH_CHECK(!layers.empty() && embedding.is_contiguous() && embedding.dim() == 2 && input_ids.dim() == 1 &&
-              input_ids.is_contiguous() && input_ids.scalar_type() == at::kLong,
-              "forward_layers: embedding [vocab, hidden], input_ids int64 [T]");
+  const std::vector<DecoderLayer>& layers = model.layers;
+  const ModelHead& head = model.head;
+  const Tensor &embedding = model.embedding, &cos = model.cos, &sin = model.sin;
+  std::vector<Tensor>& kv_caches = model.kv_caches;
+  TORCH_CHECK(input_ids.dim() == 1 && input_ids.is_contiguous() && input_ids.scalar_type() == at::kLong,
+              "forward_layers: input_ids int64 [T]");
   const int64_t* ids = input_ids.data_ptr<int64_t>();
   for (int64_t t = 0; t < input_ids.size(0); ++t)  // the embedding's rows are copied unchecked
     TORCH_CHECK(ids[t] >= 0 && ids[t] < embedding.size(0), "forward_layers: input_ids[", t, "] = ", ids[t],
                 " is not a token of the vocabulary (", embedding.size(0), ")");
   Tensor hidden = torch::empty({input_ids.size(0), embedding.size(1)}, embedding.options());
   const DecoderLayer& first = layers[0];
-  TORCH_CHECK(first.H / first.KVH <= kMaxGroup && first.D <= kMaxHeadDim, "forward_layers: head shape unsupported");
-  TORCH_CHECK(kv_caches.size() == layers.size(), "forward_layers: a KV cache per layer");
-  for (const Tensor& cache : kv_caches) {
-    check_cache(cache, first.KVH, first.D, "forward_layers");
-    TORCH_CHECK(cache.scalar_type() == kv_caches[0].scalar_type(), "forward_layers: every layer's cache of one dtype");
-  }
   AttentionWork work = work_for(token_seq, prefill_seqs, context_lens);
   AttentionPlan plan = plan_for(work, first.H, first.KVH, first.D, kv_caches[0].size(3));
   TORCH_CHECK(sample_indices.scalar_type() == at::kLong && sample_indices.dim() == 1 &&
@@ -359,6 +407,7 @@ Tensor forward_layers(const std::vector<DecoderLayer>& layers, const ModelHead& 
   StepBuffers buf(hidden, first, plan);
   LoRAStep lora;
   Tensor lora_scratch;
+  const std::vector<LoRALayer>& lora_layers = model.lora_layers;
   if (lora_slots) {  // each row's adapter slot, -1 for none (engine/lora.py LoRARows)
     TORCH_CHECK(lora_layers.size() == layers.size() && lora_slots->scalar_type() == at::kInt &&
                 lora_slots->is_contiguous() && lora_slots->numel() == hidden.size(0),
@@ -484,5 +533,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<LoRAModule>(m, "LoRAModule", py::module_local()).def(py::init<Tensor, Tensor, std::vector<int64_t>>());
   py::class_<LoRALayer>(m, "LoRALayer", py::module_local())
       .def(py::init<LoRAModule, LoRAModule, LoRAModule, LoRAModule>());
+  py::class_<Model>(m, "Model", py::module_local())
+      .def(py::init<std::vector<DecoderLayer>, ModelHead, Tensor, Tensor, Tensor, std::vector<Tensor>,
+                    std::vector<LoRALayer>>());
   m.def("forward_layers", &forward_layers, py::call_guard<py::gil_scoped_release>());
 }
