@@ -136,6 +136,7 @@ class LlamaForCausalLM(nn.Module):
             for layer in self.layers]
         self.kernel_head = ops.ModelHead(self.norm.weight.detach(), self.lm_head.op, c.rms_norm_eps)
         self._forward_layers = ops.forward_layers
+        self._kernel_model_caches = None  # a Model of these layers is made at the next step
 
     def kernel_model_for(self, kv_caches: list[torch.Tensor]):
         """The C++ step's model (kernels' Model) over `kv_caches`: made at the first step on them, then kept."""
