@@ -7,6 +7,7 @@ has each block's scales after its codes and is dequantized as it is gathered.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,13 +90,19 @@ def build_metadata(
     """Torch attention's metadata, or with `kernel_only` (the backend's: Backend.kernel_metadata_only)
     only the kernels'."""
     if kernel_only:
-        empty = torch.empty(0, dtype=torch.long, device=device)
+        empty = _no_index(device)
         return AttentionMetadata(empty, empty, [], kernel_metadata(slot_mapping, groups, device))
     slots = torch.tensor(slot_mapping, dtype=torch.long, device=device)
     rows = torch.arange(2 * geo.num_kv_heads, device=device)[:, None]
     write_index = (rows * (geo.num_blocks * geo.block_size) + slots[None, :]).reshape(-1)
     built = [_group(g, rows, geo, dtype, device) for g in groups]
     return AttentionMetadata(slots, write_index, built)
+
+
+@functools.cache
+def _no_index(device: torch.device) -> torch.Tensor:
+    """The torch path's index tensors where the kernels need none, made once rather than at every step."""
+    return torch.empty(0, dtype=torch.long, device=device)
 
 
 def kernel_metadata(slot_mapping: list[int], groups: list[QueryGroup], device: torch.device) -> KernelMetadata:

@@ -196,7 +196,7 @@ class LLMEngine:
             if not seq.draft_token_ids:  # with drafts: once verified, so that hashes cover only kept tokens
                 self.block_manager.register_full_blocks(seq)
         rows = [seq for seq, n in zip(inp.sampling_seqs, inp.num_sample_rows) for _ in range(n)]
-        with torch.inference_mode():  # the logits are inference tensors: masking them in place needs this mode
+        with torch.inference_mode():  # torch's logits are inference tensors: masking them in place needs this mode
             self.structured.mask(step.logits, inp.sampling_seqs, inp.num_sample_rows)
             sampled = self.sampler(step.logits, rows, self.eos_token_ids, step.argmax)
         now, first = time.monotonic(), 0

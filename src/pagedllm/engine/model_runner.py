@@ -100,9 +100,10 @@ class ModelRunner:
         # whole rows afterwards took 27 us of a batch-1 step
         argmax = (torch.empty(inp.sample_indices.shape[0], dtype=torch.long)
                   if inp.takes_argmax and self.model.kernel_layers is not None else None)
-        logits = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, inp.sample_indices, inp.lora,
-                            argmax)
-        return StepLogits(logits.cpu(), argmax)
+        model = self.model
+        run = model.forward_kernels if model.runs_in_kernels(inp.meta) else model
+        logits = run(inp.input_ids, inp.positions, self.kv_caches, inp.meta, inp.sample_indices, inp.lora, argmax)
+        return StepLogits(logits if logits.device.type == "cpu" else logits.cpu(), argmax)
 
 
 def _is_prefill(seq: Sequence) -> bool:
