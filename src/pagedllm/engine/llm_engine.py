@@ -196,9 +196,12 @@ class LLMEngine:
             if not seq.draft_token_ids:  # with drafts: once verified, so that hashes cover only kept tokens
                 self.block_manager.register_full_blocks(seq)
         rows = [seq for seq, n in zip(inp.sampling_seqs, inp.num_sample_rows) for _ in range(n)]
-        with torch.inference_mode():  # torch's logits are inference tensors: masking them in place needs this mode
-            self.structured.mask(step.logits, inp.sampling_seqs, inp.num_sample_rows)
+        if step.argmax is not None:  # every row takes its logits' argmax: no grammar, nothing to mask
             sampled = self.sampler(step.logits, rows, self.eos_token_ids, step.argmax)
+        else:
+            with torch.inference_mode():  # torch's logits are inference tensors: masking them in place needs this mode
+                self.structured.mask(step.logits, inp.sampling_seqs, inp.num_sample_rows)
+                sampled = self.sampler(step.logits, rows, self.eos_token_ids)
         now, first = time.monotonic(), 0
         for seq, n in zip(inp.sampling_seqs, inp.num_sample_rows):
             self._emit(seq, sampled.token_ids[first:first + n], sampled.logprobs[first:first + n], now)
