@@ -203,7 +203,7 @@ def python_per_step(llm: LLM, name: str, steps: int = 128) -> tuple[float, float
     """(us, ms) per batch-1 decode step: the time outside the kernels' one call (scheduler, the step's inputs,
     sampler, output side), and the whole step."""
     engine, model = llm.engine, llm.engine.runner.model
-    kernels_call, inside = model._forward_layers, [0]
+    kernels_call, inside = model._forward_step, [0]
 
     def timed(*args):
         start = time.perf_counter_ns()
@@ -212,7 +212,7 @@ def python_per_step(llm: LLM, name: str, steps: int = 128) -> tuple[float, float
         finally:
             inside[0] += time.perf_counter_ns() - start
 
-    model._forward_layers = timed
+    model._forward_step = timed
     try:
         engine.add_request(name, [1, 2, 3, 4], SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True))
         engine.step()  # the prompt
@@ -222,7 +222,7 @@ def python_per_step(llm: LLM, name: str, steps: int = 128) -> tuple[float, float
             engine.step()
             total, count = total + time.perf_counter_ns() - start, count + 1
     finally:
-        model._forward_layers = kernels_call
+        model._forward_step = kernels_call
     return (total - inside[0]) / count / 1e3, total / count / 1e6
 
 

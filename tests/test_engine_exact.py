@@ -4,7 +4,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from pagedllm import LLM, SamplingParams
 from tests.conftest import TINY_CONFIGS, hf_greedy
@@ -125,19 +124,27 @@ def test_int8_matches_transformers_on_the_same_codes(tiny_model_dir, tmp_path, i
 
 def test_a_sample_row_outside_the_step_or_a_token_outside_the_vocabulary_is_refused_by_the_kernels(tiny_model_dir):
     """The C++ step copies the embedding's rows and the sampled rows without torch's index checks: an index past
-    either is an error naming it, not a read past the tensor."""
+    either is an error naming it, not a read past the tensor; so is a row naming no block table, or lists of
+    unequal lengths."""
     llm = LLM(str(tiny_model_dir("llama3")), dtype="float32", attention_backend="cpu", block_size=4)
     model = llm.engine.runner.model
     calls = []
-    forward_layers = model._forward_layers
-    model._forward_layers = lambda *args: calls.append(args) or forward_layers(*args)
+    forward_step = model._forward_step
+    model._forward_step = lambda *args: calls.append(args) or forward_step(*args)
     llm.generate([[5, 6, 7]], SamplingParams(max_tokens=1, **GREEDY), use_tqdm=False)
-    *args, sample_indices, lora_slots, argmax = calls[0]
+    kernel_model, input_ids, positions, slots, tables, token_seq, prefill, lens, sample_indices, lora, greedy = calls[0]
+    assert (input_ids, positions, token_seq, sample_indices, lora, greedy) == ([5, 6, 7], [0, 1, 2], [0] * 3, [2],
+                                                                               None, True)
+    rest = (positions, slots, tables, token_seq, prefill, lens)
     with pytest.raises(RuntimeError, match=r"sample_indices\[0\] = 3 is not a row of hidden \(3 rows\)"):
-        forward_layers(*args, sample_indices + 1, lora_slots, argmax)
-    kernel_model, input_ids, *rest = args
+        forward_step(kernel_model, input_ids, *rest, [3], lora, greedy)
     with pytest.raises(RuntimeError, match=r"input_ids\[2\] = 49152 is not a token of the vocabulary \(49152\)"):
-        forward_layers(kernel_model, torch.tensor([5, 6, 49152]), *rest, sample_indices, lora_slots, argmax)
+        forward_step(kernel_model, [5, 6, 49152], *rest, sample_indices, lora, greedy)
+    with pytest.raises(RuntimeError, match=r"token_seq\[1\] = 1 is not a block table \(1\)"):
+        forward_step(kernel_model, input_ids, positions, slots, tables, [0, 1, 0], prefill, lens, sample_indices,
+                     lora, greedy)
+    with pytest.raises(RuntimeError, match="one entry per row"):
+        forward_step(kernel_model, input_ids, positions[:2], *rest[1:], sample_indices, lora, greedy)
 
 
 def test_the_kernels_model_is_made_once_per_cache_set_and_refuses_a_cache_count_unlike_its_layers(tiny_model_dir):

@@ -45,8 +45,21 @@ class AttentionGroup:
 
 
 @dataclass
+class KernelMetadataLists:
+    """What the kernels read, as the runner lays a step out: per query token its cache slot, sequence and context
+    length; per sequence its block table (unpadded) and whether its tokens are prompt tokens. The CPU kernels' step
+    takes these lists as they are (LlamaForCausalLM.forward_step); kernel_metadata packs them into tensors."""
+
+    slot_mapping: list[int]
+    block_tables: list[list[int]]
+    token_seq: list[int]
+    context_lens: list[int]  # positions the token sees, itself included
+    prefill_seqs: list[int]  # 1 or 0 per sequence (QueryGroup.prefill)
+
+
+@dataclass
 class KernelMetadata:
-    """What the Triton kernels read: per query token, its sequence's block-table row and context length."""
+    """KernelMetadataLists as tensors, what the Triton kernels and the CPU kernels' single ops read."""
 
     slot_mapping: torch.Tensor  # [num_tokens] int32
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
@@ -105,20 +118,22 @@ def _no_index(device: torch.device) -> torch.Tensor:
     return torch.empty(0, dtype=torch.long, device=device)
 
 
-def kernel_metadata(slot_mapping: list[int], groups: list[QueryGroup], device: torch.device) -> KernelMetadata:
-    tables: list[list[int]] = []
-    token_seq: list[int] = []
-    context_lens: list[int] = []
-    prefill: list[int] = []
+def kernel_metadata_lists(slot_mapping: list[int], groups: list[QueryGroup]) -> KernelMetadataLists:
+    k = KernelMetadataLists(slot_mapping, [], [], [], [])
     for g in groups:  # tokens are laid out sequence by sequence
         for table, ctx in zip(g.block_tables, g.context_lens):
-            token_seq += [len(tables)] * g.query_len
-            context_lens += range(ctx - g.query_len + 1, ctx + 1)
-            tables.append(table)
-            prefill.append(int(g.prefill))
-    width, tokens, seqs = max(len(t) for t in tables), len(slot_mapping), len(tables)
-    flat = slot_mapping + token_seq + context_lens + prefill
-    for table in tables:
+            k.token_seq += [len(k.block_tables)] * g.query_len
+            k.context_lens += range(ctx - g.query_len + 1, ctx + 1)
+            k.block_tables.append(table)
+            k.prefill_seqs.append(int(g.prefill))
+    return k
+
+
+def kernel_metadata(slot_mapping: list[int], groups: list[QueryGroup], device: torch.device) -> KernelMetadata:
+    k = kernel_metadata_lists(slot_mapping, groups)
+    width, tokens, seqs = max(len(t) for t in k.block_tables), len(slot_mapping), len(k.block_tables)
+    flat = slot_mapping + k.token_seq + k.context_lens + k.prefill_seqs
+    for table in k.block_tables:
         flat += table
         flat += [0] * (width - len(table))
     slots, seq_of_token, lens, prefills, padded = packed(flat, [tokens, tokens, tokens, seqs, seqs * width],

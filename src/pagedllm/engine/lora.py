@@ -295,14 +295,6 @@ class LoRARows:
 
     slots: torch.Tensor  # [rows] int32
 
-    @classmethod
-    def of(cls, row_slots: list[int]) -> LoRARows | None:
-        """None where no row has an adapter."""
-        import torch
-        if all(s < 0 for s in row_slots):
-            return None
-        return cls(torch.tensor(row_slots, dtype=torch.int32))
-
     @functools.cached_property
     def groups(self) -> list[tuple[int, torch.Tensor]]:
         """(slot, its rows as int64) for each slot in use."""

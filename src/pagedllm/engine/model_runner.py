@@ -2,7 +2,8 @@
 
 Order in the flat batch: every sequence computing one generated token (decodes) first, attended as one
 group; then each prefill chunk (a prompt's last token alone included) or speculative run, a group of its own.
-Logits are computed only for the rows that sample (sequences whose every token is computed after this step)."""
+Logits are computed only for the rows that sample (sequences whose every token is computed after this step).
+The batch is Python's lists: the C++ kernels' step takes them as they are, the other paths make tensors of them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pagedllm.engine.attention import AttentionMetadata, CacheGeometry, QueryGroup, build_metadata, packed
+from pagedllm.engine.attention import CacheGeometry, QueryGroup, build_metadata, kernel_metadata_lists, packed
 from pagedllm.engine.backends import BACKENDS, Backend
 from pagedllm.engine.config import ModelConfig
 from pagedllm.engine.lora import LoRABank, LoRARows
@@ -21,20 +22,21 @@ from pagedllm.engine.sequence import Sequence
 
 @dataclass
 class ModelInput:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: AttentionMetadata
-    sample_indices: torch.Tensor
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]  # each token's flat cache slot
+    groups: list[QueryGroup]
+    sample_indices: list[int]
     sampling_seqs: list[Sequence]
     num_sample_rows: list[int]  # per sampling sequence: 1, plus one per draft token
-    lora: LoRARows | None = None  # the rows that run with an adapter, where any does
+    lora_slots: list[int] | None = None  # each row's adapter slot (-1: the base model), where any row has one
     takes_argmax: bool = False  # every sampling sequence takes its logits' most likely token (sampler.takes_argmax)
 
 
 @dataclass
 class StepLogits:
     logits: torch.Tensor  # float32 [sampled rows, vocab]
-    argmax: torch.Tensor | None = None  # int64 [sampled rows]: their most likely tokens, where the kernels found them
+    argmax: list[int] | None = None  # the sampled rows' most likely tokens, where the kernels found them
 
 
 class ModelRunner:
@@ -73,12 +75,8 @@ class ModelRunner:
                 rows.append(1 + len(seq.draft_token_ids))
                 sample_indices += range(len(ids) - rows[-1], len(ids))
                 sampling.append(seq)
-        groups = self._groups(ordered)
-        meta = build_metadata(slots, groups, self.geometry, self.dtype, self.device,
-                              self.backend.kernel_metadata_only)
-        input_ids, positions, sample_indices = packed(ids + positions + sample_indices,
-                                                      [len(ids), len(ids), len(sample_indices)], np.int64, self.device)
-        return ModelInput(input_ids, positions, meta, sample_indices, sampling, rows, LoRARows.of(lora_slots),
+        return ModelInput(ids, positions, slots, self._groups(ordered), sample_indices, sampling, rows,
+                          lora_slots if any(s >= 0 for s in lora_slots) else None,
                           all(takes_argmax(seq) for seq in sampling))
 
     @staticmethod
@@ -96,14 +94,20 @@ class ModelRunner:
         return groups
 
     def execute(self, inp: ModelInput) -> StepLogits:
-        # the kernels' argmax, in the threads that wrote the logits, where their rows need no more: numpy's over the
-        # whole rows afterwards took 27 us of a batch-1 step
-        argmax = (torch.empty(inp.sample_indices.shape[0], dtype=torch.long)
-                  if inp.takes_argmax and self.model.kernel_layers is not None else None)
         model = self.model
-        run = model.forward_kernels if model.runs_in_kernels(inp.meta) else model
-        logits = run(inp.input_ids, inp.positions, self.kv_caches, inp.meta, inp.sample_indices, inp.lora, argmax)
-        return StepLogits(logits if logits.device.type == "cpu" else logits.cpu(), argmax)
+        if model.kernel_layers is not None:  # the whole step in the C++ kernels' one call, on the lists as they are
+            logits, argmax = model.forward_step(inp.input_ids, inp.positions, self.kv_caches,
+                                                kernel_metadata_lists(inp.slot_mapping, inp.groups),
+                                                inp.sample_indices, inp.lora_slots, inp.takes_argmax)
+            return StepLogits(logits, argmax if inp.takes_argmax else None)
+        meta = build_metadata(inp.slot_mapping, inp.groups, self.geometry, self.dtype, self.device,
+                              self.backend.kernel_metadata_only)
+        input_ids, positions, sample_indices = packed(inp.input_ids + inp.positions + inp.sample_indices,
+                                                      [len(inp.input_ids)] * 2 + [len(inp.sample_indices)], np.int64,
+                                                      self.device)
+        lora = LoRARows(torch.tensor(inp.lora_slots, dtype=torch.int32)) if inp.lora_slots else None
+        logits = model(input_ids, positions, self.kv_caches, meta, sample_indices, lora)
+        return StepLogits(logits if logits.device.type == "cpu" else logits.cpu())
 
 
 def _is_prefill(seq: Sequence) -> bool:

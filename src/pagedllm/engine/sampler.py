@@ -40,13 +40,12 @@ class Sampler:
         self.kernels = kernels
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int],
-                 argmax: torch.Tensor | None = None) -> SamplerOutput:
+                 argmax: list[int] | None = None) -> SamplerOutput:
         """`argmax`: each row's most likely token, where the kernels found it for a batch whose every row takes it
         (takes_argmax)."""
         raw_logprobs = logits.log_softmax(dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
         if argmax is not None:
-            token_ids = argmax.tolist()
-            return SamplerOutput(token_ids, _token_logprobs(raw_logprobs, token_ids, seqs))
+            return SamplerOutput(argmax, _token_logprobs(raw_logprobs, argmax, seqs))
         logits = apply_penalties(logits, seqs)
         _mask_stops_before_min_tokens(logits, seqs, eos_token_ids)
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.engine.attention import AttentionMetadata, TorchPagedAttention
+from pagedllm.engine.attention import AttentionMetadata, KernelMetadataLists, TorchPagedAttention
 from pagedllm.engine.config import ModelConfig
 from pagedllm.engine.lora import MODULES, BankModule, LoRABank, LoRARows, add_lora
 
@@ -135,7 +135,7 @@ class LlamaForCausalLM(nn.Module):
                              c.head_dim ** -0.5)
             for layer in self.layers]
         self.kernel_head = ops.ModelHead(self.norm.weight.detach(), self.lm_head.op, c.rms_norm_eps)
-        self._forward_layers = ops.forward_layers
+        self._forward_step = ops.forward_step
         self._kernel_model_caches = None  # a Model of these layers is made at the next step
 
     def kernel_model_for(self, kv_caches: list[torch.Tensor]):
@@ -163,40 +163,33 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata, sample_indices: torch.Tensor, lora: LoRARows | None = None,
-                argmax: torch.Tensor | None = None) -> torch.Tensor:
+                meta: AttentionMetadata, sample_indices: torch.Tensor, lora: LoRARows | None = None) -> torch.Tensor:
         """Flat, unpadded batch in; float32 logits out for the `sample_indices` rows only. `lora`: the rows that
-        run with an adapter (use_lora), None where none does. `argmax` (int64, a row per sampled row): filled with
-        each one's most likely token, by the kernels inside their call where they run."""
-        if self.runs_in_kernels(meta):
-            return self.forward_kernels(input_ids, positions, kv_caches, meta, sample_indices, lora, argmax)
+        run with an adapter (use_lora), None where none does. The engine's runner calls forward_step directly
+        where the kernels run; this takes their step too, for metadata with `kernel` set."""
+        if self.kernel_layers is not None and meta.kernel is not None:
+            k = meta.kernel
+            return self.forward_step(
+                input_ids.tolist(), positions.tolist(), kv_caches,
+                KernelMetadataLists(k.slot_mapping.tolist(), k.block_tables.tolist(), k.token_seq.tolist(),
+                                    k.context_lens.tolist(), k.prefill_seqs.tolist()),
+                sample_indices.tolist(), lora.slots.tolist() if lora is not None else None)[0]
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, rope, kv, meta, lora)
-        logits = self.lm_head(self.norm(x.index_select(0, sample_indices))).float()
-        if argmax is not None:
-            torch.argmax(logits, dim=-1, out=argmax)
-        return logits
+        return self.lm_head(self.norm(x.index_select(0, sample_indices))).float()
 
-    def runs_in_kernels(self, meta: AttentionMetadata) -> bool:
-        """The whole step runs in the C++ kernels' one call, the embedding too (forward_kernels)."""
-        return self.kernel_layers is not None and meta.kernel is not None
-
-    def forward_kernels(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                        meta: AttentionMetadata, sample_indices: torch.Tensor, lora: LoRARows | None = None,
-                        argmax: torch.Tensor | None = None) -> torch.Tensor:
-        """forward where runs_in_kernels. It needs no inference mode (the kernels make their outputs outside
-        autograd), so the runner calls it directly, past forward's inference_mode and nn.Module's call: with the
-        index tensor made once (attention._no_index), 347 against 359 us of Python in a batch-1 decode step
-        (6 alternating in-process rounds, Xeon)."""
-        k = meta.kernel
-        tables = k.block_tables
-        if tables.shape[0] != input_ids.shape[0]:  # a table per row
-            tables = tables.index_select(0, k.token_seq)
-        return self._forward_layers(self.kernel_model_for(kv_caches), input_ids, positions, k.slot_mapping, tables,
-                                    k.token_seq, k.prefill_seqs, k.context_lens, sample_indices,
-                                    lora.slots if lora is not None else None, argmax)
+    def forward_step(self, input_ids: list[int], positions: list[int], kv_caches: list[torch.Tensor],
+                     meta: KernelMetadataLists, sample_indices: list[int], lora_slots: list[int] | None = None,
+                     greedy: bool = False) -> tuple[torch.Tensor, list[int]]:
+        """A whole step in the C++ kernels' one call (use_cpu_kernels ran), the embedding and the head too, on the
+        model runner's lists: no tensor is made in Python, whose ops each cost 15-25 us after the step's weights
+        have pushed their code out of the caches. The sampled rows' float32 logits, and with `greedy` their most
+        likely tokens (none otherwise). `lora_slots`: each row's adapter slot (-1: none), or None for no adapters."""
+        return self._forward_step(self.kernel_model_for(kv_caches), input_ids, positions, meta.slot_mapping,
+                                  meta.block_tables, meta.token_seq, meta.prefill_seqs, meta.context_lens,
+                                  sample_indices, lora_slots, greedy)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())
