@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.engine.attention import CacheGeometry, QueryGroup, TorchPagedAttention, build_metadata
+from pagedllm.engine.attention import (
+    CacheGeometry,
+    KernelMetadataLists,
+    QueryGroup,
+    TorchPagedAttention,
+    build_metadata,
+    kernel_metadata,
+    kernel_metadata_lists,
+)
 from pagedllm.engine.kernels import cpu as cpu_kernels
 from pagedllm.engine.kernels.cpu import from_kernel_layout, to_kernel_layout
 from pagedllm.engine.models.llama import RMSNorm, apply_rope
@@ -104,6 +112,19 @@ def _cache_and_meta(geo: CacheGeometry, context_lens: list[int], dtype: torch.dt
     groups = [QueryGroup(0, len(tables), 1, tables, context_lens)]
     return cache, build_metadata(slots, groups, geo, dtype, torch.device("cpu")), \
         build_metadata(slots, groups, geo, dtype, torch.device("cpu"), kernel_only=True).kernel
+
+
+def test_the_kernels_metadata_lists_are_what_their_tensors_hold():
+    """The C++ step takes the lists as the runner lays a step out (a row per token, a table per sequence, unpadded);
+    kernel_metadata packs the same lists into the tensors the Triton kernels and the single ops read."""
+    groups = [QueryGroup(0, 2, 1, [[7, 3], [5]], [20, 9]), QueryGroup(2, 1, 3, [[1, 2, 4]], [40], prefill=True)]
+    slots = [115, 89, 69, 70, 71]
+    k = kernel_metadata_lists(slots, groups)
+    assert k == KernelMetadataLists(slots, [[7, 3], [5], [1, 2, 4]], [0, 1, 2, 2, 2], [20, 9, 38, 39, 40], [0, 0, 1])
+    t = kernel_metadata(slots, groups, torch.device("cpu"))
+    assert t.block_tables.tolist() == [[7, 3, 0], [5, 0, 0], [1, 2, 4]] and t.block_tables.dtype == torch.int32
+    assert (t.slot_mapping.tolist(), t.token_seq.tolist(), t.context_lens.tolist(), t.prefill_seqs.tolist()) == (
+        k.slot_mapping, k.token_seq, k.context_lens, k.prefill_seqs)
 
 
 def test_bf16_cache_layout_pairs_dims_of_keys_and_positions_of_values():
