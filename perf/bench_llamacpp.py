@@ -8,7 +8,8 @@ context), batched generation, prompt processing, and int8 against llama.cpp's Q8
 
 llama.cpp is built once into the cache (perf/llamacpp.py). Every round runs each setting on each system in
 turn (this machine's speed drifts by a quarter within minutes), and the medians of the rounds are reported.
-pagedllm's figures time the engine's own steps (scheduler, model, sampler, detokenizer) in-process;
+pagedllm's figures time the engine's own steps (scheduler, model, sampler, detokenizer) in-process, on requests
+as LLM.generate makes them (OutputKind.FINAL_ONLY: the output handed out, and its text decoded, at the end);
 llama.cpp's are those its tools print. "pagedllm torch" is the same engine on the plain-torch path
 (`attention_backend="torch"`), what ran before the CPU kernels (native tier only).
 
@@ -35,6 +36,7 @@ from pagedllm.cache import cache_dir
 from pagedllm.engine.attention import QueryGroup, kernel_metadata
 from pagedllm.engine.kernels import cpu as cpu_kernels
 from pagedllm.engine.kernels import cpu_isa
+from pagedllm.engine.sequence import OutputKind
 from pagedllm.weights import ensure_default_model
 from perf import llamacpp
 from perf.bench_startup import offline_start
@@ -52,7 +54,7 @@ def _timed_generation(llm: LLM, prompts: list[list[int]], new_tokens: int) -> fl
     seqs = []
     for p in prompts:
         request_id = f"bench-{next(_ids)}"
-        engine.add_request(request_id, p, params)
+        engine.add_request(request_id, p, params, output_kind=OutputKind.FINAL_ONLY)
         seqs.append(engine.requests[request_id])
     while any(s.num_output_tokens == 0 for s in seqs):
         engine.step()
@@ -214,7 +216,8 @@ def python_per_step(llm: LLM, name: str, steps: int = 128) -> tuple[float, float
 
     model._forward_step = timed
     try:
-        engine.add_request(name, [1, 2, 3, 4], SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True))
+        engine.add_request(name, [1, 2, 3, 4], SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True),
+                           output_kind=OutputKind.FINAL_ONLY)
         engine.step()  # the prompt
         inside[0], total, count = 0, 0, 0
         while engine.has_unfinished_requests():

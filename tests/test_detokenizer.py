@@ -91,3 +91,21 @@ def test_a_tokenizer_that_cleans_up_spaces_streams_what_its_decode_returns(token
     ids = cleaning.encode("Hello , world . It is n't", add_special_tokens=False)
     deltas, detok = _stream(cleaning, ids)
     assert "".join(deltas) == cleaning.decode(ids) and detok._decoder is cleaning
+
+
+@pytest.mark.parametrize("every", [2, 3, 1000])
+def test_text_asked_for_every_few_tokens_is_the_text_streamed_token_by_token(tokenizer, byte_fallback_tokenizer,
+                                                                             every):
+    """Without stop strings, tokens are decoded only when their text is asked for, each as if alone."""
+    for tok in (tokenizer, byte_fallback_tokenizer):
+        for text in TEXTS:
+            ids = tok.encode(text, add_special_tokens=False)
+            streamed, _ = _stream(tok, ids, prompt=tok.encode("hello", add_special_tokens=False))
+            detok = IncrementalDetokenizer(tok, tok.encode("hello", add_special_tokens=False), [])
+            deltas = []
+            for i, token in enumerate(ids):
+                assert detok.add_token(token) is False
+                if (i + 1) % every == 0:
+                    deltas.append(detok.take_delta(finished=False))
+            assert detok.decoded < len(detok.ids) or len(ids) % every == 0  # the rest waits to be asked for
+            assert "".join(deltas) + detok.take_delta(finished=True) == detok.output_text == "".join(streamed)

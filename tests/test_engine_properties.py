@@ -11,6 +11,7 @@ from pagedllm import SamplingParams
 from pagedllm.engine.config import EngineConfig
 from pagedllm.engine.faults import Faults
 from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.engine.sequence import OutputKind
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2}
 
@@ -65,10 +66,10 @@ def test_every_request_answered_once_and_every_block_freed(engine, program):
         assert block.block_hash == block_hash and len(block.token_ids) == engine.block_manager.block_size
 
 
-def _stream(engine, prompts, params, abort_after_steps=None):
+def _stream(engine, prompts, params, abort_after_steps=None, output_kind=OutputKind.DELTA):
     deltas: dict[str, list] = {}
     for i, prompt in enumerate(prompts):
-        engine.add_request(f"s{i}", prompt, params)
+        engine.add_request(f"s{i}", prompt, params, output_kind=output_kind)
     steps = 0
     while engine.has_unfinished_requests():
         for d in engine.step():
@@ -91,6 +92,22 @@ def test_stream_interval_sends_the_first_token_alone_then_chunks_with_nothing_lo
         assert sum((d.new_token_ids for d in deltas), []) == sum((d.new_token_ids for d in every[rid]), [])
         assert "".join(d.new_text for d in deltas) == "".join(d.new_text for d in every[rid])
         assert deltas[-1].finish_reason == "length" and not any(d.finished for d in deltas[:-1])
+
+
+def test_a_final_only_request_gets_one_delta_holding_what_the_stream_would(tiny_model_dir):
+    prompts = [[5, 9, 13, 21], [7, 3, 40, 41, 42, 2], [11] * 9]
+    params = SamplingParams(temperature=0, max_tokens=11, ignore_eos=True, logprobs=1)
+    config = dict(model=str(tiny_model_dir("llama3")), dtype="float32", block_size=4, num_kv_blocks=40)
+    every = _stream(LLMEngine(EngineConfig(**config)), prompts, params)
+    final = _stream(LLMEngine(EngineConfig(**config)), prompts, params, output_kind=OutputKind.FINAL_ONLY)
+    for rid, (delta,) in final.items():
+        assert delta.new_token_ids == sum((d.new_token_ids for d in every[rid]), [])
+        assert delta.new_text == "".join(d.new_text for d in every[rid])
+        assert len(delta.new_logprobs) == 11 and delta.finish_reason == "length"
+    aborted = _stream(LLMEngine(EngineConfig(**config)), prompts[:1], params, abort_after_steps=4,
+                      output_kind=OutputKind.FINAL_ONLY)["s0"]
+    assert len(aborted) == 1 and aborted[0].finish_reason == "abort" and len(aborted[0].new_token_ids) == 4
+    assert aborted[0].new_text == "".join(d.new_text for d in every["s0"][:4])
 
 
 def test_an_abort_hands_out_the_tokens_still_held_back(tiny_model_dir):

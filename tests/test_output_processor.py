@@ -8,7 +8,7 @@ import pytest
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.sampling_params import SamplingParams
-from pagedllm.engine.sequence import FinishReason, Sequence, SequenceStatus
+from pagedllm.engine.sequence import FinishReason, OutputKind, Sequence, SequenceStatus
 
 EOS = 2
 PROMPT = [1, 9690, 198]
@@ -67,3 +67,12 @@ def test_the_final_delta_carries_the_queue_time(tokenizer):
     feed(processor, seq, [7])
     delta = processor.take_delta(seq)
     assert delta.finished and delta.queue_time == 0.25 and delta.num_prompt_tokens == 3
+
+
+def test_a_final_only_sequence_sends_nothing_until_it_finishes(tokenizer):
+    processor, seq = OutputProcessor([EOS], 512, stream_interval=1), sequence(tokenizer, max_tokens=3)
+    seq.output_kind = OutputKind.FINAL_ONLY
+    for token in [7, 8]:
+        assert feed(processor, seq, [token]) is None and not processor.ready_to_send(seq)
+    assert feed(processor, seq, [9]) is FinishReason.LENGTH and processor.ready_to_send(seq)
+    assert processor.take_delta(seq).new_token_ids == [7, 8, 9]

@@ -10,7 +10,7 @@ from pagedllm.engine.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.lora import LoRARequest
 from pagedllm.engine.sampling_params import SamplingParams
-from pagedllm.engine.sequence import RequestOutput
+from pagedllm.engine.sequence import OutputKind, RequestOutput
 
 
 class LLM:
@@ -54,7 +54,7 @@ class LLM:
         ids = [str(next(self._ids)) for _ in token_lists]
         seqs = {}
         for request_id, tokens, p, lora in zip(ids, token_lists, params_list, loras):
-            self.engine.add_request(request_id, tokens, p, lora_request=lora)
+            self.engine.add_request(request_id, tokens, p, lora_request=lora, output_kind=OutputKind.FINAL_ONLY)
             seqs[request_id] = self.engine.requests[request_id]
         with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():

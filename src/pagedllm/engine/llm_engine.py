@@ -23,7 +23,7 @@ from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.sampler import Sampler
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
-from pagedllm.engine.sequence import FinishReason, RequestDelta, Sequence, SequenceStatus, TokenLogprobs
+from pagedllm.engine.sequence import FinishReason, OutputKind, RequestDelta, Sequence, SequenceStatus, TokenLogprobs
 from pagedllm.engine.speculative import NgramSpeculator
 from pagedllm.engine.structured_output import StructuredOutputs
 from pagedllm.engine.tokenizer import encode_chat, encode_text, load_tokenizer
@@ -108,8 +108,10 @@ class LLMEngine:
             self.structured.compile(params.structured_outputs)  # compiled here, in the caller's thread, and cached
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> None:
-        """`lora_request`: the adapter it runs with (read from its path the first time), None for the base model."""
+                    arrival_time: float | None = None, lora_request: LoRARequest | None = None,
+                    output_kind: OutputKind = OutputKind.DELTA) -> None:
+        """`lora_request`: the adapter it runs with (read from its path the first time), None for the base model;
+        `output_kind`: whether its deltas go out as it runs or once, when it finishes."""
         if request_id in self.requests:
             raise RequestRejectedError("request_id", f"{request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
@@ -121,7 +123,8 @@ class LLMEngine:
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         seq = Sequence(request_id, list(prompt_token_ids), params, detok,
                        arrival_time if arrival_time is not None else time.monotonic(), generator,
-                       lora_name=adapter and adapter.name, cache_root=adapter.cache_root if adapter else ROOT)
+                       lora_name=adapter and adapter.name, cache_root=adapter.cache_root if adapter else ROOT,
+                       output_kind=output_kind)
         self.structured.start(seq)
         self.requests[request_id] = seq
         self.scheduler.add(seq)

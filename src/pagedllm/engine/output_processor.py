@@ -1,12 +1,12 @@
 """The engine's output side: the tokens a step sampled appended to their sequences, the checks that end a
 sequence (stop strings on the text, EOS and stop token ids, max_tokens, max_model_len), when a sequence's
-new tokens go out (`stream_interval`), and the RequestDelta that carries them. A step may hand it several
-tokens per sequence; nothing after the token that ends a sequence is kept."""
+new tokens go out (`stream_interval`, or once at the end), and the RequestDelta that carries them. A step may
+hand it several tokens per sequence; nothing after the token that ends a sequence is kept."""
 from __future__ import annotations
 
 from collections.abc import Sequence as Tokens
 
-from pagedllm.engine.sequence import FinishReason, RequestDelta, Sequence, TokenLogprobs
+from pagedllm.engine.sequence import FinishReason, OutputKind, RequestDelta, Sequence, TokenLogprobs
 
 
 class OutputProcessor:
@@ -42,9 +42,11 @@ class OutputProcessor:
         return None
 
     def ready_to_send(self, seq: Sequence) -> bool:
-        """Whether a sequence's new tokens go out now: the first at once, then every `stream_interval`."""
-        unsent = seq.num_output_tokens - seq.num_sent_tokens
-        return seq.finished or seq.num_sent_tokens == 0 or unsent >= self.stream_interval
+        """Whether a sequence's new tokens go out now: the first at once, then every `stream_interval`; with
+        OutputKind.FINAL_ONLY, all of them when it finishes."""
+        if seq.finished or seq.output_kind is OutputKind.FINAL_ONLY:
+            return seq.finished
+        return seq.num_sent_tokens == 0 or seq.num_output_tokens - seq.num_sent_tokens >= self.stream_interval
 
     def take_delta(self, seq: Sequence) -> RequestDelta:
         """Everything not yet handed out: the tokens since the last delta and the text they complete."""

@@ -31,6 +31,13 @@ class TokenLogprobs:
     top: dict[int, float]
 
 
+class OutputKind(enum.Enum):
+    """When a request's deltas go out, as vLLM's RequestOutputKind: every `stream_interval` tokens, or only the
+    final one (LLM.generate reads nothing else, and its text is decoded once, at the end)."""
+    DELTA = "delta"
+    FINAL_ONLY = "final_only"
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -64,6 +71,7 @@ class Sequence:
     grammar: Any = None  # a constrained sequence's xgrammar matcher, at the end of its output (structured_output.py)
     lora_name: str | None = None  # the adapter it runs with (lora.py), None for the base model
     cache_root: int = ROOT  # where its prefix-cache hash chain starts: its adapter's (lora.py), else the base model's
+    output_kind: OutputKind = OutputKind.DELTA
 
     def __post_init__(self) -> None:
         if not self.token_ids:
