@@ -914,18 +914,38 @@ void rope_write_kv(const T* qkv, T* q_out, C* cache, const float* cos, const flo
 static_assert(kChunk == 16, "reduce_add_16 sums a chunk of scores");
 
 // How a decode batch's contexts are split: enough splits that threads share the work evenly at batch 1, none
-// shorter than 256 positions, each a whole number of blocks; and the float32 scratch the splits need.
+// shorter than 256 positions, each a whole number of blocks; and the float32 scratch the splits need. Threads take
+// equal runs of the (sequence, KV head, split) items, so of the few split counts from the least that gives each
+// thread 16 items, the plan takes the one whose busiest thread reads the fewest positions.
 struct AttentionPlan {
-  int64_t splits, split_len, scratch_floats;
+  int64_t splits = 1, split_len = 1, scratch_floats = 0;
 
   AttentionPlan(const int32_t* ctx, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t threads) {
     int64_t longest = 1;
     for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, ctx[b]);
-    const int64_t items = std::max<int64_t>(1, B * KVH);
-    splits = std::max<int64_t>(1, std::min<int64_t>({(longest + 255) / 256, (16 * threads + items - 1) / items, 64}));
-    split_len = ((longest + splits - 1) / splits + BS - 1) / BS * BS;
-    splits = (longest + split_len - 1) / split_len;
+    const int64_t items = std::max<int64_t>(1, B * KVH), most = std::min<int64_t>((longest + 255) / 256, 64);
+    const int64_t fewest = std::max<int64_t>(1, std::min<int64_t>(most, (16 * threads + items - 1) / items));
+    int64_t least = INT64_MAX;
+    for (int64_t s = fewest; s <= std::max(fewest, std::min(most, fewest + threads)); ++s) {
+      const int64_t len = ((longest + s - 1) / s + BS - 1) / BS * BS, n = (longest + len - 1) / len;
+      const int64_t load = fewest == 1 ? 0 : busiest_thread(ctx, B, KVH, n, len, BS, threads);
+      if (load < least) least = load, splits = n, split_len = len;
+    }
     scratch_floats = B * H * splits * (D + 2);
+  }
+
+  // The positions the busiest of `threads` reads, each taking an equal run of the items (as Par hands them out),
+  // an item costing a block's worth more for its start and merge.
+  static int64_t busiest_thread(const int32_t* ctx, int64_t B, int64_t KVH, int64_t splits, int64_t len, int64_t BS,
+                                int64_t threads) {
+    const int64_t n = B * KVH * splits, run = (n + threads - 1) / threads;
+    int64_t busiest = 0, load = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t b = i / (KVH * splits), first = i % splits * len;
+      load += std::min<int64_t>(len, std::max<int64_t>(0, ctx[b] - first)) + BS;
+      if ((i + 1) % run == 0 || i + 1 == n) busiest = std::max(busiest, load), load = 0;
+    }
+    return busiest;
   }
 };
 

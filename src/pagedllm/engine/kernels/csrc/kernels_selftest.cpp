@@ -315,6 +315,24 @@ void check_argmax() {
   }
 }
 
+// The decode split plan: whole blocks covering each context; at batch 1 over 4,096 positions (3 KV heads, 2
+// threads) the split count whose busiest thread reads least (12 splits: 6,208 positions against 6,400 for the 11
+// that give each thread 16 items); a large batch unsplit.
+void check_attention_plan() {
+  const int32_t long_ctx[1] = {4096};
+  const AttentionPlan one(long_ctx, 1, 9, 3, 64, 16, 2);
+  const int64_t busiest = AttentionPlan::busiest_thread(long_ctx, 1, 3, one.splits, one.split_len, 16, 2);
+  const int64_t busiest_fewest = AttentionPlan::busiest_thread(long_ctx, 1, 3, 11, 384, 16, 2);  // 11 splits of 384
+  std::vector<int32_t> many(32, 100);
+  const AttentionPlan batch(many.data(), 32, 9, 3, 64, 16, 2);
+  ++checks;
+  if (one.split_len % 16 || one.splits * one.split_len < 4096 || (one.splits - 1) * one.split_len >= 4096 ||
+      busiest >= busiest_fewest || one.splits != 12 || batch.splits != 1)
+    std::printf("FAIL AttentionPlan: %lld splits of %lld (busiest thread %lld positions, %lld with 11), batch of "
+                "32: %lld splits\n", (long long)one.splits, (long long)one.split_len, (long long)busiest,
+                (long long)busiest_fewest, (long long)batch.splits), ++failures;
+}
+
 }  // namespace
 
 int main() {
@@ -331,9 +349,11 @@ int main() {
   check_norm_and_silu();
   check_sampling();
   check_argmax();
+  check_attention_plan();
   check_lora<float>();
   check_lora<bf16>();
-  for (auto ctx : {std::vector<int32_t>{1}, std::vector<int32_t>{5, 16, 33}, std::vector<int32_t>{700}}) {
+  for (auto ctx : {std::vector<int32_t>{1}, std::vector<int32_t>{5, 16, 33}, std::vector<int32_t>{700},
+                   std::vector<int32_t>{4000}}) {  // 4,000: 12 splits, each fetching ahead into the next
     check_attention<float>(6, 2, 32, 8, ctx);
     check_attention<bf16>(6, 2, 32, 8, ctx);
     check_attention<bf16>(9, 3, 64, 16, ctx);  // the register-resident split
