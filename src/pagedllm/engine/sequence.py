@@ -33,7 +33,7 @@ class TokenLogprobs:
 
 class OutputKind(enum.Enum):
     """When a request's deltas go out, as vLLM's RequestOutputKind: every `stream_interval` tokens, or only the
-    final one (LLM.generate reads nothing else, and its text is decoded once, at the end)."""
+    final one (LLM.generate reads nothing else; without stop strings its text is then decoded once, at the end)."""
     DELTA = "delta"
     FINAL_ONLY = "final_only"
 
