@@ -925,10 +925,11 @@ struct AttentionPlan {
     for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, ctx[b]);
     const int64_t items = std::max<int64_t>(1, B * KVH), most = std::min<int64_t>((longest + 255) / 256, 64);
     const int64_t fewest = std::max<int64_t>(1, std::min<int64_t>(most, (16 * threads + items - 1) / items));
+    const int64_t last = fewest == 1 ? 1 : std::min(most, fewest + threads);  // a batch filling the threads: unsplit
     int64_t least = INT64_MAX;
-    for (int64_t s = fewest; s <= std::max(fewest, std::min(most, fewest + threads)); ++s) {
+    for (int64_t s = fewest; s <= last; ++s) {
       const int64_t len = ((longest + s - 1) / s + BS - 1) / BS * BS, n = (longest + len - 1) / len;
-      const int64_t load = fewest == 1 ? 0 : busiest_thread(ctx, B, KVH, n, len, BS, threads);
+      const int64_t load = fewest == last ? 0 : busiest_thread(ctx, B, KVH, n, len, BS, threads);  // no choice, no walk
       if (load < least) least = load, splits = n, split_len = len;
     }
     scratch_floats = B * H * splits * (D + 2);
