@@ -106,7 +106,8 @@ def test_an_engine_that_keeps_dying_stays_down(tiny_model_dir):
     e = EngineProcess(config(tiny_model_dir), SupervisionConfig(max_restarts=1), on_give_up=gave_up.append,
                       faults=Faults(exit_after_ms=300))
     try:
-        assert wait_until(lambda: e.state == "down", 60) and "exited with code 71" in gave_up[0]
+        # the state reads down a moment before on_give_up runs (on the watch thread): wait for both
+        assert wait_until(lambda: e.state == "down" and gave_up, 60) and "exited with code 71" in gave_up[0]
         with pytest.raises(EngineDeadError, match="stays down"):
             run(e, "a")
     finally:
