@@ -60,7 +60,7 @@ def test_a_prompt_that_does_not_fit_waits_and_holds_nothing():
     s = scheduler(num_blocks=2, budget=64)
     big = fake_sequence("big", list(range(12)))
     s.add(big)
-    assert s.schedule().empty and big.block_table == [] and s.block_manager.num_free_blocks == 2
+    assert not s.schedule().scheduled and big.block_table == [] and s.block_manager.num_free_blocks == 2
 
 
 def test_remove_releases_a_sequences_blocks_wherever_it_is():

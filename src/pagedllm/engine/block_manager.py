@@ -48,9 +48,14 @@ class BlockManager:
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.blocks_needed(seq, num_new_tokens) <= len(self.free)
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
-        for _ in range(self.blocks_needed(seq, num_new_tokens)):
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Give `seq` the blocks for `num_new_tokens` more tokens; False, taking none, if too few are free."""
+        needed = self.blocks_needed(seq, num_new_tokens)
+        if needed > len(self.free):
+            return False
+        for _ in range(needed):
             seq.block_table.append(self._take_free())
+        return True
 
     def match_prefix(self, seq: Sequence) -> None:
         """Attach cached blocks for the longest cached prefix; the last token is always recomputed."""

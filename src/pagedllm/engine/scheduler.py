@@ -19,10 +19,6 @@ class SchedulerOutput:
     num_preempted: int = 0
 
     @property
-    def empty(self) -> bool:
-        return not self.scheduled
-
-    @property
     def num_batched_tokens(self) -> int:
         return sum(n for _, n in self.scheduled)
 
@@ -59,7 +55,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self._schedule_running(out, self.max_num_batched_tokens)
-        if out.num_preempted == 0:
+        if self.waiting and out.num_preempted == 0:
             self._schedule_waiting(out, budget)
         return out
 
@@ -71,12 +67,11 @@ class Scheduler:
             if seq.draft_token_ids and (n < seq.num_uncomputed_tokens or not self.block_manager.can_allocate(seq, n)):
                 seq.draft_token_ids = []  # drafts go whole or not at all, and never cost another's blocks
                 n = min(seq.num_uncomputed_tokens, budget)
-            while not self.block_manager.can_allocate(seq, n) and self.running[-1] is not seq:
-                self._preempt(self.running.pop(), out)
-            if not self.block_manager.can_allocate(seq, n):
-                self._preempt(self.running.pop(), out)
-                break
-            self.block_manager.allocate(seq, n)
+            while not self.block_manager.allocate(seq, n):  # the newest give their blocks back, this one last
+                victim = self.running.pop()
+                self._preempt(victim, out)
+                if victim is seq:
+                    return budget
             out.scheduled.append((seq, n))
             budget -= n
             i += 1
