@@ -55,7 +55,12 @@ class ModelRunner:
                           for _ in range(config.num_hidden_layers)]
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> ModelInput:
-        ordered = sorted(scheduled, key=lambda item: not _decodes(*item))  # stable: decodes first
+        # Every row's work here runs once a step per sequence: plain loops and fields, few calls (each costs a
+        # microsecond or more, the weights' pass having pushed the interpreter's code out of the caches).
+        decodes: list[tuple[Sequence, int]] = []
+        others: list[tuple[Sequence, int]] = []
+        for item in scheduled:
+            (decodes if _decodes(*item) else others).append(item)
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -63,35 +68,27 @@ class ModelRunner:
         sampling: list[Sequence] = []
         rows: list[int] = []
         lora_slots: list[int] = []
-        for seq, n in ordered:
+        groups = [QueryGroup(0, len(decodes), 1, [s.block_table for s, _ in decodes],
+                             [s.num_computed_tokens + 1 for s, _ in decodes])] if decodes else []
+        bs, argmax = self.block_size, True
+        for i, (seq, n) in enumerate(decodes + others if others else decodes):
             if self.lora is not None:
                 lora_slots += [self.lora.slot_of(seq.lora_name) if seq.lora_name else -1] * n
-            start, tokens = seq.num_computed_tokens, seq.tokens_with_drafts()
+            start, table, drafts = seq.num_computed_tokens, seq.block_table, seq.draft_token_ids
+            tokens = seq.token_ids + drafts if drafts else seq.token_ids
+            if i >= len(decodes):  # a prefill chunk or a speculative run: a group of its own
+                groups.append(QueryGroup(len(ids), 1, n, [table], [start + n], prefill=start < seq.num_prompt_tokens))
             ids += tokens[start:start + n]
             positions += range(start, start + n)
-            slots += [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
-                      for p in range(start, start + n)]
+            for p in range(start, start + n):
+                slots.append(table[p // bs] * bs + p % bs)
             if start + n == len(tokens):
-                rows.append(1 + len(seq.draft_token_ids))
+                rows.append(1 + len(drafts))
                 sample_indices += range(len(ids) - rows[-1], len(ids))
                 sampling.append(seq)
-        return ModelInput(ids, positions, slots, self._groups(ordered), sample_indices, sampling, rows,
-                          lora_slots if any(s >= 0 for s in lora_slots) else None,
-                          all(takes_argmax(seq) for seq in sampling))
-
-    @staticmethod
-    def _groups(ordered: list[tuple[Sequence, int]]) -> list[QueryGroup]:
-        decodes = [seq for seq, n in ordered if _decodes(seq, n)]
-        groups = []
-        if decodes:
-            groups.append(QueryGroup(0, len(decodes), 1, [s.block_table for s in decodes],
-                                     [s.num_computed_tokens + 1 for s in decodes]))
-        start = len(decodes)
-        for seq, n in ordered[len(decodes):]:
-            groups.append(QueryGroup(start, 1, n, [seq.block_table], [seq.num_computed_tokens + n],
-                                     prefill=_is_prefill(seq)))
-            start += n
-        return groups
+                argmax = argmax and takes_argmax(seq)
+        return ModelInput(ids, positions, slots, groups, sample_indices, sampling, rows,
+                          lora_slots if self.lora is not None and any(s >= 0 for s in lora_slots) else None, argmax)
 
     def execute(self, inp: ModelInput) -> StepLogits:
         model = self.model
@@ -112,11 +109,7 @@ class ModelRunner:
         return StepLogits(logits if logits.device.type == "cpu" else logits.cpu())
 
 
-def _is_prefill(seq: Sequence) -> bool:
-    """Its next tokens are prompt tokens (a preempted sequence recomputes from its start)."""
-    return seq.num_computed_tokens < seq.num_prompt_tokens
-
-
 def _decodes(seq: Sequence, n: int) -> bool:
-    """It computes one generated token this step (a prompt's last token is prefill, even alone)."""
-    return n == 1 and not _is_prefill(seq)
+    """It computes one generated token this step (a prompt's last token is prefill, even alone; a preempted sequence
+    recomputes from its start)."""
+    return n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens

@@ -72,14 +72,12 @@ class Sequence:
     lora_name: str | None = None  # the adapter it runs with (lora.py), None for the base model
     cache_root: int = ROOT  # where its prefix-cache hash chain starts: its adapter's (lora.py), else the base model's
     output_kind: OutputKind = OutputKind.DELTA
+    num_prompt_tokens: int = field(init=False)  # a field, not a property: every step reads it for every sequence
 
     def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.prompt_token_ids)
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -92,9 +90,6 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) + len(self.draft_token_ids) - self.num_computed_tokens
-
-    def tokens_with_drafts(self) -> list[int]:
-        return self.token_ids + self.draft_token_ids if self.draft_token_ids else self.token_ids
 
     @property
     def finished(self) -> bool:
