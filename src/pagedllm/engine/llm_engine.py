@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, config: EngineConfig, faults: Faults | None = None) -> None:
         self.config, self.faults = config, faults or Faults()
+        self.step_faults = self.faults.fail_step_seed is not None or self.faults.kill_loop_seed is not None
         self.model_path = resolve_model_path(config.model)
         self.model_config = load_model_config(self.model_path)
         self.tokenizer = load_tokenizer(self.model_path)
@@ -170,9 +171,10 @@ class LLMEngine:
             self.structured.cut_drafts(self.scheduler.running)
         out = self.scheduler.schedule()
         self.num_preemptions += out.num_preempted
-        if out.empty:
+        if not out.scheduled:
             return []
-        self._inject("kill_loop_seed", out)
+        if self.step_faults:
+            self._inject("kill_loop_seed", out)
         try:
             return self._run(out)
         except Exception as e:  # a failed step fails the requests it ran, and only those
@@ -191,14 +193,17 @@ class LLMEngine:
             raise InjectedFault(f"{kind} {seed}")
 
     def _run(self, out: SchedulerOutput) -> list[RequestDelta]:
-        self._inject("fail_step_seed", out)
+        if self.step_faults:
+            self._inject("fail_step_seed", out)
         inp = self.runner.prepare(out.scheduled)
         step = self.runner.execute(inp)
         for seq, n in out.scheduled:
             seq.num_computed_tokens += n
             if not seq.draft_token_ids:  # with drafts: once verified, so that hashes cover only kept tokens
                 self.block_manager.register_full_blocks(seq)
-        rows = [seq for seq, n in zip(inp.sampling_seqs, inp.num_sample_rows) for _ in range(n)]
+        rows = inp.sampling_seqs  # a sequence's logits rows: one, and one more for each draft token
+        if len(inp.sample_indices) > len(rows):
+            rows = [seq for seq, n in zip(inp.sampling_seqs, inp.num_sample_rows) for _ in range(n)]
         if step.argmax is not None:  # every row takes its logits' argmax: no grammar, nothing to mask
             sampled = self.sampler(step.logits, rows, self.eos_token_ids, step.argmax)
         else:

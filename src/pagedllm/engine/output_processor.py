@@ -31,21 +31,22 @@ class OutputProcessor:
 
     def finish_reason(self, seq: Sequence, token: int, stopped_on_text: bool) -> FinishReason | None:
         """Whether `token`, just appended, ends the sequence."""
-        p = seq.params
+        p, num_output_tokens = seq.params, seq.num_output_tokens
         if stopped_on_text:
             return FinishReason.STOP
-        if seq.num_output_tokens >= p.min_tokens and (
+        if num_output_tokens >= p.min_tokens and (
                 token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
             return FinishReason.STOP
-        if seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+        if num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 
     def ready_to_send(self, seq: Sequence) -> bool:
         """Whether a sequence's new tokens go out now: the first at once, then every `stream_interval`; with
         OutputKind.FINAL_ONLY, all of them when it finishes."""
-        if seq.finished or seq.output_kind is OutputKind.FINAL_ONLY:
-            return seq.finished
+        finished = seq.finished
+        if finished or seq.output_kind is OutputKind.FINAL_ONLY:
+            return finished
         return seq.num_sent_tokens == 0 or seq.num_output_tokens - seq.num_sent_tokens >= self.stream_interval
 
     def take_delta(self, seq: Sequence) -> RequestDelta:
