@@ -108,3 +108,15 @@ def test_the_kernels_build_with_this_environments_ninja(tmp_path, monkeypatch):
     cpu.build(tmp_path / "kernels", CpuIsa.PORTABLE)
     assert found == [os.path.join(ninja.BIN_DIR, "ninja")]
     assert shutil.which("ninja") == str(system / "ninja")
+
+
+def test_each_checkout_builds_its_kernels_into_its_own_folder(tmp_path, monkeypatch):
+    """torch's build file names the source's path, so a second checkout (same source, another place) loading the
+    first one's folder rebuilt the library there, and each run of either found the other's build."""
+    from pagedllm.engine.kernels import cpu
+
+    here = cpu.source_tag()
+    copy = tmp_path / cpu.SOURCE.name
+    copy.write_bytes(cpu.SOURCE.read_bytes())
+    monkeypatch.setattr(cpu, "SOURCE", copy)
+    assert cpu.source_tag() != here

@@ -36,8 +36,11 @@ HEADERS = (CSRC / "kernels.h", CSRC / "vec.h")
 
 
 def source_tag() -> str:
-    """Changes with the kernels' source and torch's version: a build is cached per tag and tier."""
-    data = b"".join(p.read_bytes() for p in (SOURCE, *HEADERS)) + torch.__version__.encode()
+    """Changes with the kernels' source, where it and torch live, and torch's version: a build is cached per tag and
+    tier. The paths count because torch's build file names them: two checkouts sharing one folder rebuilt over each
+    other's library (30 s each time the other ran), and the next run found it not as built."""
+    where = f"{SOURCE.resolve()}\0{Path(torch.__file__).resolve()}\0{torch.__version__}"
+    data = b"".join(p.read_bytes() for p in (SOURCE, *HEADERS)) + where.encode()
     return hashlib.sha256(data).hexdigest()[:12]
 
 
