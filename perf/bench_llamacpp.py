@@ -20,6 +20,7 @@ instruction set (for portable: SSE only), and restricts torch to the same tier
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import statistics
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,6 +45,7 @@ from perf.bench_startup import offline_start
 from perf.results import write_section
 
 PARALLEL = [1, 8, 32, 64]
+BYTE_A_WEIGHT = {"pagedllm int8", "llama.cpp Q8_0"}  # their scales left out; the others read bf16, two bytes
 SETTINGS = ["decode b1", "decode b1 at 4096", "prompt 512", "prompt 4096"] + [f"{n} parallel" for n in PARALLEL]
 _ids = itertools.count()
 
@@ -114,11 +117,25 @@ def _restrict_torch(isa: str) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "perf.bench_llamacpp", *sys.argv[1:]], env)
 
 
-def memory_bandwidth() -> float:
-    """GB/s of a 2-thread read of 1 GiB (torch's sum), the best of 5."""
-    x = torch.ones(1 << 28)
-    best = min(_seconds(x.sum) for _ in range(5))
+@functools.cache
+def _read_buffer() -> torch.Tensor:
+    return torch.ones(1 << 28)
+
+
+def memory_bandwidth(passes: int = 3) -> float:
+    """GB/s of a 2-thread read of 1 GiB (torch's sum), the best of `passes`."""
+    x = _read_buffer()
+    best = min(_seconds(x.sum) for _ in range(passes))
     return x.numel() * 4 / best / 1e9
+
+
+def with_memory_read(run: Callable[[], float]) -> tuple[float, float]:
+    """`run`'s result, and the memory read measured just before and after it (their mean): the floor of the same
+    minute. This host's memory speed drifts within minutes (Zen 4: a batch-1 step's kernel 5.8 ms in one run, 8.4 ms
+    in the run before it), so a floor read once, at the best minute, undercounts every other."""
+    before = memory_bandwidth()
+    value = run()
+    return value, (before + memory_bandwidth()) / 2
 
 
 def attention_bandwidth(llm: LLM, isa: str, context: int = 4096, copies: int = 4) -> float:
@@ -267,20 +284,29 @@ def main() -> None:
     reference.clear()  # its memory back before the timed runs
     peers = {"llama.cpp BF16": llamacpp.gguf("bf16"), "llama.cpp Q8_0": llamacpp.gguf("q8_0")}
     runs: dict[tuple[str, str], list[float]] = {}
+    reads: dict[str, list[float]] = {}  # GB/s read around each one's batch-1 decode runs
     python: list[tuple[float, float]] = []
     for r in range(args.rounds):
         for setting in SETTINGS:
-            for name, model in peers.items():
-                runs.setdefault((name, setting), []).append(peer(model, setting, args.build))
-            for name, llm in llms.items():
-                runs.setdefault((name, setting), []).append(ours(llm, setting, seed=r))
+            systems = {**{name: functools.partial(peer, model, setting, args.build) for name, model in peers.items()},
+                       **{name: functools.partial(ours, llm, setting, r) for name, llm in llms.items()}}
+            for name, run in systems.items():
+                if setting == "decode b1":
+                    value, read = with_memory_read(run)
+                    reads.setdefault(name, []).append(read)
+                else:
+                    value = run()
+                runs.setdefault((name, setting), []).append(value)
             print(f"round {r + 1}, {setting}:", {k[0]: f"{v[-1]:.0f}" for k, v in runs.items() if k[1] == setting})
         python.append(python_per_step(llms["pagedllm bf16"], f"python per step {r}"))
     medians = {key: statistics.median(v) for key, v in runs.items()}
     python_us, step_ms = statistics.median(p[0] for p in python), statistics.median(p[1] for p in python)
-    body = report(args, medians, memory_bandwidth(), matmul_rate(), ppl, answers, llms,
-                  (start_up_seconds, build_seconds), (python_us, step_ms),
-                  attention_bandwidth(llms["pagedllm bf16"], args.isa))
+    params = num_parameters(llms["pagedllm bf16"])
+    floors = {name: _floor_shares(runs[(name, "decode b1")], reads[name], params * (1 if name in BYTE_A_WEIGHT else 2))
+              for name in reads}
+    attention = with_memory_read(lambda: attention_bandwidth(llms["pagedllm bf16"], args.isa))
+    body = report(args, medians, (statistics.median(sum(reads.values(), [])), floors), matmul_rate(), ppl, answers,
+                  llms, (start_up_seconds, build_seconds), (python_us, step_ms), attention)
     print(body)
     suffix = "" if isa == native else f"_{isa}"
     plot(medians, Path(__file__).with_name(f"llamacpp{suffix}.png"), isa.value)
@@ -288,10 +314,20 @@ def main() -> None:
         write_section(f"bench_llamacpp{suffix}", body)
 
 
-def report(args, med, bandwidth, matmul, ppl, answers, llms, start, python, attention) -> str:
+def _floor_shares(tokens_per_second: list[float], reads: list[float], bytes_per_token: int) -> list[float]:
+    """Each batch-1 decode run's tokens/s as a share of the weight-read floor of its own minute."""
+    return [tps * bytes_per_token / (read * 1e9) for tps, read in zip(tokens_per_second, reads)]
+
+
+def report(args, med, memory, matmul, ppl, answers, llms, start, python, attention) -> str:
     params = num_parameters(llms["pagedllm bf16"])
     c = llms["pagedllm bf16"].engine.model_config
+    bandwidth, floors = memory
     floor = bandwidth * 1e9 / (2 * params)
+
+    def share(name: str) -> str:
+        shares = floors[name]
+        return f"**{statistics.median(shares):.0%}** ({', '.join(f'{x:.0%}' for x in shares)})"
     names = ["llama.cpp BF16", "llama.cpp Q8_0", *llms]
     lines = ["| setting, tokens/s | " + " | ".join(names) + " | pagedllm bf16 / llama.cpp BF16 | int8 / Q8_0 |",
              "|---" + "|---:" * (len(names) + 2) + "|"]
@@ -334,18 +370,20 @@ def report(args, med, bandwidth, matmul, ppl, answers, llms, start, python, atte
             "\n"
             f"{chr(10).join(lines)}\n"
             "\n"
-            f"Memory read measured in this run: {bandwidth:.0f} GB/s, so reading the {2 * params / 1e6:.0f} MB "
-            "of bf16 weights once per\n"
-            f"token bounds batch-1 decode at {floor:.0f} tok/s: pagedllm bf16 reaches "
-            f"{med[('pagedllm bf16', 'decode b1')] / floor:.0%} of that\n"
-            f"floor, llama.cpp BF16 {med[('llama.cpp BF16', 'decode b1')] / floor:.0%}; pagedllm int8 "
-            f"{med[('pagedllm int8', 'decode b1')] / (2 * floor):.0%} of\n"
-            f"its own (half the bytes). Prompt processing runs the linears at about {pp_gflops:.0f} GFLOP/s; "
+            "Memory read (a 2-thread read of 1 GiB, best of 3) measured just before and after each batch-1 decode "
+            f"run: median\n{bandwidth:.0f} GB/s, so reading the {2 * params / 1e6:.0f} MB of bf16 weights once per "
+            f"token bounds batch-1 decode at about {floor:.0f} tok/s.\n"
+            "Each run against the floor of its own minute (its tokens/s times the bytes of weights a token reads, "
+            "over that read),\nmedian and rounds: pagedllm bf16 "
+            f"{share('pagedllm bf16')}, llama.cpp BF16 {share('llama.cpp BF16')}; with a byte a weight,\npagedllm "
+            f"int8 {share('pagedllm int8')}, llama.cpp Q8_0 {share('llama.cpp Q8_0')}.\n"
+            f"Prompt processing runs the linears at about {pp_gflops:.0f} GFLOP/s; "
             "torch's bf16 matmul on this\n"
             f"machine: {matmul:.0f} GFLOP/s.\n"
             "\n"
             "Decode attention at 4,096 positions, alone (one sequence, every layer's bf16 cache in turn, from "
-            f"memory): {attention:.0f} GB/s,\n{attention / bandwidth:.0%} of the memory read above.\n"
+            f"memory): {attention[0]:.0f} GB/s,\n{attention[0] / attention[1]:.0%} of the memory read just "
+            f"before and after it ({attention[1]:.0f} GB/s).\n"
             "\n"
             f"Python per batch-1 decode step of pagedllm bf16, outside the kernels' one call (scheduler, the step's "
             f"inputs, sampler,\noutput side): {python[0]:.0f} us of a {python[1]:.2f} ms step "
