@@ -108,16 +108,30 @@ constexpr int64_t kPrefetch = 4096;  // bytes ahead on each weight stream
 // (SmolLM2, 2 threads: 44 against 147 tok/s), so none.
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
+// Weights to bring into cache while a tile runs. Strip tiles fetch one line every 8 steps of k: spread out, the
+// fetches never fill the miss queue (issued in bursts, the prefetch instructions stalled for 2% of a 32-row step on
+// AVX2).
+struct Fetch {
+  const char* next = nullptr;
+  const char* end = nullptr;
+};
+
 // x: bf16 pairs as 32-bit words, [rows, K/2] with stride x_stride; w: one group, [K/2, 48] words; `scale`: a
-// factor per channel (int8 codes run as bf16 pairs), or none.
+// factor per channel (int8 codes run as bf16 pairs), or none. `fetch`: other weights into L2 meanwhile, two lines a
+// step of k (a tile on int8 codes turned into pairs: the next group's codes, 27-74 KB for SmolLM2).
 template <int MR, typename Out>
 void bf16_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t K2, const float* scale,
-               const float* bias, Out* y, int64_t y_stride, int64_t n0, int64_t N) {
+               const float* bias, Out* y, int64_t y_stride, int64_t n0, int64_t N, Fetch fetch = {}) {
   VecF acc[MR][kGroupVecs];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < kGroupVecs; ++j) acc[i][j] = zero();
   for (int64_t k = 0; k < K2; ++k, w += kGroupChannels) {
     for (int64_t b = 0; b < kGroupChannels * 4; b += 64) prefetch((const char*)w + kPrefetch + b);
+    if (fetch.next < fetch.end) {
+      __builtin_prefetch(fetch.next, 0, 2);
+      __builtin_prefetch(fetch.next + 64, 0, 2);
+      fetch.next += 128;
+    }
     PairX xb[MR];
     for (int i = 0; i < MR; ++i) xb[i] = broadcast_pair(x[i * x_stride + k]);
     for (int j = 0; j < kGroupVecs; ++j) {
@@ -174,13 +188,6 @@ void int8_tile(const float* x, int64_t x_stride, const int8_t* w, int64_t K, con
 constexpr int kStripVecs = 16 / kLanes > 0 ? 16 / kLanes : 1;  // 16 channels
 constexpr int kStripRows = 6;  // 6 x 2 accumulators of AVX2's 16 registers (the classic 6 x 16 float32 kernel)
 constexpr int64_t kStrip = kStripVecs * kLanes, kRowBlock = 48, kStripMinRows = 32;
-
-// Weights to bring into cache while a tile runs, one line every 8 steps of k: spread out, the fetches never fill
-// the miss queue (issued in bursts, the prefetch instructions stalled for 2% of a 32-row step on AVX2).
-struct Fetch {
-  const char* next = nullptr;
-  const char* end = nullptr;
-};
 
 // A row of a strip as float32: bf16 pairs hold two steps of k (low halves first), int8 codes and a panel's
 // float32 one. Packed groups hold 48 channels a row; a panel's strips, kStrip.
@@ -343,12 +350,13 @@ void linear_strips(const LinearArgs& a, int64_t M, const Par& par) {
 }
 
 // `paired`: group g's int8 codes as bf16 pairs (ManyRows::kPairs), or nullptr.
+// `fetch`: what the tile brings into cache meanwhile (with `paired` only).
 template <typename Out, int MR>
-void run_tile(const LinearArgs& a, int64_t m0, int64_t g, const uint32_t* paired) {
+void run_tile(const LinearArgs& a, int64_t m0, int64_t g, const uint32_t* paired, Fetch fetch) {
   Out* y = static_cast<Out*>(a.y) + m0 * a.N;
   if (paired) {
     bf16_tile<MR>(static_cast<const uint32_t*>(a.x_bf16) + m0 * (a.K / 2), a.K / 2, paired, a.K / 2, a.scale, a.bias,
-                  y, a.N, g * kGroupChannels, a.N);
+                  y, a.N, g * kGroupChannels, a.N, fetch);
   } else if (a.scale == nullptr) {
     bf16_tile<MR>(static_cast<const uint32_t*>(a.x) + m0 * (a.K / 2), a.K / 2,
                   static_cast<const uint32_t*>(a.w) + g * (a.K / 2) * kGroupChannels, a.K / 2, nullptr, a.bias, y,
@@ -361,12 +369,12 @@ void run_tile(const LinearArgs& a, int64_t m0, int64_t g, const uint32_t* paired
 }
 
 template <typename Out, int MR = kMaxRows>
-void run_rows(const LinearArgs& a, int64_t m0, int64_t rows, int64_t g, const uint32_t* paired) {
+void run_rows(const LinearArgs& a, int64_t m0, int64_t rows, int64_t g, const uint32_t* paired, Fetch fetch = {}) {
   if constexpr (MR == 1) {
-    run_tile<Out, 1>(a, m0, g, paired);
+    run_tile<Out, 1>(a, m0, g, paired, fetch);
   } else {
-    if (rows >= MR) return run_tile<Out, MR>(a, m0, g, paired);
-    run_rows<Out, MR - 1>(a, m0, rows, g, paired);
+    if (rows >= MR) return run_tile<Out, MR>(a, m0, g, paired, fetch);
+    run_rows<Out, MR - 1>(a, m0, rows, g, paired, fetch);
   }
 }
 
@@ -374,10 +382,10 @@ void run_rows(const LinearArgs& a, int64_t m0, int64_t rows, int64_t g, const ui
 // thread turns a group's codes into bf16 pairs once (codes of at most 127 are exact in bf16) and runs the bf16
 // tiles on them for every row tile, the scale applied to the sums: twice the products per instruction of
 // widening codes to float32 for every row tile (a 512-token prompt: int8 at 0.6x of bf16 before). Decode rows from
-// two row tiles a call (16): one tile does not repay the conversion (batch 1 at half the speed, 8 rows even);
-// SmolLM2 int8 on Zen 4, alternating processes, tok/s from 32 before: 16 rows 810 and 769 against 623 and 630,
-// 24 rows 933 and 871 against 636 and 642.
-constexpr int64_t kPairsMinRows = 2 * kMaxRows;
+// one full row tile a call (8), the next group's codes fetched while the tiles run (linear_vectors). SmolLM2 int8
+// on Zen 4, alternating processes, tok/s against the vectors: 8 rows 825 and 814 against 659 and 661, 12 rows 886
+// and 880 against 644 and 646; fewer rows do not repay the conversion (4 rows even, batch 1 at half the speed).
+constexpr int64_t kPairsMinRows = kMaxRows;
 
 // Input pairs [first, last) of a group's int8 codes [K, 48] into its bf16 pairs [K/2, 48] (`out`: the group's).
 inline void pair_rows(const int8_t* w, int64_t first, int64_t last, uint32_t* out) {
@@ -595,7 +603,15 @@ void linear_vectors(const LinearArgs& a, int64_t M, const Par& par, bool paired)
         pair_group(reinterpret_cast<const int8_t*>(a.group_at(g)), a.K, panel.data());
         converted = g;
       }
-      run_rows<Out>(a, m0, std::min<int64_t>(kMaxRows, M - m0), g, paired ? panel.data() : nullptr);
+      // Paired: the codes come from memory in the conversion, then the tiles compute from the panel in cache; the
+      // thread's next group is fetched while they do, so that the two overlap.
+      Fetch fetch;
+      if (paired && (g + 1) * mtiles < end) {
+        const Fetch next = a.group_fetch(g + 1);
+        const int64_t bytes = next.end - next.next, tile = t % mtiles;
+        fetch = {next.next + bytes * tile / mtiles / 64 * 64, next.next + bytes * (tile + 1) / mtiles};
+      }
+      run_rows<Out>(a, m0, std::min<int64_t>(kMaxRows, M - m0), g, paired ? panel.data() : nullptr, fetch);
     }
   });
 }

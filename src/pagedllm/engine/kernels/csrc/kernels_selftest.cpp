@@ -118,7 +118,7 @@ void check_linears() {
                   M, Par{});
     expect_close("int8 linear", y, want, 1e-4);
 
-    // int8 with bf16 activations (a bf16 model's): from 16 rows on a bf16 dot, the codes run as bf16 pairs
+    // int8 with bf16 activations (a bf16 model's): from 8 rows on a bf16 dot, the codes run as bf16 pairs
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) {
         double s = 0;
