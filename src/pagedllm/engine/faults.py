@@ -18,6 +18,11 @@ class Faults:
     kill_loop_seed: int | None = None  # the scheduler phase of such a step raises, which ends the engine loop
     exit_after_ms: int | None = None  # the engine process exits this long after it is ready
 
+    @property
+    def in_steps(self) -> bool:
+        """Whether a fault acts inside the engine's steps (the engine looks for them there only then)."""
+        return self.fail_step_seed is not None or self.kill_loop_seed is not None
+
     @classmethod
     def for_model(cls, name: str, environ: Mapping[str, str] = os.environ) -> Faults | None:
         """The faults FAULTS_ENV gives model `name`, if any (a malformed value is the test's bug: it raises)."""

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, config: EngineConfig, faults: Faults | None = None) -> None:
         self.config, self.faults = config, faults or Faults()
-        self.step_faults = self.faults.fail_step_seed is not None or self.faults.kill_loop_seed is not None
+        self.step_faults = self.faults.in_steps  # read once: Faults is frozen, and every step asks
         self.model_path = resolve_model_path(config.model)
         self.model_config = load_model_config(self.model_path)
         self.tokenizer = load_tokenizer(self.model_path)
