@@ -1146,24 +1146,33 @@ void attend_pairs(const bf16* q, const bf16* cache, const int32_t* table, int64_
       const char* fetch_keys = ahead >= 0 ? reinterpret_cast<const char*>(keys + (ahead + t0) * NC) : nullptr;
       const char* fetch_values = ahead >= 0 ? reinterpret_cast<const char*>(values + (ahead + t0) * NC) : nullptr;
       VecF s[GM][kChunkVecs][NA];
+      PAGEDLLM_UNROLL
       for (int g = 0; g < group; ++g)
         for (int v = 0; v < kChunkVecs; ++v)
           for (int a = 0; a < NA; ++a) s[g][v][a] = zero();
-      for (int64_t c0 = 0; c0 < NC; c0 += NA) {  // NA is 2 for the fixed shapes only, whose NC is even
-        fetch_slice(fetch_keys, fetch_values, nt * D * int64_t(sizeof(bf16)), c0 / NA, NC / NA);
-        PAGEDLLM_UNROLL
-        for (int a = 0; a < NA; ++a) {
-          const int64_t c = c0 + a;
-          VecW k[kChunkVecs];
-          for (int v = 0; v < kChunkVecs; ++v)
-            k[v] = load_words_upto(kb + c * BS + t0 + v * kLanes, nt - v * kLanes);
+      // A whole chunk's loads are plain: a test of nt at each load left GCC storing the scores to the stack at
+      // every step of c (Zen 4: the stores, not the dot products, bound the loop).
+      auto score = [&](auto whole) {
+        for (int64_t c0 = 0; c0 < NC; c0 += NA) {  // NA is 2 for the fixed shapes only, whose NC is even
+          fetch_slice(fetch_keys, fetch_values, nt * D * int64_t(sizeof(bf16)), c0 / NA, NC / NA);
           PAGEDLLM_UNROLL
-          for (int g = 0; g < group; ++g) {
-            const PairX x = broadcast_pair(qw[g * NC + c]);
-            for (int v = 0; v < kChunkVecs; ++v) s[g][v][a] = dot2(s[g][v][a], k[v], x);
+          for (int a = 0; a < NA; ++a) {
+            const int64_t c = c0 + a;
+            VecW k[kChunkVecs];
+            for (int v = 0; v < kChunkVecs; ++v)
+              k[v] = whole ? load_words(kb + c * BS + t0 + v * kLanes)
+                           : load_words_upto(kb + c * BS + t0 + v * kLanes, nt - v * kLanes);
+            PAGEDLLM_UNROLL
+            for (int g = 0; g < group; ++g) {
+              const PairX x = broadcast_pair(qw[g * NC + c]);
+              for (int v = 0; v < kChunkVecs; ++v) s[g][v][a] = dot2(s[g][v][a], k[v], x);
+            }
           }
         }
-      }
+      };
+      if (nt == kChunk) score(std::true_type{});
+      else score(std::false_type{});
+      PAGEDLLM_UNROLL
       for (int g = 0; g < group; ++g) {
         VecF sc[kChunkVecs], p[kChunkVecs];
         for (int v = 0; v < kChunkVecs; ++v) {
