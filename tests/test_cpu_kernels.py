@@ -183,13 +183,20 @@ def test_paged_attention_matches_torch(ops, dtype, context_lens, heads, kv_heads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_positions_past_the_context_never_reach_the_output(ops, dtype):
+@pytest.mark.parametrize("prompt", [False, True], ids=["decode", "prompt"])
+def test_positions_past_the_context_never_reach_the_output(ops, dtype, prompt):
     """A freed block's old keys and values may be anything: inf and NaN past a context of 7 (an odd one, whose
-    last bf16 value pair holds position 7 too) leave the result as it was."""
+    last bf16 value pair holds position 7 too) leave the result as it was, for a decode row and for a prompt's
+    7 tokens attended as a tile."""
     geo = CacheGeometry(9, 3, 64, num_blocks=4, block_size=16)
     cache, _, kernel = _cache_and_meta(geo, [7], dtype)
-    q = torch.randn(1, 9 * 64, dtype=dtype)
-    args = (kernel.block_tables, kernel.token_seq, kernel.prefill_seqs, kernel.context_lens, 9, 3, 64, 0.125)
+    rows = 7 if prompt else 1
+    if prompt:
+        group = QueryGroup(0, 1, rows, [kernel.block_tables[0, :1].tolist()], [7], prefill=True)
+        kernel = build_metadata([0] * rows, [group], geo, dtype, torch.device("cpu"), kernel_only=True).kernel
+    q = torch.randn(rows, 9 * 64, dtype=dtype)
+    tables = kernel.block_tables.index_select(0, kernel.token_seq)
+    args = (tables, kernel.token_seq, kernel.prefill_seqs, kernel.context_lens, 9, 3, 64, 0.125)
     clean = ops.paged_attention(q, to_kernel_layout(cache), *args)
     block = kernel.block_tables[0, 0]
     cache[0, :, block, 7:], cache[1, :, block, 7:] = float("inf"), float("nan")
