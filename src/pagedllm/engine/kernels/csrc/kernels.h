@@ -1670,17 +1670,19 @@ inline void attend_tile_amx(const bf16* q, const bf16* cache, const int32_t* tab
 }
 #endif
 
-// ---- a tile on bf16 pairs (a bf16 dot, 16 lanes, blocks of whole chunks, head_dim 64 or 128) ----
+// ---- a tile on bf16 pairs (AVX-512: bf16 caches in blocks of whole chunks, head_dim a multiple of 64) ----
 // Per span of kTileSpan positions and 4 rows at a time, everything in registers: the rows' scores (dot2 of K^T's
 // rows, read in place, against each query's pairs, broadcast), one softmax update per row per span, the weights
 // rounded to bf16 pairs (as the decode kernel, the amx tier and torch's bf16 flash attention round them) and the
-// values read in place as position pairs, two positions per dot2. The path it replaces widened every value to
-// float32 and updated the softmax every 16 positions: a 4,096-token prompt on Zen 4 spent half its time there.
-constexpr int64_t kTileSpan = 64;
-constexpr int kSpanVecs = int(kTileSpan / kLanes);
+// values read in place as position pairs, two positions per dot2 (without a bf16 dot, dot2 widens the pairs in
+// registers). The path it replaces gathers and widens every key and value to float32 and updates the softmax every
+// 16 positions. A 4,096-token prompt on Zen 4, 2 alternating pairs: avx512_bf16 (half its time was there) 921-961
+// against 615-702 tok/s, avx512 509-513 against 408-414; on AVX2 (16 registers: 2 rows at a time) 331-341 against
+// 381-394, so AVX2 keeps the gathered path.
+constexpr int64_t kTileSpan = 4 * kLanes;  // 4 vectors of scores a row
 
 inline bool attends_in_pairs(int64_t D, int64_t BS) {
-  return kHasBf16Dot && kLanes == 16 && BS % kChunk == 0 && D % (4 * kLanes) == 0 && D <= kMaxHeadDim;
+  return kLanes == 16 && BS % kChunk == 0 && D % (4 * kLanes) == 0 && D <= kMaxHeadDim;
 }
 
 // Rows r0 .. r0 + RB - 1 of a tile against one span: q [RB] their queries' pairs; keys[c], pairs[c] each chunk's
@@ -1689,6 +1691,7 @@ template <int RB>
 inline void span_rows(const uint32_t* const* q, const uint32_t* const* keys, const uint32_t* const* pairs,
                       int64_t width, const int64_t* visible, int64_t D, int64_t BS, float scale, float* m, float* l,
                       float* acc) {
+  constexpr int kSpanVecs = 4;
   const int64_t NC = D / 2;
   VecF s[RB][kSpanVecs];
   PAGEDLLM_UNROLL
