@@ -1672,13 +1672,14 @@ inline void attend_tile_amx(const bf16* q, const bf16* cache, const int32_t* tab
 
 // ---- a tile on bf16 pairs (AVX-512: bf16 caches in blocks of whole chunks, head_dim a multiple of 64) ----
 // Per span of kTileSpan positions and 4 rows at a time, everything in registers: the rows' scores (dot2 of K^T's
-// rows, read in place, against each query's pairs, broadcast), one softmax update per row per span, the weights
-// rounded to bf16 pairs (as the decode kernel, the amx tier and torch's bf16 flash attention round them) and the
-// values read in place as position pairs, two positions per dot2 (without a bf16 dot, dot2 widens the pairs in
-// registers). The path it replaces gathers and widens every key and value to float32 and updates the softmax every
-// 16 positions. A 4,096-token prompt on Zen 4, 2 alternating pairs: avx512_bf16 (half its time was there) 921-961
-// against 615-702 tok/s, avx512 509-513 against 408-414; on AVX2 (16 registers: 2 rows at a time) 331-341 against
-// 381-394, so AVX2 keeps the gathered path.
+// rows, read in place, against each query's pairs, broadcast), one softmax update per row per span, and the values
+// read in place as position pairs, widened in registers against float32 weights. The path it replaces gathers and
+// widens every key and value to float32 and updates the softmax every 16 positions. A 4,096-token prompt on Zen 4:
+// avx512_bf16 821-823 against 615-702 tok/s (half its time was in the path replaced), avx512 forced 518-525 against
+// 406-411. The weights stay float32 as they were: rounded to bf16 pairs (one dot2 a pair, as the decode kernel
+// rounds them) the prompt ran at 899-942, but the embedded model's greedy answers to the agents tests' prompts
+// changed (a tool call became text). On AVX2 (16 registers, 2 rows at a time) it ran at 331-341 against 381-394, so
+// AVX2 keeps the gathered path.
 constexpr int64_t kTileSpan = 4 * kLanes;  // 4 vectors of scores a row
 
 inline bool attends_in_pairs(int64_t D, int64_t BS) {
@@ -1707,7 +1708,7 @@ inline void span_rows(const uint32_t* const* q, const uint32_t* const* keys, con
       for (int v = 0; v < kSpanVecs; ++v) s[i][v] = dot2(s[i][v], k[v], x);
     }
   }
-  alignas(64) bf16 weights[RB][kTileSpan];
+  alignas(64) float weights[RB][kTileSpan];
   float corrections[RB];
   PAGEDLLM_UNROLL
   for (int i = 0; i < RB; ++i) {
@@ -1746,12 +1747,15 @@ inline void span_rows(const uint32_t* const* q, const uint32_t* const* keys, con
       for (int j = 0; j < 4; ++j) a[i][j] = mul(load(acc + i * D + d0 + j * kLanes), set1(corrections[i]));
     for (int64_t u = 0; u < span_pairs; ++u) {
       const uint32_t* row = pairs[2 * u / kChunk] + u % (kChunk / 2) * D + d0;
-      VecW vv[4];
-      for (int j = 0; j < 4; ++j) vv[j] = load_words(row + j * kLanes);
+      VecF even[4], odd[4];  // the pair's two positions, widened
+      for (int j = 0; j < 4; ++j) {
+        const VecW w = load_words(row + j * kLanes);
+        even[j] = low_halves(w), odd[j] = high_halves(w);
+      }
       PAGEDLLM_UNROLL
       for (int i = 0; i < RB; ++i) {
-        const PairX x = broadcast_pair(words(weights[i])[u]);
-        for (int j = 0; j < 4; ++j) a[i][j] = dot2(a[i][j], vv[j], x);
+        const VecF w0 = set1(weights[i][2 * u]), w1 = set1(weights[i][2 * u + 1]);
+        for (int j = 0; j < 4; ++j) a[i][j] = fma(w1, odd[j], fma(w0, even[j], a[i][j]));
       }
     }
     PAGEDLLM_UNROLL
