@@ -1544,6 +1544,26 @@ inline void dequantize_chunk(const int8_t* keys, const int8_t* values, int64_t r
   }
 }
 
+// The span of `width` positions from pos0 in `chunks` chunks of a bf16 cache in blocks of whole chunks: each chunk's
+// K^T rows ([D/2][BS] words) and value pairs ([kChunk/2][D] words) where they are, but the last chunk's values
+// copied into `zeroed` with zeros past the context (the cache there may hold anything, and 0 * NaN is not 0).
+inline void span_chunks(const uint32_t* key_words, const uint32_t* value_words, const int32_t* table, int64_t pos0,
+                        int64_t width, int64_t chunks, int64_t D, int64_t BS, const uint32_t** keys,
+                        const uint32_t** pairs, uint32_t* zeroed) {
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t p = pos0 + c * kChunk, row = int64_t(table[p / BS]) * BS + p % BS;
+    keys[c] = key_words + kv_index<bf16>(false, row, 0, D, BS) / 2;
+    pairs[c] = value_words + kv_index<bf16>(true, row, 0, D, BS) / 2;
+  }
+  if (const int64_t nt = width - (chunks - 1) * kChunk; nt < kChunk) {
+    const uint32_t* vp = pairs[chunks - 1];
+    for (int64_t u = 0; u < kChunk / 2; ++u)
+      for (int64_t d = 0; d < D; ++d)
+        zeroed[u * D + d] = 2 * u + 1 < nt ? vp[u * D + d] : 2 * u < nt ? vp[u * D + d] & 0xFFFFu : 0u;
+    pairs[chunks - 1] = zeroed;
+  }
+}
+
 #if defined(PAGEDLLM_ISA_AMX)
 // A bf16 tile on AMX (tier amx), where blocks hold whole chunks and D is whole steps of 32. Per 16 of the tile's
 // rows and a span of up to kAmxSpan positions: each chunk's scores are a tdpbf16ps per 32 dims of q against the
@@ -1587,20 +1607,8 @@ inline void attend_tile_amx(const bf16* q, const bf16* cache, const int32_t* tab
   configure_attention_tiles();
   for (int64_t pos0 = 0; pos0 < last; pos0 += kAmxSpan) {
     const int64_t width = std::min(kAmxSpan, last - pos0), chunks = (width + kChunk - 1) / kChunk;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t p = pos0 + c * kChunk, row = int64_t(table[p / BS]) * BS + p % BS;
-      keys[c] = key_words + kv_index<bf16>(false, row, 0, D, BS) / 2;  // [D/2][BS] words
-      pairs[c] = value_words + kv_index<bf16>(true, row, 0, D, BS) / 2;  // [kChunk/2][D] words
-    }
-    if (const int64_t nt = width - (chunks - 1) * kChunk; nt < kChunk) {
-      // positions past the context may hold anything, and 0 * NaN is not 0: zeros for them
-      uint32_t* copy = reinterpret_cast<uint32_t*>(values_copy.data());
-      const uint32_t* vp = pairs[chunks - 1];
-      for (int64_t u = 0; u < kChunk / 2; ++u)
-        for (int64_t d = 0; d < D; ++d)
-          copy[u * D + d] = 2 * u + 1 < nt ? vp[u * D + d] : 2 * u < nt ? vp[u * D + d] & 0xFFFFu : 0u;
-      pairs[chunks - 1] = copy;
-    }
+    span_chunks(key_words, value_words, table, pos0, width, chunks, D, BS, keys, pairs,
+                reinterpret_cast<uint32_t*>(values_copy.data()));
     int64_t first_row = 0;  // the tile's tokens before the span see none of it
     while (ctx[tile.row0 + first_row] <= pos0) ++first_row;
     for (int64_t r0 = first_row * G / 16 * 16; r0 < R; r0 += 16) {
@@ -1788,23 +1796,8 @@ inline void attend_tile_pairs(const bf16* q, const bf16* cache, const int32_t* t
   const int64_t last = ctx[tile.row0 + n - 1];
   for (int64_t pos0 = 0; pos0 < last; pos0 += kTileSpan) {
     const int64_t width = std::min(kTileSpan, last - pos0), chunks = (width + kChunk - 1) / kChunk;
-    for (int64_t c = 0; c < kSpanChunks; ++c) {
-      if (c >= chunks) {  // past the context: scores masked, values zero
-        keys[c] = keys[0], pairs[c] = zeros;
-        continue;
-      }
-      const int64_t p = pos0 + c * kChunk, row = int64_t(table[p / BS]) * BS + p % BS;
-      keys[c] = key_words + kv_index<bf16>(false, row, 0, D, BS) / 2;
-      pairs[c] = value_words + kv_index<bf16>(true, row, 0, D, BS) / 2;
-    }
-    if (const int64_t nt = width - (chunks - 1) * kChunk; nt < kChunk) {
-      // the positions past the context may hold anything, and 0 * NaN is not 0: zeros for them
-      const uint32_t* vp = pairs[chunks - 1];
-      for (int64_t u = 0; u < kChunk / 2; ++u)
-        for (int64_t d = 0; d < D; ++d)
-          last_pairs[u * D + d] = 2 * u + 1 < nt ? vp[u * D + d] : 2 * u < nt ? vp[u * D + d] & 0xFFFFu : 0u;
-      pairs[chunks - 1] = last_pairs;
-    }
+    span_chunks(key_words, value_words, table, pos0, width, chunks, D, BS, keys, pairs, last_pairs);
+    for (int64_t c = chunks; c < kSpanChunks; ++c) keys[c] = keys[0], pairs[c] = zeros;  // past the context: masked
     int64_t first_row = 0;  // the tile's tokens before the span see none of it
     while (ctx[tile.row0 + first_row] <= pos0) ++first_row;
     int64_t visible[kMaxGroup * kQueryTile];
