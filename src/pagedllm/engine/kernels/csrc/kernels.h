@@ -1076,17 +1076,22 @@ inline VecW load_words_upto(const uint32_t* p, int64_t n) {
 
 constexpr int kChunkVecs = int(kChunk / kLanes);  // a chunk's scores in vectors
 
+// v's first n lanes, the rest `fill` (n may be 0 or less, or kLanes or more): scores past a row's positions become
+// -inf (the keys there may be anything), and its weights there exactly 0, not exp's floor.
+inline VecF keep_first(VecF v, int64_t n, float fill) {
+  if (n >= kLanes) return v;
+  alignas(64) float lanes[kLanes];
+  store(lanes, v);
+  for (int64_t t = std::max<int64_t>(n, 0); t < kLanes; ++t) lanes[t] = fill;
+  return load(lanes);
+}
+
 // One chunk's online-softmax step for one query head, in registers: its scores sc (kChunk positions, the first nt
 // real) become weights p, exactly 0 past nt; where the chunk passes the running max m, the weighted values so far
 // (acc, nd vectors) and the sums lsum are scaled down first; lsum gains p.
 [[gnu::always_inline]] inline void softmax_chunk(VecF* sc, int64_t nt, float& m, VecF* acc, int64_t nd, VecF* lsum,
                                                  VecF* p) {
-  alignas(64) float tail[kChunk];
-  if (nt < kChunk) {  // positions past the chunk score -inf
-    for (int v = 0; v < kChunkVecs; ++v) store(tail + v * kLanes, sc[v]);
-    for (int64_t t = nt; t < kChunk; ++t) tail[t] = -INFINITY;
-    for (int v = 0; v < kChunkVecs; ++v) sc[v] = load(tail + v * kLanes);
-  }
+  for (int v = 0; v < kChunkVecs; ++v) sc[v] = keep_first(sc[v], nt - v * kLanes, -INFINITY);
   VecF top = set1(-INFINITY);
   for (int v = 0; v < kChunkVecs; ++v) top = max(top, sc[v]);
   const float chunk_max = reduce_max(top);
@@ -1097,12 +1102,7 @@ constexpr int kChunkVecs = int(kChunk / kLanes);  // a chunk's scores in vectors
     m = chunk_max;
   }
   for (int v = 0; v < kChunkVecs; ++v) {
-    p[v] = exp(sub(sc[v], set1(m)));
-    if (nt < kChunk) {  // exactly 0, not exp's floor
-      store(tail, p[v]);
-      for (int64_t t = std::max<int64_t>(nt - v * kLanes, 0); t < kLanes; ++t) tail[t] = 0.f;
-      p[v] = load(tail);
-    }
+    p[v] = keep_first(exp(sub(sc[v], set1(m))), nt - v * kLanes, 0.f);
     lsum[v] = add(lsum[v], p[v]);
   }
 }
@@ -1720,27 +1720,16 @@ inline void span_rows(const uint32_t* const* q, const uint32_t* const* keys, con
   float corrections[RB];
   PAGEDLLM_UNROLL
   for (int i = 0; i < RB; ++i) {
-    alignas(64) float tail[kLanes];
     VecF top = set1(-INFINITY);
     for (int v = 0; v < kSpanVecs; ++v) {
-      s[i][v] = mul(s[i][v], set1(scale));
-      if ((v + 1) * kLanes > visible[i]) {  // past the row's own position: -inf (the keys there may be anything)
-        store(tail, s[i][v]);
-        for (int64_t t = std::max<int64_t>(visible[i] - v * kLanes, 0); t < kLanes; ++t) tail[t] = -INFINITY;
-        s[i][v] = load(tail);
-      }
+      s[i][v] = keep_first(mul(s[i][v], set1(scale)), visible[i] - v * kLanes, -INFINITY);
       top = max(top, s[i][v]);
     }
     const float m_new = std::max(m[i], reduce_max(top));
     corrections[i] = std::exp(m[i] - m_new);
     VecF sum = zero();
     for (int v = 0; v < kSpanVecs; ++v) {
-      VecF p = exp(sub(s[i][v], set1(m_new)));
-      if ((v + 1) * kLanes > visible[i]) {  // exactly 0, not exp's floor
-        store(tail, p);
-        for (int64_t t = std::max<int64_t>(visible[i] - v * kLanes, 0); t < kLanes; ++t) tail[t] = 0.f;
-        p = load(tail);
-      }
+      const VecF p = keep_first(exp(sub(s[i][v], set1(m_new))), visible[i] - v * kLanes, 0.f);
       sum = add(sum, p);
       store(weights[i] + v * kLanes, p);
     }
@@ -1777,7 +1766,7 @@ inline void attend_tile_pairs(const bf16* q, const bf16* cache, const int32_t* t
                               int64_t cache_rows, float scale, bf16* out) {
   constexpr int64_t kSpanChunks = kTileSpan / kChunk;
   const int64_t G = H / KVH, n = tile.rows, R = n * G;
-  thread_local std::vector<float> acc_rows;
+  thread_local Scratch<float> acc_rows;
   if (int64_t(acc_rows.size()) < R * D) acc_rows.resize(R * D);
   float* acc = acc_rows.data();  // [R][D]: row r = i * G + g is token row0 + i, query head h * G + g
   float m[kMaxGroup * kQueryTile], l[kMaxGroup * kQueryTile];
@@ -1787,7 +1776,6 @@ inline void attend_tile_pairs(const bf16* q, const bf16* cache, const int32_t* t
     qrows[r] = words(q + ((tile.row0 + r / G) * H + h * G + r % G) * D);
     std::fill(acc + r * D, acc + (r + 1) * D, 0.f);
   }
-  alignas(64) uint32_t zeros[kChunk / 2 * kMaxHeadDim] = {};
   alignas(64) uint32_t last_pairs[kChunk / 2 * kMaxHeadDim];
   const uint32_t* key_words = words(cache + h * cache_rows * D);
   const uint32_t* value_words = words(cache + (KVH + h) * cache_rows * D);
@@ -1797,7 +1785,8 @@ inline void attend_tile_pairs(const bf16* q, const bf16* cache, const int32_t* t
   for (int64_t pos0 = 0; pos0 < last; pos0 += kTileSpan) {
     const int64_t width = std::min(kTileSpan, last - pos0), chunks = (width + kChunk - 1) / kChunk;
     span_chunks(key_words, value_words, table, pos0, width, chunks, D, BS, keys, pairs, last_pairs);
-    for (int64_t c = chunks; c < kSpanChunks; ++c) keys[c] = keys[0], pairs[c] = zeros;  // past the context: masked
+    // past the context: keys scored and masked; values never read (span_rows reads the span's positions only)
+    for (int64_t c = chunks; c < kSpanChunks; ++c) keys[c] = keys[0], pairs[c] = nullptr;
     int64_t first_row = 0;  // the tile's tokens before the span see none of it
     while (ctx[tile.row0 + first_row] <= pos0) ++first_row;
     int64_t visible[kMaxGroup * kQueryTile];
@@ -1819,12 +1808,12 @@ inline void attend_tile_pairs(const bf16* q, const bf16* cache, const int32_t* t
 template <typename T, typename C = T>
 void attend_tile(const T* q, const C* cache, const int32_t* table, const int32_t* ctx, const QueryTile& tile,
                  int64_t h, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t cache_rows, float scale, T* out) {
+  if constexpr (std::is_same<T, bf16>::value && std::is_same<C, bf16>::value) {
 #if defined(PAGEDLLM_ISA_AMX)
-  if constexpr (std::is_same<T, bf16>::value && std::is_same<C, bf16>::value)
     if (attends_on_amx(D, BS)) return attend_tile_amx(q, cache, table, ctx, tile, h, H, KVH, D, BS, cache_rows, scale, out);
 #endif
-  if constexpr (std::is_same<T, bf16>::value && std::is_same<C, bf16>::value)
     if (attends_in_pairs(D, BS)) return attend_tile_pairs(q, cache, table, ctx, tile, h, H, KVH, D, BS, cache_rows, scale, out);
+  }
   const int64_t G = H / KVH, n = tile.rows, R = n * G;
   // else keys widened to float32 (int8 codes times their scale)
   constexpr bool pairs = kHasBf16Dot && std::is_same<C, bf16>::value;
