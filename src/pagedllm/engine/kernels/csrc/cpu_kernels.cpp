@@ -117,9 +117,7 @@ struct Linear {
     const int64_t M = x.numel() / K;
     if (kind == Kind::kPlain) {
       if (par.tid <= 0) at::linear_out(y, x, weight, bias ? c10::optional<Tensor>(*bias) : c10::nullopt);
-      if (par.tid >= 0) {
-#pragma omp barrier
-      }
+      if (par.tid >= 0) par.sync();
       return;
     }
     LinearArgs a = args(x.data_ptr(), x_float.defined() ? x_float.data_ptr<float>() : nullptr, y.data_ptr(),
@@ -431,10 +429,12 @@ Tensor forward_layers(Model& model, const Tensor& input_ids, const Tensor& posit
                           argmax->numel() == sample_indices.size(0)), "forward_step: argmax, int64 [sampled rows]");
   int64_t* argmax_out = argmax ? argmax->data_ptr<int64_t>() : nullptr;
   std::vector<Best> partial(argmax ? sample_indices.size(0) * threads : 0);
+  SpinBarrier barrier;
   DISPATCH_FLOAT_BF16(hidden.scalar_type(), "forward_step", [&] { DISPATCH_CACHE(kv_caches[0], "forward_step", [&] {
 #pragma omp parallel num_threads(threads)
     {
-      Par par{omp_get_thread_num(), omp_get_num_threads()};
+      barrier.join(omp_get_num_threads());
+      Par par{omp_get_thread_num(), omp_get_num_threads(), &barrier};
       gather_rows(ptr<scalar_t>(embedding), ids, hidden.size(0), hidden.size(1), ptr<scalar_t>(hidden), par);
       for (size_t i = 0; i < layers.size(); ++i)
         forward_layer<scalar_t, cache_t>(layers[i], i + 1 < layers.size() ? &layers[i + 1].qkv : &head.lm_head, buf, hidden,

@@ -333,6 +333,31 @@ void check_attention_plan() {
                 (long long)busiest_fewest, (long long)batch.splits), ++failures;
 }
 
+// SpinBarrier, forward_layers' barrier: 3 threads through 4,000 waits, every thread seeing each other's write of a
+// phase after the wait that ends it (the barrier orders plain memory), none running ahead into the next phase. On
+// fewer than 3 CPUs it is the oversubscribed case, which must not spin long.
+void check_spin_barrier() {
+#if defined(_OPENMP)
+  constexpr int kPhases = 2000;
+  SpinBarrier barrier;
+  std::vector<int> slots(3, -1);
+  int wrong = 0;
+#pragma omp parallel num_threads(3) reduction(+ : wrong)
+  {
+    const int tid = omp_get_thread_num(), threads = omp_get_num_threads();
+    barrier.join(threads);
+    for (int phase = 0; phase < kPhases; ++phase) {
+      slots[tid] = phase;
+      barrier.wait();
+      for (int t = 0; t < threads; ++t) wrong += slots[t] != phase;
+      barrier.wait();
+    }
+  }
+  ++checks;
+  if (wrong) std::printf("FAIL SpinBarrier: %d reads of a thread's write saw another phase\n", wrong), ++failures;
+#endif
+}
+
 }  // namespace
 
 int main() {
@@ -350,6 +375,7 @@ int main() {
   check_sampling();
   check_argmax();
   check_attention_plan();
+  check_spin_barrier();
   check_lora<float>();
   check_lora<bf16>();
   for (auto ctx : {std::vector<int32_t>{1}, std::vector<int32_t>{5, 16, 33}, std::vector<int32_t>{700},
