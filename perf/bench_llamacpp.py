@@ -258,7 +258,7 @@ def num_parameters(llm: LLM) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and the plot as they are")
     ap.add_argument("--isa", default="auto", help="the kernels' tier (default: this CPU's best); a lower one is "
                                                   "compared with llama.cpp built for the same instruction set")
     args = ap.parse_args()
@@ -308,9 +308,9 @@ def main() -> None:
     body = report(args, medians, (statistics.median(sum(reads.values(), [])), floors), matmul_rate(), ppl, answers,
                   llms, (start_up_seconds, build_seconds), (python_us, step_ms), attention)
     print(body)
-    suffix = "" if isa == native else f"_{isa}"
-    plot(medians, Path(__file__).with_name(f"llamacpp{suffix}.png"), isa.value)
     if not args.no_write:
+        suffix = "" if isa == native else f"_{isa}"
+        plot(medians, Path(__file__).with_name(f"llamacpp{suffix}.png"), isa.value)
         write_section(f"bench_llamacpp{suffix}", body)
 
 
