@@ -64,6 +64,20 @@ AttentionPlan plan_for(const AttentionWork& work, int64_t H, int64_t KVH, int64_
   return AttentionPlan(work.row_ctx.data(), int64_t(work.row_ctx.size()), H, KVH, D, BS, at::get_num_threads());
 }
 
+// Activations [rows, width] of the model's dtype, their data pointer resolved where the tensor is made: a step's
+// region reads these, never a tensor, whose accessors are cold code there after each weight pass and whose views
+// touch a shared reference count (batch-1 decode, step by step against tensors in the region: int8 7% faster,
+// where widening made three views per linear and thread; bf16 0.7%). The tensor serves the ops torch runs.
+template <typename T>
+struct Rows {
+  Tensor tensor;
+  T* data;
+  int64_t rows, width;
+
+  explicit Rows(const Tensor& t) : tensor(t), data(ptr<T>(t)), rows(t.numel() / t.size(-1)), width(t.size(-1)) {}
+  Rows first(int64_t n) const { return Rows(tensor.narrow(0, 0, n)); }
+};
+
 }  // namespace
 
 // A linear layer in the form the kernels run: "bf16" (weights packed by pack_bf16), "int8" (codes packed by
@@ -94,11 +108,10 @@ struct Linear {
 
   int64_t in_features() const { return K; }
 
-  // Whether a call on x, `decode` of its rows decode rows (the rest a step's prompt rows), reads it as float32
+  // Whether a call on M rows, `decode` of them decode rows (the rest a step's prompt rows), reads x as float32
   // (kernels.h reads_float).
-  bool needs_float(const Tensor& x, int64_t decode) const {
-    const int64_t M = x.numel() / K;
-    return kind != Kind::kPlain && reads_float(kind == Kind::kInt8, M, decode, K, x.scalar_type() == at::kBFloat16);
+  bool needs_float(int64_t M, int64_t decode, bool bf16_x) const {
+    return kind != Kind::kPlain && reads_float(kind == Kind::kInt8, M, decode, K, bf16_x);
   }
 
   // The kernels' view of this layer (packed kinds), for x (float32 as `x_float` where needs_float; bf16 as
@@ -109,22 +122,24 @@ struct Linear {
                       out_features};
   }
 
-  // y = x @ W.T (+ bias) into `y`; `x_float` is x widened to float32 where needs_float, else undefined. `next`:
+  // y = x @ W.T (+ bias) into `y`; `x_float` is x widened to float32 where needs_float, else nullptr. `next`:
   // the linear this thread runs after this one, whose first weights it fetches while finishing this one.
   // `prompt`: the rows of prompt tokens, in a step (kernels.h linear).
-  void run(const Tensor& x, const Tensor& x_float, Tensor& y, const Par& par, const Linear* next = nullptr,
+  template <typename T>
+  void run(const Rows<T>& x, const float* x_float, const Rows<T>& y, const Par& par, const Linear* next = nullptr,
            const std::vector<RowSpan>* prompt = nullptr) const {
-    const int64_t M = x.numel() / K;
     if (kind == Kind::kPlain) {
-      if (par.tid <= 0) at::linear_out(y, x, weight, bias ? c10::optional<Tensor>(*bias) : c10::nullopt);
+      if (par.tid <= 0) {
+        Tensor out = y.tensor;
+        at::linear_out(out, x.tensor, weight, bias ? c10::optional<Tensor>(*bias) : c10::nullopt);
+      }
       if (par.tid >= 0) par.sync();
       return;
     }
-    LinearArgs a = args(x.data_ptr(), x_float.defined() ? x_float.data_ptr<float>() : nullptr, y.data_ptr(),
-                        x.scalar_type() == at::kBFloat16 ? x.data_ptr() : nullptr);
-    if (next && next->kind != Kind::kPlain) a.then = first_group(next->args(nullptr, nullptr, nullptr), M, par);
-    if (y.scalar_type() == at::kBFloat16) linear<bf16>(a, M, par, prompt);
-    else linear<float>(a, M, par, prompt);
+    constexpr bool bf16_x = std::is_same<T, bf16>::value;
+    LinearArgs a = args(x.data, x_float, y.data, bf16_x ? x.data : nullptr);
+    if (next && next->kind != Kind::kPlain) a.then = first_group(next->args(nullptr, nullptr, nullptr), x.rows, par);
+    linear<T>(a, x.rows, par, prompt);
   }
 
   Tensor operator()(const Tensor& x) const {
@@ -132,7 +147,12 @@ struct Linear {
                 in_features(), " features");
     TORCH_CHECK(kind != Kind::kBf16 || x.scalar_type() == at::kBFloat16, "linear: the bf16 kind takes bfloat16 input");
     Tensor y = empty_out(x, out_features);
-    run(x, needs_float(x, x.numel() / in_features()) ? x.to(at::kFloat).contiguous() : Tensor(), y, Par{});
+    const int64_t M = x.numel() / in_features();
+    const bool bf16_x = x.scalar_type() == at::kBFloat16;
+    const Tensor x_float = needs_float(M, M, bf16_x) ? x.to(at::kFloat).contiguous() : Tensor();
+    DISPATCH_FLOAT_BF16(x.scalar_type(), "linear", [&] {
+      run(Rows<scalar_t>(x), x_float.defined() ? x_float.data_ptr<float>() : nullptr, Rows<scalar_t>(y), Par{});
+    });
     return y;
   }
 };
@@ -280,73 +300,91 @@ struct Model {
   }
 };
 
-// A step's adapters: the layers' slots and the step's rows by slot, with the scratch of the shrink.
+// A step's adapters: each layer's four (their LoRAArgs, resolved before the region) and the step's rows by slot,
+// with the scratch of the shrink.
 struct LoRAStep {
-  const std::vector<LoRALayer>* layers = nullptr;
+  struct Layer {
+    LoRAArgs qkv, o, gate_up, down;
+  };
+  std::vector<Layer> layers;  // empty: no adapters
   std::unique_ptr<LoRARowGroups> groups;
   float* t = nullptr;
 
   template <typename T>
-  void apply(const LoRAModule LoRALayer::*module, size_t layer, const Tensor& x, Tensor& y, const Par& par) const {
-    if (!layers) return;
-    const LoRAModule& m = (*layers)[layer].*module;
-    apply_lora<T>(m.args(), ptr<T>(x), x.size(1), ptr<T>(y), y.size(1), *groups, t, par);
+  void apply(const LoRAArgs Layer::*module, size_t layer, const Rows<T>& x, const Rows<T>& y, const Par& par) const {
+    if (layers.empty()) return;
+    apply_lora<T>(layers[layer].*module, x.data, x.width, y.data, y.width, *groups, t, par);
   }
 };
 
-// Buffers of a step, allocated once for all layers.
+// A step's activations (`hidden`, the residual stream, and every op's output), allocated once for all layers.
+template <typename T>
 struct StepBuffers {
-  Tensor normed, qkv, q, attn, o, gate_up, act, mlp, wide, scratch;
+  Rows<T> hidden, normed, qkv, q, attn, o, gate_up, act, mlp;
+  Tensor wide_tensor, scratch_tensor;
+  float *wide, *scratch;
 
-  StepBuffers(const Tensor& hidden, const DecoderLayer& l, const AttentionPlan& plan) {
-    const int64_t B = hidden.size(0), I = l.down.in_features();
-    auto make = [&](int64_t n) { return torch::empty({B, n}, hidden.options()); };
-    normed = make(hidden.size(1)), qkv = make(l.qkv.out_features), q = make(l.H * l.D), attn = make(l.H * l.D);
-    o = make(hidden.size(1)), gate_up = make(2 * I), act = make(I), mlp = make(hidden.size(1));
-    wide = torch::empty({B, std::max(hidden.size(1), I)}, hidden.options().dtype(at::kFloat));
-    scratch = torch::empty({plan.scratch_floats}, hidden.options().dtype(at::kFloat));
-  }
+  StepBuffers(const Tensor& hidden_, const DecoderLayer& l, const AttentionPlan& plan)
+      : hidden(hidden_), normed(like(hidden_.size(1))), qkv(like(l.qkv.out_features)), q(like(l.H * l.D)),
+        attn(like(l.H * l.D)), o(like(hidden_.size(1))), gate_up(like(2 * l.down.in_features())),
+        act(like(l.down.in_features())), mlp(like(hidden_.size(1))),
+        wide_tensor(torch::empty({hidden.rows * std::max(hidden.width, act.width)},
+                                 hidden_.options().dtype(at::kFloat))),
+        scratch_tensor(torch::empty({plan.scratch_floats}, hidden_.options().dtype(at::kFloat))),
+        wide(wide_tensor.data_ptr<float>()), scratch(scratch_tensor.data_ptr<float>()) {}
 
-  // x widened to float32 where the linear reads it so (its share of x by each thread), else undefined; `decode`:
+  Tensor like(int64_t width) const { return torch::empty({hidden.rows, width}, hidden.tensor.options()); }
+
+  // x widened to float32 where the linear reads it so (its share of x by each thread), else nullptr; `decode`:
   // x's decode rows.
-  Tensor widened(const Linear& linear, const Tensor& x, int64_t decode, const Par& par) {
-    if (!linear.needs_float(x, decode)) return Tensor();
-    if (x.scalar_type() == at::kFloat) return x;
-    Tensor out = wide.view(-1).narrow(0, 0, x.numel()).view(x.sizes());
-    widen(ptr<bf16>(x), out.data_ptr<float>(), x.numel(), par);
-    return out;
+  const float* widened(const Linear& linear, const Rows<T>& x, int64_t decode, const Par& par) const {
+    constexpr bool bf16_x = std::is_same<T, bf16>::value;
+    if (!linear.needs_float(x.rows, decode, bf16_x)) return nullptr;
+    if constexpr (bf16_x) {
+      widen(x.data, wide, x.rows * x.width, par);
+      return wide;
+    } else {
+      return x.data;
+    }
   }
+};
+
+// What a step's layers read besides their weights and buffers, resolved before the region as Rows are; `caches`:
+// each layer's KV cache.
+template <typename C>
+struct StepInputs {
+  const float *cos, *sin;
+  const int64_t* positions;
+  const int32_t *slot_mapping, *block_tables, *context_lens;
+  int64_t max_blocks, block_size, cache_rows;
+  std::vector<C*> caches;
 };
 
 // `then`: the linear after this layer's last (its first weights are fetched during that one).
 template <typename T, typename C>
-void forward_layer(const DecoderLayer& l, const Linear* then, StepBuffers& buf, Tensor& hidden,
-                   const Tensor& cos, const Tensor& sin, const Tensor& positions, const Tensor& slot_mapping,
-                   Tensor& kv_cache, const Tensor& block_tables, const Tensor& context_lens, const AttentionWork& work,
-                   const AttentionPlan& plan, const LoRAStep& lora, size_t index, const Par& par) {
-  const int64_t B = hidden.size(0), hidden_size = hidden.size(1), I = l.down.in_features();
-  T* h = ptr<T>(hidden);
-  const int64_t BS = kv_cache.size(3), cache_rows = kv_cache.size(2) * BS, decode = B - rows_of(work.prompt);
-  rms_norm_rows<T>(h, nullptr, static_cast<const T*>(l.input_norm_data), ptr<T>(buf.normed), B, hidden_size, l.eps,
-                   par);
+void forward_layer(const DecoderLayer& l, const Linear* then, const StepBuffers<T>& buf, const StepInputs<C>& in,
+                   const AttentionWork& work, const AttentionPlan& plan, const LoRAStep& lora, size_t index,
+                   const Par& par) {
+  const int64_t B = buf.hidden.rows, hidden_size = buf.hidden.width, decode = B - rows_of(work.prompt);
+  T* h = buf.hidden.data;
+  C* cache = in.caches[index];
+  rms_norm_rows<T>(h, nullptr, static_cast<const T*>(l.input_norm_data), buf.normed.data, B, hidden_size, l.eps, par);
   l.qkv.run(buf.normed, buf.widened(l.qkv, buf.normed, decode, par), buf.qkv, par, &l.o, &work.prompt);
-  lora.apply<T>(&LoRALayer::qkv, index, buf.normed, buf.qkv, par);
-  rope_write_kv<T, C>(ptr<T>(buf.qkv), ptr<T>(buf.q), ptr<C>(kv_cache), cos.data_ptr<float>(), sin.data_ptr<float>(),
-                   positions.data_ptr<int64_t>(), slot_mapping.data_ptr<int32_t>(), B, l.H, l.KVH, l.D, BS, cache_rows,
-                   par);
-  paged_attention_step<T, C>(ptr<T>(buf.q), ptr<C>(kv_cache), block_tables.data_ptr<int32_t>(), block_tables.size(1),
-                          context_lens.data_ptr<int32_t>(), ptr<T>(buf.attn), l.H, l.KVH, l.D, BS, cache_rows, l.scale,
-                          work, plan, buf.scratch.data_ptr<float>(), par);
+  lora.apply(&LoRAStep::Layer::qkv, index, buf.normed, buf.qkv, par);
+  rope_write_kv<T, C>(buf.qkv.data, buf.q.data, cache, in.cos, in.sin, in.positions, in.slot_mapping, B, l.H, l.KVH,
+                      l.D, in.block_size, in.cache_rows, par);
+  paged_attention_step<T, C>(buf.q.data, cache, in.block_tables, in.max_blocks, in.context_lens, buf.attn.data, l.H,
+                             l.KVH, l.D, in.block_size, in.cache_rows, l.scale, work, plan, buf.scratch, par);
   l.o.run(buf.attn, buf.widened(l.o, buf.attn, decode, par), buf.o, par, &l.gate_up, &work.prompt);
-  lora.apply<T>(&LoRALayer::o, index, buf.attn, buf.o, par);
-  rms_norm_rows<T>(ptr<T>(buf.o), h, static_cast<const T*>(l.post_attention_norm_data), ptr<T>(buf.normed), B,
-                   hidden_size, l.eps, par);
+  lora.apply(&LoRAStep::Layer::o, index, buf.attn, buf.o, par);
+  rms_norm_rows<T>(buf.o.data, h, static_cast<const T*>(l.post_attention_norm_data), buf.normed.data, B, hidden_size,
+                   l.eps, par);
   l.gate_up.run(buf.normed, buf.widened(l.gate_up, buf.normed, decode, par), buf.gate_up, par, &l.down, &work.prompt);
-  lora.apply<T>(&LoRALayer::gate_up, index, buf.normed, buf.gate_up, par);
-  silu_and_mul<T>(ptr<T>(buf.gate_up), ptr<T>(buf.act), B, I, par);
+  lora.apply(&LoRAStep::Layer::gate_up, index, buf.normed, buf.gate_up, par);
+  silu_and_mul<T>(buf.gate_up.data, buf.act.data, B, buf.act.width, par);
   l.down.run(buf.act, buf.widened(l.down, buf.act, decode, par), buf.mlp, par, then, &work.prompt);
-  lora.apply<T>(&LoRALayer::down, index, buf.act, buf.mlp, par);
-  add_into<T>(h, ptr<T>(buf.mlp), B * hidden_size, par);
+  lora.apply(&LoRAStep::Layer::down, index, buf.act, buf.mlp, par);
+  add_into<T>(h, buf.mlp.data, B * hidden_size, par);
 }
 
 // out [n, width] = rows index[0..n) of src [?, width] (checked by the caller).
@@ -357,35 +395,65 @@ void gather_rows(const T* src, const int64_t* index, int64_t n, int64_t width, T
   });
 }
 
-// The sampled rows' logits: `hidden`'s rows at `sample_indices`, normed and through the LM head into `rounded`
-// (the model's dtype, as torch's path rounds them), then widened into `logits` (the same tensor for float32); and
-// where `argmax` is given, each row's most likely token into it (`partial`: a Best per row and thread).
+// The end of a step, for the rows it samples (`sampled`, S of them): their hidden states normed into `normed` (the
+// first S rows of the step's buffer) and through the LM head into `rounded` (the model's dtype, as torch's path
+// rounds them), then widened into `logits` (float32 [S, vocab]; the same buffer for float32); and where `argmax`
+// is given, each row's most likely token into it (`partial`: a Best per row and thread).
 template <typename T>
-void apply_head(const ModelHead& head, StepBuffers& buf, const Tensor& hidden, const Tensor& sample_indices,
-                Tensor& rounded, Tensor& logits, int64_t* argmax, Best* partial, const Par& par) {
-  const int64_t S = sample_indices.size(0), width = hidden.size(1);
-  T* rows = ptr<T>(buf.o);  // free once the layers are done
-  gather_rows(ptr<T>(hidden), sample_indices.data_ptr<int64_t>(), S, width, rows, par);
-  rms_norm_rows<T>(rows, nullptr, ptr<T>(head.norm), ptr<T>(buf.normed), S, width, float(head.eps), par);
-  Tensor normed = buf.normed.narrow(0, 0, S);
-  head.lm_head.run(normed, buf.widened(head.lm_head, normed, S, par), rounded, par);
-  if constexpr (std::is_same<T, bf16>::value) widen(ptr<bf16>(rounded), logits.data_ptr<float>(), logits.numel(), par);
-  if (argmax) argmax_rows(logits.data_ptr<float>(), S, logits.size(1), par.threads, partial, argmax, par);
+struct StepHead {
+  const ModelHead& head;
+  const T* norm;
+  const int64_t* sampled;
+  Rows<T> normed, rounded;
+  float* logits;
+  int64_t* argmax;
+  Best* partial;
+
+  void run(const StepBuffers<T>& buf, const Par& par) const {
+    const int64_t S = normed.rows, width = normed.width;
+    T* rows = buf.o.data;  // free once the layers are done
+    gather_rows(buf.hidden.data, sampled, S, width, rows, par);
+    rms_norm_rows<T>(rows, nullptr, norm, normed.data, S, width, float(head.eps), par);
+    head.lm_head.run(normed, buf.widened(head.lm_head, normed, S, par), rounded, par);
+    if constexpr (std::is_same<T, bf16>::value) widen(rounded.data, logits, S * rounded.width, par);
+    if (argmax) argmax_rows(logits, S, rounded.width, par.threads, partial, argmax, par);
+  }
+};
+
+// The step's one OpenMP region: embedding rows, every layer, the head. A function of its own: written in the body
+// of forward_layers' dispatch lambdas, the region's second thread found a StepBuffers of its own there (GCC 12;
+// its own address and tensors), and the threads' shares of each op went to different buffers.
+template <typename T, typename C>
+void run_step(const std::vector<DecoderLayer>& layers, const T* embedding, const int64_t* ids,
+              const StepBuffers<T>& buf, const StepInputs<C>& in, const AttentionWork& work, const AttentionPlan& plan,
+              const LoRAStep& lora, const StepHead<T>& head, int threads) {
+  SpinBarrier barrier;
+#pragma omp parallel num_threads(threads)
+  {
+    barrier.join(omp_get_num_threads());
+    Par par{omp_get_thread_num(), omp_get_num_threads(), &barrier};
+    gather_rows(embedding, ids, buf.hidden.rows, buf.hidden.width, buf.hidden.data, par);
+    for (size_t i = 0; i < layers.size(); ++i)
+      forward_layer<T, C>(layers[i], i + 1 < layers.size() ? &layers[i + 1].qkv : &head.head.lm_head, buf, in, work,
+                          plan, lora, i, par);
+    head.run(buf, par);
+  }
 }
 
 // A step for a flat batch of T new tokens (decodes, speculative runs, prefill chunks): the embedding's rows of
 // `input_ids` into the hidden states [T, hidden], every decoder layer on them (the computation of models/llama.py's
 // DecoderLayer with TorchPagedAttention), then the head on the rows at `sample_indices`; returns their float32
 // logits [S, vocab], and fills `argmax` (int64 [S], where given) with each one's most likely token. One OpenMP
-// region for the whole step. Row t is token_seq[t]'s token (a prompt token where prefill_seqs says so), seeing
-// context_lens[t] positions through its block table block_tables[t].
+// region for the whole step, which reads no tensor: every pointer and size is resolved before it. Row t is
+// token_seq[t]'s token (a prompt token where prefill_seqs says so), seeing context_lens[t] positions through its
+// block table block_tables[t].
 Tensor forward_layers(Model& model, const Tensor& input_ids, const Tensor& positions, const Tensor& slot_mapping,
                       const Tensor& block_tables, const Tensor& token_seq, const Tensor& prefill_seqs,
                       const Tensor& context_lens, const Tensor& sample_indices, const c10::optional<Tensor>& lora_slots,
                       const c10::optional<Tensor>& argmax) {
   const std::vector<DecoderLayer>& layers = model.layers;
   const ModelHead& head = model.head;
-  const Tensor &embedding = model.embedding, &cos = model.cos, &sin = model.sin;
+  const Tensor& embedding = model.embedding;
   std::vector<Tensor>& kv_caches = model.kv_caches;
   TORCH_CHECK(input_ids.dim() == 1 && input_ids.is_contiguous() && input_ids.scalar_type() == at::kLong,
               "forward_step: input_ids int64 [T]");
@@ -393,55 +461,52 @@ Tensor forward_layers(Model& model, const Tensor& input_ids, const Tensor& posit
   for (int64_t t = 0; t < input_ids.size(0); ++t)  // the embedding's rows are copied unchecked
     TORCH_CHECK(ids[t] >= 0 && ids[t] < embedding.size(0), "forward_step: input_ids[", t, "] = ", ids[t],
                 " is not a token of the vocabulary (", embedding.size(0), ")");
-  Tensor hidden = torch::empty({input_ids.size(0), embedding.size(1)}, embedding.options());
+  const int64_t rows = input_ids.size(0), S = sample_indices.size(0);
+  Tensor hidden = torch::empty({rows, embedding.size(1)}, embedding.options());
   const DecoderLayer& first = layers[0];
   AttentionWork work = work_for(token_seq, prefill_seqs, context_lens);
   AttentionPlan plan = plan_for(work, first.H, first.KVH, first.D, kv_caches[0].size(3));
   TORCH_CHECK(sample_indices.scalar_type() == at::kLong && sample_indices.dim() == 1 &&
-              sample_indices.is_contiguous() && sample_indices.size(0) <= hidden.size(0),
-              "forward_step: sample_indices, int64 rows of hidden");
+              sample_indices.is_contiguous() && S <= rows, "forward_step: sample_indices, int64 rows of hidden");
   const int64_t* sampled = sample_indices.data_ptr<int64_t>();
-  for (int64_t r = 0; r < sample_indices.size(0); ++r)  // apply_head copies these rows unchecked
-    TORCH_CHECK(sampled[r] >= 0 && sampled[r] < hidden.size(0), "forward_step: sample_indices[", r, "] = ",
-                sampled[r], " is not a row of hidden (", hidden.size(0), " rows)");
-  StepBuffers buf(hidden, first, plan);
+  for (int64_t r = 0; r < S; ++r)  // StepHead copies these rows unchecked
+    TORCH_CHECK(sampled[r] >= 0 && sampled[r] < rows, "forward_step: sample_indices[", r, "] = ", sampled[r],
+                " is not a row of hidden (", rows, " rows)");
   LoRAStep lora;
   Tensor lora_scratch;
   const std::vector<LoRALayer>& lora_layers = model.lora_layers;
   if (lora_slots) {  // each row's adapter slot, -1 for none (engine/lora.py LoRARows)
     TORCH_CHECK(lora_layers.size() == layers.size() && lora_slots->scalar_type() == at::kInt &&
-                lora_slots->is_contiguous() && lora_slots->numel() == hidden.size(0),
+                lora_slots->is_contiguous() && lora_slots->numel() == rows,
                 "forward_step: lora_slots, an int32 slot per row of hidden, with a LoRALayer per layer");
     const LoRALayer& l = lora_layers[0];
     const int32_t* slots = lora_slots->data_ptr<int32_t>();
-    for (int64_t r = 0; r < hidden.size(0); ++r)
+    for (int64_t r = 0; r < rows; ++r)
       TORCH_CHECK(slots[r] < l.qkv.a.size(0), "forward_step: lora_slots[", r, "] = ", slots[r], " is not a slot");
     const int64_t width = std::max({l.qkv.scratch(), l.o.scratch(), l.gate_up.scratch(), l.down.scratch()});
-    lora_scratch = torch::empty({hidden.size(0) * width}, hidden.options().dtype(at::kFloat));
-    lora.layers = &lora_layers;
-    lora.groups = std::make_unique<LoRARowGroups>(slots, hidden.size(0));
+    lora_scratch = torch::empty({rows * width}, hidden.options().dtype(at::kFloat));
+    for (const LoRALayer& m : lora_layers)
+      lora.layers.push_back({m.qkv.args(), m.o.args(), m.gate_up.args(), m.down.args()});
+    lora.groups = std::make_unique<LoRARowGroups>(slots, rows);
     lora.t = lora_scratch.data_ptr<float>();
   }
-  Tensor logits = torch::empty({sample_indices.size(0), head.lm_head.out_features}, hidden.options().dtype(at::kFloat));
+  Tensor logits = torch::empty({S, head.lm_head.out_features}, hidden.options().dtype(at::kFloat));
   Tensor rounded = hidden.scalar_type() == at::kFloat ? logits : torch::empty(logits.sizes(), hidden.options());
   const int threads = at::get_num_threads();
-  TORCH_CHECK(!argmax || (argmax->scalar_type() == at::kLong && argmax->is_contiguous() &&
-                          argmax->numel() == sample_indices.size(0)), "forward_step: argmax, int64 [sampled rows]");
-  int64_t* argmax_out = argmax ? argmax->data_ptr<int64_t>() : nullptr;
-  std::vector<Best> partial(argmax ? sample_indices.size(0) * threads : 0);
-  SpinBarrier barrier;
+  TORCH_CHECK(!argmax || (argmax->scalar_type() == at::kLong && argmax->is_contiguous() && argmax->numel() == S),
+              "forward_step: argmax, int64 [sampled rows]");
+  std::vector<Best> partial(argmax ? S * threads : 0);
   DISPATCH_FLOAT_BF16(hidden.scalar_type(), "forward_step", [&] { DISPATCH_CACHE(kv_caches[0], "forward_step", [&] {
-#pragma omp parallel num_threads(threads)
-    {
-      barrier.join(omp_get_num_threads());
-      Par par{omp_get_thread_num(), omp_get_num_threads(), &barrier};
-      gather_rows(ptr<scalar_t>(embedding), ids, hidden.size(0), hidden.size(1), ptr<scalar_t>(hidden), par);
-      for (size_t i = 0; i < layers.size(); ++i)
-        forward_layer<scalar_t, cache_t>(layers[i], i + 1 < layers.size() ? &layers[i + 1].qkv : &head.lm_head, buf, hidden,
-                                cos, sin, positions, slot_mapping, kv_caches[i], block_tables, context_lens, work, plan,
-                                lora, i, par);
-      apply_head<scalar_t>(head, buf, hidden, sample_indices, rounded, logits, argmax_out, partial.data(), par);
-    }
+    const StepBuffers<scalar_t> buf(hidden, first, plan);
+    StepInputs<cache_t> in{model.cos.data_ptr<float>(), model.sin.data_ptr<float>(), positions.data_ptr<int64_t>(),
+                           slot_mapping.data_ptr<int32_t>(), block_tables.data_ptr<int32_t>(),
+                           context_lens.data_ptr<int32_t>(), block_tables.size(1), kv_caches[0].size(3),
+                           kv_caches[0].size(2) * kv_caches[0].size(3), {}};
+    for (const Tensor& cache : kv_caches) in.caches.push_back(ptr<cache_t>(cache));
+    const StepHead<scalar_t> step_head{head, ptr<scalar_t>(head.norm), sampled, buf.normed.first(S),
+                                       Rows<scalar_t>(rounded), logits.data_ptr<float>(),
+                                       argmax ? argmax->data_ptr<int64_t>() : nullptr, partial.data()};
+    run_step(layers, ptr<scalar_t>(embedding), ids, buf, in, work, plan, lora, step_head, threads);
   }); });
   return logits;
 }
