@@ -66,8 +66,8 @@ AttentionPlan plan_for(const AttentionWork& work, int64_t H, int64_t KVH, int64_
 
 // Activations [rows, width] of the model's dtype, their data pointer resolved where the tensor is made: a step's
 // region reads these, never a tensor, whose accessors are cold code there after each weight pass and whose views
-// touch a shared reference count (batch-1 decode, step by step against tensors in the region: int8 7% faster,
-// where widening made three views per linear and thread; bf16 0.7%). The tensor serves the ops torch runs.
+// touch a shared reference count (batch-1 decode, step by step against tensors in the region: int8 5% faster,
+// where widening made three views per linear and thread; bf16 level). The tensor serves the ops torch runs.
 template <typename T>
 struct Rows {
   Tensor tensor;
