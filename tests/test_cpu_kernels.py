@@ -56,6 +56,18 @@ def test_int8_linear_matches_its_dequantized_weights(ops, dtype, rows, in_featur
     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("kind,dtype", [("bf16", torch.bfloat16), ("int8", torch.bfloat16), ("int8", torch.float32)])
+@pytest.mark.parametrize("rows", [1, 8, 40, 150])
+def test_weights_fetched_non_temporally_give_the_same_outputs(ops, kind, dtype, rows):
+    """Only the hint of the tiles' fetches changes (kernels.h fetch_weights; on AMD's CPUs, cpu_isa.py), so the
+    outputs are the same bits, on every tier and path."""
+    torch.manual_seed(rows)
+    linear = nn.Linear(192, 600, bias=kind == "int8").to(dtype)
+    x = torch.randn(rows, 192, dtype=dtype)
+    plain, non_temporal = (cpu_kernels.KernelLinear(linear, kind, ops=ops, non_temporal=nt) for nt in (False, True))
+    assert torch.equal(non_temporal(x), plain(x))
+
+
 def test_many_rows_run_on_amx_tiles_on_the_amx_tier_and_other_widths_keep_the_vector_tiles(ops):
     """The amx tier's linears of 8 rows or more run on AMX tiles (the OS granting them, as Linux
     5.16+ does); an input width that is not a whole number of tiles (32) keeps vdpbf16ps there, with the same

@@ -234,10 +234,11 @@ class HugePageArena:
 
 class KernelLinear(nn.Module):
     """nn.Linear's drop-in on the kernels: "bf16" (packed), "int8" (packed codes, per-channel scales) or
-    "plain" (other dtypes, through at::linear)."""
+    "plain" (other dtypes, through at::linear). `non_temporal`: the packed weights fetched so (CpuPlan
+    non_temporal_weights)."""
 
     def __init__(self, linear: nn.Linear, kind: str, arena: HugePageArena | None = None,
-                 ops: ModuleType | None = None) -> None:
+                 ops: ModuleType | None = None, non_temporal: bool = False) -> None:
         super().__init__()
         ops = ops or load()
         self.in_features, self.out_features, self.kind = linear.in_features, linear.out_features, kind
@@ -254,7 +255,7 @@ class KernelLinear(nn.Module):
         if arena is not None and kind != "plain":
             w = arena.place(w)
         self.arena = arena  # keeps the mapping alive as long as the weights in it
-        self.op = ops.Linear(w, scale, bias, self.out_features, kind)
+        self.op = ops.Linear(w, scale, bias, self.out_features, kind, non_temporal)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x.contiguous())
@@ -269,11 +270,11 @@ def linear_kind(dtype: torch.dtype, quantization: str | None) -> str:
     return "bf16" if dtype == torch.bfloat16 else "plain"
 
 
-def swap_linears(model: nn.Module, kind: str, ops: ModuleType) -> None:
+def swap_linears(model: nn.Module, kind: str, ops: ModuleType, non_temporal: bool = False) -> None:
     """Replace every nn.Linear of `model` by a KernelLinear of `kind` on `ops` (one tier's build), the packed
     weights in one arena."""
     targets = [(module, name, child) for module in model.modules() for name, child in module.named_children()
                if isinstance(child, nn.Linear)]
     arena = HugePageArena(sum(packed_nbytes(child, kind) for _, _, child in targets)) if kind != "plain" else None
     for module, name, child in targets:
-        setattr(module, name, KernelLinear(child, kind, arena, ops))
+        setattr(module, name, KernelLinear(child, kind, arena, ops, non_temporal))

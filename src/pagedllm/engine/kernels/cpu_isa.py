@@ -68,17 +68,19 @@ def _normalise_arch(machine: str) -> str:
 
 @dataclass(frozen=True)
 class CpuFeatures:
-    """What the CPU says of itself: its architecture, its model name and its feature flags."""
+    """What the CPU says of itself: its architecture, its model name, its feature flags and its vendor (x86's
+    vendor_id: AuthenticAMD, GenuineIntel)."""
 
     machine: str
     flags: frozenset[str]
     model: str = ""
+    vendor: str = ""
 
     @classmethod
     def parse(cls, cpuinfo: str, machine: str) -> CpuFeatures:
         """From /proc/cpuinfo's text: x86 lists `flags`, aarch64 `Features` (asimd, bf16, i8mm, ...)."""
         flags: frozenset[str] = frozenset()
-        model = ""
+        model = vendor = ""
         for line in cpuinfo.splitlines():
             key, _, value = line.partition(":")
             key = key.strip().lower()
@@ -86,7 +88,9 @@ class CpuFeatures:
                 flags = frozenset(value.split())
             elif key == "model name" and not model:
                 model = value.strip()
-        return cls(_normalise_arch(machine), flags, model)
+            elif key == "vendor_id" and not vendor:
+                vendor = value.strip()
+        return cls(_normalise_arch(machine), flags, model, vendor)
 
     def has(self, *names: str) -> bool:
         return all(n in self.flags for n in names)
@@ -142,6 +146,14 @@ class CpuPlan:
         able = any(self.features.has(*need) for need in _ONEDNN_BF16)
         return able and self.isa in (CpuIsa.AMX, CpuIsa.AVX512_BF16, CpuIsa.AVX512)
 
+    @property
+    def non_temporal_weights(self) -> bool:
+        """Whether the kernels fetch the packed weights non-temporally (kernels.h fetch_weights): on AMD's x86 CPUs,
+        where the weights a step streams through then stay out of the L3 and Python's data stay in it (Zen 4,
+        batch-1 decode: Python 98 against 132 us a step, the kernels level); not on Intel's, where the same made
+        batch-1 decode 3.3x slower (Sapphire Rapids), nor where it was never measured."""
+        return self.features.machine == "x86_64" and self.features.vendor == "AuthenticAMD"
+
     def auto_dtype(self, kernels: bool) -> str:
         """dtype "auto": bf16 weights wherever the kernels run (half the bytes of float32 to read, widened in
         registers where the CPU has no bf16 arithmetic); without them, bf16 only where oneDNN computes it."""
@@ -155,8 +167,9 @@ class CpuPlan:
             f"{', '.join(unused)} present, unused" if unused else "")
         best = runnable(self.features)[0]
         forced = f", forced below {best}" if best != self.isa else ""
+        fetch = "; weights fetched non-temporally" if self.non_temporal_weights else ""
         return (f"CPU tier: {self.isa}{f' ({detail})' if detail else ''}{forced}; kernels: bf16 weights, "
-                f"{spec.bf16_math}")
+                f"{spec.bf16_math}{fetch}")
 
 
 def cflags(isa: CpuIsa) -> list[str]:

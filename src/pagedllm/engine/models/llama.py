@@ -120,12 +120,13 @@ class LlamaForCausalLM(nn.Module):
         self.kernel_model = None  # all of the above and the KV caches, as the C++ step reads them (kernel_model_for)
         self._kernel_model_caches: list[torch.Tensor] | None = None
 
-    def use_cpu_kernels(self, linear_kind: str, ops: ModuleType) -> None:
+    def use_cpu_kernels(self, linear_kind: str, ops: ModuleType, non_temporal: bool = False) -> None:
         """Run on pagedllm's CPU kernels (`ops`, one tier's build): every linear on packed weights of
-        `linear_kind` (kernels/cpu.py), and every step as one C++ call for all layers. The LM head gets its own
-        packed copy; the final norm and the LM head run in the same call."""
+        `linear_kind` (kernels/cpu.py), fetched non-temporally where `non_temporal` (CpuPlan non_temporal_weights),
+        and every step as one C++ call for all layers. The LM head gets its own packed copy; the final norm and
+        the LM head run in the same call."""
         from pagedllm.engine.kernels import cpu as cpu_kernels
-        cpu_kernels.swap_linears(self, linear_kind, ops)
+        cpu_kernels.swap_linears(self, linear_kind, ops, non_temporal)
         self.cpu_isa, self.kernel_ops = ops.isa, ops
         c = self.config
         self.kernel_layers = [

@@ -83,7 +83,8 @@ struct Rows {
 // A linear layer in the form the kernels run: "bf16" (weights packed by pack_bf16), "int8" (codes packed by
 // pack_int8, float32 scale per channel), or "plain" (float32 models, through at::linear). Packed kinds take a
 // float32 bias; inputs are contiguous [..., K], bf16 for "bf16", bf16 or float32 for "int8" (widened to float32
-// once per call where the kernels read it so: kernels.h reads_float).
+// once per call where the kernels read it so: kernels.h reads_float). `non_temporal`: whether the tiles fetch the
+// packed weights non-temporally (kernels.h fetch_weights; cpu_isa.py non_temporal_weights).
 struct Linear {
   enum class Kind { kBf16, kInt8, kPlain };
   Tensor weight, scale;
@@ -95,9 +96,11 @@ struct Linear {
   const void* w;
   const float* scale_data;
   const float* bias_data;
+  bool non_temporal;
 
-  Linear(Tensor weight_, Tensor scale_, c10::optional<Tensor> bias_, int64_t out_features_, std::string kind_)
-      : weight(weight_), scale(scale_), bias(bias_), out_features(out_features_) {
+  Linear(Tensor weight_, Tensor scale_, c10::optional<Tensor> bias_, int64_t out_features_, std::string kind_,
+         bool non_temporal_)
+      : weight(weight_), scale(scale_), bias(bias_), out_features(out_features_), non_temporal(non_temporal_) {
     TORCH_CHECK(kind_ == "bf16" || kind_ == "int8" || kind_ == "plain", "Linear: kind is bf16, int8 or plain");
     kind = kind_ == "bf16" ? Kind::kBf16 : kind_ == "int8" ? Kind::kInt8 : Kind::kPlain;
     K = kind == Kind::kBf16 ? weight.size(1) * 2 : weight.size(1);  // bf16 packs input pairs
@@ -118,8 +121,9 @@ struct Linear {
   // `x_bf16` where it is) into y.
   LinearArgs args(const void* x, const float* x_float, void* y, const void* x_bf16 = nullptr) const {
     const bool int8 = kind == Kind::kInt8;
-    return LinearArgs{int8 ? x_float : x, x_float, int8 ? x_bf16 : nullptr, K, w, scale_data, bias_data, y,
-                      out_features};
+    LinearArgs a{int8 ? x_float : x, x_float, int8 ? x_bf16 : nullptr, K, w, scale_data, bias_data, y, out_features};
+    a.non_temporal = non_temporal;
+    return a;
   }
 
   // y = x @ W.T (+ bias) into `y`; `x_float` is x widened to float32 where needs_float, else nullptr. `next`:
@@ -631,7 +635,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("draw_tokens", &draw_tokens);
   m.def("draw_filtered_tokens", &draw_filtered_tokens);
   py::class_<Linear>(m, "Linear", py::module_local())  // one per tier in a process
-      .def(py::init<Tensor, Tensor, c10::optional<Tensor>, int64_t, std::string>())
+      .def(py::init<Tensor, Tensor, c10::optional<Tensor>, int64_t, std::string, bool>())
       .def("__call__", &Linear::operator());
   py::class_<DecoderLayer>(m, "DecoderLayer", py::module_local())
       .def(py::init<Linear, Linear, Linear, Linear, Tensor, Tensor, int64_t, int64_t, int64_t, double, double>());

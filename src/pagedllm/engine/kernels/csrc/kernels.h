@@ -158,10 +158,20 @@ static_assert(kGroupVecs * kLanes == kGroupChannels, "a channel group is a whole
 constexpr int kMaxRows = kLanes == 16 ? 8 : 2;
 constexpr int64_t kPrefetch = 4096;  // bytes ahead on each weight stream
 
-// A tile's weight stream ahead of it, into every cache level. Non-temporal fetches (prefetchnta) of a decode's
-// weights, read once, made a batch-1 step 3% faster on Zen 4 and 3.3x slower on a Sapphire Rapids-class Xeon
-// (SmolLM2, 2 threads: 44 against 147 tok/s), so none.
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+
+// A tile's packed weights kPrefetch bytes ahead of it, the 192 bytes of one step of k: into every cache level, or
+// `non_temporal` (prefetchnta) where the CPU's plan says so (cpu_isa.py non_temporal_weights: AMD). On Zen 4 a
+// non-temporal line is not kept in the L3 once read, so a step's weights no longer push Python's data out of it:
+// batch-1 decode, Python outside the kernels' call 94-98 against 132-135 us a step (avx2 tier: 74 against 111), and
+// the kernels' own time level to 3% faster (batch 1, 8 and 32 rows, a 512-token prompt; int8 too; in-process A/B).
+// On a Sapphire Rapids-class Xeon the same fetches made batch-1 decode 3.3x slower (SmolLM2, 2 threads: 44 against
+// 147 tok/s).
+inline void fetch_weights(const void* w, bool non_temporal) {
+  const char* p = static_cast<const char*>(w) + kPrefetch;
+  for (int64_t b = 0; b < kGroupChannels * 4; b += 64)
+    non_temporal ? __builtin_prefetch(p + b, 0, 0) : __builtin_prefetch(p + b, 0, 3);
+}
 
 // Weights to bring into cache while a tile runs. Strip tiles fetch one line every 8 steps of k: spread out, the
 // fetches never fill the miss queue (issued in bursts, the prefetch instructions stalled for 2% of a 32-row step on
@@ -174,14 +184,16 @@ struct Fetch {
 // x: bf16 pairs as 32-bit words, [rows, K/2] with stride x_stride; w: one group, [K/2, 48] words; `scale`: a
 // factor per channel (int8 codes run as bf16 pairs), or none. `fetch`: other weights into L2 meanwhile, two lines a
 // step of k (a tile on int8 codes turned into pairs: the next group's codes, 27-74 KB for SmolLM2).
+// `non_temporal`: how w's stream is fetched (fetch_weights).
 template <int MR, typename Out>
 void bf16_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t K2, const float* scale,
-               const float* bias, Out* y, int64_t y_stride, int64_t n0, int64_t N, Fetch fetch = {}) {
+               const float* bias, Out* y, int64_t y_stride, int64_t n0, int64_t N, bool non_temporal,
+               Fetch fetch = {}) {
   VecF acc[MR][kGroupVecs];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < kGroupVecs; ++j) acc[i][j] = zero();
   for (int64_t k = 0; k < K2; ++k, w += kGroupChannels) {
-    for (int64_t b = 0; b < kGroupChannels * 4; b += 64) prefetch((const char*)w + kPrefetch + b);
+    fetch_weights(w, non_temporal);
     if (fetch.next < fetch.end) {
       __builtin_prefetch(fetch.next, 0, 2);
       __builtin_prefetch(fetch.next + 64, 0, 2);
@@ -210,13 +222,12 @@ void bf16_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t K
 // x: float32 [rows, K] with stride x_stride; w: one group, [K, 48] int8 codes.
 template <int MR, typename Out>
 void int8_tile(const float* x, int64_t x_stride, const int8_t* w, int64_t K, const float* scale, const float* bias,
-               Out* y, int64_t y_stride, int64_t n0, int64_t N) {
+               Out* y, int64_t y_stride, int64_t n0, int64_t N, bool non_temporal) {
   VecF acc[MR][kGroupVecs];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < kGroupVecs; ++j) acc[i][j] = zero();
   for (int64_t k = 0; k < K; ++k, w += kGroupChannels) {
-    if ((k & 3) == 0)
-      for (int64_t b = 0; b < kGroupChannels * 4; b += 64) prefetch((const char*)w + kPrefetch + b);
+    if ((k & 3) == 0) fetch_weights(w, non_temporal);
     VecF xb[MR];
     for (int i = 0; i < MR; ++i) xb[i] = set1(x[i * x_stride + k]);
     for (int j = 0; j < kGroupVecs; ++j) {
@@ -308,6 +319,7 @@ struct LinearArgs {
   void* y;
   int64_t N;
   Fetch then = {};        // the weights this thread reads next (the next linear's first group), where known
+  bool non_temporal = false;  // how the tiles fetch w ahead (fetch_weights)
 
   int64_t groups() const { return (N + kGroupChannels - 1) / kGroupChannels; }
   int64_t group_bytes() const { return K * kGroupChannels * (scale ? 1 : 2); }  // int8 codes, or bf16 pairs
@@ -411,15 +423,15 @@ void run_tile(const LinearArgs& a, int64_t m0, int64_t g, const uint32_t* paired
   Out* y = static_cast<Out*>(a.y) + m0 * a.N;
   if (paired) {
     bf16_tile<MR>(static_cast<const uint32_t*>(a.x_bf16) + m0 * (a.K / 2), a.K / 2, paired, a.K / 2, a.scale, a.bias,
-                  y, a.N, g * kGroupChannels, a.N, fetch);
+                  y, a.N, g * kGroupChannels, a.N, false, fetch);  // a thread's scratch, read again at once
   } else if (a.scale == nullptr) {
     bf16_tile<MR>(static_cast<const uint32_t*>(a.x) + m0 * (a.K / 2), a.K / 2,
                   static_cast<const uint32_t*>(a.w) + g * (a.K / 2) * kGroupChannels, a.K / 2, nullptr, a.bias, y,
-                  a.N, g * kGroupChannels, a.N);
+                  a.N, g * kGroupChannels, a.N, a.non_temporal);
   } else {
     int8_tile<MR>(static_cast<const float*>(a.x) + m0 * a.K, a.K,
                   static_cast<const int8_t*>(a.w) + g * a.K * kGroupChannels, a.K, a.scale, a.bias, y, a.N,
-                  g * kGroupChannels, a.N);
+                  g * kGroupChannels, a.N, a.non_temporal);
   }
 }
 
