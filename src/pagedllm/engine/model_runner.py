@@ -14,6 +14,7 @@ import torch
 from pagedllm.engine.attention import CacheGeometry, QueryGroup, build_metadata, kernel_metadata_lists, packed
 from pagedllm.engine.backends import BACKENDS, Backend
 from pagedllm.engine.config import ModelConfig
+from pagedllm.engine.huge_pages import HugePageArena
 from pagedllm.engine.lora import LoRABank, LoRARows
 from pagedllm.engine.models import LlamaForCausalLM
 from pagedllm.engine.sampler import takes_argmax
@@ -50,9 +51,14 @@ class ModelRunner:
         int8 = kv_cache_dtype == "int8"
         self.geometry = CacheGeometry(config.num_attention_heads, config.num_key_value_heads, config.head_dim,
                                       num_blocks, block_size, int8)
-        # Zeroed, not empty: padded context rows are masked, but NaN garbage would still poison the sums.
-        self.kv_caches = [torch.zeros(self.geometry.shape, dtype=torch.int8 if int8 else dtype, device=device)
-                          for _ in range(config.num_hidden_layers)]
+        # Zeroed, not empty: padded context rows are masked, but NaN garbage would still poison the sums. On the CPU
+        # in huge pages (huge_pages.py), which a long context's attention reads faster.
+        cache_dtype, layers = torch.int8 if int8 else dtype, config.num_hidden_layers
+        self.kv_arena = (HugePageArena(layers * HugePageArena.nbytes(self.geometry.shape, cache_dtype))
+                         if device.type == "cpu" else None)
+        self.kv_caches = [self.kv_arena.take(self.geometry.shape, cache_dtype) if self.kv_arena is not None
+                          else torch.zeros(self.geometry.shape, dtype=cache_dtype, device=device)
+                          for _ in range(layers)]
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> ModelInput:
         # Every row's work here runs once a step per sequence: plain loops and fields, few calls (each costs a

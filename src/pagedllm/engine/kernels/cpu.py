@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import hashlib
 import logging
-import mmap
 import os
 import shutil
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from pagedllm.engine import kv_quant
+from pagedllm.engine.huge_pages import HugePageArena
 from pagedllm.engine.kernels import cpu_isa
 from pagedllm.engine.kernels.cpu_isa import CpuIsa
 from pagedllm.errors import KernelsUnavailable
@@ -208,28 +208,6 @@ def pack_int8(codes: torch.Tensor) -> torch.Tensor:
 
 def packed_nbytes(linear: nn.Linear, kind: str) -> int:
     return _padded_rows(linear.out_features) * linear.in_features * (1 if kind == "int8" else 2) + 64
-
-
-class HugePageArena:
-    """One anonymous mapping advised for transparent huge pages, handed out in 64-byte aligned slices:
-    streaming packed weights from 2 MB pages measured 15% faster at batch 1 than from 4 KB pages."""
-
-    def __init__(self, nbytes: int) -> None:
-        self._map = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            self._map.madvise(mmap.MADV_HUGEPAGE)
-        self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
-        self._used = 0
-
-    def place(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A copy of `tensor` inside the arena."""
-        n = tensor.numel() * tensor.element_size()
-        if self._used + n > self._bytes.numel():
-            raise ValueError(f"HugePageArena: {n} bytes do not fit in the {self._bytes.numel() - self._used} left")
-        slot = self._bytes[self._used:self._used + n].view(tensor.dtype).view(tensor.shape)
-        slot.copy_(tensor)
-        self._used += (n + 63) // 64 * 64
-        return slot
 
 
 class KernelLinear(nn.Module):
