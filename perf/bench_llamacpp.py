@@ -154,7 +154,8 @@ def attention_bandwidth(llm: LLM, isa: str, context: int = 4096, copies: int = 4
         for caches in sets:
             for cache in caches:
                 ops.paged_attention(q, cache, meta.block_tables, meta.token_seq, meta.prefill_seqs,
-                                    meta.context_lens, heads, kv_heads, head_dim, head_dim ** -0.5)
+                                    meta.context_lens, heads, kv_heads, head_dim, head_dim ** -0.5,
+                                    fetch_ahead=llm.engine.runner.model.kv_fetch_ahead)
 
     passes = [_seconds(attend) for _ in range(6)][1:]
     return copies * sum(x.numel() * x.element_size() for x in sets[0]) / min(passes) / 1e9

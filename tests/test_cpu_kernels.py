@@ -188,6 +188,18 @@ def test_paged_attention_matches_torch(ops, dtype, context_lens, heads, kv_heads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_without_its_own_fetches_gives_the_same_outputs(ops, dtype):
+    """Decode rows leave the blocks ahead to the hardware's prefetcher on AMD's CPUs (cpu_isa.py fetches_kv_ahead):
+    only fetches change, so the outputs are the same bits, long contexts split and merged included."""
+    geo = CacheGeometry(9, 3, 64, num_blocks=200, block_size=16)
+    cache, _, kernel = _cache_and_meta(geo, [300, 1100], dtype)
+    q = torch.randn(2, 9 * 64, dtype=dtype)
+    args = (q, to_kernel_layout(cache), kernel.block_tables, kernel.token_seq, kernel.prefill_seqs,
+            kernel.context_lens, 9, 3, 64, 0.125)
+    assert torch.equal(ops.paged_attention(*args, fetch_ahead=False), ops.paged_attention(*args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("prompt", [False, True], ids=["decode", "prompt"])
 def test_positions_past_the_context_never_reach_the_output(ops, dtype, prompt):
     """A freed block's old keys and values may be anything: inf and NaN past a context of 7 (an odd one, whose

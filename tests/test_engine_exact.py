@@ -156,7 +156,7 @@ def test_the_kernels_model_is_made_once_per_cache_set_and_refuses_a_cache_count_
     assert made is not None and model.kernel_model_for(caches) is made
     with pytest.raises(RuntimeError, match="a KV cache per layer"):
         model.kernel_ops.Model(model.kernel_layers, model.kernel_head, model.embed_tokens.weight, model.rotary.cos,
-                               model.rotary.sin, caches[:-1], [])
+                               model.rotary.sin, caches[:-1], [], True)
 
 
 def test_an_odd_block_size_with_a_bf16_cache_on_the_kernels_is_refused(tiny_model_dir):

@@ -62,7 +62,7 @@ class CpuKernelsBackend(Backend):
                              "in pairs of positions (kernels.h kv_index): use an even block_size (the default is 16)")
         kind = cpu_kernels.linear_kind(config.torch_dtype, config.quantization)
         ops = cpu_kernels.load(plan.isa)
-        model.use_cpu_kernels(kind, ops, plan.non_temporal_weights)
+        model.use_cpu_kernels(kind, ops, plan)
         refused = plan.isa == CpuIsa.AMX and not ops.amx_tiles()
         note = "; the OS refused AMX's tile state: every linear on vdpbf16ps" if refused else ""
         return f"{plan.describe()}; {kind} linears, each step in one C++ call{note}"

@@ -11,6 +11,7 @@ from torch import nn
 
 from pagedllm.engine.attention import AttentionMetadata, KernelMetadataLists, TorchPagedAttention
 from pagedllm.engine.config import ModelConfig
+from pagedllm.engine.kernels.cpu_isa import CpuPlan
 from pagedllm.engine.lora import MODULES, BankModule, LoRABank, LoRARows, add_lora
 
 
@@ -120,13 +121,14 @@ class LlamaForCausalLM(nn.Module):
         self.kernel_model = None  # all of the above and the KV caches, as the C++ step reads them (kernel_model_for)
         self._kernel_model_caches: list[torch.Tensor] | None = None
 
-    def use_cpu_kernels(self, linear_kind: str, ops: ModuleType, non_temporal: bool = False) -> None:
+    def use_cpu_kernels(self, linear_kind: str, ops: ModuleType, plan: CpuPlan) -> None:
         """Run on pagedllm's CPU kernels (`ops`, one tier's build): every linear on packed weights of
-        `linear_kind` (kernels/cpu.py), fetched non-temporally where `non_temporal` (CpuPlan non_temporal_weights),
-        and every step as one C++ call for all layers. The LM head gets its own packed copy; the final norm and
-        the LM head run in the same call."""
+        `linear_kind` (kernels/cpu.py), and every step as one C++ call for all layers, fetching what they read as
+        `plan` says for this CPU. The LM head gets its own packed copy; the final norm and the LM head run in the
+        same call."""
         from pagedllm.engine.kernels import cpu as cpu_kernels
-        cpu_kernels.swap_linears(self, linear_kind, ops, non_temporal)
+        cpu_kernels.swap_linears(self, linear_kind, ops, plan.non_temporal_weights)
+        self.kv_fetch_ahead = plan.fetches_kv_ahead
         self.cpu_isa, self.kernel_ops = ops.isa, ops
         c = self.config
         self.kernel_layers = [
@@ -144,7 +146,7 @@ class LlamaForCausalLM(nn.Module):
         if self._kernel_model_caches is not kv_caches:
             self.kernel_model = self.kernel_ops.Model(self.kernel_layers, self.kernel_head, self.embed_tokens.weight,
                                                       self.rotary.cos, self.rotary.sin, kv_caches,
-                                                      self.kernel_lora or [])
+                                                      self.kernel_lora or [], self.kv_fetch_ahead)
             self._kernel_model_caches = kv_caches
         return self.kernel_model
 

@@ -60,8 +60,10 @@ AttentionWork work_for(const c10::optional<Tensor>& token_seq, const c10::option
                        context_lens.numel());
 }
 
-AttentionPlan plan_for(const AttentionWork& work, int64_t H, int64_t KVH, int64_t D, int64_t BS) {
-  return AttentionPlan(work.row_ctx.data(), int64_t(work.row_ctx.size()), H, KVH, D, BS, at::get_num_threads());
+AttentionPlan plan_for(const AttentionWork& work, int64_t H, int64_t KVH, int64_t D, int64_t BS, bool fetch_ahead) {
+  AttentionPlan plan(work.row_ctx.data(), int64_t(work.row_ctx.size()), H, KVH, D, BS, at::get_num_threads());
+  plan.fetch_ahead = fetch_ahead;
+  return plan;
 }
 
 // Activations [rows, width] of the model's dtype, their data pointer resolved where the tensor is made: a step's
@@ -201,14 +203,16 @@ Tensor rope_and_write_kv(const Tensor& qkv, const Tensor& cos, const Tensor& sin
 
 // Attention of each query row q [T, H * D] over the first context_lens[t] cached positions of its block table
 // (block_tables [T, max_blocks]); the rows of a sequence marked in prefill_seqs (token_seq's index) in tiles.
+// `fetch_ahead`: decode rows fetch their blocks ahead by hand (kernels.h kFetchBlocks).
 Tensor paged_attention(const Tensor& q, const Tensor& kv_cache, const Tensor& block_tables,
                        const c10::optional<Tensor>& token_seq, const c10::optional<Tensor>& prefill_seqs,
-                       const Tensor& context_lens, int64_t H, int64_t KVH, int64_t D, double scale) {
+                       const Tensor& context_lens, int64_t H, int64_t KVH, int64_t D, double scale,
+                       bool fetch_ahead) {
   TORCH_CHECK(H / KVH <= kMaxGroup && D <= kMaxHeadDim, "paged_attention: at most 16 query heads per KV head, head_dim 256");
   check_cache(kv_cache, KVH, D, "paged_attention");
   Tensor out = torch::empty_like(q);
   AttentionWork work = work_for(token_seq, prefill_seqs, context_lens);
-  AttentionPlan plan = plan_for(work, H, KVH, D, kv_cache.size(3));
+  AttentionPlan plan = plan_for(work, H, KVH, D, kv_cache.size(3), fetch_ahead);
   Tensor scratch = torch::empty({plan.scratch_floats}, q.options().dtype(at::kFloat));
   DISPATCH_FLOAT_BF16(q.scalar_type(), "paged_attention", [&] {
     DISPATCH_CACHE(kv_cache, "paged_attention", [&] {
@@ -275,7 +279,7 @@ struct LoRALayer {
 };
 
 // What every step of one model reads: its layers, head, embedding, rotary tables, KV caches and adapters' slots,
-// held here once. Passed as lists at each call, pybind copied every layer (each tensor's reference count touched
+// held here once; `kv_fetch_ahead`: AttentionPlan::fetch_ahead for its steps. Passed as lists at each call, pybind copied every layer (each tensor's reference count touched
 // twice, from memory after the step's weights had gone through the caches).
 struct Model {
   std::vector<DecoderLayer> layers;
@@ -283,11 +287,12 @@ struct Model {
   Tensor embedding, cos, sin;
   std::vector<Tensor> kv_caches;
   std::vector<LoRALayer> lora_layers;  // empty: none
+  bool kv_fetch_ahead;
 
   Model(std::vector<DecoderLayer> layers_, ModelHead head_, Tensor embedding_, Tensor cos_, Tensor sin_,
-        std::vector<Tensor> kv_caches_, std::vector<LoRALayer> lora_layers_)
+        std::vector<Tensor> kv_caches_, std::vector<LoRALayer> lora_layers_, bool kv_fetch_ahead_)
       : layers(std::move(layers_)), head(std::move(head_)), embedding(embedding_), cos(cos_), sin(sin_),
-        kv_caches(std::move(kv_caches_)), lora_layers(std::move(lora_layers_)) {
+        kv_caches(std::move(kv_caches_)), lora_layers(std::move(lora_layers_)), kv_fetch_ahead(kv_fetch_ahead_) {
     TORCH_CHECK(!layers.empty() && embedding.is_contiguous() && embedding.dim() == 2,
                 "Model: layers, and an embedding [vocab, hidden]");
     const DecoderLayer& first = layers[0];
@@ -469,7 +474,7 @@ Tensor forward_layers(Model& model, const Tensor& input_ids, const Tensor& posit
   Tensor hidden = torch::empty({rows, embedding.size(1)}, embedding.options());
   const DecoderLayer& first = layers[0];
   AttentionWork work = work_for(token_seq, prefill_seqs, context_lens);
-  AttentionPlan plan = plan_for(work, first.H, first.KVH, first.D, kv_caches[0].size(3));
+  AttentionPlan plan = plan_for(work, first.H, first.KVH, first.D, kv_caches[0].size(3), model.kv_fetch_ahead);
   TORCH_CHECK(sample_indices.scalar_type() == at::kLong && sample_indices.dim() == 1 &&
               sample_indices.is_contiguous() && S <= rows, "forward_step: sample_indices, int64 rows of hidden");
   const int64_t* sampled = sample_indices.data_ptr<int64_t>();
@@ -629,7 +634,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("rms_norm", &rms_norm);
   m.def("rope_and_write_kv", &rope_and_write_kv);
-  m.def("paged_attention", &paged_attention);
+  m.def("paged_attention", &paged_attention, py::arg("q"), py::arg("kv_cache"), py::arg("block_tables"),
+        py::arg("token_seq"), py::arg("prefill_seqs"), py::arg("context_lens"), py::arg("H"), py::arg("KVH"),
+        py::arg("D"), py::arg("scale"), py::arg("fetch_ahead") = true);
   m.def("silu_mul", &silu_mul);
   m.def("greedy_tokens", &greedy_tokens);
   m.def("draw_tokens", &draw_tokens);
@@ -645,6 +652,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<LoRAModule, LoRAModule, LoRAModule, LoRAModule>());
   py::class_<Model>(m, "Model", py::module_local())
       .def(py::init<std::vector<DecoderLayer>, ModelHead, Tensor, Tensor, Tensor, std::vector<Tensor>,
-                    std::vector<LoRALayer>>());
+                    std::vector<LoRALayer>, bool>());
   m.def("forward_step", &forward_step, py::call_guard<py::gil_scoped_release>());
 }

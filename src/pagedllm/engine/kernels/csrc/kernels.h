@@ -1004,6 +1004,7 @@ static_assert(kChunk == 16, "reduce_add_16 sums a chunk of scores");
 // thread 16 items, the plan takes the one whose busiest thread reads the fewest positions.
 struct AttentionPlan {
   int64_t splits = 1, split_len = 1, scratch_floats = 0;
+  bool fetch_ahead = true;  // the keys and values kFetchBlocks blocks ahead fetched by hand (kFetchBlocks says when)
 
   AttentionPlan(const int32_t* ctx, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t threads) {
     int64_t longest = 1;
@@ -1071,7 +1072,10 @@ inline void scores_of_key(const float (*qf)[kMaxHeadDim], const float* k, int64_
 // (from the L3): 14-18 GB/s left to the hardware (30-40), 22-24 fetched at each chunk's start (33-35), 23-27 spread
 // (37-42); batch-1 decode at 4,096 positions 1.13-1.16x faster, 3 alternating pairs. On Zen 4, fetches at the
 // chunk's start made consecutive blocks slower (114 against 94 us a layer); spread ones measure level with the
-// hardware's there (4 alternating pairs, alone from memory: 17-28 against 14-34 GB/s), and 4 blocks ahead no better.
+// hardware's there (4 alternating pairs, alone from memory: 17-28 against 14-34 GB/s), and 4 blocks ahead no better;
+// with the cache in huge pages and the weights fetched non-temporally (huge_pages.py, fetch_weights), batch-1 decode
+// at 4,096 positions ran 2-10% faster left to the hardware (1.6% at 1,000; 16 rows at 500: 3.3%; in-process A/B),
+// so AMD's CPUs leave it there (AttentionPlan::fetch_ahead; cpu_isa.py fetches_kv_ahead).
 constexpr int64_t kFetchBlocks = 2;
 
 template <typename T>
@@ -1449,7 +1453,7 @@ void paged_attention_decode(const T* q, const C* cache, const int32_t* tables, i
       // Blocks are fetched ahead up to the context's end, past the split's: a thread's next item is most often the
       // next split (Xeon with AMX, 2 threads, decode attention at 4,096 alone: 22.8-23.1 against 21.8-22.6 GB/s,
       // 3 alternating pairs).
-      const int64_t fetch_end = context_lens[b];
+      const int64_t fetch_end = plan.fetch_ahead ? context_lens[b] : 0;
       const int32_t* table = tables + b * max_blocks;
       if constexpr (std::is_same<C, int8_t>::value)
         split_codes(q + (b * H + h * group) * D, cache, table, first, last, fetch_end, BS, D, group, cache_rows, h,
