@@ -29,7 +29,7 @@ class HugePageArena:
         if self._used + n > self._bytes.numel():
             raise ValueError(f"HugePageArena: {n} bytes do not fit in the {self._bytes.numel() - self._used} left")
         slot = self._bytes[self._used:self._used + n].view(dtype).view(shape)
-        self._used += (n + 63) // 64 * 64
+        self._used += self.nbytes(shape, dtype)
         return slot
 
     def place(self, tensor: torch.Tensor) -> torch.Tensor:

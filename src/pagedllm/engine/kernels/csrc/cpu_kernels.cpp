@@ -279,8 +279,9 @@ struct LoRALayer {
 };
 
 // What every step of one model reads: its layers, head, embedding, rotary tables, KV caches and adapters' slots,
-// held here once; `kv_fetch_ahead`: AttentionPlan::fetch_ahead for its steps. Passed as lists at each call, pybind copied every layer (each tensor's reference count touched
-// twice, from memory after the step's weights had gone through the caches).
+// held here once; `kv_fetch_ahead`: AttentionPlan::fetch_ahead for its steps. Passed as lists at each call, pybind
+// copied every layer (each tensor's reference count touched twice, from memory after the step's weights had gone
+// through the caches).
 struct Model {
   std::vector<DecoderLayer> layers;
   ModelHead head;

@@ -1004,7 +1004,7 @@ static_assert(kChunk == 16, "reduce_add_16 sums a chunk of scores");
 // thread 16 items, the plan takes the one whose busiest thread reads the fewest positions.
 struct AttentionPlan {
   int64_t splits = 1, split_len = 1, scratch_floats = 0;
-  bool fetch_ahead = true;  // the keys and values kFetchBlocks blocks ahead fetched by hand (kFetchBlocks says when)
+  bool fetch_ahead = true;  // decode rows fetch the blocks kFetchBlocks ahead by hand (its comment: on which CPUs)
 
   AttentionPlan(const int32_t* ctx, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t threads) {
     int64_t longest = 1;
