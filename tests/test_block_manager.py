@@ -89,6 +89,19 @@ def test_free_blocks_are_evicted_least_recently_freed_first_tail_before_head():
     assert again.block_table == [head, middle]
 
 
+def test_an_allocation_takes_the_least_recently_freed_blocks_in_ascending_order():
+    bm = BlockManager(6, BLOCK)
+    prompt = list(range(24))
+    first = computed(bm, fake_sequence("a", prompt))
+    assert first.block_table == list(range(6))
+    bm.free_sequence(first)  # the free list now runs 5, 4, ..., 0: tail first
+    taker = computed(bm, fake_sequence("b", [70] * 16))
+    assert taker.block_table == [2, 3, 4, 5]  # the four tail blocks, in the order the CPU's prefetcher reads them
+    again = fake_sequence("c", prompt[:8] + [1])
+    bm.match_prefix(again)
+    assert again.block_table == [0, 1]  # the head stays findable
+
+
 def test_without_prefix_caching_nothing_is_shared():
     bm = BlockManager(8, BLOCK, enable_prefix_caching=False)
     bm.free_sequence(computed(bm, fake_sequence("a", list(range(9)))))
