@@ -89,17 +89,30 @@ def test_free_blocks_are_evicted_least_recently_freed_first_tail_before_head():
     assert again.block_table == [head, middle]
 
 
-def test_an_allocation_takes_the_least_recently_freed_blocks_in_ascending_order():
-    bm = BlockManager(6, BLOCK)
-    prompt = list(range(24))
+def test_a_sequences_later_blocks_run_up_through_memory_from_among_the_least_recently_freed():
+    bm = BlockManager(100, BLOCK)
+    prompt = list(range(400))
     first = computed(bm, fake_sequence("a", prompt))
-    assert first.block_table == list(range(6))
-    bm.free_sequence(first)  # the free list now runs 5, 4, ..., 0: tail first
-    taker = computed(bm, fake_sequence("b", [70] * 16))
-    assert taker.block_table == [2, 3, 4, 5]  # the four tail blocks, in the order the CPU's prefetcher reads them
+    assert first.block_table == list(range(100))
+    bm.free_sequence(first)  # the free list now runs 99, 98, ..., 0: tail first
+    taker = computed(bm, fake_sequence("b", [70] * 40))
+    assert taker.block_table == list(range(84, 94))  # ascending, from among the 16 least recently freed
+    bm.allocate(taker, 4)  # as it grows: the block after its last, the 16 least recently freed being 99-94, 83-74
+    assert taker.block_table[-1] == 94
     again = fake_sequence("c", prompt[:8] + [1])
     bm.match_prefix(again)
     assert again.block_table == [0, 1]  # the head stays findable
+
+
+def test_with_few_blocks_free_a_sequence_takes_them_strictly_least_recently_freed_first():
+    bm = BlockManager(8, BLOCK)
+    prompt = list(range(16))
+    bm.free_sequence(computed(bm, fake_sequence("a", prompt)))  # free: 4, 5, 6, 7, then 3, 2, 1, 0
+    taker = computed(bm, fake_sequence("b", [70] * 24))
+    assert taker.block_table == [4, 5, 6, 7, 3, 2]
+    again = fake_sequence("c", prompt[:8] + [1])
+    bm.match_prefix(again)
+    assert again.block_table == [0, 1]
 
 
 def test_without_prefix_caching_nothing_is_shared():

@@ -3,15 +3,21 @@
 A full block is identified by a hash chained over every token before it (kv_events.chain_hash, the one the
 gateway computes too), from its sequence's adapter (`Sequence.cache_root`: adapters never share KV); a hit is
 verified against the block's stored token ids. Free blocks keep their contents and stay findable until evicted,
-least recently freed first. Each block that becomes findable or is evicted is noted for `take_events`.
+least recently freed first (or nearly: `_choose_free`). Each block that becomes findable or is evicted is noted for
+`take_events`.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from pagedllm.engine.sequence import Sequence
 from pagedllm.kv_events import BlockEvents, chain_hash
+
+# How far from the front of the free list a sequence's next block may come (BlockManager._choose_free).
+NEXT_BLOCK_WINDOW = 16
 
 
 @dataclass
@@ -53,12 +59,27 @@ class BlockManager:
         needed = self.blocks_needed(seq, num_new_tokens)
         if needed > len(self.free):
             return False
-        # The blocks eviction gives up, in ascending address order: a freed sequence's blocks come back to the free
-        # list tail first, so taken as they come a long prompt's cache ran backwards, block by block, which the CPU's
-        # prefetcher does not follow (Zen 4, batch-1 decode at a 4,096-token context after other requests had come
-        # and gone: 12.2 against 8.4 ms a step).
-        seq.block_table.extend(sorted(self._take_free() for _ in range(needed)))
+        for block_id in self._choose_free(seq, needed):
+            seq.block_table.append(self._take_free(block_id))
         return True
+
+    def _choose_free(self, seq: Sequence, needed: int) -> list[int]:
+        """The free blocks `seq` takes next: `needed` of the max(needed, NEXT_BLOCK_WINDOW) least recently freed,
+        ascending from the block after its last where that is among them, else from the lowest. So its cache runs up
+        through memory in stretches of blocks, as the CPU's prefetcher reads it: a freed sequence's blocks come back
+        tail first, and taken in that order a cache ran backwards block by block (Zen 4, batch-1 decode at 4,096
+        tokens after other requests had come and gone: 12.2 against 8.6 ms a step with a long prompt, 12.7 against
+        10.7 with a long answer). A call for NEXT_BLOCK_WINDOW blocks or more takes exactly the least recently freed;
+        fewer (a short prompt, a block as a sequence grows) may come from a little further. With few blocks free,
+        eviction order is kept exactly, so that a cached prompt's head outlives its tail."""
+        if len(self.free) < 4 * NEXT_BLOCK_WINDOW:
+            return list(itertools.islice(self.free, needed))
+        window = sorted(itertools.islice(self.free, max(needed, NEXT_BLOCK_WINDOW)))
+        after = seq.block_table[-1] + 1 if seq.block_table else -1
+        start = bisect.bisect_left(window, after)
+        if start == len(window) or window[start] != after:
+            start = 0
+        return (window[start:] + window[:start])[:needed]
 
     def match_prefix(self, seq: Sequence) -> None:
         """Attach cached blocks for the longest cached prefix; the last token is always recomputed."""
@@ -131,8 +152,8 @@ class BlockManager:
             del self.free[block_id]
         block.ref_count += 1
 
-    def _take_free(self) -> int:
-        block_id, _ = self.free.popitem(last=False)
+    def _take_free(self, block_id: int) -> int:
+        del self.free[block_id]
         block = self.blocks[block_id]
         if block.block_hash is not None and self.cached.get(block.block_hash) == block_id:
             del self.cached[block.block_hash]
