@@ -70,8 +70,8 @@ class BlockManager:
         tail first, and taken in that order a cache ran backwards block by block (Zen 4, batch-1 decode at 4,096
         tokens after other requests had come and gone: 12.2 against 8.6 ms a step with a long prompt, 12.7 against
         10.7 with a long answer). A call for NEXT_BLOCK_WINDOW blocks or more takes exactly the least recently freed;
-        fewer (a short prompt, a block as a sequence grows) may come from a little further. With few blocks free,
-        eviction order is kept exactly, so that a cached prompt's head outlives its tail."""
+        fewer (a short prompt, a block as a sequence grows) may come from a little further. With fewer than four
+        windows' worth free, eviction order is kept exactly, so that a cached prompt's head outlives its tail."""
         if len(self.free) < 4 * NEXT_BLOCK_WINDOW:
             return list(itertools.islice(self.free, needed))
         window = sorted(itertools.islice(self.free, max(needed, NEXT_BLOCK_WINDOW)))
