@@ -178,8 +178,8 @@ class CpuPlan:
             f"{', '.join(unused)} present, unused" if unused else "")
         best = runnable(self.features)[0]
         forced = f", forced below {best}" if best != self.isa else ""
-        fetch = "".join([*(["; weights fetched non-temporally"] if self.non_temporal_weights else []),
-                         *([", KV blocks by the hardware"] if not self.fetches_kv_ahead else [])])
+        fetch = ("; weights fetched non-temporally" if self.non_temporal_weights else "") + (
+            ", KV blocks by the hardware" if not self.fetches_kv_ahead else "")
         return (f"CPU tier: {self.isa}{f' ({detail})' if detail else ''}{forced}; kernels: bf16 weights, "
                 f"{spec.bf16_math}{fetch}")
 
